@@ -1,0 +1,70 @@
+"""Helpers shared by the kernels: exact rounding, code-book search, and the compile-case registry."""
+
+from dataclasses import dataclass, field
+
+import triton
+import triton.language as tl
+
+# Blocksizes bitsandbytes accepts for 4-bit blockwise quantization.
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> bf16, round to nearest even, done on the bits.
+
+    The native cast rounds correctly on GPUs but truncates in Triton's interpreter; this form is
+    exact in both, so bf16 outputs can be compared bit for bit with bitsandbytes and torch.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN: the carry could make it inf
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_rounded(ptr, value, mask):
+    """Store fp32 ``value`` into ``ptr``'s dtype, rounding to nearest even (exact for bf16 too)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr, round_to_bf16(value), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bucketize(x, bounds_ptr, BITS: tl.constexpr):
+    """Number of ``bounds`` strictly below ``x``: ``torch.bucketize(x, bounds)`` (right=False).
+
+    ``bounds`` are the 2**BITS - 1 sorted midpoints between neighbouring code values, so the result
+    is the index of the nearest code, ties going to the lower one, as in bitsandbytes. A binary
+    search: BITS gathers from a table small enough to stay in L1.
+    """
+    index = tl.zeros(x.shape, dtype=tl.int32)
+    for level in tl.static_range(BITS):
+        step: tl.constexpr = 1 << (BITS - 1 - level)
+        probe = tl.load(bounds_ptr + index + (step - 1))
+        index = tl.where(x > probe, index + step, index)
+    return index
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One way a launcher may compile a kernel: what the sm_80/86/89/90 compile test builds.
+
+    ``signature`` maps every argument to a Triton type string ("*fp32", "i32", "constexpr");
+    ``constexprs`` gives the values of the constexpr ones.
+    """
+
+    kernel: object
+    signature: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        values = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{self.kernel.fn.__name__}[{values}]"
+
+
+# Element types of the tensors the kernels read or write, as Triton names them.
+TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "uint8": "u8"}

@@ -1,0 +1,103 @@
+"""NF4 quantization: 4-bit blockwise codes + absmax, and the 8-bit double quantization of absmax.
+
+Both follow bitsandbytes' rule exactly (its portable backend, and the nearest-code search of its
+CUDA kernel): per block absmax = max |x|; full blocks are scaled by the correctly rounded reciprocal
+1/absmax, the ragged last block is divided by absmax; the code is the nearest one, ties to the lower.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import NF4_BLOCKSIZES, TRITON_TYPE, CompileCase, bucketize
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
+
+
+@triton.jit
+def quantize_to_code(x, absmax, is_tail, bounds_ptr, BITS: tl.constexpr):
+    """Nearest code index of ``x`` (fp32) in a block with ``absmax``, as bitsandbytes computes it."""
+    safe = tl.maximum(absmax, 1e-38)  # an all-zero block scales to 0, not NaN
+    scaled = tl.where(is_tail, tl.math.div_rn(x, safe), x * tl.math.div_rn(1.0, safe))
+    scaled = tl.where(absmax > 0, scaled, 0.0)  # GPUs may flush the 1e-38 denormal above to zero
+    return bucketize(scaled, bounds_ptr, BITS)
+
+
+@triton.jit
+def _nf4_quantize_kernel(w_ptr, bounds_ptr, packed_ptr, absmax_ptr, n_elements,
+                         BLOCKSIZE: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64)
+    pair = tl.arange(0, BLOCKSIZE // 2)
+    even = block * BLOCKSIZE + 2 * pair
+    high = tl.load(w_ptr + even, mask=even < n_elements, other=0.0).to(tl.float32)
+    low = tl.load(w_ptr + even + 1, mask=even + 1 < n_elements, other=0.0).to(tl.float32)
+    absmax = tl.maximum(tl.max(tl.abs(high), axis=0), tl.max(tl.abs(low), axis=0))
+    tl.store(absmax_ptr + block, absmax)
+    is_tail = (block + 1) * BLOCKSIZE > n_elements
+    # An odd count leaves the last low nibble empty: it holds the code of 0.0, as in bitsandbytes.
+    byte = (quantize_to_code(high, absmax, is_tail, bounds_ptr, 4) << 4) | \
+        quantize_to_code(low, absmax, is_tail, bounds_ptr, 4)
+    tl.store(packed_ptr + block * (BLOCKSIZE // 2) + pair, byte.to(tl.uint8), mask=even < n_elements)
+
+
+@triton.jit
+def _quantize_absmax_kernel(absmax_ptr, offset_ptr, bounds_ptr, codes_ptr, nested_absmax_ptr,
+                            n_blocks, NESTED_BLOCKSIZE: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64)
+    index = block * NESTED_BLOCKSIZE + tl.arange(0, NESTED_BLOCKSIZE)
+    mask = index < n_blocks
+    centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(offset_ptr)
+    centred = tl.where(mask, centred, 0.0)
+    nested_absmax = tl.max(tl.abs(centred), axis=0)
+    tl.store(nested_absmax_ptr + block, nested_absmax)
+    is_tail = (block + 1) * NESTED_BLOCKSIZE > n_blocks
+    code = quantize_to_code(centred, nested_absmax, is_tail, bounds_ptr, 8)
+    tl.store(codes_ptr + index, code.to(tl.uint8), mask=mask)
+
+
+def _num_warps(blocksize):
+    return min(8, max(1, blocksize // 256))
+
+
+def nf4_quantize(w, bounds, packed, absmax, blocksize):
+    """Quantize flat contiguous ``w`` into ``packed`` (uint8, ceil(n/2)) and ``absmax`` (fp32).
+
+    ``bounds``: the 15 fp32 midpoints between neighbouring NF4 values.
+    """
+    grid = (triton.cdiv(w.numel(), blocksize),)
+    _nf4_quantize_kernel[grid](w, bounds, packed, absmax, w.numel(), BLOCKSIZE=blocksize,
+                               num_warps=_num_warps(blocksize))
+
+
+def quantize_absmax(absmax, offset, bounds, codes, nested_absmax):
+    """Double quantization: ``codes`` (uint8) and ``nested_absmax`` of ``absmax - offset``.
+
+    ``offset``: 0-d fp32 tensor; ``bounds``: the 255 midpoints of the 8-bit code book.
+    """
+    grid = (triton.cdiv(absmax.numel(), NESTED_BLOCKSIZE),)
+    _quantize_absmax_kernel[grid](absmax, offset, bounds, codes, nested_absmax, absmax.numel(),
+                                  NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
+                                  num_warps=_num_warps(NESTED_BLOCKSIZE))
+
+
+def _compile_cases():
+    for in_dtype in ("float32", "float16", "bfloat16"):
+        for blocksize in NF4_BLOCKSIZES:
+            yield CompileCase(
+                _nf4_quantize_kernel,
+                signature={"w_ptr": f"*{TRITON_TYPE[in_dtype]}", "bounds_ptr": "*fp32",
+                           "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n_elements": "i32",
+                           "BLOCKSIZE": "constexpr"},
+                constexprs={"BLOCKSIZE": blocksize},
+                options={"num_warps": _num_warps(blocksize)},
+            )
+    yield CompileCase(
+        _quantize_absmax_kernel,
+        signature={"absmax_ptr": "*fp32", "offset_ptr": "*fp32", "bounds_ptr": "*fp32",
+                   "codes_ptr": "*u8", "nested_absmax_ptr": "*fp32", "n_blocks": "i32",
+                   "NESTED_BLOCKSIZE": "constexpr"},
+        constexprs={"NESTED_BLOCKSIZE": NESTED_BLOCKSIZE},
+        options={"num_warps": _num_warps(NESTED_BLOCKSIZE)},
+    )
+
+
+COMPILE_CASES = list(_compile_cases())

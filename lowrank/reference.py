@@ -1,0 +1,71 @@
+"""Plain-PyTorch versions of every lowrank op, written to be read.
+
+They are the CPU fallback, the oracle of the tests and the baseline of the benchmarks, so each one
+gives the same results as its kernels (bit for bit where the op is exact, like NF4).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from lowrank._quant_state import (NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
+                                  check_quantize_args, code_books)
+
+
+def _scale_blockwise(x, blocksize):
+    """Split flat fp32 ``x`` into blocks; return (x / absmax of its block, absmax per block).
+
+    bitsandbytes multiplies full blocks by the rounded reciprocal of absmax but divides the ragged
+    last block by it; the two can differ in the last bit, and that bit can change a code.
+    """
+    full = x.numel() - x.numel() % blocksize
+    blocks = x[:full].view(-1, blocksize)
+    tail = x[full:]
+    absmax = blocks.abs().amax(dim=1)
+    if tail.numel():
+        absmax = torch.cat([absmax, tail.abs().amax().reshape(1)])
+    safe = absmax.clamp(min=1e-38)  # an all-zero block scales to 0, not NaN
+    scaled = (blocks * (1.0 / safe[: blocks.shape[0], None])).reshape(-1)
+    if tail.numel():
+        scaled = torch.cat([scaled, tail / safe[-1]])
+    return scaled, absmax
+
+
+def nf4_quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
+    """Same contract as ``lowrank.nf4.quantize``."""
+    check_quantize_args(w, blocksize, quant_storage)
+    _, nf4_bounds, _, nested_bounds = code_books(w.device)
+    scaled, absmax = _scale_blockwise(w.reshape(-1).float(), blocksize)
+    # An odd count leaves the last low nibble empty: it holds the code of 0.0.
+    scaled = F.pad(scaled, (0, scaled.numel() % 2))
+    codes = torch.bucketize(scaled, nf4_bounds).to(torch.uint8)  # index of the nearest NF4 value
+    packed = (codes[0::2] << 4) | codes[1::2]
+    packed = packed.view(quant_storage).unsqueeze(1)
+
+    if not double_quant:
+        return packed, build_quant_state(w.shape, w.dtype, blocksize, absmax)
+    offset = absmax.mean()
+    nested_scaled, nested_absmax = _scale_blockwise(absmax - offset, NESTED_BLOCKSIZE)
+    absmax_codes = torch.bucketize(nested_scaled, nested_bounds).to(torch.uint8)
+    return packed, build_quant_state(w.shape, w.dtype, blocksize, absmax_codes,
+                                     nested=(offset, nested_absmax))
+
+
+def nf4_absmax(quant_state):
+    """fp32 absmax per block, decoding double quantization (two roundings, as bitsandbytes)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    state2 = quant_state.state2
+    nested_scale = state2.absmax.repeat_interleave(state2.blocksize)[: quant_state.absmax.numel()]
+    return state2.code[quant_state.absmax.long()] * nested_scale + quant_state.offset
+
+
+def nf4_dequantize(packed, quant_state, dtype=None):
+    """Same contract as ``lowrank.nf4.dequantize`` (without ``out``)."""
+    packed_bytes = check_quant_state(packed, quant_state)
+    nf4_code = code_books(packed_bytes.device)[0]
+    n = quant_state.shape.numel()
+    # Element 2i is the high nibble of byte i, element 2i + 1 the low nibble.
+    codes = torch.stack([packed_bytes >> 4, packed_bytes & 0xF], dim=1).reshape(-1)[:n]
+    scale = nf4_absmax(quant_state).repeat_interleave(quant_state.blocksize)[:n]
+    values = nf4_code[codes.long()] * scale
+    return values.to(dtype or quant_state.dtype).reshape(quant_state.shape)

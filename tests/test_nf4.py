@@ -1,0 +1,251 @@
+"""lowrank.nf4 (kernels) and lowrank.reference's NF4 against bitsandbytes, bit for bit.
+
+bitsandbytes is the oracle: packed bytes, absmax (plain and nested), offset and dequantized values
+must be equal, not close. On CPU bitsandbytes' 4-bit quantizer is its portable PyTorch backend; for
+the 8-bit double quantization of absmax its C++ CPU library uses an approximate search that picks
+a non-nearest code for about 3% of values, while its CUDA kernel and its portable backend pick the
+nearest code, as we do: on CPU the nested oracle is therefore the portable backend, called directly.
+"""
+
+import copy
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+from conftest import poisoned
+
+from lowrank import nf4, reference
+
+BLOCKSIZES = (32, 64, 128, 256, 4096)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANTIZERS = {"kernels": nf4.quantize, "reference": reference.nf4_quantize}
+
+
+def weight(layout, blocksize, dtype, device, seed):
+    """A random weight whose element count is odd and not a multiple of ``blocksize``."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "1d":
+        w = torch.randn(2 * blocksize + 37, generator=gen)
+    elif layout == "2d":
+        w = torch.randn(7, blocksize // 2 + 3, generator=gen)
+    else:  # "strided": a transposed view, not contiguous
+        w = torch.randn(blocksize // 4 + 5, 9, generator=gen).t()
+        assert not w.is_contiguous()
+    w[..., :3] *= 8.0  # outliers, so blocks have different absmax
+    return w.to(dtype=dtype, device=device)
+
+
+def bnb_quantize(w, blocksize, double_quant, quant_storage=torch.uint8):
+    """bitsandbytes' (packed, absmax, (offset, nested_absmax) or None) for ``w``."""
+    with torch.compiler.set_stance("force_eager"):  # bitsandbytes compiles its CPU ops otherwise
+        if w.is_cuda:
+            packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                            quant_type="nf4", quant_storage=quant_storage)
+            nested = (state.offset, state.state2.absmax) if double_quant else None
+            return packed, state.absmax, nested
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=False,
+                                        quant_type="nf4", quant_storage=quant_storage)
+        if not double_quant:
+            return packed, state.absmax, None
+        offset = state.absmax.mean()
+        portable = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+        codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+            portable, state.absmax - offset, F.create_dynamic_map(), 256)
+        return packed, codes, (offset, nested_absmax)
+
+
+def bnb_dequantize(packed, quant_state, dtype):
+    state = copy.copy(quant_state)
+    state.dtype = dtype
+    with torch.compiler.set_stance("force_eager"):
+        return F.dequantize_4bit(packed, state, quant_type="nf4")
+
+
+def assert_same_bits(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    mismatched = (actual.reshape(-1).view(torch.uint8) != expected.reshape(-1).view(torch.uint8)).sum()
+    assert mismatched.item() == 0, f"{mismatched.item()} bytes differ"
+
+
+def assert_state_matches(state, w, blocksize, bnb_absmax, bnb_nested):
+    assert state.quant_type == "nf4" and state.blocksize == blocksize
+    assert state.shape == w.shape and state.dtype == w.dtype
+    assert_same_bits(state.code, F.get_4bit_type("nf4", device=w.device))
+    assert_same_bits(state.absmax, bnb_absmax)
+    assert state.nested == (bnb_nested is not None)
+    if bnb_nested is not None:
+        offset, nested_absmax = bnb_nested
+        assert_same_bits(state.offset, offset)
+        assert_same_bits(state.state2.absmax, nested_absmax)
+        assert state.state2.blocksize == 256
+        assert_same_bits(state.state2.code, F.create_dynamic_map().to(w.device))
+
+
+def test_code_books_are_bitsandbytes_own():
+    from lowrank._quant_state import code_books
+
+    nf4_code, nf4_bounds, nested_code, nested_bounds = code_books(torch.device("cpu"))
+    assert_same_bits(nf4_code, F.get_4bit_type("nf4", device="cpu"))
+    assert_same_bits(nested_code, F.create_dynamic_map())
+    assert nf4_bounds.numel() == 15 and nested_bounds.numel() == 255
+    assert bool((nf4_bounds[1:] > nf4_bounds[:-1]).all())
+
+
+@pytest.mark.parametrize("implementation", QUANTIZERS)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["1d", "2d", "strided"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_quantize_matches_bitsandbytes(implementation, blocksize, layout, dtype, double_quant, device):
+    w = weight(layout, blocksize, dtype, device, seed=blocksize)
+    packed, state = QUANTIZERS[implementation](w, blocksize=blocksize, double_quant=double_quant)
+    bnb_packed, bnb_absmax, bnb_nested = bnb_quantize(w, blocksize, double_quant)
+    assert_same_bits(packed, bnb_packed)
+    assert_state_matches(state, w, blocksize, bnb_absmax, bnb_nested)
+
+
+@pytest.mark.parametrize("implementation", QUANTIZERS)
+def test_nested_absmax_over_many_nested_blocks(implementation, device):
+    # 311 blocks of 32: two nested blocks of 256 absmax values, the second ragged.
+    w = torch.randn(61, 163, generator=torch.Generator().manual_seed(1)).to(device)
+    w[:, :40] *= 30.0
+    w[5] = 0.0  # all-zero blocks: absmax 0, every code that of 0.0
+    packed, state = QUANTIZERS[implementation](w, blocksize=32, double_quant=True)
+    bnb_packed, bnb_absmax, bnb_nested = bnb_quantize(w, 32, True)
+    assert state.state2.absmax.numel() == 2
+    assert_same_bits(packed, bnb_packed)
+    assert_state_matches(state, w, 32, bnb_absmax, bnb_nested)
+
+
+@pytest.mark.parametrize("implementation", QUANTIZERS)
+def test_quant_storage_bf16(implementation, device):
+    w = torch.randn(9, 44, generator=torch.Generator().manual_seed(2)).to(device)  # 198 bytes
+    packed, state = QUANTIZERS[implementation](w, blocksize=64, quant_storage=torch.bfloat16)
+    bnb_packed, _, _ = bnb_quantize(w, 64, True, quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    assert_same_bits(packed, bnb_packed)
+    assert_same_bits(nf4.dequantize(packed, state), bnb_dequantize(bnb_packed, state, torch.float32))
+
+
+DEQUANTIZERS = {
+    "kernels-out": lambda packed, state, dtype: nf4.dequantize(
+        packed, state, out=poisoned(state.shape, dtype, packed.device)),
+    "kernels": lambda packed, state, dtype: nf4.dequantize(packed, state, dtype=dtype),
+    "reference": reference.nf4_dequantize,
+}
+
+
+@pytest.mark.parametrize("implementation", DEQUANTIZERS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("layout", ["1d", "2d", "strided"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_dequantize_matches_bitsandbytes(implementation, blocksize, layout, double_quant, out_dtype,
+                                         device):
+    # The quant state is bitsandbytes' own, as a model loaded in 4-bit would carry it.
+    w = weight(layout, blocksize, torch.bfloat16, device, seed=blocksize + 1)
+    with torch.compiler.set_stance("force_eager"):
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                        quant_type="nf4")
+    out = DEQUANTIZERS[implementation](packed, state, out_dtype)
+    assert_same_bits(out, bnb_dequantize(packed, state, out_dtype))
+
+
+def test_dequantize_reads_a_loaded_4bit_model_in_place(tmp_path):
+    """The Params4bit of a model loaded with load_in_4bit is used as is: same values, no copy."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                 device_map="cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 7
+    for layer in layers:
+        param = layer.weight
+        out = poisoned(param.quant_state.shape, torch.bfloat16, "cpu")
+        assert nf4.dequantize(param, param.quant_state, out=out) is out
+        assert_same_bits(out, bnb_dequantize(param.data, param.quant_state, torch.bfloat16))
+    from lowrank._quant_state import check_quant_state
+
+    param = layers[0].weight
+    assert check_quant_state(param, param.quant_state).data_ptr() == param.data_ptr()
+
+
+def test_round_trip_is_stable(device):
+    """Quantizing a dequantized NF4 weight gives back the same bytes (a fixed point)."""
+    w = torch.randn(31, 77, generator=torch.Generator().manual_seed(3)).to(device)
+    packed, state = nf4.quantize(w, blocksize=64, double_quant=False)
+    again, state_again = nf4.quantize(nf4.dequantize(packed, state), blocksize=64, double_quant=False)
+    assert_same_bits(again, packed)
+    assert_same_bits(state_again.absmax, state.absmax)
+
+
+# Bad input: a clear error naming the problem, never a wrong answer.
+
+def fp4_state(device):
+    w = torch.randn(8, 16, device=device)
+    with torch.compiler.set_stance("force_eager"):
+        return F.quantize_4bit(w, blocksize=64, quant_type="fp4")
+
+
+@pytest.mark.parametrize("implementation", ["kernels", "reference"])
+def test_fp4_is_refused(implementation, device):
+    packed, state = fp4_state(device)
+    dequantize = nf4.dequantize if implementation == "kernels" else reference.nf4_dequantize
+    with pytest.raises(ValueError, match="'fp4'"):
+        dequantize(packed, state)
+
+
+def test_bad_quantize_arguments_are_named(device):
+    w = torch.randn(4, 64, device=device)
+    with pytest.raises(TypeError, match="torch.int32"):
+        nf4.quantize(w.to(torch.int32))
+    with pytest.raises(ValueError, match="blocksize 48"):
+        nf4.quantize(w, blocksize=48)
+    with pytest.raises(TypeError, match="quant_storage torch.int64"):
+        nf4.quantize(w, quant_storage=torch.int64)
+    with pytest.raises(ValueError, match="do not fill whole torch.float32"):
+        nf4.quantize(torch.randn(3, 3, device=device), quant_storage=torch.float32)
+    with pytest.raises(ValueError, match="empty"):
+        nf4.quantize(torch.randn(0, 4, device=device))
+
+
+def test_bad_dequantize_arguments_are_named(device):
+    packed, state = nf4.quantize(torch.randn(6, 40, device=device), blocksize=32)
+    with pytest.raises(ValueError, match="needs 120"):
+        nf4.dequantize(packed[:-1], state)
+    with pytest.raises(ValueError, match=r"shape \(6, 40\)"):
+        nf4.dequantize(packed, state, out=torch.empty(40, 6, device=device))
+    with pytest.raises(TypeError, match="out has dtype torch.float32 but dtype=torch.float16"):
+        nf4.dequantize(packed, state, out=torch.empty(6, 40, device=device), dtype=torch.float16)
+    with pytest.raises(TypeError, match="output dtype torch.int8"):
+        nf4.dequantize(packed, state, dtype=torch.int8)
+    with pytest.raises(TypeError, match="QuantState"):
+        nf4.dequantize(packed, {"absmax": state.absmax})
+    with pytest.raises(ValueError, match="must be on one device"):
+        nf4.dequantize(packed.to("meta"), state)
+
+
+def test_ops_pass_torch_library_checks(device):
+    from lowrank import ops
+
+    w = torch.randn(5, 70, device=device)
+    torch.library.opcheck(ops.nf4_quantize, (w.reshape(-1), 64))
+    packed, absmax = ops.nf4_quantize(w.reshape(-1), 64)
+    offset = absmax.mean()
+    torch.library.opcheck(ops.nf4_quantize_absmax, (absmax, offset))
+    out = torch.empty(350, device=device)
+    torch.library.opcheck(ops.nf4_dequantize, (packed, absmax, None, None, None, out, 64, 1))
+
+
+def test_dequantize_traces_with_torch_compile(device):
+    packed, state = nf4.quantize(torch.randn(3, 90, device=device), blocksize=64)
+    compiled = torch.compile(lambda p: nf4.dequantize(p, state) * 2, fullgraph=True, backend="eager")
+    assert_same_bits(compiled(packed), nf4.dequantize(packed, state) * 2)
