@@ -41,9 +41,8 @@ def bucketize(x, bounds_ptr, BITS: tl.constexpr):
     """
     index = tl.zeros(x.shape, dtype=tl.int32)
     for level in tl.static_range(BITS):
-        step: tl.constexpr = 1 << (BITS - 1 - level)
-        probe = tl.load(bounds_ptr + index + (step - 1))
-        index = tl.where(x > probe, index + step, index)
+        probe = tl.load(bounds_ptr + index + ((1 << (BITS - 1 - level)) - 1))
+        index = tl.where(x > probe, index + (1 << (BITS - 1 - level)), index)
     return index
 
 

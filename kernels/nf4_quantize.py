@@ -16,8 +16,10 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 @triton.jit
 def quantize_to_code(x, absmax, is_tail, bounds_ptr, BITS: tl.constexpr):
     """Nearest code index of ``x`` (fp32) in a block with ``absmax``, as bitsandbytes computes it."""
-    safe = tl.maximum(absmax, 1e-38)  # an all-zero block scales to 0, not NaN
-    scaled = tl.where(is_tail, tl.math.div_rn(x, safe), x * tl.math.div_rn(1.0, safe))
+    # Constants typed fp32 explicitly: older Triton makes 1e-38 (a denormal) and 1.0 fp64 here.
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))  # all-zero block: 0, not NaN
+    reciprocal = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)
+    scaled = tl.where(is_tail, tl.math.div_rn(x, safe), x * reciprocal)
     scaled = tl.where(absmax > 0, scaled, 0.0)  # GPUs may flush the 1e-38 denormal above to zero
     return bucketize(scaled, bounds_ptr, BITS)
 

@@ -249,3 +249,13 @@ def test_dequantize_traces_with_torch_compile(device):
     packed, state = nf4.quantize(torch.randn(3, 90, device=device), blocksize=64)
     compiled = torch.compile(lambda p: nf4.dequantize(p, state) * 2, fullgraph=True, backend="eager")
     assert_same_bits(compiled(packed), nf4.dequantize(packed, state) * 2)
+
+
+@pytest.mark.gpu
+def test_llama_sized_weight_matches_bitsandbytes_cuda():
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert_same_bits(nf4.dequantize(packed, state), F.dequantize_4bit(packed, state, quant_type="nf4"))
+    ours, our_state = nf4.quantize(w, blocksize=64, double_quant=True)
+    assert_same_bits(ours, packed)
+    assert_state_matches(our_state, w, 64, state.absmax, (state.offset, state.state2.absmax))
