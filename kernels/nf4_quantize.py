@@ -3,6 +3,8 @@
 Both follow bitsandbytes' rule exactly (its portable backend, and the nearest-code search of its
 CUDA kernel): per block absmax = max |x|; full blocks are scaled by the correctly rounded reciprocal
 1/absmax, the ragged last block is divided by absmax; the code is the nearest one, ties to the lower.
+The ragged last block stores its absmax clamped to at least 1e-38, as the portable backend does (it
+only shows when that block is all zeros; the values it decodes to are the same).
 """
 
 import triton
@@ -14,10 +16,12 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 
 
 @triton.jit
-def quantize_to_code(x, absmax, is_tail, bounds_ptr, BITS: tl.constexpr):
-    """Nearest code index of ``x`` (fp32) in a block with ``absmax``, as bitsandbytes computes it."""
+def quantize_block(x, block_ptr, is_tail, bounds_ptr, BITS: tl.constexpr):
+    """Store the absmax of block ``x`` (fp32) at ``block_ptr``; return its nearest code indices."""
+    absmax = tl.max(tl.abs(x), axis=0)
     # Constants typed fp32 explicitly: older Triton makes 1e-38 (a denormal) and 1.0 fp64 here.
     safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))  # all-zero block: 0, not NaN
+    tl.store(block_ptr, tl.where(is_tail, safe, absmax))
     reciprocal = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)
     scaled = tl.where(is_tail, tl.math.div_rn(x, safe), x * reciprocal)
     scaled = tl.where(absmax > 0, scaled, 0.0)  # GPUs may flush the 1e-38 denormal above to zero
@@ -28,17 +32,18 @@ def quantize_to_code(x, absmax, is_tail, bounds_ptr, BITS: tl.constexpr):
 def _nf4_quantize_kernel(w_ptr, bounds_ptr, packed_ptr, absmax_ptr, n_elements,
                          BLOCKSIZE: tl.constexpr):
     block = tl.program_id(0).to(tl.int64)
+    index = block * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    x = tl.load(w_ptr + index, mask=index < n_elements, other=0.0).to(tl.float32)
+    is_tail = (block + 1) * BLOCKSIZE > n_elements
+    codes = tl.reshape(quantize_block(x, absmax_ptr + block, is_tail, bounds_ptr, 4),
+                       [BLOCKSIZE // 2, 2])
+    # Element 2i goes to the high nibble of byte i. An odd count leaves the last low nibble empty:
+    # it holds the code of 0.0 (the masked load's value), as in bitsandbytes.
+    high, low = tl.split(codes)
     pair = tl.arange(0, BLOCKSIZE // 2)
     even = block * BLOCKSIZE + 2 * pair
-    high = tl.load(w_ptr + even, mask=even < n_elements, other=0.0).to(tl.float32)
-    low = tl.load(w_ptr + even + 1, mask=even + 1 < n_elements, other=0.0).to(tl.float32)
-    absmax = tl.maximum(tl.max(tl.abs(high), axis=0), tl.max(tl.abs(low), axis=0))
-    tl.store(absmax_ptr + block, absmax)
-    is_tail = (block + 1) * BLOCKSIZE > n_elements
-    # An odd count leaves the last low nibble empty: it holds the code of 0.0, as in bitsandbytes.
-    byte = (quantize_to_code(high, absmax, is_tail, bounds_ptr, 4) << 4) | \
-        quantize_to_code(low, absmax, is_tail, bounds_ptr, 4)
-    tl.store(packed_ptr + block * (BLOCKSIZE // 2) + pair, byte.to(tl.uint8), mask=even < n_elements)
+    tl.store(packed_ptr + block * (BLOCKSIZE // 2) + pair, ((high << 4) | low).to(tl.uint8),
+             mask=even < n_elements)
 
 
 @triton.jit
@@ -49,10 +54,8 @@ def _quantize_absmax_kernel(absmax_ptr, offset_ptr, bounds_ptr, codes_ptr, neste
     mask = index < n_blocks
     centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(offset_ptr)
     centred = tl.where(mask, centred, 0.0)
-    nested_absmax = tl.max(tl.abs(centred), axis=0)
-    tl.store(nested_absmax_ptr + block, nested_absmax)
     is_tail = (block + 1) * NESTED_BLOCKSIZE > n_blocks
-    code = quantize_to_code(centred, nested_absmax, is_tail, bounds_ptr, 8)
+    code = quantize_block(centred, nested_absmax_ptr + block, is_tail, bounds_ptr, 8)
     tl.store(codes_ptr + index, code.to(tl.uint8), mask=mask)
 
 

@@ -9,8 +9,8 @@ import functools
 import torch
 from bitsandbytes.functional import QuantState, create_dynamic_map, get_4bit_type
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
+from lowrank.kernels._common import NF4_BLOCKSIZES as BLOCKSIZES
+from lowrank.kernels.nf4_quantize import NESTED_BLOCKSIZE
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 

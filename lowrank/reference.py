@@ -15,18 +15,19 @@ def _scale_blockwise(x, blocksize):
     """Split flat fp32 ``x`` into blocks; return (x / absmax of its block, absmax per block).
 
     bitsandbytes multiplies full blocks by the rounded reciprocal of absmax but divides the ragged
-    last block by it; the two can differ in the last bit, and that bit can change a code.
+    last block by it; the two can differ in the last bit, and that bit can change a code. It also
+    stores the ragged block's absmax clamped to 1e-38 (seen only when that block is all zeros).
     """
     full = x.numel() - x.numel() % blocksize
     blocks = x[:full].view(-1, blocksize)
     tail = x[full:]
     absmax = blocks.abs().amax(dim=1)
-    if tail.numel():
-        absmax = torch.cat([absmax, tail.abs().amax().reshape(1)])
     safe = absmax.clamp(min=1e-38)  # an all-zero block scales to 0, not NaN
-    scaled = (blocks * (1.0 / safe[: blocks.shape[0], None])).reshape(-1)
+    scaled = (blocks * (1.0 / safe[:, None])).reshape(-1)
     if tail.numel():
-        scaled = torch.cat([scaled, tail / safe[-1]])
+        tail_absmax = tail.abs().amax().clamp(min=1e-38).reshape(1)
+        absmax = torch.cat([absmax, tail_absmax])
+        scaled = torch.cat([scaled, tail / tail_absmax])
     return scaled, absmax
 
 

@@ -11,6 +11,8 @@ import copy
 
 import bitsandbytes.functional as F
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import poisoned
 
@@ -58,7 +60,11 @@ def bnb_dequantize(packed, quant_state, dtype):
     state = copy.copy(quant_state)
     state.dtype = dtype
     with torch.compiler.set_stance("force_eager"):
-        return F.dequantize_4bit(packed, state, quant_type="nf4")
+        out = F.dequantize_4bit(packed, state, quant_type="nf4")
+    # Values are compared as they are; shapes follow quant_state.shape, as ours do. bitsandbytes
+    # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path, and a
+    # transposed output when the packed tensor has one row (a shim for an old layout).
+    return out.reshape(state.shape)
 
 
 def assert_same_bits(actual, expected):
@@ -259,3 +265,15 @@ def test_llama_sized_weight_matches_bitsandbytes_cuda():
     ours, our_state = nf4.quantize(w, blocksize=64, double_quant=True)
     assert_same_bits(ours, packed)
     assert_state_matches(our_state, w, 64, state.absmax, (state.offset, state.state2.absmax))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 700), blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(),
+       scale=st.floats(1e-6, 1e4), seed=st.integers(0, 2**31 - 1))
+def test_any_size_matches_bitsandbytes(n, blocksize, double_quant, scale, seed, device):
+    w = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale).to(device)
+    packed, state = nf4.quantize(w, blocksize=blocksize, double_quant=double_quant)
+    bnb_packed, bnb_absmax, bnb_nested = bnb_quantize(w, blocksize, double_quant)
+    assert_same_bits(packed, bnb_packed)
+    assert_state_matches(state, w, blocksize, bnb_absmax, bnb_nested)
+    assert_same_bits(nf4.dequantize(packed, state), bnb_dequantize(bnb_packed, state, torch.float32))
