@@ -7,7 +7,8 @@ gives the same results as its kernels (bit for bit where the op is exact, like N
 import torch
 import torch.nn.functional as F
 
-from lowrank._quant_state import (NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
+from lowrank._lora_args import check_lora_args, resolve_weight
+from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books)
 
 
@@ -70,3 +71,26 @@ def nf4_dequantize(packed, quant_state, dtype=None):
     scale = nf4_absmax(quant_state).repeat_interleave(quant_state.blocksize)[:n]
     values = nf4_code[codes.long()] * scale
     return values.to(dtype or quant_state.dtype).reshape(quant_state.shape)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quant_state=None,
+                dropout_mask=None):
+    """Y = x W^T + b + scaling * dropout(x) A^T B^T, computed in x's dtype.
+
+    ``weight``: dense (N x K), or packed NF4 with its ``quant_state`` (a Params4bit carries its
+    own). ``dropout_mask``: the keep mask (shape of x) to use instead of drawing one, so that a
+    test can give the reference the mask the kernels drew (``lowrank.ops.lora_dropout_mask``).
+    """
+    quant_state = resolve_weight(weight, quant_state)
+    check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
+                    dtypes=FLOAT_DTYPES + (torch.float64,))
+    if quant_state is not None:
+        weight = nf4_dequantize(weight, quant_state, torch.float32)
+    x_d = x
+    if dropout > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(x.shape, device=x.device) >= dropout
+        x_d = x * dropout_mask / (1 - dropout)
+    bias = None if bias is None else bias.to(x.dtype)
+    base = F.linear(x, weight.to(x.dtype), bias)
+    return base + scaling * F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))

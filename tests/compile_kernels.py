@@ -41,7 +41,9 @@ def main(arch):
     target = GPUTarget("cuda", arch, 32)
     for case in cases:
         try:
-            source = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+            # In the kernel's argument order, which older Triton versions rely on.
+            signature = {name: case.signature[name] for name in case.kernel.arg_names}
+            source = ASTSource(fn=case.kernel, signature=signature, constexprs=case.constexprs)
             compiled = triton.compile(source, target=target, options=case.options)
             results.append({"name": case.name, "shared": compiled.metadata.shared, "error": None})
         except Exception as error:  # reported per case, with the compiler's message

@@ -1,0 +1,303 @@
+"""Fused LoRA / QLoRA linear, forward and backward.
+
+For x (M x K), frozen W (N x K, dense or NF4), bias b, adapters A (r x K), B (N x r), scaling s and
+dropout p on the LoRA branch:
+
+    x_d = dropout_p(x)     S = x_d A^T                  Y = x W^T + b + s S B^T
+    dS = s dY B            dA = dS^T x_d                dX = dY W + dropout_p'(dS A)
+
+- NF4 tiles of W are decoded in registers inside the GEMMs (forward, and dX reading W as it is
+  stored): the dense W never exists in memory.
+- The LoRA expand s S B^T and the bias are added to the output tile before its one store.
+- Dropout is applied while loading x in the shrink, and regenerated from the seed in backward
+  (tl.rand on the element's index): no M x K mask is ever stored.
+- Operands are in x's dtype (lowrank.ops casts the small A, B and bias) and accumulate in fp32;
+  fp32 inputs multiply in IEEE fp32, not TF32, as torch's matmul does by default.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_TYPE, CompileCase, store_rounded
+from .nf4_dequantize import decode_nf4, load_absmax
+
+BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
+FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+SHRINK = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+GRAD_A = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+MASK_BLOCK = 1024
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, cols, K, p):
+    """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward."""
+    return tl.rand(tl.load(seed_ptr), (rows * K + cols).to(tl.int32)) >= p
+
+
+@triton.jit
+def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
+                     nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                     NF4: tl.constexpr, NESTED: tl.constexpr):
+    """W[rows, cols] in fp32: loaded (dense, any strides) or decoded from packed NF4 (row-major)."""
+    if NF4:
+        index = rows.to(tl.int64) * K + cols
+        byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (index & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
+        scale = load_absmax(index >> block_shift, mask, absmax_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+        return decode_nf4(nibble, scale, code_ptr)
+    else:
+        return tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk,
+                        stride_ar, stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S = dropout(x) A^T, stored in x's dtype (M x R, contiguous); one rank chunk per program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        mask = (rows < M) & (cols < K)
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0)
+        if DROPOUT:
+            keep = dropout_keep(seed_ptr, rows, cols, K, p)
+            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(x_ptr.dtype.element_ty)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols * stride_ak,
+                    mask=(ranks[:, None] < R) & (cols < K), other=0.0)
+        acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
+    store_rounded(s_ptr + rows * R + ranks[None, :], acc, (rows < M) & (ranks[None, :] < R))
+
+
+@triton.jit
+def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr, code_ptr,
+                         nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, scaling,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+                         block_shift, nested_shift, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
+                         NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y = x W^T + b + s S B^T, one store per output tile."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+                  (rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absmax_ptr, code_ptr,
+                            nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
+                            stride_wn, stride_wk, stride_ar, stride_ak, block_shift, nested_shift,
+                            DROPOUT: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers."""
+    dtype = dy_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+                     mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+        lora = tl.dot(ds, a, lora, input_precision=PRECISION)
+    if DROPOUT:
+        lora = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), lora / (1 - p), 0.0)
+    store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc + lora,
+                  (rows[:, None] < M) & (cols[None, :] < K))
+
+
+@triton.jit
+def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dA = dS^T dropout(x), fp32 (R x K, contiguous); the mask regenerated from the seed."""
+    dtype = x_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if DROPOUT:
+            keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
+            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(dtype)
+        acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
+    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+             mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = dropout_keep(seed_ptr, index // K, index % K, K, p)
+    tl.store(mask_ptr + index, keep.to(tl.int8), mask=index < M * K)
+
+
+def _precision(dtype):
+    return "ieee" if dtype.itemsize == 4 else "tf32"  # 16-bit inputs ignore it
+
+
+def _weight_args(w, nf4):
+    """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
+    strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes with a dict of the
+    decoding tensors from lowrank.ops."""
+    if nf4 is None:
+        return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
+    nested = nf4["nested_code"] is not None
+    absmax = nf4["absmax"]
+    return ({"NF4": True, "NESTED": nested},
+            (absmax, nf4["code"], nf4["nested_code"] if nested else absmax,
+             nf4["nested_absmax"] if nested else absmax, nf4["offset"] if nested else absmax,
+             nf4["blocksize"].bit_length() - 1, nf4["nested_blocksize"].bit_length() - 1),
+            (nf4["in_features"], 1))
+
+
+def lora_shrink(x, lora_a, s, seed, p):
+    M, K = x.shape
+    R = lora_a.shape[0]
+    grid = (triton.cdiv(M, SHRINK["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+    _lora_shrink_kernel[grid](
+        x, lora_a, s, seed, M, K, R, p, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        DROPOUT=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R, **SHRINK)
+
+
+def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
+    """``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding tensors."""
+    M, K = x.shape
+    N, R = lora_b.shape
+    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+        (stride_wn, stride_wk) = _weight_args(w, nf4)
+    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    _lora_forward_kernel[grid](
+        x, w, s, lora_b, y if bias is None else bias, y, absmax, code, nested_code, nested_absmax,
+        offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
+        lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
+        PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R, **FORWARD, enable_fp_fusion=False)
+
+
+def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
+    M, N = dy.shape
+    R, K = lora_a.shape
+    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+        (stride_wn, stride_wk) = _weight_args(w, nf4)
+    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    _lora_grad_input_kernel[grid](
+        dy, w, ds, lora_a, dx, seed, absmax, code, nested_code, nested_absmax, offset,
+        M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
+        nested_shift, DROPOUT=p > 0, **flags, PRECISION=_precision(dy.dtype),
+        BLOCK_R=BLOCK_R, **GRAD_INPUT, enable_fp_fusion=False)
+
+
+def lora_grad_a(ds, x, da, seed, p):
+    M, K = x.shape
+    R = ds.shape[1]
+    grid = (triton.cdiv(K, GRAD_A["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
+    _lora_grad_a_kernel[grid](ds, x, da, seed, M, K, R, p, x.stride(0), x.stride(1),
+                              DROPOUT=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R,
+                              **GRAD_A)
+
+
+def dropout_mask(seed, mask, p):
+    M, K = mask.shape
+    grid = (triton.cdiv(M * K, MASK_BLOCK),)
+    _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK=MASK_BLOCK)
+
+
+def _compile_cases():
+    def split(params):
+        blocks = {k: v for k, v in params.items() if k.startswith("BLOCK")}
+        return {**blocks, "BLOCK_R": BLOCK_R}, {k: v for k, v in params.items() if k not in blocks}
+
+    common = {"M": "i32", "K": "i32", "R": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
+              "BLOCK_R": "constexpr", "PRECISION": "constexpr"}
+    weights = {"dense": (False, False), "nf4": (True, False), "nf4-nested": (True, True)}
+    for dtype in ("float16", "bfloat16", "float32"):
+        t = f"*{TRITON_TYPE[dtype]}"
+        precision = _precision(getattr(torch, dtype))
+        for dropout in (False, True):
+            blocks, options = split(SHRINK)
+            yield CompileCase(
+                _lora_shrink_kernel,
+                {**common, "x_ptr": t, "a_ptr": t, "s_ptr": t, "seed_ptr": "*i64", "p": "fp32",
+                 "stride_xm": "i32", "stride_xk": "i32", "stride_ar": "i32", "stride_ak": "i32",
+                 "DROPOUT": "constexpr"},
+                {"DROPOUT": dropout, "PRECISION": precision, **blocks}, options)
+            blocks, options = split(GRAD_A)
+            yield CompileCase(
+                _lora_grad_a_kernel,
+                {**common, "ds_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "seed_ptr": "*i64",
+                 "p": "fp32", "stride_xm": "i32", "stride_xk": "i32", "DROPOUT": "constexpr"},
+                {"DROPOUT": dropout, "PRECISION": precision, **blocks}, options)
+        for nf4, nested in weights.values():
+            absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
+            weight = {"w_ptr": "*u8" if nf4 else t, "absmax_ptr": absmax, "code_ptr": fp32,
+                      "nested_code_ptr": fp32, "nested_absmax_ptr": fp32, "offset_ptr": fp32,
+                      "N": "i32", "stride_wn": "i32", "stride_wk": "i32", "block_shift": "i32",
+                      "nested_shift": "i32", "NF4": "constexpr", "NESTED": "constexpr",
+                      "BLOCK_N": "constexpr"}
+            for has_bias in (False, True):
+                blocks, options = split(FORWARD)
+                yield CompileCase(
+                    _lora_forward_kernel,
+                    {**common, **weight, "x_ptr": t, "s_ptr": t, "b_ptr": t, "bias_ptr": t,
+                     "y_ptr": t, "scaling": "fp32", "stride_xm": "i32", "stride_xk": "i32",
+                     "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr"},
+                    {"HAS_BIAS": has_bias, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                     **blocks}, {**options, "enable_fp_fusion": False})
+            for dropout in (False, True):
+                blocks, options = split(GRAD_INPUT)
+                yield CompileCase(
+                    _lora_grad_input_kernel,
+                    {**common, **weight, "dy_ptr": t, "ds_ptr": t, "a_ptr": t, "dx_ptr": t,
+                     "seed_ptr": "*i64", "p": "fp32", "stride_ar": "i32", "stride_ak": "i32",
+                     "DROPOUT": "constexpr"},
+                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                     **blocks}, {**options, "enable_fp_fusion": False})
+    yield CompileCase(_dropout_mask_kernel,
+                      {"seed_ptr": "*i64", "mask_ptr": "*i8", "M": "i32", "K": "i32", "p": "fp32",
+                       "BLOCK": "constexpr"},
+                      {"BLOCK": MASK_BLOCK})
+
+
+COMPILE_CASES = list(_compile_cases())

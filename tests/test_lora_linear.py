@@ -1,0 +1,251 @@
+"""lowrank.ops.lora_linear and its kernels against the fp64 reference.
+
+Shapes are odd and not multiples of any block (M = 37 over leading dims 37 x 1, K = 97, N = 83;
+blocks are 32/64). Tolerances, relative to the largest reference value, per dtype: the products
+run in x's dtype with fp32 accumulation, so the error is the dtype's rounding of the operands.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import poisoned
+
+from lowrank import nf4, ops, reference
+from lowrank.kernels import lora_linear as lora_kernels
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+M, K, N = 37, 97, 83
+
+
+def assert_close(actual, expected, dtype, what, tolerance=None):
+    assert actual.dtype == dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN (an element left unwritten?)"
+    tolerance = tolerance or TOLERANCE[dtype]
+    error = ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
+
+
+def make_weight(kind, dtype, device, gen):
+    """(weight as the op takes it, quant_state, the dense fp32 values it stands for)."""
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(device)
+    if kind == "dense":
+        return w.to(dtype), None, w.to(dtype).float()
+    blocksize, nested = {"nf4-64": (64, False), "nf4-nested-128": (128, True)}[kind]
+    packed, state = nf4.quantize(w.to(dtype), blocksize=blocksize, double_quant=nested)
+    return packed, state, nf4.dequantize(packed, state, dtype=torch.float32)
+
+
+def make_case(dtype, kind, rank, device, seed=0, adapter_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, 1, K, generator=gen).to(device, dtype)
+    weight, state, dense = make_weight(kind, dtype, device, gen)
+    lora_a = (torch.randn(rank, K, generator=gen) / math.sqrt(K)).to(device, adapter_dtype)
+    lora_b = (torch.randn(N, rank, generator=gen) * 0.1).to(device, adapter_dtype)
+    bias = torch.randn(N, generator=gen).to(device, dtype)
+    return x, weight, state, dense, lora_a, lora_b, bias
+
+
+def fp64_reference(x, dense, lora_a, lora_b, scaling, bias, grad_y, dropout=0.0, mask=None):
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    y = reference.lora_linear(leaves[0], dense.double(), leaves[1], leaves[2], scaling,
+                              None if bias is None else bias.double(), dropout,
+                              dropout_mask=mask)
+    y.backward(grad_y.double())
+    return y.detach(), *(leaf.grad for leaf in leaves)
+
+
+def run_ours(x, weight, state, lora_a, lora_b, scaling, bias, grad_y, dropout=0.0):
+    x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
+    y = ops.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, dropout=dropout,
+                        quant_state=state)
+    y.backward(grad_y)
+    return y.detach(), x.grad, lora_a.grad, lora_b.grad
+
+
+def check_against_reference(dtype, kind, rank, with_bias, device, adapter_dtype=torch.float32):
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, rank, device,
+                                                              adapter_dtype=adapter_dtype)
+    bias = bias if with_bias else None
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    ours = run_ours(x, weight, state, lora_a, lora_b, 1.5, bias, grad_y)
+    expected = fp64_reference(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
+    for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB"), ours, expected,
+                                          (dtype, dtype, adapter_dtype, adapter_dtype)):
+        # Adapter gradients come back in the adapter's dtype, rounded to it.
+        tolerance = max(TOLERANCE[dtype], TOLERANCE[got_dtype])
+        assert_close(got, want, got_dtype, name, tolerance)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-64", "nf4-nested-128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_forward_and_backward_match_fp64_reference(dtype, kind, with_bias, device):
+    check_against_reference(dtype, kind, 16, with_bias, device)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 64])
+def test_ranks(rank, device):
+    check_against_reference(torch.bfloat16, "nf4-nested-128", rank, True, device)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adapters_in_another_dtype(adapter_dtype, device):
+    # x in fp32 with 16-bit adapters: products run in x's dtype, gradients come back in A/B's.
+    check_against_reference(torch.float32, "dense", 8, True, device, adapter_dtype=adapter_dtype)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
+def test_kernels_write_every_output_element(kind, device):
+    """The launchers, called with NaN-poisoned outputs, against the reference's intermediates."""
+    dtype = torch.bfloat16
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, 20, device)
+    x, a, b = x.reshape(M, K), lora_a.to(dtype), lora_b.to(dtype)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    nf4_args = None
+    if state is not None:  # what lowrank.ops hands the launchers for a nested NF4 weight
+        weight = weight.view(torch.uint8).reshape(-1)
+        nf4_args = ops._nf4_decoding(state.absmax, state.state2.code, state.state2.absmax,
+                                     state.offset.reshape(()), state.blocksize,
+                                     state.state2.blocksize, K)
+    s = poisoned((M, 20), dtype, device)
+    lora_kernels.lora_shrink(x, a, s, seed, 0.0)
+    assert_close(s, x.double() @ a.double().t(), dtype, "S")
+    y = poisoned((M, N), dtype, device)
+    lora_kernels.lora_forward(x, weight, s, b, bias, y, 1.5, nf4_args)
+    expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
+    assert_close(y, expected, dtype, "Y")
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    grad_s = (grad_y.double() @ b.double()).to(dtype)
+    grad_x = poisoned((M, K), dtype, device)
+    lora_kernels.lora_grad_input(grad_y, weight, grad_s, a, grad_x, seed, 0.0, nf4_args)
+    expected = grad_y.double() @ dense.double() + grad_s.double() @ a.double()
+    assert_close(grad_x, expected, dtype, "dX")
+    grad_a = poisoned((20, K), torch.float32, device)
+    lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, 0.0)
+    assert_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
+
+
+def test_dropout_mask_is_the_same_in_forward_and_backward(device):
+    dtype, p = torch.float32, 0.3
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, "nf4-64", 8, device)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    torch.manual_seed(1234)
+    mask = ops.lora_dropout_mask(ops.dropout_seed(device), (M, K), p).reshape(M, 1, K)
+    torch.manual_seed(1234)  # lora_linear draws the same seed
+    ours = run_ours(x, weight, state, lora_a, lora_b, 2.0, bias, grad_y, dropout=p)
+    expected = fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=mask)
+    for name, got, want in zip(("y", "dx", "dA", "dB"), ours, expected):
+        assert_close(got, want, dtype, name)
+    # Without the same mask the results differ: the test can tell masks apart.
+    other = fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=~mask)
+    assert (ours[2].double() - other[2]).abs().max() > 1e-2 * other[2].abs().max()
+
+
+def test_dropout_keeps_the_expected_fraction(device):
+    p = 0.3
+    masks = [ops.lora_dropout_mask(torch.tensor([seed], device=device), (211, 307), p)
+             for seed in (1, 2)]
+    n = masks[0].numel()
+    for mask in masks:
+        kept = mask.float().mean().item()
+        assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert (masks[0] != masks[1]).float().mean().item() > 0.3  # seeds give independent masks
+
+
+def test_gradcheck_dense_weight_and_bias_get_gradients(device):
+    gen = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(shape, generator=gen).to(device) * 0.5
+               for shape in ((3, 5), (4, 5), (2, 5), (4, 2), (4,))]
+    for t in tensors:
+        t.requires_grad_()
+
+    def fn(x, w, a, b, bias):
+        return ops.lora_linear(x, w, a, b, 0.7, bias=bias)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-2, atol=2e-3, rtol=2e-3)
+
+
+def test_compiles_with_torch_compile_without_graph_breaks(device):
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "nf4-nested-128", 8, device)
+    lora_a.requires_grad_()
+
+    def step(x, a):
+        return ops.lora_linear(x, weight, a, lora_b, 2.0, bias=bias, quant_state=state).square().sum()
+
+    eager = step(x, lora_a)
+    (eager_grad,) = torch.autograd.grad(eager, lora_a)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, lora_a)
+    (grad,) = torch.autograd.grad(loss, lora_a)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_lora_ops_pass_torch_library_checks(device):
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    lora_a.requires_grad_()
+    args = (x.reshape(M, K), weight, None, None, None, None, 1, 1, N, lora_a, lora_b, 2.0, bias,
+            0.0, seed)
+    torch.library.opcheck(ops.lora_forward, args)
+
+
+def test_accepts_a_params4bit_from_a_loaded_model(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                 device_map="cpu", dtype=torch.float32)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Linear4bit)
+    x = torch.randn(5, 96)
+    lora_a, lora_b = torch.randn(8, 96) * 0.1, torch.randn(64, 8) * 0.1
+    ours = ops.lora_linear(x, layer.weight, lora_a, lora_b, 2.0)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        expected = layer(x) + 2.0 * (x @ lora_a.t()) @ lora_b.t()  # bitsandbytes + PEFT's formula
+    assert_close(ours, expected.double(), torch.float32, "y")
+
+
+def test_bad_arguments_are_named(device):
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    cases = [
+        (dict(x=x[..., :-1]), ValueError, "x has 96 features but the weight expects 97"),
+        (dict(lora_a=lora_a[:, :-1]), ValueError, r"lora_A must be \(r, 97\)"),
+        (dict(lora_b=lora_b[:, :3]), ValueError, r"lora_B must be \(83, 4\)"),
+        (dict(x=x.to(torch.int32), weight=weight.to(torch.int32)), TypeError, "x dtype torch.int32"),
+        (dict(weight=weight.half()), TypeError, "dense weight dtype torch.float16 differs"),
+        (dict(bias=bias[:-1]), ValueError, r"bias must be \(83,\)"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(lora_a=lora_a.to("meta")), ValueError, "must be on one device"),
+    ]
+    for change, error, message in cases:
+        args = dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, dropout=0.0)
+        args.update(change)
+        with pytest.raises(error, match=message):
+            ops.lora_linear(args["x"], args["weight"], args["lora_a"], args["lora_b"], 1.0,
+                            bias=args["bias"], dropout=args["dropout"])
+
+
+def test_non_nf4_and_mismatched_quant_states_are_refused(device):
+    import bitsandbytes.functional as F
+
+    x = torch.randn(3, K, device=device)
+    lora_a, lora_b = torch.randn(4, K, device=device), torch.randn(N, 4, device=device)
+    with torch.compiler.set_stance("force_eager"):
+        packed, fp4_state = F.quantize_4bit(torch.randn(N, K, device=device), quant_type="fp4")
+    with pytest.raises(ValueError, match="'fp4'"):
+        ops.lora_linear(x, packed, lora_a, lora_b, 1.0, quant_state=fp4_state)
+    packed, state = nf4.quantize(torch.randn(N, K, device=device))
+    with pytest.raises(ValueError, match="x has 96 features"):
+        ops.lora_linear(x[:, :-1], packed, lora_a[:, :-1], lora_b, 1.0, quant_state=state)
+    packed, state = nf4.quantize(torch.randn(N, K, device=device), quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot take a gradient"):
+        ops.lora_linear(x, packed.requires_grad_(), lora_a, lora_b, 1.0, quant_state=state)
