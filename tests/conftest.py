@@ -55,3 +55,19 @@ def device():
 def poisoned(shape, dtype, device):
     """An output buffer full of NaN: any element a kernel fails to write stays NaN."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def load_tiny_4bit_llama(directory, compute_dtype, **from_pretrained_kwargs):
+    """A one-layer Llama saved to ``directory`` and loaded back in 4-bit (NF4, double quant) on CPU,
+    exactly as users load one: every linear becomes a bitsandbytes Linear4bit with a Params4bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
+                                                device_map="cpu", **from_pretrained_kwargs)

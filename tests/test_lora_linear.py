@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import poisoned
+from conftest import load_tiny_4bit_llama, poisoned
 
 from lowrank import nf4, ops, reference
 from lowrank.kernels import lora_linear as lora_kernels
@@ -193,17 +193,8 @@ def test_lora_ops_pass_torch_library_checks(device):
 
 def test_accepts_a_params4bit_from_a_loaded_model(tmp_path):
     from bitsandbytes.nn import Linear4bit
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
-                                                 device_map="cpu", dtype=torch.float32)
+    model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, Linear4bit)
     x = torch.randn(5, 96)

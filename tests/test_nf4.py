@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
-from conftest import poisoned
+from conftest import load_tiny_4bit_llama, poisoned
 
 from lowrank import nf4, reference
 
@@ -160,17 +160,8 @@ def test_dequantize_matches_bitsandbytes(implementation, blocksize, layout, doub
 def test_dequantize_reads_a_loaded_4bit_model_in_place(tmp_path):
     """The Params4bit of a model loaded with load_in_4bit is used as is: same values, no copy."""
     from bitsandbytes.nn import Linear4bit
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
-                                                 device_map="cpu")
+    model = load_tiny_4bit_llama(tmp_path, torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 7
     for layer in layers:
