@@ -65,5 +65,11 @@ class CompileCase:
         return f"{self.kernel.fn.__name__}[{values}]"
 
 
+def split_config(config, **constexprs):
+    """A kernel config -> (its BLOCK_* constexprs plus ``constexprs``, the launch options)."""
+    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
+    return {**blocks, **constexprs}, {k: v for k, v in config.items() if k not in blocks}
+
+
 # Element types of the tensors the kernels read or write, as Triton names them.
 TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "uint8": "u8"}

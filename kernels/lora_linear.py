@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, store_rounded
+from ._common import TRITON_TYPE, CompileCase, split_config, store_rounded
 from .nf4_dequantize import decode_nf4, load_absmax
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
@@ -245,10 +245,6 @@ def dropout_mask(seed, mask, p):
 
 
 def _compile_cases():
-    def split(params):
-        blocks = {k: v for k, v in params.items() if k.startswith("BLOCK")}
-        return {**blocks, "BLOCK_R": BLOCK_R}, {k: v for k, v in params.items() if k not in blocks}
-
     common = {"M": "i32", "K": "i32", "R": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
               "BLOCK_R": "constexpr", "PRECISION": "constexpr"}
     weights = {"dense": (False, False), "nf4": (True, False), "nf4-nested": (True, True)}
@@ -256,14 +252,14 @@ def _compile_cases():
         t = f"*{TRITON_TYPE[dtype]}"
         precision = _precision(getattr(torch, dtype))
         for dropout in (False, True):
-            blocks, options = split(SHRINK)
+            blocks, options = split_config(SHRINK, BLOCK_R=BLOCK_R)
             yield CompileCase(
                 _lora_shrink_kernel,
                 {**common, "x_ptr": t, "a_ptr": t, "s_ptr": t, "seed_ptr": "*i64", "p": "fp32",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_ar": "i32", "stride_ak": "i32",
                  "DROPOUT": "constexpr"},
                 {"DROPOUT": dropout, "PRECISION": precision, **blocks}, options)
-            blocks, options = split(GRAD_A)
+            blocks, options = split_config(GRAD_A, BLOCK_R=BLOCK_R)
             yield CompileCase(
                 _lora_grad_a_kernel,
                 {**common, "ds_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "seed_ptr": "*i64",
@@ -277,7 +273,7 @@ def _compile_cases():
                       "nested_shift": "i32", "NF4": "constexpr", "NESTED": "constexpr",
                       "BLOCK_N": "constexpr"}
             for has_bias in (False, True):
-                blocks, options = split(FORWARD)
+                blocks, options = split_config(FORWARD, BLOCK_R=BLOCK_R)
                 yield CompileCase(
                     _lora_forward_kernel,
                     {**common, **weight, "x_ptr": t, "s_ptr": t, "b_ptr": t, "bias_ptr": t,
@@ -286,7 +282,7 @@ def _compile_cases():
                     {"HAS_BIAS": has_bias, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
                      **blocks}, {**options, "enable_fp_fusion": False})
             for dropout in (False, True):
-                blocks, options = split(GRAD_INPUT)
+                blocks, options = split_config(GRAD_INPUT, BLOCK_R=BLOCK_R)
                 yield CompileCase(
                     _lora_grad_input_kernel,
                     {**common, **weight, "dy_ptr": t, "ds_ptr": t, "a_ptr": t, "dx_ptr": t,

@@ -12,6 +12,7 @@ from lowrank import _dispatch, reference
 from lowrank._lora_args import check_lora_args, resolve_weight
 from lowrank._quant_state import NESTED_BLOCKSIZE, absmax_fp32, code_books
 from lowrank.kernels import lora_linear as lora_kernels
+from lowrank.kernels import lora_linear_decode as lora_decode_kernels
 from lowrank.kernels import nf4_dequantize as nf4_dequantize_kernel
 from lowrank.kernels import nf4_quantize as nf4_quantize_kernel
 
@@ -67,6 +68,18 @@ def _(absmax, offset):
 # NF4 bytes with the tensors that decode them (absmax, and for nested states nested_code,
 # nested_absmax and offset); the NF4 ones are None for a dense weight.
 
+def weight_op_args(weight, packed, quant_state):
+    """The frozen weight as the LoRA ops take it: (weight or packed bytes, absmax, nested_code,
+    nested_absmax, offset, blocksize, nested_blocksize); checked arguments, from check_lora_args."""
+    if quant_state is None:
+        return weight, None, None, None, None, 1, 1
+    if quant_state.nested:
+        return (packed, quant_state.absmax, quant_state.state2.code.float(),
+                quant_state.state2.absmax.float(), quant_state.offset.float().reshape(()),
+                quant_state.blocksize, quant_state.state2.blocksize)
+    return packed, absmax_fp32(quant_state), None, None, None, quant_state.blocksize, 1
+
+
 def _nf4_decoding(absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, in_features):
     if absmax is None:
         return None
@@ -85,12 +98,16 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     """(Y, S) for contiguous x (M x K): Y = x W^T + b + s S B^T, S = dropout(x) A^T."""
     M, K = x.shape
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     s = torch.empty(M, a.shape[0], dtype=x.dtype, device=x.device)
     y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
-    lora_kernels.lora_shrink(x, a, s, seed, dropout)
-    lora_kernels.lora_forward(
-        x, weight, s, b, None if bias is None else bias.to(x.dtype), y, scaling,
-        _nf4_decoding(absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, K))
+    nf4 = _nf4_decoding(absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, K)
+    if M <= lora_decode_kernels.DECODE_MAX_M:  # decode: split-K, the packed weight read once
+        lora_decode_kernels.lora_decode_forward(x, weight, a, b, bias, y, s, seed, dropout, scaling,
+                                                nf4)
+    else:
+        lora_kernels.lora_shrink(x, a, s, seed, dropout)
+        lora_kernels.lora_forward(x, weight, s, b, bias, y, scaling, nf4)
     return y, s
 
 
@@ -208,13 +225,6 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
     x2 = x.reshape(-1, K).contiguous()
     seed = dropout_seed(x.device) if dropout > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
-    if quant_state is None:
-        nf4 = (weight, None, None, None, None, 1, 1)
-    elif nested:
-        nf4 = (packed, quant_state.absmax, quant_state.state2.code.float(),
-               quant_state.state2.absmax.float(), quant_state.offset.float().reshape(()),
-               quant_state.blocksize, quant_state.state2.blocksize)
-    else:
-        nf4 = (packed, absmax_fp32(quant_state), None, None, None, quant_state.blocksize, 1)
-    y, _ = lora_forward(x2, *nf4, N, lora_A, lora_B, float(scaling), bias, float(dropout), seed)
+    y, _ = lora_forward(x2, *weight_op_args(weight, packed, quant_state), N, lora_A, lora_B,
+                        float(scaling), bias, float(dropout), seed)
     return y.reshape(*x.shape[:-1], N)

@@ -26,9 +26,9 @@ def assert_close(actual, expected, dtype, what, tolerance=None):
     assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
 
 
-def make_weight(kind, dtype, device, gen):
+def make_weight(kind, dtype, device, gen, k=K):
     """(weight as the op takes it, quant_state, the dense fp32 values it stands for)."""
-    w = (torch.randn(N, K, generator=gen) * 0.05).to(device)
+    w = (torch.randn(N, k, generator=gen) * 0.05).to(device)
     if kind == "dense":
         return w.to(dtype), None, w.to(dtype).float()
     blocksize, nested = {"nf4-64": (64, False), "nf4-nested-128": (128, True)}[kind]
@@ -36,11 +36,11 @@ def make_weight(kind, dtype, device, gen):
     return packed, state, nf4.dequantize(packed, state, dtype=torch.float32)
 
 
-def make_case(dtype, kind, rank, device, seed=0, adapter_dtype=torch.float32):
+def make_case(dtype, kind, rank, device, seed=0, adapter_dtype=torch.float32, m=M, k=K):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, 1, K, generator=gen).to(device, dtype)
-    weight, state, dense = make_weight(kind, dtype, device, gen)
-    lora_a = (torch.randn(rank, K, generator=gen) / math.sqrt(K)).to(device, adapter_dtype)
+    x = torch.randn(m, 1, k, generator=gen).to(device, dtype)
+    weight, state, dense = make_weight(kind, dtype, device, gen, k)
+    lora_a = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device, adapter_dtype)
     lora_b = (torch.randn(N, rank, generator=gen) * 0.1).to(device, adapter_dtype)
     bias = torch.randn(N, generator=gen).to(device, dtype)
     return x, weight, state, dense, lora_a, lora_b, bias
@@ -63,11 +63,12 @@ def run_ours(x, weight, state, lora_a, lora_b, scaling, bias, grad_y, dropout=0.
     return y.detach(), x.grad, lora_a.grad, lora_b.grad
 
 
-def check_against_reference(dtype, kind, rank, with_bias, device, adapter_dtype=torch.float32):
+def check_against_reference(dtype, kind, rank, with_bias, device, adapter_dtype=torch.float32,
+                            m=M, k=K):
     x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, rank, device,
-                                                              adapter_dtype=adapter_dtype)
+                                                              adapter_dtype=adapter_dtype, m=m, k=k)
     bias = bias if with_bias else None
-    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     ours = run_ours(x, weight, state, lora_a, lora_b, 1.5, bias, grad_y)
     expected = fp64_reference(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
     for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB"), ours, expected,

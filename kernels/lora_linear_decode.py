@@ -1,0 +1,186 @@
+"""Fused LoRA / QLoRA linear, forward for small M (decode): split-K over the frozen weight.
+
+With a few rows of x, the tiled forward (kernels/lora_linear.py) has only N / BLOCK_N programs, each
+walking all of K: too few to keep a GPU's memory system busy, while the work is reading W. Here each
+program takes one BLOCK_N slice of W's rows and one slice of K, for all M rows at once, so every
+packed byte of W is read exactly once and there are N / BLOCK_N x SPLIT_K programs:
+
+1. ``_lora_decode_kernel``: fp32 partial sums of x W^T per K-slice, (SPLIT_K, M, N); the programs of
+   the first N slice also compute the partial shrink dropout(x) A^T of their K-slice, (SPLIT_K, M, R).
+2. ``_lora_decode_epilogue_kernel``: sums the partials in a fixed order (deterministic, no atomics),
+   rounds S to x's dtype (and stores it: backward needs it), adds s S B^T and the bias, one store.
+
+Dropout, NF4 decoding, dtype and precision rules are those of the tiled path, whose helpers this uses.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_TYPE, CompileCase, split_config, round_to_bf16, store_rounded
+from .lora_linear import BLOCK_R, _precision, _weight_args, dropout_keep, load_weight_tile
+
+# PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
+# forward. One M block of 16 (tl.dot's smallest) holds them all; partial sums cost SPLIT_K x M x N
+# fp32, which grows with M. The crossover must be measured on GPUs (bench/lora_linear.py's decode
+# cases time both paths) before this value is trusted.
+DECODE_MAX_M = 16
+# Two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory (sm_86/sm_89's limit).
+DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
+# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency.
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 16  # on CPU: a few K-slices, so the tests exercise the split
+
+
+@triton.jit
+def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_ptr, absmax_ptr,
+                        code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
+                        k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar,
+                        stride_ak, block_shift, nested_shift, DROPOUT: tl.constexpr,
+                        NF4: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
+    dtype = x_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
+             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    if tl.program_id(0) == 0:
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                            mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+                if DROPOUT:
+                    keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
+                    x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(dtype)
+                a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                            mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+                s = tl.dot(x, tl.trans(a), s, input_precision=PRECISION)
+            tl.store(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :], s,
+                     mask=(rows[:, None] < M) & (ranks[None, :] < R))
+
+
+@triton.jit
+def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, M, N,
+                                 R, splits, scaling, stride_bn, stride_br, HAS_BIAS: tl.constexpr,
+                                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y = sum of partials + s S B^T + b, with S the sum of the shrink partials in x's dtype."""
+    dtype = y_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_M)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_mask = (rows[:, None] < M) & (outs[None, :] < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], mask=tile_mask,
+                       other=0.0)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_mask = (rows[:, None] < M) & (ranks[None, :] < R)
+        s_sum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(0, splits):
+            s_sum += tl.load(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :],
+                             mask=rank_mask, other=0.0)
+        # S is rounded to x's dtype, as the tiled path stores it, before the expand uses it.
+        if dtype == tl.bfloat16:
+            s = round_to_bf16(s_sum)
+        else:
+            s = s_sum.to(dtype)
+        if tl.program_id(0) == 0:
+            tl.store(s_ptr + rows[:, None] * R + ranks[None, :], s, mask=rank_mask)
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
+
+
+def split_k(n_tiles, k_steps, device):
+    """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = INTERPRETER_PROGRAMS
+    steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, target // n_tiles)))
+    return triton.cdiv(k_steps, steps_per_split), steps_per_split
+
+
+def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=None):
+    """Y (M x N) and S (M x R) for M <= DECODE_MAX_M; arguments as the tiled path's launchers."""
+    M, K = x.shape
+    N, R = lora_b.shape
+    assert M <= DECODE["BLOCK_M"], "the decode path holds all rows in one M block"
+    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+        (stride_wn, stride_wk) = _weight_args(w, nf4)
+    n_tiles = triton.cdiv(N, DECODE["BLOCK_N"])
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, DECODE["BLOCK_K"]), x.device)
+    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
+    precision = _precision(x.dtype)
+    _lora_decode_kernel[(n_tiles, splits)](
+        x, w, lora_a, partial, s_partial, seed, absmax, code, nested_code, nested_absmax, offset,
+        M, N, K, R, p, steps_per_split * DECODE["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
+        stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, DROPOUT=p > 0, **flags,
+        PRECISION=precision, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
+    _lora_decode_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
+        partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=precision,
+        BLOCK_R=BLOCK_R, **EPILOGUE)
+
+
+def _compile_cases():
+    for dtype in ("float16", "bfloat16", "float32"):
+        t = f"*{TRITON_TYPE[dtype]}"
+        precision = _precision(getattr(torch, dtype))
+        for nf4, nested in ((False, False), (True, False), (True, True)):
+            absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
+            for dropout in (False, True):
+                blocks, options = split_config(DECODE, BLOCK_R=BLOCK_R)
+                yield CompileCase(
+                    _lora_decode_kernel,
+                    {"x_ptr": t, "w_ptr": "*u8" if nf4 else t, "a_ptr": t, "partial_ptr": "*fp32",
+                     "s_partial_ptr": "*fp32", "seed_ptr": "*i64", "absmax_ptr": absmax,
+                     "code_ptr": fp32, "nested_code_ptr": fp32, "nested_absmax_ptr": fp32,
+                     "offset_ptr": fp32, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                     "p": "fp32", "k_per_split": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                     "stride_wn": "i32", "stride_wk": "i32", "stride_ar": "i32", "stride_ak": "i32",
+                     "block_shift": "i32", "nested_shift": "i32", "DROPOUT": "constexpr",
+                     "NF4": "constexpr", "NESTED": "constexpr", "PRECISION": "constexpr",
+                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                     "BLOCK_R": "constexpr"},
+                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                     **blocks}, {**options, "enable_fp_fusion": False})
+        for has_bias in (False, True):
+            blocks, options = split_config(EPILOGUE, BLOCK_R=BLOCK_R)
+            yield CompileCase(
+                _lora_decode_epilogue_kernel,
+                {"partial_ptr": "*fp32", "s_partial_ptr": "*fp32", "s_ptr": t, "b_ptr": t,
+                 "bias_ptr": t, "y_ptr": t, "M": "i32", "N": "i32", "R": "i32", "splits": "i32",
+                 "scaling": "fp32", "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr",
+                 "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                 "BLOCK_R": "constexpr"},
+                {"HAS_BIAS": has_bias, "PRECISION": precision, **blocks}, options)
+
+
+COMPILE_CASES = list(_compile_cases())
