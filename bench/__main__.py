@@ -9,21 +9,23 @@ import sys
 
 import torch
 
-from bench import nf4_dequantize
+from bench import lora_linear, nf4_dequantize
 
-OPS = {"nf4_dequantize": nf4_dequantize.run}
+# op name -> the module holding its cases: run(runner, floors, shapes), SHAPES and QUICK_SHAPES.
+OPS = {"nf4_dequantize": nf4_dequantize, "lora_linear": lora_linear}
 
 
 def summary(result):
+    """The table printed at the end of a run: each case's time and its headline metrics."""
     floors = result["floors"]
     lines = [f"{result['device']['name']}: copy {floors['copy_bandwidth_gbps']:.0f} GB/s, "
              f"bf16 GEMM {floors['bf16_gemm_tflops']:.0f} TFLOP/s",
-             f"{'op':<16}{'shape':<16}{'lowrank ms':>12}{'GB/s':>9}{'% copy':>8}{'x bnb':>8}"]
+             f"{'op':<30}{'shape':<18}{'lowrank ms':>11}  metrics"]
     for case in result["cases"]:
-        m = case["metrics"]
-        lines.append(f"{case['op']:<16}{'x'.join(map(str, case['shape'])):<16}"
-                     f"{case['timings_ms']['lowrank']['median']:>12.4f}{m['lowrank_gbps']:>9.0f}"
-                     f"{m['pct_copy_bandwidth']:>8.1f}{m['speedup_vs_bitsandbytes']:>8.2f}")
+        metrics = "  ".join(f"{name.replace('speedup_vs_', 'x ')} {value:.2f}"
+                            for name, value in case["metrics"].items())
+        lines.append(f"{case['op']:<30}{'x'.join(map(str, case['shape'])):<18}"
+                     f"{case['timings_ms']['lowrank']['median']:>11.4f}  {metrics}")
     return "\n".join(lines)
 
 
@@ -36,14 +38,17 @@ def main(argv=None):
         print("No CUDA GPU found: lowrank's benchmarks time GPU kernels, so nothing was measured.")
         return 0
 
-    from bench.harness import environment, measure_copy_bandwidth_gbps, measure_gemm_tflops, write_result
+    from bench.harness import (GpuRunner, environment, measure_copy_bandwidth_gbps, measure_gemm_tflops,
+                               write_result)
 
     result = {"schema": 1, **environment(),
               "floors": {"copy_bandwidth_gbps": measure_copy_bandwidth_gbps(),
                          "bf16_gemm_tflops": measure_gemm_tflops()},
               "cases": []}
     for op in args.ops:
-        result["cases"] += OPS[op](result["floors"], quick=args.quick)
+        module = OPS[op]
+        shapes = module.QUICK_SHAPES if args.quick else module.SHAPES
+        result["cases"] += module.run(GpuRunner(), result["floors"], shapes)
     path = write_result(result)
     print(summary(result))
     print(f"wrote {path}")

@@ -51,6 +51,27 @@ def time_ms(fn, inputs):
     return {"median": median, "p20": p20, "p80": p80}
 
 
+def peak_memory_bytes(fn, inputs):
+    """Peak bytes allocated during one ``fn(*next(inputs))``, above what was allocated before."""
+    args = next(inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+class GpuRunner:
+    """How cases run: on the GPU, with CUDA-event timings. Cases only touch the device through a
+    runner, so the test suite can run every case on CPU with a dry runner that times nothing."""
+
+    device = "cuda"
+    rotating = staticmethod(rotating)
+    time = staticmethod(time_ms)
+    peak_memory_bytes = staticmethod(peak_memory_bytes)
+
+
 def measure_copy_bandwidth_gbps(n_bytes=1 << 30):
     """Device-to-device copy: bytes read plus bytes written per second, in GB/s."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
@@ -102,6 +123,7 @@ def environment():
 REQUIRED = {"schema": int, "device": dict, "versions": dict, "commit": (str, type(None)),
             "date": str, "floors": dict, "cases": list}
 REQUIRED_CASE = {"op": str, "shape": list, "params": dict, "timings_ms": dict, "metrics": dict}
+OPTIONAL_CASE = {"peak_memory_bytes": dict}
 
 
 def validate(result):
@@ -118,6 +140,9 @@ def validate(result):
         for key, kind in REQUIRED_CASE.items():
             if not isinstance(case.get(key), kind):
                 raise ValueError(f"result case: {key!r} missing or not {kind}")
+        for key, kind in OPTIONAL_CASE.items():
+            if key in case and not isinstance(case[key], kind):
+                raise ValueError(f"result case: {key!r} is not {kind}")
         for name, timing in case["timings_ms"].items():
             if set(timing) != {"median", "p20", "p80"}:
                 raise ValueError(f"result case {case['op']}: timing {name!r} needs median/p20/p80")

@@ -44,6 +44,9 @@ def render(results):
                                   if name != "lowrank")
             params = ", ".join(f"{k}={v}" for k, v in case["params"].items())
             metrics = ", ".join(f"{k} {v:.2f}" for k, v in case["metrics"].items())
+            if "peak_memory_bytes" in case:
+                metrics += ", peak MiB: " + ", ".join(
+                    f"{name} {value / 2**20:.0f}" for name, value in case["peak_memory_bytes"].items())
             parts.append(f"| {case['op']} | {'x'.join(map(str, case['shape']))} | {params} | "
                          f"{ours['median']:.4f} ({ours['p20']:.4f}-{ours['p80']:.4f}) | {baselines} | "
                          f"{metrics} |\n")
