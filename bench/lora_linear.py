@@ -9,9 +9,10 @@ Baselines, each checked against ``lowrank.reference`` before it is timed:
   LoRA expand accumulated with ``addmm_``: the composition a large-M path could use instead of ours.
 - ``reference``: ``lowrank.reference.lora_linear``.
 
-Training cases (M = 4096 tokens) time forward and forward + backward (gradients of x, A and B) and
-record peak memory. Decode cases (M = 1..64, forward without grad) also time the two lowrank paths
-forced (``lowrank_tiled``, ``lowrank_decode``): they are what sets ``DECODE_MAX_M``.
+Training cases (M >= 256 tokens) time forward and forward + backward (gradients of x, A and B) and
+record peak memory; at M = 4096 the same cases also run on a dense bf16 base (``peft`` is then
+F.linear plus PEFT's LoRA branch). Decode cases (M = 1..64, forward without grad) also time the two
+lowrank paths forced (``lowrank_tiled``, ``lowrank_decode``): they are what sets ``DECODE_MAX_M``.
 """
 
 import torch
@@ -19,12 +20,15 @@ import torch
 from bench.harness import check_outputs
 
 RANK, SCALING, BLOCKSIZE = 16, 2.0, 64
-# (M, K, N): Llama-3-8B attention and MLP projections, 4096 tokens a step.
-TRAIN_SHAPES = [(4096, 4096, 4096), (4096, 4096, 14336), (4096, 14336, 4096)]
-DECODE_SHAPES = [(m, k, n) for k, n in ((4096, 4096), (4096, 14336)) for m in (1, 4, 16, 32, 64)]
-SHAPES = TRAIN_SHAPES + DECODE_SHAPES
+# (K, N): Llama-3-8B's projections. M: tokens per call, from decode (1) to a large training batch.
+PROJECTIONS = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+DECODE_M = (1, 4, 16, 32, 64)
+TRAIN_M = (256, 4096, 16384)
+TRAIN_MIN_M = TRAIN_M[0]  # fewer rows: a decode case (forward, no grad)
+SHAPES = [(m, k, n) for k, n in PROJECTIONS for m in DECODE_M + TRAIN_M]
 QUICK_SHAPES = [(4096, 4096, 14336), (1, 4096, 14336)]
-TRAIN_MIN_M = 256  # shapes with fewer rows are decode cases
+# Dense-base LoRA (a bf16 W, no NF4) is timed at the training shapes with this M.
+DENSE_BASE_M = 4096
 
 
 def make_inputs(device, m, k, n, requires_grad):
@@ -42,31 +46,45 @@ def make_inputs(device, m, k, n, requires_grad):
     return x, packed, state, dense, lora_a, lora_b, grad_y, torch.empty_like(dense)
 
 
-def forward_fns():
-    """name -> f(x, packed, state, dense, A, B, buffer) computing Y, for each way of doing it."""
+def forward_fns(base):
+    """name -> f(x, packed, state, dense, A, B, buffer) computing Y, for each way of doing it, on an
+    NF4 base (``base="nf4"``) or on its dense bf16 values (``"dense"``)."""
     import bitsandbytes as bnb
 
     from lowrank import nf4, ops, reference
 
-    def ours(x, packed, state, dense, a, b, buffer):
-        return ops.lora_linear(x, packed, a, b, SCALING, quant_state=state)
+    def lora(x, a, b):  # PEFT's LoRA branch: lora_B(lora_A(dropout(x))) * scaling
+        return (x @ a.t()) @ b.t() * SCALING
 
     def floor(x, packed, state, dense, a, b, buffer):
         return torch.matmul(x, dense.t())
 
-    def bnb_peft(x, packed, state, dense, a, b, buffer):
-        # PEFT's Linear4bit: the base layer, then lora_B(lora_A(dropout(x))) * scaling added.
-        return bnb.matmul_4bit(x, packed.t(), quant_state=state) + (x @ a.t()) @ b.t() * SCALING
+    if base == "dense":
+        return {
+            "lowrank": lambda x, packed, state, dense, a, b, buffer: ops.lora_linear(
+                x, dense, a, b, SCALING),
+            "bf16_gemm_floor": floor,
+            "peft": lambda x, packed, state, dense, a, b, buffer: (
+                torch.nn.functional.linear(x, dense) + lora(x, a, b)),
+            "reference": lambda x, packed, state, dense, a, b, buffer: reference.lora_linear(
+                x, dense, a, b, SCALING),
+        }
 
     def dequant_cublas(x, packed, state, dense, a, b, buffer):
         y = torch.matmul(x, nf4.dequantize(packed, state, out=buffer).t())
         return y.addmm_(x @ a.t(), b.t(), alpha=SCALING)
 
-    def ref(x, packed, state, dense, a, b, buffer):
-        return reference.lora_linear(x, packed, a, b, SCALING, quant_state=state)
-
-    return {"lowrank": ours, "bf16_gemm_floor": floor, "bnb_peft": bnb_peft,
-            "dequant_cublas": dequant_cublas, "reference": ref}
+    return {
+        "lowrank": lambda x, packed, state, dense, a, b, buffer: ops.lora_linear(
+            x, packed, a, b, SCALING, quant_state=state),
+        "bf16_gemm_floor": floor,
+        # PEFT's Linear4bit: bitsandbytes' base layer, then the LoRA branch added.
+        "bnb_peft": lambda x, packed, state, dense, a, b, buffer: (
+            bnb.matmul_4bit(x, packed.t(), quant_state=state) + lora(x, a, b)),
+        "dequant_cublas": dequant_cublas,
+        "reference": lambda x, packed, state, dense, a, b, buffer: reference.lora_linear(
+            x, packed, a, b, SCALING, quant_state=state),
+    }
 
 
 def forced_path_fns():
@@ -132,42 +150,38 @@ def _no_grad(fn):
 
 
 def run(runner, floors, shapes):
-    forwards = forward_fns()
     tiled, decode, decode_max_m = forced_path_fns()
     cases = []
     for m, k, n in shapes:
         train = m >= TRAIN_MIN_M
-        weight_bytes = n * k // 2 + n * k // BLOCKSIZE
-        bytes_read = weight_bytes + 2 * (m * k + m * n)
+        bytes_read = n * k // 2 + n * k // BLOCKSIZE + 2 * (m * k + m * n)
         inputs = runner.rotating(lambda: make_inputs(runner.device, m, k, n, train), bytes_read)
-        x, packed, state, dense, a, b, grad_y, buffer = next(inputs)
-        args = (x, packed, state, dense, a, b, buffer)
-        with torch.no_grad():
-            expected = forwards["reference"](*args)
-        params = {"dtype": "bfloat16", "rank": RANK, "blocksize": BLOCKSIZE, "double_quant": True}
-        fns = dict(forwards)
-        if not train:
-            fns.update(tiled)
-            if m <= decode_max_m:
-                fns.update(decode)
-        with torch.no_grad():
-            _guard(fns, args, expected)
-
-        timings = {name: runner.time(_no_grad(fn), inputs) for name, fn in fns.items()}
-        rate = {"flops": 2 * m * n * (k + RANK)} if train else {"bytes_read": bytes_read}
-        cases.append({"op": "lora_linear_forward", "shape": [m, k, n],
-                      "params": {**params, "path": "train" if train else "decode"},
-                      "timings_ms": timings,
-                      "metrics": _metrics(timings, floors, **rate)})
-        if not train:
-            continue
-        backward_fns = {name: with_backward(fn) for name, fn in forwards.items()
-                        if name != "reference"}  # the reference's backward is torch autograd
-        timings = {name: runner.time(fn, inputs) for name, fn in backward_fns.items()}
-        memory = {name: runner.peak_memory_bytes(fn, inputs) for name, fn in backward_fns.items()}
-        # Forward 2mnk, backward dX 2mnk (the frozen base has no weight gradient), plus LoRA's.
-        flops = 4 * m * n * k + 6 * m * RANK * (n + k)
-        cases.append({"op": "lora_linear_forward_backward", "shape": [m, k, n], "params": params,
-                      "timings_ms": timings, "peak_memory_bytes": memory,
-                      "metrics": _metrics(timings, floors, flops=flops)})
+        for base in ("nf4", "dense") if train and m == DENSE_BASE_M else ("nf4",):
+            params = {"base": base, "dtype": "bfloat16", "rank": RANK}
+            if base == "nf4":
+                params.update(blocksize=BLOCKSIZE, double_quant=True)
+            fns = forward_fns(base)
+            if not train:
+                fns.update(tiled)
+                if m <= decode_max_m:
+                    fns.update(decode)
+            x, packed, state, dense, a, b, grad_y, buffer = next(inputs)
+            args = (x, packed, state, dense, a, b, buffer)
+            with torch.no_grad():
+                _guard(fns, args, fns["reference"](*args))
+            timings = {name: runner.time(_no_grad(fn), inputs) for name, fn in fns.items()}
+            rate = {"flops": 2 * m * n * (k + RANK)} if train else {"bytes_read": bytes_read}
+            cases.append({"op": "lora_linear_forward", "shape": [m, k, n],
+                          "params": {**params, "path": "train" if train else "decode"},
+                          "timings_ms": timings, "metrics": _metrics(timings, floors, **rate)})
+            if not train:
+                continue
+            backward_fns = {name: with_backward(fn) for name, fn in fns.items()}
+            timings = {name: runner.time(fn, inputs) for name, fn in backward_fns.items()}
+            memory = {name: runner.peak_memory_bytes(fn, inputs) for name, fn in backward_fns.items()}
+            # Forward 2mnk and dX 2mnk (the frozen base has no weight gradient), plus LoRA's GEMMs.
+            flops = 4 * m * n * k + 6 * m * RANK * (n + k)
+            cases.append({"op": "lora_linear_forward_backward", "shape": [m, k, n], "params": params,
+                          "timings_ms": timings, "peak_memory_bytes": memory,
+                          "metrics": _metrics(timings, floors, flops=flops)})
     return cases
