@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from bench.harness import RESULTS_DIR, validate
@@ -23,7 +24,71 @@ def load_results(directory=RESULTS_DIR):
     return results
 
 
-def render(results):
+def _slug(text):
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def plot_groups(result):
+    """Cases that vary only in M (the first shape entry): {(op, K x N, params): [case, ...]}."""
+    groups = {}
+    for case in result["cases"]:
+        if len(case["shape"]) != 3:
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in case["params"].items() if k != "path")
+        key = (case["op"], "x".join(map(str, case["shape"][1:])), params)
+        groups.setdefault(key, []).append(case)
+    return {key: sorted(cases, key=lambda c: c["shape"][0]) for key, cases in groups.items()
+            if len(cases) > 1}
+
+
+def plot_path(result, op, directory):
+    return Path(directory) / f"{_slug(result['device']['name'])}_{_slug(result['date'])}_{op}.png"
+
+
+def plot_links(results, directory, relative_to):
+    """{result date: [paths of its plots, relative to ``relative_to``]}, as ``draw_plots`` names them."""
+    return {result["date"]: [os.path.relpath(plot_path(result, op, directory), relative_to)
+                             for op in sorted({op for op, _, _ in plot_groups(result)})]
+            for result in results}
+
+
+def draw_plots(result, directory):
+    """One PNG per op and device: median time vs M for lowrank and every baseline (the floor
+    dashed), a panel per K x N. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_op = {}
+    for (op, kn, params), cases in plot_groups(result).items():
+        by_op.setdefault(op, []).append((kn, params, cases))
+    paths = []
+    for op, panels in sorted(by_op.items()):
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+        for axis, (kn, params, cases) in zip(axes[0], panels):
+            for name in cases[0]["timings_ms"]:
+                points = [(c["shape"][0], c["timings_ms"][name]["median"]) for c in cases
+                          if name in c["timings_ms"]]
+                axis.plot(*zip(*points), marker="o", label=name,
+                          linestyle="--" if "floor" in name else "-",
+                          linewidth=2.5 if name == "lowrank" else 1.2)
+            axis.set(xscale="log", yscale="log", xlabel="M (rows)", ylabel="median ms",
+                     title=f"K x N = {kn}\n{params}")
+            axis.title.set_fontsize(8)
+            axis.legend(fontsize=7)
+        figure.suptitle(f"{op} on {result['device']['name']}")
+        figure.tight_layout()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = plot_path(result, op, directory)
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def render(results, plots=None):
+    """BENCHMARKS.md's text. ``plots``: {result date: [PNG paths relative to BENCHMARKS.md]}."""
     if not results:
         return HEADER + "\nNo results yet: nothing has been measured on a GPU.\n"
     parts = [HEADER]
@@ -50,6 +115,8 @@ def render(results):
             parts.append(f"| {case['op']} | {'x'.join(map(str, case['shape']))} | {params} | "
                          f"{ours['median']:.4f} ({ours['p20']:.4f}-{ours['p80']:.4f}) | {baselines} | "
                          f"{metrics} |\n")
+        for path in (plots or {}).get(result["date"], []):
+            parts.append(f"\n![{Path(path).stem}]({path})\n")
     return "".join(parts)
 
 
@@ -57,8 +124,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--plots", type=Path, default=None,
+                        help="folder for the PNG plots (default: plots/ beside the results)")
     args = parser.parse_args(argv)
-    args.output.write_text(render(load_results(args.results)))
+    results = load_results(args.results)
+    plot_dir = args.plots or args.results / "plots"
+    for result in results:
+        draw_plots(result, plot_dir)
+    args.output.write_text(render(results, plot_links(results, plot_dir, args.output.parent)))
     print(f"wrote {args.output}")
 
 

@@ -3,12 +3,16 @@ against the reference, each baseline called, metrics, the result schema), with a
 nothing. A case that breaks fails here, not on the next GPU run; no number is produced."""
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench import report
-from bench.__main__ import OPS, summary
+from bench.__main__ import OPS, plan, summary
 from bench.harness import SCHEMA_VERSION, validate
 
 # Small shapes of each op's kind, odd sizes, kernels in the interpreter.
@@ -43,7 +47,7 @@ def test_every_op_has_dry_shapes():
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_cases_run_dry_and_make_a_valid_result(op):
+def test_cases_run_dry_and_make_a_valid_result(op, tmp_path):
     runner = DryRunner()
     floors = {"copy_bandwidth_gbps": 1000.0, "bf16_gemm_tflops": 100.0}
     with torch.compiler.set_stance("force_eager"):  # bitsandbytes' CPU ops, run as they are
@@ -56,8 +60,13 @@ def test_cases_run_dry_and_make_a_valid_result(op):
     for case in cases:
         assert "lowrank" in case["timings_ms"] and len(case["timings_ms"]) > 1, case["op"]
         assert all(value == value for value in case["metrics"].values())  # no NaN metric
-    assert "dry run" in report.render([result])
     assert summary(result).count("\n") == len(cases) + 1
+    plots = report.draw_plots(result, tmp_path)
+    links = report.plot_links([result], tmp_path, tmp_path)
+    assert [tmp_path / path for path in links[result["date"]]] == plots
+    assert all(path.stat().st_size > 0 for path in plots)
+    text = report.render([result], links)
+    assert "dry run" in text and all(f"({path})" in text for path in links[result["date"]])
 
 
 def test_lora_cases_cover_both_forward_paths_training_and_a_dense_base(monkeypatch):
@@ -77,3 +86,23 @@ def test_lora_cases_cover_both_forward_paths_training_and_a_dense_base(monkeypat
         assert set(case["peak_memory_bytes"]) == set(case["timings_ms"])
         assert {"reference", "bf16_gemm_floor"} <= set(case["timings_ms"])
         assert "pct_bf16_gemm_rate" in case["metrics"]
+
+
+def test_pytest_benchmark_collects_every_case_and_skips_without_a_gpu():
+    repo = Path(__file__).parent.parent
+    # Not as an xdist worker (pytest-benchmark turns itself off under xdist): a plain pytest.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", "--benchmark-only", "-rs"], cwd=repo,
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{len(plan(sorted(OPS), quick=False))} skipped" in run.stdout
+    assert "benchmarks time GPU kernels" in run.stdout
+
+
+def test_shape_filter_keeps_what_is_asked_and_refuses_unknown_shapes():
+    assert plan(["lora_linear"], False, ["1x4096x14336"]) == [("lora_linear", (1, 4096, 14336))]
+    assert len(plan(sorted(OPS), True)) == sum(len(m.QUICK_SHAPES) for m in OPS.values())
+    with pytest.raises(SystemExit, match="no case has shape 3x3"):
+        plan(["lora_linear"], False, ["3x3"])

@@ -67,7 +67,11 @@ def test_summary_table(result):
 
 
 def test_committed_benchmarks_md_is_generated_from_stored_results():
-    assert (REPO / "BENCHMARKS.md").read_text() == report.render(report.load_results())
+    results = report.load_results()
+    links = report.plot_links(results, report.RESULTS_DIR / "plots", REPO)
+    assert (REPO / "BENCHMARKS.md").read_text() == report.render(results, links)
+    for paths in links.values():
+        assert all((REPO / path).is_file() for path in paths)
 
 
 def test_without_a_gpu_the_suite_says_so_and_times_nothing(tmp_path):
