@@ -4,7 +4,8 @@ today, measured in one run.
 Baselines, each checked against ``lowrank.reference`` before it is timed:
 - ``bf16_gemm_floor``: cuBLAS x W^T with a dense bf16 W of the same shape (no LoRA): what QLoRA
   would cost if the 4-bit weight and the adapter were free.
-- ``bnb_peft``: bitsandbytes ``matmul_4bit`` plus PEFT's LoRA formula, what PEFT's Linear4bit runs.
+- ``bnb_peft``: bitsandbytes ``matmul_4bit`` plus PEFT's LoRA formula, what PEFT's Linear4bit runs
+  (for one row without grad, matmul_4bit runs bitsandbytes' ``gemv_4bit`` kernel).
 - ``dequant_cublas``: NF4 dequantized (by lowrank) into a reused bf16 buffer, cuBLAS GEMM, then the
   LoRA expand accumulated with ``addmm_``: the composition a large-M path could use instead of ours.
 - ``reference``: ``lowrank.reference.lora_linear``.

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import textwrap
 from pathlib import Path
 
 from bench.harness import RESULTS_DIR, validate
@@ -74,7 +75,7 @@ def draw_plots(result, directory):
                           linestyle="--" if "floor" in name else "-",
                           linewidth=2.5 if name == "lowrank" else 1.2)
             axis.set(xscale="log", yscale="log", xlabel="M (rows)", ylabel="median ms",
-                     title=f"K x N = {kn}\n{params}")
+                     title=f"K x N = {kn}\n" + textwrap.fill(params, 60))
             axis.title.set_fontsize(8)
             axis.legend(fontsize=7)
         figure.suptitle(f"{op} on {result['device']['name']}")
