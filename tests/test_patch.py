@@ -1,0 +1,338 @@
+"""lowrank.patch_model and the adapter lifecycle, on tiny models built from configs, against the
+unpatched model and against PEFT's get_peft_model on the same base with the same adapter weights."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import TINY_ARCHITECTURES, load_tiny_4bit_llama, tiny_model, token_ids
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import lowrank
+from lowrank import _dispatch
+from lowrank.modules import LoraLinear
+from lowrank.patch import adapter_layers
+
+# fp32: patched vs PEFT is the same math in another order (fused kernels accumulating in fp32 vs
+# torch's GEMMs), relative to the largest value.
+FP32_TOLERANCE = 2e-5
+# 16-bit: a whole model in bf16/fp16 is far from its fp32 self (PEFT's own logits ~2e-2 in bf16,
+# gradients ~1e-1), so both are compared with PEFT run in fp32 on the same weights: ours may be at
+# most RATIO times PEFT's error, plus the dtype's rounding. (Our LoRA products run in the compute
+# dtype, PEFT's in fp32: that is the measured factor of up to ~2.5.)
+RATIO, ROUNDING = 3.0, {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close(actual, expected, tolerance, what):
+    assert actual.shape == expected.shape, what
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
+
+
+def randomize_adapters(model, seed=3):
+    """B is zero after patching; give every adapter weight values so that adapters count."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def check_against_peft(ours, theirs, dtype, ids):
+    """Logits and adapter gradients of the patched model against PEFT's, per the rules above."""
+    logits, grads = loss_and_grads(ours, ids)
+    peft_logits, peft_grads = loss_and_grads(theirs, ids)
+    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * len(adapter_layers(ours))
+    assert all(g.dtype == torch.float32 for g in grads.values())  # adapters stay fp32, as in PEFT
+    if dtype == torch.float32:
+        assert_close(logits, peft_logits, FP32_TOLERANCE, "logits")
+        for name, grad in grads.items():
+            assert_close(grad, peft_grads[name], FP32_TOLERANCE, name)
+        return
+    truth = torch.nn.Module.float(copy.deepcopy(theirs))
+    for module in truth.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = torch.float32
+    true_logits, true_grads = loss_and_grads(truth, ids)
+    for name, got, peft, true in [("logits", logits, peft_logits, true_logits)] + [
+            (n, grads[n], peft_grads[n], true_grads[n]) for n in grads]:
+        ours_error, peft_error = relative_error(got, true), relative_error(peft, true)
+        assert ours_error <= RATIO * peft_error + ROUNDING[dtype], \
+            f"{name}: error {ours_error:.2e} vs PEFT's {peft_error:.2e} (against fp32)"
+
+
+def with_peft(base, names, rank, alpha, use_rslora=False):
+    """PEFT's LoRA on ``base`` over exactly the modules ``names``."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(names), lora_dropout=0.0,
+                        use_rslora=use_rslora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out is switched on for GPT-2's Conv1D
+        return get_peft_model(base, config)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    logits = model(ids).logits
+    logits.float().square().mean().backward()
+    grads = {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters()
+             if p.requires_grad}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_fresh_patch_computes_what_the_base_computed(architecture, monkeypatch):
+    model, ids = tiny_model(architecture, blocks=1), token_ids()
+    with torch.no_grad():
+        base = model(ids).logits
+    lowrank.patch_model(model, rank=4)
+    assert adapter_layers(model)
+    with torch.no_grad():
+        kernels = model(ids).logits
+        # On the reference path the adapter adds exactly zero to the same base GEMM.
+        monkeypatch.setattr(_dispatch, "INTERPRETER", False)
+        reference = model(ids).logits
+    assert torch.equal(reference, base)
+    # The kernels' GEMMs sum in another order than torch's: equal to rounding.
+    assert_close(kernels, base, 1e-6, "patched logits")
+
+
+@pytest.mark.parametrize("architecture,dtype", [
+    ("llama", torch.float32), ("mistral", torch.float32), ("qwen2", torch.float32),
+    ("gemma", torch.float32), ("gpt2", torch.float32), ("bert", torch.float32),
+    ("llama", torch.bfloat16), ("gpt2", torch.float16)], ids=str)
+def test_outputs_and_gradients_match_peft(architecture, dtype):
+    ours = tiny_model(architecture, blocks=1).to(dtype)
+    peft_base = copy.deepcopy(ours)
+    lowrank.patch_model(ours, rank=4, alpha=6)
+    randomize_adapters(ours)
+    theirs = with_peft(peft_base, adapter_layers(ours), 4, 6)
+    # The state dicts read alike: PEFT's keys are ours under base_model.model.
+    assert theirs.base_model.model.state_dict().keys() == ours.state_dict().keys()
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    check_against_peft(ours, theirs, dtype, token_ids())
+
+
+@pytest.mark.parametrize("compute_dtype,double_quant", [(torch.float32, True),
+                                                        (torch.bfloat16, True),
+                                                        (torch.float32, False)], ids=str)
+def test_4bit_model_matches_peft(compute_dtype, double_quant, tmp_path):
+    ours = load_tiny_4bit_llama(tmp_path / "a", compute_dtype, double_quant, dtype=compute_dtype)
+    theirs = load_tiny_4bit_llama(tmp_path / "b", compute_dtype, double_quant, dtype=compute_dtype)
+    packed = {n: m.weight.data_ptr() for n, m in ours.named_modules() if hasattr(m, "quant_state")
+              or type(m).__name__ == "Linear4bit"}
+    lowrank.patch_model(ours, rank=8)
+    # The packed weights are used in place: the same storage, never requantized or copied.
+    assert {n: m.base_layer.weight.data_ptr() for n, m in adapter_layers(ours).items()} == packed
+    randomize_adapters(ours)
+    theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    theirs.base_model.model.load_state_dict(ours.state_dict(), strict=False)
+    for name, param in theirs.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, ours.get_parameter(name.removeprefix("base_model.model.")))
+    check_against_peft(ours, theirs, compute_dtype, token_ids(vocab_size=128))
+    assert lowrank.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+
+
+def test_unpatch_restores_the_original_modules_and_flags():
+    model = tiny_model("gpt2")
+    model.transformer.wte.weight.requires_grad_(False)  # a flag patching must give back
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    lowrank.patch_model(model, rank=4)
+    lowrank.patch_model(model, rank=2, target_modules=["c_attn"], adapter_name="second")
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert lowrank.unpatch(model) is model
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not hasattr(model, "lowrank_state")
+
+
+def patched_names(target_modules=None, layers=None, architecture="llama"):
+    model = lowrank.patch_model(tiny_model(architecture), rank=2, target_modules=target_modules,
+                                layers=layers)
+    return sorted(adapter_layers(model))
+
+
+def test_target_module_forms():
+    every = patched_names()
+    assert len(every) == 14 and "lm_head" not in every  # all linear layers but the output head
+    assert patched_names("all-linear") == every
+    attention = patched_names(["q_proj", "self_attn.v_proj"])
+    assert attention == sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
+                               for p in ("q_proj", "v_proj"))
+    assert patched_names(r"model\.layers\.\d+\.self_attn\.(q|v)_proj") == attention
+    assert patched_names(["q_proj", "v_proj"], layers=1) == attention[2:]
+    assert patched_names(layers=[0]) == [n for n in every if ".layers.0." in n]
+    gpt2 = patched_names(["c_attn"], layers=[1], architecture="gpt2")
+    assert gpt2 == ["transformer.h.1.attn.c_attn"]
+    bert = patched_names(["query", "value"], layers=[0], architecture="bert")
+    assert bert == ["bert.encoder.layer.0.attention.self.query",
+                    "bert.encoder.layer.0.attention.self.value"]
+
+
+def test_scaling_alpha_and_rslora():
+    layers = lambda m: list(adapter_layers(m).values())  # noqa: E731
+    default = layers(lowrank.patch_model(tiny_model("llama"), rank=4))[0]
+    assert (default.r["default"], default.lora_alpha["default"], default.scaling["default"]) == (4, 8, 2.0)
+    rslora = layers(lowrank.patch_model(tiny_model("llama"), rank=16, alpha=8, use_rslora=True))[0]
+    assert rslora.scaling["default"] == 8 / math.sqrt(16)
+
+
+def test_rslora_matches_peft():
+    ours = tiny_model("llama")
+    theirs = copy.deepcopy(ours)
+    lowrank.patch_model(ours, rank=9, alpha=5, use_rslora=True, target_modules=["o_proj", "up_proj"])
+    randomize_adapters(ours)
+    theirs = with_peft(theirs, adapter_layers(ours), 9, 5, use_rslora=True)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    ids = token_ids()
+    with torch.no_grad():
+        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits")
+
+
+def test_several_adapters_set_disable_delete():
+    model, ids = tiny_model("llama"), token_ids()
+    with torch.no_grad():
+        base = model(ids).logits
+    lowrank.patch_model(model, rank=4)
+    lowrank.patch_model(model, rank=2, target_modules=["v_proj"], adapter_name="b")
+    randomize_adapters(model)
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable() and all(".default." in n for n in trainable())  # a new adapter is not active
+    with torch.no_grad():
+        out_default = model(ids).logits
+        lowrank.set_adapter(model, "b")
+        assert trainable() and all(".b." in n for n in trainable())
+        out_b = model(ids).logits
+        with lowrank.disable_adapters(model):
+            assert torch.equal(model(ids).logits, base)  # the base layers run as they are
+        assert torch.equal(model(ids).logits, out_b)
+        assert not torch.allclose(out_b, out_default) and not torch.allclose(out_b, base)
+        with pytest.warns(UserWarning, match="'default' is active now"):
+            lowrank.delete_adapter(model, "b")
+        # v_proj layers kept their default adapter; nothing of b is left.
+        assert not any(".b." in n for n in model.state_dict())
+        assert_close(model(ids).logits, out_default, 1e-6, "after delete")
+    with pytest.raises(ValueError, match="only adapter; use lowrank.unpatch"):
+        lowrank.delete_adapter(model, "default")
+
+
+def test_adding_an_adapter_to_some_layers_leaves_the_others_plain():
+    model = tiny_model("llama")
+    lowrank.patch_model(model, rank=2, target_modules=["q_proj"])
+    lowrank.patch_model(model, rank=2, target_modules=["q_proj", "k_proj"], adapter_name="b")
+    lowrank.delete_adapter(model, "b")
+    assert sorted(adapter_layers(model)) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert type(model.model.layers[0].self_attn.k_proj) is nn.Linear
+
+
+def test_dropout_runs_in_training_only():
+    model, ids = tiny_model("llama"), token_ids()
+    lowrank.patch_model(model, rank=4, dropout=0.5, target_modules=["v_proj"], layers=1)
+    randomize_adapters(model)
+    with torch.no_grad():
+        evaluated = [model(ids).logits for _ in range(2)]
+        model.train()
+        trained = [model(ids).logits for _ in range(2)]
+    assert torch.equal(*evaluated)
+    assert not torch.allclose(trained[0], trained[1])
+
+
+def test_training_steps_lower_the_loss():
+    model, ids = tiny_model("qwen2"), token_ids()
+    lowrank.patch_model(model, rank=4, target_modules=["q_proj", "v_proj"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_trainable_parameters_in_peft_format(capsys):
+    model = tiny_model("llama")
+    lowrank.patch_model(model, rank=4)
+    peft_model = with_peft(tiny_model("llama"), adapter_layers(model), 4, 8)
+    assert lowrank.trainable_parameters(model) == peft_model.get_nb_trainable_parameters()
+    lowrank.print_trainable_parameters(model)
+    peft_model.print_trainable_parameters()
+    ours, peft_line = capsys.readouterr().out.splitlines()
+    assert ours == peft_line
+
+
+class WithAttentionModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.attention = nn.MultiheadAttention(8, 2)  # its out_proj is a Linear subclass
+
+
+def test_default_target_skips_unsupported_linear_layers_with_a_warning():
+    model = WithAttentionModule()
+    with pytest.warns(UserWarning, match=r"skipped 1 linear layers.*attention\.out_proj"):
+        lowrank.patch_model(model, rank=2)
+    assert list(adapter_layers(model)) == ["proj"]
+
+
+def test_errors_are_named(tmp_path):
+    model = tiny_model("llama")
+    cases = [
+        (dict(target_modules=["q_proj", "nope"]), ValueError, r"\['nope'\] match no module"),
+        (dict(target_modules="x.*y"), ValueError, "matches no module"),
+        (dict(target_modules="(q_proj"), ValueError, "not a valid regular expression"),
+        (dict(target_modules=["embed_tokens"]), TypeError, "cannot patch a torch.nn.modules.sparse.Embedding"),
+        (dict(target_modules=7), TypeError, "target_modules must be"),
+        (dict(layers=[5]), ValueError, r"layers \[5\] are not in this model"),
+        (dict(layers="0"), TypeError, "layers must be an int or a list of ints"),
+        (dict(rank=0), ValueError, "rank must be a positive int"),
+        (dict(alpha=-1), ValueError, "alpha must be a positive number"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(method="dora"), ValueError, "method must be one of"),
+        (dict(adapter_name="a.b"), ValueError, "adapter_name must be"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            lowrank.patch_model(model, **kwargs)
+    assert not adapter_layers(model) and not hasattr(model, "lowrank_state")  # nothing half-done
+    with pytest.raises(ValueError, match="the model is not patched"):
+        lowrank.unpatch(model)
+    with pytest.raises(ValueError, match="the model is not patched"):
+        with lowrank.disable_adapters(model):
+            pass
+    lowrank.patch_model(model, rank=2)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        lowrank.patch_model(model, rank=2)
+    with pytest.raises(ValueError, match=r"no adapter named 'x'; the model has \['default'\]"):
+        lowrank.set_adapter(model, "x")
+
+
+def test_fp4_linear4bit_is_refused(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    model = WithAttentionModule()
+    model.proj = Linear4bit(8, 8, quant_type="fp4")
+    with pytest.raises(TypeError, match="quant_type 'fp4' cannot be patched"):
+        lowrank.patch_model(model, rank=2, target_modules=["proj"])
+
+
+def test_patched_layer_exposes_the_base_weight():
+    model = lowrank.patch_model(tiny_model("llama"), rank=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLinear)
+    assert layer.weight is layer.base_layer.weight and layer.bias is None
