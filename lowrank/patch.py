@@ -9,10 +9,12 @@ that ``unpatch`` restores the very same module objects and flags.
 import contextlib
 import math
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from lowrank.modules import AdapterLayer, LoraLinear, layer_kind
@@ -185,6 +187,7 @@ def add_adapter(model, adapter_name, config, layer_settings):
     if state is None:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.lowrank_state = state
+        _attach_to_transformers(model)
     for name, module in targets.items():
         if not isinstance(module, AdapterLayer):
             module = layer_class(module).train(module.training)  # new modules start in train mode
@@ -196,6 +199,33 @@ def add_adapter(model, adapter_name, config, layer_settings):
         _activate(model, state, adapter_name)
     else:
         _mark_trainable(model, state)
+
+
+def _attach_to_transformers(model):
+    """Tell a transformers model that it carries an adapter, as PEFT's integration does: Trainer
+    then trains a 4-bit model (it refuses purely quantized ones), gradient checkpointing keeps
+    input gradients flowing to the adapters, and ``save_pretrained`` (what ``trainer.save_model``
+    and checkpoints call) writes the active adapter in PEFT's format instead of the whole model."""
+    if isinstance(model, PreTrainedModel):
+        model._hf_peft_config_loaded = True
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _detach_from_transformers(model):
+    if isinstance(model, PreTrainedModel):
+        del model._hf_peft_config_loaded  # back to the class's False
+        del model.save_pretrained
+
+
+def _save_pretrained(model, save_directory, state_dict=None, is_main_process=True, **kwargs):
+    """``save_pretrained`` of a patched transformers model: the active adapter, PEFT's format."""
+    from lowrank.adapters import save_adapter  # adapters.py builds on this module
+
+    if state_dict is not None:
+        raise NotImplementedError("lowrank: save_pretrained of a patched model writes the adapter "
+                                  "from its layers; a state_dict argument is not supported")
+    if is_main_process:
+        save_adapter(model, save_directory, adapter_name=model.lowrank_state.active)
 
 
 def _replace(model, path, module):
@@ -268,6 +298,7 @@ def unpatch(model):
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.lowrank_state
+    _detach_from_transformers(model)
     return model
 
 

@@ -156,6 +156,8 @@ def test_unpatch_restores_the_original_modules_and_flags():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not hasattr(model, "lowrank_state")
+    # The transformers hooks are gone too: the class's save_pretrained and flag are back.
+    assert "save_pretrained" not in vars(model) and not model._hf_peft_config_loaded
 
 
 def patched_names(target_modules=None, layers=None, architecture="llama"):
@@ -336,3 +338,35 @@ def test_patched_layer_exposes_the_base_weight():
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear)
     assert layer.weight is layer.base_layer.weight and layer.bias is None
+
+
+def test_trainer_trains_a_patched_4bit_model_and_saves_the_adapter(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = load_tiny_4bit_llama(tmp_path / "base", torch.float32, dtype=torch.float32)
+    lowrank.patch_model(model, rank=4)
+    ids = token_ids(batch=4, length=9, vocab_size=128)
+    args = TrainingArguments(output_dir=tmp_path / "out", max_steps=3, learning_rate=1e-2,
+                             per_device_train_batch_size=4, logging_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no", gradient_checkpointing=True)
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=[{"input_ids": row, "labels": row} for row in ids])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    trainer.save_model(tmp_path / "saved")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (tmp_path / "saved").iterdir()}
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, ids = tiny_model("llama"), token_ids()
+    lowrank.patch_model(model, rank=4, target_modules=["q_proj", "down_proj"])
+    randomize_adapters(model)
+    model.train()
+    _, plain = loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable()
+    _, checkpointed = loss_and_grads(model, ids)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 8
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
