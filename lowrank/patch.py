@@ -414,9 +414,11 @@ def merge_and_unload(model, dtype=None):
     """Merge the active adapter and put plain layers back; return the model (no longer patched).
 
     Dense layers keep their module and dtype, with the merged weight. NF4 layers become
-    ``nn.Linear`` in ``dtype``, merged losslessly from the original packed weight: by default
-    their 16-bit compute dtype (bfloat16 if the compute dtype is fp32); ``dtype="nf4"`` keeps them
-    Linear4bit, requantized. A model left without 4-bit layers drops its quantization config."""
+    ``nn.Linear`` in ``dtype``, merged losslessly from the original packed weight (one rounding to
+    ``dtype``). By default that is the dtype the weight was loaded in (its quant state's dtype):
+    the dtype the rest of the model runs in, 16-bit for a model loaded with
+    ``dtype=torch.bfloat16`` as QLoRA models are. ``dtype="nf4"`` keeps them Linear4bit,
+    requantized. A model left without 4-bit layers drops its quantization config."""
     state = patch_state(model, "merge_and_unload")
     if dtype not in (None, *MERGE_DTYPES):
         raise TypeError(f"lowrank.merge_and_unload: dtype must be None or one of {MERGE_DTYPES}, "
@@ -432,8 +434,7 @@ def merge_and_unload(model, dtype=None):
         name = name if name in layer.adapter_names and name not in layer.merged_adapters else None
         layer_dtype = dtype
         if layer.kind == "nf4" and dtype is None:
-            compute = layer.base_layer.compute_dtype
-            layer_dtype = compute if compute in (torch.float16, torch.bfloat16) else torch.bfloat16
+            layer_dtype = layer.base_layer.weight.quant_state.dtype
         plain[path] = layer.merged_module(name, layer_dtype)
     for path, module in plain.items():
         _replace(model, path, module)

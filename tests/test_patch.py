@@ -388,12 +388,18 @@ def load_minilm():
     return BertModel.from_pretrained(path).eval(), tokens
 
 
-def test_pretrained_minilm_with_lora_matches_peft():
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_pretrained_minilm_matches_peft(method):
     ours, tokens = load_minilm()
     theirs = copy.deepcopy(ours)
-    lowrank.patch_model(ours, rank=8, alpha=16, target_modules=["query", "value"], layers=[0, 5])
-    randomize_adapters(ours)
-    theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    if method == "lora":
+        lowrank.patch_model(ours, rank=8, alpha=16, target_modules=["query", "value"], layers=[0, 5])
+        randomize_adapters(ours)
+        theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    else:  # BERT's defaults: key, value and the output denses (feed-forward), in block 0
+        lowrank.patch_model(ours, method="ia3", layers=0)
+        randomize_ia3(ours)
+        theirs = with_peft_ia3(theirs, ours)
     theirs.base_model.model.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert_close(ours(**tokens).last_hidden_state, theirs(**tokens).last_hidden_state,
@@ -522,7 +528,7 @@ def test_merge_and_unload_a_4bit_model(method, tmp_path):
     ids = token_ids(vocab_size=128)
     with torch.no_grad():
         adapted = model(ids).logits
-        merged = lowrank.merge_and_unload(model)  # dense 16-bit: the compute dtype, bf16
+        merged = lowrank.merge_and_unload(model)  # dense, in the dtype it was loaded in: bf16
     assert merged is model and not hasattr(model, "lowrank_state")
     layer = model.model.layers[0].self_attn.v_proj
     assert type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16
