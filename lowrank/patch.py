@@ -182,6 +182,10 @@ def add_adapter(model, adapter_name, config, layer_settings):
     the layer's ``add_adapter`` after the name}, (rank, alpha, dropout, use_rslora) for LoRA,
     (feedforward,) for IA3. Everything is checked before the model is changed."""
     state = getattr(model, "lowrank_state", None)
+    peft_layers = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise ValueError(f"lowrank: the model carries PEFT layers ({sorted(set(peft_layers))}); patch "
+                         "the base model instead (lowrank.load_adapter reads PEFT adapters)")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"lowrank: adapter_name must be a non-empty string without '.', got "
                          f"{adapter_name!r}")
@@ -403,7 +407,10 @@ def unmerge(model):
     bytes back exactly; dense ones have the adapters subtracted (LoRA) or divided out (IA3), equal
     to the originals up to the rounding of the weight's dtype."""
     patch_state(model, "unmerge")
-    for layer in adapter_layers(model).values():
+    layers = adapter_layers(model).values()
+    if not any(layer.merged_adapters for layer in layers):
+        raise ValueError("lowrank.unmerge: no adapter is merged")
+    for layer in layers:
         layer.unmerge()
 
 

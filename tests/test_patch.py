@@ -323,6 +323,12 @@ def test_errors_are_named(tmp_path):
         lowrank.patch_model(model, rank=2)
     with pytest.raises(ValueError, match=r"no adapter named 'x'; the model has \['default'\]"):
         lowrank.set_adapter(model, "x")
+    with pytest.raises(ValueError, match="no adapter is merged"):
+        lowrank.unmerge(model)
+    peft_model = with_peft(tiny_model("llama", blocks=1), ["model.layers.0.self_attn.q_proj"], 2, 4)
+    with pytest.raises(ValueError,
+                       match=r"carries PEFT layers \(\['Linear', 'LoraModel', 'PeftModel'\]\)"):
+        lowrank.patch_model(peft_model, rank=2)
 
 
 def test_fp4_linear4bit_is_refused(tmp_path):
