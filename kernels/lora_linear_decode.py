@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, split_config, round_to_bf16, store_rounded
-from .lora_linear import BLOCK_R, _precision, _weight_args, dropout_keep, load_weight_tile
+from ._common import TRITON_TYPE, CompileCase, cast_rounded, split_config, store_rounded
+from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
+from .lora_linear import BLOCK_R, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
 # forward. One M block of 16 (tl.dot's smallest) holds them all; partial sums cost SPLIT_K x M x N
@@ -100,11 +101,7 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
         for split in range(0, splits):
             s_sum += tl.load(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :],
                              mask=rank_mask, other=0.0)
-        # S is rounded to x's dtype, as the tiled path stores it, before the expand uses it.
-        if dtype == tl.bfloat16:
-            s = round_to_bf16(s_sum)
-        else:
-            s = s_sum.to(dtype)
+        s = cast_rounded(s_sum, dtype)  # rounded to x's dtype, as the tiled path stores S
         if tl.program_id(0) == 0:
             tl.store(s_ptr + rows[:, None] * R + ranks[None, :], s, mask=rank_mask)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
@@ -132,44 +129,40 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     N, R = lora_b.shape
     assert M <= DECODE["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
-        (stride_wn, stride_wk) = _weight_args(w, nf4)
+        (stride_wn, stride_wk) = weight_args(w, nf4)
     n_tiles = triton.cdiv(N, DECODE["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, DECODE["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
-    precision = _precision(x.dtype)
+    prec = precision(x.dtype)
     _lora_decode_kernel[(n_tiles, splits)](
         x, w, lora_a, partial, s_partial, seed, absmax, code, nested_code, nested_absmax, offset,
         M, N, K, R, p, steps_per_split * DECODE["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, DROPOUT=p > 0, **flags,
-        PRECISION=precision, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
+        PRECISION=prec, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
-        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=precision,
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,
         BLOCK_R=BLOCK_R, **EPILOGUE)
 
 
 def _compile_cases():
     for dtype in ("float16", "bfloat16", "float32"):
         t = f"*{TRITON_TYPE[dtype]}"
-        precision = _precision(getattr(torch, dtype))
-        for nf4, nested in ((False, False), (True, False), (True, True)):
-            absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
+        prec = precision(getattr(torch, dtype))
+        for nf4, nested in WEIGHT_KINDS.values():
             for dropout in (False, True):
                 blocks, options = split_config(DECODE, BLOCK_R=BLOCK_R)
                 yield CompileCase(
                     _lora_decode_kernel,
-                    {"x_ptr": t, "w_ptr": "*u8" if nf4 else t, "a_ptr": t, "partial_ptr": "*fp32",
-                     "s_partial_ptr": "*fp32", "seed_ptr": "*i64", "absmax_ptr": absmax,
-                     "code_ptr": fp32, "nested_code_ptr": fp32, "nested_absmax_ptr": fp32,
-                     "offset_ptr": fp32, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-                     "p": "fp32", "k_per_split": "i32", "stride_xm": "i32", "stride_xk": "i32",
-                     "stride_wn": "i32", "stride_wk": "i32", "stride_ar": "i32", "stride_ak": "i32",
-                     "block_shift": "i32", "nested_shift": "i32", "DROPOUT": "constexpr",
-                     "NF4": "constexpr", "NESTED": "constexpr", "PRECISION": "constexpr",
-                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                     "BLOCK_R": "constexpr"},
-                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                    {**weight_signature(t, nf4, nested), "x_ptr": t, "a_ptr": t,
+                     "partial_ptr": "*fp32", "s_partial_ptr": "*fp32", "seed_ptr": "*i64",
+                     "M": "i32", "N": "i32", "K": "i32", "R": "i32", "p": "fp32",
+                     "k_per_split": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                     "stride_ar": "i32", "stride_ak": "i32", "DROPOUT": "constexpr",
+                     "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                     "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
+                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
                      **blocks}, {**options, "enable_fp_fusion": False})
         for has_bias in (False, True):
             blocks, options = split_config(EPILOGUE, BLOCK_R=BLOCK_R)
@@ -180,7 +173,7 @@ def _compile_cases():
                  "scaling": "fp32", "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr",
                  "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                  "BLOCK_R": "constexpr"},
-                {"HAS_BIAS": has_bias, "PRECISION": precision, **blocks}, options)
+                {"HAS_BIAS": has_bias, "PRECISION": prec, **blocks}, options)
 
 
 COMPILE_CASES = list(_compile_cases())

@@ -2,11 +2,18 @@
 
 Ops run as Triton kernels on CUDA tensors, in Triton's interpreter on CPU tensors when
 ``TRITON_INTERPRET=1`` is set before import, and as plain PyTorch (``lowrank.reference``) on CPU
-otherwise.
+otherwise. ``lowrank.patch_model`` puts them into a Hugging Face model's linear layers.
 """
 
 from lowrank import nf4, ops, reference
+from lowrank.adapters import load_adapter, save_adapter
+from lowrank.patch import (delete_adapter, disable_adapters, merge, merge_and_unload, patch_model,
+                           print_trainable_parameters, set_adapter, trainable_parameters, unmerge,
+                           unpatch)
 
 __version__ = "0.1.0"
 
-__all__ = ["nf4", "ops", "reference", "__version__"]
+__all__ = ["nf4", "ops", "reference", "patch_model", "unpatch", "merge", "unmerge",
+           "merge_and_unload", "set_adapter", "disable_adapters",
+           "delete_adapter", "trainable_parameters", "print_trainable_parameters", "save_adapter",
+           "load_adapter", "__version__"]
