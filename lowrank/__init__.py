@@ -9,9 +9,10 @@ from lowrank import nf4, ops, reference
 from lowrank.adapters import load_adapter, save_adapter
 from lowrank.patch import (delete_adapter, disable_adapters, patch_model, print_trainable_parameters,
                            set_adapter, trainable_parameters, unpatch)
+from lowrank.peft_backend import patch_peft_model, unpatch_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = ["nf4", "ops", "reference", "patch_model", "unpatch", "set_adapter", "disable_adapters",
            "delete_adapter", "trainable_parameters", "print_trainable_parameters", "save_adapter",
-           "load_adapter", "__version__"]
+           "load_adapter", "patch_peft_model", "unpatch_peft_model", "__version__"]
