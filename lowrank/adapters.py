@@ -1,8 +1,9 @@
 """Adapters saved and loaded in PEFT's format, both ways.
 
-A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` fields) and
-``adapter_model.safetensors`` whose keys are PEFT's: ``base_model.model.<module path>.lora_A.weight``
-(r x in) and ``...lora_B.weight`` (out x r), the adapter's name left out. ``peft.PeftModel.from_pretrained``
+A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` / ``IA3Config`` fields) and
+``adapter_model.safetensors`` whose keys are PEFT's, the adapter's name left out:
+``base_model.model.<module path>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r), or
+``...ia3_l`` ((out, 1), or (1, in) for a feed-forward layer). ``peft.PeftModel.from_pretrained``
 loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes.
 """
 
@@ -22,6 +23,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
+IA3_KEY = re.compile(r"(.+)\.(ia3_l)")
 # PEFT features an adapter config can ask for that we do not implement yet: loading such an
 # adapter without them would give other outputs than PEFT's, so they are refused by name.
 UNSUPPORTED = {
@@ -56,6 +58,64 @@ def _target_modules(model, paths):
     return leaves if selected == set(paths) else sorted(paths)
 
 
+def _common_config(model, peft_type, layers):
+    return {
+        "peft_type": peft_type,
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "target_modules": _target_modules(model, list(layers)),
+        "exclude_modules": None,
+        # PEFT's flag for GPT-2's Conv1D, whose weight is stored (in, out).
+        "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def _lora_contents(model, adapter_name, config, layers):
+    ranks = {p: layer.r[adapter_name] for p, layer in layers.items()}
+    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in layers.items()}
+    # The most common rank / alpha is the default; layers that differ go into the patterns.
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    tensors = {f"{KEY_PREFIX}{p}.{attr}.weight": getattr(layer, attr)[adapter_name].weight
+               for p, layer in layers.items() for attr in ("lora_A", "lora_B")}
+    return tensors, {
+        **_common_config(model, "LORA", layers),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+    }
+
+
+def _feedforward_modules(layers, target_modules):
+    """IA3's feedforward_modules as PEFT matches them (``path.endswith(entry)``), a subset of
+    ``target_modules`` as PEFT requires: leaf names when the targets are leaf names and those
+    select exactly the feed-forward layers, else the full paths."""
+    feedforward = {p for p, layer in layers.items() if layer.is_feedforward}
+    leaves = sorted({p.rpartition(".")[2] for p in feedforward})
+    selected = {p for p in layers if any(p.endswith(leaf) for leaf in leaves)}
+    if selected == feedforward and set(leaves) <= set(target_modules):
+        return leaves
+    return sorted(feedforward)
+
+
+def _ia3_contents(model, adapter_name, layers):
+    tensors = {f"{KEY_PREFIX}{p}.ia3_l": layer.ia3_l[adapter_name] for p, layer in layers.items()}
+    config = _common_config(model, "IA3", layers)
+    return tensors, {**config, "init_ia3_weights": True,
+                     "feedforward_modules": _feedforward_modules(layers, config["target_modules"])}
+
+
 def save_adapter(model, path, adapter_name="default"):
     """Write adapter ``adapter_name`` of a patched model to directory ``path`` in PEFT's format."""
     state = patch_state(model, "save_adapter")
@@ -63,43 +123,15 @@ def save_adapter(model, path, adapter_name="default"):
     config = state.adapters[adapter_name]
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
-    ranks = {p: layer.r[adapter_name] for p, layer in layers.items()}
-    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in layers.items()}
-    # The most common rank / alpha is the default; layers that differ go into the patterns.
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    tensors = {}
-    for p, layer in layers.items():
-        for attr in ("lora_A", "lora_B"):
-            tensors[f"{KEY_PREFIX}{p}.{attr}.weight"] = (
-                getattr(layer, attr)[adapter_name].weight.detach().cpu().contiguous())
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "revision": None,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "target_modules": _target_modules(model, list(layers)),
-        "exclude_modules": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
-        # PEFT's flag for GPT-2's Conv1D, whose weight is stored (in, out).
-        "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
-        "bias": "none",
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "use_dora": False,
-        "inference_mode": True,
-    }
+    if config.method == "lora":
+        tensors, peft_config = _lora_contents(model, adapter_name, config, layers)
+    else:
+        tensors, peft_config = _ia3_contents(model, adapter_name, layers)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
+              os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _read_peft_adapter(path):
@@ -112,9 +144,9 @@ def _read_peft_adapter(path):
         raise FileNotFoundError(f"lowrank.load_adapter: no {WEIGHTS_NAME} in {path}{other}")
     with open(config_path) as f:
         config = json.load(f)
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", "IA3"):
         raise ValueError(f"lowrank.load_adapter: peft_type {config.get('peft_type')!r} is not "
-                         "supported; LORA is")
+                         "supported; LORA and IA3 are")
     refused = [label for key, label in UNSUPPORTED.items() if config.get(key)]
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
@@ -124,31 +156,34 @@ def _read_peft_adapter(path):
     return config, load_file(weights_path)
 
 
-def load_adapter(model, path, adapter_name="default"):
-    """Load a LoRA adapter saved by PEFT (or ``save_adapter``) onto ``model`` (plain, 4-bit, or
-    already patched with other adapters) under ``adapter_name``; return the model.
-
-    The layers to patch are the ones the weights name; rank and alpha follow the config's ``r`` /
-    ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them."""
-    config, tensors = _read_peft_adapter(path)
+def _weights_by_module(path, tensors, key_pattern, what):
+    """{module path: {weight name: tensor}} from PEFT's keys; any other key is an error."""
     weights = {}
     for key, tensor in tensors.items():
-        match = LORA_KEY.fullmatch(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
+        match = key_pattern.fullmatch(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
         if match is None:
-            raise ValueError(f"lowrank.load_adapter: {path} holds weight {key!r}, which is not a "
-                             "LoRA A or B of a linear layer")
+            raise ValueError(f"lowrank.load_adapter: {path} holds weight {key!r}, which is not {what}")
         weights.setdefault(match.group(1), {})[match.group(2)] = tensor
-    modules = dict(modules_outside_adapters(model))
+    if not weights:
+        raise ValueError(f"lowrank.load_adapter: {path} holds no adapter weights")
+    return weights
+
+
+def _base_layer(modules, module_path):
+    if module_path not in modules:
+        raise ValueError(f"lowrank.load_adapter: the adapter has weights for {module_path}, "
+                         "which this model does not have")
+    module = modules[module_path]
+    module = getattr(module, "base_layer", module)
+    return layer_features(module, layer_kind(module))
+
+
+def _lora_settings(config, weights, modules):
     settings = {}
     for module_path, pair in weights.items():
-        if module_path not in modules:
-            raise ValueError(f"lowrank.load_adapter: the adapter has weights for {module_path}, "
-                             "which this model does not have")
+        in_features, out_features = _base_layer(modules, module_path)
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"lowrank.load_adapter: {module_path} has only {list(pair)}")
-        module = modules[module_path]
-        module = getattr(module, "base_layer", module)
-        in_features, out_features = layer_features(module, layer_kind(module))
         rank = _pattern_value(config.get("rank_pattern") or {}, config["r"], module_path)
         if tuple(pair["lora_A"].shape) != (rank, in_features) or \
                 tuple(pair["lora_B"].shape) != (out_features, rank):
@@ -157,19 +192,61 @@ def load_adapter(model, path, adapter_name="default"):
                 f"({out_features}, {rank}) for rank {rank}, got {tuple(pair['lora_A'].shape)} and "
                 f"{tuple(pair['lora_B'].shape)}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, config["lora_alpha"], module_path)
-        settings[module_path] = (rank, alpha)
-    if not settings:
-        raise ValueError(f"lowrank.load_adapter: {path} holds no LoRA weights")
+        settings[module_path] = (rank, alpha, float(config.get("lora_dropout", 0.0)),
+                                 bool(config.get("use_rslora", False)))
     adapter = AdapterConfig(method="lora", modules=list(settings), rank=config["r"],
                             alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
                             use_rslora=bool(config.get("use_rslora", False)),
                             target_modules=config.get("target_modules"),
                             layers=config.get("layers_to_transform"))
+    return adapter, settings
+
+
+def _is_feedforward(feedforward_modules, module_path):
+    """PEFT's test: a regex must match the whole path, a list entry its end."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, module_path) is not None
+    return any(module_path.endswith(entry) for entry in feedforward_modules or ())
+
+
+def _ia3_settings(config, weights, modules):
+    settings = {}
+    for module_path, vector in weights.items():
+        in_features, out_features = _base_layer(modules, module_path)
+        feedforward = _is_feedforward(config.get("feedforward_modules"), module_path)
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        if tuple(vector["ia3_l"].shape) != shape:
+            raise ValueError(f"lowrank.load_adapter: {module_path} is "
+                             f"{'' if feedforward else 'not '}feed-forward and needs ia3_l {shape}, "
+                             f"got {tuple(vector['ia3_l'].shape)}")
+        settings[module_path] = (feedforward,)
+    adapter = AdapterConfig(method="ia3", modules=list(settings),
+                            target_modules=config.get("target_modules"),
+                            feedforward_modules=[p for p, (ff,) in settings.items() if ff])
+    return adapter, settings
+
+
+def load_adapter(model, path, adapter_name="default"):
+    """Load a LoRA or IA3 adapter saved by PEFT (or ``save_adapter``) onto ``model`` (plain,
+    4-bit, or already patched with other adapters) under ``adapter_name``; return the model.
+
+    The layers to patch are the ones the weights name. LoRA's rank and alpha follow the config's
+    ``r`` / ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them; IA3's
+    feed-forward layers follow ``feedforward_modules``."""
+    config, tensors = _read_peft_adapter(path)
+    modules = dict(modules_outside_adapters(model))
+    if config["peft_type"] == "LORA":
+        weights = _weights_by_module(path, tensors, LORA_KEY, "a LoRA A or B of a linear layer")
+        adapter, settings = _lora_settings(config, weights, modules)
+    else:
+        weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
+        adapter, settings = _ia3_settings(config, weights, modules)
     add_adapter(model, adapter_name, adapter, settings)
     layers = adapter_layers(model)
     with torch.no_grad():
-        for module_path, pair in weights.items():
-            for attr, tensor in pair.items():
-                getattr(layers[module_path], attr)[adapter_name].weight.copy_(tensor)
+        for module_path, named in weights.items():
+            layer = layers[module_path]
+            for attr, tensor in named.items():
+                held = getattr(layer, attr)[adapter_name]
+                (held if attr == "ia3_l" else held.weight).copy_(tensor)
     return model
-

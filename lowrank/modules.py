@@ -1,10 +1,14 @@
 """The modules ``lowrank.patch_model`` puts in place of a model's linear layers.
 
-Each keeps the layer it replaces as ``base_layer`` (untouched, frozen) and holds its adapters in
-``ModuleDict``s keyed by adapter name, named as PEFT names them (``lora_A.<adapter>.weight``,
-``lora_B.<adapter>.weight``), so a patched model's state dict reads like a PEFT model's. The
-forward pass runs one fused op over the frozen weight as it is stored: dense, packed NF4 read in
-place, or GPT-2's transposed ``Conv1D`` weight read through its strides.
+Each keeps the layer it replaces as ``base_layer`` (frozen) and holds its adapters in dicts keyed
+by adapter name, named as PEFT names them (``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
+``ia3_l.<adapter>``), so a patched model's state dict reads like a PEFT model's. The forward pass
+runs one fused op over the frozen weight as it is stored: dense, packed NF4 read in place, or
+GPT-2's transposed ``Conv1D`` weight read through its strides.
+
+Merging writes adapters into the base weight: in place for dense weights (unmerging subtracts or
+divides them out again, to the rounding of the weight's dtype), and for NF4 as new packed bytes
+and quant state, the original ones kept so that unmerging restores them bit for bit.
 """
 
 import math
@@ -14,7 +18,7 @@ from bitsandbytes.nn import Linear4bit
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lowrank import ops
+from lowrank import nf4, ops
 
 
 def layer_kind(module):
@@ -120,6 +124,63 @@ class AdapterLayer(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    def merge(self, name):
+        """Write adapter ``name`` into the base weight (NF4: requantized, the original kept)."""
+        if name in self.merged_adapters:
+            raise ValueError(f"lowrank.merge: adapter {name!r} is already merged")
+        base = self.base_layer
+        if self.kind == "nf4":
+            if not self.merged_adapters:
+                self._nf4_original = (base.weight.data, base.weight.quant_state,
+                                      None if base.bias is None else base.bias.data)
+            (packed, state), bias = self.merged_weight(name, base.weight, base.bias, None)
+            base.weight.data, base.weight.quant_state = packed, state
+            if bias is not None:
+                base.bias.data = bias
+        else:
+            self.merge_dense_(name, unmerge=False)
+        self.merged_adapters.append(name)
+
+    def unmerge(self):
+        """Take every merged adapter out of the base weight again."""
+        base = self.base_layer
+        if self.kind == "nf4" and self.merged_adapters:
+            base.weight.data, base.weight.quant_state, bias = self._nf4_original
+            if bias is not None:
+                base.bias.data = bias
+            del self._nf4_original
+        else:
+            for name in reversed(self.merged_adapters):
+                self.merge_dense_(name, unmerge=True)
+        self.merged_adapters.clear()
+
+    def dense_weight_view(self):
+        """The dense base weight's data as (out, in), a view (Conv1D stores it (in, out))."""
+        data = self.base_layer.weight.data
+        return data.t() if self.kind == "conv1d" else data
+
+    def merged_module(self, name, dtype):
+        """A plain layer computing what this one computes with adapter ``name`` (None: merged
+        already, or none) for ``merge_and_unload``: the base layer merged in place (dense), or a
+        new ``nn.Linear`` in ``dtype`` holding the lossless merge of an NF4 weight (``dtype``
+        "nf4": the Linear4bit, requantized)."""
+        if self.kind != "nf4" or dtype == "nf4":
+            if name is not None:
+                self.merge(name)
+            return self.release_base_layer()
+        base = self.base_layer
+        bias = base.bias
+        if name is None:
+            weight = nf4.dequantize(base.weight, base.weight.quant_state, dtype=dtype)
+        else:
+            weight, bias = self.merged_weight(name, base.weight, bias, dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        return linear.train(self.training)
+
     def runs_adapter(self):
         """The adapter the forward pass adds, or None (disabled, none active, or merged)."""
         name = self.active_adapter
@@ -167,6 +228,17 @@ class LoraLinear(AdapterLayer):
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             del table[name]
 
+    def factors(self, name):
+        return self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach(), self.scaling[name]
+
+    def merged_weight(self, name, weight, bias, dtype):
+        """(W + s B A of the NF4 ``weight``, bias): requantized (dtype None) or dense in ``dtype``."""
+        return ops.merge_lora(weight, *self.factors(name), dtype=dtype), bias
+
+    def merge_dense_(self, name, unmerge):
+        (ops.unmerge_lora_ if unmerge else ops.merge_lora_)(self.dense_weight_view(),
+                                                            *self.factors(name))
+
     def forward(self, x):
         name = self.runs_adapter()
         if name is None:
@@ -179,3 +251,50 @@ class LoraLinear(AdapterLayer):
 
     def extra_repr(self):
         return f"kind={self.kind}, adapters={self.adapter_names}, active={self.active_adapter!r}"
+
+
+class IA3Linear(AdapterLayer):
+    """A linear layer with IA3 vectors: ``y = base(x) * l`` (l over the outputs) or, for a
+    feed-forward layer, ``y = base(x * l)`` (l over the inputs), run as one fused
+    ``lowrank.ops.ia3_linear``. l is fp32, shaped as PEFT shapes it: (out, 1) or (1, in)."""
+
+    adapter_names_attr = ("ia3_l",)
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = None  # fixed by the first adapter: PEFT decides it per layer
+
+    def add_adapter(self, name, feedforward):
+        """A new vector of ones: it changes nothing yet."""
+        if name in self.ia3_l:
+            raise ValueError(f"lowrank: adapter {name!r} already exists on this layer")
+        if self.is_feedforward is not None and feedforward != self.is_feedforward:
+            raise ValueError(f"lowrank: this layer's IA3 adapters are "
+                             f"{'' if self.is_feedforward else 'not '}feed-forward")
+        self.is_feedforward = feedforward
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=self.base_layer.weight.device))
+
+    def merged_weight(self, name, weight, bias, dtype):
+        """(W scaled by l of the NF4 ``weight``, its bias scaled too in the output form)."""
+        return ops.merge_ia3(weight, self.ia3_l[name].detach(), self.is_feedforward, bias=bias,
+                             dtype=dtype)
+
+    def merge_dense_(self, name, unmerge):
+        bias = self.base_layer.bias
+        (ops.unmerge_ia3_ if unmerge else ops.merge_ia3_)(
+            self.dense_weight_view(), self.ia3_l[name].detach(), self.is_feedforward,
+            bias=None if bias is None else bias.data)
+
+    def forward(self, x):
+        name = self.runs_adapter()
+        if name is None:
+            return self.base_layer(x)
+        x, weight, bias, out_dtype = self.frozen_operands(x)
+        y = ops.ia3_linear(x, weight, self.ia3_l[name], bias=bias, feedforward=self.is_feedforward)
+        return y.to(out_dtype)
+
+    def extra_repr(self):
+        return (f"kind={self.kind}, feedforward={self.is_feedforward}, adapters={self.adapter_names}, "
+                f"active={self.active_adapter!r}")

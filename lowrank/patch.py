@@ -13,13 +13,25 @@ import types
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lowrank.modules import AdapterLayer, LoraLinear, layer_kind
+from lowrank.modules import AdapterLayer, IA3Linear, LoraLinear, layer_kind
 
-METHODS = ("lora",)
+LAYER_CLASSES = {"lora": LoraLinear, "ia3": IA3Linear}
+# IA3's default targets and, among them, the feed-forward layers (l scales their input), per
+# config.model_type: attention keys/values (queries for Gemma and Qwen2) and the MLP's down
+# projection, the choice PEFT makes for these architectures.
+IA3_DEFAULTS = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+}
 # A decoder / encoder block's index in a module path: model.layers.3., transformer.h.3.,
 # bert.encoder.layer.3., ... (the container names PEFT's layers_to_transform understands).
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
@@ -37,6 +49,7 @@ class AdapterConfig:
     use_rslora: bool = False
     target_modules: object = None
     layers: list = None
+    feedforward_modules: list = None  # IA3: the patched paths whose input l scales
 
 
 @dataclass
@@ -165,22 +178,30 @@ def _filter_layers(model, names, layers):
 
 
 def add_adapter(model, adapter_name, config, layer_settings):
-    """Patch (or extend) the layers in ``layer_settings`` ({path: (rank, alpha)} for LoRA) with a new
-    adapter. Everything is checked before the model is changed."""
+    """Patch (or extend) the layers in ``layer_settings`` with a new adapter: {path: arguments of
+    the layer's ``add_adapter`` after the name}, (rank, alpha, dropout, use_rslora) for LoRA,
+    (feedforward,) for IA3. Everything is checked before the model is changed."""
     state = getattr(model, "lowrank_state", None)
+    peft_layers = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise ValueError(f"lowrank: the model carries PEFT layers ({sorted(set(peft_layers))}); patch "
+                         "the base model instead (lowrank.load_adapter reads PEFT adapters)")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"lowrank: adapter_name must be a non-empty string without '.', got "
                          f"{adapter_name!r}")
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"lowrank: the model already has an adapter named {adapter_name!r}; "
                          "delete_adapter it first or choose another name")
-    layer_class = LoraLinear
+    layer_class = LAYER_CLASSES[config.method]
     targets = {}
     for name in layer_settings:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer) and not isinstance(module, layer_class):
             raise ValueError(f"lowrank: {name} already carries a {type(module).__name__} adapter; "
                              f"one layer takes adapters of one method")
+        if isinstance(module, IA3Linear) and module.is_feedforward != layer_settings[name][0]:
+            raise ValueError(f"lowrank: {name}'s IA3 adapters are "
+                             f"{'' if module.is_feedforward else 'not '}feed-forward")
         if not isinstance(module, AdapterLayer):
             layer_kind(module)
         targets[name] = module
@@ -192,7 +213,7 @@ def add_adapter(model, adapter_name, config, layer_settings):
         if not isinstance(module, AdapterLayer):
             module = layer_class(module).train(module.training)  # new modules start in train mode
             _replace(model, name, module)
-        module.add_adapter(adapter_name, *layer_settings[name], config.dropout, config.use_rslora)
+        module.add_adapter(adapter_name, *layer_settings[name])
         module.active_adapter = state.active
     state.adapters[adapter_name] = config
     if state.active is None:
@@ -262,43 +283,172 @@ def _check_lora_args(rank, alpha, dropout, use_rslora):
         raise TypeError(f"lowrank.patch_model: use_rslora must be a bool, got {use_rslora!r}")
 
 
-def patch_model(model, rank=16, alpha=None, target_modules=None, method="lora", dropout=0.0,
-                use_rslora=False, adapter_name="default", layers=None):
+def _ia3_targets(model, target_modules, feedforward_modules):
+    """(target_modules, feedforward_modules) for IA3: the architecture's defaults where None."""
+    if target_modules is not None and feedforward_modules is not None:
+        return target_modules, feedforward_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in IA3_DEFAULTS:
+        raise ValueError(f"lowrank.patch_model: no IA3 defaults for model type {model_type!r} (known: "
+                         f"{sorted(IA3_DEFAULTS)}); pass target_modules and feedforward_modules "
+                         "([] for none)")
+    default_targets, default_feedforward = IA3_DEFAULTS[model_type]
+    return (default_targets if target_modules is None else target_modules,
+            default_feedforward if feedforward_modules is None else feedforward_modules)
+
+
+def _feedforward_paths(names, feedforward_modules):
+    """The paths among ``names`` that ``feedforward_modules`` (suffixes or a regex) selects; a
+    suffix that selects none of them is an error (feed-forward layers must be targets)."""
+    if not isinstance(feedforward_modules, (str, list, tuple, set)):
+        raise TypeError("lowrank.patch_model: feedforward_modules must be a list of module name "
+                        f"suffixes or a regular expression, got {feedforward_modules!r}")
+    chosen = [n for n in names if _matches(feedforward_modules, n)]
+    if not isinstance(feedforward_modules, str):
+        unmatched = [t for t in feedforward_modules if not any(_matches([t], n) for n in names)]
+        if unmatched:
+            raise ValueError(f"lowrank.patch_model: feedforward_modules {unmatched} match no "
+                             "targeted module")
+    return chosen
+
+
+def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora", dropout=0.0,
+                use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None):
     """Add an adapter to ``model``'s linear layers, in place; return the model.
 
-    - ``alpha``: default 2 * rank. LoRA's scaling is alpha / rank, or alpha / sqrt(rank) with
-      ``use_rslora``.
-    - ``target_modules``: None or "all-linear" (every nn.Linear / Linear4bit / Conv1D except the
-      output head), a list of module name suffixes (``["q_proj", "v_proj"]``), or a regular
-      expression matched against whole module paths. ``layers``: an int or list of block indices.
+    - ``method="lora"``: ``rank`` (default 16), ``alpha`` (default 2 * rank); scaling alpha / rank,
+      or alpha / sqrt(rank) with ``use_rslora``; ``dropout`` on the LoRA branch while training.
+    - ``method="ia3"``: a vector l per layer (ones at first); ``feedforward_modules`` names the
+      targets whose input l scales (the others scale their output). rank, alpha, dropout and
+      use_rslora are LoRA's and refused here.
+    - ``target_modules``: LoRA's default (None or "all-linear") is every nn.Linear / Linear4bit /
+      Conv1D except the output head; IA3's is per architecture (attention k/v or q/v and the MLP
+      down projection, as feed-forward). Else a list of module name suffixes (``["q_proj",
+      "v_proj"]``) or a regular expression matched against whole module paths. ``layers``: an int
+      or list of block indices.
     - Base weights are frozen; the active adapter's weights train. A second call with another
       ``adapter_name`` adds an adapter; ``lowrank.set_adapter`` picks the one that runs.
     """
-    if method not in METHODS:
-        raise ValueError(f"lowrank.patch_model: method must be one of {METHODS}, got {method!r}")
+    if method not in LAYER_CLASSES:
+        raise ValueError(f"lowrank.patch_model: method must be one of {sorted(LAYER_CLASSES)}, got "
+                         f"{method!r}")
+    if method == "ia3":
+        given = [k for k, v in dict(rank=rank, alpha=alpha, dropout=dropout or None,
+                                    use_rslora=use_rslora or None).items() if v is not None]
+        if given:
+            raise ValueError(f"lowrank.patch_model: {given} are LoRA settings; IA3 has none")
+        target_modules, feedforward_modules = _ia3_targets(model, target_modules,
+                                                           feedforward_modules)
+        names = resolve_targets(model, target_modules, layers)
+        feedforward = _feedforward_paths(names, feedforward_modules)
+        config = AdapterConfig(method=method, modules=names, target_modules=target_modules,
+                               layers=layers, feedforward_modules=feedforward)
+        add_adapter(model, adapter_name, config, {n: (n in feedforward,) for n in names})
+        return model
+    if feedforward_modules is not None:
+        raise ValueError("lowrank.patch_model: feedforward_modules is an IA3 setting")
+    rank = 16 if rank is None else rank
     _check_lora_args(rank, alpha, dropout, use_rslora)
     alpha = 2 * rank if alpha is None else alpha
     names = resolve_targets(model, target_modules, layers)
     config = AdapterConfig(method=method, modules=names, rank=rank, alpha=alpha,
                            dropout=float(dropout), use_rslora=use_rslora,
                            target_modules=target_modules, layers=layers)
-    add_adapter(model, adapter_name, config, {name: (rank, alpha) for name in names})
+    add_adapter(model, adapter_name, config,
+                {name: (rank, alpha, float(dropout), use_rslora) for name in names})
     return model
 
 
-def unpatch(model):
-    """Put back the original modules (the same objects) and ``requires_grad`` flags; return the model."""
+def unpatch(model, merge=False):
+    """Put back the original modules (the same objects) and ``requires_grad`` flags; return the
+    model. Merged adapters are unmerged first, unless ``merge``: then the active adapter is merged
+    too (if it is not yet) and the base layers keep the merged weights (NF4: requantized)."""
     state = patch_state(model, "unpatch")
-    merged = {n for layer in adapter_layers(model).values() for n in layer.merged_adapters}
-    if merged:
-        raise ValueError(f"lowrank.unpatch: adapters {sorted(merged)} are merged into the base "
-                         "weights; unmerge them first")
-    for name, layer in adapter_layers(model).items():
+    layers = adapter_layers(model)
+    if merge:
+        for layer in layers.values():
+            name = layer.active_adapter
+            if name in layer.adapter_names and name not in layer.merged_adapters:
+                layer.merge(name)
+    else:
+        for layer in layers.values():
+            layer.unmerge()
+    for name, layer in layers.items():
         _replace(model, name, layer.release_base_layer())
+    _restore(model, state)
+    return model
+
+
+def _restore(model, state):
+    """Give back the flags and hooks patching changed, once no patched layer is left."""
     for name, param in model.named_parameters():
-        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+        param.requires_grad_(state.requires_grad.get(name, False))
     del model.lowrank_state
     _detach_from_transformers(model)
+
+
+def merge(model, adapter_name=None):
+    """Write an adapter (default: the active one) into the base weights of every layer that has
+    it; the layers then run the base alone. Dense weights change in place; NF4 weights are
+    requantized (a second rounding) and their original bytes kept for ``unmerge``."""
+    state = patch_state(model, "merge")
+    adapter_name = state.active if adapter_name is None else adapter_name
+    check_adapter(state, adapter_name, "merge")
+    layers = [layer for layer in adapter_layers(model).values()
+              if adapter_name in layer.adapter_names]
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
+    for layer in layers:
+        layer.merge(adapter_name)
+
+
+def unmerge(model):
+    """Take every merged adapter out of the base weights again: NF4 weights get their original
+    bytes back exactly; dense ones have the adapters subtracted (LoRA) or divided out (IA3), equal
+    to the originals up to the rounding of the weight's dtype."""
+    patch_state(model, "unmerge")
+    layers = adapter_layers(model).values()
+    if not any(layer.merged_adapters for layer in layers):
+        raise ValueError("lowrank.unmerge: no adapter is merged")
+    for layer in layers:
+        layer.unmerge()
+
+
+MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, "nf4")
+
+
+def merge_and_unload(model, dtype=None):
+    """Merge the active adapter and put plain layers back; return the model (no longer patched).
+
+    Dense layers keep their module and dtype, with the merged weight. NF4 layers become
+    ``nn.Linear`` in ``dtype``, merged losslessly from the original packed weight (one rounding to
+    ``dtype``). By default that is the dtype the weight was loaded in (its quant state's dtype):
+    the dtype the rest of the model runs in, 16-bit for a model loaded with
+    ``dtype=torch.bfloat16`` as QLoRA models are. ``dtype="nf4"`` keeps them Linear4bit,
+    requantized. A model left without 4-bit layers drops its quantization config."""
+    state = patch_state(model, "merge_and_unload")
+    if dtype not in (None, *MERGE_DTYPES):
+        raise TypeError(f"lowrank.merge_and_unload: dtype must be None or one of {MERGE_DTYPES}, "
+                        f"got {dtype!r}")
+    layers = adapter_layers(model)
+    if dtype != "nf4" and any(layer.kind == "nf4" and layer.merged_adapters
+                              for layer in layers.values()):
+        raise ValueError("lowrank.merge_and_unload: adapters are merged into NF4 weights (lossy); "
+                         "unmerge first, so that the dense merge starts from the original weights")
+    plain = {}
+    for path, layer in layers.items():
+        name = layer.active_adapter
+        name = name if name in layer.adapter_names and name not in layer.merged_adapters else None
+        layer_dtype = dtype
+        if layer.kind == "nf4" and dtype is None:
+            layer_dtype = layer.base_layer.weight.quant_state.dtype
+        plain[path] = layer.merged_module(name, layer_dtype)
+    for path, module in plain.items():
+        _replace(model, path, module)
+    _restore(model, state)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        quantizer.remove_quantization_config(model)
     return model
 
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import load_tiny_4bit_llama, tiny_model, token_ids
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import lowrank
@@ -28,6 +28,8 @@ def randomize(model, seed=3):
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+            elif "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
 
 
 def peft_load(base, path):
@@ -40,11 +42,13 @@ def peft_load(base, path):
 
 
 def lora_weights(model):
-    """{PEFT file key: tensor} of a model's LoRA weights (PEFT's or ours), adapter name left out."""
+    """{PEFT file key: tensor} of a model's LoRA or IA3 weights (PEFT's or ours), adapter name
+    left out."""
     weights = {}
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name or "ia3_l" in name:
             name = name.removeprefix("base_model.model.").replace(".default.", ".")
+            name = name.removesuffix(".default")
             weights[f"base_model.model.{name}"] = param.detach()
     return weights
 
@@ -132,9 +136,10 @@ def test_load_as_a_second_adapter(tmp_path):
     (LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), r"DoRA \(use_dora\)"),
     (LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
     (LoraConfig(r=2, target_modules=["q_proj"], bias="all"), "bias='all'"),
-    (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
-     "peft_type 'IA3' is not supported"),
-], ids=["dora", "modules_to_save", "bias", "ia3"])
+    (LoHaConfig(r=2, target_modules=["q_proj"]), "peft_type 'LOHA' is not supported"),
+    (IA3Config(target_modules=["q_proj"], feedforward_modules=[], modules_to_save=["lm_head"]),
+     "modules_to_save"),
+], ids=["dora", "modules_to_save", "bias", "loha", "ia3-modules_to_save"])
 def test_unsupported_peft_features_are_refused_by_name(config, named, tmp_path):
     get_peft_model(tiny_model("llama", blocks=1), config).save_pretrained(tmp_path)
     model = tiny_model("llama", blocks=1)
@@ -168,3 +173,47 @@ def test_target_modules_saved_as_leaf_names_only_when_they_select_exactly(tmp_pa
     model = lowrank.patch_model(tiny_model("llama"), rank=2, target_modules=["q_proj"])
     lowrank.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "4bit"])
+def test_ia3_saved_adapter_loads_in_peft(kind, tmp_path):
+    model, fresh, vocab = two_bases(kind, tmp_path)
+    lowrank.patch_model(model, method="ia3")
+    randomize(model)
+    ids = token_ids(vocab_size=vocab)
+    with torch.no_grad():
+        logits = model(ids).logits
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    assert set(config["feedforward_modules"]) <= set(config["target_modules"])  # PEFT's rule
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    ours = lora_weights(model)
+    assert saved.keys() == ours.keys() and all(torch.equal(saved[k], v) for k, v in ours.items())
+    theirs = peft_load(fresh, tmp_path / "adapter")
+    loaded = lora_weights(theirs)
+    assert loaded.keys() == ours.keys() and all(torch.equal(loaded[k], v) for k, v in ours.items())
+    with torch.no_grad():
+        assert_logits_close(theirs(ids).logits, logits)
+
+
+def test_ia3_saved_by_peft_loads_here_and_round_trips(tmp_path):
+    base, fresh, vocab = two_bases("bert", tmp_path)
+    theirs = get_peft_model(base, IA3Config(target_modules=["query", "value", "intermediate.dense"],
+                                            feedforward_modules=["intermediate.dense"]))
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    lowrank.load_adapter(fresh, tmp_path / "peft")
+    layers = adapter_layers(fresh)
+    assert {n for n, m in layers.items() if m.is_feedforward} == {
+        "bert.encoder.layer.0.intermediate.dense"}
+    peft_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert lora_weights(fresh).keys() == peft_file.keys()
+    assert all(torch.equal(peft_file[k], v) for k, v in lora_weights(fresh).items())
+    ids = token_ids()
+    with torch.no_grad():
+        assert_logits_close(fresh(ids).logits, theirs(ids).logits)
+    lowrank.save_adapter(fresh, tmp_path / "ours")
+    again = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert again.keys() == peft_file.keys()
+    assert all(torch.equal(again[k], v) for k, v in peft_file.items())

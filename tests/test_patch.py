@@ -45,11 +45,12 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-def check_against_peft(ours, theirs, dtype, ids):
-    """Logits and adapter gradients of the patched model against PEFT's, per the rules above."""
+def check_against_peft(ours, theirs, dtype, ids, per_layer=2):
+    """Logits and adapter gradients (``per_layer`` tensors a layer) of the patched model against
+    PEFT's, per the rules above."""
     logits, grads = loss_and_grads(ours, ids)
     peft_logits, peft_grads = loss_and_grads(theirs, ids)
-    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * len(adapter_layers(ours))
+    assert grads.keys() == peft_grads.keys() and len(grads) == per_layer * len(adapter_layers(ours))
     assert all(g.dtype == torch.float32 for g in grads.values())  # adapters stay fp32, as in PEFT
     if dtype == torch.float32:
         assert_close(logits, peft_logits, FP32_TOLERANCE, "logits")
@@ -322,6 +323,12 @@ def test_errors_are_named(tmp_path):
         lowrank.patch_model(model, rank=2)
     with pytest.raises(ValueError, match=r"no adapter named 'x'; the model has \['default'\]"):
         lowrank.set_adapter(model, "x")
+    with pytest.raises(ValueError, match="no adapter is merged"):
+        lowrank.unmerge(model)
+    peft_model = with_peft(tiny_model("llama", blocks=1), ["model.layers.0.self_attn.q_proj"], 2, 4)
+    with pytest.raises(ValueError,
+                       match=r"carries PEFT layers \(\['Linear', 'LoraModel', 'PeftModel'\]\)"):
+        lowrank.patch_model(peft_model, rank=2)
 
 
 def test_fp4_linear4bit_is_refused(tmp_path):
@@ -387,13 +394,185 @@ def load_minilm():
     return BertModel.from_pretrained(path).eval(), tokens
 
 
-def test_pretrained_minilm_with_lora_matches_peft():
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_pretrained_minilm_matches_peft(method):
     ours, tokens = load_minilm()
     theirs = copy.deepcopy(ours)
-    lowrank.patch_model(ours, rank=8, alpha=16, target_modules=["query", "value"], layers=[0, 5])
-    randomize_adapters(ours)
-    theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    if method == "lora":
+        lowrank.patch_model(ours, rank=8, alpha=16, target_modules=["query", "value"], layers=[0, 5])
+        randomize_adapters(ours)
+        theirs = with_peft(theirs, adapter_layers(ours), 8, 16)
+    else:  # BERT's defaults: key, value and the output denses (feed-forward), in block 0
+        lowrank.patch_model(ours, method="ia3", layers=0)
+        randomize_ia3(ours)
+        theirs = with_peft_ia3(theirs, ours)
     theirs.base_model.model.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert_close(ours(**tokens).last_hidden_state, theirs(**tokens).last_hidden_state,
                      FP32_TOLERANCE, "hidden states")
+
+
+def randomize_ia3(model, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+
+
+def with_peft_ia3(base, model):
+    """PEFT's IA3 on ``base`` over exactly the layers (and feed-forward layers) of ``model``."""
+    from peft import IA3Config
+
+    layers = adapter_layers(model)
+    config = IA3Config(target_modules=sorted(layers),
+                       feedforward_modules=sorted(n for n, m in layers.items() if m.is_feedforward))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma", "gpt2", "bert"])
+def test_ia3_outputs_and_gradients_match_peft(architecture):
+    ours = tiny_model(architecture, blocks=1)
+    theirs = copy.deepcopy(ours)
+    lowrank.patch_model(ours, method="ia3")  # the architecture's default targets
+    randomize_ia3(ours)
+    theirs = with_peft_ia3(theirs, ours)
+    assert theirs.base_model.model.state_dict().keys() == ours.state_dict().keys()
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    check_against_peft(ours, theirs, torch.float32, token_ids(), per_layer=1)
+
+
+def test_ia3_default_targets_follow_the_architecture():
+    layers = adapter_layers(lowrank.patch_model(tiny_model("llama", blocks=1), method="ia3"))
+    assert {n: m.is_feedforward for n, m in layers.items()} == {
+        "model.layers.0.self_attn.k_proj": False, "model.layers.0.self_attn.v_proj": False,
+        "model.layers.0.mlp.down_proj": True}
+    assert layers["model.layers.0.mlp.down_proj"].ia3_l["default"].shape == (1, 48)
+    assert layers["model.layers.0.self_attn.k_proj"].ia3_l["default"].shape == (16, 1)
+    gpt2 = adapter_layers(lowrank.patch_model(tiny_model("gpt2", blocks=1), method="ia3"))
+    assert {n: m.is_feedforward for n, m in gpt2.items()} == {
+        "transformer.h.0.attn.c_attn": False, "transformer.h.0.mlp.c_proj": True}
+
+
+# NF4 rounds to the nearest of 16 codes in [-1, 1] times the block's absmax; the widest gap between
+# codes is 0.304 (from -1 to -0.696), so an element is off by at most 0.152 of its block's absmax
+# (0.16 with the double-quantized absmax's own rounding).
+NF4_ROUNDING = 0.16
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_4bit_merge_requantizes_and_unmerge_restores_the_bytes(method, tmp_path):
+    model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
+    lora = {"rank": 8, "target_modules": ["v_proj", "down_proj"]}  # IA3: k_proj, v_proj, down_proj
+    lowrank.patch_model(model, method=method, **(lora if method == "lora" else {}))
+    (randomize_adapters if method == "lora" else randomize_ia3)(model)
+    layers = adapter_layers(model)
+    original = {n: (m.base_layer.weight.data.clone(), m.base_layer.weight.quant_state.absmax.clone())
+                for n, m in layers.items()}
+    exact = {n: m.merged_weight("default", m.base_layer.weight, None, torch.float32)[0]
+             for n, m in layers.items()}  # lossless fp32 merges
+    ids = token_ids(vocab_size=128)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        lowrank.merge(model)
+        with pytest.raises(ValueError, match="already merged"):
+            lowrank.merge(model)
+        with pytest.raises(ValueError, match="merged into the base weights; unmerge them first"):
+            with lowrank.disable_adapters(model):
+                pass
+        for name, layer in layers.items():  # requantized: the merge rounded to NF4 once more
+            weight = layer.base_layer.weight
+            assert not (torch.equal(weight.data, original[name][0])
+                        and torch.equal(weight.quant_state.absmax, original[name][1]))
+            merged = lowrank.nf4.dequantize(weight, weight.quant_state, dtype=torch.float32)
+            block_absmax = exact[name].reshape(-1, 64).abs().amax(1, keepdim=True)
+            error = (merged - exact[name]).reshape(-1, 64).abs()
+            assert (error <= NF4_ROUNDING * block_absmax).all(), name
+        lowrank.unmerge(model)
+        for name, layer in layers.items():  # bit for bit: the kept bytes and state are back
+            assert torch.equal(layer.base_layer.weight.data, original[name][0])
+            assert torch.equal(layer.base_layer.weight.quant_state.absmax, original[name][1])
+        assert torch.equal(model(ids).logits, adapted)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_dense_merge_unmerge_and_unpatch(method):
+    model, ids = tiny_model("qwen2", blocks=1), token_ids()  # qwen2: biases on q/k/v
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lowrank.patch_model(model, method=method, **({"rank": 4} if method == "lora" else {}))
+    (randomize_adapters if method == "lora" else randomize_ia3)(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        lowrank.merge(model)
+        assert_close(model(ids).logits, adapted, 1e-5, "merged logits")
+        lowrank.unpatch(model)  # unmerges first
+    for key, value in model.state_dict().items():  # back up to one rounding each way in fp32
+        torch.testing.assert_close(value, state[key], rtol=1e-6, atol=1e-6)
+
+
+def test_unpatch_with_merge_keeps_the_merged_weights():
+    model, ids = tiny_model("gpt2", blocks=1), token_ids()
+    modules = dict(model.named_modules())
+    lowrank.patch_model(model, rank=4)
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        lowrank.unpatch(model, merge=True)
+        assert all(model.get_submodule(n) is m for n, m in modules.items())
+        assert_close(model(ids).logits, adapted, 1e-5, "logits")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merge_and_unload_a_4bit_model(method, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    model = load_tiny_4bit_llama(tmp_path / "a", torch.bfloat16, dtype=torch.bfloat16)
+    lowrank.patch_model(model, method=method, **({"rank": 8} if method == "lora" else {}))
+    (randomize_adapters if method == "lora" else randomize_ia3)(model)
+    ids = token_ids(vocab_size=128)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = lowrank.merge_and_unload(model)  # dense, in the dtype it was loaded in: bf16
+    assert merged is model and not hasattr(model, "lowrank_state")
+    layer = model.model.layers[0].self_attn.v_proj
+    assert type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16
+    # LoRA patched every linear layer: none is 4-bit now, and transformers is told so. IA3 left
+    # q/o/gate/up alone: they stay 4-bit, and so does the model.
+    left_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    assert left_4bit == (method == "ia3") and model.is_quantized == left_4bit
+    assert hasattr(model.config, "quantization_config") == left_4bit
+    with torch.no_grad():
+        # The merge itself is lossless (fp32 sums, one rounding to bf16); the rest is bf16 compute.
+        assert_close(model(ids).logits, adapted, 3e-2, "merged logits")
+    again = load_tiny_4bit_llama(tmp_path / "b", torch.bfloat16, dtype=torch.bfloat16)
+    lowrank.patch_model(again, rank=8, target_modules=["v_proj"])
+    lowrank.merge_and_unload(again, dtype="nf4")
+    assert isinstance(again.model.layers[0].self_attn.v_proj, Linear4bit) and again.is_quantized
+
+
+def test_merge_and_unload_a_dense_model_gives_plain_layers():
+    model, ids = tiny_model("gpt2", blocks=1), token_ids()
+    lowrank.patch_model(model, rank=4)
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        lowrank.merge_and_unload(model)
+        assert_close(model(ids).logits, adapted, 1e-5, "merged logits")
+    assert not adapter_layers(model) and not any("lora_" in k for k in model.state_dict())
+
+
+def test_ia3_errors_are_named():
+    with pytest.raises(ValueError, match=r"\['rank', 'dropout'\] are LoRA settings"):
+        lowrank.patch_model(tiny_model("llama", blocks=1), method="ia3", rank=8, dropout=0.1)
+    with pytest.raises(ValueError, match="no IA3 defaults for model type None"):
+        lowrank.patch_model(WithAttentionModule(), method="ia3")
+    with pytest.raises(ValueError, match=r"feedforward_modules \['up_proj'\] match no targeted"):
+        lowrank.patch_model(tiny_model("llama", blocks=1), method="ia3",
+                            target_modules=["down_proj"], feedforward_modules=["up_proj"])
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="already carries a LoraLinear adapter"):
+        lowrank.patch_model(model, method="ia3", adapter_name="b")
+    with pytest.raises(ValueError, match="feedforward_modules is an IA3 setting"):
+        lowrank.patch_model(model, feedforward_modules=["v_proj"], adapter_name="c")
