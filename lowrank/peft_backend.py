@@ -1,4 +1,4 @@
-"""``lowrank.patch_peft_model``: an existing PEFT model's LoRA (and IA3) layers run on lowrank's
+"""``lowrank.patch_peft_model``: an existing PEFT model's LoRA and IA3 layers run on lowrank's
 fused ops, in place, and the model stays a ``PeftModel``.
 
 Only the ``forward`` of each served layer changes: it becomes an instance attribute (the class's
@@ -51,10 +51,8 @@ def _peft_classes():
     from peft.tuners.ia3.bnb import Linear4bit as Ia3Linear4bit
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    served = {lora.Linear: ("LoRA", _lora_forward), LoraLinear4bit: ("LoRA", _lora_forward)}
-    if hasattr(ops, "ia3_linear"):
-        served.update({ia3.Linear: ("IA3", _ia3_forward), Ia3Linear4bit: ("IA3", _ia3_forward)})
-    return served
+    return {lora.Linear: ("LoRA", _lora_forward), LoraLinear4bit: ("LoRA", _lora_forward),
+            ia3.Linear: ("IA3", _ia3_forward), Ia3Linear4bit: ("IA3", _ia3_forward)}
 
 
 def _is_ours(forward):
@@ -72,12 +70,6 @@ def _lora_adapter_refusal(layer, name):
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return "its lora_A / lora_B are not plain nn.Linear layers"
-    return None
-
-
-def _ia3_adapter_refusal(layer, name):
-    if not isinstance(layer.ia3_l[name], nn.Parameter):
-        return "its ia3_l is not a plain parameter"
     return None
 
 
@@ -108,14 +100,14 @@ def _lora_forward(layer, kind, x, *args, **kwargs):
 
 def _ia3_forward(layer, kind, x, *args, **kwargs):
     name = _adapter_to_serve(layer, layer.ia3_l, args, kwargs)
-    if name is None or _ia3_adapter_refusal(layer, name) is not None:
+    if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
     y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward)
     return y.to(out_dtype)
 
 
-def _layer_refusal(layer, method):
+def _layer_refusal(layer):
     """(base kind, None) for a layer we serve, or (None, why not)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -128,8 +120,6 @@ def _layer_refusal(layer, method):
         kind = layer_kind(layer.base_layer)
     except TypeError as error:
         return None, str(error).removeprefix("lowrank: ")
-    if method == "IA3" and kind == "conv1d":
-        return None, "IA3 over a transformers Conv1D base is not served"
     return kind, None
 
 
@@ -156,26 +146,24 @@ def patch_peft_model(model):
         raise ValueError("lowrank.patch_peft_model: the model has no PEFT adapter layer (make it a "
                          "PeftModel with get_peft_model or PeftModel.from_pretrained first)")
     for path, layer in layers.items():
-        if _is_ours(vars(layer).get("forward")):
-            method, _ = served[type(layer)]
-            report.accelerated[path] = f"{method} over {BASE_NAMES[layer.forward.args[1]]}"
-            continue
         if type(layer) not in served:
             report.not_accelerated[path] = (f"{type(layer).__module__}.{type(layer).__qualname__} "
                                             "layers have no lowrank kernel")
             continue
         method, forward = served[type(layer)]
-        kind, refusal = _layer_refusal(layer, method)
+        refused = {}  # every IA3 adapter can run on our kernels
+        if method == "LoRA":
+            refused = {name: why for name in layer.lora_A
+                       if (why := _lora_adapter_refusal(layer, name)) is not None}
+            report.adapters_not_served.update(refused)
+        if _is_ours(vars(layer).get("forward")):  # patched by an earlier call
+            report.accelerated[path] = f"{method} over {BASE_NAMES[layer.forward.args[1]]}"
+            continue
+        kind, refusal = _layer_refusal(layer)
+        if refusal is None and method == "LoRA" and len(refused) == len(layer.lora_A):
+            refusal = "none of its adapters can run on lowrank's kernels"
         if refusal is not None:
             report.not_accelerated[path] = refusal
-            continue
-        adapter_refusal = _lora_adapter_refusal if method == "LoRA" else _ia3_adapter_refusal
-        adapters = layer.lora_A if method == "LoRA" else layer.ia3_l
-        refused = {name: adapter_refusal(layer, name) for name in adapters}
-        refused = {name: why for name, why in refused.items() if why is not None}
-        report.adapters_not_served.update(refused)
-        if len(refused) == len(adapters):
-            report.not_accelerated[path] = "none of its adapters can run on lowrank's kernels"
             continue
         layer.forward = functools.partial(forward, layer, kind)
         # bitsandbytes repacks a Linear4bit's weight into a layout our kernels do not read the

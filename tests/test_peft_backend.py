@@ -9,7 +9,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from conftest import load_tiny_4bit_llama, tiny_model, token_ids
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 from test_patch import (FP32_TOLERANCE, RATIO, ROUNDING, assert_close, loss_and_grads,
                         randomize_adapters, relative_error, with_peft)
 
@@ -20,15 +20,17 @@ from lowrank.patch import adapter_layers
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many times the fused LoRA op ran (a list that grows by one per call)."""
+    """The fused LoRA and IA3 ops' calls: one entry per call (LoRA: its dropout)."""
     calls = []
-    lora_linear = ops.lora_linear
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("dropout", 0.0))
-        return lora_linear(*args, **kwargs)
+    def counting(op):
+        def run(*args, **kwargs):
+            calls.append(kwargs.get("dropout", op.__name__))
+            return op(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(ops, "lora_linear", counting)
+    monkeypatch.setattr(ops, "lora_linear", counting(ops.lora_linear))
+    monkeypatch.setattr(ops, "ia3_linear", counting(ops.ia3_linear))
     return calls
 
 
@@ -134,6 +136,42 @@ def repack_flags(model):
     return [m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, Linear4bit)]
 
 
+def peft_ia3(base, **config):
+    """PEFT's IA3 on ``base`` with its default targets for the architecture, l randomized."""
+    model = get_peft_model(base, IA3Config(**config))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("architecture,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
+                                                ("gpt2", torch.float32), ("llama", torch.bfloat16)],
+                         ids=str)
+def test_ia3_matches_peft(architecture, dtype, kernel_calls):
+    config = {}
+    if architecture == "gpt2":  # PEFT has no GPT-2 default: attention output and MLP input
+        config = dict(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
+                      fan_in_fan_out=True)
+    model = peft_ia3(tiny_model(architecture, blocks=1).to(dtype), **config)
+    forms = {layer.is_feedforward for layer in model.modules() if hasattr(layer, "ia3_l")}
+    assert forms == {True, False}  # both the output and the feed-forward form
+    report = check_against_peft(model, token_ids(), dtype, kernel_calls)
+    kind = "transformers Conv1D" if architecture == "gpt2" else "nn.Linear"
+    assert set(report.accelerated.values()) == {f"IA3 over {kind}"}
+
+
+def test_4bit_ia3_matches_peft(tmp_path, kernel_calls):
+    # fp32 only: PEFT's own IA3 Linear4bit returns fp32 for bf16 inputs, and a bf16 Llama then
+    # fails in attention (query bf16, key / value fp32), so PEFT gives no bf16 result to compare.
+    base = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
+    report = check_against_peft(peft_ia3(base), token_ids(vocab_size=128), torch.float32,
+                                kernel_calls)
+    assert set(report.accelerated.values()) == {"IA3 over bitsandbytes Linear4bit (NF4)"}
+
+
 def test_dropout_uses_the_mask_peft_would_apply(monkeypatch, kernel_calls):
     """Our dropout draws its mask from a seed, so it equals PEFT's in distribution only. Given
     PEFT the very mask our kernels draw (the same seed for every layer here: same-shaped inputs
@@ -172,12 +210,20 @@ def test_eval_mode_runs_without_dropout(kernel_calls):
     assert kernel_calls == [0.0]
 
 
-def test_peft_state_is_read_at_every_call(kernel_calls):
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_peft_state_is_read_at_every_call(method, kernel_calls):
     """Adapter switching, disabling, merging and several active adapters through PEFT's own API,
-    after patching: each gives what PEFT gives, on our kernels exactly when one adapter runs."""
-    model = peft_lora(tiny_model("llama", blocks=1), target_modules=["q_proj", "v_proj"])
-    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
-    randomize_adapters(model, seed=5)
+    after patching: each gives what PEFT gives, on our kernels exactly when one adapter runs.
+    LoRA "default" is on q_proj and v_proj, IA3 "default" on k_proj, v_proj and down_proj; both
+    methods' "other" adapter is on v_proj only."""
+    if method == "lora":
+        model = peft_lora(tiny_model("llama", blocks=1), target_modules=["q_proj", "v_proj"])
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+        randomize_adapters(model, seed=5)
+    else:
+        model = peft_ia3(tiny_model("llama", blocks=1))
+        model.add_adapter("other", IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    layers = 2 if method == "lora" else 3
     reference = copy.deepcopy(model)
     lowrank.patch_peft_model(model)
     ids = token_ids()
@@ -188,13 +234,13 @@ def test_peft_state_is_read_at_every_call(kernel_calls):
             assert_close(model(ids).logits, reference(ids).logits, FP32_TOLERANCE, "logits")
         assert len(kernel_calls) == runs_kernels
 
-    same_as_peft(2)
+    same_as_peft(layers)
     for peft_model in (model, reference):
         peft_model.set_adapter("other")
-    same_as_peft(1)  # q_proj has no "other": PEFT's forward runs its base alone
+    same_as_peft(1)  # layers without "other": PEFT's forward runs their base alone
     for peft_model in (model, reference):
         peft_model.base_model.set_adapter(["default", "other"])
-    same_as_peft(1)  # v_proj has two active adapters: PEFT's forward; q_proj one
+    same_as_peft(layers - 1)  # v_proj has two active adapters: PEFT's forward
     for peft_model in (model, reference):
         peft_model.set_adapter("default")
     with model.disable_adapter(), reference.disable_adapter():
@@ -204,7 +250,7 @@ def test_peft_state_is_read_at_every_call(kernel_calls):
     same_as_peft(0)
     for peft_model in (model, reference):
         peft_model.unmerge_adapter()
-    same_as_peft(2)
+    same_as_peft(layers)
 
 
 def test_report_names_what_is_not_accelerated_and_why(caplog, kernel_calls):
