@@ -4,6 +4,8 @@ the revert, saving, torch.compile, gradient checkpointing and autocast, and TRL'
 
 import copy
 import logging
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,6 +253,17 @@ def test_peft_state_is_read_at_every_call(method, kernel_calls):
     for peft_model in (model, reference):
         peft_model.unmerge_adapter()
     same_as_peft(layers)
+    if method == "lora":  # PEFT's mixed batches: an adapter per sample, through PEFT's forward
+        del kernel_calls[:]
+        with torch.no_grad():
+            mixed = [m.eval()(ids, adapter_names=["other", "__base__"]).logits
+                     for m in (model, reference)]
+        assert_close(*mixed, FP32_TOLERANCE, "mixed batch")
+        assert not kernel_calls
+    merged = [m.merge_and_unload() for m in (model, reference)]
+    assert not any("forward" in vars(m) for m in merged[0].modules())
+    with torch.no_grad():
+        assert_close(merged[0](ids).logits, merged[1](ids).logits, FP32_TOLERANCE, "merged")
 
 
 def test_report_names_what_is_not_accelerated_and_why(caplog, kernel_calls):
@@ -385,3 +398,28 @@ def test_autocast_gives_peft_results(way, kernel_calls):
     assert len(kernel_calls) == 7
     assert in_autocast[0][0].dtype == in_autocast[1][0].dtype == torch.bfloat16
     compare(*in_autocast, torch.bfloat16, truth)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_trl_sft_trainer_trains_a_patched_model(way, tmp_path, kernel_calls):
+    """examples/trl_sft.py: SFTTrainer on a model patched by patch_model (no peft_config) and on
+    the PeftModel SFTTrainer made from a peft_config, patched by patch_peft_model."""
+    pytest.importorskip("trl")
+    import importlib.util
+
+    from peft import PeftModel
+
+    path = Path(__file__).parents[1] / "examples" / "trl_sft.py"
+    spec = importlib.util.spec_from_file_location("trl_sft", path)
+    trl_sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trl_sft)
+    trainer = trl_sft.train(way, tmp_path / "out", steps=3)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert len(kernel_calls) >= 3 * 7  # every step ran its 7 adapter layers on our op
+    lora_B = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert len(lora_B) == 7 and all(p.abs().sum() > 0 for p in lora_B)  # B starts at zero
+    assert isinstance(trainer.model, PeftModel) == (way == "patch_peft_model")
+    trainer.save_model(tmp_path / "saved")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (tmp_path / "saved").iterdir()}
