@@ -48,6 +48,35 @@ def layer_features(module, kind):
     return module.in_features, module.out_features
 
 
+def frozen_operands(base, kind, x):
+    """(x in the compute dtype, weight as the ops take it, bias or None, output dtype) of a base
+    layer of ``kind``.
+
+    Under ``torch.autocast`` a dense or Conv1D base computes in the autocast dtype, as its own
+    F.linear / addmm would. A Linear4bit computes in its ``compute_dtype`` (autocast or not) and
+    returns the input's dtype, as bitsandbytes does; its packed weight is passed as it is (a
+    Params4bit carries its state).
+    """
+    if kind in ("linear", "conv1d"):
+        weight = base.weight.t() if kind == "conv1d" else base.weight  # Conv1D stores (in, out)
+        bias = base.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return x, weight, bias, x.dtype
+    state = getattr(base.weight, "quant_state", None)
+    if state is None:
+        raise RuntimeError("lowrank: this Linear4bit's weight has no quant_state (was it moved "
+                           "or converted without bitsandbytes?)")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError("lowrank: bitsandbytes repacked this Linear4bit's weight for its CPU "
+                           "kernel; reload the model and patch it before running it in eval mode")
+    compute_dtype = base.compute_dtype or x.dtype
+    bias = None if base.bias is None else base.bias.to(compute_dtype)
+    return x.to(compute_dtype), base.weight, bias, x.dtype
+
+
 class AdapterLayer(nn.Module):
     """What LoRA and IA3 layers share: the base layer, which adapter runs, and the frozen weight as
     the fused ops take it."""
@@ -161,26 +190,7 @@ class AdapterLayer(nn.Module):
         return name
 
     def frozen_operands(self, x):
-        """(x in the compute dtype, weight as the ops take it, bias or None, output dtype).
-
-        A Linear4bit computes in its ``compute_dtype`` and returns the input's dtype, as
-        bitsandbytes does; its packed weight is passed as it is (a Params4bit carries its state).
-        """
-        base = self.base_layer
-        if self.kind == "conv1d":
-            return x, base.weight.t(), base.bias, x.dtype  # (in, out) storage read as (out, in)
-        if self.kind == "linear":
-            return x, base.weight, base.bias, x.dtype
-        state = getattr(base.weight, "quant_state", None)
-        if state is None:
-            raise RuntimeError("lowrank: this Linear4bit's weight has no quant_state (was it moved "
-                               "or converted without bitsandbytes?)")
-        if getattr(state, "packing_format_for_cpu", False):
-            raise RuntimeError("lowrank: bitsandbytes repacked this Linear4bit's weight for its CPU "
-                               "kernel; reload the model and patch it before running it in eval mode")
-        compute_dtype = base.compute_dtype or x.dtype
-        bias = None if base.bias is None else base.bias.to(compute_dtype)
-        return x.to(compute_dtype), base.weight, bias, x.dtype
+        return frozen_operands(self.base_layer, self.kind, x)
 
 
 class LoraLinear(AdapterLayer):
