@@ -23,12 +23,18 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def cast_rounded(value, dtype: tl.constexpr):
+    """fp32 ``value`` in ``dtype``, rounded to nearest even (exact for bf16 too)."""
+    if dtype == tl.bfloat16:
+        return round_to_bf16(value)
+    else:
+        return value.to(dtype)
+
+
+@triton.jit
 def store_rounded(ptr, value, mask):
     """Store fp32 ``value`` into ``ptr``'s dtype, rounding to nearest even (exact for bf16 too)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr, round_to_bf16(value), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr, cast_rounded(value, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_TYPE, CompileCase, split_config, store_rounded
-from .nf4_dequantize import decode_nf4, load_absmax
+from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
@@ -34,22 +34,6 @@ MASK_BLOCK = 1024
 def dropout_keep(seed_ptr, rows, cols, K, p):
     """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward."""
     return tl.rand(tl.load(seed_ptr), (rows * K + cols).to(tl.int32)) >= p
-
-
-@triton.jit
-def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
-                     nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
-                     NF4: tl.constexpr, NESTED: tl.constexpr):
-    """W[rows, cols] in fp32: loaded (dense, any strides) or decoded from packed NF4 (row-major)."""
-    if NF4:
-        index = rows.to(tl.int64) * K + cols
-        byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
-        nibble = (byte >> ((1 - (index & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
-        scale = load_absmax(index >> block_shift, mask, absmax_ptr, nested_code_ptr,
-                            nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
-        return decode_nf4(nibble, scale, code_ptr)
-    else:
-        return tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -174,32 +158,13 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
     tl.store(mask_ptr + index, keep.to(tl.int8), mask=index < M * K)
 
 
-def _precision(dtype):
-    return "ieee" if dtype.itemsize == 4 else "tf32"  # 16-bit inputs ignore it
-
-
-def _weight_args(w, nf4):
-    """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
-    strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes with a dict of the
-    decoding tensors from lowrank.ops."""
-    if nf4 is None:
-        return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
-    nested = nf4["nested_code"] is not None
-    absmax = nf4["absmax"]
-    return ({"NF4": True, "NESTED": nested},
-            (absmax, nf4["code"], nf4["nested_code"] if nested else absmax,
-             nf4["nested_absmax"] if nested else absmax, nf4["offset"] if nested else absmax,
-             nf4["blocksize"].bit_length() - 1, nf4["nested_blocksize"].bit_length() - 1),
-            (nf4["in_features"], 1))
-
-
 def lora_shrink(x, lora_a, s, seed, p):
     M, K = x.shape
     R = lora_a.shape[0]
     grid = (triton.cdiv(M, SHRINK["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
     _lora_shrink_kernel[grid](
         x, lora_a, s, seed, M, K, R, p, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        DROPOUT=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R, **SHRINK)
+        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **SHRINK)
 
 
 def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
@@ -207,25 +172,25 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
     M, K = x.shape
     N, R = lora_b.shape
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
-        (stride_wn, stride_wk) = _weight_args(w, nf4)
+        (stride_wn, stride_wk) = weight_args(w, nf4)
     grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
     _lora_forward_kernel[grid](
         x, w, s, lora_b, y if bias is None else bias, y, absmax, code, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
-        PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R, **FORWARD, enable_fp_fusion=False)
+        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **FORWARD, enable_fp_fusion=False)
 
 
 def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     M, N = dy.shape
     R, K = lora_a.shape
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
-        (stride_wn, stride_wk) = _weight_args(w, nf4)
+        (stride_wn, stride_wk) = weight_args(w, nf4)
     grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
     _lora_grad_input_kernel[grid](
         dy, w, ds, lora_a, dx, seed, absmax, code, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
-        nested_shift, DROPOUT=p > 0, **flags, PRECISION=_precision(dy.dtype),
+        nested_shift, DROPOUT=p > 0, **flags, PRECISION=precision(dy.dtype),
         BLOCK_R=BLOCK_R, **GRAD_INPUT, enable_fp_fusion=False)
 
 
@@ -234,7 +199,7 @@ def lora_grad_a(ds, x, da, seed, p):
     R = ds.shape[1]
     grid = (triton.cdiv(K, GRAD_A["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
     _lora_grad_a_kernel[grid](ds, x, da, seed, M, K, R, p, x.stride(0), x.stride(1),
-                              DROPOUT=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=BLOCK_R,
+                              DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R,
                               **GRAD_A)
 
 
@@ -247,10 +212,9 @@ def dropout_mask(seed, mask, p):
 def _compile_cases():
     common = {"M": "i32", "K": "i32", "R": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
               "BLOCK_R": "constexpr", "PRECISION": "constexpr"}
-    weights = {"dense": (False, False), "nf4": (True, False), "nf4-nested": (True, True)}
     for dtype in ("float16", "bfloat16", "float32"):
         t = f"*{TRITON_TYPE[dtype]}"
-        precision = _precision(getattr(torch, dtype))
+        prec = precision(getattr(torch, dtype))
         for dropout in (False, True):
             blocks, options = split_config(SHRINK, BLOCK_R=BLOCK_R)
             yield CompileCase(
@@ -258,20 +222,15 @@ def _compile_cases():
                 {**common, "x_ptr": t, "a_ptr": t, "s_ptr": t, "seed_ptr": "*i64", "p": "fp32",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_ar": "i32", "stride_ak": "i32",
                  "DROPOUT": "constexpr"},
-                {"DROPOUT": dropout, "PRECISION": precision, **blocks}, options)
+                {"DROPOUT": dropout, "PRECISION": prec, **blocks}, options)
             blocks, options = split_config(GRAD_A, BLOCK_R=BLOCK_R)
             yield CompileCase(
                 _lora_grad_a_kernel,
                 {**common, "ds_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "seed_ptr": "*i64",
                  "p": "fp32", "stride_xm": "i32", "stride_xk": "i32", "DROPOUT": "constexpr"},
-                {"DROPOUT": dropout, "PRECISION": precision, **blocks}, options)
-        for nf4, nested in weights.values():
-            absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
-            weight = {"w_ptr": "*u8" if nf4 else t, "absmax_ptr": absmax, "code_ptr": fp32,
-                      "nested_code_ptr": fp32, "nested_absmax_ptr": fp32, "offset_ptr": fp32,
-                      "N": "i32", "stride_wn": "i32", "stride_wk": "i32", "block_shift": "i32",
-                      "nested_shift": "i32", "NF4": "constexpr", "NESTED": "constexpr",
-                      "BLOCK_N": "constexpr"}
+                {"DROPOUT": dropout, "PRECISION": prec, **blocks}, options)
+        for nf4, nested in WEIGHT_KINDS.values():
+            weight = {**weight_signature(t, nf4, nested), "N": "i32", "BLOCK_N": "constexpr"}
             for has_bias in (False, True):
                 blocks, options = split_config(FORWARD, BLOCK_R=BLOCK_R)
                 yield CompileCase(
@@ -279,7 +238,7 @@ def _compile_cases():
                     {**common, **weight, "x_ptr": t, "s_ptr": t, "b_ptr": t, "bias_ptr": t,
                      "y_ptr": t, "scaling": "fp32", "stride_xm": "i32", "stride_xk": "i32",
                      "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr"},
-                    {"HAS_BIAS": has_bias, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                    {"HAS_BIAS": has_bias, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
                      **blocks}, {**options, "enable_fp_fusion": False})
             for dropout in (False, True):
                 blocks, options = split_config(GRAD_INPUT, BLOCK_R=BLOCK_R)
@@ -288,7 +247,7 @@ def _compile_cases():
                     {**common, **weight, "dy_ptr": t, "ds_ptr": t, "a_ptr": t, "dx_ptr": t,
                      "seed_ptr": "*i64", "p": "fp32", "stride_ar": "i32", "stride_ak": "i32",
                      "DROPOUT": "constexpr"},
-                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
                      **blocks}, {**options, "enable_fp_fusion": False})
     yield CompileCase(_dropout_mask_kernel,
                       {"seed_ptr": "*i64", "mask_ptr": "*i8", "M": "i32", "K": "i32", "p": "fp32",

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_TYPE, CompileCase, split_config, round_to_bf16, store_rounded
-from .lora_linear import BLOCK_R, _precision, _weight_args, dropout_keep, load_weight_tile
+from ._weight import load_weight_tile, precision, weight_args
+from .lora_linear import BLOCK_R, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
 # forward. One M block of 16 (tl.dot's smallest) holds them all; partial sums cost SPLIT_K x M x N
@@ -132,27 +133,27 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     N, R = lora_b.shape
     assert M <= DECODE["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
-        (stride_wn, stride_wk) = _weight_args(w, nf4)
+        (stride_wn, stride_wk) = weight_args(w, nf4)
     n_tiles = triton.cdiv(N, DECODE["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, DECODE["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
-    precision = _precision(x.dtype)
+    prec = precision(x.dtype)
     _lora_decode_kernel[(n_tiles, splits)](
         x, w, lora_a, partial, s_partial, seed, absmax, code, nested_code, nested_absmax, offset,
         M, N, K, R, p, steps_per_split * DECODE["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, DROPOUT=p > 0, **flags,
-        PRECISION=precision, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
+        PRECISION=prec, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
-        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=precision,
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,
         BLOCK_R=BLOCK_R, **EPILOGUE)
 
 
 def _compile_cases():
     for dtype in ("float16", "bfloat16", "float32"):
         t = f"*{TRITON_TYPE[dtype]}"
-        precision = _precision(getattr(torch, dtype))
+        prec = precision(getattr(torch, dtype))
         for nf4, nested in ((False, False), (True, False), (True, True)):
             absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
             for dropout in (False, True):
@@ -169,7 +170,7 @@ def _compile_cases():
                      "NF4": "constexpr", "NESTED": "constexpr", "PRECISION": "constexpr",
                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                      "BLOCK_R": "constexpr"},
-                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": precision,
+                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
                      **blocks}, {**options, "enable_fp_fusion": False})
         for has_bias in (False, True):
             blocks, options = split_config(EPILOGUE, BLOCK_R=BLOCK_R)
@@ -180,7 +181,7 @@ def _compile_cases():
                  "scaling": "fp32", "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr",
                  "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                  "BLOCK_R": "constexpr"},
-                {"HAS_BIAS": has_bias, "PRECISION": precision, **blocks}, options)
+                {"HAS_BIAS": has_bias, "PRECISION": prec, **blocks}, options)
 
 
 COMPILE_CASES = list(_compile_cases())

@@ -29,11 +29,10 @@ def quantize_block(x, block_ptr, is_tail, bounds_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _nf4_quantize_kernel(w_ptr, bounds_ptr, packed_ptr, absmax_ptr, n_elements,
-                         BLOCKSIZE: tl.constexpr):
-    block = tl.program_id(0).to(tl.int64)
-    index = block * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
-    x = tl.load(w_ptr + index, mask=index < n_elements, other=0.0).to(tl.float32)
+def quantize_and_pack(x, block, n_elements, bounds_ptr, packed_ptr, absmax_ptr,
+                      BLOCKSIZE: tl.constexpr):
+    """Quantize NF4 block number ``block`` (int64) of a flat weight: ``x`` holds its BLOCKSIZE fp32
+    values, 0.0 past ``n_elements``; store its packed bytes and its absmax."""
     is_tail = (block + 1) * BLOCKSIZE > n_elements
     codes = tl.reshape(quantize_block(x, absmax_ptr + block, is_tail, bounds_ptr, 4),
                        [BLOCKSIZE // 2, 2])
@@ -44,6 +43,15 @@ def _nf4_quantize_kernel(w_ptr, bounds_ptr, packed_ptr, absmax_ptr, n_elements,
     even = block * BLOCKSIZE + 2 * pair
     tl.store(packed_ptr + block * (BLOCKSIZE // 2) + pair, ((high << 4) | low).to(tl.uint8),
              mask=even < n_elements)
+
+
+@triton.jit
+def _nf4_quantize_kernel(w_ptr, bounds_ptr, packed_ptr, absmax_ptr, n_elements,
+                         BLOCKSIZE: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64)
+    index = block * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    x = tl.load(w_ptr + index, mask=index < n_elements, other=0.0).to(tl.float32)
+    quantize_and_pack(x, block, n_elements, bounds_ptr, packed_ptr, absmax_ptr, BLOCKSIZE)
 
 
 @triton.jit

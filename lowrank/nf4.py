@@ -12,8 +12,7 @@ fp4 states are refused.
 import torch
 
 from lowrank import _dispatch, ops, reference
-from lowrank._quant_state import (FLOAT_DTYPES, absmax_fp32, build_quant_state, check_quant_state,
-                                  check_quantize_args)
+from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args
 
 
 def quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
@@ -29,12 +28,7 @@ def quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
         return reference.nf4_quantize(w, blocksize, double_quant, quant_storage)
     packed, absmax = ops.nf4_quantize(w.reshape(-1), blocksize)
     packed = packed.view(quant_storage).unsqueeze(1)
-    if not double_quant:
-        return packed, build_quant_state(w.shape, w.dtype, blocksize, absmax)
-    offset = absmax.mean()
-    absmax_codes, nested_absmax = ops.nf4_quantize_absmax(absmax, offset)
-    return packed, build_quant_state(w.shape, w.dtype, blocksize, absmax_codes,
-                                     nested=(offset, nested_absmax))
+    return packed, ops.nf4_quant_state(w.shape, w.dtype, blocksize, absmax, double_quant)
 
 
 def dequantize(packed, quant_state, out=None, dtype=None):

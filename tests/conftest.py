@@ -71,3 +71,35 @@ def load_tiny_4bit_llama(directory, compute_dtype, **from_pretrained_kwargs):
                                       bnb_4bit_compute_dtype=compute_dtype)
     return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
                                                 device_map="cpu", **from_pretrained_kwargs)
+
+
+def assert_same_bits(actual, expected):
+    """Equal bit for bit (compared as bytes)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    mismatched = (actual.reshape(-1).view(torch.uint8) != expected.reshape(-1).view(torch.uint8)).sum()
+    assert mismatched.item() == 0, f"{mismatched.item()} bytes differ"
+
+
+def bnb_quantize(w, blocksize, double_quant, quant_storage=torch.uint8):
+    """bitsandbytes' (packed, absmax, (offset, nested_absmax) or None) for ``w``.
+
+    On CPU, bitsandbytes' C++ library double-quantizes absmax with an approximate search (about 3%
+    of codes are not the nearest); its CUDA kernel and portable backend pick the nearest, as we
+    do, so on CPU the nested oracle is the portable backend, called directly."""
+    import bitsandbytes.functional as F
+
+    with torch.compiler.set_stance("force_eager"):  # bitsandbytes compiles its CPU ops otherwise
+        if w.is_cuda:
+            packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                            quant_type="nf4", quant_storage=quant_storage)
+            nested = (state.offset, state.state2.absmax) if double_quant else None
+            return packed, state.absmax, nested
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=False,
+                                        quant_type="nf4", quant_storage=quant_storage)
+        if not double_quant:
+            return packed, state.absmax, None
+        offset = state.absmax.mean()
+        portable = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+        codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+            portable, state.absmax - offset, F.create_dynamic_map(), 256)
+        return packed, codes, (offset, nested_absmax)

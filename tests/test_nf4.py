@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
-from conftest import load_tiny_4bit_llama, poisoned
+from conftest import assert_same_bits, bnb_quantize, load_tiny_4bit_llama, poisoned
 
 from lowrank import nf4, reference
 
@@ -37,25 +37,6 @@ def weight(layout, blocksize, dtype, device, seed):
     return w.to(dtype=dtype, device=device)
 
 
-def bnb_quantize(w, blocksize, double_quant, quant_storage=torch.uint8):
-    """bitsandbytes' (packed, absmax, (offset, nested_absmax) or None) for ``w``."""
-    with torch.compiler.set_stance("force_eager"):  # bitsandbytes compiles its CPU ops otherwise
-        if w.is_cuda:
-            packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
-                                            quant_type="nf4", quant_storage=quant_storage)
-            nested = (state.offset, state.state2.absmax) if double_quant else None
-            return packed, state.absmax, nested
-        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=False,
-                                        quant_type="nf4", quant_storage=quant_storage)
-        if not double_quant:
-            return packed, state.absmax, None
-        offset = state.absmax.mean()
-        portable = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-        codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
-            portable, state.absmax - offset, F.create_dynamic_map(), 256)
-        return packed, codes, (offset, nested_absmax)
-
-
 def bnb_dequantize(packed, quant_state, dtype):
     state = copy.copy(quant_state)
     state.dtype = dtype
@@ -65,12 +46,6 @@ def bnb_dequantize(packed, quant_state, dtype):
     # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path, and a
     # transposed output when the packed tensor has one row (a shim for an old layout).
     return out.reshape(state.shape)
-
-
-def assert_same_bits(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    mismatched = (actual.reshape(-1).view(torch.uint8) != expected.reshape(-1).view(torch.uint8)).sum()
-    assert mismatched.item() == 0, f"{mismatched.item()} bytes differ"
 
 
 def assert_state_matches(state, w, blocksize, bnb_absmax, bnb_nested):

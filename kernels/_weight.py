@@ -1,0 +1,125 @@
+"""The frozen weight as the GEMM kernels read it: dense (any strides) or packed NF4 decoded in
+registers, plus the launcher-side arguments that describe it. Shared by every op that reads W."""
+
+import triton
+import triton.language as tl
+
+from ._common import NF4_BLOCKSIZES, TRITON_TYPE, CompileCase, store_rounded
+from .nf4_dequantize import decode_nf4, load_absmax
+from .nf4_quantize import quantize_and_pack
+
+
+@triton.jit
+def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
+                     nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                     NF4: tl.constexpr, NESTED: tl.constexpr):
+    """W[rows, cols] in fp32: loaded (dense, any strides) or decoded from packed NF4 (row-major).
+
+    ``rows`` and ``cols`` may have any (broadcastable) shape: a 2-D GEMM tile, or the flat element
+    range of the merge kernels."""
+    if NF4:
+        index = rows.to(tl.int64) * K + cols
+        byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (index & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
+        scale = load_absmax(index >> block_shift, mask, absmax_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+        return decode_nf4(nibble, scale, code_ptr)
+    else:
+        return tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+def precision(dtype):
+    """tl.dot's input precision for operands of ``dtype``: IEEE fp32 as torch's matmul, not TF32."""
+    return "ieee" if dtype.itemsize == 4 else "tf32"  # 16-bit inputs ignore it
+
+
+def weight_args(w, nf4):
+    """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
+    strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes with a dict of the
+    decoding tensors from lowrank.ops."""
+    if nf4 is None:
+        return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
+    nested = nf4["nested_code"] is not None
+    absmax = nf4["absmax"]
+    return ({"NF4": True, "NESTED": nested},
+            (absmax, nf4["code"], nf4["nested_code"] if nested else absmax,
+             nf4["nested_absmax"] if nested else absmax, nf4["offset"] if nested else absmax,
+             nf4["blocksize"].bit_length() - 1, nf4["nested_blocksize"].bit_length() - 1),
+            (nf4["in_features"], 1))
+
+
+# How each kind of weight reaches a kernel: (NF4, NESTED) flags by name, for COMPILE_CASES.
+WEIGHT_KINDS = {"dense": (False, False), "nf4": (True, False), "nf4-nested": (True, True)}
+
+
+def weight_signature(t, nf4, nested):
+    """Signature entries of the weight arguments (``t``: the dense element type, e.g. "*bf16")."""
+    absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
+    return {"w_ptr": "*u8" if nf4 else t, "absmax_ptr": absmax, "code_ptr": fp32,
+            "nested_code_ptr": fp32, "nested_absmax_ptr": fp32, "offset_ptr": fp32,
+            "stride_wn": "i32", "stride_wk": "i32", "block_shift": "i32", "nested_shift": "i32",
+            "NF4": "constexpr", "NESTED": "constexpr"}
+
+
+@triton.jit
+def store_weight_block(merged, block, rows, cols, mask, n_elements, out_ptr, stride_on, stride_ok,
+                       out_absmax_ptr, bounds_ptr, NF4_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Store a merge kernel's BLOCK fp32 values (flat elements ``block * BLOCK + i``): dense
+    (rounded to ``out_ptr``'s dtype, any strides) or requantized to NF4, BLOCK being the blocksize."""
+    if NF4_OUT:
+        quantize_and_pack(tl.where(mask, merged, 0.0), block, n_elements, bounds_ptr, out_ptr,
+                          out_absmax_ptr, BLOCK)
+    else:
+        store_rounded(out_ptr + rows * stride_on + cols * stride_ok, merged, mask)
+
+
+DENSE_MERGE_BLOCK = 1024  # elements per program of a merge into a dense weight
+
+
+def merge_args(w, out, out_absmax, bounds, nf4, N, K):
+    """Launch arguments shared by the merge kernels, which walk the weight's N x K elements in
+    row-major order, one quantization block (NF4 out) or DENSE_MERGE_BLOCK elements per program.
+
+    ``out``: dense (N x K, any strides, may be ``w`` itself), or the flat packed bytes of an NF4
+    result with ``out_absmax`` (fp32, one per block) and ``bounds`` (the 15 NF4 midpoints).
+    Returns (grid, the arguments from ``out_ptr`` to ``K``, keyword arguments)."""
+    flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
+    nf4_out = out_absmax is not None
+    block = nf4["blocksize"] if nf4_out else DENSE_MERGE_BLOCK
+    strides = (0, 0) if nf4_out else (out.stride(0), out.stride(1))
+    grid = (triton.cdiv(N * K, block),)
+    args = (out, out_absmax if nf4_out else out, bounds if nf4_out else out, *decoding[:5],
+            stride_wn, stride_wk, *strides, *decoding[5:], N, K)
+    return grid, args, {**flags, "NF4_OUT": nf4_out, "BLOCK": block,
+                        "num_warps": min(8, max(1, block // 256)), "enable_fp_fusion": False}
+
+
+def merge_signature(t, out_t, nf4, nested, nf4_out):
+    """Signature entries shared by the merge kernels (``t``: dense weight type, ``out_t``: dense
+    output type; unused when NF4)."""
+    return {**weight_signature(t, nf4, nested), "out_ptr": "*u8" if nf4_out else out_t,
+            "out_absmax_ptr": "*fp32" if nf4_out else out_t,
+            "bounds_ptr": "*fp32" if nf4_out else out_t, "N": "i32", "K": "i32",
+            "stride_on": "i32", "stride_ok": "i32", "NF4_OUT": "constexpr", "BLOCK": "constexpr"}
+
+
+def merge_cases(kernel, extra_signature, variants):
+    """The merge kernels' COMPILE_CASES: each weight kind into each dense dtype, and NF4 into NF4
+    at every blocksize; ``variants(dense_in, same_dtype)`` gives the op-specific constexprs."""
+    dtypes = ("float16", "bfloat16", "float32")
+    for kind, (nf4, nested) in WEIGHT_KINDS.items():
+        for dtype in dtypes if kind == "dense" else ("float32",):
+            t = f"*{TRITON_TYPE[dtype]}"
+            outs = [(out, None) for out in dtypes] + ([] if kind == "dense" else
+                                                     [(None, b) for b in NF4_BLOCKSIZES])
+            for out_dtype, blocksize in outs:
+                out_t = f"*{TRITON_TYPE[out_dtype]}" if out_dtype else t
+                signature = {**merge_signature(t, out_t, nf4, nested, blocksize is not None),
+                             **extra_signature}
+                block = blocksize or DENSE_MERGE_BLOCK
+                for constexprs in variants(kind == "dense", out_dtype == dtype):
+                    yield CompileCase(
+                        kernel, signature,
+                        {**constexprs, "NF4": nf4, "NESTED": nested,
+                         "NF4_OUT": blocksize is not None, "BLOCK": block},
+                        {"num_warps": min(8, max(1, block // 256)), "enable_fp_fusion": False})

@@ -1,0 +1,220 @@
+"""Fused IA3 linear, forward and backward.
+
+For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
+
+    output form (attention-style):  Y = (x W^T + b) * l        l has N elements
+    feed-forward form:              Y = (x * l) W^T + b        l has K elements
+
+    output form backward:  dX = (dY * l) W         dl = sum over tokens of dY * (x W^T + b)
+    feed-forward backward: dX = (dY W) * l         dl = sum over tokens of (dY W) * x
+
+- The scale is applied to the accumulator before the output tile's one store (output form), or to
+  the x tile as it is loaded (feed-forward form): no extra pass over x or Y.
+- dl is reduced inside the kernels: each program sums its BLOCK_M tokens and writes one row of a
+  (cdiv(M, BLOCK_M) x features) fp32 buffer, which the op sums in a fixed order (deterministic).
+  In the feed-forward form that happens in the dX kernel, which already holds dY W; in the output
+  form a kernel recomputes x W^T + b tile by tile, as the forward does, rather than keep it.
+- NF4 tiles of W are decoded in registers (see ``_weight.load_weight_tile``).
+- The GEMMs run in x's dtype with fp32 accumulation; l is applied in fp32 (PEFT keeps it fp32 and
+  multiplies in fp32), and a scaled operand is rounded to x's dtype once, as PEFT's is.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_TYPE, CompileCase, cast_rounded, split_config, store_rounded
+from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
+
+FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+GRAD_SCALE = FORWARD  # recomputes the forward's tiles
+
+
+@triton.jit
+def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, code_ptr,
+                        nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
+                        stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
+                        FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
+                        NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if FEEDFORWARD:
+            scale = tl.load(l_ptr + cols, mask=cols < K, other=0.0)
+            x = cast_rounded(x.to(tl.float32) * scale[None, :], dtype)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    if not FEEDFORWARD:
+        acc *= tl.load(l_ptr + outs, mask=outs < N, other=0.0)[None, :]
+    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+                  (rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_ptr, code_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
+                           stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
+                           FEEDFORWARD: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
+                           NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dX = (dY * l) W, or (dY W) * l; in the feed-forward form with GRAD_SCALE, also this
+    program's token-sum of (dY W) * x into row program_id(0) of ``dl_ptr`` (fp32, ? x K)."""
+    dtype = dy_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+                     mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
+        if not FEEDFORWARD:
+            scale = tl.load(l_ptr + outs, mask=outs < N, other=0.0)
+            dy = cast_rounded(dy.to(tl.float32) * scale[None, :], dtype)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+    if FEEDFORWARD:
+        if GRAD_SCALE:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+            tl.store(dl_ptr + tl.program_id(0) * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
+                     mask=cols < K)
+        acc *= tl.load(l_ptr + cols, mask=cols < K, other=0.0)[None, :]
+    store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc,
+                  (rows[:, None] < M) & (cols[None, :] < K))
+
+
+@triton.jit
+def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, code_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
+                           stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
+                           HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """Output form: this program's token-sum of dY * (x W^T + b) into row program_id(0) of
+    ``dl_ptr`` (fp32, ? x N); x W^T + b is recomputed here, never stored."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+                 mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
+    tl.store(dl_ptr + tl.program_id(0) * N + outs, tl.sum(acc * dy.to(tl.float32), axis=0),
+             mask=outs < N)
+
+
+def partial_rows(M, feedforward):
+    """Rows of the per-token-block dl buffer the backward kernels fill."""
+    return triton.cdiv(M, (GRAD_INPUT if feedforward else GRAD_SCALE)["BLOCK_M"])
+
+
+def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
+    """``scale``: l as flat contiguous fp32. ``nf4``: None for a dense ``w`` (N x K, any strides),
+    else the packed bytes' decoding tensors."""
+    M, K = x.shape
+    N = y.shape[1]
+    flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
+    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    _ia3_forward_kernel[grid](
+        x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
+        x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
+        HAS_BIAS=bias is not None, **flags, PRECISION=precision(x.dtype), **FORWARD,
+        enable_fp_fusion=False)
+
+
+def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
+    """dX into ``dx`` (M x K); in the feed-forward form also dl's per-token-block partial sums into
+    ``grad_scale`` (fp32, partial_rows(M, True) x K) unless it is None."""
+    M, K = dx.shape
+    N = dy.shape[1]
+    flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
+    write_scale = feedforward and grad_scale is not None
+    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    _ia3_grad_input_kernel[grid](
+        dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
+        x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
+        GRAD_SCALE=write_scale, **flags, PRECISION=precision(dy.dtype), **GRAD_INPUT,
+        enable_fp_fusion=False)
+
+
+def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
+    """Output form: dl's per-token-block partial sums into ``grad_scale`` (fp32,
+    partial_rows(M, False) x N)."""
+    M, K = x.shape
+    N = dy.shape[1]
+    flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
+    grid = (triton.cdiv(M, GRAD_SCALE["BLOCK_M"]), triton.cdiv(N, GRAD_SCALE["BLOCK_N"]))
+    _ia3_grad_scale_kernel[grid](
+        x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
+        x.stride(1), stride_wn, stride_wk, *decoding[5:], HAS_BIAS=bias is not None, **flags,
+        PRECISION=precision(x.dtype), **GRAD_SCALE, enable_fp_fusion=False)
+
+
+def _compile_cases():
+    def split(config):
+        blocks, options = split_config(config)
+        return blocks, {**options, "enable_fp_fusion": False}
+
+    common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
+              "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+              "BLOCK_K": "constexpr"}
+    for dtype in ("float16", "bfloat16", "float32"):
+        t = f"*{TRITON_TYPE[dtype]}"
+        prec = precision(getattr(torch, dtype))
+        for nf4, nested in WEIGHT_KINDS.values():
+            weight = weight_signature(t, nf4, nested)
+            flags = {"NF4": nf4, "NESTED": nested, "PRECISION": prec}
+            for feedforward in (False, True):
+                for has_bias in (False, True):
+                    blocks, options = split(FORWARD)
+                    yield CompileCase(
+                        _ia3_forward_kernel,
+                        {**common, **weight, "x_ptr": t, "l_ptr": "*fp32", "bias_ptr": t,
+                         "y_ptr": t, "FEEDFORWARD": "constexpr", "HAS_BIAS": "constexpr"},
+                        {"FEEDFORWARD": feedforward, "HAS_BIAS": has_bias, **flags, **blocks},
+                        options)
+                for grad_scale in ((False, True) if feedforward else (False,)):
+                    blocks, options = split(GRAD_INPUT)
+                    yield CompileCase(
+                        _ia3_grad_input_kernel,
+                        {**common, **weight, "dy_ptr": t, "l_ptr": "*fp32", "x_ptr": t,
+                         "dx_ptr": t, "dl_ptr": "*fp32" if grad_scale else t,
+                         "FEEDFORWARD": "constexpr", "GRAD_SCALE": "constexpr"},
+                        {"FEEDFORWARD": feedforward, "GRAD_SCALE": grad_scale, **flags, **blocks},
+                        options)
+            for has_bias in (False, True):
+                blocks, options = split(GRAD_SCALE)
+                yield CompileCase(
+                    _ia3_grad_scale_kernel,
+                    {**common, **weight, "x_ptr": t, "bias_ptr": t, "dy_ptr": t, "dl_ptr": "*fp32",
+                     "HAS_BIAS": "constexpr"},
+                    {"HAS_BIAS": has_bias, **flags, **blocks}, options)
+
+
+COMPILE_CASES = list(_compile_cases())

@@ -1,0 +1,259 @@
+"""lowrank.ops.ia3_linear and its kernels against the fp64 reference and PEFT's IA3 layers.
+
+Shapes are odd and not multiples of any block (M = 37 over leading dims 37 x 1, K = 97, N = 83;
+blocks are 32/64). Tolerances, relative to the largest reference value, per dtype: the GEMMs run in
+x's dtype with fp32 accumulation and l is applied in fp32, so the error is the dtype's rounding of
+the operands (and, for dl, of the M-term sums).
+"""
+
+import pytest
+import torch
+from conftest import load_tiny_4bit_llama, poisoned
+from test_lora_linear import TOLERANCE, assert_close, make_weight
+
+from lowrank import nf4, ops, reference
+from lowrank.kernels import ia3_linear as ia3_kernels
+
+M, K, N = 37, 97, 83
+FORMS = {"output": False, "feedforward": True}
+
+
+def make_case(dtype, kind, feedforward, device, seed=0, ia3_dtype=torch.float32, tokens=M):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 1, K, generator=gen).to(device, dtype)
+    weight, state, dense = make_weight(kind, dtype, device, gen)
+    # l as PEFT stores it: (1, K) for the feed-forward form, (N, 1) for the output form.
+    shape = (1, K) if feedforward else (N, 1)
+    ia3 = (1 + 0.5 * torch.randn(shape, generator=gen)).to(device, ia3_dtype)
+    bias = torch.randn(N, generator=gen).to(device, dtype)
+    return x, weight, state, dense, ia3, bias
+
+
+def fp64_reference(x, dense, ia3, bias, feedforward, grad_y):
+    leaves = [t.detach().double().requires_grad_() for t in (x, ia3)]
+    y = reference.ia3_linear(leaves[0], dense.double(), leaves[1],
+                             None if bias is None else bias.double(), feedforward)
+    y.backward(grad_y.double())
+    return y.detach(), *(leaf.grad for leaf in leaves)
+
+
+def run_ours(x, weight, state, ia3, bias, feedforward, grad_y):
+    x, ia3 = (t.detach().requires_grad_() for t in (x, ia3))
+    y = ops.ia3_linear(x, weight, ia3, bias=bias, feedforward=feedforward, quant_state=state)
+    y.backward(grad_y)
+    return y.detach(), x.grad, ia3.grad
+
+
+def check_against_reference(dtype, kind, form, with_bias, device):
+    feedforward = FORMS[form]
+    x, weight, state, dense, ia3, bias = make_case(dtype, kind, feedforward, device)
+    bias = bias if with_bias else None
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    ours = run_ours(x, weight, state, ia3, bias, feedforward, grad_y)
+    expected = fp64_reference(x, dense, ia3, bias, feedforward, grad_y)
+    assert ours[2].shape == ia3.shape  # dl in l's own shape and dtype
+    for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
+                                          (dtype, dtype, torch.float32)):
+        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["dense", "nf4-64", "nf4-nested-128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_forward_and_backward_match_fp64_reference(dtype, kind, form, device):
+    check_against_reference(dtype, kind, form, True, device)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
+def test_without_bias(kind, form, device):
+    check_against_reference(torch.bfloat16, kind, form, False, device)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_flat_and_16_bit_ia3_vectors(form, device):
+    """l given flat ((N,) / (K,)) and in bf16: same results; dl comes back flat and in bf16."""
+    feedforward = FORMS[form]
+    x, weight, state, dense, ia3, bias = make_case(torch.float16, "dense", feedforward, device,
+                                                   ia3_dtype=torch.bfloat16)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(3)).to(device, x.dtype)
+    flat = ia3.reshape(-1)
+    ours = run_ours(x, weight, state, flat, bias, feedforward, grad_y)
+    expected = fp64_reference(x, dense, flat, bias, feedforward, grad_y)
+    assert ours[2].shape == flat.shape
+    for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
+                                          (x.dtype, x.dtype, torch.bfloat16)):
+        assert_close(got, want, got_dtype, name, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_grad_of_l_over_many_token_blocks_is_deterministic(form, device):
+    """151 tokens: three blocks of BLOCK_M = 64, the last ragged, whose partial sums are added."""
+    feedforward, tokens = FORMS[form], 151
+    x, weight, state, dense, ia3, bias = make_case(torch.float32, "nf4-nested-128", feedforward,
+                                                   device, tokens=tokens)
+    grad_y = torch.randn(tokens, 1, N, generator=torch.Generator().manual_seed(1)).to(device)
+    first, second = (run_ours(x, weight, state, ia3, bias, feedforward, grad_y)[2] for _ in range(2))
+    assert torch.equal(first, second)
+    expected = fp64_reference(x, dense, ia3, bias, feedforward, grad_y)[2]
+    assert_close(first, expected, torch.float32, "dl")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_kernels_write_every_output_element(form, device):
+    """The launchers, called with NaN-poisoned outputs, against fp64 products."""
+    feedforward = FORMS[form]
+    dtype = torch.bfloat16
+    x, weight, state, dense, ia3, bias = make_case(dtype, "nf4-nested-128", feedforward, device)
+    x = x.reshape(M, K)
+    weight = weight.view(torch.uint8).reshape(-1)
+    nf4_args = ops._nf4_decoding(state.absmax, state.state2.code, state.state2.absmax,
+                                 state.offset.reshape(()), state.blocksize, state.state2.blocksize, K)
+    scale = ia3.reshape(-1).float()
+    x64, w64, l64, b64 = x.double(), dense.double(), scale.double(), bias.double()
+    y = poisoned((M, N), dtype, device)
+    ia3_kernels.ia3_forward(x, weight, scale, bias, y, feedforward, nf4_args)
+    z = x64 @ w64.t() + b64
+    expected = (x64 * l64) @ w64.t() + b64 if feedforward else z * l64
+    assert_close(y, expected, dtype, "Y")
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    dy64 = grad_y.double()
+    grad_x = poisoned((M, K), dtype, device)
+    partials = poisoned((ia3_kernels.partial_rows(M, feedforward), K if feedforward else N),
+                        torch.float32, device)
+    ia3_kernels.ia3_grad_input(grad_y, weight, scale, x, grad_x, partials, feedforward, nf4_args)
+    expected = (dy64 @ w64) * l64 if feedforward else (dy64 * l64) @ w64
+    assert_close(grad_x, expected, dtype, "dX")
+    if not feedforward:
+        ia3_kernels.ia3_grad_scale(x, weight, bias, grad_y, partials, nf4_args)
+    expected = ((dy64 @ w64) * x64).sum(0) if feedforward else (dy64 * z).sum(0)
+    assert_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
+
+
+PEFT_CASES = {"dense-fp32": (False, torch.float32), "dense-bf16": (False, torch.bfloat16),
+              "nf4-nested-fp32": (True, torch.float32)}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_matches_peft_ia3_layers(case, tmp_path):
+    """PEFT's IA3 on a tiny Llama (q_proj: output form, down_proj: feed-forward form), dense or
+    loaded in 4-bit: our op on the same weight and ia3_l gives PEFT's output and gradients."""
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    quantized, dtype = PEFT_CASES[case]
+    if quantized:
+        model = load_tiny_4bit_llama(tmp_path, dtype, dtype=dtype)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=128)).to(dtype)
+    torch.manual_seed(1)
+    config = IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                       init_ia3_weights=False)  # random l rather than ones
+    model = get_peft_model(model, config)
+    mlp, attention = model.base_model.model.model.layers[0].mlp, \
+        model.base_model.model.model.layers[0].self_attn
+    for layer, feedforward in ((attention.q_proj, False), (mlp.down_proj, True)):
+        assert layer.is_feedforward == feedforward
+        base = layer.get_base_layer()
+        ia3 = layer.ia3_l["default"]
+        x = torch.randn(5, 3, base.in_features, dtype=dtype, requires_grad=True)
+        grad_y = torch.randn(5, 3, base.out_features, dtype=dtype)
+        with torch.compiler.set_stance("force_eager"):
+            expected = layer(x)
+        expected.backward(grad_y)
+        expected_grads = x.grad.clone(), ia3.grad.clone()
+        x.grad, ia3.grad = None, None
+        ours = ops.ia3_linear(x, base.weight, ia3, bias=base.bias, feedforward=feedforward)
+        ours.backward(grad_y)
+        tolerance = 2 * TOLERANCE[dtype]
+        assert_close(ours.detach(), expected.detach().double(), dtype, "y", tolerance)
+        assert_close(x.grad, expected_grads[0].double(), dtype, "dx", tolerance)
+        assert_close(ia3.grad, expected_grads[1].double(), torch.float32, "dl", tolerance)
+
+
+def test_gradcheck_dense_weight_and_bias_get_gradients(device):
+    gen = torch.Generator().manual_seed(7)
+    for feedforward, scale_shape in ((False, (4, 1)), (True, (1, 5))):
+        tensors = [torch.randn(shape, generator=gen).to(device) * 0.5
+                   for shape in ((3, 5), (4, 5), scale_shape, (4,))]
+        for t in tensors:
+            t.requires_grad_()
+
+        def fn(x, w, ia3, bias):
+            return ops.ia3_linear(x, w, ia3, bias=bias, feedforward=feedforward)
+
+        assert torch.autograd.gradcheck(fn, tensors, eps=1e-2, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_compiles_with_torch_compile_without_graph_breaks(form, device):
+    feedforward = FORMS[form]
+    x, weight, state, dense, ia3, bias = make_case(torch.float32, "nf4-nested-128", feedforward,
+                                                   device)
+    ia3.requires_grad_()
+    x.requires_grad_()
+
+    def step(x, ia3):
+        return ops.ia3_linear(x, weight, ia3, bias=bias, feedforward=feedforward,
+                              quant_state=state).square().sum()
+
+    eager = step(x, ia3)
+    eager_grads = torch.autograd.grad(eager, (x, ia3))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, ia3)
+    grads = torch.autograd.grad(loss, (x, ia3))
+    torch.testing.assert_close(loss, eager)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_ia3_ops_pass_torch_library_checks(form, device):
+    feedforward = FORMS[form]
+    x, weight, state, dense, ia3, bias = make_case(torch.float32, "dense", feedforward, device)
+    x = x.reshape(M, K)
+    ia3.requires_grad_()
+    torch.library.opcheck(ops.ia3_forward, (x, weight, None, None, None, None, 1, 1, N, ia3, bias,
+                                            feedforward))
+    grad_y = torch.randn(M, N, device=device)
+    for need_x, need_l in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(ops.ia3_backward, (grad_y, x, weight, None, None, None, None, 1, 1,
+                                                 ia3.detach(), bias, feedforward, need_x, need_l))
+
+
+def test_bad_arguments_are_named(device):
+    x, weight, state, dense, ia3, bias = make_case(torch.float32, "dense", False, device)
+    cases = [
+        (dict(x=x[..., :-1]), ValueError, "x has 96 features but the weight expects 97"),
+        (dict(ia3=ia3[:-1]), ValueError, r"ia3 must have shape \(83,\) or \(83, 1\) \(output form"),
+        (dict(feedforward=True), ValueError, r"ia3 must have shape \(97,\) or \(1, 97\)"),
+        (dict(ia3=ia3.to(torch.int64)), TypeError, "ia3 dtype torch.int64"),
+        (dict(x=x.to(torch.int32), weight=weight.to(torch.int32)), TypeError, "x dtype torch.int32"),
+        (dict(weight=weight.half()), TypeError, "dense weight dtype torch.float16 differs"),
+        (dict(weight=weight[0]), ValueError, "weight must be 2-D"),
+        (dict(bias=bias[:-1]), ValueError, r"bias must be \(83,\)"),
+        (dict(ia3=ia3.to("meta")), ValueError, "must be on one device"),
+    ]
+    for change, error, message in cases:
+        args = dict(x=x, weight=weight, ia3=ia3, bias=bias, feedforward=False)
+        args.update(change)
+        with pytest.raises(error, match=message):
+            ops.ia3_linear(args["x"], args["weight"], args["ia3"], bias=args["bias"],
+                           feedforward=args["feedforward"])
+
+
+def test_fp4_and_trainable_nf4_weights_are_refused(device):
+    import bitsandbytes.functional as F
+
+    x = torch.randn(3, K, device=device)
+    ia3 = torch.ones(N, device=device)
+    with torch.compiler.set_stance("force_eager"):
+        packed, fp4_state = F.quantize_4bit(torch.randn(N, K, device=device), quant_type="fp4")
+    with pytest.raises(ValueError, match="'fp4'"):
+        ops.ia3_linear(x, packed, ia3, quant_state=fp4_state)
+    packed, state = nf4.quantize(torch.randn(N, K, device=device), quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="NF4 weight cannot take a gradient"):
+        ops.ia3_linear(x, packed.requires_grad_(), ia3, quant_state=state)
