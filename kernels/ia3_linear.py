@@ -177,6 +177,10 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
 
 
 def _compile_cases():
+    def split(config):
+        blocks, options = split_config(config)
+        return blocks, {**options, "enable_fp_fusion": False}
+
     common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
               "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
               "BLOCK_K": "constexpr"}
@@ -188,29 +192,29 @@ def _compile_cases():
             flags = {"NF4": nf4, "NESTED": nested, "PRECISION": prec}
             for feedforward in (False, True):
                 for has_bias in (False, True):
-                    blocks, options = split_config(FORWARD)
+                    blocks, options = split(FORWARD)
                     yield CompileCase(
                         _ia3_forward_kernel,
                         {**common, **weight, "x_ptr": t, "l_ptr": "*fp32", "bias_ptr": t,
                          "y_ptr": t, "FEEDFORWARD": "constexpr", "HAS_BIAS": "constexpr"},
                         {"FEEDFORWARD": feedforward, "HAS_BIAS": has_bias, **flags, **blocks},
-                        {**options, "enable_fp_fusion": False})
+                        options)
                 for grad_scale in ((False, True) if feedforward else (False,)):
-                    blocks, options = split_config(GRAD_INPUT)
+                    blocks, options = split(GRAD_INPUT)
                     yield CompileCase(
                         _ia3_grad_input_kernel,
                         {**common, **weight, "dy_ptr": t, "l_ptr": "*fp32", "x_ptr": t,
                          "dx_ptr": t, "dl_ptr": "*fp32" if grad_scale else t,
                          "FEEDFORWARD": "constexpr", "GRAD_SCALE": "constexpr"},
                         {"FEEDFORWARD": feedforward, "GRAD_SCALE": grad_scale, **flags, **blocks},
-                        {**options, "enable_fp_fusion": False})
+                        options)
             for has_bias in (False, True):
-                blocks, options = split_config(GRAD_SCALE)
+                blocks, options = split(GRAD_SCALE)
                 yield CompileCase(
                     _ia3_grad_scale_kernel,
                     {**common, **weight, "x_ptr": t, "bias_ptr": t, "dy_ptr": t, "dl_ptr": "*fp32",
                      "HAS_BIAS": "constexpr"},
-                    {"HAS_BIAS": has_bias, **flags, **blocks}, {**options, "enable_fp_fusion": False})
+                    {"HAS_BIAS": has_bias, **flags, **blocks}, options)
 
 
 COMPILE_CASES = list(_compile_cases())

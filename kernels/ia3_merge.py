@@ -15,9 +15,11 @@ from ._weight import load_weight_tile, merge_args, merge_cases, store_weight_blo
 @triton.jit
 def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_ptr, code_ptr,
                       nested_code_ptr, nested_absmax_ptr, offset_ptr, stride_wn, stride_wk,
-                      stride_on, stride_ok, block_shift, nested_shift, N, K,
-                      FEEDFORWARD: tl.constexpr, UNMERGE: tl.constexpr, NF4: tl.constexpr,
-                      NESTED: tl.constexpr, NF4_OUT: tl.constexpr, BLOCK: tl.constexpr):
+                      stride_on, stride_ok, block_shift, nested_shift, N, K, stride_ln, stride_lk,
+                      UNMERGE: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                      NF4_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """l is read as an N x K view that broadcasts it: strides (1, 0) in the output form, (0, 1)
+    in the feed-forward form (one compiled kernel for both)."""
     block = tl.program_id(0).to(tl.int64)
     index = block * BLOCK + tl.arange(0, BLOCK)
     n_elements = N.to(tl.int64) * K
@@ -27,10 +29,7 @@ def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_
     w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
                          nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                          NF4, NESTED)
-    if FEEDFORWARD:
-        scale = tl.load(l_ptr + cols, mask=mask, other=1.0)
-    else:
-        scale = tl.load(l_ptr + rows, mask=mask, other=1.0)
+    scale = tl.load(l_ptr + rows * stride_ln + cols * stride_lk, mask=mask, other=1.0)
     if UNMERGE:
         merged = tl.math.div_rn(w, scale)
     else:
@@ -44,16 +43,16 @@ def ia3_merge(w, scale, shape, feedforward, unmerge, out, out_absmax=None, bound
     flat fp32; the other arguments as in ``lora_merge.lora_merge``."""
     N, K = shape
     grid, args, kwargs = merge_args(w, out, out_absmax, bounds, nf4, N, K)
-    _ia3_merge_kernel[grid](w, scale, *args, FEEDFORWARD=feedforward, UNMERGE=unmerge, **kwargs)
+    stride_ln, stride_lk = (0, 1) if feedforward else (1, 0)
+    _ia3_merge_kernel[grid](w, scale, *args, stride_ln, stride_lk, UNMERGE=unmerge, **kwargs)
 
 
 def _variants(dense_in, same_dtype):
-    for feedforward in (False, True):
-        yield {"FEEDFORWARD": feedforward, "UNMERGE": False}
-        if dense_in and same_dtype:  # unmerge runs in place on dense weights only
-            yield {"FEEDFORWARD": feedforward, "UNMERGE": True}
+    yield {"UNMERGE": False}
+    if dense_in and same_dtype:  # unmerge runs in place on dense weights only
+        yield {"UNMERGE": True}
 
 
 COMPILE_CASES = list(merge_cases(
-    _ia3_merge_kernel, {"l_ptr": "*fp32", "FEEDFORWARD": "constexpr", "UNMERGE": "constexpr"},
-    _variants))
+    _ia3_merge_kernel, {"l_ptr": "*fp32", "stride_ln": "i32", "stride_lk": "i32",
+                        "UNMERGE": "constexpr"}, _variants))

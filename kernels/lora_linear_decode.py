@@ -10,7 +10,8 @@ packed byte of W is read exactly once and there are N / BLOCK_N x SPLIT_K progra
 2. ``_lora_decode_epilogue_kernel``: sums the partials in a fixed order (deterministic, no atomics),
    rounds S to x's dtype (and stores it: backward needs it), adds s S B^T and the bias, one store.
 
-Dropout, NF4 decoding, dtype and precision rules are those of the tiled path, whose helpers this uses.
+Dropout, NF4 decoding, dtype and precision rules are those of the tiled path: the same helpers
+(``dropout_keep`` from kernels/lora_linear.py, the weight readers of kernels/_weight.py).
 """
 
 import torch
