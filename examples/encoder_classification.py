@@ -182,7 +182,9 @@ def run(args):
     model.head.load_state_dict(initial_head)  # the fine-tuned run starts from the same head
     lowrank.patch_model(encoder, method=args.method,
                         **({"rank": args.rank} if args.method == "lora" else {}))
-    print(f"3. {args.method} on every linear layer of the encoder:", end=" ")
+    targets = ("every linear layer" if args.method == "lora"
+               else "the attention keys and values and the feed-forward outputs")
+    print(f"3. {args.method} on {targets} of the encoder:", end=" ")
     lowrank.print_trainable_parameters(encoder)
     adapters = [p for p in encoder.parameters() if p.requires_grad]
     trained = time.perf_counter()

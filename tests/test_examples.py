@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -32,8 +34,9 @@ def test_qlora_finetune_smoke(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
 
 
-def test_encoder_classification_smoke():
-    summary = run_example("encoder_classification.py", "--smoke")
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_encoder_classification_smoke(method):
+    summary = run_example("encoder_classification.py", "--smoke", "--method", method)
     chance, probe, tuned = map(float, re.search(
         r"accuracy (\S+)% untrained -> (\S+)% linear probe -> (\S+)% fine-tuned", summary).groups())
     assert tuned >= 80.0, summary  # 2 classes, 80 held-out sentences
