@@ -123,7 +123,7 @@ def mean_over_ranks(loss):
     return loss / dist.get_world_size()
 
 
-def run_fsdp2(model, ids):
+def run_fsdp2(model, ids, out):
     fully_shard_blocks(model)
     q_proj = model.model.layers[0].self_attn.q_proj.base_layer.weight
     shards = {"q_proj_local": q_proj.to_local().numel(), "q_proj_full": q_proj.numel(),
@@ -131,8 +131,9 @@ def run_fsdp2(model, ids):
     losses, grads, weights = train(model, ids, trainable(model), full=lambda t: t.full_tensor(),
                                    mean_loss=mean_over_ranks)
     refusals = {}
-    for what, call in (("merge", lambda: lowrank.merge(model)),
-                       ("save_adapter", lambda: lowrank.save_adapter(model, "never-written"))):
+    attempts = {"merge": lambda: lowrank.merge(model),
+                "save_adapter": lambda: lowrank.save_adapter(model, os.path.join(out, "adapter"))}
+    for what, call in attempts.items():
         try:
             call()
         except ValueError as error:
@@ -167,7 +168,7 @@ def main():
         if args.engine == "ddp":
             result = run_ddp(model, ids)
         else:
-            result = run_fsdp2(model, ids)
+            result = run_fsdp2(model, ids, args.out)
             if base_storage(args.base).is_floating_point and args.base != "dense":
                 result["cast_refusal"] = cast_refusal(args.base, args.checkpoint, ids)
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))

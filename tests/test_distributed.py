@@ -117,6 +117,7 @@ def test_fsdp2_shards_the_base_and_matches_one_process(base, checkpoint, tmp_pat
         if base == "nf4-bfloat16":  # MixedPrecisionPolicy(param_dtype=fp32) converts the bytes
             assert "stored as torch.bfloat16 and is now torch.float32" in result["cast_refusal"]
             assert "MixedPrecisionPolicy" in result["cast_refusal"]
+    assert not (tmp_path / "adapter").exists()
     assert_matches_one_process(ranks, base, checkpoint)
 
 
