@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank.modules import layer_features, layer_kind
+from lowrank.modules import is_sharded, layer_features, layer_kind
 from lowrank.patch import (AdapterConfig, adapter_layers, add_adapter, check_adapter,
                            modules_outside_adapters, patch_state)
 
@@ -127,6 +127,9 @@ def save_adapter(model, path, adapter_name="default"):
         tensors, peft_config = _lora_contents(model, adapter_name, config, layers)
     else:
         tensors, peft_config = _ia3_contents(model, adapter_name, layers)
+    if any(is_sharded(t) for t in tensors.values()):
+        raise ValueError("lowrank.save_adapter: the adapter weights are sharded by FSDP2 "
+                         "(DTensors), each rank holding a part; saving them is not supported yet")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2, sort_keys=True)

@@ -21,6 +21,15 @@ from transformers.pytorch_utils import Conv1D
 from lowrank import nf4, ops
 
 
+def is_sharded(tensor):
+    """True for a tensor that FSDP2 has sharded (a DTensor)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def layer_kind(module):
     """'linear', 'nf4' or 'conv1d' for a layer we can patch; a TypeError naming anything else."""
     if isinstance(module, Linear4bit):
@@ -48,14 +57,14 @@ def layer_features(module, kind):
     return module.in_features, module.out_features
 
 
-def frozen_operands(base, kind, x):
-    """(x in the compute dtype, weight as the ops take it, bias or None, output dtype) of a base
-    layer of ``kind``.
+def frozen_operands(base, kind, x, nf4_storage=None):
+    """(x in the compute dtype, weight as the ops take it, its quant state or None, bias or None,
+    output dtype) of a base layer of ``kind``.
 
     Under ``torch.autocast`` a dense or Conv1D base computes in the autocast dtype, as its own
     F.linear / addmm would. A Linear4bit computes in its ``compute_dtype`` (autocast or not) and
-    returns the input's dtype, as bitsandbytes does; its packed weight is passed as it is (a
-    Params4bit carries its state).
+    returns the input's dtype, as bitsandbytes does; its packed weight is passed as it is stored,
+    with its quant state (see ``nf4_operands``).
     """
     if kind in ("linear", "conv1d"):
         weight = base.weight.t() if kind == "conv1d" else base.weight  # Conv1D stores (in, out)
@@ -64,17 +73,37 @@ def frozen_operands(base, kind, x):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return x, weight, bias, x.dtype
-    state = getattr(base.weight, "quant_state", None)
+        return x, weight, None, bias, x.dtype
+    weight, state = nf4_operands(base, nf4_storage)
+    compute_dtype = base.compute_dtype or x.dtype
+    bias = None if base.bias is None else base.bias.to(compute_dtype)
+    return x.to(compute_dtype), weight, state, bias, x.dtype
+
+
+def nf4_operands(base, nf4_storage=None):
+    """(packed weight, quant state) of a Linear4bit. The state is the Params4bit's or, where FSDP
+    has replaced the Params4bit with a plain Parameter (the all-gathered shards), the copy
+    bitsandbytes keeps on the module, as its own Linear4bit.forward recovers it. ``nf4_storage``:
+    the dtype the packed bytes were stored in when patched; any other dtype now means a cast."""
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        state = getattr(base, "quant_state", None)
     if state is None:
         raise RuntimeError("lowrank: this Linear4bit's weight has no quant_state (was it moved "
                            "or converted without bitsandbytes?)")
     if getattr(state, "packing_format_for_cpu", False):
         raise RuntimeError("lowrank: bitsandbytes repacked this Linear4bit's weight for its CPU "
                            "kernel; reload the model and patch it before running it in eval mode")
-    compute_dtype = base.compute_dtype or x.dtype
-    bias = None if base.bias is None else base.bias.to(compute_dtype)
-    return x.to(compute_dtype), base.weight, bias, x.dtype
+    if nf4_storage is not None and weight.dtype != nf4_storage:
+        raise RuntimeError(
+            f"lowrank: this Linear4bit's packed NF4 weight was stored as {nf4_storage} and "
+            f"is now {weight.dtype}: it was cast, which destroys the packed codes. FSDP2's "
+            "MixedPrecisionPolicy(param_dtype=...) and model.to(dtype) cast 4-bit weights stored "
+            "in a float bnb_4bit_quant_storage; leave param_dtype None (or equal to the "
+            "quant_storage dtype), or load with bnb_4bit_quant_storage=torch.uint8, which "
+            "neither casts")
+    return weight, state
 
 
 class AdapterLayer(nn.Module):
@@ -88,6 +117,9 @@ class AdapterLayer(nn.Module):
         self.kind = layer_kind(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = layer_features(base_layer, self.kind)
+        # The dtype the packed NF4 bytes are stored in (bnb_4bit_quant_storage): one that differs
+        # later means something cast them (see nf4_operands).
+        self.nf4_storage = base_layer.weight.dtype if self.kind == "nf4" else None
         self.active_adapter = None
         self.merged_adapters = []
         self.adapters_disabled = False
@@ -124,8 +156,15 @@ class AdapterLayer(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    def check_unsharded(self, what):
+        """Merges read and write whole weights: refuse FSDP2's shards with an error naming them."""
+        if any(is_sharded(p) for p in self.parameters()):
+            raise ValueError(f"lowrank.{what}: this model's weights are sharded by FSDP2 "
+                             "(DTensors); merge before fully_shard, or after gathering them")
+
     def merge(self, name):
         """Write adapter ``name`` into the base weight (NF4: requantized, the original kept)."""
+        self.check_unsharded("merge")
         if name in self.merged_adapters:
             raise ValueError(f"lowrank.merge: adapter {name!r} is already merged")
         base = self.base_layer
@@ -134,7 +173,7 @@ class AdapterLayer(nn.Module):
                 self._nf4_original = (base.weight.data, base.weight.quant_state,
                                       None if base.bias is None else base.bias.data)
             (packed, state), bias = self.merged_weight(name, base.weight, base.bias, None)
-            base.weight.data, base.weight.quant_state = packed, state
+            set_nf4_weight(base, packed, state)
             if bias is not None:
                 base.bias.data = bias
         else:
@@ -143,9 +182,12 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self):
         """Take every merged adapter out of the base weight again."""
+        if self.merged_adapters:
+            self.check_unsharded("unmerge")
         base = self.base_layer
         if self.kind == "nf4" and self.merged_adapters:
-            base.weight.data, base.weight.quant_state, bias = self._nf4_original
+            packed, state, bias = self._nf4_original
+            set_nf4_weight(base, packed, state)
             if bias is not None:
                 base.bias.data = bias
             del self._nf4_original
@@ -164,6 +206,7 @@ class AdapterLayer(nn.Module):
         already, or none) for ``merge_and_unload``: the base layer merged in place (dense), or a
         new ``nn.Linear`` in ``dtype`` holding the lossless merge of an NF4 weight (``dtype``
         "nf4": the Linear4bit, requantized)."""
+        self.check_unsharded("merge_and_unload")
         if self.kind != "nf4" or dtype == "nf4":
             if name is not None:
                 self.merge(name)
@@ -190,7 +233,16 @@ class AdapterLayer(nn.Module):
         return name
 
     def frozen_operands(self, x):
-        return frozen_operands(self.base_layer, self.kind, x)
+        """``frozen_operands`` of this layer's base (its NF4 storage dtype checked)."""
+        return frozen_operands(self.base_layer, self.kind, x, self.nf4_storage)
+
+
+def set_nf4_weight(linear4bit, packed, state):
+    """Put new packed bytes and quant state into a Linear4bit: on its Params4bit and on the module,
+    where bitsandbytes keeps a copy (read when FSDP drops the Params4bit)."""
+    linear4bit.weight.data, linear4bit.weight.quant_state = packed, state
+    if getattr(linear4bit, "quant_state", None) is not None:
+        linear4bit.quant_state = state
 
 
 class LoraLinear(AdapterLayer):
@@ -243,10 +295,10 @@ class LoraLinear(AdapterLayer):
         name = self.runs_adapter()
         if name is None:
             return self.base_layer(x)
-        x, weight, bias, out_dtype = self.frozen_operands(x)
+        x, weight, state, bias, out_dtype = self.frozen_operands(x)
         dropout = self.lora_dropout[name] if self.training else 0.0
         y = ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name], bias=bias, dropout=dropout)
+                            self.scaling[name], bias=bias, dropout=dropout, quant_state=state)
         return y.to(out_dtype)
 
     def extra_repr(self):
@@ -291,8 +343,9 @@ class IA3Linear(AdapterLayer):
         name = self.runs_adapter()
         if name is None:
             return self.base_layer(x)
-        x, weight, bias, out_dtype = self.frozen_operands(x)
-        y = ops.ia3_linear(x, weight, self.ia3_l[name], bias=bias, feedforward=self.is_feedforward)
+        x, weight, state, bias, out_dtype = self.frozen_operands(x)
+        y = ops.ia3_linear(x, weight, self.ia3_l[name], bias=bias, feedforward=self.is_feedforward,
+                           quant_state=state)
         return y.to(out_dtype)
 
     def extra_repr(self):
