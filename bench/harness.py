@@ -35,6 +35,28 @@ def check_outputs(name, actual, expected, atol=0.0, rtol=0.0):
                               f"atol {atol}, rtol {rtol}); not timing it")
 
 
+def check_all(fns, args, expected, relative=2e-2, skip=("bf16_gemm_floor",)):
+    """The guard for every way a case computes one output (``fns``: name -> fn(*args)); the floor,
+    which computes less, is skipped. bf16 sums over K: allow ``relative`` of the largest value."""
+    atol = relative * expected.abs().max().item()
+    for name, fn in fns.items():
+        if name not in skip:
+            check_outputs(name, fn(*args), expected, atol=atol, rtol=relative / 2)
+
+
+def headline_metrics(timings, floors, bytes_read=None, flops=None):
+    """Speed-ups of lowrank over every other timing; lowrank as a % of the device's copy bandwidth
+    (from the bytes it must read) or of its bf16 GEMM rate (from the flops it must do)."""
+    ms = timings["lowrank"]["median"]
+    metrics = {f"speedup_vs_{name}": t["median"] / ms for name, t in timings.items()
+               if name != "lowrank"}
+    if bytes_read is not None:  # bytes per ms / 1e6 = GB/s
+        metrics["pct_copy_bandwidth"] = 100 * bytes_read / ms / 1e6 / floors["copy_bandwidth_gbps"]
+    if flops is not None:  # flops per ms / 1e9 = TFLOP/s
+        metrics["pct_bf16_gemm_rate"] = 100 * flops / ms / 1e9 / floors["bf16_gemm_tflops"]
+    return metrics
+
+
 def rotating(make_inputs, bytes_per_set):
     """Enough input sets to exceed twice the L2 cache, cycled through call by call."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size

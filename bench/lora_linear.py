@@ -18,7 +18,7 @@ lowrank paths forced (``lowrank_tiled``, ``lowrank_decode``): they are what sets
 
 import torch
 
-from bench.harness import check_outputs
+from bench.harness import check_all, headline_metrics
 
 RANK, SCALING, BLOCKSIZE = 16, 2.0, 64
 # (K, N): Llama-3-8B's projections. M: tokens per call, from decode (1) to a large training batch.
@@ -121,27 +121,6 @@ def with_backward(forward):
     return fn
 
 
-def _guard(fns, args, expected):
-    # bf16 outputs of K-long sums: allow a few bf16 ulps of the largest value.
-    atol = 2e-2 * expected.abs().max().item()
-    for name, fn in fns.items():
-        if name != "bf16_gemm_floor":  # no LoRA term: compared with its own dense GEMM
-            check_outputs(name, fn(*args), expected, atol=atol, rtol=1e-2)
-
-
-def _metrics(timings, floors, bytes_read=None, flops=None):
-    """Speedups over every baseline; ours as a % of the device's copy bandwidth (decode, from the
-    bytes it must read) or of its bf16 GEMM rate (training, from the flops it must do)."""
-    ms = timings["lowrank"]["median"]
-    metrics = {f"speedup_vs_{name}": t["median"] / ms for name, t in timings.items()
-               if name != "lowrank"}
-    if bytes_read is not None:  # bytes per ms / 1e6 = GB/s
-        metrics["pct_copy_bandwidth"] = 100 * bytes_read / ms / 1e6 / floors["copy_bandwidth_gbps"]
-    if flops is not None:  # flops per ms / 1e9 = TFLOP/s
-        metrics["pct_bf16_gemm_rate"] = 100 * flops / ms / 1e9 / floors["bf16_gemm_tflops"]
-    return metrics
-
-
 def _no_grad(fn):
     """A forward timed as inference: the shared signature of timed calls, no autograd graph."""
     def call(x, packed, state, dense, a, b, grad_y, buffer):
@@ -169,12 +148,12 @@ def run(runner, floors, shapes):
             x, packed, state, dense, a, b, grad_y, buffer = next(inputs)
             args = (x, packed, state, dense, a, b, buffer)
             with torch.no_grad():
-                _guard(fns, args, fns["reference"](*args))
+                check_all(fns, args, fns["reference"](*args))
             timings = {name: runner.time(_no_grad(fn), inputs) for name, fn in fns.items()}
             rate = {"flops": 2 * m * n * (k + RANK)} if train else {"bytes_read": bytes_read}
             cases.append({"op": "lora_linear_forward", "shape": [m, k, n],
                           "params": {**params, "path": "train" if train else "decode"},
-                          "timings_ms": timings, "metrics": _metrics(timings, floors, **rate)})
+                          "timings_ms": timings, "metrics": headline_metrics(timings, floors, **rate)})
             if not train:
                 continue
             backward_fns = {name: with_backward(fn) for name, fn in fns.items()}
@@ -184,5 +163,5 @@ def run(runner, floors, shapes):
             flops = 4 * m * n * k + 6 * m * RANK * (n + k)
             cases.append({"op": "lora_linear_forward_backward", "shape": [m, k, n], "params": params,
                           "timings_ms": timings, "peak_memory_bytes": memory,
-                          "metrics": _metrics(timings, floors, flops=flops)})
+                          "metrics": headline_metrics(timings, floors, flops=flops)})
     return cases

@@ -17,7 +17,10 @@ from bench.harness import SCHEMA_VERSION, validate
 
 # Small shapes of each op's kind, odd sizes, kernels in the interpreter.
 DRY_SHAPES = {"nf4_dequantize": [(37, 65)],
-              "lora_linear": [(260, 70, 50), (3, 97, 83), (20, 97, 83)]}
+              "lora_linear": [(260, 70, 50), (3, 97, 83), (20, 97, 83)],
+              "ia3_linear": [(37, 70, 50)],
+              "merge": [(40, 64), (24, 130)],
+              "train_step": [(2, 8, 32, 1, 48)]}
 DRY_TIMING = {"median": 1.0, "p20": 0.5, "p80": 2.0}
 
 
