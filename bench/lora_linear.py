@@ -98,7 +98,7 @@ def forced_path_fns():
         def fn(x, packed, state, dense, a, b, buffer):
             weight, *nf4_args = ops._weight_operands(None, state, packed.view(torch.uint8).reshape(-1))
             nf4 = ops._nf4_decoding(*nf4_args, x.shape[1])
-            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+            seed = torch.empty(1, dtype=torch.int64, device=x.device)  # unread: no dropout
             y = torch.empty(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
             s = torch.empty(x.shape[0], RANK, dtype=x.dtype, device=x.device)
             if path == "decode":

@@ -242,7 +242,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     if not _use_kernels(weight, quant_state, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias):
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
     x2 = x.reshape(-1, K).contiguous()
-    seed = dropout_seed(x.device) if dropout > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    # Without dropout the kernels never read the seed: an empty one costs no fill kernel per call.
+    seed = dropout_seed(x.device) if dropout > 0 else torch.empty(1, dtype=torch.int64, device=x.device)
     y, _ = lora_forward(x2, *_weight_operands(weight, quant_state, packed), N, lora_A, lora_B,
                         float(scaling), bias, float(dropout), seed)
     return y.reshape(*x.shape[:-1], N)
