@@ -96,16 +96,16 @@ def forced_path_fns():
 
     def launch(path):
         def fn(x, packed, state, dense, a, b, buffer):
-            weight, *nf4_args = ops._weight_operands(None, state, packed.view(torch.uint8).reshape(-1))
-            nf4 = ops._nf4_decoding(*nf4_args, x.shape[1])
+            weight = ops.FrozenWeight.of(packed, state)
             seed = torch.empty(1, dtype=torch.int64, device=x.device)  # unread: no dropout
             y = torch.empty(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
             s = torch.empty(x.shape[0], RANK, dtype=x.dtype, device=x.device)
             if path == "decode":
-                decode.lora_decode_forward(x, weight, a, b, None, y, s, seed, 0.0, SCALING, nf4)
+                decode.lora_decode_forward(x, weight.tensor, a, b, None, y, s, seed, 0.0, SCALING,
+                                           weight.nf4)
             else:
                 tiled.lora_shrink(x, a, s, seed, 0.0)
-                tiled.lora_forward(x, weight, s, b, None, y, SCALING, nf4)
+                tiled.lora_forward(x, weight.tensor, s, b, None, y, SCALING, weight.nf4)
             return y
         return fn
 

@@ -35,17 +35,18 @@ def precision(dtype):
 
 def weight_args(w, nf4):
     """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
-    strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes with a dict of the
-    decoding tensors from lowrank.ops."""
+    strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes, ``nf4`` being what decodes
+    them, read by name: absmax, code, nested_code (None unless nested), nested_absmax, offset,
+    blocksize, nested_blocksize and in_features (``lowrank.ops.FrozenWeight.nf4``)."""
     if nf4 is None:
         return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
-    nested = nf4["nested_code"] is not None
-    absmax = nf4["absmax"]
+    nested = nf4.nested_code is not None
+    absmax = nf4.absmax
     return ({"NF4": True, "NESTED": nested},
-            (absmax, nf4["code"], nf4["nested_code"] if nested else absmax,
-             nf4["nested_absmax"] if nested else absmax, nf4["offset"] if nested else absmax,
-             nf4["blocksize"].bit_length() - 1, nf4["nested_blocksize"].bit_length() - 1),
-            (nf4["in_features"], 1))
+            (absmax, nf4.code, nf4.nested_code if nested else absmax,
+             nf4.nested_absmax if nested else absmax, nf4.offset if nested else absmax,
+             nf4.blocksize.bit_length() - 1, nf4.nested_blocksize.bit_length() - 1),
+            (nf4.in_features, 1))
 
 
 # How each kind of weight reaches a kernel: (NF4, NESTED) flags by name, for COMPILE_CASES.
@@ -85,7 +86,7 @@ def merge_args(w, out, out_absmax, bounds, nf4, N, K):
     Returns (grid, the arguments from ``out_ptr`` to ``K``, keyword arguments)."""
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     nf4_out = out_absmax is not None
-    block = nf4["blocksize"] if nf4_out else DENSE_MERGE_BLOCK
+    block = nf4.blocksize if nf4_out else DENSE_MERGE_BLOCK
     strides = (0, 0) if nf4_out else (out.stride(0), out.stride(1))
     grid = (triton.cdiv(N * K, block),)
     args = (out, out_absmax if nf4_out else out, bounds if nf4_out else out, *decoding[:5],

@@ -1,16 +1,11 @@
 """Argument checks of the adapter ops (LoRA and IA3 linear, merges), shared by lowrank.ops and
-lowrank.reference. Every error names the op and the problem."""
+lowrank.reference. Every error names the op and the problem. The weight comes back as the
+``FrozenWeight`` the op runs on (one given is checked, not rebuilt)."""
 
 import torch
 
-from lowrank._quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_quant_state
-
-
-def resolve_weight(weight, quant_state):
-    """The quant state of ``weight``: the one given, a Params4bit's own, or None for a dense weight."""
-    if quant_state is None:
-        quant_state = getattr(weight, "quant_state", None)
-    return quant_state
+from lowrank._quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE
+from lowrank.frozen_weight import FrozenWeight
 
 
 def _check_tensors(op, **tensors):
@@ -20,41 +15,40 @@ def _check_tensors(op, **tensors):
 
 
 def check_weight(op, weight, quant_state, dtypes=FLOAT_DTYPES):
-    """(N, K, packed bytes or None) of a dense (N x K) weight, or of packed NF4 with its state."""
-    _check_tensors(op, weight=weight)
-    if quant_state is not None:
-        packed = check_quant_state(weight, quant_state)
-        if len(quant_state.shape) != 2:
+    """The FrozenWeight of a dense (N x K) weight, or of packed NF4 with its state (given, or a
+    Params4bit's own)."""
+    weight = FrozenWeight.of(weight, quant_state, op)
+    if weight.quant_state is not None:
+        if len(weight.shape) != 2:
             raise ValueError(f"lowrank.{op}: the NF4 weight must be 2-D (out x in), got shape "
-                             f"{tuple(quant_state.shape)}")
-        N, K = quant_state.shape
-        return N, K, packed
-    if weight.dim() != 2:
-        raise ValueError(f"lowrank.{op}: weight must be 2-D (out x in), got shape "
-                         f"{tuple(weight.shape)}")
-    if weight.dtype not in dtypes:
-        raise TypeError(f"lowrank.{op}: weight dtype {weight.dtype} is not supported; use one of "
-                        f"{dtypes}")
-    return weight.shape[0], weight.shape[1], None
+                             f"{weight.shape}")
+        return weight
+    if len(weight.shape) != 2:
+        raise ValueError(f"lowrank.{op}: weight must be 2-D (out x in), got shape {weight.shape}")
+    if weight.tensor.dtype not in dtypes:
+        raise TypeError(f"lowrank.{op}: weight dtype {weight.tensor.dtype} is not supported; use "
+                        f"one of {dtypes}")
+    return weight
 
 
 def check_linear_args(op, x, weight, bias, quant_state, dtypes):
-    """Checks shared by the linear ops; returns (N, K, packed bytes or None)."""
+    """Checks shared by the linear ops; returns the FrozenWeight."""
     _check_tensors(op, x=x)
     if x.dtype not in dtypes:
         raise TypeError(f"lowrank.{op}: x dtype {x.dtype} is not supported; use one of {dtypes}")
-    N, K, packed = check_weight(op, weight, quant_state, dtypes)
-    if quant_state is not None:
-        if weight.requires_grad:
+    weight = check_weight(op, weight, quant_state, dtypes)
+    N, K = weight.shape
+    if weight.quant_state is not None:
+        if weight.stored.requires_grad:
             raise ValueError(f"lowrank.{op}: an NF4 weight cannot take a gradient; freeze it")
-    elif weight.dtype != x.dtype:
-        raise TypeError(f"lowrank.{op}: dense weight dtype {weight.dtype} differs from x "
+    elif weight.tensor.dtype != x.dtype:
+        raise TypeError(f"lowrank.{op}: dense weight dtype {weight.tensor.dtype} differs from x "
                         f"dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"lowrank.{op}: x has {x.shape[-1] if x.dim() else 0} features but "
                          f"the weight expects {K} (shape {N} x {K})")
     check_bias(op, bias, N, dtypes)
-    return N, K, packed
+    return weight
 
 
 def check_bias(op, bias, N, dtypes):
@@ -97,32 +91,34 @@ def check_ia3_vector(op, ia3, feedforward, N, K, dtypes):
 
 def check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
                     dtypes=FLOAT_DTYPES):
-    """Check everything; return (N, K, packed bytes or None). Errors name the problem.
+    """Check everything; return the FrozenWeight. Errors name the problem.
 
     ``dtypes``: the floating dtypes accepted (the reference also takes float64, as the oracle)."""
-    _check_tensors("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    N, K, packed = check_linear_args("lora_linear", x, weight, bias, quant_state, dtypes)
-    check_lora_factors("lora_linear", lora_A, lora_B, scaling, N, K, dtypes)
+    _check_tensors("lora_linear", x=x, lora_A=lora_A, lora_B=lora_B)
+    weight = check_linear_args("lora_linear", x, weight, bias, quant_state, dtypes)
+    check_lora_factors("lora_linear", lora_A, lora_B, scaling, *weight.shape, dtypes)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lowrank.lora_linear: dropout must be in [0, 1), got {dropout}")
-    return N, K, packed
+    return weight
 
 
 def check_ia3_args(x, weight, ia3, bias, feedforward, quant_state, dtypes=FLOAT_DTYPES):
-    """The checks of ``ia3_linear``; returns (N, K, packed bytes or None)."""
-    _check_tensors("ia3_linear", x=x, weight=weight, ia3=ia3)
-    N, K, packed = check_linear_args("ia3_linear", x, weight, bias, quant_state, dtypes)
-    check_ia3_vector("ia3_linear", ia3, feedforward, N, K, dtypes)
-    return N, K, packed
+    """The checks of ``ia3_linear``; returns the FrozenWeight."""
+    _check_tensors("ia3_linear", x=x, ia3=ia3)
+    weight = check_linear_args("ia3_linear", x, weight, bias, quant_state, dtypes)
+    check_ia3_vector("ia3_linear", ia3, feedforward, *weight.shape, dtypes)
+    return weight
 
 
 def check_merge_args(op, weight, quant_state, dtype, in_place=False):
-    """Checks shared by the merges; returns (N, K, packed bytes or None)."""
+    """Checks shared by the merges; returns the FrozenWeight."""
+    weight = FrozenWeight.of(weight, quant_state, op)
+    quant_state = weight.quant_state
     if in_place and quant_state is not None:
         raise ValueError(f"lowrank.{op}: merging in place needs a dense weight; for NF4 use the "
                          "out-of-place merge and keep the original packed bytes and quant_state "
                          "to unmerge")
-    N, K, packed = check_weight(op, weight, quant_state)
+    weight = check_weight(op, weight, None)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank.{op}: dtype {dtype} is not supported; use None (the weight's "
                         f"form) or one of {FLOAT_DTYPES}")
@@ -130,4 +126,4 @@ def check_merge_args(op, weight, quant_state, dtype, in_place=False):
             quant_state.state2.blocksize != NESTED_BLOCKSIZE:
         raise ValueError(f"lowrank.{op}: nested blocksize {quant_state.state2.blocksize} is not "
                          f"supported; bitsandbytes uses {NESTED_BLOCKSIZE}")
-    return N, K, packed
+    return weight

@@ -58,12 +58,12 @@ def layer_features(module, kind):
 
 
 def frozen_operands(base, kind, x, nf4_storage=None):
-    """(x in the compute dtype, weight as the ops take it, its quant state or None, bias or None,
-    output dtype) of a base layer of ``kind``.
+    """(x in the compute dtype, the frozen weight as an ``ops.FrozenWeight``, bias or None, output
+    dtype) of a base layer of ``kind``, read on every call (FSDP2 swaps the tensors between calls).
 
     Under ``torch.autocast`` a dense or Conv1D base computes in the autocast dtype, as its own
     F.linear / addmm would. A Linear4bit computes in its ``compute_dtype`` (autocast or not) and
-    returns the input's dtype, as bitsandbytes does; its packed weight is passed as it is stored,
+    returns the input's dtype, as bitsandbytes does; its packed weight is read as it is stored,
     with its quant state (see ``nf4_operands``).
     """
     if kind in ("linear", "conv1d"):
@@ -73,11 +73,11 @@ def frozen_operands(base, kind, x, nf4_storage=None):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return x, weight, None, bias, x.dtype
+        return x, ops.FrozenWeight.of(weight), bias, x.dtype
     weight, state = nf4_operands(base, nf4_storage)
     compute_dtype = base.compute_dtype or x.dtype
     bias = None if base.bias is None else base.bias.to(compute_dtype)
-    return x.to(compute_dtype), weight, state, bias, x.dtype
+    return x.to(compute_dtype), ops.FrozenWeight.of(weight, state), bias, x.dtype
 
 
 def nf4_operands(base, nf4_storage=None):
@@ -295,10 +295,10 @@ class LoraLinear(AdapterLayer):
         name = self.runs_adapter()
         if name is None:
             return self.base_layer(x)
-        x, weight, state, bias, out_dtype = self.frozen_operands(x)
+        x, weight, bias, out_dtype = self.frozen_operands(x)
         dropout = self.lora_dropout[name] if self.training else 0.0
         y = ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name], bias=bias, dropout=dropout, quant_state=state)
+                            self.scaling[name], bias=bias, dropout=dropout)
         return y.to(out_dtype)
 
     def extra_repr(self):
@@ -343,9 +343,8 @@ class IA3Linear(AdapterLayer):
         name = self.runs_adapter()
         if name is None:
             return self.base_layer(x)
-        x, weight, state, bias, out_dtype = self.frozen_operands(x)
-        y = ops.ia3_linear(x, weight, self.ia3_l[name], bias=bias, feedforward=self.is_feedforward,
-                           quant_state=state)
+        x, weight, bias, out_dtype = self.frozen_operands(x)
+        y = ops.ia3_linear(x, weight, self.ia3_l[name], bias=bias, feedforward=self.is_feedforward)
         return y.to(out_dtype)
 
     def extra_repr(self):

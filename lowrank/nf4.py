@@ -12,7 +12,8 @@ fp4 states are refused.
 import torch
 
 from lowrank import _dispatch, ops, reference
-from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args
+from lowrank._quant_state import FLOAT_DTYPES, check_quantize_args
+from lowrank.frozen_weight import FrozenWeight
 
 
 def quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
@@ -37,28 +38,19 @@ def dequantize(packed, quant_state, out=None, dtype=None):
     Returns a tensor of ``quant_state.shape`` in ``dtype`` (default: ``out``'s dtype, else
     ``quant_state.dtype``), written into ``out`` when given (contiguous, of that shape).
     """
-    packed_bytes = check_quant_state(packed, quant_state)
+    weight = FrozenWeight.of_nf4(packed, quant_state)
     dtype = _output_dtype(quant_state, out, dtype)
     if out is None:
-        out = torch.empty(quant_state.shape, dtype=dtype, device=packed_bytes.device)
+        out = torch.empty(quant_state.shape, dtype=dtype, device=weight.tensor.device)
     elif tuple(out.shape) != tuple(quant_state.shape) or not out.is_contiguous():
         raise ValueError(f"lowrank.nf4.dequantize: out must be a contiguous tensor of shape "
                          f"{tuple(quant_state.shape)}, got shape {tuple(out.shape)}"
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
-    state2 = quant_state.state2 if quant_state.nested else None
-    use_kernels = _dispatch.use_kernels(
-        packed=packed_bytes, absmax=quant_state.absmax, out=out,
-        nested_absmax=None if state2 is None else state2.absmax,
-        offset=None if state2 is None else quant_state.offset)
+    use_kernels = _dispatch.use_kernels(packed=weight.tensor, absmax=weight.absmax, out=out,
+                                        nested_absmax=weight.nested_absmax, offset=weight.offset)
     if not use_kernels:
         return out.copy_(reference.nf4_dequantize(packed, quant_state, dtype))
-    if state2 is None:
-        ops.nf4_dequantize(packed_bytes, absmax_fp32(quant_state), None, None, None, out,
-                           quant_state.blocksize, 1)
-    else:
-        ops.nf4_dequantize(packed_bytes, quant_state.absmax, state2.code.float(),
-                           state2.absmax.float(), quant_state.offset.float().reshape(()), out,
-                           quant_state.blocksize, state2.blocksize)
+    ops.nf4_dequantize(*weight.flat(), out)
     return out
 
 

@@ -86,7 +86,7 @@ def _lora_forward(layer, kind, x, *args, **kwargs):
     name = _adapter_to_serve(layer, layer.lora_A, args, kwargs)
     if name is None or _lora_adapter_refusal(layer, name) is not None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, state, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
+    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
     lora_B, scaling = layer.lora_B[name], layer.scaling[name]
     if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
         lora_bias = lora_B.bias * scaling
@@ -94,7 +94,7 @@ def _lora_forward(layer, kind, x, *args, **kwargs):
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling, bias=bias,
-                        dropout=p, quant_state=state)
+                        dropout=p)
     return y.to(out_dtype)
 
 
@@ -102,9 +102,8 @@ def _ia3_forward(layer, kind, x, *args, **kwargs):
     name = _adapter_to_serve(layer, layer.ia3_l, args, kwargs)
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, state, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
-    y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward,
-                       quant_state=state)
+    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
+    y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward)
     return y.to(out_dtype)
 
 

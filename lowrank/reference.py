@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank._lora_args import (check_bias, check_ia3_args, check_ia3_vector, check_lora_args,
-                                check_lora_factors, check_merge_args, resolve_weight)
+                                check_lora_factors, check_merge_args)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books)
 
@@ -74,19 +74,24 @@ def nf4_dequantize(packed, quant_state, dtype=None):
     return values.to(dtype or quant_state.dtype).reshape(quant_state.shape)
 
 
+def _weight_values(weight):
+    """A FrozenWeight's values: the dense tensor itself (autograd reaches it), or NF4 in fp32."""
+    if weight.quant_state is None:
+        return weight.tensor
+    return nf4_dequantize(weight.stored, weight.quant_state, torch.float32)
+
+
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quant_state=None,
                 dropout_mask=None):
     """Y = x W^T + b + scaling * dropout(x) A^T B^T, computed in x's dtype.
 
     ``weight``: dense (N x K), or packed NF4 with its ``quant_state`` (a Params4bit carries its
-    own). ``dropout_mask``: the keep mask (shape of x) to use instead of drawing one, so that a
-    test can give the reference the mask the kernels drew (``lowrank.ops.lora_dropout_mask``).
+    own), or a ``FrozenWeight``. ``dropout_mask``: the keep mask (shape of x) to use instead of
+    drawing one, so that a test can give the reference the mask the kernels drew
+    (``lowrank.ops.lora_dropout_mask``).
     """
-    quant_state = resolve_weight(weight, quant_state)
-    check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
-                    dtypes=FLOAT_DTYPES + (torch.float64,))
-    if quant_state is not None:
-        weight = nf4_dequantize(weight, quant_state, torch.float32)
+    weight = _weight_values(check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout,
+                                            quant_state, dtypes=FLOAT_DTYPES + (torch.float64,)))
     x_d = x
     if dropout > 0:
         if dropout_mask is None:
@@ -100,12 +105,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
 def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     """Y = (x W^T + b) * l, or with ``feedforward`` (x * l) W^T + b, computed in x's dtype with l
     applied in fp32 (PEFT's IA3 layers do the same)."""
-    quant_state = resolve_weight(weight, quant_state)
-    check_ia3_args(x, weight, ia3, bias, feedforward, quant_state,
-                   dtypes=FLOAT_DTYPES + (torch.float64,))
-    if quant_state is not None:
-        weight = nf4_dequantize(weight, quant_state, torch.float32)
-    weight = weight.to(x.dtype)
+    weight = _weight_values(check_ia3_args(x, weight, ia3, bias, feedforward, quant_state,
+                                           dtypes=FLOAT_DTYPES + (torch.float64,))).to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     scale = ia3.reshape(-1)
     if feedforward:
@@ -113,20 +114,16 @@ def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     return (F.linear(x, weight, bias) * scale).to(x.dtype)
 
 
-def _merged(merged, weight, quant_state, dtype):
-    """The fp32 ``merged`` weight in the form ``lowrank.ops``' merges return."""
+def _merged(merged, weight, dtype):
+    """The fp32 ``merged`` weight in the form ``lowrank.ops``' merges return for the FrozenWeight
+    ``weight``."""
+    quant_state = weight.quant_state
     if quant_state is None or dtype is not None:
-        return merged.to(dtype or (weight.dtype if quant_state is None else quant_state.dtype))
+        return merged.to(dtype or (weight.tensor.dtype if quant_state is None else quant_state.dtype))
     packed, state = nf4_quantize(merged, quant_state.blocksize, quant_state.nested,
-                                 quant_storage=weight.dtype)
+                                 quant_storage=weight.stored.dtype)
     state.dtype = quant_state.dtype  # the merged weight stands for the original's compute dtype
-    return packed.reshape(weight.shape), state
-
-
-def _weight_fp32(weight, quant_state):
-    if quant_state is not None:
-        return nf4_dequantize(weight, quant_state, torch.float32)
-    return weight.detach().float()
+    return packed.reshape(weight.stored.shape), state
 
 
 def merge_lora(weight, lora_A, lora_B, scaling, quant_state=None, dtype=None):
@@ -134,14 +131,14 @@ def merge_lora(weight, lora_A, lora_B, scaling, quant_state=None, dtype=None):
 
     B A is summed one rank at a time, each product rounded to fp32 before its add, as the kernel
     does, so that both give the same fp32 merged weight and hence the same NF4 bytes."""
-    quant_state = resolve_weight(weight, quant_state)
-    N, K, _ = check_merge_args("merge_lora", weight, quant_state, dtype)
+    weight = check_merge_args("merge_lora", weight, quant_state, dtype)
+    N, K = weight.shape
     check_lora_factors("merge_lora", lora_A, lora_B, scaling, N, K, FLOAT_DTYPES)
     a, b = lora_A.detach().float(), lora_B.detach().float()
     delta = torch.zeros(N, K, device=a.device)
     for r in range(a.shape[0]):
         delta += b[:, r, None] * a[None, r, :]
-    return _merged(_weight_fp32(weight, quant_state) + scaling * delta, weight, quant_state, dtype)
+    return _merged(_weight_values(weight).detach().float() + scaling * delta, weight, dtype)
 
 
 def ia3_scaled_weight(weight, ia3, feedforward, unmerge=False):
@@ -153,12 +150,12 @@ def ia3_scaled_weight(weight, ia3, feedforward, unmerge=False):
 
 def merge_ia3(weight, ia3, feedforward=False, bias=None, quant_state=None, dtype=None):
     """Same contract as ``lowrank.ops.merge_ia3``: (W * l in the weight's form, bias * l or bias)."""
-    quant_state = resolve_weight(weight, quant_state)
-    N, K, _ = check_merge_args("merge_ia3", weight, quant_state, dtype)
+    weight = check_merge_args("merge_ia3", weight, quant_state, dtype)
+    N, K = weight.shape
     check_ia3_vector("merge_ia3", ia3, feedforward, N, K, FLOAT_DTYPES)
     check_bias("merge_ia3", bias, N, FLOAT_DTYPES)
     scale = ia3.detach().float().reshape((1, -1) if feedforward else (-1, 1))
-    merged = _merged(_weight_fp32(weight, quant_state) * scale, weight, quant_state, dtype)
+    merged = _merged(_weight_values(weight).detach().float() * scale, weight, dtype)
     if bias is not None and not feedforward:
         bias = (bias.detach().float() * scale.reshape(-1)).to(bias.dtype)
     return merged, bias

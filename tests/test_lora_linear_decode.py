@@ -47,12 +47,8 @@ def test_kernels_write_every_output_element(kind, device):
     x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, rank, device, m=m,
                                                               k=K_DECODE)
     x, a, b = x.reshape(m, K_DECODE), lora_a.to(dtype), lora_b.to(dtype)
-    nf4_args = None
-    if state is not None:
-        weight = weight.view(torch.uint8).reshape(-1)
-        nf4_args = ops._nf4_decoding(state.absmax, state.state2.code, state.state2.absmax,
-                                     state.offset.reshape(()), state.blocksize,
-                                     state.state2.blocksize, K_DECODE)
+    frozen = ops.FrozenWeight.of(weight, state)
+    weight, nf4_args = frozen.tensor, frozen.nf4
     y, s = poisoned((m, N), dtype, device), poisoned((m, rank), dtype, device)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     decode_kernels.lora_decode_forward(x, weight, a, b, bias, y, s, seed, 0.0, 1.5, nf4_args)

@@ -247,8 +247,8 @@ def test_kernels_write_every_output_element(kind, device):
     """The launchers into NaN-poisoned dense outputs and garbage-filled NF4 outputs."""
     w, lora_a, lora_b, ia3, _ = make_adapters(device)
     packed, state = nf4.quantize(w, 256, double_quant=False)  # fewer, larger interpreted programs
-    nf4_args = ops._nf4_decoding(state.absmax, None, None, None, 256, 1, K)
-    packed = packed.reshape(-1)
+    frozen = ops.FrozenWeight.of(packed, state)
+    packed, nf4_args = frozen.tensor, frozen.nf4
 
     def launch(weight, decoding, out, **outputs):
         if kind == "lora":
@@ -277,14 +277,13 @@ def test_kernels_write_every_output_element(kind, device):
 def test_merge_ops_pass_torch_library_checks(device):
     w, lora_a, lora_b, ia3, _ = make_adapters(device)
     out = torch.empty(N, K, device=device)
-    torch.library.opcheck(ops.lora_merge, (w, None, None, None, None, 1, 1, lora_a, lora_b,
-                                           SCALING, out, None))
-    torch.library.opcheck(ops.ia3_merge, (w, None, None, None, None, 1, 1, N, K, ia3[True], True,
-                                          False, out, None))
+    weight_args = ops.FrozenWeight.of(w).flat()
+    torch.library.opcheck(ops.lora_merge, (*weight_args, lora_a, lora_b, SCALING, out, None))
+    torch.library.opcheck(ops.ia3_merge, (*weight_args, ia3[True], True, False, out, None))
     packed, state = nf4.quantize(w, 1024, double_quant=False)
     out, out_absmax = torch.empty_like(packed.reshape(-1)), torch.empty_like(state.absmax)
-    torch.library.opcheck(ops.lora_merge, (packed.reshape(-1), state.absmax, None, None, None, 1024,
-                                           1, lora_a, lora_b, SCALING, out, out_absmax))
+    torch.library.opcheck(ops.lora_merge, (*ops.FrozenWeight.of(packed, state).flat(), lora_a,
+                                           lora_b, SCALING, out, out_absmax))
 
 
 def test_bad_arguments_are_named(device):

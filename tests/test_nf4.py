@@ -214,7 +214,8 @@ def test_ops_pass_torch_library_checks(device):
     offset = absmax.mean()
     torch.library.opcheck(ops.nf4_quantize_absmax, (absmax, offset))
     out = torch.empty(350, device=device)
-    torch.library.opcheck(ops.nf4_dequantize, (packed, absmax, None, None, None, out, 64, 1))
+    weight = ops.FrozenWeight(packed, (350,), absmax, blocksize=64)
+    torch.library.opcheck(ops.nf4_dequantize, (*weight.flat(), out))
 
 
 def test_dequantize_traces_with_torch_compile(device):

@@ -1,0 +1,147 @@
+"""IA3 linear, fused: ``y = (x W^T + b) * l`` (output form) or ``(x * l) W^T + b`` (feed-forward
+form).
+
+``IA3LinearFunction`` is the op: its forward, its backward and what it saves. The custom ops are
+its launch primitives, registered with torch.library with fake implementations so that
+torch.compile traces through them. ``ia3_linear`` checks the arguments, runs ``lowrank.reference``
+where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels:
+``kernels/ia3_linear.py``. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
+"""
+
+from typing import Optional
+
+import torch
+
+from lowrank import reference
+from lowrank._lora_args import check_ia3_args
+from lowrank.frozen_weight import FrozenWeight
+from lowrank.kernels import ia3_linear as ia3_kernels
+from lowrank.ops._gradients import InputGradients
+
+
+def ia3_scale(ia3):
+    """l as the kernels read it: flat, contiguous fp32 (PEFT keeps it fp32 and scales in fp32)."""
+    return ia3.detach().reshape(-1).float().contiguous()
+
+
+@torch.library.custom_op("lowrank::ia3_forward", mutates_args=())
+def ia3_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
+                ia3: torch.Tensor, bias: Optional[torch.Tensor], feedforward: bool) -> torch.Tensor:
+    """Y for contiguous x (M x K), in x's dtype."""
+    w = FrozenWeight.from_flat(weight, weight_sizes)
+    y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+    ia3_kernels.ia3_forward(x, w.tensor, ia3_scale(ia3), None if bias is None else bias.to(x.dtype),
+                            y, feedforward, w.nf4)
+    return y
+
+
+@ia3_forward.register_fake
+def _(x, weight, weight_sizes, ia3, bias, feedforward):
+    return x.new_empty(x.shape[0], FrozenWeight.from_flat(weight, weight_sizes).out_features)
+
+
+@torch.library.custom_op("lowrank::ia3_backward", mutates_args=())
+def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: list[Optional[torch.Tensor]],
+                 weight_sizes: list[int], ia3: torch.Tensor, bias: Optional[torch.Tensor],
+                 feedforward: bool, need_grad_x: bool,
+                 need_grad_ia3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX in dY's dtype, M x K; dl in fp32, flat): each empty when not needed."""
+    w = FrozenWeight.from_flat(weight, weight_sizes)
+    M, K = x.shape
+    scale = ia3_scale(ia3)
+    nf4 = w.nf4
+    grad_x = grad_y.new_empty(M if need_grad_x else 0, K)
+    grad_ia3 = scale.new_empty(0)
+    if not need_grad_ia3 and not need_grad_x:
+        return grad_x, grad_ia3
+    partials = None
+    if need_grad_ia3:  # one row of token-sums per block of BLOCK_M tokens, summed below in order
+        partials = scale.new_empty(ia3_kernels.partial_rows(M, feedforward), scale.numel())
+    if feedforward:  # dl comes from the dX kernel, which holds dY W: it runs either way
+        dx = grad_x if need_grad_x else grad_y.new_empty(M, K)
+        ia3_kernels.ia3_grad_input(grad_y, w.tensor, scale, x, dx, partials, True, nf4)
+    else:
+        if need_grad_x:
+            ia3_kernels.ia3_grad_input(grad_y, w.tensor, scale, x, grad_x, None, False, nf4)
+        if need_grad_ia3:
+            ia3_kernels.ia3_grad_scale(x, w.tensor, None if bias is None else bias.to(x.dtype),
+                                       grad_y, partials, nf4)
+    if need_grad_ia3:
+        grad_ia3 = partials.sum(0)
+    return grad_x, grad_ia3
+
+
+@ia3_backward.register_fake
+def _(grad_y, x, weight, weight_sizes, ia3, bias, feedforward, need_grad_x, need_grad_ia3):
+    return (grad_y.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1]),
+            x.new_empty(ia3.numel() if need_grad_ia3 else 0, dtype=torch.float32))
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """The fused IA3 linear as an autograd Function, for trainers that call it directly:
+
+        y = IA3LinearFunction.apply(x, weight, weight.tensor, ia3, bias, feedforward)
+
+    - ``x``: contiguous (M x K); ``weight``: a ``FrozenWeight``; ``weight.tensor`` passed again as
+      an input of its own, since autograd gives gradients only to tensors passed to ``apply``: a
+      dense weight that requires grad gets one (an NF4 weight never does).
+    - ``ia3``: l, N values (output form) or K values (``feedforward``), flat or as PEFT shapes it;
+      ``bias``: (N,) or None. Arguments are used as given: ``ia3_linear`` is the checked entry point.
+
+    Saves x, l, the bias and the frozen weight as it is stored (packed NF4 stays packed). Not Y,
+    nor x W^T + b: the output form's dl recomputes it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_tensor, ia3, bias, feedforward):
+        weight_tensors, weight_sizes = weight.flat()
+        y = ia3_forward(x, weight_tensors, weight_sizes, ia3, bias, feedforward)
+        ctx.save_for_backward(x, ia3, bias, *weight_tensors)
+        ctx.weight_sizes, ctx.feedforward = weight_sizes, feedforward
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, ia3, bias, *weight_tensors = ctx.saved_tensors
+        need = _IA3_GRADIENTS.needed(ctx)
+        grad_y = grad_y.contiguous()
+        grad_x, grad_ia3 = ia3_backward(grad_y, x, weight_tensors, ctx.weight_sizes, ia3, bias,
+                                        ctx.feedforward, need["x"], need["ia3"])
+        grads = {}
+        if need["x"]:
+            grads["x"] = grad_x
+        if need["ia3"]:
+            grads["ia3"] = grad_ia3.to(ia3.dtype).reshape(ia3.shape)
+        if need["weight_tensor"] or need["bias"]:  # a dense weight or a bias left trainable
+            scale = ia3_scale(ia3)
+            grad_out = grad_y if ctx.feedforward else (grad_y.float() * scale).to(grad_y.dtype)
+            if need["weight_tensor"]:
+                x_in = (x.float() * scale).to(x.dtype) if ctx.feedforward else x
+                grads["weight_tensor"] = torch.matmul(grad_out.t(), x_in)
+            if need["bias"]:
+                grads["bias"] = grad_out.float().sum(0).to(bias.dtype)
+        return _IA3_GRADIENTS.by_position(**grads)
+
+
+_IA3_GRADIENTS = InputGradients(IA3LinearFunction, "x", "weight_tensor", "ia3", "bias")
+
+
+def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
+    """IA3 linear, fused: ``(x W^T + bias) * l`` (output form, ``ia3`` has N values) or, with
+    ``feedforward=True``, ``(x * l) W^T + bias`` (``ia3`` has K values).
+
+    - ``x``: (..., K), fp32/fp16/bf16; the output has x's shape but N features, and x's dtype.
+    - ``weight``: dense (N x K) in x's dtype, or packed NF4 with its bitsandbytes ``quant_state``
+      (a ``Params4bit`` carries its own), decoded in registers inside the GEMMs, or a
+      ``FrozenWeight``.
+    - ``ia3``: l flat ((N,) / (K,)) or as PEFT stores it ((N, 1) / (1, K)), any float dtype. It is
+      applied in fp32 (as PEFT does); the GEMMs run in x's dtype with fp32 accumulation.
+    - Gradients flow to x and ``ia3`` (in its own dtype and shape), and to a dense weight or a bias
+      that requires grad. dl is reduced inside the kernels, deterministically.
+    """
+    weight = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
+    if not weight.use_kernels(x=x, ia3=ia3, bias=bias):
+        return reference.ia3_linear(x, weight, ia3, bias, feedforward)
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    y = IA3LinearFunction.apply(x2, weight, weight.tensor, ia3, bias, bool(feedforward))
+    return y.reshape(*x.shape[:-1], weight.out_features)

@@ -1,0 +1,168 @@
+"""LoRA / QLoRA linear, fused: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+
+``LoraLinearFunction`` is the op: its forward, its backward and what it saves. The custom ops are
+its launch primitives, registered with torch.library with fake implementations so that
+torch.compile traces through them. ``lora_linear`` checks the arguments, runs ``lowrank.reference``
+where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels:
+``kernels/lora_linear.py`` (tiled, training shapes) and ``kernels/lora_linear_decode.py`` (split-K,
+at most ``DECODE_MAX_M`` rows). The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s
+form.
+"""
+
+from typing import Optional
+
+import torch
+
+from lowrank import reference
+from lowrank._lora_args import check_lora_args
+from lowrank.frozen_weight import FrozenWeight
+from lowrank.kernels import lora_linear as lora_kernels
+from lowrank.kernels import lora_linear_decode as lora_decode_kernels
+from lowrank.ops._gradients import InputGradients
+
+
+@torch.library.custom_op("lowrank::lora_forward", mutates_args=())
+def lora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
+                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 bias: Optional[torch.Tensor], dropout: float, seed: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S) for contiguous x (M x K): Y = x W^T + b + s S B^T, S = dropout(x) A^T."""
+    w = FrozenWeight.from_flat(weight, weight_sizes)
+    M = x.shape[0]
+    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    s = torch.empty(M, a.shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty(M, w.out_features, dtype=x.dtype, device=x.device)
+    if M <= lora_decode_kernels.DECODE_MAX_M:  # decode: split-K, the packed weight read once
+        lora_decode_kernels.lora_decode_forward(x, w.tensor, a, b, bias, y, s, seed, dropout,
+                                                scaling, w.nf4)
+    else:
+        lora_kernels.lora_shrink(x, a, s, seed, dropout)
+        lora_kernels.lora_forward(x, w.tensor, s, b, bias, y, scaling, w.nf4)
+    return y, s
+
+
+@lora_forward.register_fake
+def _(x, weight, weight_sizes, lora_A, lora_B, scaling, bias, dropout, seed):
+    out_features = FrozenWeight.from_flat(weight, weight_sizes).out_features
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lowrank::lora_grad_input", mutates_args=())
+def lora_grad_input(grad_y: torch.Tensor, weight: list[Optional[torch.Tensor]],
+                    weight_sizes: list[int], grad_s: torch.Tensor, lora_A: torch.Tensor,
+                    seed: torch.Tensor, dropout: float) -> torch.Tensor:
+    """dX = dY W + dropout'(dS A), in dY's dtype (M x K)."""
+    w = FrozenWeight.from_flat(weight, weight_sizes)
+    grad_x = torch.empty(grad_y.shape[0], w.in_features, dtype=grad_y.dtype, device=grad_y.device)
+    lora_kernels.lora_grad_input(grad_y, w.tensor, grad_s, lora_A.to(grad_y.dtype), grad_x, seed,
+                                 dropout, w.nf4)
+    return grad_x
+
+
+@lora_grad_input.register_fake
+def _(grad_y, weight, weight_sizes, grad_s, lora_A, seed, dropout):
+    return grad_y.new_empty(grad_y.shape[0], lora_A.shape[1])
+
+
+@torch.library.custom_op("lowrank::lora_grad_a", mutates_args=())
+def lora_grad_a(grad_s: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
+                dropout: float) -> torch.Tensor:
+    """dA = dS^T dropout(x) in fp32 (r x K), the dropout mask regenerated from ``seed``."""
+    grad_a = torch.empty(grad_s.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, dropout)
+    return grad_a
+
+
+@lora_grad_a.register_fake
+def _(grad_s, x, seed, dropout):
+    return x.new_empty(grad_s.shape[1], x.shape[1], dtype=torch.float32)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """The fused LoRA / QLoRA linear as an autograd Function, for trainers that call it directly:
+
+        y = LoraLinearFunction.apply(x, weight, weight.tensor, lora_A, lora_B, scaling, bias,
+                                     dropout, seed)
+
+    - ``x``: contiguous (M x K); ``weight``: a ``FrozenWeight``; ``weight.tensor`` passed again as
+      an input of its own, since autograd gives gradients only to tensors passed to ``apply``: a
+      dense weight that requires grad gets one (an NF4 weight never does).
+    - ``scaling``, ``dropout``: floats; ``bias``: (N,) or None; ``seed``: a 1-element int64 tensor
+      on x's device from ``dropout_seed`` (any such tensor when dropout is 0: it is not read).
+    - Arguments are used as given: ``lora_linear`` is the checked entry point.
+
+    Saves x, S = dropout(x) A^T, the seed (the dropout mask is regenerated from it), A, B and the
+    frozen weight as it is stored: packed NF4 stays packed, the dense W is never kept. Not Y.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_tensor, lora_A, lora_B, scaling, bias, dropout, seed):
+        weight_tensors, weight_sizes = weight.flat()
+        y, s = lora_forward(x, weight_tensors, weight_sizes, lora_A, lora_B, scaling, bias,
+                            dropout, seed)
+        ctx.save_for_backward(x, lora_A, lora_B, seed, s, *weight_tensors)
+        ctx.weight_sizes, ctx.scaling, ctx.dropout = weight_sizes, scaling, dropout
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, seed, s, *weight_tensors = ctx.saved_tensors
+        need = _LORA_GRADIENTS.needed(ctx)
+        grad_y = grad_y.contiguous()
+        # dS = s dY B: a small GEMM (M x N x r) in x's dtype, as the shrink/expand are.
+        grad_s = torch.matmul(grad_y, lora_B.to(grad_y.dtype)) * ctx.scaling
+        grads = {}
+        if need["x"]:
+            grads["x"] = lora_grad_input(grad_y, weight_tensors, ctx.weight_sizes, grad_s, lora_A,
+                                         seed, ctx.dropout)
+        if need["weight_tensor"]:  # a dense frozen weight that the user left trainable
+            grads["weight_tensor"] = torch.matmul(grad_y.t(), x)
+        if need["lora_A"]:
+            grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
+        if need["lora_B"]:
+            grads["lora_B"] = (torch.matmul(grad_y.t(), s) * ctx.scaling).to(lora_B.dtype)
+        if need["bias"]:
+            grads["bias"] = grad_y.sum(0)
+        return _LORA_GRADIENTS.by_position(**grads)
+
+
+_LORA_GRADIENTS = InputGradients(LoraLinearFunction, "x", "weight_tensor", "lora_A", "lora_B",
+                                 "bias")
+
+
+def dropout_seed(device):
+    """The seed ``lora_linear`` draws (from torch's generator) when dropout > 0, as a 1-element
+    int64 tensor on ``device``: the kernels read it there, so drawing it needs no host sync."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def lora_dropout_mask(seed, shape, p):
+    """The keep mask (bool, ``shape`` = M x K) that the LoRA kernels use for ``seed`` and ``p``."""
+    mask = torch.empty(shape, dtype=torch.int8, device=seed.device)
+    lora_kernels.dropout_mask(seed, mask, p)
+    return mask.bool()
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quant_state=None):
+    """LoRA / QLoRA linear: ``x W^T + bias + scaling * dropout(x) A^T B^T``, fused.
+
+    - ``x``: (..., K), fp32/fp16/bf16. The output has x's shape but N features, and x's dtype.
+    - ``weight``: dense (N x K) in x's dtype, or packed NF4 with its bitsandbytes ``quant_state``
+      (a ``Params4bit`` is accepted directly and carries its own), or a ``FrozenWeight``.
+    - ``lora_A`` (r x K), ``lora_B`` (N x r): any float dtype (PEFT keeps fp32); they are cast to x's
+      dtype for the products, which accumulate in fp32, and get gradients in their own dtype.
+    - Gradients flow to x, lora_A and lora_B, and also to a dense weight or a bias that requires
+      grad. An NF4 weight is frozen.
+    - ``dropout`` applies to the LoRA branch's input only; its mask is drawn from torch's RNG as a
+      seed (``dropout_seed``) and regenerated in backward, never stored.
+    """
+    weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
+    if not weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias):
+        return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout)
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    # Without dropout the kernels never read the seed: an empty one costs no fill kernel per call.
+    seed = dropout_seed(x.device) if dropout > 0 else torch.empty(1, dtype=torch.int64, device=x.device)
+    y = LoraLinearFunction.apply(x2, weight, weight.tensor, lora_A, lora_B, float(scaling), bias,
+                                 float(dropout), seed)
+    return y.reshape(*x.shape[:-1], weight.out_features)
