@@ -7,9 +7,9 @@ that ``unpatch`` restores the very same module objects and flags.
 """
 
 import contextlib
+import functools
 import math
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -229,7 +229,9 @@ def _attach_to_transformers(model):
     and checkpoints call) writes the active adapter in PEFT's format instead of the whole model."""
     if isinstance(model, PreTrainedModel):
         model._hf_peft_config_loaded = True
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        # A partial of a module-level function pickles (torch.save(model), deepcopy); a bound
+        # method would be pickled as getattr(model, "_save_pretrained"), which the model lacks.
+        model.save_pretrained = functools.partial(_save_pretrained, model)
 
 
 def _detach_from_transformers(model):

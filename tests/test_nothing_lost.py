@@ -2,15 +2,19 @@
 Trainer resumes from its adapter-only checkpoints, IA3 merges never write what they cannot undo,
 and a failed load_adapter leaves the model as it was."""
 
+import io
 import json
 import os
+import pickle
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, token_ids
+from safetensors.torch import load_file
 
 import lowrank
 from lowrank import adapters
+from lowrank.patch import adapter_layers
 
 
 def randomize(model, seed=3):
@@ -96,3 +100,41 @@ def test_save_interrupted_between_the_renames_fails_loudly_on_load(tmp_path, mon
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         lowrank.load_adapter(tiny_model("llama", blocks=1), target)
+
+
+# pickling
+
+def peft_key(name):
+    """The file key PEFT's format gives a patched model's parameter ``name``."""
+    return "base_model.model." + name.replace(".default.", ".").removesuffix(".default")
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("architecture,method", [("llama", "lora"), ("gpt2", "ia3")])
+def test_pickled_patched_model_loads_back_saves_and_unpatches(architecture, method, tmp_path):
+    base = tiny_model(architecture, blocks=1)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = lowrank.patch_model(base, method=method, **({"rank": 4} if method == "lora" else {}))
+    randomize(model)
+    ids = token_ids()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    again = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(loaded(ids).logits, expected)
+        assert torch.equal(again(ids).logits, expected)
+    randomize(loaded, seed=5)  # save_pretrained must write the loaded model, not the pickled one
+    loaded.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    held = trainable(loaded)
+    assert saved.keys() == {peft_key(n) for n in held}
+    assert all(torch.equal(saved[peft_key(n)], p) for n, p in held.items())
+    lowrank.unpatch(loaded)
+    assert not adapter_layers(loaded) and "save_pretrained" not in vars(loaded)
+    assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
