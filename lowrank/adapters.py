@@ -281,6 +281,11 @@ def load_adapter(model, path, adapter_name="default"):
         weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
         adapter, settings = _ia3_settings(config, weights, modules)
     add_adapter(model, adapter_name, adapter, settings)
+    _copy_weights(model, adapter_name, weights)
+    return model
+
+
+def _copy_weights(model, adapter_name, weights):
     layers = adapter_layers(model)
     with torch.no_grad():
         for module_path, named in weights.items():
@@ -288,4 +293,40 @@ def load_adapter(model, path, adapter_name="default"):
             for attr, tensor in named.items():
                 held = getattr(layer, attr)[adapter_name]
                 (held if attr == "ia3_l" else held.weight).copy_(tensor)
-    return model
+
+
+def restore_adapter_weights(model, path, adapter_name):
+    """Copy the adapter saved in ``path`` into the model's existing adapter ``adapter_name``, as
+    Trainer resuming from a checkpoint needs (the adapter is already there, only its weights are
+    the checkpoint's). The saved adapter must be of the same method, on the same layers, with the
+    same ranks and scalings (feed-forward forms for IA3): all checked before any weight is
+    copied."""
+    state = patch_state(model, "restore_adapter_weights")
+    check_adapter(state, adapter_name, "restore_adapter_weights")
+    held = state.adapters[adapter_name]
+    config, tensors = _read_peft_adapter(path)
+    modules = dict(modules_outside_adapters(model))
+    layers = {p: layer for p, layer in adapter_layers(model).items()
+              if adapter_name in layer.adapter_names}
+    if config["peft_type"] != held.method.upper():
+        raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
+                         f"{adapter_name!r} of this model is {held.method.upper()}")
+    if held.method == "lora":
+        weights = _weights_by_module(path, tensors, LORA_KEY, "a LoRA A or B of a linear layer")
+        settings = {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in
+                    _lora_settings(config, weights, modules)[1].items()}
+        ours = {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], held.use_rslora)
+                for p, layer in layers.items()}
+        what = "(rank, alpha, use_rslora)"
+    else:
+        weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
+        settings = _ia3_settings(config, weights, modules)[1]
+        ours = {p: (layer.is_feedforward,) for p, layer in layers.items()}
+        what = "(feed-forward,)"
+    if settings != ours:
+        differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
+        raise ValueError(
+            f"lowrank: the adapter in {path} does not fit adapter {adapter_name!r} of this model: "
+            f"{what} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
+            f"{[settings.get(p) for p in differ[:3]]}, model: {[ours.get(p) for p in differ[:3]]})")
+    _copy_weights(model, adapter_name, weights)

@@ -9,6 +9,7 @@ that ``unpatch`` restores the very same module objects and flags.
 import contextlib
 import functools
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -232,6 +233,7 @@ def _attach_to_transformers(model):
         # A partial of a module-level function pickles (torch.save(model), deepcopy); a bound
         # method would be pickled as getattr(model, "_save_pretrained"), which the model lacks.
         model.save_pretrained = functools.partial(_save_pretrained, model)
+        _teach_trainer_to_resume()
 
 
 def _detach_from_transformers(model):
@@ -249,6 +251,43 @@ def _save_pretrained(model, save_directory, state_dict=None, is_main_process=Tru
                                   "from its layers; a state_dict argument is not supported")
     if is_main_process:
         save_adapter(model, save_directory, adapter_name=model.lowrank_state.active)
+
+
+def _teach_trainer_to_resume():
+    """Trainer resumes from (and loads the best) adapter-only checkpoint of a ``PeftModel`` alone
+    (it tests isinstance); any other model's checkpoint must hold the full weights ("Can't find
+    a checkpoint index"). Wrap its two checkpoint loaders, once, so that for a model patched here
+    they copy the checkpoint's adapter into the active adapter; other models, and DeepSpeed / FSDP
+    runs, which load through their own engines, go to the originals."""
+    from transformers import Trainer
+
+    if getattr(Trainer._load_from_checkpoint, "lowrank_wrapped", False):
+        return
+    from lowrank.adapters import WEIGHTS_NAME, restore_adapter_weights
+
+    def restored(trainer, model, checkpoint):
+        if (getattr(model, "lowrank_state", None) is None or trainer.is_deepspeed_enabled
+                or trainer.is_fsdp_enabled
+                or not os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME))):
+            return False
+        restore_adapter_weights(model, checkpoint, model.lowrank_state.active)
+        return True
+
+    resume, best = Trainer._load_from_checkpoint, Trainer._load_best_model
+
+    @functools.wraps(resume)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not restored(self, self.model if model is None else model, resume_from_checkpoint):
+            resume(self, resume_from_checkpoint, model)
+
+    @functools.wraps(best)
+    def _load_best_model(self):
+        if not restored(self, self.model, self.state.best_model_checkpoint):
+            best(self)
+
+    _load_from_checkpoint.lowrank_wrapped = True
+    Trainer._load_from_checkpoint = _load_from_checkpoint
+    Trainer._load_best_model = _load_best_model
 
 
 def _replace(model, path, module):

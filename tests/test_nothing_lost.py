@@ -138,3 +138,56 @@ def test_pickled_patched_model_loads_back_saves_and_unpatches(architecture, meth
     lowrank.unpatch(loaded)
     assert not adapter_layers(loaded) and "save_pretrained" not in vars(loaded)
     assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
+
+
+# Trainer resumes
+
+def train(model, output_dir, resume=None, steps=4, **arguments):
+    """Trainer on a fixed tiny dataset, checkpoints every 2 steps; returns (trainer, losses, the
+    trainable weights when training began)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    began = {}
+
+    class AtBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            began.update({n: p.detach().clone() for n, p in model.named_parameters()
+                          if p.requires_grad})
+
+    ids = token_ids(batch=4, length=9)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=output_dir, max_steps=steps, learning_rate=1e-2,
+                             per_device_train_batch_size=2, logging_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="steps", save_steps=2, seed=0,
+                             **arguments)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                      callbacks=[AtBegin()])
+    trainer.train(resume_from_checkpoint=resume)
+    losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+    return trainer, losses, began
+
+
+def test_trainer_resumes_from_an_adapter_only_checkpoint(tmp_path):
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=4)
+    _, losses, _ = train(model, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()
+    torch.manual_seed(42)  # another initial adapter: resuming must replace it
+    fresh = lowrank.patch_model(tiny_model("llama", blocks=1), rank=4)
+    _, resumed, began = train(fresh, tmp_path / "resumed", resume=str(checkpoint))
+    at_checkpoint = load_file(checkpoint / "adapter_model.safetensors")
+    assert at_checkpoint.keys() == {peft_key(n) for n in began}
+    assert all(torch.equal(p, at_checkpoint[peft_key(n)]) for n, p in began.items())
+    assert resumed == losses  # steps 1-2 from the checkpoint's log, 3-4 run again, the same
+    final = trainable(model)
+    assert all(torch.equal(p, final[n]) for n, p in trainable(fresh).items())
+
+
+def test_trainer_loads_the_best_adapter_at_end(tmp_path):
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=4)
+    trainer, _, _ = train(model, tmp_path / "run", eval_strategy="steps", eval_steps=2,
+                          load_best_model_at_end=True, metric_for_best_model="loss")
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
+    weights = trainable(model)
+    assert best.keys() == {peft_key(n) for n in weights}
+    assert all(torch.equal(p, best[peft_key(n)]) for n, p in weights.items())
