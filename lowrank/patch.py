@@ -412,6 +412,7 @@ def unpatch(model, merge=False):
             if name in layer.adapter_names and name not in layer.merged_adapters:
                 layer.merge(name)
     else:
+        _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unpatch")
         for layer in layers.values():
             layer.unmerge()
     for name, layer in layers.items():
@@ -439,6 +440,8 @@ def merge(model, adapter_name=None):
               if adapter_name in layer.adapter_names]
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
+    _refuse_zeros_in_l(adapter_layers(model), lambda layer: [adapter_name] if adapter_name in
+                       layer.adapter_names else [], "merge")
     for layer in layers:
         layer.merge(adapter_name)
 
@@ -448,11 +451,39 @@ def unmerge(model):
     bytes back exactly; dense ones have the adapters subtracted (LoRA) or divided out (IA3), equal
     to the originals up to the rounding of the weight's dtype."""
     patch_state(model, "unmerge")
-    layers = adapter_layers(model).values()
-    if not any(layer.merged_adapters for layer in layers):
+    layers = adapter_layers(model)
+    if not any(layer.merged_adapters for layer in layers.values()):
         raise ValueError("lowrank.unmerge: no adapter is merged")
-    for layer in layers:
+    _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unmerge")
+    for layer in layers.values():
         layer.unmerge()
+
+
+def _refuse_zeros_in_l(layers, adapters, what):
+    """Unmerging IA3 from a dense weight divides it by l, so a zero in l, whose rows (or columns)
+    the merge multiplied to zero, cannot be divided out: it would write inf / NaN into the frozen
+    base, where ``unpatch`` cannot undo it. Checked on every layer before any weight is written,
+    at merge time too (PEFT instead divides by l + 1e-8 and leaves those weights zero). NF4
+    layers are exempt: their unmerge puts the original bytes back. ``adapters``: layer -> the
+    adapter names to check."""
+    for path, layer in layers.items():
+        if not isinstance(layer, IA3Linear) or layer.kind == "nf4":
+            continue
+        for name in adapters(layer):
+            zeros = int((layer.ia3_l[name] == 0).sum())
+            if not zeros:
+                continue
+            if what == "merge":
+                raise ValueError(
+                    f"lowrank.merge: IA3 adapter {name!r} has {zeros} zeros in l of {path}: "
+                    "merging would zero weights that unmerging cannot divide back (nothing was "
+                    "merged). To merge for good, use lowrank.merge_and_unload or "
+                    "lowrank.unpatch(model, merge=True)")
+            raise ValueError(
+                f"lowrank.{what}: merged IA3 adapter {name!r} now has {zeros} zeros in l of {path} "
+                "(set after merging): dividing them out would write inf / NaN into the base "
+                "weight, so nothing was unmerged. Restore l as it was when merged, or keep the "
+                "merged weights with lowrank.unpatch(model, merge=True)")
 
 
 MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, "nf4")

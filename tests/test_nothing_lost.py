@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_model, token_ids
+from conftest import load_tiny_4bit_llama, tiny_model, token_ids
 from safetensors.torch import load_file
 
 import lowrank
@@ -191,3 +191,80 @@ def test_trainer_loads_the_best_adapter_at_end(tmp_path):
     weights = trainable(model)
     assert best.keys() == {peft_key(n) for n in weights}
     assert all(torch.equal(p, best[peft_key(n)]) for n, p in weights.items())
+
+
+# IA3 merges
+
+def snapshot(model):
+    """What a failed call must leave as it was: module types, every tensor, flags, attributes."""
+    return ({n: type(m) for n, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            sorted(vars(model)), getattr(model, "lowrank_state", None) and
+            (list(model.lowrank_state.adapters), model.lowrank_state.active))
+
+
+def assert_same_snapshot(actual, expected):
+    modules, tensors, flags, attributes, state = actual
+    assert modules == expected[0] and flags == expected[2] and attributes == expected[3]
+    assert state == expected[4]
+    assert tensors.keys() == expected[1].keys()
+    assert all(torch.equal(t, expected[1][k]) for k, t in tensors.items())
+
+
+def put_zero_in_l(model, path):
+    layer = adapter_layers(model)[path]
+    with torch.no_grad():
+        layer.ia3_l["default"].view(-1)[1] = 0.0
+
+
+def test_ia3_merge_refuses_a_zero_in_l_before_touching_the_weights():
+    model, ids = tiny_model("qwen2"), token_ids()  # qwen2: biases, scaled by l too
+    lowrank.patch_model(model, method="ia3")
+    randomize(model)
+    last = list(adapter_layers(model))[-1]  # any layer merged before the check would show
+    put_zero_in_l(model, last)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"1 zeros in l of {last}.*merge_and_unload"):
+        lowrank.merge(model)
+    assert_same_snapshot(snapshot(model), before)
+    assert not any(layer.merged_adapters for layer in adapter_layers(model).values())
+    with torch.no_grad():
+        adapted = model(ids).logits
+        lowrank.merge_and_unload(model)  # merging for good is fine
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_ia3_unmerge_refuses_a_zero_set_after_merging():
+    model = tiny_model("qwen2")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lowrank.patch_model(model, method="ia3")
+    randomize(model)
+    lowrank.merge(model)
+    path = list(adapter_layers(model))[-1]
+    kept = adapter_layers(model)[path].ia3_l["default"].detach().clone()
+    put_zero_in_l(model, path)
+    before = snapshot(model)
+    for call in (lowrank.unmerge, lowrank.unpatch):
+        with pytest.raises(ValueError, match=f"zeros in l of {path}.*nothing was unmerged"):
+            call(model)
+        assert_same_snapshot(snapshot(model), before)
+    with torch.no_grad():
+        adapter_layers(model)[path].ia3_l["default"].copy_(kept)
+    lowrank.unpatch(model)
+    for key, value in model.state_dict().items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, original[key], rtol=1e-6, atol=1e-6)
+
+
+def test_ia3_zero_in_l_merges_into_nf4_and_unmerges_exactly(tmp_path):
+    """NF4 keeps the original bytes for unmerge: nothing to divide, nothing refused."""
+    model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
+    lowrank.patch_model(model, method="ia3")
+    randomize(model)
+    path = list(adapter_layers(model))[-1]
+    put_zero_in_l(model, path)
+    packed = adapter_layers(model)[path].base_layer.weight.data.clone()
+    lowrank.merge(model)
+    lowrank.unmerge(model)
+    assert torch.equal(adapter_layers(model)[path].base_layer.weight.data, packed)
