@@ -9,6 +9,7 @@ loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``sav
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -182,7 +183,14 @@ def _read_peft_adapter(path):
             os.path.join(path, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"lowrank.load_adapter: no {WEIGHTS_NAME} in {path}{other}")
     with open(config_path) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"lowrank.load_adapter: {config_path} is not valid JSON: "
+                             f"{error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"lowrank.load_adapter: {config_path} holds a JSON "
+                         f"{type(config).__name__}, not an object of PEFT config fields")
     if config.get("peft_type") not in ("LORA", "IA3"):
         raise ValueError(f"lowrank.load_adapter: peft_type {config.get('peft_type')!r} is not "
                          "supported; LORA and IA3 are")
@@ -192,7 +200,70 @@ def _read_peft_adapter(path):
     if refused:
         raise ValueError(f"lowrank.load_adapter: the adapter in {path} uses PEFT features lowrank "
                          f"does not support yet: {', '.join(refused)}")
+    _check_config(config, config_path)
     return config, load_file(weights_path)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_regex(value):
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def _is_module_names(value):
+    """PEFT's target_modules / feedforward_modules: a regular expression or a list of names."""
+    if isinstance(value, str):
+        return _is_regex(value)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_config(config, config_path):
+    """Every field load_adapter reads, checked before the model is touched (a bad value found while
+    patching would leave it half patched), each error naming the field."""
+    def check(key, valid, expected, default=None):
+        value = config.get(key, default)
+        if not valid(value):
+            raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} must be {expected}, "
+                             f"got {value!r}")
+
+    def check_pattern(key, valid, expected):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} must be an object "
+                             f"{{module regex: {expected}}}, got {pattern!r}")
+        for regex, value in pattern.items():
+            if not _is_regex(rf"(.*\.)?({regex})$"):  # as _pattern_value matches it
+                raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} has key "
+                                 f"{regex!r}, which is not a valid regular expression")
+            if not valid(value):
+                raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} maps {regex!r} "
+                                 f"to {value!r}; values must be {expected}")
+
+    check("target_modules", lambda v: v is None or _is_module_names(v),
+          "null, a regular expression or a list of module names")
+    if config["peft_type"] == "IA3":
+        check("feedforward_modules", lambda v: v is None or _is_module_names(v),
+              "null, a regular expression or a list of module names")
+        return
+    positive_int, positive_number = "a positive integer", "a positive finite number"
+    check("r", lambda v: _is_int(v) and v >= 1, positive_int)
+    check("lora_alpha", lambda v: _is_number(v) and v > 0, positive_number)
+    check("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
+    check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("layers_to_transform", lambda v: v is None or _is_int(v) or (
+        isinstance(v, list) and all(_is_int(i) for i in v)), "null, an integer or a list of them")
+    check_pattern("rank_pattern", lambda v: _is_int(v) and v >= 1, positive_int)
+    check_pattern("alpha_pattern", lambda v: _is_number(v) and v > 0, positive_number)
 
 
 def _weights_by_module(path, tensors, key_pattern, what):

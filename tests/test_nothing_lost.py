@@ -268,3 +268,43 @@ def test_ia3_zero_in_l_merges_into_nf4_and_unmerges_exactly(tmp_path):
     lowrank.merge(model)
     lowrank.unmerge(model)
     assert torch.equal(adapter_layers(model)[path].base_layer.weight.data, packed)
+
+
+# load_adapter fails cleanly
+
+@pytest.fixture
+def saved_lora(tmp_path):
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=8, alpha=16)
+    randomize(model)
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+BAD_CONFIGS = {
+    "float-r": (lambda c: {**c, "r": 8.0}, "'r'.*positive integer, got 8.0"),
+    "string-alpha": (lambda c: {**c, "lora_alpha": "16"}, "'lora_alpha'.*got '16'"),
+    "missing-r": (lambda c: {k: v for k, v in c.items() if k != "r"}, "'r'.*got None"),
+    "not-an-object": (lambda c: [c], "holds a JSON list"),
+    "bad-regex": (lambda c: {**c, "rank_pattern": {"q_proj(": 8}},
+                  "'rank_pattern'.*'q_proj\\('.*not a valid regular expression"),
+    "pattern-value": (lambda c: {**c, "alpha_pattern": {"q_proj": "x"}},
+                      "'alpha_pattern' .*maps 'q_proj' to 'x'"),
+    "dropout-one": (lambda c: {**c, "lora_dropout": 1.0}, r"'lora_dropout'.*\[0, 1\), got 1.0"),
+    "dropout-negative": (lambda c: {**c, "lora_dropout": -0.1}, "'lora_dropout'.*got -0.1"),
+    "rslora-string": (lambda c: {**c, "use_rslora": "yes"}, "'use_rslora'.*got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
+@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=list(BAD_CONFIGS))
+def test_failed_load_leaves_the_model_as_it_was(bad, patched, saved_lora):
+    edit, named = BAD_CONFIGS[bad]
+    config_file = saved_lora / "adapter_config.json"
+    config_file.write_text(json.dumps(edit(json.loads(config_file.read_text()))))
+    model = tiny_model("llama", blocks=1)
+    if patched:
+        lowrank.patch_model(model, rank=2, target_modules=["v_proj"], adapter_name="mine")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=named):
+        lowrank.load_adapter(model, saved_lora, adapter_name="loaded")
+    assert_same_snapshot(snapshot(model), before)
