@@ -7,9 +7,10 @@ that ``unpatch`` restores the very same module objects and flags.
 """
 
 import contextlib
+import functools
 import math
+import os
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -229,7 +230,10 @@ def _attach_to_transformers(model):
     and checkpoints call) writes the active adapter in PEFT's format instead of the whole model."""
     if isinstance(model, PreTrainedModel):
         model._hf_peft_config_loaded = True
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        # A partial of a module-level function pickles (torch.save(model), deepcopy); a bound
+        # method would be pickled as getattr(model, "_save_pretrained"), which the model lacks.
+        model.save_pretrained = functools.partial(_save_pretrained, model)
+        _teach_trainer_to_resume()
 
 
 def _detach_from_transformers(model):
@@ -247,6 +251,43 @@ def _save_pretrained(model, save_directory, state_dict=None, is_main_process=Tru
                                   "from its layers; a state_dict argument is not supported")
     if is_main_process:
         save_adapter(model, save_directory, adapter_name=model.lowrank_state.active)
+
+
+def _teach_trainer_to_resume():
+    """Trainer resumes from (and loads the best) adapter-only checkpoint of a ``PeftModel`` alone
+    (it tests isinstance); any other model's checkpoint must hold the full weights ("Can't find
+    a checkpoint index"). Wrap its two checkpoint loaders, once, so that for a model patched here
+    they copy the checkpoint's adapter into the active adapter; other models, and DeepSpeed / FSDP
+    runs, which load through their own engines, go to the originals."""
+    from transformers import Trainer
+
+    if getattr(Trainer._load_from_checkpoint, "lowrank_wrapped", False):
+        return
+    from lowrank.adapters import WEIGHTS_NAME, restore_adapter_weights
+
+    def restored(trainer, model, checkpoint):
+        if (getattr(model, "lowrank_state", None) is None or trainer.is_deepspeed_enabled
+                or trainer.is_fsdp_enabled
+                or not os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME))):
+            return False
+        restore_adapter_weights(model, checkpoint, model.lowrank_state.active)
+        return True
+
+    resume, best = Trainer._load_from_checkpoint, Trainer._load_best_model
+
+    @functools.wraps(resume)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not restored(self, self.model if model is None else model, resume_from_checkpoint):
+            resume(self, resume_from_checkpoint, model)
+
+    @functools.wraps(best)
+    def _load_best_model(self):
+        if not restored(self, self.model, self.state.best_model_checkpoint):
+            best(self)
+
+    _load_from_checkpoint.lowrank_wrapped = True
+    Trainer._load_from_checkpoint = _load_from_checkpoint
+    Trainer._load_best_model = _load_best_model
 
 
 def _replace(model, path, module):
@@ -371,6 +412,7 @@ def unpatch(model, merge=False):
             if name in layer.adapter_names and name not in layer.merged_adapters:
                 layer.merge(name)
     else:
+        _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unpatch")
         for layer in layers.values():
             layer.unmerge()
     for name, layer in layers.items():
@@ -398,6 +440,8 @@ def merge(model, adapter_name=None):
               if adapter_name in layer.adapter_names]
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
+    _refuse_zeros_in_l(adapter_layers(model), lambda layer: [adapter_name] if adapter_name in
+                       layer.adapter_names else [], "merge")
     for layer in layers:
         layer.merge(adapter_name)
 
@@ -407,11 +451,39 @@ def unmerge(model):
     bytes back exactly; dense ones have the adapters subtracted (LoRA) or divided out (IA3), equal
     to the originals up to the rounding of the weight's dtype."""
     patch_state(model, "unmerge")
-    layers = adapter_layers(model).values()
-    if not any(layer.merged_adapters for layer in layers):
+    layers = adapter_layers(model)
+    if not any(layer.merged_adapters for layer in layers.values()):
         raise ValueError("lowrank.unmerge: no adapter is merged")
-    for layer in layers:
+    _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unmerge")
+    for layer in layers.values():
         layer.unmerge()
+
+
+def _refuse_zeros_in_l(layers, adapters, what):
+    """Unmerging IA3 from a dense weight divides it by l, so a zero in l, whose rows (or columns)
+    the merge multiplied to zero, cannot be divided out: it would write inf / NaN into the frozen
+    base, where ``unpatch`` cannot undo it. Checked on every layer before any weight is written,
+    at merge time too (PEFT instead divides by l + 1e-8 and leaves those weights zero). NF4
+    layers are exempt: their unmerge puts the original bytes back. ``adapters``: layer -> the
+    adapter names to check."""
+    for path, layer in layers.items():
+        if not isinstance(layer, IA3Linear) or layer.kind == "nf4":
+            continue
+        for name in adapters(layer):
+            zeros = int((layer.ia3_l[name] == 0).sum())
+            if not zeros:
+                continue
+            if what == "merge":
+                raise ValueError(
+                    f"lowrank.merge: IA3 adapter {name!r} has {zeros} zeros in l of {path}: "
+                    "merging would zero weights that unmerging cannot divide back (nothing was "
+                    "merged). To merge for good, use lowrank.merge_and_unload or "
+                    "lowrank.unpatch(model, merge=True)")
+            raise ValueError(
+                f"lowrank.{what}: merged IA3 adapter {name!r} now has {zeros} zeros in l of {path} "
+                "(set after merging): dividing them out would write inf / NaN into the base "
+                "weight, so nothing was unmerged. Restore l as it was when merged, or keep the "
+                "merged weights with lowrank.unpatch(model, merge=True)")
 
 
 MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, "nf4")
