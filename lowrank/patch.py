@@ -389,16 +389,24 @@ def _restore(model, state):
 
 def merge(model, adapter_name=None):
     """Write an adapter (default: the active one) into the base weights of every layer that has
-    it; the layers then run the base alone. Dense weights change in place; NF4 weights are
-    requantized (a second rounding) and their original bytes kept for ``unmerge``."""
+    it; those layers then run their base weights alone, as PEFT's do: another active adapter that
+    is not merged stops running there (a warning says so) and still runs in other layers. The
+    active adapter does not change. Dense weights change in place; NF4 weights are requantized (a
+    second rounding) and their original bytes kept for ``unmerge``."""
     state = patch_state(model, "merge")
     adapter_name = state.active if adapter_name is None else adapter_name
     check_adapter(state, adapter_name, "merge")
-    layers = [layer for layer in adapter_layers(model).values()
-              if adapter_name in layer.adapter_names]
-    if any(adapter_name in layer.merged_adapters for layer in layers):
+    layers = {path: layer for path, layer in adapter_layers(model).items()
+              if adapter_name in layer.adapter_names}
+    if any(adapter_name in layer.merged_adapters for layer in layers.values()):
         raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
-    for layer in layers:
+    silenced = sum(layer.runs_adapter() not in (None, adapter_name) for layer in layers.values())
+    if silenced:
+        warnings.warn(f"lowrank.merge: merged {adapter_name!r} while {state.active!r} is active: a "
+                      f"layer with a merged adapter runs its base weights alone (as in PEFT), so "
+                      f"{state.active!r} no longer runs in the {silenced} layers that have both "
+                      f"(until lowrank.unmerge)", stacklevel=2)
+    for layer in layers.values():
         layer.merge(adapter_name)
 
 
@@ -453,9 +461,18 @@ def merge_and_unload(model, dtype=None):
 
 
 def set_adapter(model, adapter_name):
-    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it."""
+    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it. Merged
+    adapters are unmerged first, with a warning, as PEFT does: a layer with a merged adapter runs
+    its base weights alone, so the new adapter would not run there."""
     state = patch_state(model, "set_adapter")
     check_adapter(state, adapter_name, "set_adapter")
+    layers = adapter_layers(model).values()
+    merged = sorted({name for layer in layers for name in layer.merged_adapters})
+    if merged:
+        warnings.warn(f"lowrank.set_adapter: adapters {merged} are merged; unmerging them first "
+                      "(as PEFT does)", stacklevel=2)
+        for layer in layers:
+            layer.unmerge()
     _activate(model, state, adapter_name)
 
 

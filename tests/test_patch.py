@@ -231,6 +231,45 @@ def test_several_adapters_set_disable_delete():
         lowrank.delete_adapter(model, "default")
 
 
+def test_merging_an_adapter_that_is_not_active_does_what_peft_does():
+    """merge(model, "b") while "default" is active, "default" on q_proj and v_proj, "b" on v_proj:
+    PEFT's merge_adapter(["b"]) leaves the active adapter as it is, and a layer with a merged
+    adapter runs its base weights alone. So v_proj runs base + b (default no longer runs there,
+    and we warn), q_proj still runs base + default; unmerging brings default back everywhere.
+    set_adapter while merged unmerges first, with a warning, as PEFT's does."""
+    from peft import LoraConfig
+
+    ours, ids = tiny_model("llama"), token_ids()
+    theirs = with_peft(copy.deepcopy(ours), ["q_proj", "v_proj"], 4, 8)
+    theirs.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj"]))
+    lowrank.patch_model(ours, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    lowrank.patch_model(ours, rank=2, alpha=3, target_modules=["v_proj"], adapter_name="b")
+    randomize_adapters(ours)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        with pytest.warns(UserWarning, match="'default' no longer runs in the 2 layers that have both"):
+            lowrank.merge(ours, "b")
+        theirs.base_model.merge_adapter(["b"])
+        assert ours.lowrank_state.active == "default" and theirs.active_adapter == "default"
+        merged = ours(ids).logits
+        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "logits with b merged")
+        assert relative_error(merged, adapted) > 1e-2  # default left v_proj, b came in
+        lowrank.unmerge(ours)
+        theirs.base_model.unmerge_adapter()
+        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits unmerged")
+        assert_close(ours(ids).logits, adapted, 1e-6, "logits unmerged")
+        # set_adapter while merged: PEFT unmerges first (and warns), then b alone runs.
+        lowrank.merge(ours)
+        theirs.base_model.merge_adapter()
+        with pytest.warns(UserWarning, match=r"adapters \['default'\] are merged; unmerging"):
+            lowrank.set_adapter(ours, "b")
+        with pytest.warns(UserWarning, match="Unmerging the model first"):
+            theirs.set_adapter("b")
+        assert not any(layer.merged_adapters for layer in adapter_layers(ours).values())
+        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits with b set")
+
+
 def test_adding_an_adapter_to_some_layers_leaves_the_others_plain():
     model = tiny_model("llama")
     lowrank.patch_model(model, rank=2, target_modules=["q_proj"])
