@@ -270,6 +270,34 @@ def test_merging_an_adapter_that_is_not_active_does_what_peft_does():
         assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits with b set")
 
 
+@pytest.mark.parametrize("how", ["merge", "merge_and_unload", "unpatch"])
+def test_merging_into_a_head_tied_to_the_embeddings_warns_as_peft_does(how):
+    """GPT-2 ties lm_head to the input embeddings: merging an lm_head adapter writes into the
+    embeddings too, so the merged model differs from the adapted one. PEFT warns (and merges);
+    so do we, with what happens, for each way of merging. The merged logits are PEFT's."""
+    ours, ids = tiny_model("gpt2", blocks=1), token_ids()
+    assert ours.lm_head.weight is ours.get_input_embeddings().weight
+    theirs = with_peft(copy.deepcopy(ours), ["lm_head"], 4, 8)
+    lowrank.patch_model(ours, rank=4, alpha=8, target_modules=["lm_head"])
+    randomize_adapters(ours)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    embeddings = ours.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        with pytest.warns(UserWarning, match=rf"lowrank.{how}: \['lm_head'\] share their weight "
+                                             "with the input embeddings"):
+            if how == "unpatch":
+                lowrank.unpatch(ours, merge=True)
+            else:
+                getattr(lowrank, how)(ours)
+        with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+            theirs.base_model.merge_adapter()
+        assert not torch.equal(ours.get_input_embeddings().weight, embeddings)  # as it says
+        merged = ours(ids).logits
+        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "merged logits")
+        assert relative_error(merged, adapted) > 1e-2
+
+
 def test_adding_an_adapter_to_some_layers_leaves_the_others_plain():
     model = tiny_model("llama")
     lowrank.patch_model(model, rank=2, target_modules=["q_proj"])
