@@ -30,7 +30,7 @@ def _widened(handle):
 
 
 def _bf16_bits(values):
-    """fp32 ``values`` rounded to nearest even bf16, as the uint16 patterns the interpreter keeps."""
+    """fp32 ``values`` rounded to nearest even bf16, as the uint16 bits the interpreter keeps."""
     bits = np.asarray(values, dtype=np.float32).view(np.uint32)
     rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)  # the carry could make a NaN inf

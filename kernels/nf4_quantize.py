@@ -27,7 +27,8 @@ def quantize_block(x, block_ptr, is_tail, bounds_ptr, BITS: tl.constexpr):
     magnitude = tl.abs(x)
     absmax = tl.max(magnitude, axis=0) + tl.sum(tl.where(x == x, 0.0, magnitude), axis=0)
     # Constants typed fp32 explicitly: older Triton makes 1e-38 (a denormal) and 1.0 fp64 here.
-    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32),  # all-zero block: 0, not NaN
+    # An all-zero block scales to 0, not NaN; a NaN absmax stays NaN.
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32),
                       propagate_nan=tl.PropagateNan.ALL)
     tl.store(block_ptr, tl.where(is_tail, safe, absmax))
     reciprocal = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)

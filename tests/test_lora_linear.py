@@ -94,7 +94,7 @@ EMPTY = {"M=0": (0, 5, 7), "N=0": (3, 5, 0), "K=0": (3, 0, 7), "all=0": (0, 0, 0
 
 
 def check_empty(call, shape, inputs, device):
-    """``call(module, weight, x=..., **inputs)`` with ``lowrank.ops`` and with ``lowrank.reference``,
+    """``call(module, weight, x=..., **inputs)`` with ``lowrank.ops`` and ``lowrank.reference``,
     for x (M x 2 x K), a dense (N x K) weight and ``inputs`` {name: tensor}, all requiring grad:
     the same output, and for each input a gradient of its shape with the reference's values
     (zeros where nothing flows). Returns the output."""
