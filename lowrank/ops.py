@@ -239,7 +239,10 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     """
     quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
-    if not _use_kernels(weight, quant_state, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias):
+    # An empty product (M, N or K = 0) leaves no tile to compute, and the launchers assume at least
+    # one: the reference gives its empty or bias-only result, and gradients (zeros) of each shape.
+    if (not _use_kernels(weight, quant_state, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+            or x.numel() == 0 or N == 0):
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
     x2 = x.reshape(-1, K).contiguous()
     # Without dropout the kernels never read the seed: an empty one costs no fill kernel per call.
@@ -363,7 +366,8 @@ def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     """
     quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
-    if not _use_kernels(weight, quant_state, x=x, ia3=ia3, bias=bias):
+    # Empty products: the reference, as in lora_linear.
+    if not _use_kernels(weight, quant_state, x=x, ia3=ia3, bias=bias) or x.numel() == 0 or N == 0:
         return reference.ia3_linear(x, weight, ia3, bias, feedforward, quant_state)
     x2 = x.reshape(-1, K).contiguous()
     y = ia3_forward(x2, *_weight_operands(weight, quant_state, packed), N, ia3, bias,

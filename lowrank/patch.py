@@ -407,6 +407,7 @@ def unpatch(model, merge=False):
     state = patch_state(model, "unpatch")
     layers = adapter_layers(model)
     if merge:
+        _warn_if_tied(model, _merging_active(layers), "unpatch")
         for layer in layers.values():
             name = layer.active_adapter
             if name in layer.adapter_names and name not in layer.merged_adapters:
@@ -429,20 +430,52 @@ def _restore(model, state):
     _detach_from_transformers(model)
 
 
+def _warn_if_tied(model, layers, what):
+    """Warn, as PEFT does, when a merge writes into a weight tied to the input embeddings (an
+    ``lm_head`` targeted in a model with ``tie_word_embeddings``): the embeddings change too."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    tied = [path for path, layer in layers.items()
+            if weight is not None and layer.base_layer.weight is weight]
+    if tied:
+        warnings.warn(f"lowrank.{what}: {tied} share their weight with the input embeddings (tied "
+                      "word embeddings): merging writes the adapter into the embeddings too, so "
+                      "the merged model no longer computes what the adapted one did. Untie them "
+                      "first (load with tie_word_embeddings=False and copy the embedding weight "
+                      "into the head), or keep the adapter unmerged", stacklevel=3)
+
+
+def _merging_active(layers):
+    """The layers among ``layers`` ({path: layer}) where merging the active adapter writes to the
+    weight: it is there and not merged yet."""
+    return {path: layer for path, layer in layers.items()
+            if layer.active_adapter in layer.adapter_names
+            and layer.active_adapter not in layer.merged_adapters}
+
+
 def merge(model, adapter_name=None):
     """Write an adapter (default: the active one) into the base weights of every layer that has
-    it; the layers then run the base alone. Dense weights change in place; NF4 weights are
-    requantized (a second rounding) and their original bytes kept for ``unmerge``."""
+    it; those layers then run their base weights alone, as PEFT's do: another active adapter that
+    is not merged stops running there (a warning says so) and still runs in other layers. The
+    active adapter does not change. Dense weights change in place; NF4 weights are requantized (a
+    second rounding) and their original bytes kept for ``unmerge``."""
     state = patch_state(model, "merge")
     adapter_name = state.active if adapter_name is None else adapter_name
     check_adapter(state, adapter_name, "merge")
-    layers = [layer for layer in adapter_layers(model).values()
-              if adapter_name in layer.adapter_names]
-    if any(adapter_name in layer.merged_adapters for layer in layers):
+    layers = {path: layer for path, layer in adapter_layers(model).items()
+              if adapter_name in layer.adapter_names}
+    if any(adapter_name in layer.merged_adapters for layer in layers.values()):
         raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
     _refuse_zeros_in_l(adapter_layers(model), lambda layer: [adapter_name] if adapter_name in
                        layer.adapter_names else [], "merge")
-    for layer in layers:
+    _warn_if_tied(model, layers, "merge")
+    silenced = sum(layer.runs_adapter() not in (None, adapter_name) for layer in layers.values())
+    if silenced:
+        warnings.warn(f"lowrank.merge: merged {adapter_name!r} while {state.active!r} is active: a "
+                      f"layer with a merged adapter runs its base weights alone (as in PEFT), so "
+                      f"{state.active!r} no longer runs in the {silenced} layers that have both "
+                      f"(until lowrank.unmerge)", stacklevel=2)
+    for layer in layers.values():
         layer.merge(adapter_name)
 
 
@@ -507,6 +540,7 @@ def merge_and_unload(model, dtype=None):
                               for layer in layers.values()):
         raise ValueError("lowrank.merge_and_unload: adapters are merged into NF4 weights (lossy); "
                          "unmerge first, so that the dense merge starts from the original weights")
+    _warn_if_tied(model, _merging_active(layers), "merge_and_unload")
     plain = {}
     for path, layer in layers.items():
         name = layer.active_adapter
@@ -525,9 +559,18 @@ def merge_and_unload(model, dtype=None):
 
 
 def set_adapter(model, adapter_name):
-    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it."""
+    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it. Merged
+    adapters are unmerged first, with a warning, as PEFT does: a layer with a merged adapter runs
+    its base weights alone, so the new adapter would not run there."""
     state = patch_state(model, "set_adapter")
     check_adapter(state, adapter_name, "set_adapter")
+    layers = adapter_layers(model).values()
+    merged = sorted({name for layer in layers for name in layer.merged_adapters})
+    if merged:
+        warnings.warn(f"lowrank.set_adapter: adapters {merged} are merged; unmerging them first "
+                      "(as PEFT does)", stacklevel=2)
+        for layer in layers:
+            layer.unmerge()
     _activate(model, state, adapter_name)
 
 
