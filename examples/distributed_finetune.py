@@ -54,8 +54,7 @@ def main():
         with training.main_process_first(desc="building the small Llama"):
             model_path = small_llama(os.path.join(args.output_dir, "base"))
     # One process per GPU: each loads the whole 4-bit model onto its own device. bf16 on GPUs;
-    # fp32 on CPU, where the kernels may run in Triton's interpreter, which cannot multiply bf16
-    # (triton issue 11584).
+    # fp32 on CPU, the dtype the CPU runs of tests/test_distributed.py check.
     device = "cpu" if training.use_cpu else training.device
     dtype = torch.float32 if training.use_cpu else torch.bfloat16
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

@@ -44,9 +44,10 @@ from lowrank._dispatch import backend_name
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_tiny.jsonl")
 IGNORE = -100  # label of the tokens the loss does not count (prompt, padding)
-# Merged (bf16 weights and compute) vs 4-bit + adapter logits, relative to the largest one: bf16
-# rounding through the model (2.5e-2 measured with the CPU defaults, whose logits are large).
-MERGE_TOLERANCE = 5e-2
+# Merged vs 4-bit + adapter logits, relative to the largest one, by the dtype the merged model runs
+# in: its rounding through the whole model (bf16: 2.5e-2 measured with the CPU defaults, whose
+# logits are large).
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def parse_args(argv=None):
@@ -66,8 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example, longer ones cut")
     parser.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
                         help="the 4-bit layers' compute dtype (default: bfloat16 on CUDA, float32 "
-                        "on a CPU) and the dtype of the merged model (float32 is merged to bfloat16)")
-    parser.add_argument("--prompts", type=int, default=3, help="training examples to generate for")
+                        "on a CPU), which is also the dtype of the merged model")
+    parser.add_argument("--prompts", type=int, help="training examples whose greedy answers are "
+                        "checked against the dataset (default: all of them)")
+    parser.add_argument("--show", type=int, default=3, help="answers to print (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a quick check of the whole pipeline: "
                         "a smaller model (hidden 64), at most 30 steps (what tests/test_examples.py runs)")
@@ -170,17 +173,27 @@ def load_4bit(directory, compute_dtype, device):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, row, device, max_new_tokens=24):
-    ids = tokenizer(prompt_of(row), return_tensors="pt")["input_ids"].to(device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+def generate(model, tokenizer, rows, device, max_new_tokens=24, batch_size=32):
+    """Greedy answers to the rows' prompts, a batch of left-padded prompts at a time."""
+    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+    answers = []
+    for start in range(0, len(rows), batch_size):
+        batch = tokenizer([prompt_of(r) for r in rows[start:start + batch_size]], return_tensors="pt",
+                          padding=True).to(device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        width = batch["input_ids"].shape[1]
+        answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    return answers
 
 
 def normalized(text):
     """Text compared word by word (the word-level tokenizer decodes with spaces around punctuation)."""
     return " ".join(text.replace(".", " .").replace(",", " ,").replace("!", " !").split())
+
+
+def exact_matches(answers, rows):
+    return sum(normalized(a) == normalized(r["output"]) for a, r in zip(answers, rows))
 
 
 # Loss log ----------------------------------------------------------------------------------------
@@ -214,7 +227,9 @@ def write_loss_curve(history, directory):
 def run(args, output):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute_dtype = getattr(torch, args.compute_dtype or ("bfloat16" if device == "cuda" else "float32"))
-    merged_dtype = torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype
+    # The merge is lossless into the dtype the 4-bit layers compute in, so the merged model runs
+    # the same numbers as the 4-bit + adapter model, up to that dtype's rounding.
+    merged_dtype = compute_dtype
     print(f"lowrank {lowrank.__version__}: ops on {device} run as {backend_name(device)}; "
           f"4-bit compute dtype {str(compute_dtype).removeprefix('torch.')}")
     started = time.perf_counter()
@@ -235,6 +250,10 @@ def run(args, output):
     lowrank.patch_model(model, rank=args.rank, alpha=args.alpha)
     print("1. loaded in 4-bit (NF4, double quant) and patched:", end=" ")
     lowrank.print_trainable_parameters(model)
+    prompts = rows[:args.prompts]
+    model.eval()
+    correct_before = exact_matches(generate(model, tokenizer, prompts, device), prompts)
+    print(f"   before training: {correct_before}/{len(prompts)} greedy answers as in the dataset")
 
     training = TrainingArguments(
         output_dir=os.path.join(output, "trainer"), max_steps=args.steps,
@@ -268,37 +287,41 @@ def run(args, output):
         raise SystemExit("the reloaded adapter computes something else")
     del model
 
-    prompts = rows[:args.prompts]
-    adapted = [generate(reloaded, tokenizer, row, device) for row in prompts]
+    adapted = generate(reloaded, tokenizer, prompts, device)
+    correct = exact_matches(adapted, prompts)
+    print(f"4. greedy answers of the 4-bit + adapter model: {correct}/{len(prompts)} as in the dataset "
+          f"(before training: {correct_before}/{len(prompts)}), for example:")
+    for row, answer in list(zip(prompts, adapted))[:args.show]:
+        question = row["instruction"] + (f" [{row['input']}]" if row.get("input") else "")
+        print(f"   {question}\n     -> {answer!r}   (dataset: {row['output']!r})")
+
     with torch.no_grad():
         adapter_logits = reloaded(**inputs).logits.float()
-    # NF4 layers become nn.Linear in merged_dtype; the rest of the model follows (on a CPU it was
-    # loaded in fp32).
+    # NF4 layers become nn.Linear in merged_dtype; the rest of the model follows (it was loaded in
+    # the compute dtype, which merged_dtype is).
     merged = lowrank.merge_and_unload(reloaded, dtype=merged_dtype).to(merged_dtype)
     with torch.no_grad():
         merged_logits = merged(**inputs).logits.float()
     merge_error = ((merged_logits - adapter_logits).abs().max() / adapter_logits.abs().max()).item()
+    tolerance = MERGE_TOLERANCE[merged_dtype]
+    merged_answers = generate(merged, tokenizer, prompts, device)
+    same = sum(a == b for a, b in zip(merged_answers, adapted))
     linears = sorted({type(m).__name__ for m in merged.modules() if isinstance(m, torch.nn.Linear)})
-    print(f"4. merged and unloaded to {str(merged_dtype).removeprefix('torch.')} ({linears}, "
+    print(f"5. merged and unloaded to {str(merged_dtype).removeprefix('torch.')} ({linears}, "
           f"quantized={merged.is_quantized}): logits vs the 4-bit + adapter model differ by "
-          f"{merge_error:.1e} relative (tolerance {MERGE_TOLERANCE:.0e}); greedy answers:")
-    if not merge_error <= MERGE_TOLERANCE or merged.is_quantized:
+          f"{merge_error:.1e} relative (tolerance {tolerance:.0e}); {same}/{len(prompts)} greedy "
+          "answers the same as before the merge")
+    if not merge_error <= tolerance or merged.is_quantized:
         raise SystemExit("the merged model computes something else")
-    answers = [generate(merged, tokenizer, row, device) for row in prompts]
-    for row, answer, before_merge in zip(prompts, answers, adapted):
-        question = row["instruction"] + (f" [{row['input']}]" if row.get("input") else "")
-        note = "" if answer == before_merge else f"   (4-bit + adapter said: {before_merge!r})"
-        print(f"   {question}\n     -> {answer!r}   (dataset: {row['output']!r}){note}")
-    correct = sum(normalized(a) == normalized(r["output"]) for a, r in zip(answers, prompts))
-    same = sum(a == b for a, b in zip(answers, adapted))
     elapsed = time.perf_counter() - started
     print(f"\nsummary: {backend_name(device)} on {device}, {elapsed:.1f} s in all "
           f"({trained:.1f} s training)\n  loss {first:.3f} -> {last:.3f} in {args.steps} steps; "
-          f"reloaded adapter: identical logits; merged model: logits within {merge_error:.1e}, "
-          f"{correct}/{len(prompts)} answers as in the dataset, {same}/{len(prompts)} as before the "
-          f"merge")
-    return {"first_loss": first, "last_loss": last, "merge_error": merge_error, "correct": correct,
-            "same_as_unmerged": same, "prompts": len(prompts), "seconds": elapsed}
+          f"answers as in the dataset: {correct_before}/{len(prompts)} before training, "
+          f"{correct}/{len(prompts)} after; reloaded adapter: identical logits; merged model: logits "
+          f"within {merge_error:.1e}, {same}/{len(prompts)} answers as before the merge")
+    return {"first_loss": first, "last_loss": last, "merge_error": merge_error,
+            "correct_before": correct_before, "correct": correct, "same_as_unmerged": same,
+            "prompts": len(prompts), "seconds": elapsed}
 
 
 def main(argv=None):

@@ -42,13 +42,14 @@ def bucketize(x, bounds_ptr, BITS: tl.constexpr):
     """Number of ``bounds`` strictly below ``x``: ``torch.bucketize(x, bounds)`` (right=False).
 
     ``bounds`` are the 2**BITS - 1 sorted midpoints between neighbouring code values, so the result
-    is the index of the nearest code, ties going to the lower one, as in bitsandbytes. A binary
-    search: BITS gathers from a table small enough to stay in L1.
+    is the index of the nearest code, ties going to the lower one, as in bitsandbytes. NaN goes
+    above every bound (the last index), as torch.bucketize puts it. A binary search: BITS gathers
+    from a table small enough to stay in L1.
     """
     index = tl.zeros(x.shape, dtype=tl.int32)
     for level in tl.static_range(BITS):
         probe = tl.load(bounds_ptr + index + ((1 << (BITS - 1 - level)) - 1))
-        index = tl.where(x > probe, index + (1 << (BITS - 1 - level)), index)
+        index = tl.where(x <= probe, index, index + (1 << (BITS - 1 - level)))  # NaN: not <=
     return index
 
 

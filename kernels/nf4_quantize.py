@@ -17,14 +17,23 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 
 @triton.jit
 def quantize_block(x, block_ptr, is_tail, bounds_ptr, BITS: tl.constexpr):
-    """Store the absmax of block ``x`` (fp32) at ``block_ptr``; return its nearest code indices."""
-    absmax = tl.max(tl.abs(x), axis=0)
+    """Store the absmax of block ``x`` (fp32) at ``block_ptr``; return its nearest code indices.
+
+    A NaN in the block makes its absmax NaN and all its codes the last one, as in bitsandbytes
+    (torch's max propagates NaN); an inf makes absmax inf, finite values code 0.0 and the infs
+    themselves (inf * 0 = NaN) the last code.
+    """
+    # tl.max skips NaN (maxnum): add the block's NaNs back, summed with 0.0 in their place.
+    magnitude = tl.abs(x)
+    absmax = tl.max(magnitude, axis=0) + tl.sum(tl.where(x == x, 0.0, magnitude), axis=0)
     # Constants typed fp32 explicitly: older Triton makes 1e-38 (a denormal) and 1.0 fp64 here.
-    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))  # all-zero block: 0, not NaN
+    # An all-zero block scales to 0, not NaN; a NaN absmax stays NaN.
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32),
+                      propagate_nan=tl.PropagateNan.ALL)
     tl.store(block_ptr, tl.where(is_tail, safe, absmax))
     reciprocal = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)
     scaled = tl.where(is_tail, tl.math.div_rn(x, safe), x * reciprocal)
-    scaled = tl.where(absmax > 0, scaled, 0.0)  # GPUs may flush the 1e-38 denormal above to zero
+    scaled = tl.where(absmax == 0, 0.0, scaled)  # GPUs may flush the 1e-38 denormal above to zero
     return bucketize(scaled, bounds_ptr, BITS)
 
 

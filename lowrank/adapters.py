@@ -7,9 +7,13 @@ A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` / ``IA3Config`` 
 loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes.
 """
 
+import contextlib
 import json
+import math
 import os
 import re
+import shutil
+import uuid
 from collections import Counter
 
 import torch
@@ -130,11 +134,44 @@ def save_adapter(model, path, adapter_name="default"):
     if any(is_sharded(t) for t in tensors.values()):
         raise ValueError("lowrank.save_adapter: the adapter weights are sharded by FSDP2 "
                          "(DTensors), each rank holding a part; saving them is not supported yet")
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(peft_config, f, indent=2, sort_keys=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
-              os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_adapter_files(path, peft_config, {k: t.detach().cpu().contiguous()
+                                             for k, t in tensors.items()})
+
+
+def _write_adapter_files(path, peft_config, tensors):
+    """Write the two files into a new directory beside ``path``, then move them in, so that a
+    failed or killed save leaves ``path`` as it was: a new ``path`` is that directory renamed (one
+    step); in an existing one (a Trainer checkpoint, the user's own folder) only our two files
+    are replaced, the old config removed first, so that an interruption between the two renames
+    leaves weights without a config (a load error) rather than a config beside other weights
+    (which would load with the wrong scaling)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"lowrank.save_adapter: {path} exists and is not a directory")
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.lowrank-saving-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)  # not mkdtemp: its mode 0o700 would stay on a renamed new directory
+    try:
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(peft_config, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        for file in (CONFIG_NAME, WEIGHTS_NAME):  # on disk before any rename makes them visible
+            _fsync(os.path.join(staging, file))
+        if not os.path.isdir(path):
+            os.rename(staging, path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, CONFIG_NAME))
+        os.replace(os.path.join(staging, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME))
+        os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(path, CONFIG_NAME))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(file):
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _read_peft_adapter(path):
@@ -146,7 +183,14 @@ def _read_peft_adapter(path):
             os.path.join(path, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"lowrank.load_adapter: no {WEIGHTS_NAME} in {path}{other}")
     with open(config_path) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"lowrank.load_adapter: {config_path} is not valid JSON: "
+                             f"{error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"lowrank.load_adapter: {config_path} holds a JSON "
+                         f"{type(config).__name__}, not an object of PEFT config fields")
     if config.get("peft_type") not in ("LORA", "IA3"):
         raise ValueError(f"lowrank.load_adapter: peft_type {config.get('peft_type')!r} is not "
                          "supported; LORA and IA3 are")
@@ -156,7 +200,70 @@ def _read_peft_adapter(path):
     if refused:
         raise ValueError(f"lowrank.load_adapter: the adapter in {path} uses PEFT features lowrank "
                          f"does not support yet: {', '.join(refused)}")
+    _check_config(config, config_path)
     return config, load_file(weights_path)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_regex(value):
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def _is_module_names(value):
+    """PEFT's target_modules / feedforward_modules: a regular expression or a list of names."""
+    if isinstance(value, str):
+        return _is_regex(value)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_config(config, config_path):
+    """Every field load_adapter reads, checked before the model is touched (a bad value found while
+    patching would leave it half patched), each error naming the field."""
+    def check(key, valid, expected, default=None):
+        value = config.get(key, default)
+        if not valid(value):
+            raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} must be {expected}, "
+                             f"got {value!r}")
+
+    def check_pattern(key, valid, expected):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} must be an object "
+                             f"{{module regex: {expected}}}, got {pattern!r}")
+        for regex, value in pattern.items():
+            if not _is_regex(rf"(.*\.)?({regex})$"):  # as _pattern_value matches it
+                raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} has key "
+                                 f"{regex!r}, which is not a valid regular expression")
+            if not valid(value):
+                raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} maps {regex!r} "
+                                 f"to {value!r}; values must be {expected}")
+
+    check("target_modules", lambda v: v is None or _is_module_names(v),
+          "null, a regular expression or a list of module names")
+    if config["peft_type"] == "IA3":
+        check("feedforward_modules", lambda v: v is None or _is_module_names(v),
+              "null, a regular expression or a list of module names")
+        return
+    positive_int, positive_number = "a positive integer", "a positive finite number"
+    check("r", lambda v: _is_int(v) and v >= 1, positive_int)
+    check("lora_alpha", lambda v: _is_number(v) and v > 0, positive_number)
+    check("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
+    check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("layers_to_transform", lambda v: v is None or _is_int(v) or (
+        isinstance(v, list) and all(_is_int(i) for i in v)), "null, an integer or a list of them")
+    check_pattern("rank_pattern", lambda v: _is_int(v) and v >= 1, positive_int)
+    check_pattern("alpha_pattern", lambda v: _is_number(v) and v > 0, positive_number)
 
 
 def _weights_by_module(path, tensors, key_pattern, what):
@@ -245,6 +352,11 @@ def load_adapter(model, path, adapter_name="default"):
         weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
         adapter, settings = _ia3_settings(config, weights, modules)
     add_adapter(model, adapter_name, adapter, settings)
+    _copy_weights(model, adapter_name, weights)
+    return model
+
+
+def _copy_weights(model, adapter_name, weights):
     layers = adapter_layers(model)
     with torch.no_grad():
         for module_path, named in weights.items():
@@ -252,4 +364,40 @@ def load_adapter(model, path, adapter_name="default"):
             for attr, tensor in named.items():
                 held = getattr(layer, attr)[adapter_name]
                 (held if attr == "ia3_l" else held.weight).copy_(tensor)
-    return model
+
+
+def restore_adapter_weights(model, path, adapter_name):
+    """Copy the adapter saved in ``path`` into the model's existing adapter ``adapter_name``, as
+    Trainer resuming from a checkpoint needs (the adapter is already there, only its weights are
+    the checkpoint's). The saved adapter must be of the same method, on the same layers, with the
+    same ranks and scalings (feed-forward forms for IA3): all checked before any weight is
+    copied."""
+    state = patch_state(model, "restore_adapter_weights")
+    check_adapter(state, adapter_name, "restore_adapter_weights")
+    held = state.adapters[adapter_name]
+    config, tensors = _read_peft_adapter(path)
+    modules = dict(modules_outside_adapters(model))
+    layers = {p: layer for p, layer in adapter_layers(model).items()
+              if adapter_name in layer.adapter_names}
+    if config["peft_type"] != held.method.upper():
+        raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
+                         f"{adapter_name!r} of this model is {held.method.upper()}")
+    if held.method == "lora":
+        weights = _weights_by_module(path, tensors, LORA_KEY, "a LoRA A or B of a linear layer")
+        settings = {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in
+                    _lora_settings(config, weights, modules)[1].items()}
+        ours = {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], held.use_rslora)
+                for p, layer in layers.items()}
+        what = "(rank, alpha, use_rslora)"
+    else:
+        weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
+        settings = _ia3_settings(config, weights, modules)[1]
+        ours = {p: (layer.is_feedforward,) for p, layer in layers.items()}
+        what = "(feed-forward,)"
+    if settings != ours:
+        differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
+        raise ValueError(
+            f"lowrank: the adapter in {path} does not fit adapter {adapter_name!r} of this model: "
+            f"{what} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
+            f"{[settings.get(p) for p in differ[:3]]}, model: {[ours.get(p) for p in differ[:3]]})")
+    _copy_weights(model, adapter_name, weights)

@@ -225,10 +225,12 @@ class AdapterLayer(nn.Module):
         return linear.train(self.training)
 
     def runs_adapter(self):
-        """The adapter the forward pass adds, or None (disabled, none active, or merged)."""
+        """The adapter the forward pass adds, or None: adapters disabled, none active here, or any
+        adapter merged into this layer. The base weights, which then hold the merged adapters, run
+        alone, as PEFT's layers do: an active adapter that is not merged does not run on top."""
         name = self.active_adapter
         if (self.adapters_disabled or name is None or name not in self.adapter_names
-                or name in self.merged_adapters):
+                or self.merged_adapters):
             return None
         return name
 

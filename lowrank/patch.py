@@ -7,9 +7,10 @@ that ``unpatch`` restores the very same module objects and flags.
 """
 
 import contextlib
+import functools
 import math
+import os
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -229,7 +230,10 @@ def _attach_to_transformers(model):
     and checkpoints call) writes the active adapter in PEFT's format instead of the whole model."""
     if isinstance(model, PreTrainedModel):
         model._hf_peft_config_loaded = True
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        # A partial of a module-level function pickles (torch.save(model), deepcopy); a bound
+        # method would be pickled as getattr(model, "_save_pretrained"), which the model lacks.
+        model.save_pretrained = functools.partial(_save_pretrained, model)
+        _teach_trainer_to_resume()
 
 
 def _detach_from_transformers(model):
@@ -247,6 +251,43 @@ def _save_pretrained(model, save_directory, state_dict=None, is_main_process=Tru
                                   "from its layers; a state_dict argument is not supported")
     if is_main_process:
         save_adapter(model, save_directory, adapter_name=model.lowrank_state.active)
+
+
+def _teach_trainer_to_resume():
+    """Trainer resumes from (and loads the best) adapter-only checkpoint of a ``PeftModel`` alone
+    (it tests isinstance); any other model's checkpoint must hold the full weights ("Can't find
+    a checkpoint index"). Wrap its two checkpoint loaders, once, so that for a model patched here
+    they copy the checkpoint's adapter into the active adapter; other models, and DeepSpeed / FSDP
+    runs, which load through their own engines, go to the originals."""
+    from transformers import Trainer
+
+    if getattr(Trainer._load_from_checkpoint, "lowrank_wrapped", False):
+        return
+    from lowrank.adapters import WEIGHTS_NAME, restore_adapter_weights
+
+    def restored(trainer, model, checkpoint):
+        if (getattr(model, "lowrank_state", None) is None or trainer.is_deepspeed_enabled
+                or trainer.is_fsdp_enabled
+                or not os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME))):
+            return False
+        restore_adapter_weights(model, checkpoint, model.lowrank_state.active)
+        return True
+
+    resume, best = Trainer._load_from_checkpoint, Trainer._load_best_model
+
+    @functools.wraps(resume)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not restored(self, self.model if model is None else model, resume_from_checkpoint):
+            resume(self, resume_from_checkpoint, model)
+
+    @functools.wraps(best)
+    def _load_best_model(self):
+        if not restored(self, self.model, self.state.best_model_checkpoint):
+            best(self)
+
+    _load_from_checkpoint.lowrank_wrapped = True
+    Trainer._load_from_checkpoint = _load_from_checkpoint
+    Trainer._load_best_model = _load_best_model
 
 
 def _replace(model, path, module):
@@ -366,11 +407,13 @@ def unpatch(model, merge=False):
     state = patch_state(model, "unpatch")
     layers = adapter_layers(model)
     if merge:
+        _warn_if_tied(model, _merging_active(layers), "unpatch")
         for layer in layers.values():
             name = layer.active_adapter
             if name in layer.adapter_names and name not in layer.merged_adapters:
                 layer.merge(name)
     else:
+        _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unpatch")
         for layer in layers.values():
             layer.unmerge()
     for name, layer in layers.items():
@@ -387,18 +430,52 @@ def _restore(model, state):
     _detach_from_transformers(model)
 
 
+def _warn_if_tied(model, layers, what):
+    """Warn, as PEFT does, when a merge writes into a weight tied to the input embeddings (an
+    ``lm_head`` targeted in a model with ``tie_word_embeddings``): the embeddings change too."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    tied = [path for path, layer in layers.items()
+            if weight is not None and layer.base_layer.weight is weight]
+    if tied:
+        warnings.warn(f"lowrank.{what}: {tied} share their weight with the input embeddings (tied "
+                      "word embeddings): merging writes the adapter into the embeddings too, so "
+                      "the merged model no longer computes what the adapted one did. Untie them "
+                      "first (load with tie_word_embeddings=False and copy the embedding weight "
+                      "into the head), or keep the adapter unmerged", stacklevel=3)
+
+
+def _merging_active(layers):
+    """The layers among ``layers`` ({path: layer}) where merging the active adapter writes to the
+    weight: it is there and not merged yet."""
+    return {path: layer for path, layer in layers.items()
+            if layer.active_adapter in layer.adapter_names
+            and layer.active_adapter not in layer.merged_adapters}
+
+
 def merge(model, adapter_name=None):
     """Write an adapter (default: the active one) into the base weights of every layer that has
-    it; the layers then run the base alone. Dense weights change in place; NF4 weights are
-    requantized (a second rounding) and their original bytes kept for ``unmerge``."""
+    it; those layers then run their base weights alone, as PEFT's do: another active adapter that
+    is not merged stops running there (a warning says so) and still runs in other layers. The
+    active adapter does not change. Dense weights change in place; NF4 weights are requantized (a
+    second rounding) and their original bytes kept for ``unmerge``."""
     state = patch_state(model, "merge")
     adapter_name = state.active if adapter_name is None else adapter_name
     check_adapter(state, adapter_name, "merge")
-    layers = [layer for layer in adapter_layers(model).values()
-              if adapter_name in layer.adapter_names]
-    if any(adapter_name in layer.merged_adapters for layer in layers):
+    layers = {path: layer for path, layer in adapter_layers(model).items()
+              if adapter_name in layer.adapter_names}
+    if any(adapter_name in layer.merged_adapters for layer in layers.values()):
         raise ValueError(f"lowrank.merge: adapter {adapter_name!r} is already merged")
-    for layer in layers:
+    _refuse_zeros_in_l(adapter_layers(model), lambda layer: [adapter_name] if adapter_name in
+                       layer.adapter_names else [], "merge")
+    _warn_if_tied(model, layers, "merge")
+    silenced = sum(layer.runs_adapter() not in (None, adapter_name) for layer in layers.values())
+    if silenced:
+        warnings.warn(f"lowrank.merge: merged {adapter_name!r} while {state.active!r} is active: a "
+                      f"layer with a merged adapter runs its base weights alone (as in PEFT), so "
+                      f"{state.active!r} no longer runs in the {silenced} layers that have both "
+                      f"(until lowrank.unmerge)", stacklevel=2)
+    for layer in layers.values():
         layer.merge(adapter_name)
 
 
@@ -407,11 +484,39 @@ def unmerge(model):
     bytes back exactly; dense ones have the adapters subtracted (LoRA) or divided out (IA3), equal
     to the originals up to the rounding of the weight's dtype."""
     patch_state(model, "unmerge")
-    layers = adapter_layers(model).values()
-    if not any(layer.merged_adapters for layer in layers):
+    layers = adapter_layers(model)
+    if not any(layer.merged_adapters for layer in layers.values()):
         raise ValueError("lowrank.unmerge: no adapter is merged")
-    for layer in layers:
+    _refuse_zeros_in_l(layers, lambda layer: layer.merged_adapters, "unmerge")
+    for layer in layers.values():
         layer.unmerge()
+
+
+def _refuse_zeros_in_l(layers, adapters, what):
+    """Unmerging IA3 from a dense weight divides it by l, so a zero in l, whose rows (or columns)
+    the merge multiplied to zero, cannot be divided out: it would write inf / NaN into the frozen
+    base, where ``unpatch`` cannot undo it. Checked on every layer before any weight is written,
+    at merge time too (PEFT instead divides by l + 1e-8 and leaves those weights zero). NF4
+    layers are exempt: their unmerge puts the original bytes back. ``adapters``: layer -> the
+    adapter names to check."""
+    for path, layer in layers.items():
+        if not isinstance(layer, IA3Linear) or layer.kind == "nf4":
+            continue
+        for name in adapters(layer):
+            zeros = int((layer.ia3_l[name] == 0).sum())
+            if not zeros:
+                continue
+            if what == "merge":
+                raise ValueError(
+                    f"lowrank.merge: IA3 adapter {name!r} has {zeros} zeros in l of {path}: "
+                    "merging would zero weights that unmerging cannot divide back (nothing was "
+                    "merged). To merge for good, use lowrank.merge_and_unload or "
+                    "lowrank.unpatch(model, merge=True)")
+            raise ValueError(
+                f"lowrank.{what}: merged IA3 adapter {name!r} now has {zeros} zeros in l of {path} "
+                "(set after merging): dividing them out would write inf / NaN into the base "
+                "weight, so nothing was unmerged. Restore l as it was when merged, or keep the "
+                "merged weights with lowrank.unpatch(model, merge=True)")
 
 
 MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, "nf4")
@@ -435,6 +540,7 @@ def merge_and_unload(model, dtype=None):
                               for layer in layers.values()):
         raise ValueError("lowrank.merge_and_unload: adapters are merged into NF4 weights (lossy); "
                          "unmerge first, so that the dense merge starts from the original weights")
+    _warn_if_tied(model, _merging_active(layers), "merge_and_unload")
     plain = {}
     for path, layer in layers.items():
         name = layer.active_adapter
@@ -453,9 +559,18 @@ def merge_and_unload(model, dtype=None):
 
 
 def set_adapter(model, adapter_name):
-    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it."""
+    """Make ``adapter_name`` the adapter that runs (and trains) in every layer that has it. Merged
+    adapters are unmerged first, with a warning, as PEFT does: a layer with a merged adapter runs
+    its base weights alone, so the new adapter would not run there."""
     state = patch_state(model, "set_adapter")
     check_adapter(state, adapter_name, "set_adapter")
+    layers = adapter_layers(model).values()
+    merged = sorted({name for layer in layers for name in layer.merged_adapters})
+    if merged:
+        warnings.warn(f"lowrank.set_adapter: adapters {merged} are merged; unmerging them first "
+                      "(as PEFT does)", stacklevel=2)
+        for layer in layers:
+            layer.unmerge()
     _activate(model, state, adapter_name)
 
 

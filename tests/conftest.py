@@ -1,5 +1,6 @@
 """Test set-up. On a machine without CUDA the kernels run in Triton's interpreter: TRITON_INTERPRET
-must be set before triton (and so lowrank) is imported, which is why it is set here, first."""
+must be set before triton (and so lowrank) is imported, which is why it is set here, first. bf16 in
+the interpreter is lowrank's own business (kernels/_interpreter.py): nothing here patches Triton."""
 
 import os
 
@@ -9,32 +10,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-
-def _interpret_bf16_dot_as_fp32():
-    """Triton's interpreter stores bf16 as uint16 and its tl.dot multiplies the bit patterns
-    (triton issue 11584). Widen bf16 operands to fp32 first: exact, test-only, and it changes
-    nothing a GPU runs. Every other bf16 step (loads, casts, stores) is the interpreter's own."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def create_dot_bf16_as_fp32(self, a, b, d, *args):
-        return create_dot(self, widen(a), widen(b), d, *args)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpret_bf16_dot_as_fp32()
 
 
 def pytest_collection_modifyitems(config, items):

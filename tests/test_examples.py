@@ -30,6 +30,9 @@ def test_qlora_finetune_smoke(tmp_path):
     first, last = map(float, re.search(r"loss (\S+) -> (\S+) in 30 steps", summary).groups())
     assert last < 0.5 * first, summary
     assert "reloaded adapter: identical logits" in summary
+    # Merged in the compute dtype (fp32 on a CPU): the merged model answers as the unmerged one.
+    same, prompts = map(int, re.search(r"(\d+)/(\d+) answers as before the merge", summary).groups())
+    assert same == prompts == 88, summary
     assert {"loss.csv", "loss.png", "adapter"} <= set(os.listdir(tmp_path))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
 

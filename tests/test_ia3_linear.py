@@ -9,7 +9,7 @@ the operands (and, for dl, of the M-term sums).
 import pytest
 import torch
 from conftest import load_tiny_4bit_llama, poisoned
-from test_lora_linear import TOLERANCE, assert_close, make_weight
+from test_lora_linear import EMPTY, TOLERANCE, assert_close, check_empty, make_weight
 
 from lowrank import nf4, ops, reference
 from lowrank.kernels import ia3_linear as ia3_kernels
@@ -68,6 +68,24 @@ def test_forward_and_backward_match_fp64_reference(dtype, kind, form, device):
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
 def test_without_bias(kind, form, device):
     check_against_reference(torch.bfloat16, kind, form, False, device)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY)
+def test_empty_dimensions_give_the_reference_results_and_gradients(shape, form, device):
+    """M, N or K = 0 is no error (K = 0 crashed the launcher): y is empty, or the
+    bias alone (times l in the output form) when K = 0; dl and dbias come back in their shapes."""
+    m, k, n = shape
+    feedforward = FORMS[form]
+    gen = torch.Generator().manual_seed(0)
+    ia3 = (1 + 0.5 * torch.randn((1, k) if feedforward else (n, 1), generator=gen)).to(device)
+    bias = torch.randn(n, generator=gen).to(device)
+    y = check_empty(lambda module, weight, x, ia3, bias: module.ia3_linear(
+        x, weight, ia3, bias=bias, feedforward=feedforward), shape, {"ia3": ia3, "bias": bias},
+        device)
+    if k == 0:
+        expected = bias if feedforward else bias * ia3.reshape(-1)
+        assert torch.equal(y, expected.expand(m, 2, n))
 
 
 @pytest.mark.parametrize("form", FORMS)

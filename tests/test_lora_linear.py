@@ -90,6 +90,46 @@ def test_ranks(rank, device):
     check_against_reference(torch.bfloat16, "nf4-nested-128", rank, True, device)
 
 
+EMPTY = {"M=0": (0, 5, 7), "N=0": (3, 5, 0), "K=0": (3, 0, 7), "all=0": (0, 0, 0)}  # (M, K, N)
+
+
+def check_empty(call, shape, inputs, device):
+    """``call(module, weight, x=..., **inputs)`` with ``lowrank.ops`` and ``lowrank.reference``,
+    for x (M x 2 x K), a dense (N x K) weight and ``inputs`` {name: tensor}, all requiring grad:
+    the same output, and for each input a gradient of its shape with the reference's values
+    (zeros where nothing flows). Returns the output."""
+    m, k, n = shape
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).to(device)
+    inputs = {"x": torch.randn(m, 2, k).to(device), **inputs}
+    results = []
+    for module in (ops, reference):
+        leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+        y = call(module, weight, **leaves)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), {name: t.grad for name, t in leaves.items()}))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.shape == (m, 2, n) and torch.equal(y, y_ref)
+    for name, t in inputs.items():
+        assert grads[name] is not None and grads[name].shape == t.shape, name
+        assert torch.equal(grads[name], grads_ref[name]), name
+    return y
+
+
+@pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY)
+def test_empty_dimensions_give_the_reference_results_and_gradients(shape, device):
+    """M, N or K = 0 is no error (N = 0 and K = 0 crashed the launchers): y is empty, or
+    the bias alone when K = 0; dA, dB and dbias are zeros of their shapes where nothing flows."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.randn(n, generator=gen).to(device)
+    inputs = {"lora_A": torch.randn(3, k, generator=gen).to(device),
+              "lora_B": torch.randn(n, 3, generator=gen).to(device), "bias": bias}
+    y = check_empty(lambda module, weight, x, lora_A, lora_B, bias: module.lora_linear(
+        x, weight, lora_A, lora_B, 0.5, bias=bias), shape, inputs, device)
+    if k == 0:
+        assert torch.equal(y, bias.expand(m, 2, n))
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_adapters_in_another_dtype(adapter_dtype, device):
     # x in fp32 with 16-bit adapters: products run in x's dtype, gradients come back in A/B's.

@@ -108,6 +108,38 @@ def test_quant_storage_bf16(implementation, device):
     assert_same_bits(nf4.dequantize(packed, state), bnb_dequantize(bnb_packed, state, torch.float32))
 
 
+NON_FINITE = {"nan": (float("nan"), float("nan")), "inf": (float("inf"), -float("inf"))}
+
+
+@pytest.mark.parametrize("implementation", QUANTIZERS)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", NON_FINITE)
+def test_nan_and_inf_quantize_as_bitsandbytes(implementation, kind, dtype, double_quant, device):
+    """A NaN makes its block's absmax NaN (torch's max propagates it; the kernels' tl.max would
+    skip it, and the block would decode to finite values); an inf makes it inf. Bytes and absmax
+    as bitsandbytes' quantizer gives them (its portable backend on CPU), NaN where it has NaN, and
+    decoding gives NaN and inf where the reference decode of that format does."""
+    w = torch.randn(5, 70, generator=torch.Generator().manual_seed(3))  # 5 blocks of 64 + 30
+    w[0, 5], w[4, 69] = NON_FINITE[kind]  # a full block and the ragged last one
+    w[2, 60] = NON_FINITE[kind][0]
+    w = w.to(dtype=dtype, device=device)
+    packed, state = QUANTIZERS[implementation](w, blocksize=64, double_quant=double_quant)
+    bnb_packed, bnb_absmax, bnb_nested = bnb_quantize(w, 64, double_quant)
+    assert_same_bits(packed, bnb_packed)
+    same = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(state.absmax, bnb_absmax, **same)
+    if double_quant:  # absmax's mean is NaN: every nested value is
+        torch.testing.assert_close(state.offset, bnb_nested[0], **same)
+        torch.testing.assert_close(state.state2.absmax, bnb_nested[1], **same)
+    decoded = nf4.dequantize(packed, state, dtype=torch.float32)
+    torch.testing.assert_close(decoded, reference.nf4_dequantize(bnb_packed, state, torch.float32),
+                               **same)
+    if not double_quant:  # the blocks holding them (0, 3 and the ragged 5) and only those
+        assert (~state.absmax.isfinite()).nonzero().flatten().tolist() == [0, 3, 5]
+        assert decoded.reshape(-1)[64:192].isfinite().all()
+
+
 DEQUANTIZERS = {
     "kernels-out": lambda packed, state, dtype: nf4.dequantize(
         packed, state, out=poisoned(state.shape, dtype, packed.device)),

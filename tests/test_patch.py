@@ -231,6 +231,73 @@ def test_several_adapters_set_disable_delete():
         lowrank.delete_adapter(model, "default")
 
 
+def test_merging_an_adapter_that_is_not_active_does_what_peft_does():
+    """merge(model, "b") while "default" is active, "default" on q_proj and v_proj, "b" on v_proj:
+    PEFT's merge_adapter(["b"]) leaves the active adapter as it is, and a layer with a merged
+    adapter runs its base weights alone. So v_proj runs base + b (default no longer runs there,
+    and we warn), q_proj still runs base + default; unmerging brings default back everywhere.
+    set_adapter while merged unmerges first, with a warning, as PEFT's does."""
+    from peft import LoraConfig
+
+    ours, ids = tiny_model("llama"), token_ids()
+    theirs = with_peft(copy.deepcopy(ours), ["q_proj", "v_proj"], 4, 8)
+    theirs.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj"]))
+    lowrank.patch_model(ours, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    lowrank.patch_model(ours, rank=2, alpha=3, target_modules=["v_proj"], adapter_name="b")
+    randomize_adapters(ours)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        with pytest.warns(UserWarning, match="'default' no longer runs in the 2 layers that have"):
+            lowrank.merge(ours, "b")
+        theirs.base_model.merge_adapter(["b"])
+        assert ours.lowrank_state.active == "default" and theirs.active_adapter == "default"
+        merged = ours(ids).logits
+        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "logits with b merged")
+        assert relative_error(merged, adapted) > 1e-2  # default left v_proj, b came in
+        lowrank.unmerge(ours)
+        theirs.base_model.unmerge_adapter()
+        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits unmerged")
+        assert_close(ours(ids).logits, adapted, 1e-6, "logits unmerged")
+        # set_adapter while merged: PEFT unmerges first (and warns), then b alone runs.
+        lowrank.merge(ours)
+        theirs.base_model.merge_adapter()
+        with pytest.warns(UserWarning, match=r"adapters \['default'\] are merged; unmerging"):
+            lowrank.set_adapter(ours, "b")
+        with pytest.warns(UserWarning, match="Unmerging the model first"):
+            theirs.set_adapter("b")
+        assert not any(layer.merged_adapters for layer in adapter_layers(ours).values())
+        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits with b set")
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_and_unload", "unpatch"])
+def test_merging_into_a_head_tied_to_the_embeddings_warns_as_peft_does(how):
+    """GPT-2 ties lm_head to the input embeddings: merging an lm_head adapter writes into the
+    embeddings too, so the merged model differs from the adapted one. PEFT warns (and merges);
+    so do we, with what happens, for each way of merging. The merged logits are PEFT's."""
+    ours, ids = tiny_model("gpt2", blocks=1), token_ids()
+    assert ours.lm_head.weight is ours.get_input_embeddings().weight
+    theirs = with_peft(copy.deepcopy(ours), ["lm_head"], 4, 8)
+    lowrank.patch_model(ours, rank=4, alpha=8, target_modules=["lm_head"])
+    randomize_adapters(ours)
+    theirs.base_model.model.load_state_dict(ours.state_dict())
+    embeddings = ours.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        with pytest.warns(UserWarning, match=rf"lowrank.{how}: \['lm_head'\] share their weight "
+                                             "with the input embeddings"):
+            if how == "unpatch":
+                lowrank.unpatch(ours, merge=True)
+            else:
+                getattr(lowrank, how)(ours)
+        with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+            theirs.base_model.merge_adapter()
+        assert not torch.equal(ours.get_input_embeddings().weight, embeddings)  # as it says
+        merged = ours(ids).logits
+        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "merged logits")
+        assert relative_error(merged, adapted) > 1e-2
+
+
 def test_adding_an_adapter_to_some_layers_leaves_the_others_plain():
     model = tiny_model("llama")
     lowrank.patch_model(model, rank=2, target_modules=["q_proj"])

@@ -140,7 +140,9 @@ def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
       that requires grad. dl is reduced inside the kernels, deterministically.
     """
     weight = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
-    if not weight.use_kernels(x=x, ia3=ia3, bias=bias):
+    # Empty products: the reference, as in lora_linear.
+    if (not weight.use_kernels(x=x, ia3=ia3, bias=bias) or x.numel() == 0
+            or weight.out_features == 0):
         return reference.ia3_linear(x, weight, ia3, bias, feedforward)
     x2 = x.reshape(-1, weight.in_features).contiguous()
     y = IA3LinearFunction.apply(x2, weight, weight.tensor, ia3, bias, bool(feedforward))

@@ -158,7 +158,10 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
       seed (``dropout_seed``) and regenerated in backward, never stored.
     """
     weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
-    if not weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias):
+    # An empty product (M, N or K = 0) leaves no tile to compute, and the launchers assume at least
+    # one: the reference gives its empty or bias-only result, and gradients (zeros) of each shape.
+    if (not weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+            or x.numel() == 0 or weight.out_features == 0):
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout)
     x2 = x.reshape(-1, weight.in_features).contiguous()
     # Without dropout the kernels never read the seed: an empty one costs no fill kernel per call.
