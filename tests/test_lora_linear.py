@@ -203,7 +203,10 @@ def test_gradcheck_dense_weight_and_bias_get_gradients(device):
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-2, atol=2e-3, rtol=2e-3)
 
 
-def test_compiles_with_torch_compile_without_graph_breaks(device):
+# dynamic=True: AOT autograd over symbolic shapes, what opcheck checked when the custom op
+# carried the autograd formula (LoraLinearFunction carries it now).
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiles_with_torch_compile_without_graph_breaks(dynamic, device):
     x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "nf4-nested-128", 8, device)
     lora_a.requires_grad_()
 
@@ -212,11 +215,50 @@ def test_compiles_with_torch_compile_without_graph_breaks(device):
 
     eager = step(x, lora_a)
     (eager_grad,) = torch.autograd.grad(eager, lora_a)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     loss = compiled(x, lora_a)
     (grad,) = torch.autograd.grad(loss, lora_a)
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(grad, eager_grad)
+
+
+def test_the_function_called_directly_is_lora_linear(device):
+    """What another trainer calls: LoraLinearFunction.apply on a FrozenWeight, bit for bit the
+    public op, gradients included (the dense weight's through its own input)."""
+    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    x = x.reshape(M, K)
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for direct in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, lora_a, lora_b, bias)]
+        x_, w_, a_, b_, bias_ = leaves
+        if direct:
+            frozen = ops.FrozenWeight.of(w_)
+            seed = torch.empty(1, dtype=torch.int64, device=device)
+            y = ops.LoraLinearFunction.apply(x_, frozen, frozen.tensor, a_, b_, 1.5, bias_, 0.0,
+                                             seed)
+        else:
+            y = ops.lora_linear(x_, w_, a_, b_, 1.5, bias=bias_)
+        y.backward(grad_y)
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_gradients_are_named_against_the_signature():
+    from lowrank.ops.gradients import InputGradients
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, factor, offset):
+            return x * factor + offset
+
+    with pytest.raises(TypeError, match=r"has no inputs \['scale'\]"):
+        InputGradients(Scale, "x", "scale")  # a typo is an error at import, not a shifted gradient
+    gradients = InputGradients(Scale, "x", "offset")
+    assert gradients.by_position(offset=1, x=0) == (0, None, 1)
+    with pytest.raises(TypeError, match="'factor', which is not among"):
+        gradients.by_position(factor=2)
 
 
 def test_lora_ops_pass_torch_library_checks(device):

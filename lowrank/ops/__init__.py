@@ -7,6 +7,7 @@ torch.compile traces through) and its public function, which checks the argument
 - ``ia3``: ``ia3_linear`` (``IA3LinearFunction``), IA3 linear.
 - ``merge``: ``merge_lora`` / ``merge_ia3`` and their in-place forms.
 - ``nf4``: the NF4 quantize / dequantize custom ops behind ``lowrank.nf4``.
+- ``gradients``: ``InputGradients``, with which each backward returns its gradients by name.
 
 Every op takes the frozen weight as one ``FrozenWeight`` (``lowrank.frozen_weight``), or builds it
 from a dense tensor, or packed NF4 with its quant state.

@@ -16,7 +16,7 @@ from lowrank import reference
 from lowrank._lora_args import check_ia3_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import ia3_linear as ia3_kernels
-from lowrank.ops._gradients import InputGradients
+from lowrank.ops.gradients import InputGradients
 
 
 def ia3_scale(ia3):

@@ -18,7 +18,7 @@ from lowrank._lora_args import check_lora_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as lora_decode_kernels
-from lowrank.ops._gradients import InputGradients
+from lowrank.ops.gradients import InputGradients
 
 
 @torch.library.custom_op("lowrank::lora_forward", mutates_args=())
