@@ -12,7 +12,7 @@ fp4 states are refused.
 import torch
 
 from lowrank import _dispatch, ops, reference
-from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args
+from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args, read_nf4
 
 
 def quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
@@ -37,6 +37,7 @@ def dequantize(packed, quant_state, out=None, dtype=None):
     Returns a tensor of ``quant_state.shape`` in ``dtype`` (default: ``out``'s dtype, else
     ``quant_state.dtype``), written into ``out`` when given (contiguous, of that shape).
     """
+    packed, quant_state = read_nf4(packed, quant_state)
     packed_bytes = check_quant_state(packed, quant_state)
     dtype = _output_dtype(quant_state, out, dtype)
     if out is None:
