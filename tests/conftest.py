@@ -2,6 +2,7 @@
 must be set before triton (and so lowrank) is imported, which is why it is set here, first."""
 
 import os
+import warnings
 
 import torch
 
@@ -46,6 +47,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def bitsandbytes_dequantize_4bit_on_its_portable_path():
+    """bitsandbytes' own 4-bit results are the oracle of many tests (its dequantize_4bit, and
+    Linear4bit / PEFT's 4-bit layers through gemm_4bit, which dequantizes with it). On CPUs with
+    AVX512 its C++ CPU kernel for dequantize_4bit returns wrong values for some shapes (e.g.
+    (64, 96) and (70, 96): errors of 2 to 10), so there the oracle would be wrong. Its portable
+    implementation decodes the format as written (code[nibble] x absmax of its block): the CPU
+    kernel is replaced by it for the session, on every machine, so all see the same oracle.
+    Only bitsandbytes changes; lowrank never calls it."""
+    import bitsandbytes  # noqa: F401  (defines the op and registers its CPU kernel first)
+
+    portable = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def dequantize_4bit(*args):
+        return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(portable, *args)
+
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Overriding a previously registered kernel"
+        library.impl("dequantize_4bit", dequantize_4bit, "CPU", allow_override=True)
+    yield
+    library._destroy()  # bitsandbytes' own CPU kernel is back
+
+
 @pytest.fixture
 def device():
     """Where kernels run in this session: the GPU if there is one, else the CPU (interpreter)."""
@@ -57,10 +82,17 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, **from_pretrained_kwargs):
+def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, cpu_repack=False,
+                         **from_pretrained_kwargs):
     """A one-layer Llama saved to ``directory`` and loaded back in 4-bit (NF4, double quant unless
     ``double_quant=False``) on CPU, exactly as users load one: every linear becomes a bitsandbytes
-    Linear4bit with a Params4bit. The same arguments give the same weights."""
+    Linear4bit with a Params4bit. The same arguments give the same weights.
+
+    bitsandbytes picks by the CPU whether a Linear4bit in eval mode without grad repacks its
+    weight for its AVX512-BF16 kernel (``support_avx512bf16_for_cpu``); here ``cpu_repack`` picks,
+    so that a test takes the same branch on every machine. Off by default: oracles stay on the
+    standard layout (the repack crashes for this model's down_proj, in_features 96)."""
+    from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -70,8 +102,33 @@ def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, **from_pre
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=double_quant,
                                       bnb_4bit_compute_dtype=compute_dtype)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
-                                                device_map="cpu", **from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
+                                                 device_map="cpu", **from_pretrained_kwargs)
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = cpu_repack
+    return model
+
+
+def decode_nf4(packed, quant_state, absmax_dtype=torch.float32):
+    """The fp32 weight that NF4 bytes in bitsandbytes' standard layout stand for, decoded from the
+    format itself, independently of lowrank and of bitsandbytes' kernels: code[nibble] x the
+    absmax of its block; a nested absmax is dynamic_map[its code] x the scale of its nested block
+    + offset. Element 2i is the high nibble of byte i. ``absmax_dtype=torch.bfloat16``: each
+    absmax rounded to bf16 first, as bitsandbytes' CPU repacking stores it and computes with it."""
+    import bitsandbytes.functional as F
+
+    absmax = quant_state.absmax.float()
+    if quant_state.nested:
+        state2 = quant_state.state2
+        scale = state2.absmax.float().repeat_interleave(state2.blocksize)[: absmax.numel()]
+        absmax = F.create_dynamic_map()[quant_state.absmax.long()] * scale + quant_state.offset
+    absmax = absmax.to(absmax_dtype).float()
+    n = quant_state.shape.numel()
+    packed = packed.detach().view(torch.uint8).reshape(-1)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    values = F.get_4bit_type("nf4", device="cpu")[nibbles]
+    return (values * absmax.repeat_interleave(quant_state.blocksize)[:n]).reshape(quant_state.shape)
 
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert")
