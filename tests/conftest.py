@@ -191,3 +191,77 @@ def bnb_quantize(w, blocksize, double_quant, quant_storage=torch.uint8):
         codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
             portable, state.absmax - offset, F.create_dynamic_map(), 256)
         return packed, codes, (offset, nested_absmax)
+
+
+def dense_llama_twin(directory, weights):
+    """The dense model ``load_tiny_4bit_llama`` saved to ``directory``, in fp32, with the weights
+    of its linear layers replaced by ``weights`` ({module path: (out, in) tensor}): what a 4-bit
+    model computes, computed by torch alone. In eval mode."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        for path, weight in weights.items():
+            model.get_submodule(path).weight.copy_(weight)
+    return model.eval()
+
+
+def linear4bit_layers(model):
+    """{module path: bitsandbytes Linear4bit} of a model, paths as in the unpatched model (the
+    same inside patched layers and PEFT models)."""
+    from bitsandbytes.nn import Linear4bit
+
+    return {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+            for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def repacked_for_cpu(layer):
+    """True when bitsandbytes has repacked this Linear4bit's weight for its CPU kernel."""
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def run_bitsandbytes_in_eval(model, ids, cpu_repack):
+    """Run the unpatched tiny 4-bit Llama in eval mode without grad, as users do for a baseline
+    before fine-tuning; return the paths of the layers bitsandbytes repacked for its CPU kernel.
+    With the repack on (``support_avx512bf16_for_cpu``), it repacks every weight it runs and
+    crashes on down_proj (in_features 96 is no multiple of blocksize 64), after decoding its
+    nested absmax in place: the state a user is left with."""
+    model.eval()
+    with torch.no_grad():
+        if cpu_repack:
+            with pytest.raises(RuntimeError, match="is invalid for input of size 96"):
+                model(ids)
+        else:
+            model(ids)
+    return {n for n, m in linear4bit_layers(model).items() if repacked_for_cpu(m)}
+
+
+def as_loaded(model):
+    """{path: (packed bytes, quant state)} copies of a 4-bit model's Linear4bit weights."""
+    import copy
+
+    return {n: (m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+            for n, m in linear4bit_layers(model).items()}
+
+
+def as_held(model):
+    """{path: (packed bytes, absmax, repacked or not)} of a 4-bit model's Linear4bit weights, to
+    check later that nothing rewrote them."""
+    return {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone(), repacked_for_cpu(m))
+            for n, m in linear4bit_layers(model).items()}
+
+
+def assert_held(model, held):
+    now = as_held(model)
+    assert now.keys() == held.keys()
+    for name, (data, absmax, repacked) in held.items():
+        assert torch.equal(now[name][0], data) and torch.equal(now[name][1], absmax), name
+        assert now[name][2] == repacked, name
+
+
+def weights_bitsandbytes_computes_with(loaded, repacked):
+    """{path: fp32 weight} a 4-bit model computes with: decoded from the bytes and states it was
+    loaded with; where bitsandbytes repacked a weight, with each absmax rounded to bf16 as the
+    repack stores it."""
+    return {n: decode_nf4(packed, state, torch.bfloat16 if n in repacked else torch.float32)
+            for n, (packed, state) in loaded.items()}
