@@ -5,8 +5,9 @@
 
 ``quant_state`` may come from anywhere bitsandbytes makes one, e.g. ``linear.weight.quant_state`` of
 a ``Linear4bit`` in a model loaded with ``load_in_4bit=True``: it is used as it is, and the packed
-bytes are read in place (a ``Params4bit`` can be passed as ``packed``). Only "nf4" is supported;
-fp4 states are refused.
+bytes are read in place (a ``Params4bit`` can be passed as ``packed``). A weight that bitsandbytes
+repacked for its CPU kernel (``quant_state.packing_format_for_cpu``) is read from a decoded copy
+and left as it is. Only "nf4" is supported; fp4 states are refused.
 """
 
 import torch

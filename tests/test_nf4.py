@@ -43,8 +43,9 @@ def bnb_dequantize(packed, quant_state, dtype):
     with torch.compiler.set_stance("force_eager"):
         out = F.dequantize_4bit(packed, state, quant_type="nf4")
     # Values are compared as they are; shapes follow quant_state.shape, as ours do. bitsandbytes
-    # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path, and a
-    # transposed output when the packed tensor has one row (a shim for an old layout).
+    # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path (which
+    # the tests replace: see conftest), and a transposed output when the packed tensor has one
+    # row (a shim for an old layout).
     return out.reshape(state.shape)
 
 
