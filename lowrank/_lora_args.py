@@ -3,14 +3,17 @@ lowrank.reference. Every error names the op and the problem."""
 
 import torch
 
-from lowrank._quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_quant_state
+from lowrank._quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_quant_state, read_nf4
 
 
 def resolve_weight(weight, quant_state):
-    """The quant state of ``weight``: the one given, a Params4bit's own, or None for a dense weight."""
+    """``(weight, quant state)`` as the ops read them: the state given, a Params4bit's own, or None
+    for a dense weight; NF4 in bitsandbytes' standard layout (see ``read_nf4``)."""
     if quant_state is None:
         quant_state = getattr(weight, "quant_state", None)
-    return quant_state
+    if quant_state is None:
+        return weight, None
+    return read_nf4(weight, quant_state)
 
 
 def _check_tensors(op, **tensors):

@@ -5,14 +5,15 @@
 
 ``quant_state`` may come from anywhere bitsandbytes makes one, e.g. ``linear.weight.quant_state`` of
 a ``Linear4bit`` in a model loaded with ``load_in_4bit=True``: it is used as it is, and the packed
-bytes are read in place (a ``Params4bit`` can be passed as ``packed``). Only "nf4" is supported;
-fp4 states are refused.
+bytes are read in place (a ``Params4bit`` can be passed as ``packed``). A weight that bitsandbytes
+repacked for its CPU kernel (``quant_state.packing_format_for_cpu``) is read from a decoded copy
+and left as it is. Only "nf4" is supported; fp4 states are refused.
 """
 
 import torch
 
 from lowrank import _dispatch, ops, reference
-from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args
+from lowrank._quant_state import FLOAT_DTYPES, absmax_fp32, check_quant_state, check_quantize_args, read_nf4
 
 
 def quantize(w, blocksize=64, double_quant=True, quant_storage=torch.uint8):
@@ -37,6 +38,7 @@ def dequantize(packed, quant_state, out=None, dtype=None):
     Returns a tensor of ``quant_state.shape`` in ``dtype`` (default: ``out``'s dtype, else
     ``quant_state.dtype``), written into ``out`` when given (contiguous, of that shape).
     """
+    packed, quant_state = read_nf4(packed, quant_state)
     packed_bytes = check_quant_state(packed, quant_state)
     dtype = _output_dtype(quant_state, out, dtype)
     if out is None:

@@ -237,7 +237,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     - ``dropout`` applies to the LoRA branch's input only; its mask is drawn from torch's RNG as a
       seed (``dropout_seed``) and regenerated in backward, never stored.
     """
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
     # An empty product (M, N or K = 0) leaves no tile to compute, and the launchers assume at least
     # one: the reference gives its empty or bias-only result, and gradients (zeros) of each shape.
@@ -364,7 +364,7 @@ def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     - Gradients flow to x and ``ia3`` (in its own dtype and shape), and to a dense weight or a bias
       that requires grad. dl is reduced inside the kernels, deterministically.
     """
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
     # Empty products: the reference, as in lora_linear.
     if not _use_kernels(weight, quant_state, x=x, ia3=ia3, bias=bias) or x.numel() == 0 or N == 0:
@@ -454,7 +454,7 @@ def merge_lora(weight, lora_A, lora_B, scaling, quant_state=None, dtype=None):
     - To unmerge an NF4 merge, keep the original packed bytes and quant_state (half a byte per
       weight): they are the exact unmerged weight; requantizing W' - s B A would not give them back.
     """
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_merge_args("merge_lora", weight, quant_state, dtype)
     check_lora_factors("merge_lora", lora_A, lora_B, scaling, N, K, FLOAT_DTYPES)
     if not _use_kernels(weight, quant_state, lora_A=lora_A, lora_B=lora_B):
@@ -466,7 +466,7 @@ def merge_lora(weight, lora_A, lora_B, scaling, quant_state=None, dtype=None):
 
 
 def _lora_merge_in_place(op, weight, lora_A, lora_B, scaling):
-    N, K, _ = check_merge_args(op, weight, resolve_weight(weight, None), None, in_place=True)
+    N, K, _ = check_merge_args(op, weight, resolve_weight(weight, None)[1], None, in_place=True)
     check_lora_factors(op, lora_A, lora_B, scaling, N, K, FLOAT_DTYPES)
     with torch.no_grad():
         if not _use_kernels(weight, None, lora_A=lora_A, lora_B=lora_B):
@@ -506,7 +506,7 @@ def merge_ia3(weight, ia3, feedforward=False, bias=None, quant_state=None, dtype
     ``(packed, quant_state)``, or dense in ``dtype``. To unmerge an NF4 merge, keep the original
     packed bytes and quant_state.
     """
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, packed = check_merge_args("merge_ia3", weight, quant_state, dtype)
     check_ia3_vector("merge_ia3", ia3, feedforward, N, K, FLOAT_DTYPES)
     check_bias("merge_ia3", bias, N, FLOAT_DTYPES)
@@ -520,7 +520,7 @@ def merge_ia3(weight, ia3, feedforward=False, bias=None, quant_state=None, dtype
 
 
 def _ia3_merge_in_place(op, weight, ia3, feedforward, bias, unmerge):
-    N, K, _ = check_merge_args(op, weight, resolve_weight(weight, None), None, in_place=True)
+    N, K, _ = check_merge_args(op, weight, resolve_weight(weight, None)[1], None, in_place=True)
     check_ia3_vector(op, ia3, feedforward, N, K, FLOAT_DTYPES)
     check_bias(op, bias, N, FLOAT_DTYPES)
     with torch.no_grad():

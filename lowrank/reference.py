@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lowrank._lora_args import (check_bias, check_ia3_args, check_ia3_vector, check_lora_args,
                                 check_lora_factors, check_merge_args, resolve_weight)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
-                                  check_quantize_args, code_books)
+                                  check_quantize_args, code_books, read_nf4)
 
 
 def _scale_blockwise(x, blocksize):
@@ -64,6 +64,7 @@ def nf4_absmax(quant_state):
 
 def nf4_dequantize(packed, quant_state, dtype=None):
     """Same contract as ``lowrank.nf4.dequantize`` (without ``out``)."""
+    packed, quant_state = read_nf4(packed, quant_state)
     packed_bytes = check_quant_state(packed, quant_state)
     nf4_code = code_books(packed_bytes.device)[0]
     n = quant_state.shape.numel()
@@ -82,7 +83,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     own). ``dropout_mask``: the keep mask (shape of x) to use instead of drawing one, so that a
     test can give the reference the mask the kernels drew (``lowrank.ops.lora_dropout_mask``).
     """
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
                     dtypes=FLOAT_DTYPES + (torch.float64,))
     if quant_state is not None:
@@ -100,7 +101,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
 def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     """Y = (x W^T + b) * l, or with ``feedforward`` (x * l) W^T + b, computed in x's dtype with l
     applied in fp32 (PEFT's IA3 layers do the same)."""
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     check_ia3_args(x, weight, ia3, bias, feedforward, quant_state,
                    dtypes=FLOAT_DTYPES + (torch.float64,))
     if quant_state is not None:
@@ -134,7 +135,7 @@ def merge_lora(weight, lora_A, lora_B, scaling, quant_state=None, dtype=None):
 
     B A is summed one rank at a time, each product rounded to fp32 before its add, as the kernel
     does, so that both give the same fp32 merged weight and hence the same NF4 bytes."""
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, _ = check_merge_args("merge_lora", weight, quant_state, dtype)
     check_lora_factors("merge_lora", lora_A, lora_B, scaling, N, K, FLOAT_DTYPES)
     a, b = lora_A.detach().float(), lora_B.detach().float()
@@ -153,7 +154,7 @@ def ia3_scaled_weight(weight, ia3, feedforward, unmerge=False):
 
 def merge_ia3(weight, ia3, feedforward=False, bias=None, quant_state=None, dtype=None):
     """Same contract as ``lowrank.ops.merge_ia3``: (W * l in the weight's form, bias * l or bias)."""
-    quant_state = resolve_weight(weight, quant_state)
+    weight, quant_state = resolve_weight(weight, quant_state)
     N, K, _ = check_merge_args("merge_ia3", weight, quant_state, dtype)
     check_ia3_vector("merge_ia3", ia3, feedforward, N, K, FLOAT_DTYPES)
     check_bias("merge_ia3", bias, N, FLOAT_DTYPES)
