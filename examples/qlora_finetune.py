@@ -58,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=DEFAULT_DATA, help="Alpaca-format JSONL (default: %(default)s)")
     parser.add_argument("--output", help="where the adapter, loss log and plot go (default: a "
                         "temporary directory, removed at the end)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-2 for the small "

@@ -16,7 +16,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 from lowrank import _dispatch
-from lowrank._quant_state import absmax_fp32, check_quant_state, code_books
+from lowrank._quant_state import absmax_fp32, check_quant_state, code_books, read_nf4
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class FrozenWeight:
     def of_nf4(cls, packed, quant_state):
         """Packed NF4 bytes (any shape and storage dtype, read in place) with their QuantState,
         checked; the quant state's tensors in the dtypes the kernels read (as bitsandbytes
-        converts them)."""
+        converts them). A weight bitsandbytes repacked for its CPU kernel is read from a copy in
+        the standard layout (``read_nf4``): ``stored`` and ``quant_state`` are then the copy's."""
+        packed, quant_state = read_nf4(packed, quant_state)
         packed_bytes = check_quant_state(packed, quant_state)
         shape = tuple(quant_state.shape)
         if not quant_state.nested:

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowrank import nf4, ops
+from lowrank._quant_state import is_repacked_for_cpu, read_nf4
 
 
 def is_sharded(tensor):
@@ -80,30 +81,44 @@ def frozen_operands(base, kind, x, nf4_storage=None):
     return x.to(compute_dtype), ops.FrozenWeight.of(weight, state), bias, x.dtype
 
 
-def nf4_operands(base, nf4_storage=None):
-    """(packed weight, quant state) of a Linear4bit. The state is the Params4bit's or, where FSDP
+def nf4_quant_state(base):
+    """The quant state of a Linear4bit, as bitsandbytes holds it: the Params4bit's or, where FSDP
     has replaced the Params4bit with a plain Parameter (the all-gathered shards), the copy
-    bitsandbytes keeps on the module, as its own Linear4bit.forward recovers it. ``nf4_storage``:
-    the dtype the packed bytes were stored in when patched; any other dtype now means a cast."""
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
+    bitsandbytes keeps on the module, as its own Linear4bit.forward recovers it."""
+    state = getattr(base.weight, "quant_state", None)
     if state is None:
         state = getattr(base, "quant_state", None)
     if state is None:
         raise RuntimeError("lowrank: this Linear4bit's weight has no quant_state (was it moved "
                            "or converted without bitsandbytes?)")
-    if getattr(state, "packing_format_for_cpu", False):
-        raise RuntimeError("lowrank: bitsandbytes repacked this Linear4bit's weight for its CPU "
-                           "kernel; reload the model and patch it before running it in eval mode")
-    if nf4_storage is not None and weight.dtype != nf4_storage:
+    return state
+
+
+def nf4_storage_dtype(base):
+    """The dtype a Linear4bit's packed bytes are stored in (bnb_4bit_quant_storage). bitsandbytes'
+    CPU repacking turns them into uint8 and keeps the dtype they had, when another, on the state."""
+    state = nf4_quant_state(base)
+    if is_repacked_for_cpu(state):
+        return getattr(state, "original_storage_type", None) or torch.uint8
+    return base.weight.dtype
+
+
+def nf4_operands(base, nf4_storage=None):
+    """(packed weight, quant state) of a Linear4bit (see ``nf4_quant_state``), in bitsandbytes'
+    standard layout even where bitsandbytes has repacked the weight for its CPU kernel (see
+    ``read_nf4``). ``nf4_storage``: the dtype the packed bytes were stored in when patched; any
+    other dtype now means a cast."""
+    weight, state = base.weight, nf4_quant_state(base)
+    storage = nf4_storage_dtype(base)
+    if nf4_storage is not None and storage != nf4_storage:
         raise RuntimeError(
             f"lowrank: this Linear4bit's packed NF4 weight was stored as {nf4_storage} and "
-            f"is now {weight.dtype}: it was cast, which destroys the packed codes. FSDP2's "
+            f"is now {storage}: it was cast, which destroys the packed codes. FSDP2's "
             "MixedPrecisionPolicy(param_dtype=...) and model.to(dtype) cast 4-bit weights stored "
             "in a float bnb_4bit_quant_storage; leave param_dtype None (or equal to the "
             "quant_storage dtype), or load with bnb_4bit_quant_storage=torch.uint8, which "
             "neither casts")
-    return weight, state
+    return read_nf4(weight, state)
 
 
 class AdapterLayer(nn.Module):
@@ -119,14 +134,14 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features = layer_features(base_layer, self.kind)
         # The dtype the packed NF4 bytes are stored in (bnb_4bit_quant_storage): one that differs
         # later means something cast them (see nf4_operands).
-        self.nf4_storage = base_layer.weight.dtype if self.kind == "nf4" else None
+        self.nf4_storage = nf4_storage_dtype(base_layer) if self.kind == "nf4" else None
         self.active_adapter = None
         self.merged_adapters = []
         self.adapters_disabled = False
-        # bitsandbytes repacks a Linear4bit's weight into another layout the first time it runs in
-        # eval mode without grad on a CPU with AVX512-BF16, which would leave our kernels reading
-        # bytes in a layout they do not know. Keep the layout bitsandbytes loaded (``unpatch``
-        # restores the flag).
+        # bitsandbytes repacks a Linear4bit's weight in place the first time it runs in eval mode
+        # without grad on a CPU with AVX512-BF16 (and crashes, half way, on shapes its layout
+        # cannot hold). A weight repacked before patching is read through ``read_nf4``; while
+        # patched, keep the layout bitsandbytes loaded (``unpatch`` restores the flag).
         self._bnb_cpu_repack = getattr(base_layer, "support_avx512bf16_for_cpu", None)
         if self._bnb_cpu_repack is not None:
             base_layer.support_avx512bf16_for_cpu = False
@@ -214,7 +229,7 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         bias = base.bias
         if name is None:
-            weight = nf4.dequantize(base.weight, base.weight.quant_state, dtype=dtype)
+            weight = nf4.dequantize(*nf4_operands(base), dtype=dtype)
         else:
             weight, bias = self.merged_weight(name, base.weight, bias, dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,

@@ -5,8 +5,9 @@
 
 ``quant_state`` may come from anywhere bitsandbytes makes one, e.g. ``linear.weight.quant_state`` of
 a ``Linear4bit`` in a model loaded with ``load_in_4bit=True``: it is used as it is, and the packed
-bytes are read in place (a ``Params4bit`` can be passed as ``packed``). Only "nf4" is supported;
-fp4 states are refused.
+bytes are read in place (a ``Params4bit`` can be passed as ``packed``). A weight that bitsandbytes
+repacked for its CPU kernel (``quant_state.packing_format_for_cpu``) is read from a decoded copy
+and left as it is. Only "nf4" is supported; fp4 states are refused.
 """
 
 import torch
@@ -39,6 +40,7 @@ def dequantize(packed, quant_state, out=None, dtype=None):
     ``quant_state.dtype``), written into ``out`` when given (contiguous, of that shape).
     """
     weight = FrozenWeight.of_nf4(packed, quant_state)
+    quant_state = weight.quant_state  # in the standard layout, where bitsandbytes repacked it
     dtype = _output_dtype(quant_state, out, dtype)
     if out is None:
         out = torch.empty(quant_state.shape, dtype=dtype, device=weight.tensor.device)
@@ -49,7 +51,7 @@ def dequantize(packed, quant_state, out=None, dtype=None):
     use_kernels = _dispatch.use_kernels(packed=weight.tensor, absmax=weight.absmax, out=out,
                                         nested_absmax=weight.nested_absmax, offset=weight.offset)
     if not use_kernels:
-        return out.copy_(reference.nf4_dequantize(packed, quant_state, dtype))
+        return out.copy_(reference.nf4_dequantize(weight.stored, quant_state, dtype))
     ops.nf4_dequantize(*weight.flat(), out)
     return out
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lowrank.modules import AdapterLayer, IA3Linear, LoraLinear, layer_kind
+from lowrank.modules import AdapterLayer, IA3Linear, LoraLinear, layer_kind, nf4_operands
 
 LAYER_CLASSES = {"lora": LoraLinear, "ia3": IA3Linear}
 # IA3's default targets and, among them, the feed-forward layers (l scales their input), per
@@ -547,7 +547,7 @@ def merge_and_unload(model, dtype=None):
         name = name if name in layer.adapter_names and name not in layer.merged_adapters else None
         layer_dtype = dtype
         if layer.kind == "nf4" and dtype is None:
-            layer_dtype = layer.base_layer.weight.quant_state.dtype
+            layer_dtype = nf4_operands(layer.base_layer)[1].dtype  # as loaded, even if repacked
         plain[path] = layer.merged_module(name, layer_dtype)
     for path, module in plain.items():
         _replace(model, path, module)

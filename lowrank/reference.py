@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lowrank._lora_args import (check_bias, check_ia3_args, check_ia3_vector, check_lora_args,
                                 check_lora_factors, check_merge_args)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
-                                  check_quantize_args, code_books)
+                                  check_quantize_args, code_books, read_nf4)
 
 
 def _scale_blockwise(x, blocksize):
@@ -64,6 +64,7 @@ def nf4_absmax(quant_state):
 
 def nf4_dequantize(packed, quant_state, dtype=None):
     """Same contract as ``lowrank.nf4.dequantize`` (without ``out``)."""
+    packed, quant_state = read_nf4(packed, quant_state)
     packed_bytes = check_quant_state(packed, quant_state)
     nf4_code = code_books(packed_bytes.device)[0]
     n = quant_state.shape.numel()

@@ -3,6 +3,7 @@ must be set before triton (and so lowrank) is imported, which is why it is set h
 the interpreter is lowrank's own business (kernels/_interpreter.py): nothing here patches Triton."""
 
 import os
+import warnings
 
 import torch
 
@@ -21,6 +22,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def bitsandbytes_dequantize_4bit_on_its_portable_path():
+    """bitsandbytes' own 4-bit results are the oracle of many tests (its dequantize_4bit, and
+    Linear4bit / PEFT's 4-bit layers through gemm_4bit, which dequantizes with it). On CPUs with
+    AVX512 its C++ CPU kernel for dequantize_4bit returns wrong values for some shapes (e.g.
+    (64, 96) and (70, 96): errors of 2 to 10), so there the oracle would be wrong. Its portable
+    implementation decodes the format as written (code[nibble] x absmax of its block): the CPU
+    kernel is replaced by it for the session, on every machine, so all see the same oracle.
+    Only bitsandbytes changes; lowrank never calls it."""
+    import bitsandbytes  # noqa: F401  (defines the op and registers its CPU kernel first)
+
+    portable = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def dequantize_4bit(*args):
+        return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(portable, *args)
+
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Overriding a previously registered kernel"
+        library.impl("dequantize_4bit", dequantize_4bit, "CPU", allow_override=True)
+    yield
+    library._destroy()  # bitsandbytes' own CPU kernel is back
+
+
 @pytest.fixture
 def device():
     """Where kernels run in this session: the GPU if there is one, else the CPU (interpreter)."""
@@ -32,10 +57,17 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, **from_pretrained_kwargs):
+def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, cpu_repack=False,
+                         **from_pretrained_kwargs):
     """A one-layer Llama saved to ``directory`` and loaded back in 4-bit (NF4, double quant unless
     ``double_quant=False``) on CPU, exactly as users load one: every linear becomes a bitsandbytes
-    Linear4bit with a Params4bit. The same arguments give the same weights."""
+    Linear4bit with a Params4bit. The same arguments give the same weights.
+
+    bitsandbytes picks by the CPU whether a Linear4bit in eval mode without grad repacks its
+    weight for its AVX512-BF16 kernel (``support_avx512bf16_for_cpu``); here ``cpu_repack`` picks,
+    so that a test takes the same branch on every machine. Off by default: oracles stay on the
+    standard layout (the repack crashes for this model's down_proj, in_features 96)."""
+    from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -45,8 +77,33 @@ def load_tiny_4bit_llama(directory, compute_dtype, double_quant=True, **from_pre
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=double_quant,
                                       bnb_4bit_compute_dtype=compute_dtype)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
-                                                device_map="cpu", **from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
+                                                 device_map="cpu", **from_pretrained_kwargs)
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = cpu_repack
+    return model
+
+
+def decode_nf4(packed, quant_state, absmax_dtype=torch.float32):
+    """The fp32 weight that NF4 bytes in bitsandbytes' standard layout stand for, decoded from the
+    format itself, independently of lowrank and of bitsandbytes' kernels: code[nibble] x the
+    absmax of its block; a nested absmax is dynamic_map[its code] x the scale of its nested block
+    + offset. Element 2i is the high nibble of byte i. ``absmax_dtype=torch.bfloat16``: each
+    absmax rounded to bf16 first, as bitsandbytes' CPU repacking stores it and computes with it."""
+    import bitsandbytes.functional as F
+
+    absmax = quant_state.absmax.float()
+    if quant_state.nested:
+        state2 = quant_state.state2
+        scale = state2.absmax.float().repeat_interleave(state2.blocksize)[: absmax.numel()]
+        absmax = F.create_dynamic_map()[quant_state.absmax.long()] * scale + quant_state.offset
+    absmax = absmax.to(absmax_dtype).float()
+    n = quant_state.shape.numel()
+    packed = packed.detach().view(torch.uint8).reshape(-1)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    values = F.get_4bit_type("nf4", device="cpu")[nibbles]
+    return (values * absmax.repeat_interleave(quant_state.blocksize)[:n]).reshape(quant_state.shape)
 
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert")
@@ -109,3 +166,77 @@ def bnb_quantize(w, blocksize, double_quant, quant_storage=torch.uint8):
         codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
             portable, state.absmax - offset, F.create_dynamic_map(), 256)
         return packed, codes, (offset, nested_absmax)
+
+
+def dense_llama_twin(directory, weights):
+    """The dense model ``load_tiny_4bit_llama`` saved to ``directory``, in fp32, with the weights
+    of its linear layers replaced by ``weights`` ({module path: (out, in) tensor}): what a 4-bit
+    model computes, computed by torch alone. In eval mode."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        for path, weight in weights.items():
+            model.get_submodule(path).weight.copy_(weight)
+    return model.eval()
+
+
+def linear4bit_layers(model):
+    """{module path: bitsandbytes Linear4bit} of a model, paths as in the unpatched model (the
+    same inside patched layers and PEFT models)."""
+    from bitsandbytes.nn import Linear4bit
+
+    return {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+            for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def repacked_for_cpu(layer):
+    """True when bitsandbytes has repacked this Linear4bit's weight for its CPU kernel."""
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def run_bitsandbytes_in_eval(model, ids, cpu_repack):
+    """Run the unpatched tiny 4-bit Llama in eval mode without grad, as users do for a baseline
+    before fine-tuning; return the paths of the layers bitsandbytes repacked for its CPU kernel.
+    With the repack on (``support_avx512bf16_for_cpu``), it repacks every weight it runs and
+    crashes on down_proj (in_features 96 is no multiple of blocksize 64), after decoding its
+    nested absmax in place: the state a user is left with."""
+    model.eval()
+    with torch.no_grad():
+        if cpu_repack:
+            with pytest.raises(RuntimeError, match="is invalid for input of size 96"):
+                model(ids)
+        else:
+            model(ids)
+    return {n for n, m in linear4bit_layers(model).items() if repacked_for_cpu(m)}
+
+
+def as_loaded(model):
+    """{path: (packed bytes, quant state)} copies of a 4-bit model's Linear4bit weights."""
+    import copy
+
+    return {n: (m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+            for n, m in linear4bit_layers(model).items()}
+
+
+def as_held(model):
+    """{path: (packed bytes, absmax, repacked or not)} of a 4-bit model's Linear4bit weights, to
+    check later that nothing rewrote them."""
+    return {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone(), repacked_for_cpu(m))
+            for n, m in linear4bit_layers(model).items()}
+
+
+def assert_held(model, held):
+    now = as_held(model)
+    assert now.keys() == held.keys()
+    for name, (data, absmax, repacked) in held.items():
+        assert torch.equal(now[name][0], data) and torch.equal(now[name][1], absmax), name
+        assert now[name][2] == repacked, name
+
+
+def weights_bitsandbytes_computes_with(loaded, repacked):
+    """{path: fp32 weight} a 4-bit model computes with: decoded from the bytes and states it was
+    loaded with; where bitsandbytes repacked a weight, with each absmax rounded to bf16 as the
+    repack stores it."""
+    return {n: decode_nf4(packed, state, torch.bfloat16 if n in repacked else torch.float32)
+            for n, (packed, state) in loaded.items()}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
-from conftest import assert_same_bits, bnb_quantize, load_tiny_4bit_llama, poisoned
+from conftest import assert_same_bits, bnb_quantize, decode_nf4, load_tiny_4bit_llama, poisoned
 
 from lowrank import nf4, reference
 
@@ -43,8 +43,9 @@ def bnb_dequantize(packed, quant_state, dtype):
     with torch.compiler.set_stance("force_eager"):
         out = F.dequantize_4bit(packed, state, quant_type="nf4")
     # Values are compared as they are; shapes follow quant_state.shape, as ours do. bitsandbytes
-    # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path, and a
-    # transposed output when the packed tensor has one row (a shim for an old layout).
+    # returns other shapes in two corners: (1, n) for a 1-D weight from its C++ CPU path (which
+    # the tests replace: see conftest), and a transposed output when the packed tensor has one
+    # row (a shim for an old layout).
     return out.reshape(state.shape)
 
 
@@ -180,6 +181,67 @@ def test_dequantize_reads_a_loaded_4bit_model_in_place(tmp_path):
 
     param = layers[0].weight
     assert check_quant_state(param, param.quant_state).data_ptr() == param.data_ptr()
+
+
+def repacked_for_cpu(packed, state):
+    """A copy of (packed, state) repacked as bitsandbytes' Linear4bit.forward repacks them for its
+    AVX512-BF16 CPU kernel in eval mode (the conversion itself is plain torch: any CPU runs it)."""
+    return F._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(state))
+
+
+REPACKED_READERS = {
+    "kernels": lambda packed, state: nf4.dequantize(packed, state),
+    "reference": reference.nf4_dequantize,
+}
+
+
+@pytest.mark.parametrize("implementation", REPACKED_READERS)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+def test_dequantize_reads_a_weight_bitsandbytes_repacked_for_its_cpu_kernel(
+        implementation, double_quant, dtype, storage):
+    # 96 x 128 in blocks of 64: three tiles of 32 rows, two blocks a row.
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(5))
+    w[:, :3] *= 8.0
+    with torch.compiler.set_stance("force_eager"):
+        packed, state = F.quantize_4bit(w.to(dtype), blocksize=64, compress_statistics=double_quant,
+                                        quant_type="nf4", quant_storage=storage)
+    repacked, repacked_state = repacked_for_cpu(packed, state)
+    assert repacked_state.packing_format_for_cpu and repacked.shape == (96, 64)
+    kept = repacked.clone(), repacked_state.absmax.clone()
+    out = REPACKED_READERS[implementation](repacked, repacked_state)
+    # The weight bitsandbytes computes with from then on: the same codes, each absmax rounded to
+    # bf16; in the dtype it was quantized from (the repacked state says bf16).
+    assert_same_bits(out, decode_nf4(packed, state, absmax_dtype=torch.bfloat16).to(dtype))
+    # Read, not rewritten: bitsandbytes' forward still finds its layout.
+    assert_same_bits(repacked, kept[0])
+    assert_same_bits(repacked_state.absmax, kept[1])
+    assert repacked_state.packing_format_for_cpu and repacked_state.dtype == torch.bfloat16
+    # The bytes are those bitsandbytes' own inverse gives back (which, unlike the read, rewrites
+    # the state and requantizes the absmax).
+    from lowrank._quant_state import read_nf4
+
+    standard, _ = read_nf4(repacked, repacked_state)
+    inverse, _ = F._convert_weight_packed_for_cpu_inverse(repacked.clone(),
+                                                          copy.deepcopy(repacked_state))
+    assert_same_bits(standard, inverse)
+    assert_same_bits(standard, packed)
+
+
+def test_a_repacked_state_that_cannot_be_is_refused_by_name():
+    with torch.compiler.set_stance("force_eager"):
+        packed, state = F.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
+    repacked, repacked_state = repacked_for_cpu(packed, state)
+    repacked_state.absmax = repacked_state.absmax.t()
+    with pytest.raises(ValueError, match="absmax must be"):
+        nf4.dequantize(repacked, repacked_state)
+    repacked_state.shape = torch.Size((70, 128))
+    with pytest.raises(ValueError, match="shape 70 x 128 cannot be in that layout"):
+        nf4.dequantize(repacked, repacked_state)
+    repacked_state.shape = torch.Size((32, 128))
+    with pytest.raises(ValueError, match="has 4096 bytes, but its shape 32 x 128 needs 2048"):
+        nf4.dequantize(repacked, repacked_state)
 
 
 def test_round_trip_is_stable(device):

@@ -7,7 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, load_tiny_4bit_llama, tiny_model, token_ids
+from bitsandbytes.functional import has_avx512bf16
+from conftest import (TINY_ARCHITECTURES, as_held, as_loaded, assert_held, dense_llama_twin,
+                      linear4bit_layers, load_tiny_4bit_llama, run_bitsandbytes_in_eval,
+                      tiny_model, token_ids, weights_bitsandbytes_computes_with)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -139,6 +142,68 @@ def test_4bit_model_matches_peft(compute_dtype, double_quant, tmp_path):
             assert torch.equal(param, ours.get_parameter(name.removeprefix("base_model.model.")))
     check_against_peft(ours, theirs, compute_dtype, token_ids(vocab_size=128))
     assert lowrank.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+
+
+def lora_deltas(model):
+    """{path: scaling * B @ A} of the active adapter of every patched LoRA layer."""
+    return {n: layer.scaling[layer.active_adapter] * layer.lora_B[layer.active_adapter].weight.detach()
+            @ layer.lora_A[layer.active_adapter].weight.detach()
+            for n, layer in adapter_layers(model).items()}
+
+
+# bitsandbytes' CPU repack: on (support_avx512bf16_for_cpu), as on CPUs with AVX512-BF16, or off,
+# as on others; forced, so every machine runs both branches.
+CPU_REPACK = pytest.mark.parametrize("cpu_repack", [True, False], ids=["cpu-repack", "no-cpu-repack"])
+
+
+@CPU_REPACK
+def test_4bit_model_bitsandbytes_ran_in_eval_then_patched(cpu_repack, tmp_path):
+    """A 4-bit model run by bitsandbytes in eval mode before patching: its weights are in
+    bitsandbytes' CPU layout (one half way). Patched, the model computes with the weights
+    bitsandbytes computes with, never repacks them (eval, adapters disabled, merged), and after
+    unpatch they are as bitsandbytes left them, its flag back, its forward working."""
+    model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32, cpu_repack=cpu_repack)
+    ids = token_ids(vocab_size=128)
+    loaded = as_loaded(model)
+    repacked = run_bitsandbytes_in_eval(model, ids, cpu_repack)
+    assert repacked == ({n for n in loaded if not n.endswith("down_proj")} if cpu_repack else set())
+    weights = weights_bitsandbytes_computes_with(loaded, repacked)
+    held = as_held(model)
+    lowrank.patch_model(model, rank=4)
+    randomize_adapters(model)
+    deltas = lora_deltas(model)
+    assert deltas.keys() == weights.keys()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert_close(adapted, dense_llama_twin(tmp_path, {n: w + deltas[n] for n, w in weights.items()})(
+            ids).logits, FP32_TOLERANCE, "patched logits")
+        base = dense_llama_twin(tmp_path, weights)(ids).logits
+        with lowrank.disable_adapters(model):  # the base layers run: bitsandbytes' forward
+            disabled = model(ids).logits
+        if not repacked:
+            assert_close(disabled, base, FP32_TOLERANCE, "base logits")
+        elif has_avx512bf16():  # its kernel for its repacked layout computes in bf16
+            assert_close(disabled, base, 2e-2, "base logits")
+        lowrank.merge(model)
+        model(ids)
+        lowrank.unmerge(model)
+        assert torch.equal(model(ids).logits, adapted)
+    assert not any(m.support_avx512bf16_for_cpu for m in linear4bit_layers(model).values())
+    assert_held(model, held)  # nothing was repacked while patched, nor rewritten by reading
+    lowrank.unpatch(model)
+    assert all(m.support_avx512bf16_for_cpu == cpu_repack for m in linear4bit_layers(model).values())
+    assert_held(model, held)
+    # bitsandbytes' forward still runs on the weights as it left them. Repacked ones: its kernel
+    # for that layout (in bf16) exists only on CPUs with AVX512-BF16; down_proj's repack would
+    # crash again, as it did before patching.
+    with torch.no_grad():
+        if not cpu_repack:
+            assert_close(model(ids).logits, base, FP32_TOLERANCE, "bitsandbytes' logits")
+        elif has_avx512bf16():
+            x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+            for name in repacked:
+                assert_close(model.get_submodule(name)(x), x @ weights[name].t(), 2e-2, name)
 
 
 def test_unpatch_restores_the_original_modules_and_flags():
@@ -617,6 +682,24 @@ def test_merge_and_unload_a_4bit_model(method, tmp_path):
     lowrank.patch_model(again, rank=8, target_modules=["v_proj"])
     lowrank.merge_and_unload(again, dtype="nf4")
     assert isinstance(again.model.layers[0].self_attn.v_proj, Linear4bit) and again.is_quantized
+
+
+def test_merge_and_unload_a_4bit_model_bitsandbytes_repacked(tmp_path):
+    """A model whose weights bitsandbytes repacked for its CPU kernel before patching merges from
+    the weights bitsandbytes computed with, into the dtype the model was loaded in (fp32; the
+    repacked states say bf16)."""
+    model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32, cpu_repack=True)
+    loaded = as_loaded(model)
+    weights = weights_bitsandbytes_computes_with(
+        loaded, run_bitsandbytes_in_eval(model, token_ids(vocab_size=128), cpu_repack=True))
+    lowrank.patch_model(model, rank=4)
+    randomize_adapters(model)
+    deltas = lora_deltas(model)
+    lowrank.merge_and_unload(model)
+    for name, weight in weights.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32, name
+        assert_close(layer.weight, weight + deltas[name], 1e-6, name)
 
 
 def test_merge_and_unload_a_dense_model_gives_plain_layers():

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from conftest import load_tiny_4bit_llama, tiny_model, token_ids
+from bitsandbytes.functional import has_avx512bf16
+from conftest import (as_held, as_loaded, assert_held, dense_llama_twin, linear4bit_layers,
+                      load_tiny_4bit_llama, run_bitsandbytes_in_eval, tiny_model, token_ids,
+                      weights_bitsandbytes_computes_with)
 from peft import IA3Config, LoraConfig, get_peft_model
 from test_patch import (FP32_TOLERANCE, RATIO, ROUNDING, assert_close, loss_and_grads,
                         randomize_adapters, relative_error, with_peft)
@@ -129,6 +132,48 @@ def test_4bit_lora_matches_peft(compute_dtype, double_quant, tmp_path, kernel_ca
     assert not any(repack_flags(model))
     lowrank.unpatch_peft_model(model)
     assert repack_flags(model) == flags
+
+
+@pytest.mark.parametrize("cpu_repack", [True, False], ids=["cpu-repack", "no-cpu-repack"])
+def test_4bit_lora_over_a_model_bitsandbytes_ran_in_eval(cpu_repack, tmp_path, kernel_calls):
+    """PEFT's LoRA over a 4-bit model that bitsandbytes ran in eval mode first, its CPU repack
+    forced on (its weights then in its CPU layout, down_proj's half way) or off, so that every
+    machine runs both: patched, each layer computes with the weights bitsandbytes computes with,
+    in eval mode too, without rewriting them; unpatched, bitsandbytes' flag is back."""
+    base = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32, cpu_repack=cpu_repack)
+    ids = token_ids(vocab_size=128)
+    loaded = as_loaded(base)
+    repacked = run_bitsandbytes_in_eval(base, ids, cpu_repack)
+    weights = weights_bitsandbytes_computes_with(loaded, repacked)
+    held = as_held(base)
+    model = peft_lora(base, r=8, lora_alpha=16)
+    report = lowrank.patch_peft_model(model)
+    assert len(report.accelerated) == len(weights) and not report.not_accelerated
+    deltas = {}
+    for path, layer in model.named_modules():
+        if path.endswith("_proj") and hasattr(layer, "lora_A"):
+            deltas[path.removeprefix("base_model.model.")] = layer.scaling["default"] * (
+                layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert len(kernel_calls) == len(weights)
+    twin = dense_llama_twin(tmp_path, {n: w + deltas[n] for n, w in weights.items()})
+    with torch.no_grad():
+        assert_close(logits, twin(ids).logits, FP32_TOLERANCE, "logits")
+    assert not any(m.support_avx512bf16_for_cpu for m in linear4bit_layers(model).values())
+    assert_held(model, held)
+    lowrank.unpatch_peft_model(model)
+    assert all(m.support_avx512bf16_for_cpu == cpu_repack for m in linear4bit_layers(model).values())
+    assert_held(model, held)
+    # PEFT's own forward runs again, on the weights as bitsandbytes left them (in train mode, where
+    # bitsandbytes does not try to repack down_proj again). Its kernel for its repacked layout
+    # computes in bf16, and exists only on CPUs with AVX512-BF16.
+    if not repacked or has_avx512bf16():
+        model.train()
+        with torch.no_grad():
+            assert_close(model(ids).logits, logits, 2e-2 if repacked else FP32_TOLERANCE,
+                         "PEFT's logits")
 
 
 def packed_weights(model):
