@@ -120,22 +120,133 @@ def _ia3_contents(model, adapter_name, layers):
                      "feedforward_modules": _feedforward_modules(layers, config["target_modules"])}
 
 
-def save_adapter(model, path, adapter_name="default"):
-    """Write adapter ``adapter_name`` of a patched model to directory ``path`` in PEFT's format."""
+def save_adapter(model, path, adapter_name="default", state_dict=None):
+    """Write adapter ``adapter_name`` of a patched model to directory ``path`` in PEFT's format.
+
+    ``state_dict``: a full state dict of the model to take the adapter's weights from instead of
+    its layers, as PEFT does (what Trainer passes to ``save_pretrained`` under DeepSpeed and FSDP,
+    gathered by their engines); only this process writes.
+
+    Without one, on a model whose adapter is sharded (FSDP2's DTensors, DeepSpeed ZeRO-3's
+    partitions) the save is collective: every rank calls it, the adapter alone is gathered, rank 0
+    writes, and every rank returns once the files are in place or raises rank 0's error. An
+    adapter that is not sharded (one process, DDP, ZeRO-1/2, FSDP2 between ``unshard`` and
+    ``reshard``) is written by whichever process calls this."""
     state = patch_state(model, "save_adapter")
     check_adapter(state, adapter_name, "save_adapter")
     config = state.adapters[adapter_name]
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
     if config.method == "lora":
-        tensors, peft_config = _lora_contents(model, adapter_name, config, layers)
+        params, peft_config = _lora_contents(model, adapter_name, config, layers)
     else:
-        tensors, peft_config = _ia3_contents(model, adapter_name, layers)
-    if any(is_sharded(t) for t in tensors.values()):
-        raise ValueError("lowrank.save_adapter: the adapter weights are sharded by FSDP2 "
-                         "(DTensors), each rank holding a part; saving them is not supported yet")
-    _write_adapter_files(path, peft_config, {k: t.detach().cpu().contiguous()
-                                             for k, t in tensors.items()})
+        params, peft_config = _ia3_contents(model, adapter_name, layers)
+    shapes = {key: _full_shape(param) for key, param in params.items()}
+    if state_dict is not None:
+        tensors = _from_state_dict(model, params, state_dict)
+    elif any(is_partitioned(param) for param in params.values()):
+        _save_gathered(path, peft_config, params, shapes)
+        return
+    else:
+        tensors = params
+    _write_adapter_files(path, peft_config, _complete(tensors, shapes))
+
+
+def adapter_is_partitioned(model, adapter_name):
+    """True when adapter ``adapter_name`` is sharded (see ``is_partitioned``): saving it is then
+    collective."""
+    return any(is_partitioned(held if attr == "ia3_l" else held.weight)
+               for layer in adapter_layers(model).values() if adapter_name in layer.adapter_names
+               for attr in layer.adapter_names_attr
+               for held in [getattr(layer, attr)[adapter_name]])
+
+
+def is_partitioned(param):
+    """True for an adapter weight sharded by FSDP2 (a DTensor) or partitioned by DeepSpeed ZeRO-3
+    and not gathered now (then its data is an empty tensor, its shape in ``ds_shape``)."""
+    if is_sharded(param):
+        return True
+    return hasattr(param, "ds_id") and param.ds_status.name != "AVAILABLE"
+
+
+def _full_shape(param):
+    """The shape of the whole weight: a DTensor's shape is the global one; a ZeRO-3 parameter keeps
+    it in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _from_state_dict(model, params, state_dict):
+    """{PEFT key: tensor} taken from a full state dict of ``model``, keyed as the model names its
+    parameters."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    # Under ZeRO-3 named_parameters still lists every parameter; under FSDP2 too (DTensors).
+    wanted = {key: names[id(param)] for key, param in params.items()}
+    missing = [name for name in wanted.values() if name not in state_dict]
+    if missing:
+        empty = " (it is empty)" if not state_dict else ""
+        raise ValueError(
+            f"lowrank.save_adapter: the state_dict passed{empty} lacks {len(missing)} of the "
+            f"adapter's {len(wanted)} weights, e.g. {missing[:2]}. Under DeepSpeed ZeRO-3, Trainer "
+            "passes an empty one unless the config sets "
+            '"stage3_gather_16bit_weights_on_model_save": true; set it')
+    return {key: state_dict[name] for key, name in wanted.items()}
+
+
+def _complete(tensors, shapes):
+    """The tensors on the CPU, after checking that each is a whole weight: a shard or an
+    ungathered ZeRO-3 partition (an empty tensor) must not be written as the adapter."""
+    for key, tensor in tensors.items():
+        if is_sharded(tensor):
+            raise ValueError(f"lowrank.save_adapter: {key} is a DTensor (an FSDP2 shard); pass a "
+                             "full state dict, or call save_adapter on every rank without one")
+        if tuple(tensor.shape) != shapes[key]:
+            raise ValueError(
+                f"lowrank.save_adapter: {key} has shape {tuple(tensor.shape)}, not the adapter's "
+                f"{shapes[key]}: it is a partition (DeepSpeed ZeRO-3 leaves empty tensors outside "
+                "a gather), not the whole weight; nothing was written. Call save_adapter on every "
+                "rank (it gathers the adapter), or pass a gathered state dict")
+    return {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
+
+
+def _save_gathered(path, peft_config, params, shapes):
+    """The collective save of a sharded adapter: gather, write on rank 0, share its outcome."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    with _gathered(params) as whole:
+        # Copied out before the context partitions the weights again (freeing their storage).
+        tensors = {key: t.detach().to("cpu", copy=True) for key, t in whole.items()} if rank == 0 \
+            else None
+    error = [None]
+    if rank == 0:
+        try:
+            _write_adapter_files(path, peft_config, _complete(tensors, shapes))
+        except Exception as exc:
+            error = [f"{type(exc).__name__}: {exc}"]
+            raise
+        finally:
+            # The other ranks wait here for rank 0: they return when the files are in place, and
+            # raise when rank 0 failed instead of hanging at their next collective.
+            dist.broadcast_object_list(error, src=0)
+    else:
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise RuntimeError(f"lowrank.save_adapter: rank 0 failed to write {path}: {error[0]}")
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """{key: whole weight} on every rank: FSDP2 shards gathered one weight at a time
+    (``full_tensor``, the adapter's bytes alone, not the base's), ZeRO-3 partitions in one
+    ``GatheredParameters`` (read only, so nothing is broadcast back on exit)."""
+    zero3 = [param for param in params.values() if hasattr(param, "ds_id")]
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        yield {key: param.full_tensor() if is_sharded(param) else param.data
+               for key, param in params.items()}
 
 
 def _write_adapter_files(path, peft_config, tensors):
