@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank.modules import is_sharded, layer_features, layer_kind
+from lowrank.modules import AdapterLayer, is_sharded, layer_features, layer_kind
 from lowrank.patch import (AdapterConfig, adapter_layers, add_adapter, check_adapter,
                            modules_outside_adapters, patch_state)
 
@@ -152,13 +152,19 @@ def save_adapter(model, path, adapter_name="default", state_dict=None):
     _write_adapter_files(path, peft_config, _complete(tensors, shapes))
 
 
+def _adapter_weights(model, adapter_name):
+    """The weights of adapter ``adapter_name`` in every layer that has it."""
+    for layer in adapter_layers(model).values():
+        if adapter_name in layer.adapter_names:
+            for attr in layer.adapter_names_attr:
+                held = getattr(layer, attr)[adapter_name]
+                yield held if attr == "ia3_l" else held.weight
+
+
 def adapter_is_partitioned(model, adapter_name):
     """True when adapter ``adapter_name`` is sharded (see ``is_partitioned``): saving it is then
     collective."""
-    return any(is_partitioned(held if attr == "ia3_l" else held.weight)
-               for layer in adapter_layers(model).values() if adapter_name in layer.adapter_names
-               for attr in layer.adapter_names_attr
-               for held in [getattr(layer, attr)[adapter_name]])
+    return any(is_partitioned(param) for param in _adapter_weights(model, adapter_name))
 
 
 def is_partitioned(param):
@@ -395,7 +401,10 @@ def _base_layer(modules, module_path):
         raise ValueError(f"lowrank.load_adapter: the adapter has weights for {module_path}, "
                          "which this model does not have")
     module = modules[module_path]
-    module = getattr(module, "base_layer", module)
+    if isinstance(module, AdapterLayer):
+        # Read when it was patched: under FSDP2 the base's weight is a DTensor that no longer
+        # tells a Linear4bit's quant type.
+        return module.in_features, module.out_features
     return layer_features(module, layer_kind(module))
 
 
@@ -454,6 +463,17 @@ def load_adapter(model, path, adapter_name="default"):
     The layers to patch are the ones the weights name. LoRA's rank and alpha follow the config's
     ``r`` / ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them; IA3's
     feed-forward layers follow ``feedforward_modules``."""
+    state = getattr(model, "lowrank_state", None)
+    held = [param for name in (state.adapters if state else ())
+            for param in _adapter_weights(model, name)]
+    if any(is_sharded(param) for param in model.parameters()) or any(
+            hasattr(param, "ds_id") for param in held):
+        # New weights added after fully_shard / deepspeed.initialize would be neither sharded nor
+        # reduced by the engine: each rank would train its own copy.
+        raise ValueError("lowrank.load_adapter: the model is already sharded by FSDP2 or DeepSpeed "
+                         "ZeRO-3, which would not manage a new adapter's weights; load it before "
+                         "fully_shard / deepspeed.initialize / Trainer (or, to resume an adapter "
+                         "the model has, use Trainer's resume_from_checkpoint)")
     config, tensors = _read_peft_adapter(path)
     modules = dict(modules_outside_adapters(model))
     if config["peft_type"] == "LORA":
@@ -468,13 +488,32 @@ def load_adapter(model, path, adapter_name="default"):
 
 
 def _copy_weights(model, adapter_name, weights):
+    """Copy the loaded weights into the adapter. An FSDP2-sharded adapter (each rank reads the
+    same file) keeps on each rank its own shard of the whole weight, without communication."""
     layers = adapter_layers(model)
     with torch.no_grad():
         for module_path, named in weights.items():
             layer = layers[module_path]
             for attr, tensor in named.items():
                 held = getattr(layer, attr)[adapter_name]
-                (held if attr == "ia3_l" else held.weight).copy_(tensor)
+                held = held if attr == "ia3_l" else held.weight
+                if is_sharded(held):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor = distribute_tensor(tensor.to(held.device), held.device_mesh,
+                                               held.placements, src_data_rank=None)
+                held.copy_(tensor)
+
+
+def _refuse_zero3(params, what):
+    """A ZeRO-3 engine's optimizer keeps its own (fp32, partitioned) copy of the weights it
+    trains: a copy into the module's weights would be undone at the next step."""
+    if any(hasattr(param, "ds_id") for param in params):
+        raise ValueError(
+            f"lowrank.{what}: the adapter is partitioned by DeepSpeed ZeRO-3, whose optimizer "
+            "keeps its own copy of the weights, so copying into them would not last. Resume "
+            "through the engine's checkpoint (Trainer: resume_from_checkpoint), or load the "
+            "adapter before deepspeed.initialize / Trainer")
 
 
 def restore_adapter_weights(model, path, adapter_name):
@@ -505,6 +544,7 @@ def restore_adapter_weights(model, path, adapter_name):
         settings = _ia3_settings(config, weights, modules)[1]
         ours = {p: (layer.is_feedforward,) for p, layer in layers.items()}
         what = "(feed-forward,)"
+    _refuse_zero3(_adapter_weights(model, adapter_name), "restore_adapter_weights")
     if settings != ours:
         differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
         raise ValueError(
