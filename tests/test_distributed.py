@@ -60,8 +60,13 @@ def fsdp2_skip_reason():
 
 def torchrun(script, *args, cwd=ROOT, env=None):
     """Run ``script`` in 2 processes with torchrun; kill the whole group after TIMEOUT_S."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", script, *map(str, args)]
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", script, *map(str, args)], cwd, env)
+
+
+def launch(command, cwd=ROOT, env=None):
+    """Run a launcher ``command``; kill the whole group after TIMEOUT_S."""
+    shown = " ".join(map(str, command[2:]))
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, env={**os.environ, **(env or {})})
     try:
@@ -69,8 +74,8 @@ def torchrun(script, *args, cwd=ROOT, env=None):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"torchrun {script} took over {TIMEOUT_S} s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"torchrun {script} failed:\n{output[-4000:]}"
+        pytest.fail(f"{shown} took over {TIMEOUT_S} s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{shown} failed:\n{output[-4000:]}"
     return output
 
 
@@ -192,9 +197,16 @@ def test_trainer_under_deepspeed_saves_checkpoints_and_adapters_that_reload(
 
 
 @needs_gloo
-def test_trainer_under_torchrun_trains_and_saves_a_peft_adapter(tmp_path):
-    output = torchrun(os.path.join(ROOT, "examples", "distributed_finetune.py"), "--output-dir",
-                      tmp_path, "--cpu", "--rank", "4")
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_trainer_under_torchrun_trains_and_saves_a_peft_adapter(launcher, tmp_path):
+    """The example, started as README says: torchrun, or accelerate launch --multi_gpu (on CPU)."""
+    args = ("--output-dir", tmp_path, "--cpu", "--rank", "4")
+    script = os.path.join(ROOT, "examples", "distributed_finetune.py")
+    if launcher == "torchrun":
+        output = torchrun(script, *args)
+    else:
+        output = launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                         "--num_processes", "2", script, *map(str, args)])
     assert "2 processes" in output
     log = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in log if "loss" in entry]
