@@ -231,6 +231,23 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def _unpacked_sequences(fake_mode):
+    """Without a cache (as under checkpointing) transformers reads the position ids' values to see
+    whether rows pack several sequences, and assumes they do when it cannot read them (fake
+    tensors): it would then build a dense mask that the real run does not. Ours never pack."""
+    if fake_mode is None:
+        yield
+        return
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                           lambda position_ids: None):
+        yield
+
+
 def measure_model(name, directory, dropout, checkpointing, fake=None):
     """{way: {"loss", "saved", "held_at_once"}} for one configuration of model ``name``, whose
     base is saved in ``directory``/base; ``fake``: run under FakeTensorMode (default: the
@@ -256,7 +273,7 @@ def measure_model(name, directory, dropout, checkpointing, fake=None):
     fake = spec["fake"] if fake is None else fake
     fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     results = {}
-    with fake or contextlib.nullcontext():
+    with fake or contextlib.nullcontext(), _unpacked_sequences(fake):
         torch.manual_seed(0)
         tokens = torch.randint(0, spec["config"]["vocab_size"], (batch, sequence),
                                device=_device())
