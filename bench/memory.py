@@ -62,6 +62,9 @@ MODELS = {
                        rope_theta=500000.0, max_position_embeddings=2048),
         "tokens": (1, 2048), "dtype": "bfloat16", "fake": True},
 }
+# The same layer in fp32, the tiny model's dtype: in bf16 PEFT also keeps an fp32 copy of each
+# linear's input (it casts x to the fp32 adapters' dtype), which lowrank never makes.
+MODELS["llama3-8b-layer-nf4-fp32"] = {**MODELS["llama3-8b-layer-nf4"], "dtype": "float32"}
 QUICK_MODELS = ("tiny-llama-nf4",)
 LOSS_RTOL = 1e-5  # fp32: the three ways compute one loss
 
@@ -215,15 +218,13 @@ def measure_step(model, tokens, fake_mode=None):
     return loss, ledger.summary()
 
 
-def _load_4bit(directory, dtype, checkpointing):
+def _load_4bit(directory, dtype):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
                                                  dtype=dtype, device_map=_device())
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
@@ -248,17 +249,17 @@ def _unpacked_sequences(fake_mode):
         yield
 
 
-def measure_model(name, directory, dropout, checkpointing, fake=None):
-    """{way: {"loss", "saved", "held_at_once"}} for one configuration of model ``name``, whose
-    base is saved in ``directory``/base; ``fake``: run under FakeTensorMode (default: the
-    model's setting)."""
+def measure_model(name, directory, dropout, checkpointing=(False, True), fake=None):
+    """{checkpointing: {way: {"loss", "saved", "held_at_once"}}} for model ``name`` (its base
+    saved in ``directory``/base) with LoRA ``dropout``; ``fake``: run under FakeTensorMode
+    (default: the model's setting)."""
     from peft import LoraConfig, get_peft_model
 
     import lowrank
 
     spec = MODELS[name]
     dtype = getattr(torch, spec["dtype"])
-    peft_model = get_peft_model(_load_4bit(f"{directory}/base", dtype, checkpointing),
+    peft_model = get_peft_model(_load_4bit(f"{directory}/base", dtype),
                                 LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout,
                                            target_modules="all-linear"))
     torch.manual_seed(1)
@@ -267,8 +268,7 @@ def measure_model(name, directory, dropout, checkpointing, fake=None):
             if "lora_B" in parameter_name:
                 parameter.normal_(0, 0.02)
     peft_model.save_pretrained(f"{directory}/adapter")
-    patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", dtype, checkpointing),
-                                   f"{directory}/adapter")
+    patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", dtype), f"{directory}/adapter")
     batch, sequence = spec["tokens"]
     fake = spec["fake"] if fake is None else fake
     fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
@@ -277,11 +277,21 @@ def measure_model(name, directory, dropout, checkpointing, fake=None):
         torch.manual_seed(0)
         tokens = torch.randint(0, spec["config"]["vocab_size"], (batch, sequence),
                                device=_device())
-        for way in WAYS:
-            if way == "lowrank_patch_peft_model":
-                lowrank.patch_peft_model(peft_model)
-            loss, ledger = measure_step(patched if way == "lowrank" else peft_model, tokens, fake)
-            results[way] = {"loss": None if fake else loss.item(), **ledger}
+        for checkpoint in checkpointing:
+            for model in (peft_model.get_base_model(), patched):
+                if checkpoint:
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_disable()
+            results[checkpoint] = {}
+            for way in WAYS:
+                if way == "lowrank_patch_peft_model":
+                    lowrank.patch_peft_model(peft_model)
+                loss, ledger = measure_step(patched if way == "lowrank" else peft_model, tokens,
+                                            fake)
+                results[checkpoint][way] = {"loss": None if fake else loss.item(), **ledger}
+            lowrank.unpatch_peft_model(peft_model)
     return results
 
 
@@ -318,22 +328,26 @@ def _save_base(name, directory):
     model.save_pretrained(f"{directory}/base")
 
 
-def run(models, dropouts=DROPOUTS, checkpointing=(False, True)):
-    """The ledger's cases: one per model, dropout and checkpointing."""
+def run(models, dropouts=DROPOUTS, checkpointing=(False, True), fake=None):
+    """The ledger's cases: one per model, dropout and checkpointing (``fake``: see
+    ``measure_model``)."""
     cases = []
     for name in models:
+        spec = MODELS[name]
         with tempfile.TemporaryDirectory() as directory:
             _save_base(name, directory)
             for dropout in dropouts:
-                for checkpoint in checkpointing:
-                    started = time.perf_counter()
-                    results = measure_model(name, directory, dropout, checkpoint)
+                started = time.perf_counter()
+                measured = measure_model(name, directory, dropout, checkpointing, fake)
+                seconds = (time.perf_counter() - started) / len(measured)
+                for checkpoint, results in measured.items():
                     check_losses(name, dropout, results)
-                    cases.append({"model": name, "tokens": list(MODELS[name]["tokens"]),
-                                  "dtype": MODELS[name]["dtype"], "fake": MODELS[name]["fake"],
+                    cases.append({"model": name, "tokens": list(spec["tokens"]),
+                                  "dtype": spec["dtype"],
+                                  "fake": spec["fake"] if fake is None else fake,
                                   "dropout": dropout, "gradient_checkpointing": checkpoint,
                                   "ways": results, "ratios_to_peft": ratios(results),
-                                  "seconds": time.perf_counter() - started})
+                                  "seconds": seconds})
     return cases
 
 
