@@ -9,8 +9,8 @@ bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, and a base 
 ``lowrank.patch_model`` carrying the same adapter (loaded from PEFT's save).
 
 Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one
-Llama-3-8B decoder layer at seq 2048, each with and without gradient checkpointing, LoRA dropout 0
-and 0.05. On a CPU lowrank's Triton kernels are what is measured, not its reference ops (which keep
+4-bit Llama-3-8B decoder layer at seq 2048 (in bf16 as QLoRA runs it, and in fp32; a toy vocabulary
+around it), each with and without gradient checkpointing, LoRA dropout 0 and 0.05. On a CPU lowrank's Triton kernels are what is measured, not its reference ops (which keep
 a dense copy of the weight): TRITON_INTERPRET is set, and the 8B layer runs under torch's
 FakeTensorMode, where every op, lowrank's and bitsandbytes' custom ops included, runs only its
 shape function. Autograd above the fake tensors saves exactly what it saves for real tensors.
