@@ -90,8 +90,13 @@ def draw_plots(result, directory):
     return paths
 
 
-def render(results, plots=None):
-    """BENCHMARKS.md's text. ``plots``: {result date: [PNG paths relative to BENCHMARKS.md]}."""
+def render(results, plots=None, memory_dir=RESULTS_DIR):
+    """BENCHMARKS.md's text. ``plots``: {result date: [PNG paths relative to BENCHMARKS.md]};
+    ``memory_dir``: where the memory ledger's results are (``memory_section``)."""
+    return _render_timings(results, plots) + memory_section(memory_dir)
+
+
+def _render_timings(results, plots):
     if not results:
         return HEADER + "\nNo results yet: nothing has been measured on a GPU.\n"
     parts = [HEADER]
@@ -171,8 +176,8 @@ def main(argv=None):
     plot_dir = args.plots or args.results / "plots"
     for result in results:
         draw_plots(result, plot_dir)
-    args.output.write_text(render(results, plot_links(results, plot_dir, args.output.parent))
-                           + memory_section(args.results))
+    args.output.write_text(render(results, plot_links(results, plot_dir, args.output.parent),
+                                  args.results))
     print(f"wrote {args.output}")
 
 
