@@ -19,6 +19,8 @@ rotating inputs larger than L2; ratios compare ops measured in the same run.
 def load_results(directory=RESULTS_DIR):
     results = []
     for path in sorted(Path(directory).glob("*.json")):
+        if path.name.startswith("memory-"):  # the memory ledger's: memory_section reads them
+            continue
         result = json.loads(path.read_text())
         validate(result)
         results.append(result)
@@ -88,8 +90,13 @@ def draw_plots(result, directory):
     return paths
 
 
-def render(results, plots=None):
-    """BENCHMARKS.md's text. ``plots``: {result date: [PNG paths relative to BENCHMARKS.md]}."""
+def render(results, plots=None, memory_dir=RESULTS_DIR):
+    """BENCHMARKS.md's text. ``plots``: {result date: [PNG paths relative to BENCHMARKS.md]};
+    ``memory_dir``: where the memory ledger's results are (``memory_section``)."""
+    return _render_timings(results, plots) + memory_section(memory_dir)
+
+
+def _render_timings(results, plots):
     if not results:
         return HEADER + "\nNo results yet: nothing has been measured on a GPU.\n"
     parts = [HEADER]
@@ -121,6 +128,43 @@ def render(results, plots=None):
     return "".join(parts)
 
 
+def memory_section(directory=RESULTS_DIR):
+    """BENCHMARKS.md's memory ledger: the newest ``python -m bench.memory`` result, each
+    configuration's saved bytes by block (MiB) and each way's total over PEFT's."""
+    results = [(json.loads(path.read_text()), path.name)
+               for path in Path(directory).glob("memory-*.json")]
+    if not results:
+        return ""
+    result, name = max(results, key=lambda pair: pair[0]["date"])
+    categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
+    versions = result["versions"]
+    parts = [f"\n## Memory ledger ({result['device']['name']}, {result['device']['ops']} ops), "
+             f"{result['date']}\n\n"
+             f"Generated from `{name}` (written by `python -m bench.memory`): bytes of "
+             "the unique storages autograd saves in one training step (parameters, buffers and "
+             "quant states excluded), by the block running when each was saved; with gradient "
+             "checkpointing, the forward's plus every recompute's. `x PEFT`: total over PEFT's; "
+             "`layer x`: a decoder layer's blocks only; `held x`: the most held at once. torch "
+             f"{versions['torch']}, transformers {versions['transformers']}, peft "
+             f"{versions['peft']}, bitsandbytes {versions['bitsandbytes']}, commit "
+             f"`{(result['commit'] or 'unknown')[:10]}`.\n\n"
+             f"| model | tokens | dtype | dropout | checkpointing | way | "
+             f"{' | '.join(categories)} | total MiB | x PEFT | layer x | held x |\n"
+             f"|{'---|' * (10 + len(categories))}\n"]
+    for case in result["cases"]:
+        for way, measured in case["ways"].items():
+            ratio = case["ratios_to_peft"][way]
+            saved = " | ".join(f"{measured['saved'][c] / 2**20:.2f}" for c in categories)
+            checkpointing = "on" if case["gradient_checkpointing"] else "off"
+            parts.append(f"| {case['model']}{' (fake tensors)' if case['fake'] else ''} | "
+                         f"{'x'.join(map(str, case['tokens']))} | {case['dtype']} | "
+                         f"{case['dropout']} | {checkpointing} | {way} | {saved} | "
+                         f"{measured['saved']['total'] / 2**20:.2f} | "
+                         f"{ratio['total']:.2f} | {ratio['layer']:.2f} | "
+                         f"{ratio['held_at_once']:.2f} |\n")
+    return "".join(parts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
@@ -132,7 +176,8 @@ def main(argv=None):
     plot_dir = args.plots or args.results / "plots"
     for result in results:
         draw_plots(result, plot_dir)
-    args.output.write_text(render(results, plot_links(results, plot_dir, args.output.parent)))
+    args.output.write_text(render(results, plot_links(results, plot_dir, args.output.parent),
+                                  args.results))
     print(f"wrote {args.output}")
 
 
