@@ -114,12 +114,16 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
 
 
+def programs_to_fill(device):
+    """Programs that keep ``device`` busy (the static report substitutes a GPU's SM count here)."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
 def split_k(n_tiles, k_steps, device):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = INTERPRETER_PROGRAMS
+    target = programs_to_fill(device)
     steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, target // n_tiles)))
     return triton.cdiv(k_steps, steps_per_split), steps_per_split
 

@@ -1,0 +1,298 @@
+"""What the launchers launch, captured on CPU tensors and specialized as Triton's JIT would.
+
+The launchers of ``lowrank.kernels`` are called as ``lowrank.ops`` calls them, with uninitialised
+CPU tensors of real shapes; ``capture`` intercepts each ``kernel[grid](...)`` instead of running
+it. ``specialize`` then binds the captured arguments with Triton's own JIT binder for a GPU
+target, so what is compiled is what would run there: integers equal to 1 become constants, and
+16-byte aligned pointers and integers divisible by 16 carry ``tt.divisibility`` attributes (which
+decide vector widths and software pipelining).
+
+Two sets of launches:
+- ``bench_launches``: the benchmark cases (bench/*.py shapes, bf16): what the static report reads.
+- ``coverage_launches``: every launcher with every flag, dtype and weight kind it takes, on an
+  aligned and a ragged shape: what the compile test builds.
+"""
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from bench.lora_linear import BLOCKSIZE, RANK, SCALING
+from lowrank.kernels import ia3_linear, ia3_merge, lora_linear, lora_linear_decode, lora_merge
+from lowrank.kernels import nf4_dequantize, nf4_quantize
+from lowrank.kernels._common import NF4_BLOCKSIZES
+
+NESTED_BLOCKSIZE = nf4_quantize.NESTED_BLOCKSIZE
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WEIGHT_KINDS = ("dense", "nf4", "nf4-nested")
+
+
+@dataclass
+class Launch:
+    """One captured ``kernel[grid](*args, **kwargs)``; ``case`` names the call that made it."""
+
+    case: str
+    kernel: JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self):
+        return self.kernel.fn.__name__
+
+
+@dataclass
+class Specialized:
+    """A launch as Triton's JIT compiles it for one target."""
+
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    values: dict = field(default_factory=dict)  # every argument by name, tensors as their shapes
+
+    def constant_ones(self):
+        """Integer arguments the JIT made constants because they were 1."""
+        return sorted(name for name, kind in self.signature.items()
+                      if kind == "constexpr" and self.values.get(name) == 1
+                      and isinstance(self.values[name], int) and not isinstance(self.values[name], bool))
+
+    def divisible(self, names):
+        """Arguments carrying tt.divisibility=16 (``names``: the kernel's argument names)."""
+        return sorted(names[path[0]] for path, attr in self.attrs.items()
+                      if ["tt.divisibility", 16] in attr)
+
+
+@contextlib.contextmanager
+def capture(case, launches, multiprocessors=132):
+    """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
+    running it. The split-K decode sizes its grid from the GPU's SM count: ``multiprocessors``."""
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append(Launch(case, kernel, grid, args, kwargs))
+
+    run, programs = JITFunction.run, lora_linear_decode.programs_to_fill
+    JITFunction.run = record
+    lora_linear_decode.programs_to_fill = lambda device: lora_linear_decode.PROGRAMS_PER_SM * multiprocessors
+    try:
+        yield launches
+    finally:
+        JITFunction.run, lora_linear_decode.programs_to_fill = run, programs
+
+
+def specialize(launch, arch):
+    """``launch`` as Triton's JIT specializes it for sm_``arch``: its own binder and packing."""
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**launch.kwargs, "debug": launch.kwargs.get("debug", kernel.debug) or False}
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization,
+                                                              options)
+    values = {name: tuple(v.shape) if isinstance(v, torch.Tensor) else v for name, v in bound.items()}
+    return Specialized(signature, constexprs, attrs, options.__dict__, values)
+
+
+# The weight as lowrank.ops hands it to the launchers: dense N x K in x's dtype, or flat packed
+# bytes with the tensors that decode them (ops._nf4_decoding).
+
+def weight(kind, n, k, dtype, blocksize=BLOCKSIZE):
+    if kind == "dense":
+        return torch.empty(n, k, dtype=dtype), None
+    blocks = -(-n * k // blocksize)
+    nested = kind == "nf4-nested"
+    nf4 = {"absmax": torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32),
+           "code": torch.empty(16), "nested_code": torch.empty(256) if nested else None,
+           "nested_absmax": torch.empty(-(-blocks // NESTED_BLOCKSIZE)) if nested else None,
+           "offset": torch.empty(()) if nested else None, "blocksize": blocksize,
+           "nested_blocksize": NESTED_BLOCKSIZE if nested else 1, "in_features": k}
+    return torch.empty((n * k + 1) // 2, dtype=torch.uint8), nf4
+
+
+def nested_args(nf4):
+    """nf4_dequantize's ``nested`` argument for a weight() dict."""
+    if nf4["nested_code"] is None:
+        return None
+    return nf4["nested_code"], nf4["nested_absmax"], nf4["offset"], nf4["nested_blocksize"]
+
+
+def seed():
+    return torch.empty(1, dtype=torch.int64)
+
+
+def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, backward=True):
+    """{call: fn} for one LoRA linear forward (+ backward), as lowrank.ops runs it."""
+    w, nf4 = weight(kind, n, k, dtype)
+    x, a, b = torch.empty(m, k, dtype=dtype), torch.empty(RANK, k, dtype=dtype), torch.empty(n, RANK, dtype=dtype)
+    y, s = torch.empty(m, n, dtype=dtype), torch.empty(m, RANK, dtype=dtype)
+    bias_t = torch.empty(n, dtype=dtype) if bias else None
+    if m <= lora_linear_decode.DECODE_MAX_M:
+        return {"forward": lambda: lora_linear_decode.lora_decode_forward(
+            x, w, a, b, bias_t, y, s, seed(), dropout, SCALING, nf4)}
+    calls = {"forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
+                                 lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4))}
+    if backward:
+        calls["backward"] = lambda: (
+            lora_linear.lora_grad_input(torch.empty(m, n, dtype=dtype), w, s, a,
+                                        torch.empty(m, k, dtype=dtype), seed(), dropout, nf4),
+            lora_linear.lora_grad_a(s, x, torch.empty(RANK, k), seed(), dropout))
+    return calls
+
+
+def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
+    """{call: fn} for one IA3 linear forward and backward (dX and dl), as lowrank.ops runs it."""
+    w, nf4 = weight(kind, n, k, dtype)
+    x, y, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype), torch.empty(m, n, dtype=dtype)
+    scale = torch.empty(k if feedforward else n)
+    bias_t = torch.empty(n, dtype=dtype) if bias else None
+    partials = torch.empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
+    if feedforward:  # dl comes out of the dX kernel
+        backward = lambda: ia3_linear.ia3_grad_input(dy, w, scale, x, torch.empty(m, k, dtype=dtype),
+                                                     partials, True, nf4)
+    else:
+        backward = lambda: (
+            ia3_linear.ia3_grad_input(dy, w, scale, x, torch.empty(m, k, dtype=dtype), None, False, nf4),
+            ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4))
+    return {"forward": lambda: ia3_linear.ia3_forward(x, w, scale, bias_t, y, feedforward, nf4),
+            "backward": backward}
+
+
+def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blocksize=BLOCKSIZE):
+    """One merge of a LoRA adapter (``op="lora"``) or an IA3 vector (``"ia3"``) into a weight of
+    ``kind`` (dense in ``dtype``), into ``out``: a dense dtype, or "nf4" (requantized at the
+    weight's ``blocksize``, the nested absmax quantized afterwards when the weight is nested, as
+    ops.merge_lora does)."""
+    w, nf4 = weight(kind, n, k, dtype, blocksize)
+    blocks = -(-n * k // blocksize)
+    if out == "nf4":
+        target = (torch.empty((n * k + 1) // 2, dtype=torch.uint8), torch.empty(blocks), torch.empty(15))
+    else:
+        target = (w if kind == "dense" and out == dtype else torch.empty(n, k, dtype=out), None, None)
+
+    def call():
+        if op == "lora":
+            lora_merge.lora_merge(w, torch.empty(RANK, k), torch.empty(n, RANK), SCALING, *target, nf4=nf4)
+        else:
+            ia3_merge.ia3_merge(w, torch.empty(k if feedforward else n), (n, k), feedforward, unmerge,
+                                *target, nf4=nf4)
+        if out == "nf4" and kind == "nf4-nested":
+            nf4_quantize.quantize_absmax(target[1], torch.empty(()), torch.empty(255),
+                                         torch.empty(blocks, dtype=torch.uint8),
+                                         torch.empty(-(-blocks // NESTED_BLOCKSIZE)))
+    return call
+
+
+def dequantize_call(n, k, kind, out_dtype):
+    packed, nf4 = weight(kind, n, k, out_dtype)
+    return lambda: nf4_dequantize.nf4_dequantize(packed, nf4["absmax"], nf4["code"],
+                                                 torch.empty(n, k, dtype=out_dtype), BLOCKSIZE,
+                                                 nested_args(nf4))
+
+
+def quantize_call(n, k, dtype, blocksize):
+    return lambda: nf4_quantize.nf4_quantize(
+        torch.empty(n * k, dtype=dtype), torch.empty(15), torch.empty((n * k + 1) // 2, dtype=torch.uint8),
+        torch.empty(-(-n * k // blocksize)), blocksize)
+
+
+def run_calls(calls, multiprocessors=132):
+    """Every launch of ``calls`` ({case: fn}), in order."""
+    launches = []
+    for case, call in calls.items():
+        with capture(case, launches, multiprocessors):
+            call()
+    return launches
+
+
+# The benchmark cases (bench/lora_linear.py, ia3_linear.py, merge.py, nf4_dequantize.py): bf16, the
+# Llama-3-8B MLP projection, every weight kind. Shapes: (M, K, N) for the linear ops, (N, K) else.
+TRAIN_SHAPE = (4096, 4096, 14336)
+DECODE_ROWS = (1, 16)
+WEIGHT_SHAPE = (14336, 4096)
+
+
+def bench_calls():
+    """{case: fn}; a case name is "op kind shape[ detail]", as the report shows it."""
+    bf16 = torch.bfloat16
+    m, k, n = TRAIN_SHAPE
+    calls = {}
+    for kind in WEIGHT_KINDS:
+        for step, call in lora_linear_calls(m, k, n, kind, bf16).items():
+            calls[f"lora_linear_{step} {kind} {m}x{k}x{n}"] = call
+        for rows in DECODE_ROWS:
+            calls[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = lora_linear_calls(rows, k, n, kind, bf16)["forward"]
+        for feedforward in (False, True):
+            form = "feedforward" if feedforward else "output"
+            for step, call in ia3_linear_calls(m, k, n, kind, bf16, feedforward).items():
+                calls[f"ia3_linear_{step} {kind} {m}x{k}x{n} {form}"] = call
+    wn, wk = WEIGHT_SHAPE
+    for kind in ("nf4", "nf4-nested"):
+        calls[f"nf4_dequantize {kind} {wn}x{wk}"] = dequantize_call(wn, wk, kind, bf16)
+        calls[f"merge_lora {kind} {wn}x{wk} to-nf4"] = merge_call("lora", wn, wk, kind, bf16, "nf4")
+        calls[f"merge_lora {kind} {wn}x{wk} to-bf16"] = merge_call("lora", wn, wk, kind, bf16, bf16)
+        calls[f"merge_ia3 {kind} {wn}x{wk} to-nf4"] = merge_call("ia3", wn, wk, kind, bf16, "nf4")
+    calls[f"merge_lora dense {wn}x{wk} in-place"] = merge_call("lora", wn, wk, "dense", bf16, bf16)
+    calls[f"nf4_quantize dense {wn}x{wk}"] = quantize_call(wn, wk, bf16, BLOCKSIZE)
+    return calls
+
+
+def bench_launches(multiprocessors=132):
+    return run_calls(bench_calls(), multiprocessors)
+
+
+# Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
+# by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not.
+ALIGNED = (64, 128, 96)
+RAGGED = (37, 72, 50)
+DECODE_RAGGED = (3, 72, 50)
+
+
+def coverage_calls():
+    calls = {}
+    for dtype in DTYPES:
+        t = str(dtype).removeprefix("torch.")
+        for kind in WEIGHT_KINDS:
+            for shape in (ALIGNED, RAGGED, (1, 128, 96), DECODE_RAGGED):
+                if dtype != torch.bfloat16 and shape in (RAGGED, DECODE_RAGGED):
+                    continue  # the ragged variants: bf16 only, to bound the test's compile time
+                for dropout in (0.0, 0.1):
+                    for bias in (False, True):
+                        for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
+                            calls[f"lora_linear_{step} {t} {kind} {shape} dropout={dropout} bias={bias}"] = call
+            for feedforward in (False, True):
+                for bias in (False, True):
+                    for shape in (ALIGNED, RAGGED) if dtype == torch.bfloat16 else (ALIGNED,):
+                        for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
+                            calls[f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"] = call
+            if kind != "dense":
+                calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
+        for blocksize in NF4_BLOCKSIZES:
+            calls[f"nf4_quantize {t} blocksize={blocksize}"] = quantize_call(96, 128, dtype, blocksize)
+        for out in DTYPES:  # dense weights merge in place, or into another dtype
+            calls.update(merge_calls(f"{t} dense to {out}", "dense", dtype, out, unmerge=out == dtype))
+    for kind in ("nf4", "nf4-nested"):  # the packed weight has no dtype: into each dense dtype, or NF4
+        for out in DTYPES:
+            calls.update(merge_calls(f"{kind} to {out}", kind, None, out))
+        for blocksize in NF4_BLOCKSIZES:
+            calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
+                                     blocksize=blocksize))
+    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(seed(), torch.empty(64, 128, dtype=torch.int8), 0.1)
+    return calls
+
+
+def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
+    """Both merge kernels (LoRA, IA3) on a 96 x 128 weight; the IA3 unmerge too if ``unmerge``
+    (it runs in place on dense weights only)."""
+    calls = {f"merge_{op} {name}": merge_call(op, 96, 128, kind, dtype, out, blocksize=blocksize)
+             for op in ("lora", "ia3")}
+    if unmerge:
+        calls[f"unmerge_ia3 {name}"] = merge_call("ia3", 96, 128, kind, dtype, out, unmerge=True)
+    return calls
+
+
+def coverage_launches():
+    return run_calls(coverage_calls())
