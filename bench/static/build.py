@@ -13,48 +13,20 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from bench.static import sass
 from bench.static.launches import specialize
+from bench.static.limits import occupancy
 
 CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
                             Path(__file__).resolve().parents[2] / ".cache" / "static"))
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Per-SM limits of a compute capability (CUDA C++ Programming Guide, its compute capability
-    table): shared memory per SM and the most one block may opt in to, warps and blocks per SM."""
-
-    shared_per_sm: int
-    shared_per_block: int
-    max_warps: int
-    max_ctas: int
-    registers: int = 65536
-    max_registers_per_thread: int = 255
-    reserved_shared_per_cta: int = 1024  # the driver's, on sm_80 and later
-
-
-ARCHS = {80: Arch(164 * 1024, 163 * 1024, 64, 32), 86: Arch(100 * 1024, 99 * 1024, 48, 16),
-         89: Arch(100 * 1024, 99 * 1024, 48, 24), 90: Arch(228 * 1024, 227 * 1024, 64, 32)}
-
-
-def occupancy(arch, registers, num_warps, shared):
-    """(CTAs resident per SM, what limits them: "registers", "shared", "warps" or "blocks")."""
-    limits = ARCHS[arch]
-    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
-    bounds = {"registers": limits.registers // max(1, per_warp * num_warps),
-              "shared": limits.shared_per_sm // (shared + limits.reserved_shared_per_cta),
-              "warps": limits.max_warps // num_warps, "blocks": limits.max_ctas}
-    limiter = min(bounds, key=bounds.get)
-    return bounds[limiter], limiter
 
 
 def jsonable(value):
@@ -75,15 +47,15 @@ def build_key(launch, arch, spec, disassemble):
 
 
 def weight_elements(constexprs, nf4):
-    """Weight elements one hot-loop iteration (GEMMs: a BLOCK_N x BLOCK_K tile) or one program
-    (the element-wise kernels) decodes; None when it decodes no NF4."""
+    """NF4 weight elements one hot-loop iteration (GEMMs: a BLOCK_N x BLOCK_K tile) or one program
+    (dequantize) decodes; None for the other kernels."""
     if not nf4:
         return None
     if "BLOCK_N" in constexprs and "BLOCK_K" in constexprs:
         return constexprs["BLOCK_N"] * constexprs["BLOCK_K"]
-    if "BLOCK_BYTES" in constexprs:
+    if "BLOCK_BYTES" in constexprs:  # the dequantize kernel
         return 2 * constexprs["BLOCK_BYTES"]
-    return constexprs.get("BLOCK")
+    return None  # the merges: their per-element work is mostly requantization
 
 
 def build(launch, arch, disassemble=True):
@@ -100,6 +72,21 @@ def build(launch, arch, disassemble=True):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return record
+
+
+def build_all(launches, arch, disassemble=True):
+    """A record per launch (identical builds compiled once), with what the model needs of the
+    launch itself: its case, grid, integer arguments and the bytes of the tensors it touches."""
+    records = []
+    for launch in launches:
+        tensors = {t.data_ptr(): t.untyped_storage().nbytes() for t in launch.args
+                   if isinstance(t, torch.Tensor)}
+        ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
+                if isinstance(value, int) and not isinstance(value, bool)}
+        records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
+                        "ints": ints, "tensor_bytes": sum(tensors.values()),
+                        **build(launch, arch, disassemble)})
+    return records
 
 
 def read(compiled, arch, spec, arg_names, disassemble):

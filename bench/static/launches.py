@@ -215,29 +215,52 @@ DECODE_ROWS = (1, 16)
 WEIGHT_SHAPE = (14336, 4096)
 
 
-def bench_calls():
-    """{case: fn}; a case name is "op kind shape[ detail]", as the report shows it."""
+def weight_bytes(kind, n, k):
+    """Bytes of an n x k bf16 weight as stored: dense, or packed NF4 with its absmax."""
+    blocks = n * k // BLOCKSIZE
+    return {"dense": 2 * n * k, "nf4": n * k // 2 + 4 * blocks,
+            "nf4-nested": n * k // 2 + blocks + 4 * (blocks // NESTED_BLOCKSIZE)}[kind]
+
+
+def bench_cases():
+    """{case: (fn, ideal)}. A case name is "op kind shape[ detail]", as the report shows it; its
+    ideal is what the model compares it with: ("gemm", flops of its products) at cuBLAS's rate, or
+    ("copy", bytes it must read and write) at copy bandwidth."""
     bf16 = torch.bfloat16
     m, k, n = TRAIN_SHAPE
-    calls = {}
+    cases = {}
     for kind in WEIGHT_KINDS:
-        for step, call in lora_linear_calls(m, k, n, kind, bf16).items():
-            calls[f"lora_linear_{step} {kind} {m}x{k}x{n}"] = call
+        lora = lora_linear_calls(m, k, n, kind, bf16)
+        # Forward: x W^T and the LoRA shrink and expand; backward: dY W, dS A and dS^T x.
+        cases[f"lora_linear_forward {kind} {m}x{k}x{n}"] = (lora["forward"], ("gemm", 2 * m * n * (k + RANK) + 2 * m * k * RANK))
+        cases[f"lora_linear_backward {kind} {m}x{k}x{n}"] = (lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
         for rows in DECODE_ROWS:
-            calls[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = lora_linear_calls(rows, k, n, kind, bf16)["forward"]
+            cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
+                lora_linear_calls(rows, k, n, kind, bf16)["forward"],
+                ("copy", weight_bytes(kind, n, k) + 2 * rows * (k + n)))
         for feedforward in (False, True):
             form = "feedforward" if feedforward else "output"
-            for step, call in ia3_linear_calls(m, k, n, kind, bf16, feedforward).items():
-                calls[f"ia3_linear_{step} {kind} {m}x{k}x{n} {form}"] = call
+            ia3 = ia3_linear_calls(m, k, n, kind, bf16, feedforward)
+            cases[f"ia3_linear_forward {kind} {m}x{k}x{n} {form}"] = (ia3["forward"], ("gemm", 2 * m * n * k))
+            # Backward: dX, and in the output form the recomputed x W^T for dl.
+            cases[f"ia3_linear_backward {kind} {m}x{k}x{n} {form}"] = (
+                ia3["backward"], ("gemm", 2 * m * n * k * (1 if feedforward else 2)))
     wn, wk = WEIGHT_SHAPE
     for kind in ("nf4", "nf4-nested"):
-        calls[f"nf4_dequantize {kind} {wn}x{wk}"] = dequantize_call(wn, wk, kind, bf16)
-        calls[f"merge_lora {kind} {wn}x{wk} to-nf4"] = merge_call("lora", wn, wk, kind, bf16, "nf4")
-        calls[f"merge_lora {kind} {wn}x{wk} to-bf16"] = merge_call("lora", wn, wk, kind, bf16, bf16)
-        calls[f"merge_ia3 {kind} {wn}x{wk} to-nf4"] = merge_call("ia3", wn, wk, kind, bf16, "nf4")
-    calls[f"merge_lora dense {wn}x{wk} in-place"] = merge_call("lora", wn, wk, "dense", bf16, bf16)
-    calls[f"nf4_quantize dense {wn}x{wk}"] = quantize_call(wn, wk, bf16, BLOCKSIZE)
-    return calls
+        packed, dense = weight_bytes(kind, wn, wk), weight_bytes("dense", wn, wk)
+        cases[f"nf4_dequantize {kind} {wn}x{wk}"] = (dequantize_call(wn, wk, kind, bf16), ("copy", packed + dense))
+        cases[f"merge_lora {kind} {wn}x{wk} to-nf4"] = (merge_call("lora", wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
+        cases[f"merge_lora {kind} {wn}x{wk} to-bf16"] = (merge_call("lora", wn, wk, kind, bf16, bf16), ("copy", packed + dense))
+        cases[f"merge_ia3 {kind} {wn}x{wk} to-nf4"] = (merge_call("ia3", wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
+    dense = weight_bytes("dense", wn, wk)
+    cases[f"merge_lora dense {wn}x{wk} in-place"] = (merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
+    cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
+                                              ("copy", dense + weight_bytes("nf4", wn, wk)))
+    return cases
+
+
+def bench_calls():
+    return {case: call for case, (call, _) in bench_cases().items()}
 
 
 def bench_launches(multiprocessors=132):
@@ -248,6 +271,7 @@ def bench_launches(multiprocessors=132):
 # by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not.
 ALIGNED = (64, 128, 96)
 RAGGED = (37, 72, 50)
+DECODE = ((1, 128, 96), (16, 128, 96))  # one row (the JIT makes M a constant), a full M block
 DECODE_RAGGED = (3, 72, 50)
 
 
@@ -256,7 +280,7 @@ def coverage_calls():
     for dtype in DTYPES:
         t = str(dtype).removeprefix("torch.")
         for kind in WEIGHT_KINDS:
-            for shape in (ALIGNED, RAGGED, (1, 128, 96), DECODE_RAGGED):
+            for shape in (ALIGNED, RAGGED, *DECODE, DECODE_RAGGED):
                 if dtype != torch.bfloat16 and shape in (RAGGED, DECODE_RAGGED):
                     continue  # the ragged variants: bf16 only, to bound the test's compile time
                 for dropout in (0.0, 0.1):
