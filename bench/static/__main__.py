@@ -33,7 +33,8 @@ def run(archs):
     records = {}
     for arch in archs:
         sms = devices[arch].sms if arch in devices else DEFAULT_MULTIPROCESSORS
-        records[arch] = build.build_all(launches.run_calls(calls, sms), arch)
+        with build.locked(arch):
+            records[arch] = build.build_all(launches.run_calls(calls, sms), arch)
         print(f"sm_{arch}: {len(records[arch])} launches read", file=sys.stderr)
     estimates = {}
     for device in model.DEVICES.values():
@@ -52,8 +53,7 @@ def run(archs):
             "gates": {"resources": gates.resources(everything), "spills": gates.spills(everything),
                       "two_ctas_per_sm (sm_89)": gates.two_ctas_per_sm(records.get(89, [])),
                       "wgmma (sm_90)": gates.wgmma(records.get(90, [])),
-                      "nf4_instructions": gates.nf4_instructions(
-                          [r for r in everything if r["arch"] in gates.NF4_INSTRUCTIONS_PER_ELEMENT])}}
+                      "nf4_instructions": gates.nf4_instructions(everything)}}
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ a second run compiles and disassembles nothing that has not changed. ``LOWRANK_S
 moves the cache (default: .cache/static in the repository, git-ignored).
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ from bench.static.limits import occupancy
 CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
                             Path(__file__).resolve().parents[2] / ".cache" / "static"))
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+RECORD_VERSION = 2  # bumped when a record gains or changes a field: older ones are read again
 
 
 def jsonable(value):
@@ -37,8 +40,19 @@ def tool(name, *args):
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, check=True).stdout
 
 
+@contextlib.contextmanager
+def locked(arch):
+    """One process at a time builds for ``arch``; the others wait, then find its builds cached
+    (parallel test workers, or a report run beside the tests)."""
+    path = CACHE / f"sm{arch}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_key(launch, arch, spec, disassemble):
-    text = json.dumps([triton.__version__, launch.kernel.cache_key, arch, disassemble,
+    text = json.dumps([RECORD_VERSION, triton.__version__, launch.kernel.cache_key, arch, disassemble,
                        sorted(spec.signature.items()),
                        sorted((str(k), jsonable(v)) for k, v in spec.constexprs.items()),
                        sorted((str(k), v) for k, v in spec.attrs.items()),
@@ -106,6 +120,7 @@ def read(compiled, arch, spec, arg_names, disassemble):
               "enable_fp_fusion": spec.options.get("enable_fp_fusion"), **resources,
               "shared": shared, "ctas_per_sm": ctas, "occupancy_limiter": limiter,
               "constexprs": constexprs, "constant_ones": spec.constant_ones(),
+              "signature": {k: v for k, v in spec.signature.items() if v != "constexpr"},
               "divisible_by_16": spec.divisible(arg_names)}
     if listing is not None:
         record.update(read_sass(listing, metadata.num_warps, constexprs))

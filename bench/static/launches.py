@@ -14,6 +14,7 @@ Two sets of launches:
 """
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -124,39 +125,44 @@ def seed():
     return torch.empty(1, dtype=torch.int64)
 
 
-def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, backward=True):
-    """{call: fn} for one LoRA linear forward (+ backward), as lowrank.ops runs it."""
+def empty(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype)
+
+
+def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False):
+    """{step: fn} for one LoRA linear forward and backward, as lowrank.ops runs them (a decode
+    forward alone when M is small enough for the split-K path)."""
     w, nf4 = weight(kind, n, k, dtype)
-    x, a, b = torch.empty(m, k, dtype=dtype), torch.empty(RANK, k, dtype=dtype), torch.empty(n, RANK, dtype=dtype)
-    y, s = torch.empty(m, n, dtype=dtype), torch.empty(m, RANK, dtype=dtype)
-    bias_t = torch.empty(n, dtype=dtype) if bias else None
+    x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(n, RANK, dtype=dtype)
+    y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=dtype)
+    bias_t = empty(n, dtype=dtype) if bias else None
     if m <= lora_linear_decode.DECODE_MAX_M:
         return {"forward": lambda: lora_linear_decode.lora_decode_forward(
             x, w, a, b, bias_t, y, s, seed(), dropout, SCALING, nf4)}
-    calls = {"forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
-                                 lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4))}
-    if backward:
-        calls["backward"] = lambda: (
-            lora_linear.lora_grad_input(torch.empty(m, n, dtype=dtype), w, s, a,
-                                        torch.empty(m, k, dtype=dtype), seed(), dropout, nf4),
-            lora_linear.lora_grad_a(s, x, torch.empty(RANK, k), seed(), dropout))
-    return calls
+    return {
+        "forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
+                            lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4)),
+        "backward": lambda: (
+            lora_linear.lora_grad_input(empty(m, n, dtype=dtype), w, s, a, empty(m, k, dtype=dtype),
+                                        seed(), dropout, nf4),
+            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout))}
 
 
 def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
-    """{call: fn} for one IA3 linear forward and backward (dX and dl), as lowrank.ops runs it."""
+    """{step: fn} for one IA3 linear forward and backward (dX and dl), as lowrank.ops runs them."""
     w, nf4 = weight(kind, n, k, dtype)
-    x, y, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype), torch.empty(m, n, dtype=dtype)
-    scale = torch.empty(k if feedforward else n)
-    bias_t = torch.empty(n, dtype=dtype) if bias else None
-    partials = torch.empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
+    x, y, dy, dx = (empty(m, k, dtype=dtype), empty(m, n, dtype=dtype), empty(m, n, dtype=dtype),
+                    empty(m, k, dtype=dtype))
+    scale = empty(k if feedforward else n)
+    bias_t = empty(n, dtype=dtype) if bias else None
+    partials = empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
     if feedforward:  # dl comes out of the dX kernel
-        backward = lambda: ia3_linear.ia3_grad_input(dy, w, scale, x, torch.empty(m, k, dtype=dtype),
-                                                     partials, True, nf4)
+        def backward():
+            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, partials, True, nf4)
     else:
-        backward = lambda: (
-            ia3_linear.ia3_grad_input(dy, w, scale, x, torch.empty(m, k, dtype=dtype), None, False, nf4),
-            ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4))
+        def backward():
+            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, None, False, nf4)
+            ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4)
     return {"forward": lambda: ia3_linear.ia3_forward(x, w, scale, bias_t, y, feedforward, nf4),
             "backward": backward}
 
@@ -169,34 +175,34 @@ def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blo
     w, nf4 = weight(kind, n, k, dtype, blocksize)
     blocks = -(-n * k // blocksize)
     if out == "nf4":
-        target = (torch.empty((n * k + 1) // 2, dtype=torch.uint8), torch.empty(blocks), torch.empty(15))
+        target = (empty((n * k + 1) // 2, dtype=torch.uint8), empty(blocks), empty(15))
     else:
-        target = (w if kind == "dense" and out == dtype else torch.empty(n, k, dtype=out), None, None)
+        target = (w if kind == "dense" and out == dtype else empty(n, k, dtype=out), None, None)
 
     def call():
         if op == "lora":
-            lora_merge.lora_merge(w, torch.empty(RANK, k), torch.empty(n, RANK), SCALING, *target, nf4=nf4)
+            lora_merge.lora_merge(w, empty(RANK, k), empty(n, RANK), SCALING, *target, nf4=nf4)
         else:
-            ia3_merge.ia3_merge(w, torch.empty(k if feedforward else n), (n, k), feedforward, unmerge,
+            ia3_merge.ia3_merge(w, empty(k if feedforward else n), (n, k), feedforward, unmerge,
                                 *target, nf4=nf4)
         if out == "nf4" and kind == "nf4-nested":
-            nf4_quantize.quantize_absmax(target[1], torch.empty(()), torch.empty(255),
-                                         torch.empty(blocks, dtype=torch.uint8),
-                                         torch.empty(-(-blocks // NESTED_BLOCKSIZE)))
+            nf4_quantize.quantize_absmax(target[1], empty(()), empty(255),
+                                         empty(blocks, dtype=torch.uint8),
+                                         empty(-(-blocks // NESTED_BLOCKSIZE)))
     return call
 
 
 def dequantize_call(n, k, kind, out_dtype):
     packed, nf4 = weight(kind, n, k, out_dtype)
     return lambda: nf4_dequantize.nf4_dequantize(packed, nf4["absmax"], nf4["code"],
-                                                 torch.empty(n, k, dtype=out_dtype), BLOCKSIZE,
+                                                 empty(n, k, dtype=out_dtype), BLOCKSIZE,
                                                  nested_args(nf4))
 
 
 def quantize_call(n, k, dtype, blocksize):
     return lambda: nf4_quantize.nf4_quantize(
-        torch.empty(n * k, dtype=dtype), torch.empty(15), torch.empty((n * k + 1) // 2, dtype=torch.uint8),
-        torch.empty(-(-n * k // blocksize)), blocksize)
+        empty(n * k, dtype=dtype), empty(15), empty((n * k + 1) // 2, dtype=torch.uint8),
+        empty(-(-n * k // blocksize)), blocksize)
 
 
 def run_calls(calls, multiprocessors=132):
@@ -228,12 +234,15 @@ def bench_cases():
     ("copy", bytes it must read and write) at copy bandwidth."""
     bf16 = torch.bfloat16
     m, k, n = TRAIN_SHAPE
+    mkn = f"{m}x{k}x{n}"
     cases = {}
     for kind in WEIGHT_KINDS:
         lora = lora_linear_calls(m, k, n, kind, bf16)
-        # Forward: x W^T and the LoRA shrink and expand; backward: dY W, dS A and dS^T x.
-        cases[f"lora_linear_forward {kind} {m}x{k}x{n}"] = (lora["forward"], ("gemm", 2 * m * n * (k + RANK) + 2 * m * k * RANK))
-        cases[f"lora_linear_backward {kind} {m}x{k}x{n}"] = (lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
+        # Forward: x W^T, the shrink and the expand; backward: dY W, dS A and dS^T x.
+        cases[f"lora_linear_forward {kind} {mkn}"] = (
+            lora["forward"], ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
+        cases[f"lora_linear_backward {kind} {mkn}"] = (
+            lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
         for rows in DECODE_ROWS:
             cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
                 lora_linear_calls(rows, k, n, kind, bf16)["forward"],
@@ -241,19 +250,23 @@ def bench_cases():
         for feedforward in (False, True):
             form = "feedforward" if feedforward else "output"
             ia3 = ia3_linear_calls(m, k, n, kind, bf16, feedforward)
-            cases[f"ia3_linear_forward {kind} {m}x{k}x{n} {form}"] = (ia3["forward"], ("gemm", 2 * m * n * k))
+            cases[f"ia3_linear_forward {kind} {mkn} {form}"] = (ia3["forward"], ("gemm", 2 * m * n * k))
             # Backward: dX, and in the output form the recomputed x W^T for dl.
-            cases[f"ia3_linear_backward {kind} {m}x{k}x{n} {form}"] = (
+            cases[f"ia3_linear_backward {kind} {mkn} {form}"] = (
                 ia3["backward"], ("gemm", 2 * m * n * k * (1 if feedforward else 2)))
     wn, wk = WEIGHT_SHAPE
-    for kind in ("nf4", "nf4-nested"):
-        packed, dense = weight_bytes(kind, wn, wk), weight_bytes("dense", wn, wk)
-        cases[f"nf4_dequantize {kind} {wn}x{wk}"] = (dequantize_call(wn, wk, kind, bf16), ("copy", packed + dense))
-        cases[f"merge_lora {kind} {wn}x{wk} to-nf4"] = (merge_call("lora", wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
-        cases[f"merge_lora {kind} {wn}x{wk} to-bf16"] = (merge_call("lora", wn, wk, kind, bf16, bf16), ("copy", packed + dense))
-        cases[f"merge_ia3 {kind} {wn}x{wk} to-nf4"] = (merge_call("ia3", wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
     dense = weight_bytes("dense", wn, wk)
-    cases[f"merge_lora dense {wn}x{wk} in-place"] = (merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
+    for kind in ("nf4", "nf4-nested"):
+        packed = weight_bytes(kind, wn, wk)
+        cases[f"nf4_dequantize {kind} {wn}x{wk}"] = (dequantize_call(wn, wk, kind, bf16),
+                                                    ("copy", packed + dense))
+        for op in ("lora", "ia3"):
+            cases[f"merge_{op} {kind} {wn}x{wk} to-nf4"] = (
+                merge_call(op, wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
+        cases[f"merge_lora {kind} {wn}x{wk} to-bf16"] = (
+            merge_call("lora", wn, wk, kind, bf16, bf16), ("copy", packed + dense))
+    cases[f"merge_lora dense {wn}x{wk} in-place"] = (
+        merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
     cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
                                               ("copy", dense + weight_bytes("nf4", wn, wk)))
     return cases
@@ -268,7 +281,8 @@ def bench_launches(multiprocessors=132):
 
 
 # Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
-# by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not.
+# by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not, and are
+# built in bf16 only, to bound the compile test's time.
 ALIGNED = (64, 128, 96)
 RAGGED = (37, 72, 50)
 DECODE = ((1, 128, 96), (16, 128, 96))  # one row (the JIT makes M a constant), a full M block
@@ -279,19 +293,16 @@ def coverage_calls():
     calls = {}
     for dtype in DTYPES:
         t = str(dtype).removeprefix("torch.")
+        bf16 = dtype == torch.bfloat16
         for kind in WEIGHT_KINDS:
-            for shape in (ALIGNED, RAGGED, *DECODE, DECODE_RAGGED):
-                if dtype != torch.bfloat16 and shape in (RAGGED, DECODE_RAGGED):
-                    continue  # the ragged variants: bf16 only, to bound the test's compile time
-                for dropout in (0.0, 0.1):
-                    for bias in (False, True):
-                        for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
-                            calls[f"lora_linear_{step} {t} {kind} {shape} dropout={dropout} bias={bias}"] = call
-            for feedforward in (False, True):
-                for bias in (False, True):
-                    for shape in (ALIGNED, RAGGED) if dtype == torch.bfloat16 else (ALIGNED,):
-                        for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
-                            calls[f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"] = call
+            for shape in (ALIGNED, *DECODE) + ((RAGGED, DECODE_RAGGED) if bf16 else ()):
+                for dropout, bias in itertools.product((0.0, 0.1), (False, True)):
+                    for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
+                        calls[f"lora_linear_{step} {t} {kind} {shape} p={dropout} bias={bias}"] = call
+            for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
+                for feedforward, bias in itertools.product((False, True), (False, True)):
+                    for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
+                        calls[f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"] = call
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
         for blocksize in NF4_BLOCKSIZES:
@@ -304,17 +315,19 @@ def coverage_calls():
         for blocksize in NF4_BLOCKSIZES:
             calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
                                      blocksize=blocksize))
-    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(seed(), torch.empty(64, 128, dtype=torch.int8), 0.1)
+    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(seed(), empty(64, 128, dtype=torch.int8), 0.1)
     return calls
 
 
 def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
-    """Both merge kernels (LoRA, IA3) on a 96 x 128 weight; the IA3 unmerge too if ``unmerge``
-    (it runs in place on dense weights only)."""
-    calls = {f"merge_{op} {name}": merge_call(op, 96, 128, kind, dtype, out, blocksize=blocksize)
-             for op in ("lora", "ia3")}
-    if unmerge:
-        calls[f"unmerge_ia3 {name}"] = merge_call("ia3", 96, 128, kind, dtype, out, unmerge=True)
+    """Both merge kernels (LoRA, IA3) on a 96 x 128 weight. IA3's two forms read l with strides
+    (1, 0) or (0, 1), which the JIT specializes apart: both, except across the blocksize sweep;
+    the IA3 unmerge too if ``unmerge`` (it runs in place on dense weights only)."""
+    calls = {f"merge_lora {name}": merge_call("lora", 96, 128, kind, dtype, out, blocksize=blocksize)}
+    for feedforward in (False, True) if blocksize == BLOCKSIZE else (False,):
+        for undo in (False, True) if unmerge else (False,):
+            calls[f"{'un' if undo else ''}merge_ia3 {name} ff={feedforward}"] = merge_call(
+                "ia3", 96, 128, kind, dtype, out, undo, feedforward, blocksize)
     return calls
 
 
