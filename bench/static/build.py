@@ -29,7 +29,9 @@ from bench.static.limits import occupancy
 CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
                             Path(__file__).resolve().parents[2] / ".cache" / "static"))
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-RECORD_VERSION = 2  # bumped when a record gains or changes a field: older ones are read again
+# Triton reads its cache folder when it compiles, so this holds for every build below.
+os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+RECORD_VERSION = 3  # bumped when a record gains or changes a field: older ones are read again
 
 
 def jsonable(value):

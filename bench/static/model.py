@@ -8,7 +8,8 @@ overlap perfectly:
   ``ISSUE_PER_CLOCK`` warp-instructions per clock per SM (one per scheduler);
 - tensor: the hot loop's MMA flops (read from the SASS shapes) at the device's peak, mma.sync
   derated on sm_90 where only wgmma reaches the peak;
-- L2: bytes the hot loop's global loads request (every lane active) at the L2-to-SM bandwidth;
+- L2: bytes the hot loop's tile loads stream (every lane active; 32-bit gathers from small tables
+  taken as L1 hits, see ``sass.memory_bytes``) at the L2-to-SM bandwidth;
 - shared memory: bytes the hot loop moves through shared memory at 128 bytes per clock per SM;
 - DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth.
 

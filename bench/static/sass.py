@@ -116,15 +116,19 @@ WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 16
 
 
 def memory_bytes(body, num_warps):
-    """(global bytes loaded, shared-memory bytes moved) per CTA by ``body``'s instructions, as if
-    every lane of every warp were active (an upper bound where masks predicate lanes off). Shared
-    traffic counts LDS/STS/LDSM, the shared-memory side of cp.async, and wgmma reading both
-    operands from shared memory."""
+    """(global bytes streamed, shared-memory bytes moved) per CTA by ``body``'s instructions, as
+    if every lane of every warp were active (an upper bound where masks predicate lanes off).
+
+    Global: vector loads (64/128-bit: the operand tiles) and sub-word loads (packed NF4 bytes).
+    32-bit loads are counted as L1 hits, not L2 traffic: in these kernels they are gathers from
+    small tables (NF4 code values, absmax, IA3 scales), which many lanes share. Shared: LDS/STS/
+    LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands from shared
+    memory."""
     global_bytes = shared_bytes = 0
     for opcode, modifiers, _ in body:
         group = category(opcode, modifiers)
         width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
-        if opcode in ("LDG", "LDGSTS"):
+        if opcode in ("LDG", "LDGSTS") and not group.endswith(".32"):
             global_bytes += width
         if opcode in ("LDS", "STS", "LDGSTS"):
             shared_bytes += width

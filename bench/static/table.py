@@ -33,11 +33,22 @@ def kernel_rows(report):
     return rows
 
 
-def cell(r):
-    per_element = r.get("instructions_per_element")
+def per_element(r, dense):
+    """Instructions per NF4 element, and in brackets the part above the same kernel's loop on a
+    dense weight (``dense``: its record, or None): what the decode itself costs."""
+    value = r.get("instructions_per_element")
+    if value is None:
+        return "-"
+    if dense is None or not dense["loop"] or not r["weight_elements"]:
+        return f"{value:.1f}"
+    floor = dense["loop"]["instructions"] * dense["num_warps"] * 32 / r["weight_elements"]
+    return f"{value:.1f} ({value - floor:.1f})"
+
+
+def cell(r, dense):
     return (f"{r['registers']} | {r['stack'] + r['local']} | {r['shared'] / 1024:.1f} | "
             f"{r['ctas_per_sm']} ({r['occupancy_limiter']}) | {r['mma'] or '-'} | "
-            f"{'-' if per_element is None else f'{per_element:.1f}'} | {mix_summary(r['loop'])}")
+            f"{per_element(r, dense)} | {mix_summary(r['loop'])}")
 
 
 def render(report):
@@ -46,16 +57,20 @@ def render(report):
              "compiled on the CPU as Triton's JIT specializes it at run time, read from the cubin "
              "and its SASS. Columns per arch: registers, spilled bytes (stack + local), shared KB, "
              "CTAs per SM (limiter), MMA kind, hot-loop instructions per decoded NF4 element "
-             "(per thread), and the hot loop per warp: instructions, then tensor-core, global loads "
+             "(per thread; in brackets, above the same loop on a dense weight: the decode's own "
+             "cost), and the hot loop per warp: instructions, then tensor-core, global loads "
              "by width, cp.async, shared loads/stores, integer (incl. uniform), float (incl. "
              "conversions).", ""]
     for arch in TABLE_ARCHS:
         lines += [f"### sm_{arch}", "",
                   "| case | kernel | regs | spill B | smem KB | CTAs/SM | MMA | instr/NF4 elem | hot loop |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for (case, kernel), by_arch in kernel_rows(report).items():
+        rows = kernel_rows(report)
+        for (case, kernel), by_arch in rows.items():
             if arch in by_arch:
-                lines.append(f"| {case} | {kernel} | {cell(by_arch[arch])} |")
+                op, kind, *detail = case.split()
+                twin = rows.get((" ".join([op, "dense", *detail]), kernel), {})
+                lines.append(f"| {case} | {kernel} | {cell(by_arch[arch], twin.get(arch))} |")
         lines.append("")
     lines += ["### Model estimates (not measurements)", "",
               report["model"]["summary"], "",
