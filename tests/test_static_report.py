@@ -49,6 +49,7 @@ def test_occupancy_names_its_limiter():
 
 def record(**changes):
     base = {"case": "c", "kernel": "_lora_forward_kernel", "grid": [64, 224], "num_warps": 4,
+            "ctas_per_sm": 4,
             "ints": {"K": 4096}, "constexprs": {"BLOCK_K": 32}, "instructions": 600,
             "tensor_bytes": 10**8, "loop": {"instructions": 500, "mma": "wgmma", "flops": 2 * 64**2 * 32,
                                             "global_bytes": 4096, "shared_bytes": 8192}}
@@ -64,6 +65,9 @@ def test_model_takes_the_slowest_limit():
     assert estimate["seconds"] == pytest.approx(issue)
     memory_bound = model.launch_time(record(tensor_bytes=10**11), h100)
     assert memory_bound["bound"] == "DRAM"
+    # One CTA of 4 warps per SM: one warp per scheduler, a quarter of the issue rate.
+    latency_bound = model.launch_time(record(ctas_per_sm=1), h100)
+    assert latency_bound["issue"] == pytest.approx(4 * estimate["issue"])
     case = model.case_estimate([record()], h100, ("gemm", 2 * 4096**3))
     assert case["ratio"] == pytest.approx(2 * 4096**3 / h100.cublas_flops / estimate["seconds"])
 

@@ -5,7 +5,9 @@ partial wave counts whole), and each CTA is limited by the slowest of five throu
 overlap perfectly:
 
 - issue: static SASS instructions (hot loop x its trip count, plus the rest once) x warps, at
-  ``ISSUE_PER_CLOCK`` warp-instructions per clock per SM (one per scheduler);
+  ``ISSUE_PER_CLOCK`` warp-instructions per clock per SM (one per scheduler), and only with
+  ``LATENCY_WARPS`` resident warps per scheduler to hide latency: fewer (occupancy, or a grid too
+  small to fill the SMs) issue proportionally less;
 - tensor: the hot loop's MMA flops (read from the SASS shapes) at the device's peak, mma.sync
   derated on sm_90 where only wgmma reaches the peak;
 - L2: bytes the hot loop's tile loads stream (every lane active; 32-bit gathers from small tables
@@ -13,8 +15,8 @@ overlap perfectly:
 - shared memory: bytes the hot loop moves through shared memory at 128 bytes per clock per SM;
 - DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth.
 
-Not modelled: latency (a single resident warp per scheduler cannot issue every clock), cache hit
-rates beyond "each tensor read once from DRAM", clock throttling, launch overhead. The device
+Not modelled: latency beyond that issue rule, cache hit rates beyond "each tensor read once from
+DRAM" and "32-bit gathers hit L1", clock throttling, launch overhead. The device
 constants below are datasheet peaks or guesses (marked); measured times on a GPU correct them
 (issue "GPU pass"): compare, then change the constants, never the readings.
 """
@@ -22,6 +24,7 @@ constants below are datasheet peaks or guesses (marked); measured times on a GPU
 from dataclasses import dataclass
 
 ISSUE_PER_CLOCK = 4  # warp-instructions per clock per SM: 4 schedulers, one each
+LATENCY_WARPS = 4  # resident warps per scheduler that keep it issuing every clock (a guess)
 SHARED_BYTES_PER_CLOCK = 128  # per SM
 
 
@@ -80,6 +83,8 @@ def launch_time(record, device):
         per_cta_clocks["L2"] = loop["global_bytes"] * n / (device.l2_bytes_per_s / device.sms / device.clock_hz)
         per_cta_clocks["shared"] = loop["shared_bytes"] * n / SHARED_BYTES_PER_CLOCK
     ctas_per_sm = -(-ctas // device.sms)
+    resident_warps = min(ctas_per_sm, record["ctas_per_sm"]) * warps
+    per_cta_clocks["issue"] /= min(1.0, resident_warps / ISSUE_PER_CLOCK / LATENCY_WARPS)
     limits = {k: ctas_per_sm * v / device.clock_hz for k, v in per_cta_clocks.items()}
     limits["DRAM"] = record["tensor_bytes"] / device.dram_bytes_per_s
     bound = max(limits, key=limits.get)
