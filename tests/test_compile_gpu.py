@@ -39,7 +39,8 @@ def records(arch):
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
 def test_every_kernel_compiles_within_limits_for(arch):
     found = report(arch)
-    assert found["unlaunched"] == [], "kernels no launch reaches: add their launcher to bench.static.launches"
+    assert found["unlaunched"] == [], \
+        "kernels no launch reaches: add their launcher's calls to bench.static.launches"
     assert not found["failed"], "\n".join(found["failed"])
     assert len(found["coverage"]) > 0 and len(found["bench"]) > 0
     assert not gates.resources(records(arch)), "\n".join(gates.resources(records(arch)))

@@ -78,7 +78,8 @@ def build(launch, arch, disassemble=True):
     """The reading of ``launch`` compiled for sm_``arch`` (a dict, see ``read``). Without
     ``disassemble`` only resources are read (no SASS, so no hot loop or MMA kind)."""
     spec = specialize(launch, arch)
-    path = CACHE / "records" / f"{launch.name}-sm{arch}-{build_key(launch, arch, spec, disassemble)}.json"
+    key = build_key(launch, arch, spec, disassemble)
+    path = CACHE / "records" / f"{launch.name}-sm{arch}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     source = ASTSource(fn=launch.kernel, signature=spec.signature, constexprs=spec.constexprs,
@@ -112,8 +113,8 @@ def read(compiled, arch, spec, arg_names, disassemble):
         cubin.flush()
         usage = tool("cuobjdump", "-res-usage", cubin.name)
         listing = tool("nvdisasm", "-c", cubin.name) if disassemble else None
-    resources = dict(zip(("registers", "stack", "static_shared", "local"),
-                         map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage).groups())))
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    resources = dict(zip(("registers", "stack", "static_shared", "local"), map(int, found.groups())))
     shared = metadata.shared + resources["static_shared"]
     ctas, limiter = occupancy(arch, resources["registers"], metadata.num_warps, shared)
     constexprs = {name: jsonable(spec.constexprs[(i,)]) for i, name in enumerate(arg_names)

@@ -26,7 +26,8 @@ def resources(records):
     for r in records:
         limits = ARCHS[r["arch"]]
         if r["shared"] > limits.shared_per_block:
-            failures.append(f"{name(r)}: {r['shared']} bytes of shared memory > {limits.shared_per_block}")
+            failures.append(f"{name(r)}: {r['shared']} bytes of shared memory "
+                            f"> {limits.shared_per_block}")
         if r["registers"] > limits.max_registers_per_thread:
             failures.append(f"{name(r)}: {r['registers']} registers per thread")
         if r["registers"] * 32 * r["num_warps"] > limits.registers:

@@ -78,7 +78,8 @@ def capture(case, launches, multiprocessors=132):
 
     run, programs = JITFunction.run, lora_linear_decode.programs_to_fill
     JITFunction.run = record
-    lora_linear_decode.programs_to_fill = lambda device: lora_linear_decode.PROGRAMS_PER_SM * multiprocessors
+    lora_linear_decode.programs_to_fill = (
+        lambda device: lora_linear_decode.PROGRAMS_PER_SM * multiprocessors)
     try:
         yield launches
     finally:
@@ -302,7 +303,8 @@ def coverage_calls():
             for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
                 for feedforward, bias in itertools.product((False, True), (False, True)):
                     for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
-                        calls[f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"] = call
+                        name = f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"
+                        calls[name] = call
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
         for blocksize in NF4_BLOCKSIZES:
@@ -315,7 +317,8 @@ def coverage_calls():
         for blocksize in NF4_BLOCKSIZES:
             calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
                                      blocksize=blocksize))
-    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(seed(), empty(64, 128, dtype=torch.int8), 0.1)
+    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(
+        seed(), empty(64, 128, dtype=torch.int8), 0.1)
     return calls
 
 

@@ -52,9 +52,10 @@ def trips(record):
     dimension over its block (the decode kernel: its K-slice; the merge: the rank)."""
     ints, c, kernel = record["ints"], record["constexprs"], record["kernel"]
     value = {**ints, **{k: v for k, v in c.items() if isinstance(v, int)}}  # ints made constants
-    reduce_over = {"_lora_forward_kernel": ("K", "BLOCK_K"), "_ia3_forward_kernel": ("K", "BLOCK_K"),
-                   "_ia3_grad_scale_kernel": ("K", "BLOCK_K"), "_lora_shrink_kernel": ("K", "BLOCK_K"),
-                   "_lora_grad_input_kernel": ("N", "BLOCK_N"), "_ia3_grad_input_kernel": ("N", "BLOCK_N"),
+    over_k, over_n = ("K", "BLOCK_K"), ("N", "BLOCK_N")
+    reduce_over = {"_lora_forward_kernel": over_k, "_ia3_forward_kernel": over_k,
+                   "_ia3_grad_scale_kernel": over_k, "_lora_shrink_kernel": over_k,
+                   "_lora_grad_input_kernel": over_n, "_ia3_grad_input_kernel": over_n,
                    "_lora_grad_a_kernel": ("M", "BLOCK_M"),
                    "_lora_decode_kernel": ("k_per_split", "BLOCK_K")}
     if kernel in reduce_over:
@@ -74,13 +75,15 @@ def launch_time(record, device):
     loop_instructions = loop["instructions"] if loop else 0
     warps = record["num_warps"]
     per_cta_clocks = {
-        "issue": ((record["instructions"] - loop_instructions) + loop_instructions * n) * warps / ISSUE_PER_CLOCK,
+        "issue": (record["instructions"] - loop_instructions + loop_instructions * n) * warps
+                 / ISSUE_PER_CLOCK,
         "tensor": 0.0, "L2": 0.0, "shared": 0.0}
     if loop:
         derate = device.mma_sync_fraction if loop["mma"] == "mma.sync" else 1.0
         per_sm_flops_per_clock = device.tensor_flops * derate / device.sms / device.clock_hz
         per_cta_clocks["tensor"] = loop["flops"] * n / per_sm_flops_per_clock
-        per_cta_clocks["L2"] = loop["global_bytes"] * n / (device.l2_bytes_per_s / device.sms / device.clock_hz)
+        l2_per_sm_per_clock = device.l2_bytes_per_s / device.sms / device.clock_hz
+        per_cta_clocks["L2"] = loop["global_bytes"] * n / l2_per_sm_per_clock
         per_cta_clocks["shared"] = loop["shared_bytes"] * n / SHARED_BYTES_PER_CLOCK
     ctas_per_sm = -(-ctas // device.sms)
     resident_warps = min(ctas_per_sm, record["ctas_per_sm"]) * warps

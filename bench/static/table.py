@@ -63,7 +63,8 @@ def render(report):
              "conversions).", ""]
     for arch in TABLE_ARCHS:
         lines += [f"### sm_{arch}", "",
-                  "| case | kernel | regs | spill B | smem KB | CTAs/SM | MMA | instr/NF4 elem | hot loop |",
+                  "| case | kernel | regs | spill B | smem KB | CTAs/SM | MMA | instr/NF4 elem "
+                  "| hot loop |",
                   "|---|---|---|---|---|---|---|---|---|"]
         rows = kernel_rows(report)
         for (case, kernel), by_arch in rows.items():
