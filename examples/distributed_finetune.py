@@ -6,8 +6,13 @@ process its share of every batch, and ``trainer.save_model`` writes the adapter 
 from the main process alone.
 
     torchrun --nproc_per_node 2 examples/distributed_finetune.py --output-dir out      # 2 GPUs
-    accelerate launch --num_processes 2 examples/distributed_finetune.py --output-dir out
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_finetune.py --output-dir out
     torchrun --nproc_per_node 2 examples/distributed_finetune.py --output-dir out --cpu  # CPU, gloo
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_finetune.py --output-dir out --cpu
+
+On a machine without GPUs accelerate starts one process unless told ``--multi_gpu`` (its
+``--cpu`` cannot be combined with it); ``--cpu`` here makes the Trainer's Accelerator run on the
+CPU with gloo (``use_cpu``, i.e. ``Accelerator(cpu=True)``), so the processes train together.
 
 ``--model`` takes a causal LM (a hub name or a folder); without it the script builds a small Llama
 from a config (nothing to download) in the output folder. The data are random tokens: this shows

@@ -1,6 +1,4 @@
-"""Helpers shared by the kernels: exact rounding, code-book search, and the compile-case registry."""
-
-from dataclasses import dataclass, field
+"""Helpers shared by the kernels: exact rounding and code-book search."""
 
 import triton
 import triton.language as tl
@@ -51,32 +49,3 @@ def bucketize(x, bounds_ptr, BITS: tl.constexpr):
         probe = tl.load(bounds_ptr + index + ((1 << (BITS - 1 - level)) - 1))
         index = tl.where(x <= probe, index, index + (1 << (BITS - 1 - level)))  # NaN: not <=
     return index
-
-
-@dataclass(frozen=True)
-class CompileCase:
-    """One way a launcher may compile a kernel: what the sm_80/86/89/90 compile test builds.
-
-    ``signature`` maps every argument to a Triton type string ("*fp32", "i32", "constexpr");
-    ``constexprs`` gives the values of the constexpr ones.
-    """
-
-    kernel: object
-    signature: dict
-    constexprs: dict
-    options: dict = field(default_factory=dict)
-
-    @property
-    def name(self):
-        values = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        return f"{self.kernel.fn.__name__}[{values}]"
-
-
-def split_config(config, **constexprs):
-    """A kernel config -> (its BLOCK_* constexprs plus ``constexprs``, the launch options)."""
-    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-    return {**blocks, **constexprs}, {k: v for k, v in config.items() if k not in blocks}
-
-
-# Element types of the tensors the kernels read or write, as Triton names them.
-TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "uint8": "u8"}

@@ -4,7 +4,7 @@ registers, plus the launcher-side arguments that describe it. Shared by every op
 import triton
 import triton.language as tl
 
-from ._common import NF4_BLOCKSIZES, TRITON_TYPE, CompileCase, store_rounded
+from ._common import store_rounded
 from .nf4_dequantize import decode_nf4, load_absmax
 from .nf4_quantize import quantize_and_pack
 
@@ -49,19 +49,6 @@ def weight_args(w, nf4):
             (nf4.in_features, 1))
 
 
-# How each kind of weight reaches a kernel: (NF4, NESTED) flags by name, for COMPILE_CASES.
-WEIGHT_KINDS = {"dense": (False, False), "nf4": (True, False), "nf4-nested": (True, True)}
-
-
-def weight_signature(t, nf4, nested):
-    """Signature entries of the weight arguments (``t``: the dense element type, e.g. "*bf16")."""
-    absmax, fp32 = ("*u8" if nested else "*fp32", "*fp32") if nf4 else (t, t)
-    return {"w_ptr": "*u8" if nf4 else t, "absmax_ptr": absmax, "code_ptr": fp32,
-            "nested_code_ptr": fp32, "nested_absmax_ptr": fp32, "offset_ptr": fp32,
-            "stride_wn": "i32", "stride_wk": "i32", "block_shift": "i32", "nested_shift": "i32",
-            "NF4": "constexpr", "NESTED": "constexpr"}
-
-
 @triton.jit
 def store_weight_block(merged, block, rows, cols, mask, n_elements, out_ptr, stride_on, stride_ok,
                        out_absmax_ptr, bounds_ptr, NF4_OUT: tl.constexpr, BLOCK: tl.constexpr):
@@ -93,34 +80,3 @@ def merge_args(w, out, out_absmax, bounds, nf4, N, K):
             stride_wn, stride_wk, *strides, *decoding[5:], N, K)
     return grid, args, {**flags, "NF4_OUT": nf4_out, "BLOCK": block,
                         "num_warps": min(8, max(1, block // 256)), "enable_fp_fusion": False}
-
-
-def merge_signature(t, out_t, nf4, nested, nf4_out):
-    """Signature entries shared by the merge kernels (``t``: dense weight type, ``out_t``: dense
-    output type; unused when NF4)."""
-    return {**weight_signature(t, nf4, nested), "out_ptr": "*u8" if nf4_out else out_t,
-            "out_absmax_ptr": "*fp32" if nf4_out else out_t,
-            "bounds_ptr": "*fp32" if nf4_out else out_t, "N": "i32", "K": "i32",
-            "stride_on": "i32", "stride_ok": "i32", "NF4_OUT": "constexpr", "BLOCK": "constexpr"}
-
-
-def merge_cases(kernel, extra_signature, variants):
-    """The merge kernels' COMPILE_CASES: each weight kind into each dense dtype, and NF4 into NF4
-    at every blocksize; ``variants(dense_in, same_dtype)`` gives the op-specific constexprs."""
-    dtypes = ("float16", "bfloat16", "float32")
-    for kind, (nf4, nested) in WEIGHT_KINDS.items():
-        for dtype in dtypes if kind == "dense" else ("float32",):
-            t = f"*{TRITON_TYPE[dtype]}"
-            outs = [(out, None) for out in dtypes] + ([] if kind == "dense" else
-                                                     [(None, b) for b in NF4_BLOCKSIZES])
-            for out_dtype, blocksize in outs:
-                out_t = f"*{TRITON_TYPE[out_dtype]}" if out_dtype else t
-                signature = {**merge_signature(t, out_t, nf4, nested, blocksize is not None),
-                             **extra_signature}
-                block = blocksize or DENSE_MERGE_BLOCK
-                for constexprs in variants(kind == "dense", out_dtype == dtype):
-                    yield CompileCase(
-                        kernel, signature,
-                        {**constexprs, "NF4": nf4, "NESTED": nested,
-                         "NF4_OUT": blocksize is not None, "BLOCK": block},
-                        {"num_warps": min(8, max(1, block // 256)), "enable_fp_fusion": False})

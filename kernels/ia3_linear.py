@@ -19,12 +19,11 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
   multiplies in fp32), and a scaled operand is rounded to x's dtype once, as PEFT's is.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, cast_rounded, split_config, store_rounded
-from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
+from ._common import cast_rounded, store_rounded
+from ._weight import load_weight_tile, precision, weight_args
 
 FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
@@ -174,47 +173,3 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
         x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], HAS_BIAS=bias is not None, **flags,
         PRECISION=precision(x.dtype), **GRAD_SCALE, enable_fp_fusion=False)
-
-
-def _compile_cases():
-    def split(config):
-        blocks, options = split_config(config)
-        return blocks, {**options, "enable_fp_fusion": False}
-
-    common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
-              "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-              "BLOCK_K": "constexpr"}
-    for dtype in ("float16", "bfloat16", "float32"):
-        t = f"*{TRITON_TYPE[dtype]}"
-        prec = precision(getattr(torch, dtype))
-        for nf4, nested in WEIGHT_KINDS.values():
-            weight = weight_signature(t, nf4, nested)
-            flags = {"NF4": nf4, "NESTED": nested, "PRECISION": prec}
-            for feedforward in (False, True):
-                for has_bias in (False, True):
-                    blocks, options = split(FORWARD)
-                    yield CompileCase(
-                        _ia3_forward_kernel,
-                        {**common, **weight, "x_ptr": t, "l_ptr": "*fp32", "bias_ptr": t,
-                         "y_ptr": t, "FEEDFORWARD": "constexpr", "HAS_BIAS": "constexpr"},
-                        {"FEEDFORWARD": feedforward, "HAS_BIAS": has_bias, **flags, **blocks},
-                        options)
-                for grad_scale in ((False, True) if feedforward else (False,)):
-                    blocks, options = split(GRAD_INPUT)
-                    yield CompileCase(
-                        _ia3_grad_input_kernel,
-                        {**common, **weight, "dy_ptr": t, "l_ptr": "*fp32", "x_ptr": t,
-                         "dx_ptr": t, "dl_ptr": "*fp32" if grad_scale else t,
-                         "FEEDFORWARD": "constexpr", "GRAD_SCALE": "constexpr"},
-                        {"FEEDFORWARD": feedforward, "GRAD_SCALE": grad_scale, **flags, **blocks},
-                        options)
-            for has_bias in (False, True):
-                blocks, options = split(GRAD_SCALE)
-                yield CompileCase(
-                    _ia3_grad_scale_kernel,
-                    {**common, **weight, "x_ptr": t, "bias_ptr": t, "dy_ptr": t, "dl_ptr": "*fp32",
-                     "HAS_BIAS": "constexpr"},
-                    {"HAS_BIAS": has_bias, **flags, **blocks}, options)
-
-
-COMPILE_CASES = list(_compile_cases())

@@ -9,7 +9,7 @@ too: a GPU's default fp32 division is approximate), then rounded once to the res
 import triton
 import triton.language as tl
 
-from ._weight import load_weight_tile, merge_args, merge_cases, store_weight_block
+from ._weight import load_weight_tile, merge_args, store_weight_block
 
 
 @triton.jit
@@ -45,14 +45,3 @@ def ia3_merge(w, scale, shape, feedforward, unmerge, out, out_absmax=None, bound
     grid, args, kwargs = merge_args(w, out, out_absmax, bounds, nf4, N, K)
     stride_ln, stride_lk = (0, 1) if feedforward else (1, 0)
     _ia3_merge_kernel[grid](w, scale, *args, stride_ln, stride_lk, UNMERGE=unmerge, **kwargs)
-
-
-def _variants(dense_in, same_dtype):
-    yield {"UNMERGE": False}
-    if dense_in and same_dtype:  # unmerge runs in place on dense weights only
-        yield {"UNMERGE": True}
-
-
-COMPILE_CASES = list(merge_cases(
-    _ia3_merge_kernel, {"l_ptr": "*fp32", "stride_ln": "i32", "stride_lk": "i32",
-                        "UNMERGE": "constexpr"}, _variants))

@@ -15,12 +15,11 @@ dropout p on the LoRA branch:
   fp32 inputs multiply in IEEE fp32, not TF32, as torch's matmul does by default.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, split_config, store_rounded
-from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
+from ._common import store_rounded
+from ._weight import load_weight_tile, precision, weight_args
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
@@ -207,52 +206,3 @@ def dropout_mask(seed, mask, p):
     M, K = mask.shape
     grid = (triton.cdiv(M * K, MASK_BLOCK),)
     _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK=MASK_BLOCK)
-
-
-def _compile_cases():
-    common = {"M": "i32", "K": "i32", "R": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
-              "BLOCK_R": "constexpr", "PRECISION": "constexpr"}
-    for dtype in ("float16", "bfloat16", "float32"):
-        t = f"*{TRITON_TYPE[dtype]}"
-        prec = precision(getattr(torch, dtype))
-        for dropout in (False, True):
-            blocks, options = split_config(SHRINK, BLOCK_R=BLOCK_R)
-            yield CompileCase(
-                _lora_shrink_kernel,
-                {**common, "x_ptr": t, "a_ptr": t, "s_ptr": t, "seed_ptr": "*i64", "p": "fp32",
-                 "stride_xm": "i32", "stride_xk": "i32", "stride_ar": "i32", "stride_ak": "i32",
-                 "DROPOUT": "constexpr"},
-                {"DROPOUT": dropout, "PRECISION": prec, **blocks}, options)
-            blocks, options = split_config(GRAD_A, BLOCK_R=BLOCK_R)
-            yield CompileCase(
-                _lora_grad_a_kernel,
-                {**common, "ds_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "seed_ptr": "*i64",
-                 "p": "fp32", "stride_xm": "i32", "stride_xk": "i32", "DROPOUT": "constexpr"},
-                {"DROPOUT": dropout, "PRECISION": prec, **blocks}, options)
-        for nf4, nested in WEIGHT_KINDS.values():
-            weight = {**weight_signature(t, nf4, nested), "N": "i32", "BLOCK_N": "constexpr"}
-            for has_bias in (False, True):
-                blocks, options = split_config(FORWARD, BLOCK_R=BLOCK_R)
-                yield CompileCase(
-                    _lora_forward_kernel,
-                    {**common, **weight, "x_ptr": t, "s_ptr": t, "b_ptr": t, "bias_ptr": t,
-                     "y_ptr": t, "scaling": "fp32", "stride_xm": "i32", "stride_xk": "i32",
-                     "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr"},
-                    {"HAS_BIAS": has_bias, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
-                     **blocks}, {**options, "enable_fp_fusion": False})
-            for dropout in (False, True):
-                blocks, options = split_config(GRAD_INPUT, BLOCK_R=BLOCK_R)
-                yield CompileCase(
-                    _lora_grad_input_kernel,
-                    {**common, **weight, "dy_ptr": t, "ds_ptr": t, "a_ptr": t, "dx_ptr": t,
-                     "seed_ptr": "*i64", "p": "fp32", "stride_ar": "i32", "stride_ak": "i32",
-                     "DROPOUT": "constexpr"},
-                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
-                     **blocks}, {**options, "enable_fp_fusion": False})
-    yield CompileCase(_dropout_mask_kernel,
-                      {"seed_ptr": "*i64", "mask_ptr": "*i8", "M": "i32", "K": "i32", "p": "fp32",
-                       "BLOCK": "constexpr"},
-                      {"BLOCK": MASK_BLOCK})
-
-
-COMPILE_CASES = list(_compile_cases())

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, cast_rounded, split_config, store_rounded
-from ._weight import WEIGHT_KINDS, load_weight_tile, precision, weight_args, weight_signature
+from ._common import cast_rounded, store_rounded
+from ._weight import load_weight_tile, precision, weight_args
 from .lora_linear import BLOCK_R, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -114,12 +114,16 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
 
 
+def programs_to_fill(device):
+    """Programs that keep ``device`` busy (the static report substitutes a GPU's SM count here)."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
 def split_k(n_tiles, k_steps, device):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = INTERPRETER_PROGRAMS
+    target = programs_to_fill(device)
     steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, target // n_tiles)))
     return triton.cdiv(k_steps, steps_per_split), steps_per_split
 
@@ -145,36 +149,3 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,
         BLOCK_R=BLOCK_R, **EPILOGUE)
-
-
-def _compile_cases():
-    for dtype in ("float16", "bfloat16", "float32"):
-        t = f"*{TRITON_TYPE[dtype]}"
-        prec = precision(getattr(torch, dtype))
-        for nf4, nested in WEIGHT_KINDS.values():
-            for dropout in (False, True):
-                blocks, options = split_config(DECODE, BLOCK_R=BLOCK_R)
-                yield CompileCase(
-                    _lora_decode_kernel,
-                    {**weight_signature(t, nf4, nested), "x_ptr": t, "a_ptr": t,
-                     "partial_ptr": "*fp32", "s_partial_ptr": "*fp32", "seed_ptr": "*i64",
-                     "M": "i32", "N": "i32", "K": "i32", "R": "i32", "p": "fp32",
-                     "k_per_split": "i32", "stride_xm": "i32", "stride_xk": "i32",
-                     "stride_ar": "i32", "stride_ak": "i32", "DROPOUT": "constexpr",
-                     "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                     "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
-                    {"DROPOUT": dropout, "NF4": nf4, "NESTED": nested, "PRECISION": prec,
-                     **blocks}, {**options, "enable_fp_fusion": False})
-        for has_bias in (False, True):
-            blocks, options = split_config(EPILOGUE, BLOCK_R=BLOCK_R)
-            yield CompileCase(
-                _lora_decode_epilogue_kernel,
-                {"partial_ptr": "*fp32", "s_partial_ptr": "*fp32", "s_ptr": t, "b_ptr": t,
-                 "bias_ptr": t, "y_ptr": t, "M": "i32", "N": "i32", "R": "i32", "splits": "i32",
-                 "scaling": "fp32", "stride_bn": "i32", "stride_br": "i32", "HAS_BIAS": "constexpr",
-                 "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                 "BLOCK_R": "constexpr"},
-                {"HAS_BIAS": has_bias, "PRECISION": prec, **blocks}, options)
-
-
-COMPILE_CASES = list(_compile_cases())

@@ -14,7 +14,7 @@ equal and the NF4 bytes agree with bitsandbytes' quantization of the reference's
 import triton
 import triton.language as tl
 
-from ._weight import load_weight_tile, merge_args, merge_cases, store_weight_block
+from ._weight import load_weight_tile, merge_args, store_weight_block
 
 
 @triton.jit
@@ -52,10 +52,3 @@ def lora_merge(w, lora_a, lora_b, scaling, out, out_absmax=None, bounds=None, nf
     grid, args, kwargs = merge_args(w, out, out_absmax, bounds, nf4, N, K)
     _lora_merge_kernel[grid](w, lora_a, lora_b, *args, R, scaling, lora_a.stride(0),
                              lora_a.stride(1), lora_b.stride(0), lora_b.stride(1), **kwargs)
-
-
-COMPILE_CASES = list(merge_cases(
-    _lora_merge_kernel,
-    {"a_ptr": "*fp32", "b_ptr": "*fp32", "R": "i32", "scaling": "fp32", "stride_ar": "i32",
-     "stride_ak": "i32", "stride_bn": "i32", "stride_br": "i32"},
-    lambda dense_in, same_dtype: [{}]))

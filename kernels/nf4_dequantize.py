@@ -13,7 +13,7 @@ outputs are rounded on the bits (see ``round_to_bf16``).
 import triton
 import triton.language as tl
 
-from ._common import TRITON_TYPE, CompileCase, store_rounded
+from ._common import store_rounded
 
 BLOCK_BYTES = 1024  # packed bytes per program: 2048 outputs
 NUM_WARPS = 4
@@ -75,22 +75,3 @@ def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
-
-
-def _compile_cases():
-    for out_dtype in ("float32", "float16", "bfloat16"):
-        for nested in (False, True):
-            absmax = "*u8" if nested else "*fp32"
-            yield CompileCase(
-                _nf4_dequantize_kernel,
-                signature={"packed_ptr": "*u8", "absmax_ptr": absmax, "code_ptr": "*fp32",
-                           "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
-                           "offset_ptr": "*fp32", "out_ptr": f"*{TRITON_TYPE[out_dtype]}",
-                           "n_elements": "i32", "block_shift": "i32", "nested_shift": "i32",
-                           "NESTED": "constexpr", "BLOCK_BYTES": "constexpr"},
-                constexprs={"NESTED": nested, "BLOCK_BYTES": BLOCK_BYTES},
-                options={"num_warps": NUM_WARPS, "enable_fp_fusion": False},
-            )
-
-
-COMPILE_CASES = list(_compile_cases())

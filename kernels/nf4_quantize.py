@@ -10,7 +10,7 @@ only shows when that block is all zeros; the values it decodes to are the same).
 import triton
 import triton.language as tl
 
-from ._common import NF4_BLOCKSIZES, TRITON_TYPE, CompileCase, bucketize
+from ._common import bucketize
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 
@@ -99,27 +99,3 @@ def quantize_absmax(absmax, offset, bounds, codes, nested_absmax):
     _quantize_absmax_kernel[grid](absmax, offset, bounds, codes, nested_absmax, absmax.numel(),
                                   NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
                                   num_warps=_num_warps(NESTED_BLOCKSIZE))
-
-
-def _compile_cases():
-    for in_dtype in ("float32", "float16", "bfloat16"):
-        for blocksize in NF4_BLOCKSIZES:
-            yield CompileCase(
-                _nf4_quantize_kernel,
-                signature={"w_ptr": f"*{TRITON_TYPE[in_dtype]}", "bounds_ptr": "*fp32",
-                           "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n_elements": "i32",
-                           "BLOCKSIZE": "constexpr"},
-                constexprs={"BLOCKSIZE": blocksize},
-                options={"num_warps": _num_warps(blocksize)},
-            )
-    yield CompileCase(
-        _quantize_absmax_kernel,
-        signature={"absmax_ptr": "*fp32", "offset_ptr": "*fp32", "bounds_ptr": "*fp32",
-                   "codes_ptr": "*u8", "nested_absmax_ptr": "*fp32", "n_blocks": "i32",
-                   "NESTED_BLOCKSIZE": "constexpr"},
-        constexprs={"NESTED_BLOCKSIZE": NESTED_BLOCKSIZE},
-        options={"num_warps": _num_warps(NESTED_BLOCKSIZE)},
-    )
-
-
-COMPILE_CASES = list(_compile_cases())

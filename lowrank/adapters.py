@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank.modules import is_sharded, layer_features, layer_kind
+from lowrank.modules import AdapterLayer, is_sharded, layer_features, layer_kind
 from lowrank.patch import (AdapterConfig, adapter_layers, add_adapter, check_adapter,
                            modules_outside_adapters, patch_state)
 
@@ -120,22 +120,139 @@ def _ia3_contents(model, adapter_name, layers):
                      "feedforward_modules": _feedforward_modules(layers, config["target_modules"])}
 
 
-def save_adapter(model, path, adapter_name="default"):
-    """Write adapter ``adapter_name`` of a patched model to directory ``path`` in PEFT's format."""
+def save_adapter(model, path, adapter_name="default", state_dict=None):
+    """Write adapter ``adapter_name`` of a patched model to directory ``path`` in PEFT's format.
+
+    ``state_dict``: a full state dict of the model to take the adapter's weights from instead of
+    its layers, as PEFT does (what Trainer passes to ``save_pretrained`` under DeepSpeed and FSDP,
+    gathered by their engines); only this process writes.
+
+    Without one, on a model whose adapter is sharded (FSDP2's DTensors, DeepSpeed ZeRO-3's
+    partitions) the save is collective: every rank calls it, the adapter alone is gathered, rank 0
+    writes, and every rank returns once the files are in place or raises rank 0's error. An
+    adapter that is not sharded (one process, DDP, ZeRO-1/2, FSDP2 between ``unshard`` and
+    ``reshard``) is written by whichever process calls this."""
     state = patch_state(model, "save_adapter")
     check_adapter(state, adapter_name, "save_adapter")
     config = state.adapters[adapter_name]
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
     if config.method == "lora":
-        tensors, peft_config = _lora_contents(model, adapter_name, config, layers)
+        params, peft_config = _lora_contents(model, adapter_name, config, layers)
     else:
-        tensors, peft_config = _ia3_contents(model, adapter_name, layers)
-    if any(is_sharded(t) for t in tensors.values()):
-        raise ValueError("lowrank.save_adapter: the adapter weights are sharded by FSDP2 "
-                         "(DTensors), each rank holding a part; saving them is not supported yet")
-    _write_adapter_files(path, peft_config, {k: t.detach().cpu().contiguous()
-                                             for k, t in tensors.items()})
+        params, peft_config = _ia3_contents(model, adapter_name, layers)
+    shapes = {key: _full_shape(param) for key, param in params.items()}
+    if state_dict is not None:
+        tensors = _from_state_dict(model, params, state_dict)
+    elif any(is_partitioned(param) for param in params.values()):
+        _save_gathered(path, peft_config, params, shapes)
+        return
+    else:
+        tensors = params
+    _write_adapter_files(path, peft_config, _complete(tensors, shapes))
+
+
+def _adapter_weights(model, adapter_name):
+    """The weights of adapter ``adapter_name`` in every layer that has it."""
+    for layer in adapter_layers(model).values():
+        if adapter_name in layer.adapter_names:
+            for attr in layer.adapter_names_attr:
+                held = getattr(layer, attr)[adapter_name]
+                yield held if attr == "ia3_l" else held.weight
+
+
+def adapter_is_partitioned(model, adapter_name):
+    """True when adapter ``adapter_name`` is sharded (see ``is_partitioned``): saving it is then
+    collective."""
+    return any(is_partitioned(param) for param in _adapter_weights(model, adapter_name))
+
+
+def is_partitioned(param):
+    """True for an adapter weight sharded by FSDP2 (a DTensor) or partitioned by DeepSpeed ZeRO-3
+    and not gathered now (then its data is an empty tensor, its shape in ``ds_shape``)."""
+    if is_sharded(param):
+        return True
+    return hasattr(param, "ds_id") and param.ds_status.name != "AVAILABLE"
+
+
+def _full_shape(param):
+    """The shape of the whole weight: a DTensor's shape is the global one; a ZeRO-3 parameter keeps
+    it in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _from_state_dict(model, params, state_dict):
+    """{PEFT key: tensor} taken from a full state dict of ``model``, keyed as the model names its
+    parameters."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    # Under ZeRO-3 named_parameters still lists every parameter; under FSDP2 too (DTensors).
+    wanted = {key: names[id(param)] for key, param in params.items()}
+    missing = [name for name in wanted.values() if name not in state_dict]
+    if missing:
+        empty = " (it is empty)" if not state_dict else ""
+        raise ValueError(
+            f"lowrank.save_adapter: the state_dict passed{empty} lacks {len(missing)} of the "
+            f"adapter's {len(wanted)} weights, e.g. {missing[:2]}. Under DeepSpeed ZeRO-3, Trainer "
+            "passes an empty one unless the config sets "
+            '"stage3_gather_16bit_weights_on_model_save": true; set it')
+    return {key: state_dict[name] for key, name in wanted.items()}
+
+
+def _complete(tensors, shapes):
+    """The tensors on the CPU, after checking that each is a whole weight: a shard or an
+    ungathered ZeRO-3 partition (an empty tensor) must not be written as the adapter."""
+    for key, tensor in tensors.items():
+        if is_sharded(tensor):
+            raise ValueError(f"lowrank.save_adapter: {key} is a DTensor (an FSDP2 shard); pass a "
+                             "full state dict, or call save_adapter on every rank without one")
+        if tuple(tensor.shape) != shapes[key]:
+            raise ValueError(
+                f"lowrank.save_adapter: {key} has shape {tuple(tensor.shape)}, not the adapter's "
+                f"{shapes[key]}: it is a partition (DeepSpeed ZeRO-3 leaves empty tensors outside "
+                "a gather), not the whole weight; nothing was written. Call save_adapter on every "
+                "rank (it gathers the adapter), or pass a gathered state dict")
+    return {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
+
+
+def _save_gathered(path, peft_config, params, shapes):
+    """The collective save of a sharded adapter: gather, write on rank 0, share its outcome."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    with _gathered(params) as whole:
+        # Copied out before the context partitions the weights again (freeing their storage).
+        tensors = {key: t.detach().to("cpu", copy=True) for key, t in whole.items()} if rank == 0 \
+            else None
+    error = [None]
+    if rank == 0:
+        try:
+            _write_adapter_files(path, peft_config, _complete(tensors, shapes))
+        except Exception as exc:
+            error = [f"{type(exc).__name__}: {exc}"]
+            raise
+        finally:
+            # The other ranks wait here for rank 0: they return when the files are in place, and
+            # raise when rank 0 failed instead of hanging at their next collective.
+            dist.broadcast_object_list(error, src=0)
+    else:
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise RuntimeError(f"lowrank.save_adapter: rank 0 failed to write {path}: {error[0]}")
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """{key: whole weight} on every rank: FSDP2 shards gathered one weight at a time
+    (``full_tensor``, the adapter's bytes alone, not the base's), ZeRO-3 partitions in one
+    ``GatheredParameters`` (read only, so nothing is broadcast back on exit)."""
+    zero3 = [param for param in params.values() if hasattr(param, "ds_id")]
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        yield {key: param.full_tensor() if is_sharded(param) else param.data
+               for key, param in params.items()}
 
 
 def _write_adapter_files(path, peft_config, tensors):
@@ -284,7 +401,10 @@ def _base_layer(modules, module_path):
         raise ValueError(f"lowrank.load_adapter: the adapter has weights for {module_path}, "
                          "which this model does not have")
     module = modules[module_path]
-    module = getattr(module, "base_layer", module)
+    if isinstance(module, AdapterLayer):
+        # Read when it was patched: under FSDP2 the base's weight is a DTensor that no longer
+        # tells a Linear4bit's quant type.
+        return module.in_features, module.out_features
     return layer_features(module, layer_kind(module))
 
 
@@ -343,6 +463,17 @@ def load_adapter(model, path, adapter_name="default"):
     The layers to patch are the ones the weights name. LoRA's rank and alpha follow the config's
     ``r`` / ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them; IA3's
     feed-forward layers follow ``feedforward_modules``."""
+    state = getattr(model, "lowrank_state", None)
+    held = [param for name in (state.adapters if state else ())
+            for param in _adapter_weights(model, name)]
+    if any(is_sharded(param) for param in model.parameters()) or any(
+            hasattr(param, "ds_id") for param in held):
+        # New weights added after fully_shard / deepspeed.initialize would be neither sharded nor
+        # reduced by the engine: each rank would train its own copy.
+        raise ValueError("lowrank.load_adapter: the model is already sharded by FSDP2 or DeepSpeed "
+                         "ZeRO-3, which would not manage a new adapter's weights; load it before "
+                         "fully_shard / deepspeed.initialize / Trainer (or, to resume an adapter "
+                         "the model has, use Trainer's resume_from_checkpoint)")
     config, tensors = _read_peft_adapter(path)
     modules = dict(modules_outside_adapters(model))
     if config["peft_type"] == "LORA":
@@ -357,13 +488,32 @@ def load_adapter(model, path, adapter_name="default"):
 
 
 def _copy_weights(model, adapter_name, weights):
+    """Copy the loaded weights into the adapter. An FSDP2-sharded adapter (each rank reads the
+    same file) keeps on each rank its own shard of the whole weight, without communication."""
     layers = adapter_layers(model)
     with torch.no_grad():
         for module_path, named in weights.items():
             layer = layers[module_path]
             for attr, tensor in named.items():
                 held = getattr(layer, attr)[adapter_name]
-                (held if attr == "ia3_l" else held.weight).copy_(tensor)
+                held = held if attr == "ia3_l" else held.weight
+                if is_sharded(held):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor = distribute_tensor(tensor.to(held.device), held.device_mesh,
+                                               held.placements, src_data_rank=None)
+                held.copy_(tensor)
+
+
+def _refuse_zero3(params, what):
+    """A ZeRO-3 engine's optimizer keeps its own (fp32, partitioned) copy of the weights it
+    trains: a copy into the module's weights would be undone at the next step."""
+    if any(hasattr(param, "ds_id") for param in params):
+        raise ValueError(
+            f"lowrank.{what}: the adapter is partitioned by DeepSpeed ZeRO-3, whose optimizer "
+            "keeps its own copy of the weights, so copying into them would not last. Resume "
+            "through the engine's checkpoint (Trainer: resume_from_checkpoint), or load the "
+            "adapter before deepspeed.initialize / Trainer")
 
 
 def restore_adapter_weights(model, path, adapter_name):
@@ -394,6 +544,7 @@ def restore_adapter_weights(model, path, adapter_name):
         settings = _ia3_settings(config, weights, modules)[1]
         ours = {p: (layer.is_feedforward,) for p, layer in layers.items()}
         what = "(feed-forward,)"
+    _refuse_zero3(_adapter_weights(model, adapter_name), "restore_adapter_weights")
     if settings != ours:
         differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
         raise ValueError(

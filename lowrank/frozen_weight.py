@@ -19,7 +19,7 @@ from lowrank import _dispatch
 from lowrank._quant_state import absmax_fp32, check_quant_state, code_books, read_nf4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors
 class FrozenWeight:
     """A dense weight, or packed NF4 bytes with the tensors and blocksizes that decode them.
 

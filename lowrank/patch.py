@@ -243,14 +243,15 @@ def _detach_from_transformers(model):
 
 
 def _save_pretrained(model, save_directory, state_dict=None, is_main_process=True, **kwargs):
-    """``save_pretrained`` of a patched transformers model: the active adapter, PEFT's format."""
-    from lowrank.adapters import save_adapter  # adapters.py builds on this module
+    """``save_pretrained`` of a patched transformers model: the active adapter, PEFT's format.
+    A ``state_dict`` (Trainer passes the one DeepSpeed or FSDP gathered) is where the weights are
+    taken from, as PEFT does. Without one, a sharded adapter is gathered by a collective save
+    that every process joins, whatever its ``is_main_process`` (rank 0 writes)."""
+    from lowrank.adapters import adapter_is_partitioned, save_adapter  # they build on this module
 
-    if state_dict is not None:
-        raise NotImplementedError("lowrank: save_pretrained of a patched model writes the adapter "
-                                  "from its layers; a state_dict argument is not supported")
-    if is_main_process:
-        save_adapter(model, save_directory, adapter_name=model.lowrank_state.active)
+    name = model.lowrank_state.active
+    if is_main_process or (state_dict is None and adapter_is_partitioned(model, name)):
+        save_adapter(model, save_directory, adapter_name=name, state_dict=state_dict)
 
 
 def _teach_trainer_to_resume():
@@ -288,6 +289,27 @@ def _teach_trainer_to_resume():
     _load_from_checkpoint.lowrank_wrapped = True
     Trainer._load_from_checkpoint = _load_from_checkpoint
     Trainer._load_best_model = _load_best_model
+    _teach_deepspeed_resume()
+
+
+def _teach_deepspeed_resume():
+    """Under DeepSpeed, Trainer resumes through the engine's own checkpoint, loading the module
+    strictly unless the model is a PeftModel. A 4-bit base's state dict holds bitsandbytes' quant
+    state entries (``...weight.absmax``, ...), which Linear4bit writes but does not read back, so
+    a strict load of a patched 4-bit model fails ("Unexpected key(s)"); load it as Trainer loads a
+    PeftModel's: the frozen base comes from ``from_pretrained``, the adapter and optimizer from the
+    checkpoint."""
+    import transformers.trainer as trainer_module
+
+    load = trainer_module.deepspeed_load_checkpoint
+
+    @functools.wraps(load)
+    def deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=True):
+        if getattr(engine.module, "lowrank_state", None) is not None:
+            load_module_strict = False
+        return load(engine, checkpoint_path, load_module_strict=load_module_strict)
+
+    trainer_module.deepspeed_load_checkpoint = deepspeed_load_checkpoint
 
 
 def _replace(model, path, module):

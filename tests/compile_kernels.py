@@ -1,56 +1,94 @@
-"""Compile every registered kernel config for one GPU architecture, on a machine without a GPU.
+"""Compile every kernel as its launcher launches it, for one GPU architecture, on a machine without
+a GPU, and print one JSON object of what the compiler made of each.
 
-    python tests/compile_kernels.py 90      # prints one JSON object
+    python tests/compile_kernels.py 90      # every launch (bench.static.launches)
+    python tests/compile_kernels.py 90 --variant lora_linear.FORWARD '{"BLOCK_M": 16, ...}' \\
+        "lora_linear_forward dense" [--variant ...]
+        # only the benchmark cases starting with "lora_linear_forward dense", with a launcher's
+        # config replaced: the bad configs that show each gate can fail
 
 Run as its own process because Triton's interpreter (TRITON_INTERPRET=1, which the test session
-uses) replaces ``@triton.jit`` kernels with interpreted ones that cannot be compiled. Each kernel
-module lists its launch configs in ``COMPILE_CASES``; a ``*_kernel`` that no case names is reported
-as unregistered, so a new kernel cannot skip this check.
+uses) replaces ``@triton.jit`` kernels with interpreted ones that cannot be compiled. The launches
+are captured from the real launchers (``bench.static.launches``) and specialized by Triton's JIT
+binder, so what is built is what runs. A ``*_kernel`` that no launch reaches is reported as
+unlaunched, so a new kernel cannot skip this check. Builds are cached (``bench.static.build``),
+one process per architecture at a time, so parallel test workers share them.
 """
 
+import argparse
+import contextlib
 import importlib
 import json
 import os
 import pkgutil
 import sys
+from pathlib import Path
+from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: bench
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import lowrank.kernels  # noqa: E402
+from bench.static import build, launches  # noqa: E402
+
+# The builds the gates read SASS from; the other architectures are checked on resources only.
+DISASSEMBLE = (89, 90)
 
 
-def kernel_modules():
+def all_kernels():
+    names = set()
     for info in pkgutil.iter_modules(lowrank.kernels.__path__):
-        yield importlib.import_module(f"lowrank.kernels.{info.name}")
+        module = importlib.import_module(f"lowrank.kernels.{info.name}")
+        names |= {name for name, obj in vars(module).items() if isinstance(obj, JITFunction)
+                  and name.endswith("_kernel") and obj.fn.__module__ == module.__name__}
+    return names
 
 
-def main(arch):
-    cases, kernels = [], set()
-    for module in kernel_modules():
-        cases += getattr(module, "COMPILE_CASES", [])
-        kernels |= {f"{module.__name__}.{name}" for name, obj in vars(module).items()
-                    if isinstance(obj, JITFunction) and name.endswith("_kernel")
-                    and obj.fn.__module__ == module.__name__}
-    registered = {f"{case.kernel.fn.__module__}.{case.kernel.fn.__name__}" for case in cases}
-    results = []
-    target = GPUTarget("cuda", arch, 32)
-    for case in cases:
-        try:
-            # In the kernel's argument order, which older Triton versions rely on.
-            signature = {name: case.signature[name] for name in case.kernel.arg_names}
-            source = ASTSource(fn=case.kernel, signature=signature, constexprs=case.constexprs)
-            compiled = triton.compile(source, target=target, options=case.options)
-            results.append({"name": case.name, "shared": compiled.metadata.shared, "error": None})
-        except Exception as error:  # reported per case, with the compiler's message
-            results.append({"name": case.name, "shared": None, "error": f"{type(error).__name__}: {error}"})
-    print(json.dumps({"arch": arch, "triton": triton.__version__, "results": results,
-                      "unregistered": sorted(kernels - registered)}))
+@contextlib.contextmanager
+def replaced_config(target, config):
+    """A launcher's config dict (``module.NAME``) replaced by ``config`` inside the block."""
+    module_name, attribute = target.rsplit(".", 1)
+    module = importlib.import_module(f"lowrank.kernels.{module_name}")
+    with mock.patch.dict(getattr(module, attribute), config, clear=True):
+        yield
+
+
+def variant_launches(variants):
+    """The benchmark launches of each (target, config JSON, case prefix), cases renamed
+    "variant I: case"."""
+    found = []
+    for i, (target, config, prefix) in enumerate(variants):
+        calls = {f"variant {i}: {case}": call for case, call in launches.bench_calls().items()
+                 if case.startswith(prefix)}
+        with replaced_config(target, json.loads(config)):
+            found += launches.run_calls(calls)
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("arch", type=int)
+    parser.add_argument("--variant", nargs=3, action="append", metavar=("MODULE.NAME", "JSON", "CASES"))
+    args = parser.parse_args(argv)
+    disassemble = args.arch in DISASSEMBLE
+    if args.variant:
+        coverage, bench = [], variant_launches(args.variant)
+    else:
+        coverage, bench = launches.coverage_launches(), launches.bench_launches()
+    failed, records = [], {"coverage": [], "bench": []}
+    with build.locked(args.arch):
+        for kind, found, read_sass in (("coverage", coverage, False), ("bench", bench, disassemble)):
+            for launch in found:
+                try:
+                    records[kind] += build.build_all([launch], args.arch, read_sass)
+                except Exception as error:  # reported per launch, with the compiler's message
+                    failed.append(f"{launch.case} {launch.name}: {type(error).__name__}: {error}")
+    launched = {launch.name for launch in coverage + bench}
+    print(json.dumps({"arch": args.arch, "failed": failed, **records,
+                      "unlaunched": [] if args.variant else sorted(all_kernels() - launched)}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main()

@@ -1,7 +1,8 @@
 """One rank of a distributed training run, started by tests/test_distributed.py under torchrun (CPU,
 gloo, 2 processes): trains a tiny patched Llama under DDP or FSDP2 on its half of a global batch and
 writes what it saw (losses, adapter gradients and weights, DDP's gradient buckets, FSDP's shards,
-what is refused on a sharded model) to ``<out>/rank<r>.pt``. The test imports ``build`` and
+what is refused on a sharded model, the adapter restored into it) to ``<out>/rank<r>.pt``, and under
+FSDP2 the adapter saved by three routes to folders of ``<out>``. The test imports ``build`` and
 ``train`` from here for the single-process run on the whole batch.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
@@ -37,21 +38,25 @@ def base_storage(base):
     return torch.float32 if base == "dense" else getattr(torch, base.removeprefix("nf4-"))
 
 
-def build(base, checkpoint):
-    """The model of ``base`` loaded from ``checkpoint``, patched (rank 4 LoRA on every linear
-    layer), adapters seeded and nonzero so that every gradient counts from the first step."""
+def load_base(base, checkpoint, device_map="cpu"):
+    """The model of ``base`` loaded from ``checkpoint``, not patched. ``device_map`` None for a
+    4-bit base under DeepSpeed ZeRO-3, which partitions it while loading and refuses a map."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if base == "dense":
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    else:
-        storage = base_storage(base)
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32,
-                                          bnb_4bit_quant_storage=storage)
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization,
-                                                     dtype=torch.float32, device_map="cpu")
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32,
+                                      bnb_4bit_quant_storage=base_storage(base))
+    return AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization,
+                                                dtype=torch.float32, device_map=device_map)
+
+
+def build(base, checkpoint, device_map="cpu"):
+    """``load_base``, patched (rank 4 LoRA on every linear layer), adapters seeded and nonzero so
+    that every gradient counts from the first step."""
+    model = load_base(base, checkpoint, device_map)
     lowrank.patch_model(model, rank=4)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -130,15 +135,54 @@ def run_fsdp2(model, ids, out):
               "q_proj_dtype": str(q_proj.dtype)}
     losses, grads, weights = train(model, ids, trainable(model), full=lambda t: t.full_tensor(),
                                    mean_loss=mean_over_ranks)
+    save_routes(model, out)
+    restored = restore_route(model, out)
     refusals = {}
     attempts = {"merge": lambda: lowrank.merge(model),
-                "save_adapter": lambda: lowrank.save_adapter(model, os.path.join(out, "adapter"))}
+                "load_adapter": lambda: lowrank.load_adapter(model, f"{out}/collective", "other")}
     for what, call in attempts.items():
         try:
             call()
         except ValueError as error:
             refusals[what] = str(error)
-    return {"losses": losses, "grads": grads, "weights": weights, "refusals": refusals, **shards}
+    return {"losses": losses, "grads": grads, "weights": weights, "refusals": refusals,
+            "restored": restored, **shards}
+
+
+def save_routes(model, out):
+    """The sharded adapter saved three ways, each into its own folder of ``out``: save_adapter on
+    every rank (it gathers the adapter); a full state dict gathered as Trainer gathers it under
+    FSDP (FULL_STATE_DICT), handed to save_pretrained on rank 0; every FSDP module unsharded,
+    save_adapter on rank 0 alone, resharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    rank = dist.get_rank()
+    lowrank.save_adapter(model, f"{out}/collective")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    state_dict = get_model_state_dict(model, options=options)  # the whole model on rank 0 only
+    model.save_pretrained(f"{out}/state_dict", state_dict=state_dict, is_main_process=rank == 0)
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    if rank == 0:
+        lowrank.save_adapter(model, f"{out}/unshard")
+    dist.barrier()
+    for module in fsdp_modules:
+        module.reshard()
+
+
+def restore_route(model, out):
+    """Resuming a sharded adapter: zeroed, then restored from the saved file (each rank keeps its
+    shard); the whole weights after it."""
+    from lowrank.adapters import restore_adapter_weights
+
+    adapters = trainable(model)
+    with torch.no_grad():
+        for param in adapters.values():
+            param.zero_()
+    restore_adapter_weights(model, f"{out}/collective", "default")
+    return {n: p.full_tensor() for n, p in adapters.items()}
 
 
 def cast_refusal(base, checkpoint, ids):

@@ -1,7 +1,11 @@
-"""Every kernel, in every config its launcher may use, compiles for sm_80, sm_86, sm_89 and sm_90 and
-fits the architecture's shared memory per block. Needs no GPU: Triton compiles to PTX and cubin on
-the CPU. The interpreter alone would not show that a kernel compiles."""
+"""Every kernel, as its launcher launches it (specialized as Triton's JIT specializes it at run
+time), compiles for sm_80, sm_86, sm_89 and sm_90, and passes the static gates of
+``bench.static.gates``: within each architecture's shared memory and registers, no spills, two CTAs
+per SM for the GEMMs on sm_89, wgmma for the large-M GEMMs on sm_90, and a ceiling on instructions
+per decoded NF4 element. Needs no GPU: Triton compiles to cubin on the CPU, and the SASS is read
+with the tools Triton bundles. Each gate is also shown to fail on a deliberately bad config."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -9,22 +13,123 @@ from pathlib import Path
 
 import pytest
 
-# Shared memory a block may use (opt-in maximum), in bytes.
-SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+from bench.static import gates
+from bench.static.limits import ARCHS
+
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 
-@pytest.mark.parametrize("arch", SHARED_MEMORY_PER_BLOCK, ids=lambda cc: f"sm_{cc}")
-def test_every_kernel_compiles_for(arch):
-    run = subprocess.run([sys.executable, str(SCRIPT), str(arch)], capture_output=True, text=True,
-                         timeout=900)
+def compile_report(arch, *options):
+    run = subprocess.run([sys.executable, str(SCRIPT), str(arch), *options], capture_output=True,
+                         text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["unregistered"] == [], "kernels without COMPILE_CASES: add them to the registry"
-    assert len(report["results"]) > 0
-    failed = [f"{r['name']}: {r['error']}" for r in report["results"] if r["error"]]
-    assert not failed, "\n".join(failed)
-    limit = SHARED_MEMORY_PER_BLOCK[arch]
-    too_big = [f"{r['name']}: {r['shared']} bytes > {limit}" for r in report["results"]
-               if r["shared"] > limit]
-    assert not too_big, "\n".join(too_big)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@functools.cache
+def report(arch):
+    """Every launch built for ``arch`` (cached on disk: a second worker reads the first's builds)."""
+    return compile_report(arch)
+
+
+def records(arch):
+    return report(arch)["coverage"] + report(arch)["bench"]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
+def test_every_kernel_compiles_within_limits_for(arch):
+    found = report(arch)
+    assert found["unlaunched"] == [], \
+        "kernels no launch reaches: add their launcher's calls to bench.static.launches"
+    assert not found["failed"], "\n".join(found["failed"])
+    assert len(found["coverage"]) > 0 and len(found["bench"]) > 0
+    assert not gates.resources(records(arch)), "\n".join(gates.resources(records(arch)))
+
+
+def spilling_today(record):
+    """The GEMMs that spill on main at c30119f (triton 3.9): on fp32 operands (IEEE fp32 tl.dot
+    runs on the FMA units, and a 64-row fp32 tile per 4 warps needs more than 255 registers), and
+    bf16 on ragged shapes (a size not divisible by 16, so no vector loads: more registers go to
+    masks and addresses). The gate holds every other launch to no spills; the strict xfail below
+    fails once these stop spilling, so the exception is removed then."""
+    operands = {record["signature"].get(name) for name in ("x_ptr", "dy_ptr", "y_ptr")}
+    sizes = [record["ints"][d] for d in ("M", "N", "K") if d in record["ints"]]
+    ragged = any(size != 1 and size % 16 for size in sizes)
+    return gates.is_gemm(record) and ("*fp32" in operands or ragged)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
+def test_no_spills_for(arch):
+    failures = gates.spills([r for r in records(arch) if not spilling_today(r)])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.xfail(strict=True, reason="fp32 GEMMs and ragged-shape bf16 GEMMs spill today "
+                   "(see spilling_today); fix them, then remove this mark and that exception")
+@pytest.mark.parametrize("arch", (89, 90), ids=lambda cc: f"sm_{cc}")
+def test_fp32_and_ragged_gemms_do_not_spill_for(arch):
+    failures = gates.spills([r for r in records(arch) if spilling_today(r)])
+    assert not failures, "\n".join(failures)
+
+
+def test_dense_gemms_fit_two_ctas_per_sm_on_sm89():
+    failures = gates.two_ctas_per_sm([r for r in records(89) if not r["constexprs"].get("NF4")])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.xfail(strict=True, reason="NF4 GEMMs with a nested absmax, and NF4 GEMMs on fp32, "
+                   "need 52-80 KB of shared memory per CTA today (the pipeliner stages the "
+                   "per-element absmax and code gathers there): one CTA per SM on sm_89's 100 KB. "
+                   "Issue 'speed by design' fixes this; then remove this mark")
+def test_nf4_gemms_fit_two_ctas_per_sm_on_sm89():
+    failures = gates.two_ctas_per_sm([r for r in records(89) if r["constexprs"].get("NF4")])
+    assert not failures, "\n".join(failures)
+
+
+def test_large_m_gemms_use_wgmma_on_sm90():
+    assert not gates.wgmma(report(90)["bench"]), "\n".join(gates.wgmma(report(90)["bench"]))
+
+
+@pytest.mark.parametrize("arch", (89, 90), ids=lambda cc: f"sm_{cc}")
+def test_nf4_instructions_per_element_under_ceiling_for(arch):
+    bench = report(arch)["bench"]
+    assert any(r["instructions_per_element"] for r in bench)
+    assert not gates.nf4_instructions(bench), "\n".join(gates.nf4_instructions(bench))
+
+
+# Each gate against a config made bad on purpose: gate -> (arch, launcher config replaced, the
+# config, the benchmark cases built with it).
+FORWARD = "lora_linear.FORWARD"
+BAD_CONFIGS = {
+    "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
+                                "num_stages": 6}, "lora_linear_forward dense"),
+    "spills": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 1,
+                             "num_stages": 1}, "lora_linear_forward dense"),
+    "two_ctas_per_sm": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
+                                      "num_stages": 3}, "lora_linear_forward dense"),
+    # Two warps: less than a warpgroup, so mma.sync although the tile has 64 rows.
+    "wgmma": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 2,
+                            "num_stages": 3}, "lora_linear_forward dense"),
+    "nf4_instructions": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
+                                       "num_stages": 3}, "lora_linear_forward nf4-nested"),
+}
+
+
+@functools.cache
+def bad_builds(arch):
+    """The bad configs' forward kernels built for ``arch``, one process for all: {gate: records}."""
+    gates_here = [gate for gate, (gate_arch, *_) in BAD_CONFIGS.items() if gate_arch == arch]
+    options = [arg for gate in gates_here
+               for arg in ("--variant", BAD_CONFIGS[gate][1], json.dumps(BAD_CONFIGS[gate][2]),
+                           BAD_CONFIGS[gate][3])]
+    found = compile_report(arch, *options)
+    assert not found["failed"], "\n".join(found["failed"])
+    return {gate: [r for r in found["bench"] if r["case"].startswith(f"variant {i}:")
+                   and r["kernel"] == "_lora_forward_kernel"] for i, gate in enumerate(gates_here)}
+
+
+@pytest.mark.parametrize("gate", BAD_CONFIGS)
+def test_gate_fails_on_a_bad_config(gate):
+    built = bad_builds(BAD_CONFIGS[gate][0])[gate]
+    assert built, "the bad config's forward kernel was not built"
+    assert getattr(gates, gate)(built), f"gate {gate} passed a config made to fail it"

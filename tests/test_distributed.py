@@ -1,13 +1,18 @@
 """Patched models under torch.distributed: DDP and FSDP2 with 2 processes on CPU (gloo), started
-with torchrun and bounded in time, against single-process training on the same global batch; the
-Trainer example under torchrun; and, in-process, how a patched Linear4bit reads its weight once
+with torchrun and bounded in time, against single-process training on the same global batch, and
+the FSDP2 adapter saved and restored; Trainer under DeepSpeed ZeRO-2/3 saving, resuming and
+reloading; the Trainer example under torchrun; and, in-process, how a patched Linear4bit reads its weight once
 FSDP has replaced the Params4bit (the state from the module; a cast weight refused).
 
 Each run trains tiny_model("llama", blocks=1) (hidden 32) for a few SGD steps in fp32 with the
 kernels in Triton's interpreter (the children inherit TRITON_INTERPRET=1)."""
 
+import importlib.util
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import token_ids
-from distributed_worker import build, global_batch, save_checkpoint, train, trainable
+from deepspeed_worker import probe
+from distributed_worker import build, global_batch, load_base, save_checkpoint, train, trainable
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,9 +35,19 @@ TIMEOUT_S = 300  # one torchrun of 2 processes: ~35 s on 2 busy cores
 # vs one batch; FSDP's reduce-scatter). Measured, relative to the largest value: gradients 5e-7,
 # weights after 3 steps 9e-8, losses 1e-7.
 TOLERANCE = 1e-5
+PEFT_PREFIX = "base_model.model."
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch has no torch.distributed gloo backend")
+
+
+def deepspeed_skip_reason():
+    """DeepSpeed (in the test extra) builds a small C++ op with g++ on its first CPU run."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install -e '.[test]')"
+    if shutil.which("g++") is None:
+        return "DeepSpeed on CPU compiles an op with g++, which this machine lacks"
+    return None
 
 
 def fsdp2_skip_reason():
@@ -42,19 +58,24 @@ def fsdp2_skip_reason():
     return None
 
 
-def torchrun(script, *args, cwd=ROOT):
+def torchrun(script, *args, cwd=ROOT, env=None):
     """Run ``script`` in 2 processes with torchrun; kill the whole group after TIMEOUT_S."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", script, *map(str, args)]
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", script, *map(str, args)], cwd, env)
+
+
+def launch(command, cwd=ROOT, env=None):
+    """Run a launcher ``command``; kill the whole group after TIMEOUT_S."""
+    shown = " ".join(map(str, command[2:]))
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"torchrun {script} took over {TIMEOUT_S} s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"torchrun {script} failed:\n{output[-4000:]}"
+        pytest.fail(f"{shown} took over {TIMEOUT_S} s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{shown} failed:\n{output[-4000:]}"
     return output
 
 
@@ -99,32 +120,93 @@ def test_ddp_all_reduces_only_adapters_and_matches_one_process(base, checkpoint,
     assert_matches_one_process(ranks, base, checkpoint)
 
 
+def saved_adapter(folder):
+    """The saved adapter keyed as the model names its parameters (``...lora_A.default.weight``)."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    return {re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k.removeprefix(PEFT_PREFIX)): t
+            for k, t in tensors.items()}
+
+
 @needs_gloo
 @pytest.mark.skipif(fsdp2_skip_reason() is not None, reason=str(fsdp2_skip_reason()))
 @pytest.mark.parametrize("base", ["dense", "nf4-bfloat16", "nf4-uint8"])
 def test_fsdp2_shards_the_base_and_matches_one_process(base, checkpoint, tmp_path):
     """Dense and 4-bit (bitsandbytes' FSDP route: bnb_4bit_quant_storage bf16; and the default
-    uint8) bases, each rank holding half of every weight, packed NF4 included. Refused, with an
-    error: merging or saving a sharded adapter, and a mixed-precision policy that casts
-    float-stored packed bytes."""
+    uint8) bases, each rank holding half of every weight, packed NF4 included. The trained
+    adapter, saved by three routes (save_adapter on every rank; Trainer's full state dict passed
+    to save_pretrained on rank 0; unshard, save on rank 0, reshard), is the same whole weights
+    each time; restored into the sharded model from the file, it is those weights again. Refused,
+    with an error: merging a sharded adapter, loading a new adapter into a sharded model, and a
+    mixed-precision policy that casts float-stored packed bytes."""
     ranks = run_workers("fsdp2", base, checkpoint, tmp_path)
     storage = "torch.float32" if base == "dense" else f"torch.{base.removeprefix('nf4-')}"
     for result in ranks:
         assert result["q_proj_dtype"] == storage
         assert result["q_proj_local"] * 2 == result["q_proj_full"]
         assert "sharded by FSDP2" in result["refusals"]["merge"]
-        assert "sharded by FSDP2" in result["refusals"]["save_adapter"]
+        assert "already sharded" in result["refusals"]["load_adapter"]
         if base == "nf4-bfloat16":  # MixedPrecisionPolicy(param_dtype=fp32) converts the bytes
             assert "stored as torch.bfloat16 and is now torch.float32" in result["cast_refusal"]
             assert "MixedPrecisionPolicy" in result["cast_refusal"]
-    assert not (tmp_path / "adapter").exists()
+        assert all(torch.equal(result["restored"][n], w) for n, w in result["weights"].items())
+    for route in ("collective", "state_dict", "unshard"):
+        saved = saved_adapter(tmp_path / route)
+        assert saved.keys() == ranks[0]["weights"].keys(), route
+        assert all(torch.equal(saved[n], w) for n, w in ranks[0]["weights"].items()), route
     assert_matches_one_process(ranks, base, checkpoint)
 
 
 @needs_gloo
-def test_trainer_under_torchrun_trains_and_saves_a_peft_adapter(tmp_path):
-    output = torchrun(os.path.join(ROOT, "examples", "distributed_finetune.py"), "--output-dir",
-                      tmp_path, "--cpu", "--rank", "4")
+@pytest.mark.skipif(deepspeed_skip_reason() is not None, reason=str(deepspeed_skip_reason()))
+@pytest.mark.parametrize("base", ["dense", "nf4-uint8"])
+def test_trainer_under_deepspeed_saves_checkpoints_and_adapters_that_reload(
+        base, checkpoint, tmp_path):
+    """Trainer(deepspeed=...) under ZeRO-2 and ZeRO-3 (the adapter partitioned too): 2 steps with a
+    checkpoint at each, trainer.save_model, save_adapter on every rank, and a run resumed from
+    the first checkpoint all write the same adapter (the last checkpoint's), which loaded onto
+    the base in one process gives the trained model's logits. Under ZeRO-3, refused instead of
+    written or loaded: an empty state dict (Trainer's without
+    stage3_gather_16bit_weights_on_model_save), the partitions themselves, restoring into the
+    partitioned adapter, loading a new adapter into the engine's model."""
+    torchrun(os.path.join(TESTS, "deepspeed_worker.py"), base, checkpoint, tmp_path,
+             env={"DS_ACCELERATOR": "cpu"})
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}"
+        result = torch.load(out / "rank0.pt")
+        assert result["partitioned"] == (stage == 3)
+        assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+        final = saved_adapter(out / "final")
+        assert len(final) == 14 and all(t.numel() > 0 for t in final.values())
+        for other in ("checkpoint-2", "collective", "resumed-final"):
+            saved = saved_adapter(out / other)
+            assert all(torch.equal(saved[n], t) for n, t in final.items()), (stage, other)
+        first = saved_adapter(out / "checkpoint-1")
+        assert any(not torch.equal(first[n], t) for n, t in final.items())
+        model = lowrank.load_adapter(load_base(base, checkpoint), out / "final")
+        with torch.no_grad():
+            logits = model(input_ids=probe()).logits
+        torch.testing.assert_close(logits, result["logits"], rtol=TOLERANCE, atol=1e-6)
+        if stage == 3:
+            assert result["partitioned_at_refusals"]
+            refusals = result["refusals"]
+            assert "stage3_gather_16bit_weights_on_model_save" in refusals["empty_state_dict"]
+            assert "has shape (0,)" in refusals["partitions"]
+            assert "partitioned by DeepSpeed ZeRO-3" in refusals["restore"]
+            assert "already sharded" in refusals["load"]
+            assert not (out / "no").exists()
+
+
+@needs_gloo
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_trainer_under_torchrun_trains_and_saves_a_peft_adapter(launcher, tmp_path):
+    """The example, started as README says: torchrun, or accelerate launch --multi_gpu (on CPU)."""
+    args = ("--output-dir", tmp_path, "--cpu", "--rank", "4")
+    script = os.path.join(ROOT, "examples", "distributed_finetune.py")
+    if launcher == "torchrun":
+        output = torchrun(script, *args)
+    else:
+        output = launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                         "--num_processes", "2", script, *map(str, args)])
     assert "2 processes" in output
     log = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in log if "loss" in entry]

@@ -1,0 +1,414 @@
+"""The memory ledger: ``python -m bench.memory [--quick]``, on a CPU or a GPU.
+
+What autograd saves for backward does not depend on the device, so this is the one performance
+figure measured exactly on a CPU. For one training step (forward, then the gradients of the
+trainable parameters), it adds up the bytes of the unique storages autograd saves, parameters,
+buffers and bitsandbytes quant states excluded, split by the block that saved them: the module
+running when a tensor is saved (``CATEGORIES``). Three ways run each configuration: PEFT +
+bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, and a base patched by
+``lowrank.patch_model`` carrying the same adapter (loaded from PEFT's save).
+
+Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one
+4-bit Llama-3-8B decoder layer at seq 2048 (in bf16 as QLoRA runs it, and in fp32; a toy vocabulary
+around it), each with and without gradient checkpointing, LoRA dropout 0 and 0.05. On a CPU lowrank's Triton kernels are what is measured, not its reference ops (which keep
+a dense copy of the weight): TRITON_INTERPRET is set, and the 8B layer runs under torch's
+FakeTensorMode, where every op, lowrank's and bitsandbytes' custom ops included, runs only its
+shape function. Autograd above the fake tensors saves exactly what it saves for real tensors.
+
+Gradient checkpointing: a checkpointed layer's own saves during forward are placeholders, but
+torch keeps its inputs (counted as ``checkpoint_inputs``); its backward recomputes the layer, and
+what the recompute saves is kept until that layer's backward uses it. ``saved`` counts every unique
+storage saved across the step, forward and all recomputes; ``held_at_once`` the forward's plus the
+largest single recompute's, what is held when backward reaches that layer.
+
+Writes bench/results/memory-<commit>.json; ``python -m bench.report`` puts it in BENCHMARKS.md.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before lowrank imports Triton: measure the kernels' saves
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from bench.harness import RESULTS_DIR, _commit, _version  # noqa: E402
+
+SCHEMA_VERSION = 1
+RANK = 16
+DROPOUTS = (0.0, 0.05)
+WAYS = ("peft", "lowrank_patch_peft_model", "lowrank")
+CATEGORIES = ("lora_linears", "mlp_activation", "attention", "norms", "loss_head",
+              "checkpoint_inputs", "other")
+# A decoder layer's own categories: what "saved bytes per layer" counts (not the embeddings, the
+# final norm, the head and the loss, which the 8B case shrinks to a toy vocabulary).
+LAYER_CATEGORIES = ("lora_linears", "mlp_activation", "attention", "norms", "checkpoint_inputs")
+# name -> Llama config, tokens (batch, sequence), compute dtype, and whether tensors are fake.
+MODELS = {
+    "tiny-llama-nf4": {
+        "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
+        "tokens": (4, 128), "dtype": "float32", "fake": False},
+    "llama3-8b-layer-nf4": {
+        "config": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=1024,
+                       rope_theta=500000.0, max_position_embeddings=2048),
+        "tokens": (1, 2048), "dtype": "bfloat16", "fake": True},
+}
+# The same layer in fp32, the tiny model's dtype: in bf16 PEFT also keeps an fp32 copy of each
+# linear's input (it casts x to the fp32 adapters' dtype), which lowrank never makes.
+MODELS["llama3-8b-layer-nf4-fp32"] = {**MODELS["llama3-8b-layer-nf4"], "dtype": "float32"}
+QUICK_MODELS = ("tiny-llama-nf4",)
+LOSS_RTOL = 1e-5  # fp32: the three ways compute one loss
+
+
+def _category_of_modules(model):
+    """{module: category}, from the module's own kind and the blocks it sits in."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lowrank.modules import AdapterLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    categories = {}
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        above = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        if any(isinstance(m, (BaseTunerLayer, AdapterLayer)) for m in above):
+            category = "lora_linears"
+        elif "Norm" in type(module).__name__:
+            category = "norms"
+        elif any("mlp" in part for part in parts):
+            category = "mlp_activation"
+        elif any("attn" in part or "attention" in part for part in parts):
+            category = "attention"
+        elif module is head or module is base:  # the loss is computed in the CausalLM's forward
+            category = "loss_head"
+        elif isinstance(module, GradientCheckpointingLayer):
+            # A decoder layer saves nothing itself (its residual adds save nothing): what is saved
+            # while it runs outside its blocks is checkpoint's copy of its inputs.
+            category = "checkpoint_inputs"
+        else:
+            category = "other"
+        categories[module] = category
+    return categories
+
+
+def _state_storages(model, fake_mode=None):
+    """Storages of everything the model holds for itself: parameters, buffers, quant states. Under
+    ``fake_mode`` an op given a real tensor works on its fake twin (one per real tensor, made
+    once), and a view of that (``weight.t()`` in a linear) has the twin's storage: those too.
+    {storage key: tensor}: holding the tensors keeps their keys from being reused."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    if fake_mode is not None:
+        tensors += [fake_mode.from_tensor(t) for t in tensors]
+    return {t.untyped_storage()._cdata: t for t in tensors}
+
+
+class Ledger:
+    """Bytes of the unique storages autograd saves while it is entered, by phase and category."""
+
+    def __init__(self, model, fake_mode=None):
+        self.categories = _category_of_modules(model)
+        self.excluded = _state_storages(model, fake_mode)
+        self.running = []  # the modules whose forward is running, innermost last
+        self.kept = {}  # storage key -> storage: holding it keeps the key from being reused
+        self.saved = {phase: dict.fromkeys(CATEGORIES, 0) for phase in ("forward", "recompute")}
+        self.largest_recompute = 0
+
+    def record(self, tensor, phase):
+        """Count ``tensor``'s storage once, in the category of the innermost running module;
+        return the bytes it added."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.excluded or key in self.kept:
+            return 0
+        self.kept[key] = storage
+        category = self.categories.get(self.running[-1], "other") if self.running else "other"
+        self.saved[phase][category] += storage.nbytes()
+        return storage.nbytes()
+
+    def _pack(self, tensor):
+        self.record(tensor, "forward")
+        return tensor
+
+    def _checkpointing(self, checkpoint):
+        """A layer's checkpoint function whose recompute the ledger sees. Checkpoint's own hooks
+        take over inside the layer, so on the recompute ours wrap them (they keep what is packed
+        until backward uses it)."""
+        def checkpointed(function, *args):
+            calls = 0
+
+            def run(*inputs):
+                nonlocal calls
+                calls += 1
+                if calls == 1:  # the forward: checkpoint's hooks keep placeholders only
+                    return function(*inputs)
+                pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(False)
+                added = 0
+
+                def counted(tensor):
+                    nonlocal added
+                    added += self.record(tensor, "recompute")
+                    return pack(tensor)
+
+                try:
+                    with torch.autograd.graph.saved_tensors_hooks(counted, unpack):
+                        return function(*inputs)
+                finally:  # checkpoint stops the recompute early by raising
+                    self.largest_recompute = max(self.largest_recompute, added)
+
+            return checkpoint(run, *args)
+        return checkpointed
+
+    @contextlib.contextmanager
+    def __call__(self):
+        def entered(module, args):
+            self.running.append(module)
+
+        def left(module, args, output):  # returns None: the output stays as it is
+            self.running.pop()
+
+        handles = []
+        for module in self.categories:
+            handles.append(module.register_forward_pre_hook(entered))
+            handles.append(module.register_forward_hook(left, always_call=True))
+        layers = [m for m in self.categories if getattr(m, "gradient_checkpointing", False)]
+        originals = [m._gradient_checkpointing_func for m in layers]
+        for layer, checkpoint in zip(layers, originals):
+            layer._gradient_checkpointing_func = self._checkpointing(checkpoint)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, checkpoint in zip(layers, originals):
+                layer._gradient_checkpointing_func = checkpoint
+
+    def summary(self):
+        """{"saved": bytes by category over the step, "held_at_once": bytes}."""
+        saved = {c: self.saved["forward"][c] + self.saved["recompute"][c] for c in CATEGORIES}
+        return {"saved": {**saved, "total": sum(saved.values())},
+                "held_at_once": sum(self.saved["forward"].values()) + self.largest_recompute}
+
+
+def measure_step(model, tokens, fake_mode=None):
+    """(loss, the ledger's summary) of one training step of ``model`` on ``tokens`` (fake tensors
+    of ``fake_mode``, or real ones)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ledger = Ledger(model, fake_mode)
+    with ledger():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        # autograd.grad, not backward: under FakeTensorMode no fake gradient lands on a real .grad
+        torch.autograd.grad(loss, trainable)
+    return loss, ledger.summary()
+
+
+def _load_4bit(directory, dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
+                                                 dtype=dtype, device_map=_device())
+    return model.train()
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _unpacked_sequences(fake_mode):
+    """Without a cache (as under checkpointing) transformers reads the position ids' values to see
+    whether rows pack several sequences, and assumes they do when it cannot read them (fake
+    tensors): it would then build a dense mask that the real run does not. Ours never pack."""
+    if fake_mode is None:
+        yield
+        return
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                           lambda position_ids: None):
+        yield
+
+
+def measure_model(name, directory, dropout, checkpointing=(False, True), fake=None):
+    """{checkpointing: {way: {"loss", "saved", "held_at_once"}}} for model ``name`` (its base
+    saved in ``directory``/base) with LoRA ``dropout``; ``fake``: run under FakeTensorMode
+    (default: the model's setting)."""
+    from peft import LoraConfig, get_peft_model
+
+    import lowrank
+
+    spec = MODELS[name]
+    dtype = getattr(torch, spec["dtype"])
+    peft_model = get_peft_model(_load_4bit(f"{directory}/base", dtype),
+                                LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout,
+                                           target_modules="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter (B not zero), so the losses say something
+        for parameter_name, parameter in peft_model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.02)
+    peft_model.save_pretrained(f"{directory}/adapter")
+    patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", dtype), f"{directory}/adapter")
+    batch, sequence = spec["tokens"]
+    fake = spec["fake"] if fake is None else fake
+    fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    results = {}
+    with fake or contextlib.nullcontext(), _unpacked_sequences(fake):
+        torch.manual_seed(0)
+        tokens = torch.randint(0, spec["config"]["vocab_size"], (batch, sequence),
+                               device=_device())
+        for checkpoint in checkpointing:
+            for model in (peft_model.get_base_model(), patched):
+                if checkpoint:
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_disable()
+            results[checkpoint] = {}
+            for way in WAYS:
+                if way == "lowrank_patch_peft_model":
+                    lowrank.patch_peft_model(peft_model)
+                loss, ledger = measure_step(patched if way == "lowrank" else peft_model, tokens,
+                                            fake)
+                results[checkpoint][way] = {"loss": None if fake else loss.item(), **ledger}
+            lowrank.unpatch_peft_model(peft_model)
+    return results
+
+
+def check_losses(name, dropout, results):
+    """The comparison is fair only if the three ways compute one loss (without dropout: with it,
+    each way draws its own mask)."""
+    losses = {way: r["loss"] for way, r in results.items()}
+    if dropout or None in losses.values():
+        return
+    worst = max(abs(loss - losses["peft"]) for loss in losses.values())
+    if worst > LOSS_RTOL * abs(losses["peft"]):
+        raise AssertionError(f"bench.memory {name}: losses differ beyond {LOSS_RTOL} relative: "
+                             f"{losses}")
+
+
+def ratios(results):
+    """{way: {"total", "layer", "held_at_once"}}: each way's bytes over PEFT's."""
+    def layer(r):
+        return sum(r["saved"][c] for c in LAYER_CATEGORIES)
+
+    peft = results["peft"]
+    return {way: {"total": r["saved"]["total"] / peft["saved"]["total"],
+                  "layer": layer(r) / layer(peft),
+                  "held_at_once": r["held_at_once"] / peft["held_at_once"]}
+            for way, r in results.items()}
+
+
+def _save_base(name, directory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = MODELS[name]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).to(getattr(torch, spec["dtype"]))
+    model.save_pretrained(f"{directory}/base")
+
+
+def run(models, dropouts=DROPOUTS, checkpointing=(False, True), fake=None):
+    """The ledger's cases: one per model, dropout and checkpointing (``fake``: see
+    ``measure_model``)."""
+    cases = []
+    for name in models:
+        spec = MODELS[name]
+        with tempfile.TemporaryDirectory() as directory:
+            _save_base(name, directory)
+            for dropout in dropouts:
+                started = time.perf_counter()
+                measured = measure_model(name, directory, dropout, checkpointing, fake)
+                seconds = (time.perf_counter() - started) / len(measured)
+                for checkpoint, results in measured.items():
+                    check_losses(name, dropout, results)
+                    cases.append({"model": name, "tokens": list(spec["tokens"]),
+                                  "dtype": spec["dtype"],
+                                  "fake": spec["fake"] if fake is None else fake,
+                                  "dropout": dropout, "gradient_checkpointing": checkpoint,
+                                  "ways": results, "ratios_to_peft": ratios(results),
+                                  "seconds": seconds})
+    return cases
+
+
+def environment():
+    """Device, versions, commit and date of a ledger run."""
+    import datetime
+
+    from lowrank import _dispatch
+
+    device = _device()
+    return {"device": {"name": torch.cuda.get_device_name() if device == "cuda"
+                       else platform.processor() or platform.machine(),
+                       "ops": _dispatch.backend_name(device)},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": _version("transformers"), "peft": _version("peft"),
+                         "triton": _version("triton"), "bitsandbytes": _version("bitsandbytes"),
+                         "lowrank": _version("lowrank")},
+            "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def table(cases):
+    """The summary printed at the end: each configuration's totals and ratios to PEFT."""
+    lines = [f"{'model':<22}{'dropout':>8}{'ckpt':>6}  {'way':<26}{'saved MiB':>10}"
+             f"{'x PEFT':>8}{'layer x':>9}{'held x':>8}"]
+    for case in cases:
+        for way, result in case["ways"].items():
+            ratio = case["ratios_to_peft"][way]
+            lines.append(f"{case['model']:<22}{case['dropout']:>8}"
+                         f"{'on' if case['gradient_checkpointing'] else 'off':>6}  {way:<26}"
+                         f"{result['saved']['total'] / 2**20:>10.2f}{ratio['total']:>8.2f}"
+                         f"{ratio['layer']:>9.2f}{ratio['held_at_once']:>8.2f}")
+    return "\n".join(lines)
+
+
+def write_result(result, directory=RESULTS_DIR):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"memory-{(result['commit'] or 'unknown')[:10]}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only {', '.join(QUICK_MODELS)} (what CI runs)")
+    args = parser.parse_args(argv)
+    from lowrank import _dispatch
+
+    if _dispatch.backend_name(_device()) == "reference":
+        raise SystemExit("python -m bench.memory: lowrank runs its reference ops here (was it "
+                         "imported before TRITON_INTERPRET was set?); they save what the kernels "
+                         "do not")
+    result = {"schema": SCHEMA_VERSION, **environment(),
+              "cases": run(QUICK_MODELS if args.quick else MODELS)}
+    path = write_result(result)
+    print(table(result["cases"]))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

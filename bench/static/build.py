@@ -1,0 +1,152 @@
+"""Compile a captured launch for a GPU architecture on the CPU, and read what the compiler made:
+registers, local memory (spills), shared memory, occupancy, and the hot loop's SASS.
+
+Builds go to Triton's cache under ``CACHE`` (keyed by Triton on the kernel's source, its
+specialization and options), and each build's reading to ``CACHE/records`` keyed the same way, so
+a second run compiles and disassembles nothing that has not changed. ``LOWRANK_STATIC_CACHE``
+moves the cache (default: .cache/static in the repository, git-ignored).
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bench.static import sass
+from bench.static.launches import specialize
+from bench.static.limits import occupancy
+
+CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
+                            Path(__file__).resolve().parents[2] / ".cache" / "static"))
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# Triton reads its cache folder when it compiles, so this holds for every build below.
+os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+RECORD_VERSION = 3  # bumped when a record gains or changes a field: older ones are read again
+
+
+def jsonable(value):
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+
+def tool(name, *args):
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def locked(arch):
+    """One process at a time builds for ``arch``; the others wait, then find its builds cached
+    (parallel test workers, or a report run beside the tests)."""
+    path = CACHE / f"sm{arch}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_key(launch, arch, spec, disassemble):
+    text = json.dumps([RECORD_VERSION, triton.__version__, launch.kernel.cache_key, arch, disassemble,
+                       sorted(spec.signature.items()),
+                       sorted((str(k), jsonable(v)) for k, v in spec.constexprs.items()),
+                       sorted((str(k), v) for k, v in spec.attrs.items()),
+                       sorted((k, jsonable(v)) for k, v in spec.options.items())])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def weight_elements(constexprs, nf4):
+    """NF4 weight elements one hot-loop iteration (GEMMs: a BLOCK_N x BLOCK_K tile) or one program
+    (dequantize) decodes; None for the other kernels."""
+    if not nf4:
+        return None
+    if "BLOCK_N" in constexprs and "BLOCK_K" in constexprs:
+        return constexprs["BLOCK_N"] * constexprs["BLOCK_K"]
+    if "BLOCK_BYTES" in constexprs:  # the dequantize kernel
+        return 2 * constexprs["BLOCK_BYTES"]
+    return None  # the merges: their per-element work is mostly requantization
+
+
+def build(launch, arch, disassemble=True):
+    """The reading of ``launch`` compiled for sm_``arch`` (a dict, see ``read``). Without
+    ``disassemble`` only resources are read (no SASS, so no hot loop or MMA kind)."""
+    spec = specialize(launch, arch)
+    key = build_key(launch, arch, spec, disassemble)
+    path = CACHE / "records" / f"{launch.name}-sm{arch}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    source = ASTSource(fn=launch.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                       attrs=spec.attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    record = read(compiled, arch, spec, launch.kernel.arg_names, disassemble)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def build_all(launches, arch, disassemble=True):
+    """A record per launch (identical builds compiled once), with what the model needs of the
+    launch itself: its case, grid, integer arguments and the bytes of the tensors it touches."""
+    records = []
+    for launch in launches:
+        tensors = {t.data_ptr(): t.untyped_storage().nbytes() for t in launch.args
+                   if isinstance(t, torch.Tensor)}
+        ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
+                if isinstance(value, int) and not isinstance(value, bool)}
+        records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
+                        "ints": ints, "tensor_bytes": sum(tensors.values()),
+                        **build(launch, arch, disassemble)})
+    return records
+
+
+def read(compiled, arch, spec, arg_names, disassemble):
+    metadata = compiled.metadata
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = tool("cuobjdump", "-res-usage", cubin.name)
+        listing = tool("nvdisasm", "-c", cubin.name) if disassemble else None
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    resources = dict(zip(("registers", "stack", "static_shared", "local"), map(int, found.groups())))
+    shared = metadata.shared + resources["static_shared"]
+    ctas, limiter = occupancy(arch, resources["registers"], metadata.num_warps, shared)
+    constexprs = {name: jsonable(spec.constexprs[(i,)]) for i, name in enumerate(arg_names)
+                  if (i,) in spec.constexprs}
+    record = {"arch": arch, "num_warps": metadata.num_warps, "num_stages": metadata.num_stages,
+              "enable_fp_fusion": spec.options.get("enable_fp_fusion"), **resources,
+              "shared": shared, "ctas_per_sm": ctas, "occupancy_limiter": limiter,
+              "constexprs": constexprs, "constant_ones": spec.constant_ones(),
+              "signature": {k: v for k, v in spec.signature.items() if v != "constexpr"},
+              "divisible_by_16": spec.divisible(arg_names)}
+    if listing is not None:
+        record.update(read_sass(listing, metadata.num_warps, constexprs))
+    return record
+
+
+def read_sass(listing, num_warps, constexprs):
+    """MMA kind, spill instructions, and the hot loop: its mix per warp, the flops and bytes it
+    moves per CTA, and instructions per decoded NF4 weight element."""
+    everything = sass.instructions(listing)
+    loop = sass.hot_loop(listing)
+    nf4 = bool(constexprs.get("NF4")) or "BLOCK_BYTES" in constexprs
+    elements = weight_elements(constexprs, nf4)
+    gemm = "BLOCK_N" in constexprs and "BLOCK_K" in constexprs
+    body = loop if gemm and loop is not None else everything  # element-wise: per program
+    out = {"mma": sass.mma_kind(everything), "instructions": len(everything),
+           "spill_instructions": sum(op in ("STL", "LDL") for op, _, _ in everything),
+           "weight_elements": elements, "loop": None}
+    if loop is not None:
+        global_bytes, shared_bytes = sass.memory_bytes(loop, num_warps)
+        out["loop"] = {"instructions": len(loop), "mma": sass.mma_kind(loop), "mix": sass.mix(loop),
+                       "flops": sass.mma_flops(loop, num_warps), "global_bytes": global_bytes,
+                       "shared_bytes": shared_bytes}
+    # Per thread: each of the CTA's threads runs the body once and decodes elements / threads.
+    out["instructions_per_element"] = (len(body) * num_warps * 32 / elements) if elements else None
+    return out

@@ -1,0 +1,68 @@
+"""The limits every launched kernel is held to (tests/test_compile_gpu.py runs them in CI). Each
+takes build records (``bench.static.build``) and returns the failures, one line each: empty when
+the gate passes. Pure functions: the test process (Triton's interpreter) imports them too."""
+
+from bench.static.limits import ARCHS
+
+# Instructions per decoded NF4 weight element in a GEMM's hot loop (or per element of the
+# dequantize kernel), per arch, read where the SASS is read (sm_89, sm_90): today's worst plus
+# ~10% (main at c30119f, the nested IA3 dX: 58.0 on sm_90 and 69.3 on sm_89 with triton 3.9,
+# 57.2 and 68.3 with 3.6). Issue "speed by design" lowers it to <= 8.
+NF4_INSTRUCTIONS_PER_ELEMENT = {89: 76, 90: 64}
+
+
+def name(record):
+    return f"{record['case']} {record['kernel']} sm_{record['arch']}"
+
+
+def is_gemm(record):
+    return "BLOCK_M" in record["constexprs"]
+
+
+def resources(records):
+    """Shared memory within the arch's per-block limit; registers within 255 per thread and the
+    register file per block."""
+    failures = []
+    for r in records:
+        limits = ARCHS[r["arch"]]
+        if r["shared"] > limits.shared_per_block:
+            failures.append(f"{name(r)}: {r['shared']} bytes of shared memory "
+                            f"> {limits.shared_per_block}")
+        if r["registers"] > limits.max_registers_per_thread:
+            failures.append(f"{name(r)}: {r['registers']} registers per thread")
+        if r["registers"] * 32 * r["num_warps"] > limits.registers:
+            failures.append(f"{name(r)}: {r['registers']} registers x {32 * r['num_warps']} threads "
+                            f"> {limits.registers}")
+    return failures
+
+
+def spills(records):
+    """No local memory: registers spilled by ptxas (or arrays it could not keep in registers)."""
+    return [f"{name(r)}: {r['stack']} bytes of stack, {r['local']} of local memory"
+            for r in records if r["stack"] or r["local"]]
+
+
+def two_ctas_per_sm(records):
+    """GEMMs leave room for a second CTA per SM (so one CTA's loads overlap another's MMAs)."""
+    return [f"{name(r)}: {r['ctas_per_sm']} CTA/SM, limited by {r['occupancy_limiter']} "
+            f"({r['shared']} bytes shared, {r['registers']} registers)"
+            for r in records if is_gemm(r) and r["ctas_per_sm"] < 2]
+
+
+# wgmma multiplies 64 rows per warpgroup: GEMMs with BLOCK_M >= 64 rows can use it, except this
+# one, whose product dA = dS^T x has the rank's 16 rows (BLOCK_M is its reduction there).
+SMALL_M_PRODUCTS = {"_lora_grad_a_kernel"}
+
+
+def wgmma(records):
+    """Large-M GEMMs (tiles of 64 rows or more) use sm_90's wgmma, not mma.sync."""
+    return [f"{name(r)}: {r['loop']['mma']} in the hot loop" for r in records
+            if r["arch"] == 90 and r["constexprs"].get("BLOCK_M", 0) >= 64
+            and r["kernel"] not in SMALL_M_PRODUCTS and r["loop"] and r["loop"]["mma"] != "wgmma"]
+
+
+def nf4_instructions(records, ceiling=NF4_INSTRUCTIONS_PER_ELEMENT):
+    """Instructions per decoded NF4 element at most ``ceiling[arch]``."""
+    return [f"{name(r)}: {r['instructions_per_element']:.1f} instructions per NF4 element "
+            f"> {ceiling[r['arch']]}" for r in records if r["arch"] in ceiling
+            and (r.get("instructions_per_element") or 0) > ceiling[r["arch"]]]

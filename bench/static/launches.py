@@ -1,0 +1,341 @@
+"""What the launchers launch, captured on CPU tensors and specialized as Triton's JIT would.
+
+The launchers of ``lowrank.kernels`` are called as ``lowrank.ops`` calls them, with uninitialised
+CPU tensors of real shapes; ``capture`` intercepts each ``kernel[grid](...)`` instead of running
+it. ``specialize`` then binds the captured arguments with Triton's own JIT binder for a GPU
+target, so what is compiled is what would run there: integers equal to 1 become constants, and
+16-byte aligned pointers and integers divisible by 16 carry ``tt.divisibility`` attributes (which
+decide vector widths and software pipelining).
+
+Two sets of launches:
+- ``bench_launches``: the benchmark cases (bench/*.py shapes, bf16): what the static report reads.
+- ``coverage_launches``: every launcher with every flag, dtype and weight kind it takes, on an
+  aligned and a ragged shape: what the compile test builds.
+"""
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from bench.lora_linear import BLOCKSIZE, RANK, SCALING
+from lowrank.kernels import ia3_linear, ia3_merge, lora_linear, lora_linear_decode, lora_merge
+from lowrank.kernels import nf4_dequantize, nf4_quantize
+from lowrank.kernels._common import NF4_BLOCKSIZES
+from lowrank.ops import FrozenWeight
+
+NESTED_BLOCKSIZE = nf4_quantize.NESTED_BLOCKSIZE
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WEIGHT_KINDS = ("dense", "nf4", "nf4-nested")
+
+
+@dataclass
+class Launch:
+    """One captured ``kernel[grid](*args, **kwargs)``; ``case`` names the call that made it."""
+
+    case: str
+    kernel: JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self):
+        return self.kernel.fn.__name__
+
+
+@dataclass
+class Specialized:
+    """A launch as Triton's JIT compiles it for one target."""
+
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    values: dict = field(default_factory=dict)  # every argument by name, tensors as their shapes
+
+    def constant_ones(self):
+        """Integer arguments the JIT made constants because they were 1."""
+        return sorted(name for name, kind in self.signature.items()
+                      if kind == "constexpr" and self.values.get(name) == 1
+                      and isinstance(self.values[name], int) and not isinstance(self.values[name], bool))
+
+    def divisible(self, names):
+        """Arguments carrying tt.divisibility=16 (``names``: the kernel's argument names)."""
+        return sorted(names[path[0]] for path, attr in self.attrs.items()
+                      if ["tt.divisibility", 16] in attr)
+
+
+@contextlib.contextmanager
+def capture(case, launches, multiprocessors=132):
+    """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
+    running it. The split-K decode sizes its grid from the GPU's SM count: ``multiprocessors``."""
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append(Launch(case, kernel, grid, args, kwargs))
+
+    run, programs = JITFunction.run, lora_linear_decode.programs_to_fill
+    JITFunction.run = record
+    lora_linear_decode.programs_to_fill = (
+        lambda device: lora_linear_decode.PROGRAMS_PER_SM * multiprocessors)
+    try:
+        yield launches
+    finally:
+        JITFunction.run, lora_linear_decode.programs_to_fill = run, programs
+
+
+def specialize(launch, arch):
+    """``launch`` as Triton's JIT specializes it for sm_``arch``: its own binder and packing."""
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**launch.kwargs, "debug": launch.kwargs.get("debug", kernel.debug) or False}
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization,
+                                                              options)
+    values = {name: tuple(v.shape) if isinstance(v, torch.Tensor) else v for name, v in bound.items()}
+    return Specialized(signature, constexprs, attrs, options.__dict__, values)
+
+
+# The weight as lowrank.ops hands it to the launchers: a FrozenWeight's tensor (dense N x K in x's
+# dtype, or flat packed bytes) and its NF4 decoding (FrozenWeight.nf4, None for a dense weight).
+
+def weight(kind, n, k, dtype, blocksize=BLOCKSIZE):
+    if kind == "dense":
+        return torch.empty(n, k, dtype=dtype), None
+    blocks = -(-n * k // blocksize)
+    nested = kind == "nf4-nested"
+    frozen = FrozenWeight(
+        torch.empty((n * k + 1) // 2, dtype=torch.uint8), (n, k),
+        absmax=torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32),
+        nested_code=torch.empty(256) if nested else None,
+        nested_absmax=torch.empty(-(-blocks // NESTED_BLOCKSIZE)) if nested else None,
+        offset=torch.empty(()) if nested else None, blocksize=blocksize,
+        nested_blocksize=NESTED_BLOCKSIZE if nested else 1)
+    return frozen.tensor, frozen.nf4
+
+
+def nested_args(nf4):
+    """nf4_dequantize's ``nested`` argument for a weight()'s decoding."""
+    if nf4.nested_code is None:
+        return None
+    return nf4.nested_code, nf4.nested_absmax, nf4.offset, nf4.nested_blocksize
+
+
+def seed():
+    return torch.empty(1, dtype=torch.int64)
+
+
+def empty(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype)
+
+
+def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False):
+    """{step: fn} for one LoRA linear forward and backward, as lowrank.ops runs them (a decode
+    forward alone when M is small enough for the split-K path)."""
+    w, nf4 = weight(kind, n, k, dtype)
+    x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(n, RANK, dtype=dtype)
+    y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=dtype)
+    bias_t = empty(n, dtype=dtype) if bias else None
+    if m <= lora_linear_decode.DECODE_MAX_M:
+        return {"forward": lambda: lora_linear_decode.lora_decode_forward(
+            x, w, a, b, bias_t, y, s, seed(), dropout, SCALING, nf4)}
+    return {
+        "forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
+                            lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4)),
+        "backward": lambda: (
+            lora_linear.lora_grad_input(empty(m, n, dtype=dtype), w, s, a, empty(m, k, dtype=dtype),
+                                        seed(), dropout, nf4),
+            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout))}
+
+
+def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
+    """{step: fn} for one IA3 linear forward and backward (dX and dl), as lowrank.ops runs them."""
+    w, nf4 = weight(kind, n, k, dtype)
+    x, y, dy, dx = (empty(m, k, dtype=dtype), empty(m, n, dtype=dtype), empty(m, n, dtype=dtype),
+                    empty(m, k, dtype=dtype))
+    scale = empty(k if feedforward else n)
+    bias_t = empty(n, dtype=dtype) if bias else None
+    partials = empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
+    if feedforward:  # dl comes out of the dX kernel
+        def backward():
+            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, partials, True, nf4)
+    else:
+        def backward():
+            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, None, False, nf4)
+            ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4)
+    return {"forward": lambda: ia3_linear.ia3_forward(x, w, scale, bias_t, y, feedforward, nf4),
+            "backward": backward}
+
+
+def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blocksize=BLOCKSIZE):
+    """One merge of a LoRA adapter (``op="lora"``) or an IA3 vector (``"ia3"``) into a weight of
+    ``kind`` (dense in ``dtype``), into ``out``: a dense dtype, or "nf4" (requantized at the
+    weight's ``blocksize``, the nested absmax quantized afterwards when the weight is nested, as
+    ops.merge_lora does)."""
+    w, nf4 = weight(kind, n, k, dtype, blocksize)
+    blocks = -(-n * k // blocksize)
+    if out == "nf4":
+        target = (empty((n * k + 1) // 2, dtype=torch.uint8), empty(blocks), empty(15))
+    else:
+        target = (w if kind == "dense" and out == dtype else empty(n, k, dtype=out), None, None)
+
+    def call():
+        if op == "lora":
+            lora_merge.lora_merge(w, empty(RANK, k), empty(n, RANK), SCALING, *target, nf4=nf4)
+        else:
+            ia3_merge.ia3_merge(w, empty(k if feedforward else n), (n, k), feedforward, unmerge,
+                                *target, nf4=nf4)
+        if out == "nf4" and kind == "nf4-nested":
+            nf4_quantize.quantize_absmax(target[1], empty(()), empty(255),
+                                         empty(blocks, dtype=torch.uint8),
+                                         empty(-(-blocks // NESTED_BLOCKSIZE)))
+    return call
+
+
+def dequantize_call(n, k, kind, out_dtype):
+    packed, nf4 = weight(kind, n, k, out_dtype)
+    return lambda: nf4_dequantize.nf4_dequantize(packed, nf4.absmax, nf4.code,
+                                                 empty(n, k, dtype=out_dtype), BLOCKSIZE,
+                                                 nested_args(nf4))
+
+
+def quantize_call(n, k, dtype, blocksize):
+    return lambda: nf4_quantize.nf4_quantize(
+        empty(n * k, dtype=dtype), empty(15), empty((n * k + 1) // 2, dtype=torch.uint8),
+        empty(-(-n * k // blocksize)), blocksize)
+
+
+def run_calls(calls, multiprocessors=132):
+    """Every launch of ``calls`` ({case: fn}), in order."""
+    launches = []
+    for case, call in calls.items():
+        with capture(case, launches, multiprocessors):
+            call()
+    return launches
+
+
+# The benchmark cases (bench/lora_linear.py, ia3_linear.py, merge.py, nf4_dequantize.py): bf16, the
+# Llama-3-8B MLP projection, every weight kind. Shapes: (M, K, N) for the linear ops, (N, K) else.
+TRAIN_SHAPE = (4096, 4096, 14336)
+DECODE_ROWS = (1, 16)
+WEIGHT_SHAPE = (14336, 4096)
+
+
+def weight_bytes(kind, n, k):
+    """Bytes of an n x k bf16 weight as stored: dense, or packed NF4 with its absmax."""
+    blocks = n * k // BLOCKSIZE
+    return {"dense": 2 * n * k, "nf4": n * k // 2 + 4 * blocks,
+            "nf4-nested": n * k // 2 + blocks + 4 * (blocks // NESTED_BLOCKSIZE)}[kind]
+
+
+def bench_cases():
+    """{case: (fn, ideal)}. A case name is "op kind shape[ detail]", as the report shows it; its
+    ideal is what the model compares it with: ("gemm", flops of its products) at cuBLAS's rate, or
+    ("copy", bytes it must read and write) at copy bandwidth."""
+    bf16 = torch.bfloat16
+    m, k, n = TRAIN_SHAPE
+    mkn = f"{m}x{k}x{n}"
+    cases = {}
+    for kind in WEIGHT_KINDS:
+        lora = lora_linear_calls(m, k, n, kind, bf16)
+        # Forward: x W^T, the shrink and the expand; backward: dY W, dS A and dS^T x.
+        cases[f"lora_linear_forward {kind} {mkn}"] = (
+            lora["forward"], ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
+        cases[f"lora_linear_backward {kind} {mkn}"] = (
+            lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
+        for rows in DECODE_ROWS:
+            cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
+                lora_linear_calls(rows, k, n, kind, bf16)["forward"],
+                ("copy", weight_bytes(kind, n, k) + 2 * rows * (k + n)))
+        for feedforward in (False, True):
+            form = "feedforward" if feedforward else "output"
+            ia3 = ia3_linear_calls(m, k, n, kind, bf16, feedforward)
+            cases[f"ia3_linear_forward {kind} {mkn} {form}"] = (ia3["forward"], ("gemm", 2 * m * n * k))
+            # Backward: dX, and in the output form the recomputed x W^T for dl.
+            cases[f"ia3_linear_backward {kind} {mkn} {form}"] = (
+                ia3["backward"], ("gemm", 2 * m * n * k * (1 if feedforward else 2)))
+    wn, wk = WEIGHT_SHAPE
+    dense = weight_bytes("dense", wn, wk)
+    for kind in ("nf4", "nf4-nested"):
+        packed = weight_bytes(kind, wn, wk)
+        cases[f"nf4_dequantize {kind} {wn}x{wk}"] = (dequantize_call(wn, wk, kind, bf16),
+                                                    ("copy", packed + dense))
+        for op in ("lora", "ia3"):
+            cases[f"merge_{op} {kind} {wn}x{wk} to-nf4"] = (
+                merge_call(op, wn, wk, kind, bf16, "nf4"), ("copy", 2 * packed))
+        cases[f"merge_lora {kind} {wn}x{wk} to-bf16"] = (
+            merge_call("lora", wn, wk, kind, bf16, bf16), ("copy", packed + dense))
+    cases[f"merge_lora dense {wn}x{wk} in-place"] = (
+        merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
+    cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
+                                              ("copy", dense + weight_bytes("nf4", wn, wk)))
+    return cases
+
+
+def bench_calls():
+    return {case: call for case, (call, _) in bench_cases().items()}
+
+
+def bench_launches(multiprocessors=132):
+    return run_calls(bench_calls(), multiprocessors)
+
+
+# Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
+# by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not, and are
+# built in bf16 only, to bound the compile test's time.
+ALIGNED = (64, 128, 96)
+RAGGED = (37, 72, 50)
+DECODE = ((1, 128, 96), (16, 128, 96))  # one row (the JIT makes M a constant), a full M block
+DECODE_RAGGED = (3, 72, 50)
+
+
+def coverage_calls():
+    calls = {}
+    for dtype in DTYPES:
+        t = str(dtype).removeprefix("torch.")
+        bf16 = dtype == torch.bfloat16
+        for kind in WEIGHT_KINDS:
+            for shape in (ALIGNED, *DECODE) + ((RAGGED, DECODE_RAGGED) if bf16 else ()):
+                for dropout, bias in itertools.product((0.0, 0.1), (False, True)):
+                    for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
+                        calls[f"lora_linear_{step} {t} {kind} {shape} p={dropout} bias={bias}"] = call
+            for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
+                for feedforward, bias in itertools.product((False, True), (False, True)):
+                    for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
+                        name = f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"
+                        calls[name] = call
+            if kind != "dense":
+                calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
+        for blocksize in NF4_BLOCKSIZES:
+            calls[f"nf4_quantize {t} blocksize={blocksize}"] = quantize_call(96, 128, dtype, blocksize)
+        for out in DTYPES:  # dense weights merge in place, or into another dtype
+            calls.update(merge_calls(f"{t} dense to {out}", "dense", dtype, out, unmerge=out == dtype))
+    for kind in ("nf4", "nf4-nested"):  # the packed weight has no dtype: into each dense dtype, or NF4
+        for out in DTYPES:
+            calls.update(merge_calls(f"{kind} to {out}", kind, None, out))
+        for blocksize in NF4_BLOCKSIZES:
+            calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
+                                     blocksize=blocksize))
+    calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(
+        seed(), empty(64, 128, dtype=torch.int8), 0.1)
+    return calls
+
+
+def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
+    """Both merge kernels (LoRA, IA3) on a 96 x 128 weight. IA3's two forms read l with strides
+    (1, 0) or (0, 1), which the JIT specializes apart: both, except across the blocksize sweep;
+    the IA3 unmerge too if ``unmerge`` (it runs in place on dense weights only)."""
+    calls = {f"merge_lora {name}": merge_call("lora", 96, 128, kind, dtype, out, blocksize=blocksize)}
+    for feedforward in (False, True) if blocksize == BLOCKSIZE else (False,):
+        for undo in (False, True) if unmerge else (False,):
+            calls[f"{'un' if undo else ''}merge_ia3 {name} ff={feedforward}"] = merge_call(
+                "ia3", 96, 128, kind, dtype, out, undo, feedforward, blocksize)
+    return calls
+
+
+def coverage_launches():
+    return run_calls(coverage_calls())

@@ -1,0 +1,108 @@
+"""A first-order model of kernel time from the static report: ESTIMATES, NOT MEASUREMENTS.
+
+Per launch, every SM runs its share of the CTAs (the most loaded SM sets the time, so a last
+partial wave counts whole), and each CTA is limited by the slowest of five throughputs, assumed to
+overlap perfectly:
+
+- issue: static SASS instructions (hot loop x its trip count, plus the rest once) x warps, at
+  ``ISSUE_PER_CLOCK`` warp-instructions per clock per SM (one per scheduler), and only with
+  ``LATENCY_WARPS`` resident warps per scheduler to hide latency: fewer (occupancy, or a grid too
+  small to fill the SMs) issue proportionally less;
+- tensor: the hot loop's MMA flops (read from the SASS shapes) at the device's peak, mma.sync
+  derated on sm_90 where only wgmma reaches the peak;
+- L2: bytes the hot loop's tile loads stream (every lane active; 32-bit gathers from small tables
+  taken as L1 hits, see ``sass.memory_bytes``) at the L2-to-SM bandwidth;
+- shared memory: bytes the hot loop moves through shared memory at 128 bytes per clock per SM;
+- DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth.
+
+Not modelled: latency beyond that issue rule, cache hit rates beyond "each tensor read once from
+DRAM" and "32-bit gathers hit L1", clock throttling, launch overhead. The device
+constants below are datasheet peaks or guesses (marked); measured times on a GPU correct them
+(issue "GPU pass"): compare, then change the constants, never the readings.
+"""
+
+from dataclasses import dataclass
+
+ISSUE_PER_CLOCK = 4  # warp-instructions per clock per SM: 4 schedulers, one each
+LATENCY_WARPS = 4  # resident warps per scheduler that keep it issuing every clock (a guess)
+SHARED_BYTES_PER_CLOCK = 128  # per SM
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    arch: int
+    sms: int
+    clock_hz: float  # boost clock under load
+    tensor_flops: float  # dense bf16 with fp32 accumulation, peak
+    mma_sync_fraction: float  # of the peak that mma.sync reaches (wgmma-only peak on sm_90)
+    l2_bytes_per_s: float  # L2 -> SMs, all SMs (guess: no datasheet figure)
+    dram_bytes_per_s: float  # achievable copy bandwidth (read + write)
+    cublas_flops: float  # what cuBLAS reaches on a large bf16 GEMM (guess: a fraction of peak)
+
+
+DEVICES = {
+    "H100 SXM": Device("H100 SXM", 90, 132, 1.755e9, 989e12, 0.6, 7.0e12, 3.0e12, 750e12),
+    "RTX 4090": Device("RTX 4090", 89, 128, 2.52e9, 165e12, 1.0, 5.0e12, 0.9e12, 150e12),
+}
+
+
+def trips(record):
+    """Iterations of the hot loop per CTA, from the launch's integer arguments: the reduction
+    dimension over its block (the decode kernel: its K-slice; the merge: the rank)."""
+    ints, c, kernel = record["ints"], record["constexprs"], record["kernel"]
+    value = {**ints, **{k: v for k, v in c.items() if isinstance(v, int)}}  # ints made constants
+    over_k, over_n = ("K", "BLOCK_K"), ("N", "BLOCK_N")
+    reduce_over = {"_lora_forward_kernel": over_k, "_ia3_forward_kernel": over_k,
+                   "_ia3_grad_scale_kernel": over_k, "_lora_shrink_kernel": over_k,
+                   "_lora_grad_input_kernel": over_n, "_ia3_grad_input_kernel": over_n,
+                   "_lora_grad_a_kernel": ("M", "BLOCK_M"),
+                   "_lora_decode_kernel": ("k_per_split", "BLOCK_K")}
+    if kernel in reduce_over:
+        size, block = reduce_over[kernel]
+        return -(-value[size] // value[block])
+    return {"_lora_decode_epilogue_kernel": value.get("splits", 1),
+            "_lora_merge_kernel": value.get("R", 1)}.get(kernel, 1)
+
+
+def launch_time(record, device):
+    """{"seconds", "bound", and the five limits in seconds} for one launch on ``device``."""
+    ctas = 1
+    for extent in record["grid"]:
+        ctas *= extent
+    loop = record["loop"]
+    n = trips(record) if loop else 0
+    loop_instructions = loop["instructions"] if loop else 0
+    warps = record["num_warps"]
+    per_cta_clocks = {
+        "issue": (record["instructions"] - loop_instructions + loop_instructions * n) * warps
+                 / ISSUE_PER_CLOCK,
+        "tensor": 0.0, "L2": 0.0, "shared": 0.0}
+    if loop:
+        derate = device.mma_sync_fraction if loop["mma"] == "mma.sync" else 1.0
+        per_sm_flops_per_clock = device.tensor_flops * derate / device.sms / device.clock_hz
+        per_cta_clocks["tensor"] = loop["flops"] * n / per_sm_flops_per_clock
+        l2_per_sm_per_clock = device.l2_bytes_per_s / device.sms / device.clock_hz
+        per_cta_clocks["L2"] = loop["global_bytes"] * n / l2_per_sm_per_clock
+        per_cta_clocks["shared"] = loop["shared_bytes"] * n / SHARED_BYTES_PER_CLOCK
+    ctas_per_sm = -(-ctas // device.sms)
+    resident_warps = min(ctas_per_sm, record["ctas_per_sm"]) * warps
+    per_cta_clocks["issue"] /= min(1.0, resident_warps / ISSUE_PER_CLOCK / LATENCY_WARPS)
+    limits = {k: ctas_per_sm * v / device.clock_hz for k, v in per_cta_clocks.items()}
+    limits["DRAM"] = record["tensor_bytes"] / device.dram_bytes_per_s
+    bound = max(limits, key=limits.get)
+    return {"seconds": limits[bound], "bound": bound, **limits}
+
+
+def case_estimate(records, device, ideal):
+    """A benchmark case's estimate: its launches' times summed, against ``ideal``: ("gemm", flops)
+    at cuBLAS's rate, or ("copy", bytes) at copy bandwidth. ratio = ideal time / modelled time."""
+    launches = [launch_time(r, device) for r in records]
+    seconds = sum(t["seconds"] for t in launches)
+    kind, amount = ideal
+    ideal_seconds = amount / (device.cublas_flops if kind == "gemm" else device.dram_bytes_per_s)
+    slowest = max(zip(launches, records), key=lambda pair: pair[0]["seconds"])
+    return {"model_us": seconds * 1e6, "ideal": kind, "ideal_us": ideal_seconds * 1e6,
+            "ratio": ideal_seconds / seconds, "bound": f"{slowest[1]['kernel']}: {slowest[0]['bound']}",
+            "launches": [{"kernel": r["kernel"], "model_us": t["seconds"] * 1e6, "bound": t["bound"]}
+                         for r, t in zip(records, launches)]}

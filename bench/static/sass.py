@@ -1,0 +1,140 @@
+"""Reading SASS (``nvdisasm -c`` listings): the loops, and what kind of instruction each one runs.
+
+A loop is a backward branch: its body runs from the branch's target label to the branch. Counts are
+static instructions per warp per iteration, grouped as the report shows them (tensor core, global
+loads by width, cp.async, shared loads and stores, integer, float, conversions, control).
+"""
+
+import re
+from collections import Counter
+
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)((?:\.[A-Za-z0-9_]+)*)")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
+
+WGMMA = {"HGMMA", "QGMMA", "IGMMA", "BGMMA"}  # Hopper's warpgroup MMA (wgmma)
+MMA_SYNC = {"HMMA", "IMMA", "DMMA"}  # mma.sync, every architecture since sm_80
+INTEGER = {"IMAD", "IADD3", "LOP3", "SHF", "LEA", "ISETP", "SEL", "PRMT", "IABS", "BMSK", "SGXT",
+           "IMNMX", "VIMNMX", "POPC", "FLO", "MOV", "IMUL", "IADD", "SHL", "SHR", "LOP", "P2R", "R2P",
+           "PLOP3", "BREV", "IDP", "VIADD", "ICMP", "ISCADD", "CS2R", "S2R", "PSETP", "VOTE", "SHFL",
+           "MATCH"}
+FLOAT = {"FMUL", "FADD", "FFMA", "FSETP", "FSEL", "FMNMX", "FCHK", "HADD2", "HMUL2", "HFMA2", "FSET",
+         "DADD", "DMUL", "DFMA", "HMNMX2", "HSETP2", "MUFU"}
+CONVERT = {"F2F", "F2FP", "I2F", "F2I", "I2I", "I2FP", "F2IP", "FRND"}
+WIDTHS = ("U8", "S8", "U16", "S16", "64", "128")
+
+
+def category(opcode, modifiers):
+    """The report's group of one instruction, e.g. "tensor", "LDG.U8", "LDGSTS.128", "int"."""
+    if opcode in WGMMA or opcode in MMA_SYNC:
+        return "tensor"
+    if opcode in ("LDG", "LDS", "STS", "STG", "LDGSTS", "LDL", "STL"):
+        width = next((m for m in modifiers.split(".") if m in WIDTHS), "32")
+        return f"{opcode}.{width}"
+    if opcode in ("LDSM", "UTMALDG", "ATOM", "RED", "LDC"):
+        return opcode
+    if opcode.startswith("U"):
+        return "uniform"  # the warp-uniform datapath: address and loop bookkeeping
+    if opcode in INTEGER:
+        return "int"
+    if opcode in FLOAT:
+        return "float"
+    if opcode in CONVERT:
+        return "convert"
+    return "control"  # branches, barriers, wgmma fences, NOPs
+
+
+def parse(listing):
+    """[(opcode, modifiers)] in order, and {label: index of the instruction it precedes}."""
+    instructions, labels = [], {}
+    for line in listing.splitlines():
+        label = LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = INSTRUCTION.search(line)
+        if found:
+            instructions.append((found.group(1), found.group(2), line))
+    return instructions, labels
+
+
+def loops(listing):
+    """Each loop's instructions, as [(opcode, modifiers, line)], in order of their branches."""
+    instructions, labels = parse(listing)
+    found = []
+    for end, (opcode, _, line) in enumerate(instructions):
+        target = BRANCH_TARGET.search(line) if opcode == "BRA" else None
+        if target and labels.get(target.group(1), end + 1) < end:
+            found.append(instructions[labels[target.group(1)]:end + 1])
+    return found
+
+
+def mix(body):
+    """{category: instructions} of a loop body (or a whole kernel), largest first."""
+    return dict(Counter(category(op, mods) for op, mods, _ in body).most_common())
+
+
+def mma_kind(body):
+    """"wgmma", "mma.sync" or None: the tensor-core instructions ``body`` issues."""
+    opcodes = {op for op, _, _ in body}
+    if opcodes & WGMMA:
+        return "wgmma"
+    return "mma.sync" if opcodes & MMA_SYNC else None
+
+
+def hot_loop(listing):
+    """The loop a kernel spends its time in: the longest one that issues MMAs if any does (a GEMM's
+    reduction loop), else the longest; None for straight-line kernels."""
+    found = [body for body in loops(listing) if len(body) >= 8]  # shorter: trap and spin loops
+    if not found:
+        return None
+    with_mma = [body for body in found if mma_kind(body)]
+    return max(with_mma or found, key=len)
+
+
+def instructions(listing):
+    return parse(listing)[0]
+
+
+MMA_SHAPE = re.compile(r"^\.(?:(\d+)x(\d+)x(\d+)|(16)(8)(16)|(16)(8)(8))\.")
+
+
+def mma_flops(body, num_warps):
+    """Floating-point operations the MMAs of ``body`` do per CTA: a wgmma (HGMMA.64xNx16) is
+    issued by each of a warpgroup's 4 warps for one M x N x K product, an mma.sync (HMMA.16816,
+    HMMA.1688) by one warp for its own."""
+    flops = 0
+    for opcode, modifiers, _ in body:
+        shape = MMA_SHAPE.match(modifiers) if opcode in WGMMA | MMA_SYNC else None
+        if shape:
+            m, n, k = (int(g) for g in shape.groups() if g)
+            flops += 2 * m * n * k * (num_warps / 4 if opcode in WGMMA else num_warps)
+    return flops
+
+
+WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 16}
+
+
+def memory_bytes(body, num_warps):
+    """(global bytes streamed, shared-memory bytes moved) per CTA by ``body``'s instructions, as
+    if every lane of every warp were active (an upper bound where masks predicate lanes off).
+
+    Global: vector loads (64/128-bit: the operand tiles) and sub-word loads (packed NF4 bytes).
+    32-bit loads are counted as L1 hits, not L2 traffic: in these kernels they are gathers from
+    small tables (NF4 code values, absmax, IA3 scales), which many lanes share. Shared: LDS/STS/
+    LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands from shared
+    memory."""
+    global_bytes = shared_bytes = 0
+    for opcode, modifiers, _ in body:
+        group = category(opcode, modifiers)
+        width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
+        if opcode in ("LDG", "LDGSTS") and not group.endswith(".32"):
+            global_bytes += width
+        if opcode in ("LDS", "STS", "LDGSTS"):
+            shared_bytes += width
+        elif opcode == "LDSM":  # ldmatrix: 1, 2 or 4 8x8 tiles of 16-bit values per warp
+            shared_bytes += 128 * (4 if ".4" in modifiers else 2 if ".2" in modifiers else 1) * num_warps
+        elif opcode in WGMMA:
+            m, n, k = (int(g) for g in MMA_SHAPE.match(modifiers).groups() if g)
+            shared_bytes += (m + n) * k * 2 * num_warps / 4
+    return global_bytes, shared_bytes
