@@ -106,6 +106,18 @@ def decode_nf4(packed, quant_state, absmax_dtype=torch.float32):
     return (values * absmax.repeat_interleave(quant_state.blocksize)[:n]).reshape(quant_state.shape)
 
 
+def randomize_adapters(model, seed=3):
+    """Random adapter weights (LoRA's B is zero after patching; IA3's l around 1), so that an
+    adapter changes the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+            elif "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+
+
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert")
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, tiny_model, token_ids
+from conftest import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -20,16 +20,6 @@ FP32_TOLERANCE = 2e-5  # fused kernels vs torch's GEMMs, relative to the largest
 def assert_logits_close(actual, expected):
     error = ((actual - expected).abs().max() / expected.abs().max()).item()
     assert error <= FP32_TOLERANCE, f"relative error {error:.2e}"
-
-
-def randomize(model, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-            elif "ia3_l" in name:
-                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
 
 
 def peft_load(base, path):
@@ -65,7 +55,7 @@ def test_saved_adapter_loads_in_peft(kind, tmp_path):
     model, fresh, vocab = two_bases(kind, tmp_path)
     lowrank.patch_model(model, rank=4, alpha=12, target_modules=None if kind != "llama" else
                         ["q_proj", "v_proj", "down_proj"])
-    randomize(model)
+    randomize_adapters(model)
     ids = token_ids(vocab_size=vocab)
     with torch.no_grad():
         logits = model(ids).logits
@@ -86,7 +76,7 @@ def test_saved_adapter_loads_in_peft(kind, tmp_path):
 def peft_adapter(base, path, **config):
     """A LoRA adapter made and saved by PEFT, with random weights; returns the PEFT model."""
     peft_model = get_peft_model(base, LoraConfig(**config))
-    randomize(peft_model)
+    randomize_adapters(peft_model)
     peft_model.save_pretrained(path)
     return peft_model
 
@@ -179,7 +169,7 @@ def test_target_modules_saved_as_leaf_names_only_when_they_select_exactly(tmp_pa
 def test_ia3_saved_adapter_loads_in_peft(kind, tmp_path):
     model, fresh, vocab = two_bases(kind, tmp_path)
     lowrank.patch_model(model, method="ia3")
-    randomize(model)
+    randomize_adapters(model)
     ids = token_ids(vocab_size=vocab)
     with torch.no_grad():
         logits = model(ids).logits
@@ -201,7 +191,7 @@ def test_ia3_saved_by_peft_loads_here_and_round_trips(tmp_path):
     base, fresh, vocab = two_bases("bert", tmp_path)
     theirs = get_peft_model(base, IA3Config(target_modules=["query", "value", "intermediate.dense"],
                                             feedforward_modules=["intermediate.dense"]))
-    randomize(theirs)
+    randomize_adapters(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     lowrank.load_adapter(fresh, tmp_path / "peft")
     layers = adapter_layers(fresh)

@@ -9,23 +9,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, tiny_model, token_ids
+from conftest import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
 from safetensors.torch import load_file
 
 import lowrank
 from lowrank import adapters
 from lowrank.patch import adapter_layers
-
-
-def randomize(model, seed=3):
-    """Random adapter weights (IA3: l around 1), so that an adapter changes the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-            elif "ia3_l" in name:
-                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
 
 
 # save_adapter is atomic
@@ -58,7 +47,7 @@ def test_failed_save_leaves_the_previous_adapter_as_it_was(others, tmp_path, mon
         (target / "notes" / "README").write_text("mine")
     before, beside = files_under(target), sorted(os.listdir(tmp_path))
     new = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=16)  # other scaling
-    randomize(new)
+    randomize_adapters(new)
     with monkeypatch.context() as patched:
         patched.setattr(adapters, "save_file", disk_full)
         with pytest.raises(OSError, match="No space left"):
@@ -118,7 +107,7 @@ def test_pickled_patched_model_loads_back_saves_and_unpatches(architecture, meth
     base = tiny_model(architecture, blocks=1)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = lowrank.patch_model(base, method=method, **({"rank": 4} if method == "lora" else {}))
-    randomize(model)
+    randomize_adapters(model)
     ids = token_ids()
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -129,7 +118,7 @@ def test_pickled_patched_model_loads_back_saves_and_unpatches(architecture, meth
         expected = model(ids).logits
         assert torch.equal(loaded(ids).logits, expected)
         assert torch.equal(again(ids).logits, expected)
-    randomize(loaded, seed=5)  # save_pretrained must write the loaded model, not the pickled one
+    randomize_adapters(loaded, seed=5)  # save_pretrained must write the loaded model, not the pickled one
     loaded.save_pretrained(tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
     held = trainable(loaded)
@@ -221,7 +210,7 @@ def put_zero_in_l(model, path):
 def test_ia3_merge_refuses_a_zero_in_l_before_touching_the_weights():
     model, ids = tiny_model("qwen2"), token_ids()  # qwen2: biases, scaled by l too
     lowrank.patch_model(model, method="ia3")
-    randomize(model)
+    randomize_adapters(model)
     last = list(adapter_layers(model))[-1]  # any layer merged before the check would show
     put_zero_in_l(model, last)
     before = snapshot(model)
@@ -239,7 +228,7 @@ def test_ia3_unmerge_refuses_a_zero_set_after_merging():
     model = tiny_model("qwen2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     lowrank.patch_model(model, method="ia3")
-    randomize(model)
+    randomize_adapters(model)
     lowrank.merge(model)
     path = list(adapter_layers(model))[-1]
     kept = adapter_layers(model)[path].ia3_l["default"].detach().clone()
@@ -261,7 +250,7 @@ def test_ia3_zero_in_l_merges_into_nf4_and_unmerges_exactly(tmp_path):
     """NF4 keeps the original bytes for unmerge: nothing to divide, nothing refused."""
     model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
     lowrank.patch_model(model, method="ia3")
-    randomize(model)
+    randomize_adapters(model)
     path = list(adapter_layers(model))[-1]
     put_zero_in_l(model, path)
     packed = adapter_layers(model)[path].base_layer.weight.data.clone()
@@ -275,7 +264,7 @@ def test_ia3_zero_in_l_merges_into_nf4_and_unmerges_exactly(tmp_path):
 @pytest.fixture
 def saved_lora(tmp_path):
     model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=8, alpha=16)
-    randomize(model)
+    randomize_adapters(model)
     lowrank.save_adapter(model, tmp_path / "adapter")
     return tmp_path / "adapter"
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 from conftest import (TINY_ARCHITECTURES, as_held, as_loaded, assert_held, dense_llama_twin,
-                      linear4bit_layers, load_tiny_4bit_llama, run_bitsandbytes_in_eval,
-                      tiny_model, token_ids, weights_bitsandbytes_computes_with)
+                      linear4bit_layers, load_tiny_4bit_llama, randomize_adapters,
+                      run_bitsandbytes_in_eval, tiny_model, token_ids,
+                      weights_bitsandbytes_computes_with)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -33,15 +34,6 @@ def assert_close(actual, expected, tolerance, what):
     assert actual.shape == expected.shape, what
     error = relative_error(actual, expected)
     assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
-
-
-def randomize_adapters(model, seed=3):
-    """B is zero after patching; give every adapter weight values so that adapters count."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
 def relative_error(actual, expected):
