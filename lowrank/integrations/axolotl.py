@@ -1,4 +1,4 @@
-"""An Axolotl plugin: PEFT's LoRA / QLoRA / IA3 layers of an Axolotl run execute lowrank's fused ops.
+"""An Axolotl plugin that puts the PEFT LoRA / QLoRA / IA3 layers of a run on lowrank's fused ops.
 
 In the run's YAML::
 
@@ -12,8 +12,8 @@ PEFT's (bit-identical on the reference ops).
 
 Axolotl's own fused LoRA kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``,
 ``lora_embedding_kernel``), which it turns on by itself for ``adapter: lora|qlora``, replace the
-attention and MLP forwards so that neither PEFT's layer forwards nor ours would run: the plugin turns
-them off, and refuses a config that sets one of them to true.
+attention and MLP forwards so that neither PEFT's layer forwards nor ours would run: the plugin
+turns them off, and refuses a config that sets one of them to true.
 """
 
 import logging
@@ -26,14 +26,15 @@ import lowrank
 
 # Under "axolotl", whose handlers Axolotl configures: the one line lands in the run's log.
 LOG = logging.getLogger("axolotl.integrations.lowrank")
-AXOLOTL_LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+AXOLOTL_LORA_KERNELS = (
+    "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 
 
 class LowrankArgs(BaseModel):
     """The plugin's keys in the run's YAML (validated by Axolotl with its own)."""
 
     lowrank_patch: bool = True
-    """Run PEFT's LoRA / IA3 layers on lowrank's ops; false leaves the run to PEFT (for comparing)."""
+    """Run PEFT's LoRA / IA3 layers on lowrank's ops; false leaves the run to PEFT alone."""
     lowrank_strict: bool = False
     """Fail when some adapter layer or adapter has to stay on PEFT's forward (DoRA, LoRA on an
     embedding, an 8-bit base, ...) instead of logging it."""
@@ -54,8 +55,9 @@ class LowrankPlugin(BasePlugin):
         if forced:
             raise ValueError(
                 f"lowrank.integrations.axolotl: {', '.join(forced)}: true turns on Axolotl's own "
-                "fused LoRA kernels, which replace the attention / MLP forwards so lowrank's layers "
-                "would never run; remove the key(s), or the lowrank plugin (use one or the other)")
+                "fused LoRA kernels, which replace the attention / MLP forwards so lowrank's "
+                "layers would never run; remove the key(s), or the lowrank plugin (use one or the "
+                "other)")
         for key in AXOLOTL_LORA_KERNELS:
             cfg[key] = False
 

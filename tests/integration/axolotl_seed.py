@@ -1,5 +1,5 @@
 """A test-only Axolotl plugin: seed torch right before PEFT adds the LoRA layers, so that two runs
-start from the same adapter weights (Axolotl's own seeding leaves them different from run to run)."""
+start from the same adapter weights (with Axolotl's own seeding they differ from run to run)."""
 
 import torch
 from axolotl.integrations.base import BasePlugin

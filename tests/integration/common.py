@@ -1,8 +1,9 @@
 """Shared by the trainer integration tests: run a trainer's command line twice (PEFT alone, then
 with lowrank) in a subprocess, and compare what the two runs recorded and saved.
 
-These tests run in the frameworks' own venvs (``./run integration``), not in the default suite: their
-file names (check_*.py) are outside pytest's default patterns, so ``./run test`` does not collect them.
+These tests run in the frameworks' own venvs (``./run integration``), not in the default suite:
+their file names (check_*.py) are outside pytest's default patterns, so ``./run test`` does not
+collect them.
 """
 
 import json
