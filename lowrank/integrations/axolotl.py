@@ -1,4 +1,4 @@
-"""An Axolotl plugin that puts the PEFT LoRA / QLoRA / IA3 layers of a run on lowrank's fused ops.
+"""An Axolotl plugin that puts the PEFT LoRA / QLoRA layers of a run on lowrank's fused ops.
 
 In the run's YAML::
 
@@ -34,7 +34,7 @@ class LowrankArgs(BaseModel):
     """The plugin's keys in the run's YAML (validated by Axolotl with its own)."""
 
     lowrank_patch: bool = True
-    """Run PEFT's LoRA / IA3 layers on lowrank's ops; false leaves the run to PEFT alone."""
+    """Run PEFT's LoRA layers on lowrank's ops; false runs as if the plugin were not listed."""
     lowrank_strict: bool = False
     """Fail when some adapter layer or adapter has to stay on PEFT's forward (DoRA, LoRA on an
     embedding, an 8-bit base, ...) instead of logging it."""
@@ -66,8 +66,8 @@ class LowrankPlugin(BasePlugin):
             LOG.info("lowrank: lowrank_patch is false, the adapter layers run PEFT's forward")
             return
         if not cfg.adapter:
-            raise ValueError("lowrank.integrations.axolotl: the run has no `adapter:` (lora, qlora "
-                             "or ia3); lowrank accelerates PEFT adapter layers only")
+            raise ValueError("lowrank.integrations.axolotl: the run has no `adapter:` (lora or "
+                             "qlora); lowrank accelerates PEFT adapter layers only")
         report = lowrank.patch_peft_model(model)
         left = {**report.not_accelerated, **report.adapters_not_served}
         if cfg.lowrank_strict and left:
