@@ -55,15 +55,15 @@ class LowrankPlugin(BasePlugin):
         if forced:
             raise ValueError(
                 f"lowrank.integrations.axolotl: {', '.join(forced)}: true turns on Axolotl's own "
-                "fused LoRA kernels, which replace the attention / MLP forwards so lowrank's "
-                "layers would never run; remove the key(s), or the lowrank plugin (use one or the "
+                "fused LoRA kernels, which replace whole blocks' forwards so lowrank's layers "
+                "would never run; remove the key(s), or the lowrank plugin (use one or the "
                 "other)")
         for key in AXOLOTL_LORA_KERNELS:
             cfg[key] = False
 
     def post_model_load(self, cfg, model):
         if not cfg.lowrank_patch:
-            LOG.info("lowrank: lowrank_patch is false, the adapter layers run PEFT's forward")
+            LOG.info("lowrank: lowrank_patch is false, the run goes as without the plugin")
             return
         if not cfg.adapter:
             raise ValueError("lowrank.integrations.axolotl: the run has no `adapter:` (lora or "

@@ -50,6 +50,8 @@ class LowrankCallback(TrainerCallback):
             raise ValueError("lowrank.integrations.llamafactory: strict, and these stay on "
                              f"PEFT's forward: {left}")
         kinds = sorted(set(self.report.accelerated.values()))
+        # A warning: LLaMA-Factory sets up handlers for its own loggers only, and Python's
+        # last-resort handler prints warnings and above.
         logger.warning("lowrank: %d adapter layers on lowrank's ops (%s), %d left to PEFT%s",
                        len(self.report.accelerated), "; ".join(kinds) or "none", len(left),
                        "".join(f"; {path}: {why}" for path, why in left.items()))
