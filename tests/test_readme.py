@@ -82,6 +82,6 @@ def test_shell_block_is_covered(code, marker, line):
     """Shell blocks need a GPU or are the suite itself; the marker names what runs them."""
     assert marker, (f"README.md line {line}: a shell block without a <!-- readme-test: ... --> "
                     f"marker saying what runs it:\n{code}")
-    for path, test in re.findall(r"(tests/\w+\.py)::(\w+)", marker):
+    for path, test in re.findall(r"(tests/[\w/]+\.py)::(\w+)", marker):
         with open(os.path.join(ROOT, path)) as f:
             assert re.search(rf"def {test}\(", f.read()), f"README.md line {line}: no {path}::{test}"
