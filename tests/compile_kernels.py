@@ -11,8 +11,10 @@ Run as its own process because Triton's interpreter (TRITON_INTERPRET=1, which t
 uses) replaces ``@triton.jit`` kernels with interpreted ones that cannot be compiled. The launches
 are captured from the real launchers (``bench.static.launches``) and specialized by Triton's JIT
 binder, so what is built is what runs. A ``*_kernel`` that no launch reaches is reported as
-unlaunched, so a new kernel cannot skip this check. Builds are cached (``bench.static.build``),
-one process per architecture at a time, so parallel test workers share them.
+unlaunched, so a new kernel cannot skip this check. Each build is
+``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` in ``bench.static.build``, for sm_80,
+sm_86, sm_89 and sm_90 (``tests/test_compile_gpu.py``). Builds are cached, one process per
+architecture at a time, so parallel test workers share them.
 """
 
 import argparse

@@ -21,8 +21,8 @@ import triton  # noqa: E402
 
 from bench.harness import RESULTS_DIR, _commit  # noqa: E402
 from bench.static import build, gates, launches, model, table  # noqa: E402
+from bench.static.limits import ARCHS  # noqa: E402
 
-ARCHS = (80, 86, 89, 90)
 DEFAULT_MULTIPROCESSORS = 132  # the split-K grid of archs the model has no device for
 
 
@@ -58,7 +58,7 @@ def run(archs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__)
-    parser.add_argument("--archs", nargs="+", type=int, choices=ARCHS, default=ARCHS)
+    parser.add_argument("--archs", nargs="+", type=int, choices=tuple(ARCHS), default=tuple(ARCHS))
     parser.add_argument("--output", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     report = run(args.archs)
