@@ -83,6 +83,12 @@ def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: list[Optional[to
                        "cublas": lambda: _backward_cublas(*args)})
 
 
+@ia3_backward.register_fake
+def _(grad_y, x, weight, weight_sizes, ia3, bias, feedforward, need_grad_x, need_grad_ia3):
+    return (grad_y.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1]),
+            x.new_empty(ia3.numel() if need_grad_ia3 else 0, dtype=torch.float32))
+
+
 def _backward_fused(grad_y, x, w, scale, bias, feedforward, need_grad_x, need_grad_ia3):
     M, K = x.shape
     nf4 = w.nf4
