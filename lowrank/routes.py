@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -71,28 +70,28 @@ def route_error(value, where):
     return ValueError(f"lowrank: {where}={value!r} is not a route; use one of {', '.join(ROUTES)}")
 
 
-_forced = threading.local()
+_forced = None  # what ``forced`` sets: process-wide, as the variable is
 
 
 @contextlib.contextmanager
 def forced(route):
-    """Force ``route`` for the calls made inside the block (this thread), as ``LOWRANK_ROUTE``
-    does for a process; it takes precedence over the variable. ``None`` lifts a force."""
+    """Force ``route`` for the calls made inside the block, as ``LOWRANK_ROUTE`` does for a
+    process, and over it. Process-wide, not per thread: autograd runs a GPU backward on threads of
+    its own, and the block's backward must see it too. ``None`` lifts a force."""
+    global _forced
     if route is not None and route not in ROUTES:
         raise route_error(route, "forced")
-    before = getattr(_forced, "route", None)
-    _forced.route = route
+    before, _forced = _forced, route
     try:
         yield
     finally:
-        _forced.route = before
+        _forced = before
 
 
 def forced_route():
     """The route forced by ``forced`` or ``LOWRANK_ROUTE``, or None; an unknown value is an error."""
-    route = getattr(_forced, "route", None)
-    if route is not None:
-        return route
+    if _forced is not None:
+        return _forced
     value = os.environ.get(ROUTE_ENV, "")
     if value == "":
         return None
