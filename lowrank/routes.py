@@ -7,7 +7,8 @@ Each LoRA / IA3 linear GEMM over the frozen weight (forward, and dX in backward)
 - ``cublas``: the NF4 weight dequantized (``kernels/nf4_dequantize.py``) into a per-device
   workspace in x's dtype, reused from call to call, then torch's matmul (cuBLAS on a GPU) in x's
   dtype; a dense weight is used as it is. The adapter's part is one more GEMM accumulated into the
-  output (``addmm_``). See ``dense_weight``.
+  output (``addmm_``), or for dX one GEMM over stacked operands where that moves fewer bytes (see
+  ``lowrank.ops.lora``). See ``dense_weight``.
 - ``decode``: the split-K kernel (``kernels/lora_linear_decode.py``), for the LoRA forward at
   most ``DECODE_MAX_M`` rows. It is the only op with a decode kernel: elsewhere there is no
   decode route.
@@ -320,9 +321,17 @@ def dense_weight(weight, dtype):
     workspace. Valid until the next NF4 call on this device and stream."""
     if weight.nf4 is None:
         return weight.tensor
-    out = workspace(weight.tensor.device, dtype, weight.out_features * weight.in_features)
+    return stacked_weight(weight, dtype, 0)
+
+
+def stacked_weight(weight, dtype, rows):
+    """NF4 ``weight`` dequantized into the first N rows of an (N + ``rows``) x K view of the
+    workspace, in ``dtype``; the last ``rows`` rows are the caller's to fill (dX's single-GEMM
+    form stacks A there). Valid until the next NF4 call on this device and stream."""
+    n, k = weight.out_features, weight.in_features
+    out = workspace(weight.tensor.device, dtype, (n + rows) * k)
     nested = None if weight.nested_code is None else (weight.nested_code, weight.nested_absmax,
                                                       weight.offset, weight.nested_blocksize)
-    nf4_dequantize_kernel.nf4_dequantize(weight.tensor, weight.absmax, weight.code, out,
+    nf4_dequantize_kernel.nf4_dequantize(weight.tensor, weight.absmax, weight.code, out[:n * k],
                                          weight.blocksize, nested)
-    return out.view(weight.out_features, weight.in_features)
+    return out.view(n + rows, k)

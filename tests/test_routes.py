@@ -274,6 +274,40 @@ def test_the_cublas_route_multiplies_in_x_dtype_with_no_fp32_copy_of_x():
     assert watched.gemm == {torch.bfloat16} and watched.large_fp32 == []
 
 
+class GemmCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k, dropout, kind, gemms", [
+    (97, 0.0, "nf4-64", ["mm"]),  # N = 83 < K: [dY | dS] [W ; A], one GEMM
+    (60, 0.0, "nf4-64", ["mm", "addmm_"]),  # N > K: dY W, then addmm_(dS, A)
+    (97, 0.0, "dense", ["mm", "addmm_"]),  # a dense W is never copied
+    (97, 0.3, "nf4-64", ["mm", "mm"]),  # dropout: dS A masked before it is added
+])
+def test_cublas_grad_input_takes_the_form_that_moves_fewer_bytes(k, dropout, kind, gemms):
+    dtype = torch.float32
+    x, weight, state, dense, lora_a, lora_b, bias = lora_tests.make_case(dtype, kind, 5, "cpu",
+                                                                         m=9, k=k)
+    frozen = ops.FrozenWeight.of(weight, state)
+    grad_y = torch.randn(9, N, generator=torch.Generator().manual_seed(3))
+    grad_s = grad_y @ lora_b * 1.5
+    seed = torch.tensor([7])
+    watched = GemmCalls()
+    with watched:
+        grad_x = lora_op._grad_input_cublas(grad_y, frozen, grad_s, lora_a, seed, dropout)
+    assert watched.calls == gemms
+    keep = ops.lora_dropout_mask(seed, (9, k), dropout).double() / (1 - dropout)
+    expected = grad_y.double() @ dense.double() + (grad_s.double() @ lora_a.double()) * keep
+    assert_close(grad_x, expected, dtype, "dX")
+
+
 # Every route against the fp64 reference, in the interpreter. The fused and decode routes are
 # the ones test_lora_linear*.py / test_ia3_linear.py check under the default rule; here each is
 # forced, and the cublas route gets the same matrix of dtypes and weight kinds.

@@ -62,9 +62,10 @@ def _forward_decode(x, w, a, b, scaling, bias, dropout, seed):
 def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
     """W dense in x's dtype (NF4 dequantized into the workspace), x W^T + b by torch's GEMM, then
     s S B^T accumulated into Y by one addmm_. S comes from the shrink kernel, which applies the
-    dropout mask that backward regenerates. (The single-GEMM form [x | S] [W | sB]^T would need
-    the dequantize kernel and the shrink to write rows with a stride of K + r, which their
-    launchers do not take.)"""
+    dropout mask that backward regenerates. (The single-GEMM form [x | S] [W | sB]^T, fewer bytes
+    when K < N, needs W and sB side by side in each row: the dequantize kernel would have to write
+    rows with a stride of K + r, and the shrink S beside a copy of x, which their launchers do not
+    take.)"""
     s = torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     dense = routes.dense_weight(w, x.dtype)
@@ -97,8 +98,17 @@ def _grad_input_fused(grad_y, w, grad_s, a, seed, dropout):
 
 
 def _grad_input_cublas(grad_y, w, grad_s, a, seed, dropout):
-    """dY W by torch's GEMM on the dense (or dequantized) W, then dS A accumulated by addmm_;
-    with dropout, dS A is masked first (the forward's mask, regenerated from the seed)."""
+    """dY W + dS A by torch's GEMMs on the dense (or dequantized) W, in the form that moves fewer
+    bytes. For an NF4 weight with N < K and no dropout, one GEMM [dY | dS] [W ; A]: A is stacked
+    under W in the workspace (r x K, small) and dY copied beside dS (M x (N + r)), fewer bytes than
+    the M x K read and write of an addmm_ into dX. Otherwise dY W, then addmm_(dS, A); with dropout,
+    dS A is masked first (the forward's mask, regenerated from the seed). A dense W is never
+    copied, so it always takes the addmm_."""
+    n, k = w.shape
+    if dropout == 0 and w.nf4 is not None and n < k:
+        stacked = routes.stacked_weight(w, grad_y.dtype, a.shape[0])
+        stacked[n:].copy_(a)
+        return torch.mm(torch.cat((grad_y, grad_s), dim=1), stacked)
     grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
     if dropout == 0:
         return grad_x.addmm_(grad_s, a)
