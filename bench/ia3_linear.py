@@ -6,7 +6,8 @@ Both forms: output (``y = (x W^T) * l``, attention-style layers) and feed-forwar
 at the training shapes of the LoRA linear case. ``bnb_peft`` is what PEFT's IA3 layers run:
 ``matmul_4bit`` (or F.linear on a dense base) with the scale applied by a separate multiply.
 ``lowrank`` is the route lowrank chooses per call (``lowrank.routes``); ``lowrank_fused`` and
-``lowrank_cublas`` are each route forced, backward included (IA3 has no decode route).
+``lowrank_cublas`` are each route forced, backward included (the shapes here have too many rows
+for the decode route).
 """
 
 import torch

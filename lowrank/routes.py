@@ -9,9 +9,8 @@ Each LoRA / IA3 linear GEMM over the frozen weight (forward, and dX in backward)
   dtype; a dense weight is used as it is. The adapter's part is one more GEMM accumulated into the
   output (``addmm_``), or for dX one GEMM over stacked operands where that moves fewer bytes (see
   ``lowrank.ops.lora``). See ``dense_weight``.
-- ``decode``: the split-K kernel (``kernels/lora_linear_decode.py``), for the LoRA forward at
-  most ``DECODE_MAX_M`` rows. It is the only op with a decode kernel: elsewhere there is no
-  decode route.
+- ``decode``: the split-K kernel (``kernels/lora_linear_decode.py``), for a forward of at most
+  ``DECODE_MAX_M`` rows (the IA3 forward runs it with a zero adapter). dX has no decode route.
 
 The choice is keyed by ``key``: (op, GPU architecture, M bucket, K, N, dtype, weight kind). It is,
 in this order:
@@ -50,7 +49,7 @@ ROUTES = ("fused", "cublas", "decode")
 ROUTE_ENV, CALIBRATE_ENV, CACHE_ENV = "LOWRANK_ROUTE", "LOWRANK_CALIBRATE", "LOWRANK_CACHE_DIR"
 CACHE_FORMAT = 1
 
-# The default rule (``default_route``): below these M buckets the fused kernels, from them on
+# The default rule (``default_route``): up to these M buckets the fused kernels, above them
 # dequantize + cuBLAS, per architecture group and weight kind. ESTIMATES of the static model
 # (BENCHMARKS.md, "Model estimates", not measurements): first-order crossovers at K = 4096,
 # N = 14336, where the fused GEMM's time per row of M meets cuBLAS's per row (plus the addmm_ of
@@ -120,6 +119,12 @@ def architecture(device):
     return f"sm_{properties.major}{properties.minor}"
 
 
+# A call's candidates must be the same for every M of its bucket (see ``m_bucket``).
+if DECODE_MAX_M & (DECODE_MAX_M - 1):
+    raise ImportError(f"lowrank.routes: DECODE_MAX_M = {DECODE_MAX_M} must be a power of two, the "
+                      "bound of an M bucket")
+
+
 def m_bucket(m):
     """The power of two at or above ``m``: calls whose M share it share a route. Buckets never
     straddle ``DECODE_MAX_M`` (a power of two), so a bucket has a decode route for all its M or
@@ -153,7 +158,7 @@ def _architecture_group(arch):
 
 def default_route(arch, m, kind, candidates):
     """The route without calibration, for a call of ``m`` rows whose op offers ``candidates``:
-    decode where the op has it (the LoRA forward, M <= DECODE_MAX_M); in the interpreter fused
+    decode where the call has it (a forward, M <= DECODE_MAX_M); in the interpreter fused
     (the kernels are what it checks); on a GPU fused while M's bucket is within
     ``FUSED_MAX_M`` of its architecture group and weight kind, else cublas."""
     if "decode" in candidates:

@@ -369,6 +369,26 @@ def test_ia3_cublas_route_matches_fp64_reference(dtype, kind, form, monkeypatch)
     assert ran == ["ia3._forward_cublas", "ia3._backward_cublas"]
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "dense"), (torch.float16, "nf4-64"),
+                                         (torch.bfloat16, "nf4-nested-128")], ids=str)
+@pytest.mark.parametrize("form", ia3_tests.FORMS)
+def test_ia3_decode_route_matches_fp64_reference(dtype, kind, form, monkeypatch):
+    """At M <= DECODE_MAX_M the IA3 forward has a decode route (the LoRA decode kernel with a zero
+    adapter); its backward runs fused."""
+    feedforward, tokens = ia3_tests.FORMS[form], 5
+    x, weight, state, dense, ia3, bias = ia3_tests.make_case(dtype, kind, feedforward, "cpu",
+                                                            tokens=tokens)
+    grad_y = torch.randn(tokens, 1, N, generator=torch.Generator().manual_seed(9)).to(dtype)
+    ran = spy_routes(monkeypatch)
+    with routes.forced("decode"):
+        ours = ia3_tests.run_ours(x, weight, state, ia3, bias, feedforward, grad_y)
+    assert ran == ["ia3._forward_decode", "ia3._backward_fused"]
+    expected = ia3_tests.fp64_reference(x, dense, ia3, bias, feedforward, grad_y)
+    for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
+                                          (dtype, dtype, torch.float32)):
+        assert_close(got, want, got_dtype, name, ia3_tests.TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("route", ["cublas", "fused"])
 @pytest.mark.parametrize("form", ia3_tests.FORMS)
 def test_ia3_routes_without_bias_and_with_one_gradient(route, form):

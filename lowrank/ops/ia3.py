@@ -6,7 +6,7 @@ its launch primitives, registered with torch.library with fake implementations s
 torch.compile traces through them. ``ia3_linear`` checks the arguments, runs ``lowrank.reference``
 where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels:
 ``kernels/ia3_linear.py``; inside the custom ops ``lowrank.routes`` picks, per call, these fused
-kernels or dequantize + cuBLAS. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
+kernels, dequantize + cuBLAS, or (forward, few rows) the LoRA forward's split-K decode kernel. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
 """
 
 from typing import Optional
@@ -17,6 +17,7 @@ from lowrank import reference, routes
 from lowrank._lora_args import check_ia3_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import ia3_linear as ia3_kernels
+from lowrank.kernels import lora_linear_decode as lora_decode_kernels
 from lowrank.ops.gradients import InputGradients
 
 
@@ -32,12 +33,14 @@ def _form(feedforward):
 @torch.library.custom_op("lowrank::ia3_forward", mutates_args=())
 def ia3_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
                 ia3: torch.Tensor, bias: Optional[torch.Tensor], feedforward: bool) -> torch.Tensor:
-    """Y for contiguous x (M x K), in x's dtype, by the route ``lowrank.routes`` chooses (fused
-    or cublas)."""
+    """Y for contiguous x (M x K), in x's dtype, by the route ``lowrank.routes`` chooses (decode
+    among them at M <= DECODE_MAX_M)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
     args = (x, w, ia3_scale(ia3), None if bias is None else bias.to(x.dtype), feedforward)
-    return routes.run(f"ia3_forward_{_form(feedforward)}", x, w,
-                      {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)})
+    candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
+    if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
+        candidates["decode"] = lambda: _forward_decode(*args)
+    return routes.run(f"ia3_forward_{_form(feedforward)}", x, w, candidates)
 
 
 def _forward_fused(x, w, scale, bias, feedforward):
@@ -58,6 +61,20 @@ def _forward_cublas(x, w, scale, bias, feedforward):
     dense = routes.dense_weight(w, x.dtype)
     x_in = _scaled(x, scale) if feedforward else x
     y = torch.mm(x_in, dense.t()) if bias is None else torch.addmm(bias, x_in, dense.t())
+    return y if feedforward else y.mul_(scale)
+
+
+def _forward_decode(x, w, scale, bias, feedforward):
+    """The split-K decode kernel of the LoRA forward (the packed weight read once, for few rows),
+    given a rank-1 adapter of zeros and scaling 0, so its branch adds exactly 0 for finite x; l
+    applied to x before it, or to Y in place after it."""
+    n, k = w.shape
+    x_in = _scaled(x, scale) if feedforward else x
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    unused_s = torch.empty(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    unread_seed = torch.empty(1, dtype=torch.int64, device=x.device)  # no dropout
+    lora_decode_kernels.lora_decode_forward(x_in, w.tensor, x.new_zeros(1, k), x.new_zeros(n, 1),
+                                            bias, y, unused_s, unread_seed, 0.0, 0.0, w.nf4)
     return y if feedforward else y.mul_(scale)
 
 
