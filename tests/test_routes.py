@@ -167,6 +167,22 @@ def test_calibration_chooses_inside_the_ops_and_the_winner_runs(no_route_env, mo
     assert json.loads((no_route_env / "routes-fake.json").read_text())["routes"] == table.routes
 
 
+@pytest.mark.gpu
+def test_calibration_on_a_gpu_times_the_routes_and_caches_the_winner(no_route_env):
+    x, weight, state, _, lora_a, lora_b, bias = lora_tests.make_case(torch.bfloat16, "nf4-64", 16,
+                                                                     "cuda", m=300)
+    x.requires_grad_()
+    ops.lora_linear(x, weight, lora_a, lora_b, 1.5, bias=bias, quant_state=state).sum().backward()
+    (path,) = no_route_env.glob("routes-*.json")
+    stored = json.loads(path.read_text())
+    assert stored["fingerprint"]["gpu"] == torch.cuda.get_device_name()
+    arch = routes.architecture(x.device)
+    for op in ("lora_forward", "lora_grad_input"):
+        entry = stored["routes"][f"{op}|{arch}|m512|k{K}|n{N}|bfloat16|nf4"]
+        assert set(entry["ms"]) == {"fused", "cublas"} and all(t > 0 for t in entry["ms"].values())
+        assert entry["route"] == min(entry["ms"], key=entry["ms"].get)
+
+
 def test_calibration_off_takes_the_default_rule(no_route_env, monkeypatch):
     table = fake_gpu(monkeypatch, no_route_env, FakeTimer(fused=2.0, cublas=1.0, decode=0.5))
     monkeypatch.setenv(routes.CALIBRATE_ENV, "0")
