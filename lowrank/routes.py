@@ -172,21 +172,28 @@ def default_route(arch, m, kind, candidates):
 def cuda_event_timer(candidates, warmup=2, repeats=7):
     """{route: median ms} of each ``candidates[route]()``, timed with CUDA events on the current
     stream after ``warmup`` calls each (the first compiles its kernels), interleaved round by
-    round so that clock changes touch every route alike."""
-    for run in candidates.values():
-        for _ in range(warmup):
-            run()
-    events = {route: [] for route in candidates}
+    round so that clock changes touch every route alike. A route that runs out of GPU memory in
+    its warm-up (the cublas route's workspace, in a tight QLoRA budget) gets None: it cannot run
+    here, and calibration must not end the training run that it serves."""
+    runnable = {}
+    for route, run in candidates.items():
+        try:
+            for _ in range(warmup):
+                run()
+            runnable[route] = run
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    events = {route: [] for route in runnable}
     for _ in range(repeats):
-        for route, run in candidates.items():
+        for route, run in runnable.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
             end.record()
             events[route].append((start, end))
     torch.cuda.synchronize()
-    return {route: statistics.median(s.elapsed_time(e) for s, e in pairs)
-            for route, pairs in events.items()}
+    return {route: statistics.median(s.elapsed_time(e) for s, e in events[route])
+            if route in events else None for route in candidates}
 
 
 def cache_dir():
@@ -221,7 +228,8 @@ def fingerprint(device):
 class RouteTable:
     """Calibrated routes by key, for one fingerprint, backed by a JSON file.
 
-    ``timer``: ``{route: fn} -> {route: ms}`` (``cuda_event_timer`` on a GPU; tests pass a fake).
+    ``timer``: ``{route: fn} -> {route: ms, or None for a route that could not run}``
+    (``cuda_event_timer`` on a GPU; tests pass a fake).
     The file is read when the table is made and rewritten (merged with what other processes
     wrote meanwhile, replaced atomically) after each calibration.
     """
@@ -246,7 +254,11 @@ class RouteTable:
         if entry is not None and entry["route"] in candidates:
             return entry["route"]
         times = self.timer(candidates)
-        winner = min(candidates, key=lambda route: (times[route], ROUTES.index(route)))
+        ran = [route for route in candidates if times[route] is not None]
+        if not ran:
+            raise RuntimeError(f"lowrank.routes: no route of {key} could run here (out of GPU "
+                               "memory in each)")
+        winner = min(ran, key=lambda route: (times[route], ROUTES.index(route)))
         self.routes[key] = {"route": winner, "ms": {route: times[route] for route in candidates}}
         self._write()
         return winner

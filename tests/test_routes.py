@@ -82,6 +82,53 @@ def test_calibration_times_a_new_key_once_and_caches_the_winner_on_disk(tmp_path
     assert tied.route("k", {"cublas": None, "fused": None}) == "fused"
 
 
+def test_a_route_that_could_not_run_is_not_chosen(tmp_path):
+    """The timer's None: that route ran out of GPU memory while it was timed."""
+    table = routes.RouteTable(tmp_path / "routes.json", STAMP, FakeTimer(fused=2.0, cublas=None))
+    assert table.route("k", {"fused": None, "cublas": None}) == "fused"
+    assert json.loads((tmp_path / "routes.json").read_text())["routes"]["k"]["ms"] == {
+        "fused": 2.0, "cublas": None}
+    table.timer.ms["fused"] = None
+    with pytest.raises(RuntimeError, match="no route of k2 could run here"):
+        table.route("k2", {"fused": None, "cublas": None})
+
+
+def test_the_cuda_event_timer_warms_up_times_medians_and_leaves_out_what_ran_out_of_memory(
+        monkeypatch):
+    """``cuda_event_timer`` with CUDA's events and synchronize replaced by a clock that each route
+    advances by its cost (so it runs on CPU)."""
+    clock, calls = [0.0], []
+
+    class ClockEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.time = clock[0]
+
+        def elapsed_time(self, end):
+            return end.time - self.time
+
+    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def route(name, costs):
+        def run():
+            calls.append(name)
+            if costs is None:
+                raise torch.OutOfMemoryError("out of memory")
+            clock[0] += costs[calls.count(name) % len(costs)]
+        return run
+
+    times = routes.cuda_event_timer({"fused": route("fused", [2.0, 2.0, 9.0]),
+                                     "cublas": route("cublas", [1.0]),
+                                     "decode": route("decode", None)}, warmup=2, repeats=5)
+    assert times == {"fused": 2.0, "cublas": 1.0, "decode": None}  # medians: an outlier ignored
+    assert calls[:5] == ["fused", "fused", "cublas", "cublas", "decode"]  # warm-up, then rounds
+    assert calls[5:] == ["fused", "cublas"] * 5
+
+
 def test_a_cut_or_foreign_cache_file_is_calibrated_again(tmp_path):
     path = tmp_path / "routes.json"
     path.write_text('{"format": 1, "fingerp')
