@@ -67,6 +67,7 @@ FUSED_MAX_M = {
 
 
 def route_error(value, where):
+    """The error for ``value``, given as ``where``, that is not one of ROUTES."""
     return ValueError(f"lowrank: {where}={value!r} is not a route; use one of {', '.join(ROUTES)}")
 
 
@@ -101,6 +102,7 @@ def forced_route():
 
 
 def calibration_on():
+    """``LOWRANK_CALIBRATE``: 1 (the default) or 0; any other value is an error."""
     value = os.environ.get(CALIBRATE_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"lowrank: {CALIBRATE_ENV}={value!r}; use 1 (time the routes on this GPU, "
