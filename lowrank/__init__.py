@@ -11,10 +11,11 @@ from lowrank.patch import (delete_adapter, disable_adapters, merge, merge_and_un
                            print_trainable_parameters, set_adapter, trainable_parameters, unmerge,
                            unpatch)
 from lowrank.peft_backend import patch_peft_model, unpatch_peft_model
+from lowrank.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
 
 __all__ = ["nf4", "ops", "reference", "patch_model", "unpatch", "merge", "unmerge",
            "merge_and_unload", "set_adapter", "disable_adapters",
            "delete_adapter", "trainable_parameters", "print_trainable_parameters", "save_adapter",
-           "load_adapter", "patch_peft_model", "unpatch_peft_model", "__version__"]
+           "load_adapter", "add_weighted_adapter", "patch_peft_model", "unpatch_peft_model", "__version__"]
