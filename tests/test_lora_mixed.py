@@ -1,0 +1,165 @@
+"""lowrank.ops.lora_mixed (one adapter per row) and its kernels against the fp64 reference, and
+mixed batches of a patched model against PEFT's mixed batches (``adapter_names=``).
+
+Op shapes are odd (M = 21 rows over leading dims 7 x 3, K = 97, N = 83; blocks are 16/64/128),
+with three adapters of ranks 5, 16 and 3 padded to 16 and base rows (-1) among them."""
+
+import math
+
+import pytest
+import torch
+from conftest import poisoned, randomize_adapters, tiny_model, token_ids
+
+import lowrank
+from lowrank import nf4, ops, reference
+from lowrank.kernels import lora_mixed as mixed_kernels
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+K, N = 97, 83
+RANKS = (5, 16, 3)
+SCALINGS = (2.0, 0.5, 1.25)
+
+
+def make_case(dtype, kind, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 3, K, generator=gen).to(device, dtype)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    if kind == "dense":
+        weight, state, dense = w.to(device, dtype), None, w.to(dtype).double()
+    else:
+        weight, state = nf4.quantize(w.to(device, dtype), blocksize=64, double_quant=kind == "nf4-nested")
+        dense = nf4.dequantize(weight, state, dtype=torch.float32).double()
+    lora_a = torch.zeros(len(RANKS), max(RANKS), K)
+    lora_b = torch.zeros(len(RANKS), N, max(RANKS))
+    for i, r in enumerate(RANKS):  # ranks below the largest padded with zeros
+        lora_a[i, :r] = torch.randn(r, K, generator=gen) / math.sqrt(K)
+        lora_b[i, :, :r] = torch.randn(N, r, generator=gen) * 0.1
+    index = torch.tensor([[0, 1, -1], [2, 2, 0], [1, -1, -1], [0, 0, 0], [2, 1, 0], [1, 1, 2],
+                          [-1, 0, 2]]).to(device)
+    bias = torch.randn(N, generator=gen).to(device, dtype)
+    return x, weight, state, dense, lora_a.to(device), lora_b.to(device), index, bias
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.dtype == dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN (an element left unwritten?)"
+    error = ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e} > {TOLERANCE[dtype]}"
+
+
+@pytest.mark.parametrize("dtype, kind", [
+    (torch.float32, "dense"), (torch.float16, "dense"), (torch.bfloat16, "dense"),
+    (torch.float32, "nf4"), (torch.bfloat16, "nf4-nested")])
+def test_matches_reference(dtype, kind, device):
+    x, weight, state, dense, lora_a, lora_b, index, bias = make_case(dtype, kind, device)
+    with torch.no_grad():
+        y = ops.lora_mixed(x, weight, lora_a, lora_b, list(SCALINGS), index, bias=bias,
+                           quant_state=state)
+        expected = reference.lora_mixed(x.double(), dense, lora_a.double(), lora_b.double(),
+                                        torch.tensor(SCALINGS), index, bias.double())
+    assert_close(y, expected, dtype, f"{kind} {dtype}")
+    # Each row is its own adapter's single-adapter LoRA linear (or the base alone).
+    row = 4
+    for j in range(3):
+        i = index[row, j].item()
+        single = reference.lora_linear(x[row, j].double(), dense, lora_a[max(i, 0)].double(),
+                                       lora_b[max(i, 0)].double(), SCALINGS[i] if i >= 0 else 0.0,
+                                       bias.double())
+        assert_close(y[row, j], single, dtype, f"row {row}, {j}")
+
+
+def test_kernels_write_every_element(device):
+    """The launcher into NaN-poisoned S and Y: every element written (base rows' S as zeros)."""
+    dtype = torch.float32
+    x, weight, _, dense, lora_a, lora_b, index, bias = make_case(dtype, "dense", device)
+    x2, index = x.reshape(-1, K), index.reshape(-1)
+    s, y = poisoned((21, max(RANKS)), dtype, device), poisoned((21, N), dtype, device)
+    mixed_kernels.lora_mixed_forward(x2, weight, lora_a, lora_b, torch.tensor(SCALINGS, device=device),
+                                     index, bias, s, y)
+    assert not s.isnan().any() and not y.isnan().any()
+    assert (s[index == -1] == 0).all()
+    expected = reference.lora_mixed(x2.double(), dense, lora_a.double(), lora_b.double(),
+                                    torch.tensor(SCALINGS), index, bias.double())
+    assert_close(y, expected, dtype, "y")
+
+
+def test_bad_arguments_are_named(device):
+    x, weight, _, _, lora_a, lora_b, index, bias = make_case(torch.float32, "dense", device)
+    cases = [
+        (dict(adapter_index=index.clamp(max=2) + 1), r"in \[-1, 3\)"),
+        (dict(adapter_index=index[:-1]), "one entry per row"),
+        (dict(adapter_index=index.float()), "int32 or int64"),
+        (dict(lora_B=lora_b[:, :, :4]), "lora_B must be"),
+        (dict(lora_A=lora_a[0]), "lora_A must be"),
+        (dict(scalings=[1.0, 2.0]), "scalings must be 3"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, weight=weight, lora_A=lora_a, lora_B=lora_b, scalings=list(SCALINGS),
+                    adapter_index=index, bias=bias) | change
+        with torch.no_grad(), pytest.raises((ValueError, TypeError), match=message):
+            ops.lora_mixed(**args)
+    with pytest.raises(ValueError, match="inference only"):
+        ops.lora_mixed(x, weight, lora_a.requires_grad_(), lora_b, list(SCALINGS), index)
+
+
+# Mixed batches of a patched model vs PEFT's (adapter_names=, its masks over the batch).
+
+def peft_model_with_three_adapters(tmp_path):
+    """PEFT's Llama with adapters "x" (rank 4), "y" (rank 2, other targets) and "z" (rank 4),
+    random weights, and a patched twin that loaded the same files."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model("llama", blocks=1),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                              "down_proj"]),
+                                adapter_name="x")
+    peft_model.add_adapter("y", LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj", "o_proj"]))
+    peft_model.add_adapter("z", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj",
+                                                                               "down_proj"]))
+    randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    ours = tiny_model("llama", blocks=1)
+    for name in ("x", "y", "z"):
+        lowrank.load_adapter(ours, tmp_path / name, adapter_name=name)
+    return peft_model.eval(), ours.eval()
+
+
+def test_mixed_batch_matches_peft(tmp_path):
+    peft_model, ours = peft_model_with_three_adapters(tmp_path)
+    ids = token_ids(batch=5, length=3)
+    names = ["y", "__base__", "x", "z", "y"]
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, adapter_names=names).logits
+        with lowrank.mixed_batch(ours, names):
+            actual = ours(ids).logits
+        order = list(ours.lowrank_state.adapters)
+        indices = torch.tensor([order.index(n) if n != "__base__" else -1 for n in names])
+        with lowrank.mixed_batch(ours, indices):
+            from_indices = ours(ids).logits
+        alone = ours(ids).logits  # outside the block: the active adapter again
+        peft_model.set_adapter("x")
+        expected_alone = peft_model(input_ids=ids).logits
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, f"relative error {error:.2e}"
+    torch.testing.assert_close(from_indices, actual, rtol=0, atol=0)
+    torch.testing.assert_close(alone, expected_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_refusals(tmp_path):
+    _, ours = peft_model_with_three_adapters(tmp_path)
+    ids = token_ids(batch=2, length=3)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="no adapter"):
+            with lowrank.mixed_batch(ours, ["x", "nope"]):
+                pass
+        with pytest.raises(ValueError, match="2 rows"):
+            with lowrank.mixed_batch(ours, ["x", "y", "z"]):
+                ours(ids)
+        lowrank.merge(ours, "x")
+        with pytest.raises(ValueError, match="merged"):
+            with lowrank.mixed_batch(ours, ["x", "y"]):
+                pass
+        lowrank.unmerge(ours)
+    with pytest.raises(ValueError, match="inference only"):
+        with lowrank.mixed_batch(ours, ["x", "y"]):
+            ours(ids)
