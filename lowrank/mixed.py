@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from lowrank import ops
-from lowrank.modules import LoraLinear
+from lowrank.modules import LoraLinear, frozen_operands
 from lowrank.patch import adapter_layers, patch_state
 
 BASE = "__base__"  # PEFT's name for a row without adapter
@@ -70,7 +70,12 @@ def _mixed_forward(layer, row_index, stacks, x):
         raise ValueError(f"lowrank.mixed_batch: the batch has {x.shape[0] if x.dim() else 0} rows "
                          f"but {row_index.shape[0]} adapters were named, one per row")
     x, weight, bias, out_dtype = layer.frozen_operands(x)
-    # The adapters in the compute dtype, converted once per block and dtype, not once per call.
+    return _run_mixed(x, weight, bias, out_dtype, row_index, stacks)
+
+
+def _run_mixed(x, weight, bias, out_dtype, row_index, stacks):
+    """``lora_mixed`` over the frozen operands, ``stacks`` {"fp32": stacked adapters} gaining the
+    compute dtype's copy at its first use (converted once, not once per call)."""
     lora_a, lora_b, scalings = stacks.setdefault(
         x.dtype, tuple(t.to(x.dtype) for t in stacks["fp32"][:2]) + (stacks["fp32"][2],))
     index = row_index.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
@@ -120,3 +125,30 @@ def mixed_batch(model, adapters):
     finally:
         for layer in overridden:
             del layer.forward  # the class's forward again
+
+
+def peft_mixed_forward(layer, kind, x, adapter_names, refusal):
+    """A PEFT LoRA layer's forward for PEFT's ``adapter_names=`` (one per row) on ``lora_mixed``,
+    or None where PEFT's own forward must run: gradients wanted (PEFT's masks train), adapters
+    merged or disabled, a named adapter ``refusal(layer, name)`` refuses or with a bias, dropout
+    in training mode, a batch that does not match the names (PEFT's error then)."""
+    if (torch.is_grad_enabled() or layer.disable_adapters or layer.merged or x.dim() < 2
+            or not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != x.shape[0]):
+        return None
+    used = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    if not used or any(refusal(layer, n) is not None or layer.lora_B[n].bias is not None
+                       or (layer.training and getattr(layer.lora_dropout[n], "p", 0.0) > 0)
+                       for n in used):
+        return None
+    params = [p for n in used for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    # Stacked once per set of adapters and weights: a weight changed in place bumps its version.
+    key = (tuple(used), tuple((p.data_ptr(), p._version) for p in params),
+           tuple(float(layer.scaling[n]) for n in used))
+    cached = getattr(layer, "_lowrank_mixed_stacks", None)
+    if cached is None or cached[0] != key:
+        cached = (key, {"fp32": _stacked(layer, used)})
+        layer._lowrank_mixed_stacks = cached
+    row_index = torch.tensor([used.index(n) if n in used else -1 for n in adapter_names],
+                             device=params[0].device)
+    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
+    return _run_mixed(x, weight, bias, out_dtype, row_index, cached[1])

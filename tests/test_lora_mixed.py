@@ -163,3 +163,28 @@ def test_mixed_batch_refusals(tmp_path):
     with pytest.raises(ValueError, match="inference only"):
         with lowrank.mixed_batch(ours, ["x", "y"]):
             ours(ids)
+
+
+def test_peft_backend_serves_adapter_names(tmp_path, monkeypatch):
+    """patch_peft_model's layers run PEFT's adapter_names= on lora_mixed (not PEFT's masks), with
+    PEFT's results; with grad enabled PEFT's own forward runs them."""
+    import lowrank.mixed
+
+    peft_model, _ = peft_model_with_three_adapters(tmp_path)
+    ids = token_ids(batch=4, length=3)
+    names = ["z", "y", "__base__", "x"]
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, adapter_names=names).logits
+    lowrank.patch_peft_model(peft_model)
+    served = []
+    run_mixed = lowrank.mixed._run_mixed
+    monkeypatch.setattr(lowrank.mixed, "_run_mixed", lambda *a: served.append(1) or run_mixed(*a))
+    with torch.no_grad():
+        actual = peft_model(input_ids=ids, adapter_names=names).logits
+    assert len(served) == 4  # q_proj, v_proj, o_proj, down_proj
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, f"relative error {error:.2e}"
+    served.clear()
+    with_grad = peft_model(input_ids=ids, adapter_names=names).logits
+    assert not served
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)
