@@ -74,8 +74,8 @@ def _mixed_forward(layer, row_index, stacks, x):
 
 
 def _run_mixed(x, weight, bias, out_dtype, row_index, stacks):
-    """``lora_mixed`` over the frozen operands, ``stacks`` {"fp32": stacked adapters} gaining the
-    compute dtype's copy at its first use (converted once, not once per call)."""
+    """``lora_mixed`` over the frozen operands; ``stacks`` holds the stacked adapters under
+    "fp32" and gains the compute dtype's copy at its first use (converted once, not per call)."""
     lora_a, lora_b, scalings = stacks.setdefault(
         x.dtype, tuple(t.to(x.dtype) for t in stacks["fp32"][:2]) + (stacks["fp32"][2],))
     index = row_index.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
@@ -111,8 +111,8 @@ def mixed_batch(model, adapters):
         with torch.no_grad():
             for layer in layers.values():
                 used = [n for n in dict.fromkeys(names) if n in layer.lora_A]
-                if not used:
-                    layer.forward = layer.base_layer
+                if not used:  # (a function: a module assigned here would become a submodule)
+                    layer.forward = lambda x, base=layer.base_layer: base(x)
                 else:
                     device = layer.lora_A[used[0]].weight.device
                     row_index = torch.tensor([used.index(n) if n in used else -1 for n in names],
@@ -148,7 +148,11 @@ def peft_mixed_forward(layer, kind, x, adapter_names, refusal):
     if cached is None or cached[0] != key:
         cached = (key, {"fp32": _stacked(layer, used)})
         layer._lowrank_mixed_stacks = cached
-    row_index = torch.tensor([used.index(n) if n in used else -1 for n in adapter_names],
-                             device=params[0].device)
+    stacks = cached[1]
+    names = tuple(adapter_names)
+    if stacks.get("names") != names:  # the rows' indices, copied to the device once per batch
+        stacks["names"] = names
+        stacks["row_index"] = torch.tensor([used.index(n) if n in used else -1 for n in names],
+                                           device=params[0].device)
     x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
-    return _run_mixed(x, weight, bias, out_dtype, row_index, cached[1])
+    return _run_mixed(x, weight, bias, out_dtype, stacks["row_index"], stacks)

@@ -116,7 +116,7 @@ def _concatenated(layer, names, weights, rank):
     return padded_a, padded_b
 
 
-def _check(model, state, adapters, weights, adapter_name, combination_type, svd_rank, density,
+def _check(state, adapters, weights, adapter_name, combination_type, svd_rank, density,
            majority_sign_method, svd_clamp):
     what = "lowrank.add_weighted_adapter"
     if not isinstance(adapters, (list, tuple)) or not adapters:
@@ -184,7 +184,7 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
 
     Everything is checked and computed before the model changes."""
     state = patch_state(model, "add_weighted_adapter")
-    _check(model, state, adapters, weights, adapter_name, combination_type, svd_rank, density,
+    _check(state, adapters, weights, adapter_name, combination_type, svd_rank, density,
            majority_sign_method, svd_clamp)
     if len(adapters) == 1:
         combination_type = "linear"

@@ -136,11 +136,18 @@ def test_mixed_batch_matches_peft(tmp_path):
         indices = torch.tensor([order.index(n) if n != "__base__" else -1 for n in names])
         with lowrank.mixed_batch(ours, indices):
             from_indices = ours(ids).logits
+        # Only "y": the layers without it (q_proj, down_proj) run their base for every row.
+        only_y = ["y", "__base__", "y", "__base__", "y"]
+        expected_only_y = peft_model(input_ids=ids, adapter_names=only_y).logits
+        with lowrank.mixed_batch(ours, only_y):
+            actual_only_y = ours(ids).logits
         alone = ours(ids).logits  # outside the block: the active adapter again
         peft_model.set_adapter("x")
         expected_alone = peft_model(input_ids=ids).logits
     error = ((actual - expected).abs().max() / expected.abs().max()).item()
     assert error <= 1e-5, f"relative error {error:.2e}"
+    error = ((actual_only_y - expected_only_y).abs().max() / expected_only_y.abs().max()).item()
+    assert error <= 1e-5, f"only y: relative error {error:.2e}"
     torch.testing.assert_close(from_indices, actual, rtol=0, atol=0)
     torch.testing.assert_close(alone, expected_alone, rtol=1e-5, atol=1e-5)
 
