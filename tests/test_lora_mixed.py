@@ -4,11 +4,12 @@ mixed batches of a patched model against PEFT's mixed batches (``adapter_names=`
 Op shapes are odd (M = 21 rows over leading dims 7 x 3, K = 97, N = 83; blocks are 16/64/128),
 with three adapters of ranks 5, 16 and 3 padded to 16 and base rows (-1) among them."""
 
+import copy
 import math
 
 import pytest
 import torch
-from conftest import poisoned, randomize_adapters, tiny_model, token_ids
+from conftest import load_tiny_4bit_llama, poisoned, randomize_adapters, tiny_model, token_ids
 
 import lowrank
 from lowrank import nf4, ops, reference
@@ -195,3 +196,29 @@ def test_peft_backend_serves_adapter_names(tmp_path, monkeypatch):
     with_grad = peft_model(input_ids=ids, adapter_names=names).logits
     assert not served
     torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_on_a_4bit_model_matches_peft(tmp_path):
+    """NF4 base layers (bitsandbytes Linear4bit, fp32 compute): the packed weight read in the
+    mixed kernel, rows of two adapters of different ranks and a base row."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_tiny_4bit_llama(tmp_path / "a", torch.float32, dtype=torch.float32)
+    ours = copy.deepcopy(base)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                 target_modules=["q_proj", "down_proj"]),
+                                adapter_name="x")
+    peft_model.add_adapter("y", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "saved")
+    for name in ("x", "y"):
+        lowrank.load_adapter(ours, tmp_path / "saved" / name, adapter_name=name)
+    ids = token_ids(batch=3, length=3, vocab_size=128)
+    names = ["y", "__base__", "x"]
+    # bitsandbytes' CPU ops as they are (they would torch.compile themselves first: ~10 s).
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        expected = peft_model.eval()(input_ids=ids, adapter_names=names).logits
+        with lowrank.mixed_batch(ours.eval(), names):
+            actual = ours(ids).logits
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, f"relative error {error:.2e}"
