@@ -27,8 +27,11 @@ from ._weight import load_weight_tile, precision, weight_args
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
-# EXPAND_R values in registers; EXPAND_R 8 keeps it at 8192 (64 fp32 per thread with 4 warps).
-FORWARD = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "EXPAND_R": 8, "num_warps": 4,
+# EXPAND_R values in registers (4096: 32 fp32 per thread with 4 warps). BLOCK_N 32, not 64: with
+# 64 the NF4-nested tile decode took 254 registers per thread on sm_80 / sm_90 (at the limit;
+# compiled on CPU, bench.static), with 32 it takes 128 and leaves four CTAs per SM. Not measured
+# on a GPU yet: decode M has no split-K here (the single-adapter decode path has one).
+FORWARD = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EXPAND_R": 8, "num_warps": 4,
            "num_stages": 2}
 
 

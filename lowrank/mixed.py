@@ -15,6 +15,7 @@ from lowrank.modules import LoraLinear, frozen_operands
 from lowrank.patch import adapter_layers, patch_state
 
 BASE = "__base__"  # PEFT's name for a row without adapter
+MIXED_STACKS = "_lowrank_mixed_stacks"  # the attribute of a PEFT layer caching its stacked adapters
 
 
 def _row_names(state, adapters):
@@ -144,10 +145,10 @@ def peft_mixed_forward(layer, kind, x, adapter_names, refusal):
     # Stacked once per set of adapters and weights: a weight changed in place bumps its version.
     key = (tuple(used), tuple((p.data_ptr(), p._version) for p in params),
            tuple(float(layer.scaling[n]) for n in used))
-    cached = getattr(layer, "_lowrank_mixed_stacks", None)
+    cached = getattr(layer, MIXED_STACKS, None)
     if cached is None or cached[0] != key:
         cached = (key, {"fp32": _stacked(layer, used)})
-        layer._lowrank_mixed_stacks = cached
+        setattr(layer, MIXED_STACKS, cached)
     stacks = cached[1]
     names = tuple(adapter_names)
     if stacks.get("names") != names:  # the rows' indices, copied to the device once per batch

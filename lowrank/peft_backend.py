@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowrank import ops
-from lowrank.mixed import peft_mixed_forward
+from lowrank.mixed import MIXED_STACKS, peft_mixed_forward
 from lowrank.modules import frozen_operands, layer_kind
 
 logger = logging.getLogger(__name__)
@@ -195,4 +195,5 @@ def unpatch_peft_model(model):
         if layer.forward.bnb_cpu_repack is not None:
             layer.base_layer.support_avx512bf16_for_cpu = layer.forward.bnb_cpu_repack
         del layer.forward
+        vars(layer).pop(MIXED_STACKS, None)  # the adapters lowrank.mixed stacked for it
     return model

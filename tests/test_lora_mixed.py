@@ -196,6 +196,8 @@ def test_peft_backend_serves_adapter_names(tmp_path, monkeypatch):
     with_grad = peft_model(input_ids=ids, adapter_names=names).logits
     assert not served
     torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)
+    lowrank.unpatch_peft_model(peft_model)
+    assert not any(hasattr(m, lowrank.mixed.MIXED_STACKS) for m in peft_model.modules())
 
 
 def test_mixed_batch_on_a_4bit_model_matches_peft(tmp_path):
