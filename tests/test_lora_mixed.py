@@ -48,11 +48,14 @@ def assert_close(actual, expected, dtype, what):
     assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e} > {TOLERANCE[dtype]}"
 
 
-@pytest.mark.parametrize("dtype, kind", [
-    (torch.float32, "dense"), (torch.float16, "dense"), (torch.bfloat16, "dense"),
-    (torch.float32, "nf4"), (torch.bfloat16, "nf4-nested")])
-def test_matches_reference(dtype, kind, device):
+# 21 rows: the tiled forward; 15: the decode path (at most DECODE_MAX_M rows, split over K).
+@pytest.mark.parametrize("dtype, kind, rows", [
+    (torch.float32, "dense", 21), (torch.float32, "dense", 15), (torch.float16, "dense", 15),
+    (torch.bfloat16, "dense", 21), (torch.float32, "nf4", 15), (torch.bfloat16, "nf4-nested", 21),
+    (torch.bfloat16, "nf4-nested", 15)])
+def test_matches_reference(dtype, kind, rows, device):
     x, weight, state, dense, lora_a, lora_b, index, bias = make_case(dtype, kind, device)
+    x, index = x[:rows // 3], index[:rows // 3]
     with torch.no_grad():
         y = ops.lora_mixed(x, weight, lora_a, lora_b, list(SCALINGS), index, bias=bias,
                            quant_state=state)
@@ -69,12 +72,13 @@ def test_matches_reference(dtype, kind, device):
         assert_close(y[row, j], single, dtype, f"row {row}, {j}")
 
 
-def test_kernels_write_every_element(device):
+@pytest.mark.parametrize("rows", [21, mixed_kernels.DECODE_MAX_M])
+def test_kernels_write_every_element(rows, device):
     """The launcher into NaN-poisoned S and Y: every element written (base rows' S as zeros)."""
     dtype = torch.float32
     x, weight, _, dense, lora_a, lora_b, index, bias = make_case(dtype, "dense", device)
-    x2, index = x.reshape(-1, K), index.reshape(-1)
-    s, y = poisoned((21, max(RANKS)), dtype, device), poisoned((21, N), dtype, device)
+    x2, index = x.reshape(-1, K)[:rows], index.reshape(-1)[:rows]
+    s, y = poisoned((rows, max(RANKS)), dtype, device), poisoned((rows, N), dtype, device)
     mixed_kernels.lora_mixed_forward(x2, weight, lora_a, lora_b, torch.tensor(SCALINGS, device=device),
                                      index, bias, s, y)
     assert not s.isnan().any() and not y.isnan().any()
