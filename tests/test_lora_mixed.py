@@ -88,6 +88,24 @@ def test_kernels_write_every_element(rows, device):
     assert_close(y, expected, dtype, "y")
 
 
+def test_op_passes_torch_library_checks_and_compiles(device):
+    """The custom op's fake agrees with it (opcheck), and torch.compile traces lora_mixed whole."""
+    x, weight, state, _, lora_a, lora_b, index, bias = make_case(torch.float32, "dense", device)
+    x2, index2 = x.reshape(-1, K)[:15], index.reshape(-1)[:15]
+    scalings = torch.tensor(SCALINGS, device=device)
+    torch.library.opcheck(ops.lora_mixed_forward, (x2, *ops.FrozenWeight.of(weight, state).flat(),
+                                                   lora_a, lora_b, scalings, index2, None))
+
+    def forward(x, index):
+        return ops.lora_mixed(x, weight, lora_a, lora_b, scalings, index, bias=bias,
+                              quant_state=state, index_in_range=True)
+
+    with torch.no_grad():
+        eager = forward(x, index)
+        compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")(x, index)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_bad_arguments_are_named(device):
     x, weight, _, _, lora_a, lora_b, index, bias = make_case(torch.float32, "dense", device)
     cases = [
