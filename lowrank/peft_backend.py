@@ -6,8 +6,8 @@ forward, PEFT's, is untouched), so the layer keeps its class, parameters, names 
 methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, ...). PEFT can change
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
-adapters active at once, a LoRA variant (DoRA, ...), extra forward arguments (PEFT's mixed-batch
-``adapter_names``). With adapters disabled, merged or none active PEFT runs the base layer alone,
+adapters active at once, a LoRA variant (DoRA, ...), extra forward arguments. PEFT's mixed-batch
+``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can (inference). With adapters disabled, merged or none active PEFT runs the base layer alone,
 which our kernels would not speed up anyway.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowrank import ops
+from lowrank.mixed import MIXED_STACKS, peft_mixed_forward
 from lowrank.modules import frozen_operands, layer_kind
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ def _adapter_to_serve(layer, adapters, args, kwargs):
 
 
 def _lora_forward(layer, kind, x, *args, **kwargs):
+    if not args and kwargs.keys() == {"adapter_names"}:  # PEFT's mixed batch: lowrank.mixed
+        y = peft_mixed_forward(layer, kind, x, kwargs["adapter_names"], _lora_adapter_refusal)
+        if y is not None:
+            return y
     name = _adapter_to_serve(layer, layer.lora_A, args, kwargs)
     if name is None or _lora_adapter_refusal(layer, name) is not None:
         return type(layer).forward(layer, x, *args, **kwargs)
@@ -190,4 +195,5 @@ def unpatch_peft_model(model):
         if layer.forward.bnb_cpu_repack is not None:
             layer.base_layer.support_avx512bf16_for_cpu = layer.forward.bnb_cpu_repack
         del layer.forward
+        vars(layer).pop(MIXED_STACKS, None)  # the adapters lowrank.mixed stacked for it
     return model
