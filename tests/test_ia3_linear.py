@@ -8,8 +8,8 @@ the operands (and, for dl, of the M-term sums).
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, poisoned
-from test_lora_linear import EMPTY, TOLERANCE, assert_close, check_empty, make_weight
+from helpers import (EMPTY, TOLERANCE, assert_op_close, check_empty, load_tiny_4bit_llama,
+                     make_weight, poisoned)
 
 from lowrank import nf4, ops, reference
 from lowrank.kernels import ia3_linear as ia3_kernels
@@ -54,7 +54,7 @@ def check_against_reference(dtype, kind, form, with_bias, device):
     assert ours[2].shape == ia3.shape  # dl in l's own shape and dtype
     for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
                                           (dtype, dtype, torch.float32)):
-        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -101,7 +101,7 @@ def test_flat_and_16_bit_ia3_vectors(form, device):
     assert ours[2].shape == flat.shape
     for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
                                           (x.dtype, x.dtype, torch.bfloat16)):
-        assert_close(got, want, got_dtype, name, TOLERANCE[torch.bfloat16])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -114,7 +114,7 @@ def test_grad_of_l_over_many_token_blocks_is_deterministic(form, device):
     first, second = (run_ours(x, weight, state, ia3, bias, feedforward, grad_y)[2] for _ in range(2))
     assert torch.equal(first, second)
     expected = fp64_reference(x, dense, ia3, bias, feedforward, grad_y)[2]
-    assert_close(first, expected, torch.float32, "dl")
+    assert_op_close(first, expected, torch.float32, "dl")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -132,7 +132,7 @@ def test_kernels_write_every_output_element(form, device):
     ia3_kernels.ia3_forward(x, weight, scale, bias, y, feedforward, nf4_args)
     z = x64 @ w64.t() + b64
     expected = (x64 * l64) @ w64.t() + b64 if feedforward else z * l64
-    assert_close(y, expected, dtype, "Y")
+    assert_op_close(y, expected, dtype, "Y")
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     dy64 = grad_y.double()
     grad_x = poisoned((M, K), dtype, device)
@@ -140,11 +140,11 @@ def test_kernels_write_every_output_element(form, device):
                         torch.float32, device)
     ia3_kernels.ia3_grad_input(grad_y, weight, scale, x, grad_x, partials, feedforward, nf4_args)
     expected = (dy64 @ w64) * l64 if feedforward else (dy64 * l64) @ w64
-    assert_close(grad_x, expected, dtype, "dX")
+    assert_op_close(grad_x, expected, dtype, "dX")
     if not feedforward:
         ia3_kernels.ia3_grad_scale(x, weight, bias, grad_y, partials, nf4_args)
     expected = ((dy64 @ w64) * x64).sum(0) if feedforward else (dy64 * z).sum(0)
-    assert_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
+    assert_op_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
 
 
 PEFT_CASES = {"dense-fp32": (False, torch.float32), "dense-bf16": (False, torch.bfloat16),
@@ -186,9 +186,9 @@ def test_matches_peft_ia3_layers(case, tmp_path):
         ours = ops.ia3_linear(x, base.weight, ia3, bias=base.bias, feedforward=feedforward)
         ours.backward(grad_y)
         tolerance = 2 * TOLERANCE[dtype]
-        assert_close(ours.detach(), expected.detach().double(), dtype, "y", tolerance)
-        assert_close(x.grad, expected_grads[0].double(), dtype, "dx", tolerance)
-        assert_close(ia3.grad, expected_grads[1].double(), torch.float32, "dl", tolerance)
+        assert_op_close(ours.detach(), expected.detach().double(), dtype, "y", tolerance)
+        assert_op_close(x.grad, expected_grads[0].double(), dtype, "dx", tolerance)
+        assert_op_close(ia3.grad, expected_grads[1].double(), torch.float32, "dl", tolerance)
 
 
 def test_gradcheck_dense_weight_and_bias_get_gradients(device):
