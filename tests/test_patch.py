@@ -13,11 +13,12 @@ from helpers import (FP32_TOLERANCE, RATIO, ROUNDING, TINY_ARCHITECTURES, as_hel
                      load_tiny_4bit_llama, loss_and_grads, randomize_adapters, relative_error,
                      run_bitsandbytes_in_eval, tiny_model, token_ids,
                      weights_bitsandbytes_computes_with, with_peft)
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 import lowrank
 from lowrank import _dispatch
+from lowrank.methods.lora import LoraVariant
 from lowrank.modules import LoraLinear
 from lowrank.patch import adapter_layers
 
@@ -598,6 +599,44 @@ def test_dense_merge_unmerge_and_unpatch(method):
         lowrank.unpatch(model)  # unmerges first
     for key, value in model.state_dict().items():  # back up to one rounding each way in fp32
         torch.testing.assert_close(value, state[key], rtol=1e-6, atol=1e-6)
+
+
+class DoubledLora(LoraVariant):
+    """A variant for the test: LoRA with twice its scaling, in plain torch."""
+
+    def delta(self, layer, name):
+        a, b, scaling = layer.factors(name)
+        return 2 * scaling * b @ a
+
+    def forward(self, layer, name, x):
+        return layer.base_layer(x) + x @ self.delta(layer, name).t()
+
+    def merged_weight(self, layer, name, weight, bias, dtype):
+        raise AssertionError("only dense weights in this test")
+
+    def merge_in_place(self, layer, name, weight, bias, unmerge):
+        weight.sub_(self.delta(layer, name)) if unmerge else weight.add_(self.delta(layer, name))
+
+
+def test_a_lora_variant_runs_its_own_forward_and_merges():
+    model, ids = tiny_model("llama", blocks=1), token_ids()
+    lowrank.patch_model(model, rank=4, target_modules=["v_proj"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        plain = model(ids).logits
+        layer = model.get_submodule("model.layers.0.self_attn.v_proj")
+        layer.variants["default"] = DoubledLora()
+        doubled = model(ids).logits
+        layer.scaling["default"] *= 2
+        del layer.variants["default"]
+        assert_model_close(doubled, model(ids).logits, FP32_TOLERANCE, "variant's logits")
+        assert relative_error(doubled, plain) > 1e-3  # the variant ran, not plain LoRA
+        layer.scaling["default"] /= 2
+        layer.variants["default"] = DoubledLora()
+        lowrank.merge(model)
+        assert_model_close(model(ids).logits, doubled, FP32_TOLERANCE, "merged variant")
+        lowrank.unmerge(model)
+        assert_model_close(model(ids).logits, doubled, FP32_TOLERANCE, "unmerged variant")
 
 
 def test_unpatch_with_merge_keeps_the_merged_weights():
