@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from lowrank import trainer_hooks
+from lowrank import blocks, trainer_hooks
 from lowrank.adapters import copy_weights, read_adapter
 from lowrank.base_layers import base_layer_class
 from lowrank.methods import METHODS
@@ -65,7 +65,8 @@ def add_adapter(model, adapter_name, config, layer_settings):
 
 
 def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora", dropout=0.0,
-                use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None):
+                use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None,
+                fuse_blocks=True):
     """Add an adapter to ``model``'s linear layers, in place; return the model.
 
     - ``method="lora"``: ``rank`` (default 16), ``alpha`` (default 2 * rank); scaling alpha / rank,
@@ -80,6 +81,9 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
       or list of block indices.
     - Base weights are frozen; the active adapter's weights train. A second call with another
       ``adapter_name`` adds an adapter; ``lowrank.set_adapter`` picks the one that runs.
+    - ``fuse_blocks``: run whole blocks over the patched layers as one fused op where a fusion of
+      ``lowrank.blocks`` serves them (none is registered yet); names, state dict, saving and
+      merging do not change, and a call a fusion cannot serve runs the block's own forward.
     """
     if method not in METHODS:
         raise ValueError(f"lowrank.patch_model: method must be one of {sorted(METHODS)}, got "
@@ -87,19 +91,23 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
     config, layer_settings = METHODS[method].patch_settings(
         model, rank, alpha, dropout, use_rslora, target_modules, layers, feedforward_modules)
     add_adapter(model, adapter_name, config, layer_settings)
+    if fuse_blocks:
+        blocks.install(model, model.lowrank_state)
     return model
 
 
-def load_adapter(model, path, adapter_name="default"):
+def load_adapter(model, path, adapter_name="default", fuse_blocks=True):
     """Load a LoRA or IA3 adapter saved by PEFT (or ``save_adapter``) onto ``model`` (plain,
     4-bit, or already patched with other adapters) under ``adapter_name``; return the model.
 
     The layers to patch are the ones the weights name. LoRA's rank and alpha follow the config's
     ``r`` / ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them; IA3's
-    feed-forward layers follow ``feedforward_modules``."""
+    feed-forward layers follow ``feedforward_modules``. ``fuse_blocks``: as in ``patch_model``."""
     config, layer_settings, weights = read_adapter(model, path)
     add_adapter(model, adapter_name, config, layer_settings)
     copy_weights(model, adapter_name, weights)
+    if fuse_blocks:
+        blocks.install(model, model.lowrank_state)
     return model
 
 
@@ -126,7 +134,9 @@ def unpatch(model, merge=False):
 
 
 def _restore(model, state):
-    """Give back the flags and hooks patching changed, once no patched layer is left."""
+    """Give back the flags, hooks and block forwards patching changed, once no patched layer is
+    left."""
+    blocks.uninstall(model, state)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, False))
     del model.lowrank_state
@@ -288,6 +298,7 @@ def delete_adapter(model, adapter_name):
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:
                 replace_module(model, name, layer.release_base_layer())
+    blocks.prune(model, state)
     del state.adapters[adapter_name]
     if state.active == adapter_name:
         successor = next(iter(state.adapters))

@@ -12,6 +12,7 @@ class PatchState:
     adapters: dict = field(default_factory=dict)  # name -> AdapterConfig, in order of creation
     active: str = None
     requires_grad: dict = field(default_factory=dict)  # parameter name -> flag before patching
+    fused_blocks: dict = field(default_factory=dict)  # block path -> fusion name (lowrank.blocks)
 
 
 def patch_state(model, what):
