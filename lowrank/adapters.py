@@ -344,19 +344,18 @@ def restore_adapter_weights(model, path, adapter_name):
     modules = dict(modules_outside_adapters(model))
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
-    if config["peft_type"] != held.method.upper():
-        raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
-                         f"{adapter_name!r} of this model is {held.method.upper()}")
     method = METHODS[held.method]
+    if config["peft_type"] != method.PEFT_TYPE:
+        raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
+                         f"{adapter_name!r} of this model is {method.PEFT_TYPE}")
     weights = _weights_by_module(path, tensors, method.KEY, method.KEY_WHAT)
     settings = method.fitting_settings(method.from_peft(config, weights, modules)[1])
     ours = method.held_settings(layers, adapter_name, held)
-    what = method.FITTING
     _refuse_zero3(_adapter_weights(model, adapter_name), "restore_adapter_weights")
     if settings != ours:
         differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
         raise ValueError(
             f"lowrank: the adapter in {path} does not fit adapter {adapter_name!r} of this model: "
-            f"{what} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
+            f"{method.FITTING} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
             f"{[settings.get(p) for p in differ[:3]]}, model: {[ours.get(p) for p in differ[:3]]})")
     copy_weights(model, adapter_name, weights)
