@@ -10,9 +10,11 @@ import os
 
 import torch
 
-from lowrank.adapters import (IA3_KEY, LORA_KEY, _adapter_weights, _copy_weights, _refuse_zero3,
-                              _weights_by_module, restore_adapter_weights)
-from lowrank.patch import adapter_layers, check_adapter, patch_state
+from lowrank.adapter_layer import adapter_layers
+from lowrank.adapters import (_adapter_weights, _refuse_zero3, _weights_by_module, copy_weights,
+                              restore_adapter_weights)
+from lowrank.methods import METHODS
+from lowrank.state import check_adapter, patch_state
 
 
 def hotswap_adapter(model, source, adapter_name="default"):
@@ -42,8 +44,8 @@ def hotswap_adapter(model, source, adapter_name="default"):
         raise TypeError("lowrank.hotswap_adapter: source must be a directory or a state dict of "
                         f"{{PEFT key: tensor}}, got {type(source).__name__}")
     lora = state.adapters[adapter_name].method == "lora"
-    weights = _weights_by_module("the state dict", source, LORA_KEY if lora else IA3_KEY,
-                                 f"{'a LoRA A or B' if lora else 'an IA3 vector'} of a linear layer")
+    method = METHODS[state.adapters[adapter_name].method]
+    weights = _weights_by_module("the state dict", source, method.KEY, method.KEY_WHAT)
     if weights.keys() != layers.keys():
         extra, missing = sorted(weights.keys() - layers.keys()), sorted(layers.keys() - weights.keys())
         raise ValueError(f"lowrank.hotswap_adapter: the state dict's layers differ from those of "
@@ -62,5 +64,5 @@ def hotswap_adapter(model, source, adapter_name="default"):
                                  f"{tensor.dtype} in the state dict; adapter {adapter_name!r} "
                                  f"holds a floating-point {tuple(held[attr].shape)}")
     _refuse_zero3(_adapter_weights(model, adapter_name), "hotswap_adapter")
-    _copy_weights(model, adapter_name, weights)
+    copy_weights(model, adapter_name, weights)
     return model

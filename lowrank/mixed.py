@@ -11,8 +11,8 @@ import contextlib
 import torch
 
 from lowrank import ops
-from lowrank.modules import LoraLinear, frozen_operands
-from lowrank.patch import adapter_layers, patch_state
+from lowrank.adapter_layer import adapter_layers
+from lowrank.state import patch_state
 
 BASE = "__base__"  # PEFT's name for a row without adapter
 MIXED_STACKS = "_lowrank_mixed_stacks"  # the attribute of a PEFT layer caching its stacked adapters
@@ -97,7 +97,8 @@ def mixed_batch(model, adapters):
     disabled adapters (refused), nor gradients."""
     state = patch_state(model, "mixed_batch")
     names = _row_names(state, adapters)
-    layers = {p: m for p, m in adapter_layers(model).items() if isinstance(m, LoraLinear)}
+    # LoRA layers (IA3 layers have no lora_A); lowrank.methods.lora imports this module.
+    layers = {p: m for p, m in adapter_layers(model).items() if hasattr(m, "lora_A")}
     for path, layer in layers.items():
         if layer.merged_adapters or layer.adapters_disabled:
             raise ValueError(f"lowrank.mixed_batch: {path} has "
@@ -128,7 +129,7 @@ def mixed_batch(model, adapters):
             del layer.forward  # the class's forward again
 
 
-def peft_mixed_forward(layer, kind, x, adapter_names, refusal):
+def peft_mixed_forward(layer, base, x, adapter_names, refusal):
     """A PEFT LoRA layer's forward for PEFT's ``adapter_names=`` (one per row) on ``lora_mixed``,
     or None where PEFT's own forward must run: gradients wanted (PEFT's masks train), adapters
     merged or disabled, a named adapter ``refusal(layer, name)`` refuses or with a bias, dropout
@@ -155,5 +156,5 @@ def peft_mixed_forward(layer, kind, x, adapter_names, refusal):
         stacks["names"] = names
         stacks["row_index"] = torch.tensor([used.index(n) if n in used else -1 for n in names],
                                            device=params[0].device)
-    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
+    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
     return _run_mixed(x, weight, bias, out_dtype, stacks["row_index"], stacks)

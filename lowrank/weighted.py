@@ -23,8 +23,11 @@ import math
 
 import torch
 
-from lowrank.patch import AdapterConfig, adapter_layers, add_adapter, patch_state
-from lowrank.modules import LoraLinear
+from lowrank.adapter_layer import AdapterConfig, adapter_layers
+from lowrank.base_layers import Conv1DBase
+from lowrank.methods.lora import LoraLinear
+from lowrank.patch import add_adapter
+from lowrank.state import patch_state
 
 ON_FACTORS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 ON_PRODUCTS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -88,7 +91,7 @@ def _on_products(kind, layer, names, weights, rank, density, majority_sign_metho
                  svd_full_matrices, svd_driver):
     # PEFT combines the delta weights in the layout the base stores them (Conv1D: in x out), which
     # decides where DARE's random masks fall; the SVD then runs on out x in.
-    conv1d = layer.kind == "conv1d"
+    conv1d = isinstance(layer.base, Conv1DBase)
     deltas = []
     for name in names:
         product = layer.lora_B[name].weight.detach() @ layer.lora_A[name].weight.detach()

@@ -4,7 +4,7 @@ refused before anything is copied."""
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model, token_ids
+from helpers import randomize_adapters, tiny_model, token_ids
 from peft import get_peft_model_state_dict
 
 import lowrank

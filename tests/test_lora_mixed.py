@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, poisoned, randomize_adapters, tiny_model, token_ids
+from helpers import load_tiny_4bit_llama, poisoned, randomize_adapters, tiny_model, token_ids
 
 import lowrank
 from lowrank import nf4, ops, reference

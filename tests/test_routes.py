@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-import test_ia3_linear as ia3_tests
-import test_lora_linear as lora_tests
-from test_lora_linear import K, M, N, assert_close
+from helpers import (IA3_FORMS, TOLERANCE, K, M, N, assert_op_close, check_ia3_linear_against_fp64,
+                     check_lora_linear_against_fp64, ia3_linear_fp64, lora_linear_fp64, make_ia3_case,
+                     make_lora_case, run_ia3_linear, run_lora_linear)
 
 from lowrank import nf4, ops, routes
 from lowrank.ops import ia3 as ia3_op
@@ -176,7 +176,7 @@ def test_default_rule(arch, m, kind, candidates, expected):
 
 
 def lora_call(m=M, k=K, dtype=torch.float32, kind="nf4-64"):
-    x, weight, state, _, lora_a, lora_b, bias = lora_tests.make_case(dtype, kind, 4, "cpu", m=m,
+    x, weight, state, _, lora_a, lora_b, bias = make_lora_case(dtype, kind, 4, "cpu", m=m,
                                                                      k=k)
     x.requires_grad_()
     y = ops.lora_linear(x, weight, lora_a, lora_b, 1.5, bias=bias, quant_state=state)
@@ -216,7 +216,7 @@ def test_calibration_chooses_inside_the_ops_and_the_winner_runs(no_route_env, mo
 
 @pytest.mark.gpu
 def test_calibration_on_a_gpu_times_the_routes_and_caches_the_winner(no_route_env):
-    x, weight, state, _, lora_a, lora_b, bias = lora_tests.make_case(torch.bfloat16, "nf4-64", 16,
+    x, weight, state, _, lora_a, lora_b, bias = make_lora_case(torch.bfloat16, "nf4-64", 16,
                                                                      "cuda", m=300)
     x.requires_grad_()
     ops.lora_linear(x, weight, lora_a, lora_b, 1.5, bias=bias, quant_state=state).sum().backward()
@@ -246,7 +246,7 @@ def test_calibration_runs_under_torch_compile(no_route_env, monkeypatch, dynamic
     """The custom ops are opaque to torch.compile: the choice is made when they run."""
     table = fake_gpu(monkeypatch, no_route_env, FakeTimer(fused=1.0, cublas=2.0))
     ran = spy_routes(monkeypatch)
-    x, weight, state, _, lora_a, lora_b, bias = lora_tests.make_case(torch.float32, "nf4-64", 4,
+    x, weight, state, _, lora_a, lora_b, bias = make_lora_case(torch.float32, "nf4-64", 4,
                                                                      "cpu")
     lora_a.requires_grad_()
 
@@ -318,7 +318,7 @@ class GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_the_cublas_route_multiplies_in_x_dtype_with_no_fp32_copy_of_x():
-    x, weight, state, _, lora_a, lora_b, bias = lora_tests.make_case(torch.bfloat16, "nf4-64", 4,
+    x, weight, state, _, lora_a, lora_b, bias = make_lora_case(torch.bfloat16, "nf4-64", 4,
                                                                      "cpu")
     x = x.reshape(M, K)
     ia3 = torch.rand(K) + 0.5
@@ -356,7 +356,7 @@ class GemmCalls(torch.utils._python_dispatch.TorchDispatchMode):
 ])
 def test_cublas_grad_input_takes_the_form_that_moves_fewer_bytes(k, dropout, kind, gemms):
     dtype = torch.float32
-    x, weight, state, dense, lora_a, lora_b, bias = lora_tests.make_case(dtype, kind, 5, "cpu",
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 5, "cpu",
                                                                          m=9, k=k)
     frozen = ops.FrozenWeight.of(weight, state)
     grad_y = torch.randn(9, N, generator=torch.Generator().manual_seed(3))
@@ -368,7 +368,7 @@ def test_cublas_grad_input_takes_the_form_that_moves_fewer_bytes(k, dropout, kin
     assert watched.calls == gemms
     keep = ops.lora_dropout_mask(seed, (9, k), dropout).double() / (1 - dropout)
     expected = grad_y.double() @ dense.double() + (grad_s.double() @ lora_a.double()) * keep
-    assert_close(grad_x, expected, dtype, "dX")
+    assert_op_close(grad_x, expected, dtype, "dX")
 
 
 # Every route against the fp64 reference, in the interpreter. The fused and decode routes are
@@ -383,7 +383,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_lora_cublas_route_matches_fp64_reference(dtype, kind, monkeypatch):
     ran = spy_routes(monkeypatch)
     with routes.forced("cublas"):
-        lora_tests.check_against_reference(dtype, kind, 16, True, "cpu")
+        check_lora_linear_against_fp64(dtype, kind, 16, True, "cpu")
     assert ran == ["lora._forward_cublas", "lora._grad_input_cublas"]
 
 
@@ -395,7 +395,7 @@ def test_lora_cublas_route_matches_fp64_reference(dtype, kind, monkeypatch):
 def test_lora_routes_at_small_m_without_bias(route, m, k, expected, monkeypatch):
     ran = spy_routes(monkeypatch)
     with routes.forced(route):
-        lora_tests.check_against_reference(torch.bfloat16, "nf4-nested-128", 5, False, "cpu", m=m,
+        check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", 5, False, "cpu", m=m,
                                            k=k)
     assert ran == expected
 
@@ -405,68 +405,68 @@ def test_lora_dropout_mask_is_the_same_on_each_route(route):
     """The forward's mask (the shrink's or the decode kernel's) is the one dX applies: against the
     reference given the kernels' mask, and not against the reference given its opposite."""
     dtype, p, m = torch.float32, 0.3, 6
-    x, weight, state, dense, lora_a, lora_b, bias = lora_tests.make_case(dtype, "nf4-64", 8, "cpu",
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", 8, "cpu",
                                                                          m=m)
     grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(5)).to(dtype)
     torch.manual_seed(1234)
     mask = ops.lora_dropout_mask(ops.dropout_seed("cpu"), (m, K), p).reshape(m, 1, K)
     torch.manual_seed(1234)  # lora_linear draws the same seed
     with routes.forced(route):
-        ours = lora_tests.run_ours(x, weight, state, lora_a, lora_b, 2.0, bias, grad_y, dropout=p)
-    expected = lora_tests.fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p,
+        ours = run_lora_linear(x, weight, state, lora_a, lora_b, 2.0, bias, grad_y, dropout=p)
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p,
                                          mask=mask)
     for name, got, want in zip(("y", "dx", "dA", "dB"), ours, expected):
-        assert_close(got, want, dtype, name)
-    other = lora_tests.fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p,
+        assert_op_close(got, want, dtype, name)
+    other = lora_linear_fp64(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p,
                                       mask=~mask)
     assert (ours[1].double() - other[1]).abs().max() > 1e-2 * other[1].abs().max()
 
 
-@pytest.mark.parametrize("form", ia3_tests.FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ia3_cublas_route_matches_fp64_reference(dtype, kind, form, monkeypatch):
     ran = spy_routes(monkeypatch)
     with routes.forced("cublas"):
-        ia3_tests.check_against_reference(dtype, kind, form, True, "cpu")
+        check_ia3_linear_against_fp64(dtype, kind, form, True, "cpu")
     assert ran == ["ia3._forward_cublas", "ia3._backward_cublas"]
 
 
 @pytest.mark.parametrize("dtype, kind", [(torch.float32, "dense"), (torch.float16, "nf4-64"),
                                          (torch.bfloat16, "nf4-nested-128")], ids=str)
-@pytest.mark.parametrize("form", ia3_tests.FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_ia3_decode_route_matches_fp64_reference(dtype, kind, form, monkeypatch):
     """At M <= DECODE_MAX_M the IA3 forward has a decode route (the LoRA decode kernel with a zero
     adapter); its backward runs fused."""
-    feedforward, tokens = ia3_tests.FORMS[form], 5
-    x, weight, state, dense, ia3, bias = ia3_tests.make_case(dtype, kind, feedforward, "cpu",
+    feedforward, tokens = IA3_FORMS[form], 5
+    x, weight, state, dense, ia3, bias = make_ia3_case(dtype, kind, feedforward, "cpu",
                                                             tokens=tokens)
     grad_y = torch.randn(tokens, 1, N, generator=torch.Generator().manual_seed(9)).to(dtype)
     ran = spy_routes(monkeypatch)
     with routes.forced("decode"):
-        ours = ia3_tests.run_ours(x, weight, state, ia3, bias, feedforward, grad_y)
+        ours = run_ia3_linear(x, weight, state, ia3, bias, feedforward, grad_y)
     assert ran == ["ia3._forward_decode", "ia3._backward_fused"]
-    expected = ia3_tests.fp64_reference(x, dense, ia3, bias, feedforward, grad_y)
+    expected = ia3_linear_fp64(x, dense, ia3, bias, feedforward, grad_y)
     for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
                                           (dtype, dtype, torch.float32)):
-        assert_close(got, want, got_dtype, name, ia3_tests.TOLERANCE[dtype])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("route", ["cublas", "fused"])
-@pytest.mark.parametrize("form", ia3_tests.FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_ia3_routes_without_bias_and_with_one_gradient(route, form):
     """dl alone (x needs no gradient) and dX alone, without a bias, on each route."""
-    feedforward = ia3_tests.FORMS[form]
+    feedforward = IA3_FORMS[form]
     dtype = torch.bfloat16
-    x, weight, state, dense, ia3, _ = ia3_tests.make_case(dtype, "nf4-nested-128", feedforward,
+    x, weight, state, dense, ia3, _ = make_ia3_case(dtype, "nf4-nested-128", feedforward,
                                                           "cpu")
     grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(dtype)
-    _, dx_ref, dl_ref = ia3_tests.fp64_reference(x, dense, ia3, None, feedforward, grad_y)
+    _, dx_ref, dl_ref = ia3_linear_fp64(x, dense, ia3, None, feedforward, grad_y)
     with routes.forced(route):
         leaf = ia3.detach().requires_grad_()
         ops.ia3_linear(x, weight, leaf, feedforward=feedforward, quant_state=state).backward(grad_y)
-        assert_close(leaf.grad, dl_ref, torch.float32, "dl", ia3_tests.TOLERANCE[dtype])
+        assert_op_close(leaf.grad, dl_ref, torch.float32, "dl", TOLERANCE[dtype])
         leaf, x_leaf = ia3.detach(), x.requires_grad_()
         ops.ia3_linear(x_leaf, weight, leaf, feedforward=feedforward,
                        quant_state=state).backward(grad_y)
-        assert_close(x_leaf.grad, dx_ref, dtype, "dx")
+        assert_op_close(x_leaf.grad, dx_ref, dtype, "dx")

@@ -4,7 +4,7 @@ masks from the same generator state), and PEFT's refusals are errors here too.""
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model, token_ids
+from helpers import randomize_adapters, tiny_model, token_ids
 from peft import LoraConfig, get_peft_model
 
 import lowrank

@@ -1,0 +1,284 @@
+"""LoRA: ``y = base(x) + scaling * dropout(x) A^T B^T``, everything lowrank does for it in one
+place: the layer ``patch_model`` puts in place (``LoraLinear``), its settings checked, its weights
+and config in PEFT's format both ways, and the forward ``patch_peft_model`` gives PEFT's LoRA
+layers. All of them run ``lowrank.ops.lora_linear`` (``lowrank/ops/lora.py``).
+
+Variants (DoRA, ...) change LoRA's forward and merge for one adapter while its weights, names and
+settings stay LoRA's; PEFT keeps them in ``tuners/lora/variants.py``. Here one is a
+``LoraVariant`` subclass set for an adapter in ``LoraLinear.variants``, running its own op; a
+variant's PEFT layers are left to PEFT's forward by ``peft_refusals`` until it has one.
+"""
+
+import math
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from lowrank import ops
+from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
+                                   is_int, is_number, layer_features, peft_adapter_to_serve)
+from lowrank.mixed import peft_mixed_forward
+from lowrank.targets import resolve_targets
+
+NAME, LABEL, PEFT_TYPE = "lora", "LoRA", "LORA"
+KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")  # a PEFT weight key, after KEY_PREFIX
+KEY_WHAT = "a LoRA A or B of a linear layer"
+
+
+class LoraVariant:
+    """What a LoRA variant implements for one adapter of a ``LoraLinear``: its forward (the
+    layer's ``forward`` hands it the call) and its merged weight (``merged_weight`` /
+    ``merge_in_place``); extra weights it registers on the layer itself."""
+
+    def forward(self, layer, name, x):
+        raise NotImplementedError
+
+    def merged_weight(self, layer, name, weight, bias, dtype):
+        raise NotImplementedError
+
+    def merge_in_place(self, layer, name, weight, bias, unmerge):
+        raise NotImplementedError
+
+
+class LoraLinear(AdapterLayer):
+    """A linear layer with LoRA adapters: ``y = base(x) + scaling * dropout(x) A^T B^T``, run as
+    one fused ``lowrank.ops.lora_linear`` for the active adapter.
+
+    Adapters are fp32 (as PEFT keeps them) whatever the base's dtype; the fused op casts them to
+    the compute dtype for the products. One adapter runs at a time (``lowrank.set_adapter``).
+    """
+
+    adapter_names_attr = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
+        self.variants = {}  # adapter name -> LoraVariant, for adapters that are not plain LoRA
+
+    def add_adapter(self, name, rank, alpha, dropout, use_rslora):
+        """A new adapter: A Kaiming-uniform (a = sqrt 5), B zero, so it adds nothing yet."""
+        if name in self.lora_A:
+            raise ValueError(f"lowrank: adapter {name!r} already exists on this layer")
+        device = self.base_layer.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device,
+                                      dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device,
+                                      dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.r[name], self.lora_alpha[name], self.lora_dropout[name] = rank, alpha, dropout
+        self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+    def delete_adapter(self, name):
+        super().delete_adapter(name)
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            del table[name]
+        self.variants.pop(name, None)
+
+    def adapter_weights(self, name):
+        return {"lora_A": self.lora_A[name].weight, "lora_B": self.lora_B[name].weight}
+
+    def factors(self, name):
+        return self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach(), self.scaling[name]
+
+    def merged_weight(self, name, weight, bias, dtype):
+        """(W + s B A of the NF4 ``weight``, bias): requantized (dtype None) or dense in ``dtype``."""
+        if name in self.variants:
+            return self.variants[name].merged_weight(self, name, weight, bias, dtype)
+        return ops.merge_lora(weight, *self.factors(name), dtype=dtype), bias
+
+    def merge_in_place(self, name, weight, bias, unmerge):
+        """Add (or take out) s B A into the dense (out, in) ``weight``."""
+        if name in self.variants:
+            return self.variants[name].merge_in_place(self, name, weight, bias, unmerge)
+        (ops.unmerge_lora_ if unmerge else ops.merge_lora_)(weight, *self.factors(name))
+
+    def forward(self, x):
+        name = self.runs_adapter()
+        if name is None:
+            return self.base_layer(x)
+        if name in self.variants:
+            return self.variants[name].forward(self, name, x)
+        x, weight, bias, out_dtype = self.frozen_operands(x)
+        dropout = self.lora_dropout[name] if self.training else 0.0
+        y = ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                            self.scaling[name], bias=bias, dropout=dropout)
+        return y.to(out_dtype)
+
+
+Layer = LoraLinear
+
+
+# patch_model's settings
+
+def check_patch_args(rank, alpha, dropout, use_rslora):
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"lowrank.patch_model: rank must be a positive int, got {rank!r}")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+                              or alpha <= 0):
+        raise ValueError(f"lowrank.patch_model: alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lowrank.patch_model: dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"lowrank.patch_model: use_rslora must be a bool, got {use_rslora!r}")
+
+
+def patch_settings(model, rank, alpha, dropout, use_rslora, target_modules, layers,
+                   feedforward_modules):
+    """(AdapterConfig, {path: arguments of ``add_adapter`` after the name}) for ``patch_model``."""
+    if feedforward_modules is not None:
+        raise ValueError("lowrank.patch_model: feedforward_modules is an IA3 setting")
+    rank = 16 if rank is None else rank
+    check_patch_args(rank, alpha, dropout, use_rslora)
+    alpha = 2 * rank if alpha is None else alpha
+    names = resolve_targets(model, target_modules, layers)
+    config = AdapterConfig(method=NAME, modules=names, rank=rank, alpha=alpha,
+                           dropout=float(dropout), use_rslora=use_rslora,
+                           target_modules=target_modules, layers=layers)
+    return config, {name: (rank, alpha, float(dropout), use_rslora) for name in names}
+
+
+# PEFT's format: config and weights, both ways
+
+def to_peft(model, adapter_name, config, layers):
+    """({PEFT key: weight}, PEFT's adapter config) of adapter ``adapter_name`` on ``layers``."""
+    ranks = {p: layer.r[adapter_name] for p, layer in layers.items()}
+    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in layers.items()}
+    # The most common rank / alpha is the default; layers that differ go into the patterns.
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    tensors = {f"{KEY_PREFIX}{p}.{attr}.weight": getattr(layer, attr)[adapter_name].weight
+               for p, layer in layers.items() for attr in ("lora_A", "lora_B")}
+    return tensors, {
+        **common_peft_config(model, PEFT_TYPE, layers),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+    }
+
+
+def check_peft_config(config, check, check_pattern):
+    """LoRA's fields of a PEFT config, checked with adapters.py's ``check`` / ``check_pattern``."""
+    positive_int, positive_number = "a positive integer", "a positive finite number"
+    check("r", lambda v: is_int(v) and v >= 1, positive_int)
+    check("lora_alpha", lambda v: is_number(v) and v > 0, positive_number)
+    check("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
+    check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("layers_to_transform", lambda v: v is None or is_int(v) or (
+        isinstance(v, list) and all(is_int(i) for i in v)), "null, an integer or a list of them")
+    check_pattern("rank_pattern", lambda v: is_int(v) and v >= 1, positive_int)
+    check_pattern("alpha_pattern", lambda v: is_number(v) and v > 0, positive_number)
+
+
+def pattern_value(pattern, default, module):
+    """A rank_pattern / alpha_pattern lookup, matched as PEFT matches it (first key whose regex
+    matches the end of the module path)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def from_peft(config, weights, modules):
+    """(AdapterConfig, {path: arguments of ``add_adapter`` after the name}) of a PEFT adapter:
+    its ``config`` and ``weights`` ({module path: {weight name: tensor}}) on ``modules``."""
+    settings = {}
+    for module_path, pair in weights.items():
+        in_features, out_features = layer_features(modules, module_path, "load_adapter")
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"lowrank.load_adapter: {module_path} has only {list(pair)}")
+        rank = pattern_value(config.get("rank_pattern") or {}, config["r"], module_path)
+        if tuple(pair["lora_A"].shape) != (rank, in_features) or \
+                tuple(pair["lora_B"].shape) != (out_features, rank):
+            raise ValueError(
+                f"lowrank.load_adapter: {module_path} needs lora_A ({rank}, {in_features}) and lora_B "
+                f"({out_features}, {rank}) for rank {rank}, got {tuple(pair['lora_A'].shape)} and "
+                f"{tuple(pair['lora_B'].shape)}")
+        alpha = pattern_value(config.get("alpha_pattern") or {}, config["lora_alpha"], module_path)
+        settings[module_path] = (rank, alpha, float(config.get("lora_dropout", 0.0)),
+                                 bool(config.get("use_rslora", False)))
+    adapter = AdapterConfig(method=NAME, modules=list(settings), rank=config["r"],
+                            alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
+                            use_rslora=bool(config.get("use_rslora", False)),
+                            target_modules=config.get("target_modules"),
+                            layers=config.get("layers_to_transform"))
+    return adapter, settings
+
+
+# What must agree for a saved adapter's weights to be restored into one the model has.
+FITTING = "(rank, alpha, use_rslora)"
+
+
+def fitting_settings(settings):
+    """{path: what must agree} of ``from_peft``'s settings."""
+    return {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in settings.items()}
+
+
+def held_settings(layers, adapter_name, config):
+    """{path: what must agree} of adapter ``adapter_name`` on ``layers``."""
+    return {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], config.use_rslora)
+            for p, layer in layers.items()}
+
+
+# PEFT's LoRA layers on our op (lowrank.patch_peft_model)
+
+def peft_layer_classes():
+    """PEFT's LoRA layer classes that ``peft_forward`` serves (PEFT imported when used)."""
+    from peft.tuners import lora
+    from peft.tuners.lora.bnb import Linear4bit
+
+    return (lora.Linear, Linear4bit)
+
+
+def peft_refusal(layer, name):
+    """Why PEFT's ``layer`` cannot run LoRA adapter ``name`` on our op, or None if it can."""
+    if name in layer.lora_variant:
+        if layer.use_dora.get(name, False):
+            return "DoRA (use_dora=True) has no lowrank kernel"
+        return f"the LoRA variant {type(layer.lora_variant[name]).__name__} has no lowrank kernel"
+    if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"its dropout is a {type(layer.lora_dropout[name]).__name__}, not nn.Dropout"
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return "its lora_A / lora_B are not plain nn.Linear layers"
+    return None
+
+
+def peft_refusals(layer):
+    """{adapter name: why PEFT's ``layer`` runs PEFT's forward for it}."""
+    return {name: why for name in layer.lora_A if (why := peft_refusal(layer, name)) is not None}
+
+
+def peft_forward(layer, base, x, *args, **kwargs):
+    """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op for the one
+    adapter we serve (``adapter_names=``, one per row: ``lowrank.mixed``'s op), PEFT's own
+    forward otherwise."""
+    if not args and kwargs.keys() == {"adapter_names"}:
+        y = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_refusal)
+        if y is not None:
+            return y
+    name = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
+    if name is None or peft_refusal(layer, name) is not None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+    lora_B, scaling = layer.lora_B[name], layer.scaling[name]
+    if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
+        lora_bias = lora_B.bias * scaling
+        bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling, bias=bias,
+                        dropout=p)
+    return y.to(out_dtype)
