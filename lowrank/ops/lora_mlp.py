@@ -16,8 +16,8 @@ from lowrank import reference
 from lowrank.kernels import gated_activation as gated_kernels
 from lowrank.lora_projection import LoraProjection, check_lora_mlp_args
 from lowrank.ops.gradients import InputGradients
-from lowrank.ops.lora_steps import (grad_input, grad_lora_As, lora_expand, projection_runs,
-                                    shrinks)
+from lowrank.ops.lora_steps import (expand, grad_input, grad_lora_As, projection_runs,
+                                    runs_to_save, saved_runs, shrinks)
 
 __all__ = ["LoraMLPFunction", "LoraProjection", "gated_activation", "gated_activation_backward",
            "lora_mlp"]
@@ -70,55 +70,44 @@ class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, gate, up, down, gate_lora_A, gate_lora_B, gate_bias,
                 up_lora_A, up_lora_B, up_bias, down_lora_A, down_lora_B, down_bias):
-        runs = (gate, up, down)
-        weights = [run.weight.flat() for run in runs]
         s_gate, s_up = shrinks(x, (gate_lora_A, up_lora_A), (gate, up))
-        g = lora_expand(x, *weights[0], s_gate, gate_lora_B, gate.scaling, gate_bias)
-        u = lora_expand(x, *weights[1], s_up, up_lora_B, up.scaling, up_bias)
+        g = expand(x, s_gate, gate_lora_B, gate, gate_bias)
+        u = expand(x, s_up, up_lora_B, up, up_bias)
         h = gated_activation(g, u, activation)
         (s_down,) = shrinks(h, (down_lora_A,), (down,))
-        y = lora_expand(h, *weights[2], s_down, down_lora_B, down.scaling, down_bias)
-        ctx.save_for_backward(x, g, u, s_gate, s_up, s_down, *(run.seed for run in runs),
-                              gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A,
-                              down_lora_B, *(t for tensors, _ in weights for t in tensors))
-        ctx.weight_counts = [len(tensors) for tensors, _ in weights]
-        ctx.weight_sizes = [sizes for _, sizes in weights]
-        ctx.runs = [(run.scaling, run.dropout) for run in runs]
+        y = expand(h, s_down, down_lora_B, down, down_bias)
+        ctx.save_for_backward(x, g, u, s_gate, s_up, s_down, gate_lora_A, gate_lora_B, up_lora_A,
+                              up_lora_B, down_lora_A, down_lora_B,
+                              *runs_to_save(ctx, (gate, up, down)))
         ctx.activation = activation
         ctx.bias_dtypes = [None if b is None else b.dtype for b in (gate_bias, up_bias, down_bias)]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, g, u, s_gate, s_up, s_down, *rest = ctx.saved_tensors
-        seeds, rest = rest[:3], rest[3:]
-        (gate_A, gate_B, up_A, up_B, down_A, down_B), rest = rest[:6], rest[6:]
-        weights = []
-        for count, sizes in zip(ctx.weight_counts, ctx.weight_sizes):
-            weights.append((rest[:count], sizes))
-            rest = rest[count:]
-        runs = [_Run(scaling, dropout, seed) for (scaling, dropout), seed in zip(ctx.runs, seeds)]
+        x, g, u, s_gate, s_up, s_down, gate_A, gate_B, up_A, up_B, down_A, down_B, *rest = \
+            ctx.saved_tensors
+        gate, up, down = saved_runs(ctx, rest)
         need = _MLP_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
-        gate, up, down = runs
         grads = {}
 
         # down: dS, dh (through W_down and the LoRA branch), then h recomputed with dg and du.
         grad_s_down = torch.matmul(grad_y, down_B.to(grad_y.dtype)) * down.scaling
-        grad_h = grad_input((grad_y,), weights[2:], (grad_s_down,), (down_A,), (down,))
+        grad_h = grad_input((grad_y,), (grad_s_down,), (down_A,), (down,))
         h, grad_g, grad_u = gated_activation_backward(grad_h, g, u, ctx.activation)
         if need["down_lora_A"]:
             (grads["down_lora_A"],) = grad_lora_As((grad_s_down,), h, (down_A,), (down,), (True,))
         if need["down_lora_B"]:
             grads["down_lora_B"] = (torch.matmul(grad_y.t(), s_down) * down.scaling).to(down_B.dtype)
-        del h
+        del h, grad_h  # not needed below: free them before the gate and up GEMMs
 
         # gate and up: dS of each, then dX summed over both, dA per shrink group, dB.
         grad_s_gate = torch.matmul(grad_g, gate_B.to(grad_g.dtype)) * gate.scaling
         grad_s_up = torch.matmul(grad_u, up_B.to(grad_u.dtype)) * up.scaling
         if need["x"]:
-            grads["x"] = grad_input((grad_g, grad_u), weights[:2], (grad_s_gate, grad_s_up),
-                                    (gate_A, up_A), (gate, up))
+            grads["x"] = grad_input((grad_g, grad_u), (grad_s_gate, grad_s_up), (gate_A, up_A),
+                                    (gate, up))
         grads["gate_lora_A"], grads["up_lora_A"] = grad_lora_As(
             (grad_s_gate, grad_s_up), x, (gate_A, up_A), (gate, up),
             (need["gate_lora_A"], need["up_lora_A"]))
@@ -131,13 +120,6 @@ class LoraMLPFunction(torch.autograd.Function):
             if need[f"{name}_bias"]:
                 grads[f"{name}_bias"] = grad.sum(0).to(dtype)
         return _MLP_GRADIENTS.by_position(**grads)
-
-
-class _Run:
-    """A projection's scaling, dropout and seed in backward (its weight is rebuilt separately)."""
-
-    def __init__(self, scaling, dropout, seed):
-        self.scaling, self.dropout, self.seed = scaling, dropout, seed
 
 
 _MLP_GRADIENTS = InputGradients(

@@ -74,6 +74,32 @@ def projection_runs(x, projections):
             for p in projections]
 
 
+def runs_to_save(ctx, runs):
+    """The tensors of ``runs`` for ``ctx.save_for_backward`` (the seeds, then each weight's
+    tensors); their scalings, dropouts and weight sizes are kept on ``ctx``. ``saved_runs``
+    reads them back."""
+    weights = [run.weight.flat() for run in runs]
+    ctx.run_scalars = [(run.scaling, run.dropout) for run in runs]
+    ctx.weight_layout = [(len(tensors), sizes) for tensors, sizes in weights]
+    return [run.seed for run in runs] + [t for tensors, _ in weights for t in tensors]
+
+
+def saved_runs(ctx, tensors):
+    """The ProjectionRuns that ``runs_to_save`` saved, from its ``tensors`` (saved, in order)."""
+    seeds, rest = tensors[:len(ctx.run_scalars)], tensors[len(ctx.run_scalars):]
+    runs = []
+    for (scaling, dropout), seed, (count, sizes) in zip(ctx.run_scalars, seeds, ctx.weight_layout):
+        weight = FrozenWeight.from_flat(list(rest[:count]), sizes)
+        runs.append(ProjectionRun(weight, scaling, dropout, seed))
+        rest = rest[count:]
+    return runs
+
+
+def expand(x, s, lora_B, run, bias):
+    """``lora_expand`` of one projection: Y = x W^T + b + s S B^T."""
+    return lora_expand(x, *run.weight.flat(), s, lora_B, run.scaling, bias)
+
+
 def _groups(dropouts):
     """Lists of projection indices that run one shrink (and one dA) together: those without
     dropout as one group, each with dropout alone."""
@@ -110,10 +136,10 @@ def grad_lora_As(grad_ss, x, lora_As, runs, needed):
     return result
 
 
-def grad_input(grad_ys, weights, grad_ss, lora_As, runs):
+def grad_input(grad_ys, grad_ss, lora_As, runs):
     """dX of x summed over the projections that read it: sum of dY W + dropout'(dS A)."""
     grad_x = None
-    for grad_y, weight, grad_s, lora_A, run in zip(grad_ys, weights, grad_ss, lora_As, runs):
-        part = lora_grad_input(grad_y, *weight, grad_s, lora_A, run.seed, run.dropout)
+    for grad_y, grad_s, lora_A, run in zip(grad_ys, grad_ss, lora_As, runs):
+        part = lora_grad_input(grad_y, *run.weight.flat(), grad_s, lora_A, run.seed, run.dropout)
         grad_x = part if grad_x is None else grad_x + part
     return grad_x
