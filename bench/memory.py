@@ -4,9 +4,11 @@ What autograd saves for backward does not depend on the device, so this is the o
 figure measured exactly on a CPU. For one training step (forward, then the gradients of the
 trainable parameters), it adds up the bytes of the unique storages autograd saves, parameters,
 buffers and bitsandbytes quant states excluded, split by the block that saved them: the module
-running when a tensor is saved (``CATEGORIES``). Three ways run each configuration: PEFT +
-bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, and a base patched by
-``lowrank.patch_model`` carrying the same adapter (loaded from PEFT's save).
+running when a tensor is saved (``CATEGORIES``). Four ways run each configuration: PEFT +
+bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, a base patched by
+``lowrank.patch_model`` carrying the same adapter (loaded from PEFT's save), and that patched base
+with its MLPs through the fused LoRA MLP (``lowrank_fused_mlp``: ``fused_mlps``; what the fused
+MLP saves is counted as the MLP block's, ``mlp_activation``).
 
 Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one
 4-bit Llama-3-8B decoder layer at seq 2048 (in bf16 as QLoRA runs it, and in fp32; a toy vocabulary
@@ -44,7 +46,7 @@ from bench.harness import RESULTS_DIR, _commit, _version  # noqa: E402
 SCHEMA_VERSION = 1
 RANK = 16
 DROPOUTS = (0.0, 0.05)
-WAYS = ("peft", "lowrank_patch_peft_model", "lowrank")
+WAYS = ("peft", "lowrank_patch_peft_model", "lowrank", "lowrank_fused_mlp")
 CATEGORIES = ("lora_linears", "mlp_activation", "attention", "norms", "loss_head",
               "checkpoint_inputs", "other")
 # A decoder layer's own categories: what "saved bytes per layer" counts (not the embeddings, the
@@ -177,15 +179,18 @@ class Ledger:
     @contextlib.contextmanager
     def __call__(self):
         def entered(module, args):
-            self.running.append(module)
+            if module in self.categories:
+                self.running.append(module)
 
         def left(module, args, output):  # returns None: the output stays as it is
-            self.running.pop()
+            if module in self.categories:
+                self.running.pop()
 
-        handles = []
-        for module in self.categories:
-            handles.append(module.register_forward_pre_hook(entered))
-            handles.append(module.register_forward_hook(left, always_call=True))
+        # Global hooks, not hooks on each module: a fused block forward runs its projections'
+        # computation without calling them, and declines (runs them one by one) where a module
+        # has hooks of its own, which the fused computation would skip.
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(entered),
+                   torch.nn.modules.module.register_module_forward_hook(left, always_call=True)]
         layers = [m for m in self.categories if getattr(m, "gradient_checkpointing", False)]
         originals = [m._gradient_checkpointing_func for m in layers]
         for layer, checkpoint in zip(layers, originals):
@@ -204,6 +209,36 @@ class Ledger:
         saved = {c: self.saved["forward"][c] + self.saved["recompute"][c] for c in CATEGORIES}
         return {"saved": {**saved, "total": sum(saved.values())},
                 "held_at_once": sum(self.saved["forward"].values()) + self.largest_recompute}
+
+
+def is_gated_mlp(module):
+    """A Llama-style gated MLP: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+@contextlib.contextmanager
+def fused_mlps(model):
+    """Inside the block, ``model``'s gated MLPs run ``lowrank.block_forwards.gated_mlp_forward``
+    (the fused LoRA MLP), as the block-fusion stage will run them; an MLP it declines is an error
+    here, so that the ledger's fused numbers are the fused MLP's."""
+    from lowrank.block_forwards import gated_mlp_forward
+
+    def fused(mlp):
+        def forward(hidden_states):
+            output = gated_mlp_forward(mlp, hidden_states)
+            if output is NotImplemented:
+                raise RuntimeError(f"bench.memory: gated_mlp_forward declined {mlp}")
+            return output
+        return forward
+
+    mlps = [module for module in model.modules() if is_gated_mlp(module)]
+    for mlp in mlps:
+        mlp.forward = fused(mlp)
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward
 
 
 def measure_step(model, tokens, fake_mode=None):
@@ -288,15 +323,16 @@ def measure_model(name, directory, dropout, checkpointing=(False, True), fake=No
             for way in WAYS:
                 if way == "lowrank_patch_peft_model":
                     lowrank.patch_peft_model(peft_model)
-                loss, ledger = measure_step(patched if way == "lowrank" else peft_model, tokens,
-                                            fake)
+                stepped = peft_model if way in ("peft", "lowrank_patch_peft_model") else patched
+                with fused_mlps(stepped) if way == "lowrank_fused_mlp" else contextlib.nullcontext():
+                    loss, ledger = measure_step(stepped, tokens, fake)
                 results[checkpoint][way] = {"loss": None if fake else loss.item(), **ledger}
             lowrank.unpatch_peft_model(peft_model)
     return results
 
 
 def check_losses(name, dropout, results):
-    """The comparison is fair only if the three ways compute one loss (without dropout: with it,
+    """The comparison is fair only if the ways compute one loss (without dropout: with it,
     each way draws its own mask)."""
     losses = {way: r["loss"] for way, r in results.items()}
     if dropout or None in losses.values():

@@ -54,8 +54,9 @@ def lora_projection(layer, x):
     x_compute, weight, bias, out_dtype = layer.frozen_operands(x)
     if x_compute.dtype != x.dtype or out_dtype != x.dtype:
         return None
-    if weight.quant_state is None and weight.stored.requires_grad:
-        return None
+    if weight.quant_state is None and (weight.tensor.dtype != x.dtype
+                                       or weight.stored.requires_grad):
+        return None  # the layer's own forward raises for the dtype, or trains its weight
     dropout = layer.lora_dropout[name] if layer.training else 0.0
     return ops.LoraProjection(weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
                               layer.scaling[name], bias=bias, dropout=dropout)

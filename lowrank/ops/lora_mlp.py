@@ -87,7 +87,7 @@ class LoraMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, g, u, s_gate, s_up, s_down, gate_A, gate_B, up_A, up_B, down_A, down_B, *rest = \
             ctx.saved_tensors
-        gate, up, down = saved_runs(ctx, rest)
+        gate, up, down = saved_runs(ctx, rest, (gate_A, up_A, down_A), (gate_B, up_B, down_B))
         need = _MLP_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
         grads = {}

@@ -52,7 +52,7 @@ class LoraQKVFunction(torch.autograd.Function):
     def backward(ctx, *grad_ys):
         x, *rest = ctx.saved_tensors
         ss, lora_As, lora_Bs = rest[:3], rest[3:6], rest[6:9]
-        runs = saved_runs(ctx, rest[9:])
+        runs = saved_runs(ctx, rest[9:], lora_As, lora_Bs)
         need = _QKV_GRADIENTS.needed(ctx)
         grad_ys = [grad.contiguous() for grad in grad_ys]
         grad_ss = [torch.matmul(grad, lora_B.to(grad.dtype)) * run.scaling

@@ -76,21 +76,26 @@ def projection_runs(x, projections):
 
 def runs_to_save(ctx, runs):
     """The tensors of ``runs`` for ``ctx.save_for_backward`` (the seeds, then each weight's
-    tensors); their scalings, dropouts and weight sizes are kept on ``ctx``. ``saved_runs``
+    tensors); their scalings, dropouts and weight blocksizes are kept on ``ctx``. ``saved_runs``
     reads them back."""
     weights = [run.weight.flat() for run in runs]
     ctx.run_scalars = [(run.scaling, run.dropout) for run in runs]
-    ctx.weight_layout = [(len(tensors), sizes) for tensors, sizes in weights]
+    ctx.weight_layout = [(len(tensors), sizes[:2]) for tensors, sizes in weights]
     return [run.seed for run in runs] + [t for tensors, _ in weights for t in tensors]
 
 
-def saved_runs(ctx, tensors):
-    """The ProjectionRuns that ``runs_to_save`` saved, from its ``tensors`` (saved, in order)."""
+def saved_runs(ctx, tensors, lora_As, lora_Bs):
+    """The ProjectionRuns that ``runs_to_save`` saved, from its ``tensors`` (saved, in order) and
+    the projections' adapters, whose shapes give each weight's (N, K). (Not the weight's sizes
+    kept as ints: under torch.compile(dynamic=True) the projections' equal sizes, an MLP's
+    gate N and down K, share one symbol, which Dynamo then fails to carry into backward.)"""
     seeds, rest = tensors[:len(ctx.run_scalars)], tensors[len(ctx.run_scalars):]
     runs = []
-    for (scaling, dropout), seed, (count, sizes) in zip(ctx.run_scalars, seeds, ctx.weight_layout):
-        weight = FrozenWeight.from_flat(list(rest[:count]), sizes)
-        runs.append(ProjectionRun(weight, scaling, dropout, seed))
+    for (scaling, dropout), seed, (count, blocksizes), lora_A, lora_B in zip(
+            ctx.run_scalars, seeds, ctx.weight_layout, lora_As, lora_Bs):
+        sizes = [*blocksizes, lora_B.shape[0], lora_A.shape[1]]
+        runs.append(ProjectionRun(FrozenWeight.from_flat(list(rest[:count]), sizes), scaling,
+                                  dropout, seed))
         rest = rest[count:]
     return runs
 
