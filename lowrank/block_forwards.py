@@ -14,12 +14,15 @@ merged, none active, several active), an activation the kernel does not compute,
 that differ between the projections or from the input (an NF4 compute_dtype other than the
 input's, autocast), a dense frozen weight that requires grad, or a projection with hooks or a
 replaced forward (DeepSpeed ZeRO-3 gathers parameters in hooks; accelerate's offload replaces
-forward): the fused op would skip them.
+forward): the fused op would skip them. Decode-sized inputs (at most ``DECODE_MAX_M`` rows) are
+declined too: the layers' split-K decode path reads each packed weight once, where the fused ops
+run the tiled training kernels, and there is little to save for backward.
 """
 
 from torch import nn
 
 from lowrank import ops
+from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
 from lowrank.modules import LoraLinear
 
 # Activation modules of transformers (by class name, as ACT2FN builds them) and torch, and the
@@ -63,6 +66,8 @@ def lora_projection(layer, x):
 
 
 def _projections(x, layers):
+    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) <= DECODE_MAX_M:
+        return None
     projections = [lora_projection(layer, x) for layer in layers]
     return None if any(p is None for p in projections) else projections
 

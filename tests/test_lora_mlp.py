@@ -232,7 +232,7 @@ def test_gated_mlp_forward_serves_a_patched_llama_mlp_and_declines_what_it_canno
     lowrank.patch_model(model, rank=4, dropout=0.1)
     randomize_adapters(model)
     mlp = model.model.layers[0].mlp
-    x = torch.randn(2, 5, model.config.hidden_size, device=device)
+    x = torch.randn(3, 7, model.config.hidden_size, device=device)  # 21 rows: not decode
     torch.manual_seed(0)
     fused = gated_mlp_forward(mlp, x)
     torch.manual_seed(0)
@@ -242,6 +242,7 @@ def test_gated_mlp_forward_serves_a_patched_llama_mlp_and_declines_what_it_canno
 
     with lowrank.disable_adapters(model):
         assert gated_mlp_forward(mlp, x) is NotImplemented
+    assert gated_mlp_forward(mlp, x[:2]) is NotImplemented  # 14 rows: the decode path's
     assert gated_mlp_forward(mlp, x) is not NotImplemented
     for declined in ("hook", "dtype", "activation"):
         if declined == "hook":

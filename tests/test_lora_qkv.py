@@ -120,7 +120,7 @@ def test_attention_qkv_serves_a_patched_llama_attention_and_declines_what_it_can
     lowrank.patch_model(model, rank=4, dropout=0.1)
     randomize_adapters(model)
     attention = model.model.layers[0].self_attn
-    x = torch.randn(2, 5, model.config.hidden_size, device=device)
+    x = torch.randn(3, 7, model.config.hidden_size, device=device)  # 21 rows: not decode
     torch.manual_seed(0)
     outputs = attention_qkv(attention, x)
     torch.manual_seed(0)
