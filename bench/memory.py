@@ -324,7 +324,9 @@ def measure_model(name, directory, dropout, checkpointing=(False, True), fake=No
                 if way == "lowrank_patch_peft_model":
                     lowrank.patch_peft_model(peft_model)
                 stepped = peft_model if way in ("peft", "lowrank_patch_peft_model") else patched
-                with fused_mlps(stepped) if way == "lowrank_fused_mlp" else contextlib.nullcontext():
+                fusing = fused_mlps(stepped) if way == "lowrank_fused_mlp" else \
+                    contextlib.nullcontext()
+                with fusing:
                     loss, ledger = measure_step(stepped, tokens, fake)
                 results[checkpoint][way] = {"loss": None if fake else loss.item(), **ledger}
             lowrank.unpatch_peft_model(peft_model)

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from lowrank._lora_args import (check_bias, check_ia3_args, check_ia3_vector, check_lora_args,
                                 check_lora_factors, check_merge_args)
-from lowrank.lora_projection import (check_activation, check_lora_mlp_args,
-                                     check_lora_qkv_args)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books, read_nf4)
+from lowrank.lora_projection import check_activation, check_lora_mlp_args, check_lora_qkv_args
 
 
 def _scale_blockwise(x, blocksize):
@@ -115,7 +114,8 @@ def gated_activation(gate, up, activation):
 
 def lora_mlp(x, gate, up, down, activation, dropout_masks=(None, None, None)):
     """Same contract as ``lowrank.ops.lora_mlp``: down(act(gate(x)) * up(x)), each projection a
-    ``lora_linear``. ``dropout_masks``: the keep masks of gate, up and down (see ``lora_linear``)."""
+    ``lora_linear``. ``dropout_masks``: the keep masks of gate, up and down (see
+    ``lora_linear``)."""
     gate, up, down = check_lora_mlp_args(x, gate, up, down, activation,
                                          dtypes=FLOAT_DTYPES + (torch.float64,))
     g, u = (lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, p.bias, p.dropout,

@@ -29,7 +29,8 @@ TORCH_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, appr
 
 
 def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
 def assert_close(actual, expected, tolerance, what):
@@ -50,7 +51,8 @@ def make_projections(dtype, kind, device, with_bias=False, dropouts=(0.0, 0.0, 0
         if kind == "dense":
             w = w.to(device, dtype)
         else:
-            w, state = nf4.quantize(w.to(device, dtype), blocksize=64, double_quant=kind == "nf4-nested")
+            w, state = nf4.quantize(w.to(device, dtype), blocksize=64,
+                                    double_quant=kind == "nf4-nested")
         r = RANKS[name]
         lora_A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_()
         lora_B = (torch.randn(n, r, generator=gen) * 0.3).to(device).requires_grad_()
@@ -313,6 +315,7 @@ def test_bad_arguments_are_named(device):
                                            dropout=1.0), up, down)
     with pytest.raises(TypeError, match="lora_mlp: up must be a LoraProjection"):
         ops.lora_mlp(x, gate, (up.weight, up.lora_A), down)
-    trainable = ops.LoraProjection(gate.weight.clone().requires_grad_(), gate.lora_A, gate.lora_B, 1.0)
+    trainable = ops.LoraProjection(gate.weight.clone().requires_grad_(), gate.lora_A, gate.lora_B,
+                                   1.0)
     with pytest.raises(ValueError, match="gate's dense weight requires grad"):
         ops.lora_mlp(x, trainable, up, down)

@@ -60,13 +60,15 @@ def run(qkv, x, projections, grads_y, rng_seed=5):
     torch.manual_seed(rng_seed)
     outputs = qkv(x, projections)
     torch.autograd.backward(outputs, grads_y)
-    return [y.detach() for y in outputs], {n: leaf.grad for n, leaf in leaves(x, projections).items()}
+    grads = {name: leaf.grad for name, leaf in leaves(x, projections).items()}
+    return [y.detach() for y in outputs], grads
 
 
 def assert_close(actual, expected, tolerance, what):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     assert not actual.isnan().any(), f"{what}: NaN"
-    error = ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    expected = expected.double()
+    error = ((actual.double() - expected).abs().max() / expected.abs().max()).item()
     assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
 
 
@@ -155,7 +157,8 @@ def test_compiles_with_torch_compile_without_graph_breaks(device):
 def test_bad_arguments_are_named(device):
     projections = make_projections(torch.float32, "dense", device)
     q, k, v = (projections[name] for name in NAMES)
-    with pytest.raises(ValueError, match="lora_qkv: q: .*x has 44 features but the weight expects 45"):
+    with pytest.raises(ValueError, match="lora_qkv: q: .*x has 44 features but the weight "
+                                         "expects 45"):
         ops.lora_qkv(torch.randn(3, K - 1, device=device), q, k, v)
     with pytest.raises(TypeError, match="lora_qkv: q: .*dense weight dtype torch.float32 differs"):
         ops.lora_qkv(torch.randn(3, K, device=device, dtype=torch.float16), q, k, v)

@@ -23,8 +23,8 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
-from lowrank.kernels import (gated_activation, ia3_linear, ia3_merge, lora_linear, lora_linear_decode,
-                             lora_merge)
+from lowrank.kernels import (gated_activation, ia3_linear, ia3_merge, lora_linear,
+                             lora_linear_decode, lora_merge)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES
 from lowrank.ops import FrozenWeight

@@ -39,7 +39,8 @@ def _(gate, up, activation):
 @torch.library.custom_op("lowrank::gated_activation_backward", mutates_args=())
 def gated_activation_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                               activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h = act(gate) * up recomputed, d gate, d up) from d h; all contiguous, one shape and dtype."""
+    """(h = act(gate) * up recomputed, d gate, d up) from d h; all contiguous, of one shape and
+    dtype."""
     h, grad_gate, grad_up = (torch.empty_like(gate) for _ in range(3))
     gated_kernels.gated_backward(grad_h, gate, up, h, grad_gate, grad_up, activation)
     return h, grad_gate, grad_up
@@ -99,7 +100,8 @@ class LoraMLPFunction(torch.autograd.Function):
         if need["down_lora_A"]:
             (grads["down_lora_A"],) = grad_lora_As((grad_s_down,), h, (down_A,), (down,), (True,))
         if need["down_lora_B"]:
-            grads["down_lora_B"] = (torch.matmul(grad_y.t(), s_down) * down.scaling).to(down_B.dtype)
+            grads["down_lora_B"] = (torch.matmul(grad_y.t(), s_down)
+                                    * down.scaling).to(down_B.dtype)
         del h, grad_h  # not needed below: free them before the gate and up GEMMs
 
         # gate and up: dS of each, then dX summed over both, dA per shrink group, dB.

@@ -134,7 +134,8 @@ def grad_lora_As(grad_ss, x, lora_As, runs, needed):
         if not group:
             continue
         first = runs[group[0]]
-        grad_s = torch.cat([grad_ss[i] for i in group], dim=1) if len(group) > 1 else grad_ss[group[0]]
+        grad_s = (torch.cat([grad_ss[i] for i in group], dim=1) if len(group) > 1
+                  else grad_ss[group[0]])
         grad_a = lora_grad_a(grad_s, x, first.seed, first.dropout)
         for i, part in zip(group, grad_a.split([grad_ss[i].shape[1] for i in group])):
             result[i] = part.to(lora_As[i].dtype)
