@@ -17,6 +17,10 @@ MODEL = "tiny-llama-nf4"
 CEILINGS = {0.0: 1.005, 0.05: 0.635}
 TARGETS = {0.0: 0.80, 0.05: 0.55}
 LOWRANK_WAYS = ("lowrank_patch_peft_model", "lowrank")
+# The patched model with its MLPs through the fused LoRA MLP (bench.memory.fused_mlps), until the
+# block-fusion stage makes it lowrank's own: today's ratios (0.7768 and 0.4898) plus a small margin.
+FUSED_WAY = "lowrank_fused_mlp"
+FUSED_CEILINGS = {0.0: 0.78, 0.05: 0.495}
 
 
 def measure(**kwargs):
@@ -43,15 +47,23 @@ def test_saved_bytes_stay_under_the_ceilings(fake_cases):
 
 
 @pytest.mark.parametrize("dropout", sorted(TARGETS))
-@pytest.mark.xfail(strict=True, reason="issue 18's targets need the fused MLP, attention and norm "
-                                       "blocks (parts 2-4), not built yet")
+@pytest.mark.xfail(strict=True, reason="issue 18's targets need the fused MLP in patch_model and "
+                                       "patch_peft_model (the block-fusion stage, part 4); the "
+                                       "fused MLP itself meets them (lowrank_fused_mlp, below)")
 def test_saved_bytes_meet_the_issue_targets(fake_cases, dropout):
     for way in LOWRANK_WAYS:
         assert fake_cases[dropout]["ratios_to_peft"][way]["total"] <= TARGETS[dropout]
 
 
+def test_the_fused_mlp_stays_under_its_ceilings_and_meets_the_issue_targets(fake_cases):
+    ratios = {dropout: case["ratios_to_peft"][FUSED_WAY]["total"]
+              for dropout, case in fake_cases.items()}
+    assert all(ratios[dropout] <= FUSED_CEILINGS[dropout] for dropout in ratios), ratios
+    assert all(ratios[dropout] <= TARGETS[dropout] for dropout in ratios), ratios
+
+
 def test_fake_tensors_count_what_real_tensors_count_and_the_losses_agree(fake_cases):
-    # memory.run checks that the three losses agree (fp32, 1e-5 relative) in a real run.
+    # memory.run checks that the losses of every way agree (fp32, 1e-5 relative) in a real run.
     real = measure(dropouts=(0.0,), fake=False)[0.0]
     losses = {way: result["loss"] for way, result in real["ways"].items()}
     assert all(loss is not None and loss > 0 for loss in losses.values()), losses
