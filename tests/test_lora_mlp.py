@@ -331,6 +331,16 @@ def test_new_custom_ops_pass_torch_library_checks(device):
     torch.library.opcheck(ops.lora_expand, (x, *frozen.flat(), s, b, 1.5, None))
 
 
+def test_no_rows_give_an_empty_output_and_zero_adapter_gradients(device):
+    projections = make_projections(torch.float32, "nf4", device)
+    x = torch.randn(0, 3, K, device=device, requires_grad=True)
+    y = fused_mlp(x, projections)
+    assert y.shape == (0, 3, K)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(p.lora_A.grad, torch.zeros_like(p.lora_A)) for p in projections.values())
+
+
 def test_bad_arguments_are_named(device):
     projections = make_projections(torch.float32, "dense", device)
     gate, up, down = (projections[name] for name in NAMES)
