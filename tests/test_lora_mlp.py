@@ -219,7 +219,7 @@ def test_saves_less_than_the_unfused_mlp_by_the_memory_ledger():
     fused = saved_bytes(mlp, lambda: gated_mlp_forward(mlp, x))
     assert unfused == 4 * rows * (hidden + 4 * intermediate + 3 * r) + 3 * 8
     assert fused == 4 * rows * (hidden + 2 * intermediate + 3 * r) + 8
-    assert fused / unfused < 0.6  # 0.53 here (H = 32, I = 48, r = 4)
+    assert fused / unfused < 0.6  # 0.593 here (H = 32, I = 48, r = 4)
 
     tokens = token_ids(batch=2, length=9)
     unfused_loss, unfused_step = memory.measure_step(model, tokens)
