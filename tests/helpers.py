@@ -378,6 +378,15 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
+def assert_fused_close(actual, expected, tolerance, what):
+    """A fused block op's result against the layers run one by one: same dtype and shape, no NaN,
+    and within ``tolerance`` relative to the largest expected value."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN"
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
+
+
 def with_peft(base, names, rank, alpha, use_rslora=False):
     """PEFT's LoRA on ``base`` over exactly the modules ``names``."""
     from peft import LoraConfig, get_peft_model
