@@ -7,8 +7,9 @@ methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, .
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
 adapters active at once, a LoRA variant (DoRA, ...), extra forward arguments. PEFT's mixed-batch
-``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can (inference). With adapters disabled, merged or none active PEFT runs the base layer alone,
-which our kernels would not speed up anyway.
+``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can (inference). With
+adapters disabled, merged or none active PEFT runs the base layer alone, which our kernels would
+not speed up anyway.
 """
 
 import functools
