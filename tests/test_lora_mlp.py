@@ -10,16 +10,15 @@ the unfused one rounds act(g) and then the product.
 
 import contextlib
 import functools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (assert_fused_close, poisoned, randomize_adapters, relative_error, tiny_model,
-                     token_ids)
+from helpers import (assert_fused_close, make_lora_projection, poisoned, projection_leaves,
+                     projection_linear, randomize_adapters, relative_error, tiny_model, token_ids)
 
 import lowrank
-from lowrank import nf4, ops, reference
+from lowrank import ops, reference
 from lowrank.block_forwards import gated_mlp_forward
 from lowrank.kernels import gated_activation as gated_kernels
 
@@ -31,41 +30,18 @@ TORCH_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, appr
 
 
 def make_projections(dtype, kind, device, with_bias=False, dropouts=(0.0, 0.0, 0.0), seed=0):
-    """{name: LoraProjection} of gate (K -> I), up (K -> I) and down (I -> K), adapters fp32 and
-    leaves that require grad (biases too, when given)."""
+    """{name: LoraProjection} of gate (K -> I), up (K -> I) and down (I -> K)."""
     gen = torch.Generator().manual_seed(seed)
-    projections = {}
-    for name, (n, k), dropout in zip(NAMES, ((I, K), (I, K), (K, I)), dropouts):
-        w = torch.randn(n, k, generator=gen) / math.sqrt(k)
-        state = None
-        if kind == "dense":
-            w = w.to(device, dtype)
-        else:
-            w, state = nf4.quantize(w.to(device, dtype), blocksize=64,
-                                    double_quant=kind == "nf4-nested")
-        r = RANKS[name]
-        lora_A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_()
-        lora_B = (torch.randn(n, r, generator=gen) * 0.3).to(device).requires_grad_()
-        bias = (torch.randn(n, generator=gen) * 0.1).to(device, dtype).requires_grad_() \
-            if with_bias else None
-        projections[name] = ops.LoraProjection(w, lora_A, lora_B, 1.5, bias, dropout, state)
-    return projections
-
-
-def leaves(x, projections):
-    return {"x": x, **{f"{name}.{part}": getattr(p, part) for name, p in projections.items()
-                       for part in ("lora_A", "lora_B", "bias") if getattr(p, part) is not None}}
+    return {name: make_lora_projection(n, k, RANKS[name], dtype, kind, device, gen, 1.5,
+                                       with_bias, dropout)
+            for name, (n, k), dropout in zip(NAMES, ((I, K), (I, K), (K, I)), dropouts)}
 
 
 def unfused_mlp(x, projections, activation="silu"):
     """What a patched model runs without the fusion."""
     gate, up, down = (projections[name] for name in NAMES)
-
-    def linear(x, p):
-        return ops.lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, bias=p.bias,
-                               dropout=p.dropout, quant_state=p.quant_state)
-
-    return linear(TORCH_ACTIVATIONS[activation](linear(x, gate)) * linear(x, up), down)
+    return projection_linear(TORCH_ACTIVATIONS[activation](projection_linear(x, gate))
+                             * projection_linear(x, up), down)
 
 
 def fused_mlp(x, projections, activation="silu"):
@@ -74,13 +50,13 @@ def fused_mlp(x, projections, activation="silu"):
 
 def run(mlp, x, projections, grad_y, activation="silu", rng_seed=None):
     """(y, {leaf: gradient}) of ``mlp``; torch's RNG seeded first when ``rng_seed`` is given."""
-    for leaf in leaves(x, projections).values():
+    for leaf in projection_leaves(x, projections).values():
         leaf.grad = None
     if rng_seed is not None:
         torch.manual_seed(rng_seed)
     y = mlp(x, projections, activation)
     y.backward(grad_y)
-    return y.detach(), {name: leaf.grad for name, leaf in leaves(x, projections).items()}
+    return y.detach(), {name: leaf.grad for name, leaf in projection_leaves(x, projections).items()}
 
 
 def check_fused_against_unfused(dtype, kind, device, activation="silu", with_bias=False,

@@ -5,14 +5,13 @@ Odd shapes: M = 37 (as 37 x 1), K = 45; q has 53 outputs, k and v 29 (grouped-qu
 ranks 8, 5 and 7, so the shared shrink splits unevenly. Tolerances as in test_lora_mlp.py.
 """
 
-import math
-
 import pytest
 import torch
-from helpers import assert_fused_close, randomize_adapters, tiny_model
+from helpers import (assert_fused_close, make_lora_projection, projection_leaves, projection_linear,
+                     randomize_adapters, tiny_model)
 
 import lowrank
-from lowrank import nf4, ops
+from lowrank import ops
 from lowrank.block_forwards import attention_qkv
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
@@ -24,30 +23,13 @@ NAMES = ("q", "k", "v")
 
 def make_projections(dtype, kind, device, with_bias=False, dropouts=(0.0, 0.0, 0.0)):
     gen = torch.Generator().manual_seed(0)
-    projections = {}
-    for name, dropout in zip(NAMES, dropouts):
-        n, r = OUTPUTS[name], RANKS[name]
-        w = (torch.randn(n, K, generator=gen) / math.sqrt(K)).to(device, dtype)
-        state = None
-        if kind != "dense":
-            w, state = nf4.quantize(w, blocksize=64, double_quant=kind == "nf4-nested")
-        lora_A = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(device).requires_grad_()
-        lora_B = (torch.randn(n, r, generator=gen) * 0.3).to(device).requires_grad_()
-        bias = (torch.randn(n, generator=gen) * 0.1).to(device, dtype).requires_grad_() \
-            if with_bias else None
-        projections[name] = ops.LoraProjection(w, lora_A, lora_B, 0.75, bias, dropout, state)
-    return projections
-
-
-def leaves(x, projections):
-    return {"x": x, **{f"{name}.{part}": getattr(p, part) for name, p in projections.items()
-                       for part in ("lora_A", "lora_B", "bias") if getattr(p, part) is not None}}
+    return {name: make_lora_projection(OUTPUTS[name], K, RANKS[name], dtype, kind, device, gen,
+                                       0.75, with_bias, dropout)
+            for name, dropout in zip(NAMES, dropouts)}
 
 
 def unfused(x, projections):
-    return tuple(ops.lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, bias=p.bias,
-                                 dropout=p.dropout, quant_state=p.quant_state)
-                 for p in (projections[name] for name in NAMES))
+    return tuple(projection_linear(x, projections[name]) for name in NAMES)
 
 
 def fused(x, projections):
@@ -55,12 +37,12 @@ def fused(x, projections):
 
 
 def run(qkv, x, projections, grads_y, rng_seed=5):
-    for leaf in leaves(x, projections).values():
+    for leaf in projection_leaves(x, projections).values():
         leaf.grad = None
     torch.manual_seed(rng_seed)
     outputs = qkv(x, projections)
     torch.autograd.backward(outputs, grads_y)
-    grads = {name: leaf.grad for name, leaf in leaves(x, projections).items()}
+    grads = {name: leaf.grad for name, leaf in projection_leaves(x, projections).items()}
     return [y.detach() for y in outputs], grads
 
 
