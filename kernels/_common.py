@@ -1,10 +1,34 @@
-"""Helpers shared by the kernels: exact rounding and code-book search."""
+"""Helpers shared by the kernels: the target a launch is built for, exact rounding and code-book
+search."""
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
 # Blocksizes bitsandbytes accepts for 4-bit blockwise quantization.
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+INTERPRETER_MULTIPROCESSORS = 4  # what a launch sized by SM count sees in Triton's interpreter
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launch is built for: a CUDA architecture (``arch`` 90 for sm_90) and its SM count, or
+    Triton's interpreter (``arch`` None). Launchers choose their configs from it, in one place
+    per kernel, so tuning for a GPU lands there; ``bench.static`` substitutes each GPU it builds
+    for (``target`` is the one function it replaces)."""
+
+    arch: int | None
+    multiprocessors: int
+
+
+def target(device):
+    """The ``Target`` of tensors on ``device``."""
+    if device.type != "cuda":
+        return Target(None, INTERPRETER_MULTIPROCESSORS)
+    props = torch.cuda.get_device_properties(device)
+    return Target(10 * props.major + props.minor, props.multi_processor_count)
 
 
 @triton.jit

@@ -22,12 +22,28 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import load_weight_tile, precision, weight_args
 
-FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-GRAD_SCALE = FORWARD  # recomputes the forward's tiles
+# Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
+# operands' dtype: the one place each launcher's config comes from. The backward kernels' BLOCK_M
+# sizes the dl partial sums the op allocates (``partial_rows``), so it does not vary by target.
+PARTIAL_BLOCK_M = 64
+
+
+def forward_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+
+def grad_input_config(target, dtype):
+    return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4,
+            "num_stages": 3}
+
+
+def grad_scale_config(target, dtype):  # recomputes the forward's tiles
+    return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4,
+            "num_stages": 3}
 
 
 @triton.jit
@@ -129,8 +145,8 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, c
 
 
 def partial_rows(M, feedforward):
-    """Rows of the per-token-block dl buffer the backward kernels fill."""
-    return triton.cdiv(M, (GRAD_INPUT if feedforward else GRAD_SCALE)["BLOCK_M"])
+    """Rows of the per-token-block dl buffer the backward kernels fill (either form)."""
+    return triton.cdiv(M, PARTIAL_BLOCK_M)
 
 
 def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
@@ -139,11 +155,12 @@ def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
     M, K = x.shape
     N = y.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    config = forward_config(_common.target(x.device), x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _ia3_forward_kernel[grid](
         x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        HAS_BIAS=bias is not None, **flags, PRECISION=precision(x.dtype), **FORWARD,
+        HAS_BIAS=bias is not None, **flags, PRECISION=precision(x.dtype), **config,
         enable_fp_fusion=False)
 
 
@@ -154,11 +171,12 @@ def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     write_scale = feedforward and grad_scale is not None
-    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    config = grad_input_config(_common.target(dy.device), dy.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
     _ia3_grad_input_kernel[grid](
         dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
         x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        GRAD_SCALE=write_scale, **flags, PRECISION=precision(dy.dtype), **GRAD_INPUT,
+        GRAD_SCALE=write_scale, **flags, PRECISION=precision(dy.dtype), **config,
         enable_fp_fusion=False)
 
 
@@ -168,8 +186,9 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
     M, K = x.shape
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, GRAD_SCALE["BLOCK_M"]), triton.cdiv(N, GRAD_SCALE["BLOCK_N"]))
+    config = grad_scale_config(_common.target(x.device), x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _ia3_grad_scale_kernel[grid](
         x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype), **GRAD_SCALE, enable_fp_fusion=False)
+        PRECISION=precision(x.dtype), **config, enable_fp_fusion=False)

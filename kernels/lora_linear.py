@@ -18,15 +18,31 @@ dropout p on the LoRA branch:
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import store_rounded
 from ._weight import load_weight_tile, precision, weight_args
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
-FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-SHRINK = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-GRAD_A = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 MASK_BLOCK = 1024
+
+
+# Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
+# operands' dtype: the one place each launcher's config comes from.
+
+def forward_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+
+def grad_input_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def shrink_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def grad_a_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -160,10 +176,11 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
 def lora_shrink(x, lora_a, s, seed, p):
     M, K = x.shape
     R = lora_a.shape[0]
-    grid = (triton.cdiv(M, SHRINK["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+    config = shrink_config(_common.target(x.device), x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
     _lora_shrink_kernel[grid](
         x, lora_a, s, seed, M, K, R, p, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **SHRINK)
+        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
 
 
 def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
@@ -172,12 +189,13 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
     N, R = lora_b.shape
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    config = forward_config(_common.target(x.device), x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _lora_forward_kernel[grid](
         x, w, s, lora_b, y if bias is None else bias, y, absmax, code, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **FORWARD, enable_fp_fusion=False)
+        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
 
 
 def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
@@ -185,21 +203,23 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     R, K = lora_a.shape
     flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    config = grad_input_config(_common.target(dy.device), dy.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
     _lora_grad_input_kernel[grid](
         dy, w, ds, lora_a, dx, seed, absmax, code, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
         nested_shift, DROPOUT=p > 0, **flags, PRECISION=precision(dy.dtype),
-        BLOCK_R=BLOCK_R, **GRAD_INPUT, enable_fp_fusion=False)
+        BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
 
 
 def lora_grad_a(ds, x, da, seed, p):
     M, K = x.shape
     R = ds.shape[1]
-    grid = (triton.cdiv(K, GRAD_A["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
+    config = grad_a_config(_common.target(x.device), x.dtype)
+    grid = (triton.cdiv(K, config["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
     _lora_grad_a_kernel[grid](ds, x, da, seed, M, K, R, p, x.stride(0), x.stride(1),
                               DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R,
-                              **GRAD_A)
+                              **config)
 
 
 def dropout_mask(seed, mask, p):

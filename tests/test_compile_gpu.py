@@ -99,7 +99,7 @@ def test_nf4_instructions_per_element_under_ceiling_for(arch):
 
 # Each gate against a config made bad on purpose: gate -> (arch, launcher config replaced, the
 # config, the benchmark cases built with it).
-FORWARD = "lora_linear.FORWARD"
+FORWARD = "lora_linear.forward_config"
 BAD_CONFIGS = {
     "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
                                 "num_stages": 6}, "lora_linear_forward dense"),
