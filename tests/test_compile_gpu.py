@@ -77,10 +77,6 @@ def test_dense_gemms_fit_two_ctas_per_sm_on_sm89():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(strict=True, reason="NF4 GEMMs with a nested absmax, and NF4 GEMMs on fp32, "
-                   "need 52-80 KB of shared memory per CTA today (the pipeliner stages the "
-                   "per-element absmax and code gathers there): one CTA per SM on sm_89's 100 KB. "
-                   "Issue 'speed by design' fixes this; then remove this mark")
 def test_nf4_gemms_fit_two_ctas_per_sm_on_sm89():
     failures = gates.two_ctas_per_sm([r for r in records(89) if r["constexprs"].get("NF4")])
     assert not failures, "\n".join(failures)

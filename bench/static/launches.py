@@ -72,8 +72,8 @@ class Specialized:
 
 def gpu(arch, multiprocessors=132):
     """The ``Target`` the launchers configure for: sm_``arch`` with ``multiprocessors`` SMs (the
-    split-K decode sizes its grid from them; 132 is H100 SXM's count)."""
-    return Target(arch, multiprocessors)
+    split-K decode sizes its grid from them; 132 is H100 SXM's count), inline PTX allowed."""
+    return Target(arch, multiprocessors, inline_ptx=True)
 
 
 @contextlib.contextmanager
