@@ -14,6 +14,7 @@ from conftest import assert_same_bits, decode_nf4, load_tiny_4bit_llama, poisone
 
 from lowrank import nf4, ops, reference
 from lowrank.kernels import lora_linear as lora_kernels
+from lowrank.kernels._common import target
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 M, K, N = 37, 97, 83
@@ -175,7 +176,11 @@ DECODE_LAYOUTS = [(128, 64, False), (128, 32, False), (256, 128, True), (98, 64,
                          ids=[f"K={k}-bs={b}{'-nested' if n else ''}" for k, b, n in DECODE_LAYOUTS])
 def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, device):
     """Forward and dX against an identity (fp32, IEEE products: 1 x w + 0 x the rest is exact) give
-    W^T and W: the weight decoded inside the GEMMs, bit for bit what the format stands for."""
+    W^T and W: the weight decoded inside the GEMMs, bit for bit what the format stands for. On
+    CPU this checks the portable lookup (``tl.load``, as on AMD); on an NVIDIA GPU the inline PTX
+    one (``_common.Target.inline_ptx``)."""
+    assert target(torch.device(device)).inline_ptx == (torch.device(device).type == "cuda"
+                                                        and torch.version.hip is None)
     w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
     packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
     expected = decode_nf4(packed, state).reshape(N, k)
