@@ -1,23 +1,77 @@
-"""Helpers shared by the kernels: exact rounding and code-book search."""
+"""Helpers shared by the kernels: the target a launch is built for, exact rounding and code-book
+search."""
 
+import os
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 # Blocksizes bitsandbytes accepts for 4-bit blockwise quantization.
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+INTERPRETER_MULTIPROCESSORS = 4  # what a launch sized by SM count sees in Triton's interpreter
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launch is built for: a GPU architecture (``arch`` 90 for sm_90) and its SM count, or
+    Triton's interpreter (``arch`` None), and whether kernels may use inline PTX (NVIDIA GPUs;
+    the interpreter and AMD take the portable ``tl.load`` path instead). Launchers choose their
+    configs from it, in one place per kernel, so tuning for a GPU lands there; ``bench.static``
+    substitutes each GPU it builds for (``target`` is the one function it replaces)."""
+
+    arch: int | None
+    multiprocessors: int
+    inline_ptx: bool = False
+
+
+def target(device):
+    """The ``Target`` of tensors on ``device``."""
+    if device.type != "cuda":
+        return Target(None, INTERPRETER_MULTIPROCESSORS)
+    props = torch.cuda.get_device_properties(device)
+    return Target(10 * props.major + props.minor, props.multi_processor_count,
+                  inline_ptx=torch.version.hip is None)
+
+
+# Pair tables by code book (the code book stays alive, and the same, while lowrank holds it:
+# FrozenWeight.code is one tensor per device), rebuilt if it is written in place.
+_PAIR_TABLES = WeakTensorKeyDictionary()
+
+
+def code_pairs(code):
+    """The 256 x 2 fp32 pair table of a 16-entry code book: row b holds (code[b >> 4],
+    code[b & 15]), the values of packed byte b, its high nibble (the even element) first."""
+    cached = _PAIR_TABLES.get(code)
+    if cached is None or cached[0] != code._version:
+        byte = torch.arange(256, device=code.device)
+        cached = (code._version, torch.stack((code[byte >> 4], code[byte & 15]), 1).float())
+        _PAIR_TABLES[code] = cached
+    return cached[1]
+
+
+# Kernels run in Triton's interpreter (decided when this module is imported, as for @triton.jit).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def round_to_bf16(x):
-    """fp32 -> bf16, round to nearest even, done on the bits.
+    """fp32 -> bf16, round to nearest even.
 
-    The native cast rounds correctly on GPUs but truncates in Triton's interpreter; this form is
-    exact in both, so bf16 outputs can be compared bit for bit with bitsandbytes and torch.
+    The native cast rounds to nearest even on GPUs (one instruction per pair) but truncates in
+    Triton's interpreter, where it is done on the bits instead, so bf16 outputs can be compared
+    bit for bit with bitsandbytes and torch in both.
     """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN: the carry could make it inf
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN: the carry could make it inf
+        result = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        result = x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    return result
 
 
 @triton.jit

@@ -4,28 +4,82 @@ registers, plus the launcher-side arguments that describe it. Shared by every op
 import triton
 import triton.language as tl
 
-from ._common import store_rounded
-from .nf4_dequantize import decode_nf4, load_absmax
+from ._common import code_pairs, store_rounded
+from .nf4_dequantize import decode_nf4, decode_nf4_pairs, load_absmax
 from .nf4_quantize import quantize_and_pack
 
 
 @triton.jit
-def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
+def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                      nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                      NF4: tl.constexpr, NESTED: tl.constexpr):
-    """W[rows, cols] in fp32: loaded (dense, any strides) or decoded from packed NF4 (row-major).
-
-    ``rows`` and ``cols`` may have any (broadcastable) shape: a 2-D GEMM tile, or the flat element
-    range of the merge kernels."""
+    """W[rows, cols] in fp32, element by element: loaded (dense, any strides) or decoded from
+    packed NF4 (row-major). ``rows`` and ``cols`` may have any (broadcastable) shape: the flat
+    element range of the merge kernels, or a GEMM tile whose rows do not start on a byte (odd K)."""
     if NF4:
         index = rows.to(tl.int64) * K + cols
         byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> ((1 - (index & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
         scale = load_absmax(index >> block_shift, mask, absmax_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
-        return decode_nf4(nibble, scale, code_ptr)
+        return decode_nf4(nibble, scale, pairs_ptr)
     else:
         return tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                   nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                   NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                   INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GEMM tile W[outs, k0 : k0 + BLOCK_K] in fp32 (``outs``: BLOCK_N row indices, ``k0`` a
+    multiple of BLOCK_K), dense or decoded from packed NF4.
+
+    NF4 with SCALE_GROUP > 0 (K even, and SCALE_GROUP consecutive elements of a row, starting at a
+    multiple of it, always share a quantization block: ``scale_group``): each row's packed bytes
+    are loaded once as a [BLOCK_N, BLOCK_K / 2] tile (contiguous, so wide loads), each byte looked
+    up in the pair table as both of its values at once (one 8-byte load, interleaved as the
+    elements are), and one absmax per row and group, nested absmax decoded there too, not per
+    element. The row bases are int64 (N x K may pass 2**31); offsets inside a row are int32.
+    SCALE_GROUP == 0 (dense, or odd K: rows start mid-byte): element by element,
+    ``load_weight_tile``."""
+    if NF4 and SCALE_GROUP > 0:
+        BLOCK_N: tl.constexpr = outs.shape[0]
+        GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
+        row_first = outs.to(tl.int64) * K  # the row's first element
+        pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
+                         mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
+        values = decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+        group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
+        scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+                            nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+        if GROUPS == 1:
+            tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
+        else:
+            tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
+                              [BLOCK_N, BLOCK_K])
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (outs < N)[:, None] & (cols < K)[None, :]
+        tile = load_weight_tile(w_ptr, outs[:, None], cols[None, :], mask, K, stride_wn, stride_wk,
+                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                                offset_ptr, block_shift, nested_shift, NF4, NESTED)
+    return tile
+
+
+def decoding_flags(nf4, K, block_k, target):
+    """``load_gemm_tile``'s constexprs: SCALE_GROUP (see ``scale_group``) and INLINE_PTX."""
+    return {"SCALE_GROUP": scale_group(nf4, K, block_k), "INLINE_PTX": target.inline_ptx}
+
+
+def scale_group(nf4, K, block_k):
+    """``load_gemm_tile``'s SCALE_GROUP for a K-wide weight read in BLOCK_K-wide tiles: the most
+    consecutive elements of a row (a power of two dividing BLOCK_K) that always share one absmax,
+    or 0 when a row may start mid-byte (odd K) or the weight is dense."""
+    if nf4 is None or K % 2:
+        return 0
+    return min(block_k, nf4.blocksize, K & -K)  # K & -K: the largest power of two dividing K
 
 
 def precision(dtype):
@@ -37,13 +91,14 @@ def weight_args(w, nf4):
     """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
     strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes, ``nf4`` being what decodes
     them, read by name: absmax, code, nested_code (None unless nested), nested_absmax, offset,
-    blocksize, nested_blocksize and in_features (``lowrank.ops.FrozenWeight.nf4``)."""
+    blocksize, nested_blocksize and in_features (``lowrank.ops.FrozenWeight.nf4``). The kernels
+    take the code book as its pair table (``code_pairs``)."""
     if nf4 is None:
         return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
     nested = nf4.nested_code is not None
     absmax = nf4.absmax
     return ({"NF4": True, "NESTED": nested},
-            (absmax, nf4.code, nf4.nested_code if nested else absmax,
+            (absmax, code_pairs(nf4.code), nf4.nested_code if nested else absmax,
              nf4.nested_absmax if nested else absmax, nf4.offset if nested else absmax,
              nf4.blocksize.bit_length() - 1, nf4.nested_blocksize.bit_length() - 1),
             (nf4.in_features, 1))

@@ -22,21 +22,42 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import load_weight_tile, precision, weight_args
+from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 
-FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-GRAD_SCALE = FORWARD  # recomputes the forward's tiles
+# Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
+# operands' dtype: the one place each launcher's config comes from. The backward kernels' BLOCK_M
+# sizes the dl partial sums the op allocates (``partial_rows``), so it does not vary by target.
+PARTIAL_BLOCK_M = 64
+
+
+def forward_config(target, dtype):
+    if target.arch == 90 and dtype.itemsize == 2:  # W tiles of 128 rows: the decode amortized
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+
+def grad_input_config(target, dtype):
+    if target.arch == 90 and dtype.itemsize == 2:  # as forward_config, with W's N x K swapped
+        return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4,
+            "num_stages": 3}
+
+
+def grad_scale_config(target, dtype):  # recomputes the forward's tiles
+    return {**forward_config(target, dtype), "BLOCK_M": PARTIAL_BLOCK_M}
 
 
 @triton.jit
-def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, code_ptr,
+def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_ptr,
                         nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
                         stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                         FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
-                        NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile."""
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -49,10 +70,9 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, code_p
         if FEEDFORWARD:
             scale = tl.load(l_ptr + cols, mask=cols < K, other=0.0)
             x = cast_rounded(x.to(tl.float32) * scale[None, :], dtype)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
@@ -63,17 +83,19 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, code_p
 
 
 @triton.jit
-def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_ptr, code_ptr,
+def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                            FEEDFORWARD: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
-                           NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                           INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dX = (dY * l) W, or (dY W) * l; in the feed-forward form with GRAD_SCALE, also this
     program's token-sum of (dY W) * x into row program_id(0) of ``dl_ptr`` (fp32, ? x K)."""
     dtype = dy_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_first = tl.program_id(1) * BLOCK_K
+    cols = k_first + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
@@ -82,10 +104,9 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
         if not FEEDFORWARD:
             scale = tl.load(l_ptr + outs, mask=outs < N, other=0.0)
             dy = cast_rounded(dy.to(tl.float32) * scale[None, :], dtype)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
     if FEEDFORWARD:
         if GRAD_SCALE:
@@ -99,10 +120,11 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
 
 
 @triton.jit
-def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, code_ptr,
+def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                            HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                           SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     """Output form: this program's token-sum of dY * (x W^T + b) into row program_id(0) of
@@ -115,10 +137,9 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, c
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
@@ -129,8 +150,8 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, c
 
 
 def partial_rows(M, feedforward):
-    """Rows of the per-token-block dl buffer the backward kernels fill."""
-    return triton.cdiv(M, (GRAD_INPUT if feedforward else GRAD_SCALE)["BLOCK_M"])
+    """Rows of the per-token-block dl buffer the backward kernels fill (either form)."""
+    return triton.cdiv(M, PARTIAL_BLOCK_M)
 
 
 def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
@@ -139,11 +160,14 @@ def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
     M, K = x.shape
     N = y.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    target = _common.target(x.device)
+    config = forward_config(target, x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _ia3_forward_kernel[grid](
         x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        HAS_BIAS=bias is not None, **flags, PRECISION=precision(x.dtype), **FORWARD,
+        HAS_BIAS=bias is not None, **flags, **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=precision(x.dtype), **config,
         enable_fp_fusion=False)
 
 
@@ -154,11 +178,14 @@ def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     write_scale = feedforward and grad_scale is not None
-    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    target = _common.target(dy.device)
+    config = grad_input_config(target, dy.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
     _ia3_grad_input_kernel[grid](
         dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
         x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        GRAD_SCALE=write_scale, **flags, PRECISION=precision(dy.dtype), **GRAD_INPUT,
+        GRAD_SCALE=write_scale, **flags, **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=precision(dy.dtype), **config,
         enable_fp_fusion=False)
 
 
@@ -168,8 +195,11 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
     M, K = x.shape
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, GRAD_SCALE["BLOCK_M"]), triton.cdiv(N, GRAD_SCALE["BLOCK_N"]))
+    target = _common.target(x.device)
+    config = grad_scale_config(target, x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _ia3_grad_scale_kernel[grid](
         x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype), **GRAD_SCALE, enable_fp_fusion=False)
+        **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=precision(x.dtype), **config, enable_fp_fusion=False)

@@ -13,7 +13,7 @@ from ._weight import load_weight_tile, merge_args, store_weight_block
 
 
 @triton.jit
-def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_ptr, code_ptr,
+def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_ptr, pairs_ptr,
                       nested_code_ptr, nested_absmax_ptr, offset_ptr, stride_wn, stride_wk,
                       stride_on, stride_ok, block_shift, nested_shift, N, K, stride_ln, stride_lk,
                       UNMERGE: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
@@ -26,7 +26,7 @@ def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_
     mask = index < n_elements
     rows = index // K
     cols = index % K
-    w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
+    w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                          nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                          NF4, NESTED)
     scale = tl.load(l_ptr + rows * stride_ln + cols * stride_lk, mask=mask, other=1.0)

@@ -18,15 +18,37 @@ dropout p on the LoRA branch:
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import store_rounded
-from ._weight import load_weight_tile, precision, weight_args
+from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
-FORWARD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-GRAD_INPUT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-SHRINK = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-GRAD_A = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 MASK_BLOCK = 1024
+
+
+# Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
+# operands' dtype: the one place each launcher's config comes from.
+
+def forward_config(target, dtype):
+    if target.arch == 90 and dtype.itemsize == 2:  # W tiles of 128 rows: the decode amortized
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+
+def grad_input_config(target, dtype, dropout):
+    # As forward_config, with W's N x K swapped; not with dropout, whose mask regenerated over a
+    # 64 x 128 tile spills registers on sm_90.
+    if target.arch == 90 and dtype.itemsize == 2 and not dropout:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def shrink_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def grad_a_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -36,8 +58,8 @@ def dropout_keep(seed_ptr, rows, cols, K, p):
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk,
-                        stride_ar, stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk, stride_ar,
+                        stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S = dropout(x) A^T, stored in x's dtype (M x R, contiguous); one rank chunk per program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -57,12 +79,13 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, st
 
 
 @triton.jit
-def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr, code_ptr,
+def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_ptr,
                          nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, scaling,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
                          block_shift, nested_shift, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
-                         NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                         NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Y = x W^T + b + s S B^T, one store per output tile."""
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,10 +95,9 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -93,25 +115,26 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
 
 
 @triton.jit
-def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absmax_ptr, code_ptr,
+def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absmax_ptr, pairs_ptr,
                             nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
                             stride_wn, stride_wk, stride_ar, stride_ak, block_shift, nested_shift,
                             DROPOUT: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                            SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers."""
     dtype = dy_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_first = tl.program_id(1) * BLOCK_K
+    cols = k_first + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
                      mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -160,46 +183,57 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
 def lora_shrink(x, lora_a, s, seed, p):
     M, K = x.shape
     R = lora_a.shape[0]
-    grid = (triton.cdiv(M, SHRINK["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+    target = _common.target(x.device)
+    config = shrink_config(target, x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
     _lora_shrink_kernel[grid](
         x, lora_a, s, seed, M, K, R, p, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **SHRINK)
+        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
 
 
 def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
     """``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding tensors."""
     M, K = x.shape
     N, R = lora_b.shape
-    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+    flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+    target = _common.target(x.device)
+    config = forward_config(target, x.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _lora_forward_kernel[grid](
-        x, w, s, lora_b, y if bias is None else bias, y, absmax, code, nested_code, nested_absmax,
+        x, w, s, lora_b, y if bias is None else bias, y, absmax, pairs, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **FORWARD, enable_fp_fusion=False)
+        **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
 
 
 def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     M, N = dy.shape
     R, K = lora_a.shape
-    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+    flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    grid = (triton.cdiv(M, GRAD_INPUT["BLOCK_M"]), triton.cdiv(K, GRAD_INPUT["BLOCK_K"]))
+    target = _common.target(dy.device)
+    config = grad_input_config(target, dy.dtype, p > 0)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
     _lora_grad_input_kernel[grid](
-        dy, w, ds, lora_a, dx, seed, absmax, code, nested_code, nested_absmax, offset,
+        dy, w, ds, lora_a, dx, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
-        nested_shift, DROPOUT=p > 0, **flags, PRECISION=precision(dy.dtype),
-        BLOCK_R=BLOCK_R, **GRAD_INPUT, enable_fp_fusion=False)
+        nested_shift, DROPOUT=p > 0, **flags,
+        **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=precision(dy.dtype),
+        BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
 
 
 def lora_grad_a(ds, x, da, seed, p):
     M, K = x.shape
     R = ds.shape[1]
-    grid = (triton.cdiv(K, GRAD_A["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
+    target = _common.target(x.device)
+    config = grad_a_config(target, x.dtype)
+    grid = (triton.cdiv(K, config["BLOCK_K"]), triton.cdiv(R, BLOCK_R))
     _lora_grad_a_kernel[grid](ds, x, da, seed, M, K, R, p, x.stride(0), x.stride(1),
                               DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R,
-                              **GRAD_A)
+                              **config)
 
 
 def dropout_mask(seed, mask, p):

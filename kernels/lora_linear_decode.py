@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import load_weight_tile, precision, weight_args
+from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 from .lora_linear import BLOCK_R, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -27,22 +28,32 @@ from .lora_linear import BLOCK_R, dropout_keep
 # fp32, which grows with M. The crossover must be measured on GPUs (bench/lora_linear.py's decode
 # cases time both paths) before this value is trusted.
 DECODE_MAX_M = 16
-# Two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory (sm_86/sm_89's limit).
-DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
-# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency.
+# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency (in
+# the interpreter, _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests
+# exercise the split).
 PROGRAMS_PER_SM = 4
-INTERPRETER_PROGRAMS = 16  # on CPU: a few K-slices, so the tests exercise the split
+
+
+# Tiles and launch options per kernel, a function of the target (``_common.Target``) and x's
+# dtype: the one place each launcher's config comes from. BLOCK_M holds every row (DECODE_MAX_M).
+
+def decode_config(target, dtype):
+    # Two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory (sm_86/sm_89).
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def epilogue_config(target, dtype):
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
 
 
 @triton.jit
 def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_ptr, absmax_ptr,
-                        code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
+                        pairs_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
                         k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar,
                         stride_ak, block_shift, nested_shift, DROPOUT: tl.constexpr,
-                        NF4: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
+                        NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                        INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
@@ -55,10 +66,9 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
@@ -114,17 +124,10 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
 
 
-def programs_to_fill(device):
-    """Programs that keep ``device`` busy (the static report substitutes a GPU's SM count here)."""
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
-
-
 def split_k(n_tiles, k_steps, device):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
-    target = programs_to_fill(device)
-    steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, target // n_tiles)))
+    programs = PROGRAMS_PER_SM * _common.target(device).multiprocessors
+    steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, programs // n_tiles)))
     return triton.cdiv(k_steps, steps_per_split), steps_per_split
 
 
@@ -132,20 +135,23 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     """Y (M x N) and S (M x R) for M <= DECODE_MAX_M; arguments as the tiled path's launchers."""
     M, K = x.shape
     N, R = lora_b.shape
-    assert M <= DECODE["BLOCK_M"], "the decode path holds all rows in one M block"
-    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+    target = _common.target(x.device)
+    config, epilogue = decode_config(target, x.dtype), epilogue_config(target, x.dtype)
+    assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
+    flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    n_tiles = triton.cdiv(N, DECODE["BLOCK_N"])
-    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, DECODE["BLOCK_K"]), x.device)
+    n_tiles = triton.cdiv(N, config["BLOCK_N"])
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, config["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
     prec = precision(x.dtype)
     _lora_decode_kernel[(n_tiles, splits)](
-        x, w, lora_a, partial, s_partial, seed, absmax, code, nested_code, nested_absmax, offset,
-        M, N, K, R, p, steps_per_split * DECODE["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
+        x, w, lora_a, partial, s_partial, seed, absmax, pairs, nested_code, nested_absmax, offset,
+        M, N, K, R, p, steps_per_split * config["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, DROPOUT=p > 0, **flags,
-        PRECISION=prec, BLOCK_R=BLOCK_R, **DECODE, enable_fp_fusion=False)
-    _lora_decode_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
+        **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        PRECISION=prec, BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
+    _lora_decode_epilogue_kernel[(triton.cdiv(N, epilogue["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,
-        BLOCK_R=BLOCK_R, **EPILOGUE)
+        BLOCK_R=BLOCK_R, **epilogue)

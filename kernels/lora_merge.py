@@ -19,7 +19,7 @@ from ._weight import load_weight_tile, merge_args, store_weight_block
 
 @triton.jit
 def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_ptr,
-                       code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, stride_wn,
+                       pairs_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, stride_wn,
                        stride_wk, stride_on, stride_ok, block_shift, nested_shift, N, K, R, scaling,
                        stride_ar, stride_ak, stride_bn, stride_br, NF4: tl.constexpr,
                        NESTED: tl.constexpr, NF4_OUT: tl.constexpr, BLOCK: tl.constexpr):
@@ -29,7 +29,7 @@ def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, out_ptr, out_absmax_ptr, bounds_ptr,
     mask = index < n_elements
     rows = index // K
     cols = index % K
-    w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, code_ptr,
+    w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                          nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                          NF4, NESTED)
     delta = tl.zeros([BLOCK], dtype=tl.float32)

@@ -13,10 +13,8 @@ outputs are rounded on the bits (see ``round_to_bf16``).
 import triton
 import triton.language as tl
 
-from ._common import store_rounded
-
-BLOCK_BYTES = 1024  # packed bytes per program: 2048 outputs
-NUM_WARPS = 4
+from . import _common
+from ._common import code_pairs, store_rounded
 
 
 @triton.jit
@@ -32,28 +30,58 @@ def load_absmax(block, mask, absmax_ptr, nested_code_ptr, nested_absmax_ptr, off
 
 
 @triton.jit
-def decode_nf4(nibble, scale, code_ptr):
-    """fp32 value of 4-bit codes ``nibble`` (int32) scaled by ``scale``."""
-    return tl.load(code_ptr + nibble) * scale
+def decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
+    """The code values of packed bytes ``packed`` (any shape S), fp32 of shape S + [2]: each byte's
+    high nibble (its even element) then its low nibble, one 8-byte lookup in the pair table
+    (``_common.code_pairs``), the order of the elements in memory.
+
+    INLINE_PTX: the lookup as one ``ld.global.nc.v2.f32``. The same load written as ``tl.load``
+    is software-pipelined by Triton into a cp.async plus a shared-memory read-back per lookup
+    (about 1.5 more instructions per element in a GEMM's loop); the table is 2 KB and stays in
+    L1. The ``tl.load`` form is the portable path (Triton's interpreter, AMD)."""
+    entry = packed.to(tl.int32) * 2
+    if INLINE_PTX:
+        high, low = tl.inline_asm_elementwise(
+            "ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [pairs_ptr + entry],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        pair = tl.join(high, low)
+    else:
+        pair = tl.load(pairs_ptr + tl.expand_dims(entry, -1) + tl.arange(0, 2))
+    return pair
 
 
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset_ptr, out_ptr, n_elements, block_shift, nested_shift,
-                           NESTED: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+def decode_nf4(nibble, scale, pairs_ptr):
+    """fp32 value of 4-bit codes ``nibble`` (int32) scaled by ``scale``, one element at a time:
+    pair-table row ``nibble`` (< 16, so its high nibble is 0) holds code[nibble] second."""
+    return tl.load(pairs_ptr + 2 * nibble + 1) * scale
+
+
+@triton.jit
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                           offset_ptr, out_ptr, n_elements, n_bytes, block_shift, nested_shift,
+                           NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                           INLINE_PTX: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """2 x BLOCK_BYTES elements per program: the bytes loaded once (``n_bytes`` is its own
+    argument so the mask is known aligned when it is: wide loads), both values of each byte from
+    one pair-table lookup, one absmax per SCALE_GROUP elements (a program starts on a block)."""
+    BLOCK: tl.constexpr = 2 * BLOCK_BYTES
+    GROUPS: tl.constexpr = BLOCK // SCALE_GROUP
     pid = tl.program_id(0).to(tl.int64)
     byte_index = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    byte_mask = byte_index < (n_elements + 1) // 2
-    byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0).to(tl.int32)
-    # Both nibbles of a byte share a quantization block: blocksizes are even.
-    scale = load_absmax((byte_index * 2) >> block_shift, byte_mask, absmax_ptr, nested_code_ptr,
+    byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0)
+    values = tl.reshape(decode_nf4_pairs(byte, pairs_ptr, INLINE_PTX), [GROUPS, SCALE_GROUP])
+    group = pid * BLOCK + tl.arange(0, GROUPS) * SCALE_GROUP
+    scale = load_absmax(group >> block_shift, group < n_elements, absmax_ptr, nested_code_ptr,
                         nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
-    high = decode_nf4(byte >> 4, scale, code_ptr)
-    low = decode_nf4(byte & 0xF, scale, code_ptr)
-    # Interleave in registers so the store is one contiguous run per program.
-    values = tl.reshape(tl.join(high, low), [2 * BLOCK_BYTES])
-    element = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
-    store_rounded(out_ptr + element, values, element < n_elements)
+    element = pid * BLOCK + tl.arange(0, BLOCK)
+    store_rounded(out_ptr + element, tl.reshape(values * scale[:, None], [BLOCK]),
+                  element < n_elements)
+
+
+def dequantize_config(target, dtype):
+    """Packed bytes per program and warps (``_common.Target``, the output's dtype)."""
+    return {"BLOCK_BYTES": 1024, "num_warps": 4}
 
 
 def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
@@ -66,12 +94,14 @@ def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
         nested_code, nested_absmax, offset, nested_blocksize = absmax, absmax, absmax, 1
     else:
         nested_code, nested_absmax, offset, nested_blocksize = nested
+    target = _common.target(out.device)
+    config = dequantize_config(target, out.dtype)
     n_elements = out.numel()
-    grid = (triton.cdiv(triton.cdiv(n_elements, 2), BLOCK_BYTES),)
+    n_bytes = triton.cdiv(n_elements, 2)
+    grid = (triton.cdiv(n_bytes, config["BLOCK_BYTES"]),)
     _nf4_dequantize_kernel[grid](
-        packed, absmax, code, nested_code, nested_absmax, offset, out, n_elements,
-        blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1,
-        NESTED=nested is not None, BLOCK_BYTES=BLOCK_BYTES,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+        packed, absmax, code_pairs(code), nested_code, nested_absmax, offset, out, n_elements,
+        n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1,
+        NESTED=nested is not None, SCALE_GROUP=min(blocksize, 2 * config["BLOCK_BYTES"]),
+        INLINE_PTX=target.inline_ptx, **config, enable_fp_fusion=False)
     return out

@@ -2,10 +2,10 @@
 a GPU, and print one JSON object of what the compiler made of each.
 
     python tests/compile_kernels.py 90      # every launch (bench.static.launches)
-    python tests/compile_kernels.py 90 --variant lora_linear.FORWARD '{"BLOCK_M": 16, ...}' \\
+    python tests/compile_kernels.py 90 --variant lora_linear.forward_config '{"BLOCK_M": 16, ...}' \\
         "lora_linear_forward dense" [--variant ...]
         # only the benchmark cases starting with "lora_linear_forward dense", with a launcher's
-        # config replaced: the bad configs that show each gate can fail
+        # config function answering that config: the bad configs that show each gate can fail
 
 Run as its own process because Triton's interpreter (TRITON_INTERPRET=1, which the test session
 uses) replaces ``@triton.jit`` kernels with interpreted ones that cannot be compiled. The launches
@@ -49,36 +49,38 @@ def all_kernels():
 
 
 @contextlib.contextmanager
-def replaced_config(target, config):
-    """A launcher's config dict (``module.NAME``) replaced by ``config`` inside the block."""
-    module_name, attribute = target.rsplit(".", 1)
+def replaced_config(function, config):
+    """A launcher's config function (``module.name``) answering ``config`` inside the block."""
+    module_name, attribute = function.rsplit(".", 1)
     module = importlib.import_module(f"lowrank.kernels.{module_name}")
-    with mock.patch.dict(getattr(module, attribute), config, clear=True):
+    with mock.patch.object(module, attribute, lambda target, dtype: dict(config)):
         yield
 
 
-def variant_launches(variants):
-    """The benchmark launches of each (target, config JSON, case prefix), cases renamed
-    "variant I: case"."""
+def variant_launches(variants, target):
+    """The benchmark launches of each (config function, config JSON, case prefix) for ``target``,
+    cases renamed "variant I: case"."""
     found = []
-    for i, (target, config, prefix) in enumerate(variants):
+    for i, (function, config, prefix) in enumerate(variants):
         calls = {f"variant {i}: {case}": call for case, call in launches.bench_calls().items()
                  if case.startswith(prefix)}
-        with replaced_config(target, json.loads(config)):
-            found += launches.run_calls(calls)
+        with replaced_config(function, json.loads(config)):
+            found += launches.run_calls(calls, target)
     return found
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("arch", type=int)
-    parser.add_argument("--variant", nargs=3, action="append", metavar=("MODULE.NAME", "JSON", "CASES"))
+    parser.add_argument("--variant", nargs=3, action="append",
+                        metavar=("MODULE.FUNCTION", "JSON", "CASES"))
     args = parser.parse_args(argv)
     disassemble = args.arch in DISASSEMBLE
+    target = launches.gpu(args.arch)
     if args.variant:
-        coverage, bench = [], variant_launches(args.variant)
+        coverage, bench = [], variant_launches(args.variant, target)
     else:
-        coverage, bench = launches.coverage_launches(), launches.bench_launches()
+        coverage, bench = launches.coverage_launches(target), launches.bench_launches(target)
     failed, records = [], {"coverage": [], "bench": []}
     with build.locked(args.arch):
         for kind, found, read_sass in (("coverage", coverage, False), ("bench", bench, disassemble)):

@@ -77,10 +77,6 @@ def test_dense_gemms_fit_two_ctas_per_sm_on_sm89():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(strict=True, reason="NF4 GEMMs with a nested absmax, and NF4 GEMMs on fp32, "
-                   "need 52-80 KB of shared memory per CTA today (the pipeliner stages the "
-                   "per-element absmax and code gathers there): one CTA per SM on sm_89's 100 KB. "
-                   "Issue 'speed by design' fixes this; then remove this mark")
 def test_nf4_gemms_fit_two_ctas_per_sm_on_sm89():
     failures = gates.two_ctas_per_sm([r for r in records(89) if r["constexprs"].get("NF4")])
     assert not failures, "\n".join(failures)
@@ -99,7 +95,7 @@ def test_nf4_instructions_per_element_under_ceiling_for(arch):
 
 # Each gate against a config made bad on purpose: gate -> (arch, launcher config replaced, the
 # config, the benchmark cases built with it).
-FORWARD = "lora_linear.FORWARD"
+FORWARD = "lora_linear.forward_config"
 BAD_CONFIGS = {
     "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
                                 "num_stages": 6}, "lora_linear_forward dense"),

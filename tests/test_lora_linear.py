@@ -5,16 +5,18 @@ blocks are 32/64). Tolerances, relative to the largest reference value, per dtyp
 run in x's dtype with fp32 accumulation, so the error is the dtype's rounding of the operands.
 """
 
+import functools
 import math
 
 import pytest
 import torch
-from helpers import (EMPTY, K, M, N, assert_op_close, check_empty, check_lora_linear_against_fp64,
-                     load_tiny_4bit_llama, lora_linear_fp64, make_lora_case, poisoned,
-                     run_lora_linear)
+from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_empty,
+                     check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
+                     lora_linear_fp64, make_lora_case, poisoned, run_lora_linear)
 
 from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
+from lowrank.kernels._common import target
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -75,6 +77,37 @@ def test_kernels_write_every_output_element(kind, device):
     grad_a = poisoned((20, K), torch.float32, device)
     lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, 0.0)
     assert_op_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
+
+
+# (K, blocksize, nested): packed tiles with one absmax per row and tile (K = 128, 256), or per
+# group of 32 (blocksize 32 < dX's BLOCK_K) or of 2 (K = 98: rows start on any even element), and
+# odd K = 97, decoded element by element (rows start mid-byte).
+DECODE_LAYOUTS = [(128, 64, False), (128, 32, False), (256, 128, True), (98, 64, True),
+                  (97, 64, False)]
+
+
+@pytest.mark.parametrize("k, blocksize, nested", DECODE_LAYOUTS,
+                         ids=[f"K={k}-bs={b}{'-nested' if n else ''}" for k, b, n in DECODE_LAYOUTS])
+def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, device):
+    """Forward and dX against an identity (fp32, IEEE products: 1 x w + 0 x the rest is exact) give
+    W^T and W: the weight decoded inside the GEMMs, bit for bit what the format stands for. On
+    CPU this checks the portable lookup (``tl.load``, as on AMD); on an NVIDIA GPU the inline PTX
+    one (``_common.Target.inline_ptx``)."""
+    assert target(torch.device(device)).inline_ptx == (torch.device(device).type == "cuda"
+                                                        and torch.version.hip is None)
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
+    expected = decode_nf4(packed, state).reshape(N, k)
+    frozen = ops.FrozenWeight.of(packed, state)
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
+    y = poisoned((k, N), torch.float32, device)
+    lora_kernels.lora_forward(torch.eye(k, device=device), frozen.tensor, zeros(k, 1), zeros(N, 1),
+                              None, y, 1.0, frozen.nf4)
+    assert_same_bits(y, expected.t().contiguous())
+    grad_x = poisoned((N, k), torch.float32, device)
+    lora_kernels.lora_grad_input(torch.eye(N, device=device), frozen.tensor, zeros(N, 1),
+                                 zeros(1, k), grad_x, zeros(1, dtype=torch.int64), 0.0, frozen.nf4)
+    assert_same_bits(grad_x, expected)
 
 
 def test_dropout_mask_is_the_same_in_forward_and_backward(device):

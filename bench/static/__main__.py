@@ -34,7 +34,8 @@ def run(archs):
     for arch in archs:
         sms = devices[arch].sms if arch in devices else DEFAULT_MULTIPROCESSORS
         with build.locked(arch):
-            records[arch] = build.build_all(launches.run_calls(calls, sms), arch)
+            records[arch] = build.build_all(launches.run_calls(calls, launches.gpu(arch, sms)),
+                                            arch)
         print(f"sm_{arch}: {len(records[arch])} launches read", file=sys.stderr)
     estimates = {}
     for device in model.DEVICES.values():

@@ -23,10 +23,10 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
-from lowrank.kernels import (gated_activation, ia3_linear, ia3_merge, lora_linear,
+from lowrank.kernels import (_common, gated_activation, ia3_linear, ia3_merge, lora_linear,
                              lora_linear_decode, lora_merge, lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
-from lowrank.kernels._common import NF4_BLOCKSIZES
+from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
 
 NESTED_BLOCKSIZE = nf4_quantize.NESTED_BLOCKSIZE
@@ -71,21 +71,26 @@ class Specialized:
                       if ["tt.divisibility", 16] in attr)
 
 
+def gpu(arch, multiprocessors=132):
+    """The ``Target`` the launchers configure for: sm_``arch`` with ``multiprocessors`` SMs (the
+    split-K decode sizes its grid from them; 132 is H100 SXM's count), inline PTX allowed."""
+    return Target(arch, multiprocessors, inline_ptx=True)
+
+
 @contextlib.contextmanager
-def capture(case, launches, multiprocessors=132):
+def capture(case, launches, target):
     """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
-    running it. The split-K decode sizes its grid from the GPU's SM count: ``multiprocessors``."""
+    running it, the launchers configuring for ``target`` (``_common.Target``): the CPU tensors'
+    device stands for that GPU."""
     def record(kernel, *args, grid, warmup, **kwargs):
         launches.append(Launch(case, kernel, grid, args, kwargs))
 
-    run, programs = JITFunction.run, lora_linear_decode.programs_to_fill
-    JITFunction.run = record
-    lora_linear_decode.programs_to_fill = (
-        lambda device: lora_linear_decode.PROGRAMS_PER_SM * multiprocessors)
+    run, device_target = JITFunction.run, _common.target
+    JITFunction.run, _common.target = record, lambda device: target
     try:
         yield launches
     finally:
-        JITFunction.run, lora_linear_decode.programs_to_fill = run, programs
+        JITFunction.run, _common.target = run, device_target
 
 
 def specialize(launch, arch):
@@ -228,11 +233,11 @@ def gated_activation_call(m, n, dtype, activation):
                     gated_activation.gated_backward(dh, g, u, h, dg, du, activation))
 
 
-def run_calls(calls, multiprocessors=132):
-    """Every launch of ``calls`` ({case: fn}), in order."""
+def run_calls(calls, target):
+    """Every launch of ``calls`` ({case: fn}) configured for ``target``, in order."""
     launches = []
     for case, call in calls.items():
-        with capture(case, launches, multiprocessors):
+        with capture(case, launches, target):
             call()
     return launches
 
@@ -303,8 +308,8 @@ def bench_calls():
     return {case: call for case, (call, _) in bench_cases().items()}
 
 
-def bench_launches(multiprocessors=132):
-    return run_calls(bench_calls(), multiprocessors)
+def bench_launches(target):
+    return run_calls(bench_calls(), target)
 
 
 # Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
@@ -368,5 +373,5 @@ def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
     return calls
 
 
-def coverage_launches():
-    return run_calls(coverage_calls())
+def coverage_launches(target):
+    return run_calls(coverage_calls(), target)
