@@ -127,3 +127,17 @@ def check_merge_args(op, weight, quant_state, dtype, in_place=False):
         raise ValueError(f"lowrank.{op}: nested blocksize {quant_state.state2.blocksize} is not "
                          f"supported; bitsandbytes uses {NESTED_BLOCKSIZE}")
     return weight
+
+
+def check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout, quant_state,
+                    dtypes=FLOAT_DTYPES):
+    """The checks of ``dora_linear``: those of ``lora_linear`` and the magnitude m, one value per
+    output feature (PEFT's ``lora_magnitude_vector``). Returns the FrozenWeight."""
+    weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state, dtypes)
+    _check_tensors("dora_linear", magnitude=magnitude)
+    if magnitude.dtype not in dtypes:
+        raise TypeError(f"lowrank.dora_linear: magnitude dtype {magnitude.dtype} is not supported")
+    if tuple(magnitude.shape) != (weight.out_features,):
+        raise ValueError(f"lowrank.dora_linear: magnitude must be ({weight.out_features},), one "
+                         f"value per output feature, got {tuple(magnitude.shape)}")
+    return weight

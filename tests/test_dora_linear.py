@@ -1,0 +1,274 @@
+"""lowrank.ops.dora_linear, dora_norm and kernels/dora_norm.py against the fp64 reference, and
+against PEFT's DoRA layer on the same weights.
+
+Shapes are odd and not multiples of any block (M = 37 over leading dims 37 x 1, K = 97, N = 83,
+ranks 5 and 19: one rank chunk of 16 partly filled, and two). The magnitude is the norm scaled by
+a random factor per row, so g = m / ||W + s B A|| is not 1 (at 1, the terms that g scales would
+go untested). Tolerances, relative to the largest reference value, per dtype, as for LoRA.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import poisoned
+
+from lowrank import nf4, ops, reference
+from lowrank.kernels import dora_norm as dora_norm_kernel
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+M, K, N = 37, 97, 83
+SCALING = 1.5
+KINDS = ("dense", "nf4-64", "nf4-nested-128")
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def assert_close(actual, expected, dtype, what, tolerance=None):
+    assert actual.dtype == dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN (an element left unwritten?)"
+    tolerance = tolerance or TOLERANCE[dtype]
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
+
+
+def make_case(dtype, kind, rank, device, seed=0, m=M):
+    """(x, weight as the op takes it, quant_state, its dense fp32 values, A, B, m, bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 1, K, generator=gen).to(device, dtype)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    if kind == "dense":
+        weight, state, dense = w.to(device, dtype), None, w.to(dtype).float().to(device)
+    else:
+        blocksize, nested = {"nf4-64": (64, False), "nf4-nested-128": (128, True)}[kind]
+        weight, state = nf4.quantize(w.to(device, dtype), blocksize=blocksize, double_quant=nested)
+        dense = nf4.dequantize(weight, state, dtype=torch.float32)
+    lora_a = (torch.randn(rank, K, generator=gen) / math.sqrt(K)).to(device)
+    lora_b = (torch.randn(N, rank, generator=gen) * 0.1).to(device)
+    norm = reference.dora_norm(dense, lora_a, lora_b, SCALING)
+    magnitude = (norm * (1 + 0.3 * torch.randn(N, generator=gen).to(device))).float()
+    bias = torch.randn(N, generator=gen).to(device, dtype)
+    return x, weight, state, dense, lora_a, lora_b, magnitude, bias
+
+
+def fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y, dropout=0.0, mask=None):
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b, magnitude)]
+    y = reference.dora_linear(leaves[0], dense.double(), leaves[1], leaves[2], leaves[3], SCALING,
+                              None if bias is None else bias.double(), dropout, dropout_mask=mask)
+    y.backward(grad_y.double())
+    return y.detach(), *(leaf.grad for leaf in leaves)
+
+
+def run_ours(x, weight, state, lora_a, lora_b, magnitude, bias, grad_y, dropout=0.0):
+    leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b, magnitude)]
+    y = ops.dora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], SCALING, bias=bias,
+                        dropout=dropout, quant_state=state)
+    y.backward(grad_y)
+    return y.detach(), *(leaf.grad for leaf in leaves)
+
+
+@pytest.mark.parametrize("kind", KINDS + ("dense-transposed",))
+@pytest.mark.parametrize("rank", [5, 19])
+def test_norm_kernel_against_fp64(kind, rank, device):
+    """The launcher into a NaN-poisoned buffer: every row written, and equal to the fp64 norm."""
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(
+        torch.float32, kind.removesuffix("-transposed"), rank, device)
+    if kind == "dense-transposed":  # a Conv1D-style view: strides (1, N)
+        weight = weight.t().contiguous().t()
+    frozen = ops.FrozenWeight.of(weight, state)
+    norm = poisoned((N,), torch.float32, device)
+    dora_norm_kernel.dora_norm(frozen.tensor, lora_a, lora_b, SCALING, norm, frozen.nf4)
+    expected = (dense.double() + SCALING * lora_b.double() @ lora_a.double()).norm(dim=1)
+    assert_close(norm, expected, torch.float32, "norm", 1e-6)
+    assert torch.equal(ops.dora_norm(weight, lora_a, lora_b, SCALING, quant_state=state), norm)
+
+
+# Every weight kind in fp32, every dtype on a dense weight; the dropout test below runs NF4 in
+# fp16 and bf16.
+@pytest.mark.parametrize("kind,dtype", [(kind, torch.float32) for kind in KINDS]
+                         + [("dense", torch.float16), ("dense", torch.bfloat16)],
+                         ids=[f"{kind}-fp32" for kind in KINDS] + ["dense-fp16", "dense-bf16"])
+def test_forward_and_gradients_against_fp64(dtype, kind, device):
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(dtype, kind, 5, device)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    ours = run_ours(x, weight, state, lora_a, lora_b, magnitude, bias, grad_y)
+    expected = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y)
+    for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB", "dm"), ours, expected,
+                                          (dtype, dtype) + (torch.float32,) * 3):
+        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4-nested-128", torch.float16),
+                                        ("nf4-64", torch.bfloat16)], ids=["dense-fp32",
+                                                                         "nested-fp16", "nf4-bf16"])
+def test_dropout_as_peft_applies_it(kind, dtype, device):
+    """x W^T + b + (g - 1) x_d W^T + g s x_d A^T B^T with the kernels' mask, gradients included."""
+    p = 0.25
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(dtype, kind, 19, device)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    torch.manual_seed(1234)
+    mask = ops.lora_dropout_mask(ops.dropout_seed(device), (M, K), p).reshape(M, 1, K)
+    assert 0 < mask.sum() < mask.numel()
+    torch.manual_seed(1234)  # dora_linear draws the same seed
+    ours = run_ours(x, weight, state, lora_a, lora_b, magnitude, bias, grad_y, dropout=p)
+    expected = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y, p, mask)
+    for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB", "dm"), ours, expected,
+                                          (dtype, dtype) + (torch.float32,) * 3):
+        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+    without = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y)
+    assert relative_error(ours[1], without[1]) > 10 * TOLERANCE[dtype]  # the mask made a difference
+
+
+def test_decode_rows_and_a_trainable_dense_weight_and_bias(device):
+    """Few rows (the split-K forward), and the gradients of a dense weight and a bias left
+    trainable, with and without dropout, against the reference's autograd."""
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32, "dense", 5,
+                                                                         device, m=3)
+    grad_y = torch.randn(3, 1, N, generator=torch.Generator().manual_seed(2)).to(device)
+    for dropout in (0.0, 0.3):
+        results = []
+        for op in (ops.dora_linear, reference.dora_linear):
+            leaves = [t.detach().requires_grad_() for t in (x, weight, lora_a, lora_b, magnitude,
+                                                            bias)]
+            torch.manual_seed(7)
+            seed = ops.dropout_seed(device)
+            extra = {} if op is ops.dora_linear or dropout == 0 else {
+                "dropout_mask": ops.lora_dropout_mask(seed, (3, K), dropout).reshape(3, 1, K)}
+            torch.manual_seed(7)
+            y = op(*leaves[:5], SCALING, bias=leaves[5], dropout=dropout, **extra)
+            y.backward(grad_y)
+            results.append([y.detach()] + [leaf.grad for leaf in leaves])
+        for name, got, want in zip(("y", "dx", "dW", "dA", "dB", "dm", "dbias"), *results):
+            assert_close(got, want, torch.float32, f"{name} (dropout {dropout})")
+
+
+def test_the_function_called_directly_is_dora_linear(device):
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32,
+                                                                         "nf4-nested-128", 5,
+                                                                         device)
+    x = x.reshape(M, K)
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for direct in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b, magnitude)]
+        if direct:
+            frozen = ops.FrozenWeight.of(weight, state)
+            norm = ops.dora_norm(frozen, lora_a, lora_b, SCALING)
+            seed = torch.empty(1, dtype=torch.int64, device=device)
+            y = ops.DoraLinearFunction.apply(leaves[0], frozen, frozen.tensor, *leaves[1:], norm,
+                                             SCALING, bias, 0.0, seed)
+        else:
+            y = ops.dora_linear(leaves[0], weight, *leaves[1:], SCALING, bias=bias, quant_state=state)
+        y.backward(grad_y)
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiles_with_torch_compile_without_graph_breaks(dropout, device):
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32,
+                                                                         "nf4-nested-128", 5,
+                                                                         device, m=20)
+    magnitude.requires_grad_()
+
+    def step(x, m):
+        return ops.dora_linear(x, weight, lora_a, lora_b, m, SCALING, bias=bias, dropout=dropout,
+                               quant_state=state).square().sum()
+
+    torch.manual_seed(3)  # the same dropout seed drawn in both runs
+    eager = step(x, magnitude)
+    (eager_grad,) = torch.autograd.grad(eager, magnitude)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    loss = compiled(x, magnitude)
+    (grad,) = torch.autograd.grad(loss, magnitude)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_dora_ops_pass_torch_library_checks(device):
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32, "nf4-64",
+                                                                         5, device, m=20)
+    x = x.reshape(20, K)
+    flat = ops.FrozenWeight.of(weight, state).flat()
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    torch.library.opcheck(ops.dora_norm_op, (*flat, lora_a, lora_b, SCALING))
+    torch.library.opcheck(ops.dora_forward, (x, *flat, lora_a, lora_b, SCALING, 0.1, seed))
+    grad_y = torch.randn(20, N, device=device)
+    grad_s = torch.randn(20, 5, device=device)
+    torch.library.opcheck(ops.dora_grad_input, (grad_y, grad_y * 0.5, *flat, grad_s, lora_a, seed,
+                                                0.1))
+
+
+def test_bad_arguments_are_named(device):
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32, "dense", 5,
+                                                                         device)
+    with pytest.raises(ValueError, match=r"magnitude must be \(83,\), one value per output"):
+        ops.dora_linear(x, weight, lora_a, lora_b, magnitude[:-1], SCALING)
+    with pytest.raises(TypeError, match="magnitude dtype torch.int64"):
+        ops.dora_linear(x, weight, lora_a, lora_b, magnitude.long(), SCALING)
+    with pytest.raises(ValueError, match=r"weight_norm must be \(83,\)"):
+        ops.dora_linear(x, weight, lora_a, lora_b, magnitude, SCALING, weight_norm=magnitude[:5])
+    with pytest.raises(ValueError, match=r"lora_B must be \(83, 5\)"):
+        ops.dora_norm(weight, lora_a, lora_b[:, :3], SCALING)
+
+
+# PEFT's DoRA layer (peft.tuners.lora with use_dora=True) on the same weights: its forward and
+# gradients are what "DoRA" means to users of PEFT.
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_dora_layer(base, rank, alpha, dropout=0.0):
+    """PEFT's DoRA Linear around ``base``, B randomized (PEFT starts it at zero) after m was
+    initialized, so that g != 1."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=True,
+                        target_modules=["proj"])
+    model = get_peft_model(OneLayer(base), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(
+            torch.randn(layer.lora_B["default"].weight.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_equals_peft_dora_layer(kind, device):
+    from bitsandbytes.nn import Linear4bit
+
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(K, N, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(N, K, generator=gen) * 0.05)
+        linear.bias.copy_(torch.randn(N, generator=gen))
+    if kind == "nf4":
+        base = Linear4bit(K, N, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        base.load_state_dict(linear.state_dict())
+        base = base.to(device)  # quantizes
+    else:
+        base = linear.to(device)
+    layer = peft_dora_layer(base, 5, 10)
+    x = torch.randn(M, K, generator=gen).to(device).requires_grad_()
+    grad_y = torch.randn(M, N, generator=gen).to(device)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
+    with torch.compiler.set_stance("force_eager"):
+        expected_y = layer(x)
+    expected = torch.autograd.grad(expected_y, [x, *params], grad_y)
+    weight = base.weight
+    ours_y = ops.dora_linear(x, weight, *params, layer.scaling["default"], bias=base.bias)
+    ours = torch.autograd.grad(ours_y, [x, *params], grad_y)
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), (ours_y, *ours),
+                               (expected_y, *expected)):
+        assert_close(got, want.detach(), torch.float32, name, 1e-5)
