@@ -14,7 +14,7 @@ from ._weight import load_weight_tile, weight_args
 
 # BLOCK_R: the rank is covered in chunks of 16 (tl.dot's smallest inner dimension); a rank that is
 # not a multiple of 16 is padded with zeros by the masks.
-CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
+CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 
 
 @triton.jit
