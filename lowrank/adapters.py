@@ -26,12 +26,13 @@ from lowrank.patch import (AdapterConfig, adapter_layers, add_adapter, check_ada
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
+# DoRA's magnitude: PEFT writes ``...lora_magnitude_vector`` (its module's ``.weight`` left out) and
+# reads the older ``...lora_magnitude_vector.weight`` too; so do we.
+LORA_KEY = re.compile(r"(.+)\.(lora_A(?=\.weight$)|lora_B(?=\.weight$)|lora_magnitude_vector)(?:\.weight)?")
 IA3_KEY = re.compile(r"(.+)\.(ia3_l)")
 # PEFT features an adapter config can ask for that we do not implement yet: loading such an
 # adapter without them would give other outputs than PEFT's, so they are refused by name.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save",
     "layer_replication": "layer_replication",
     "lora_bias": "lora_bias",
@@ -83,8 +84,10 @@ def _lora_contents(model, adapter_name, config, layers):
     # The most common rank / alpha is the default; layers that differ go into the patterns.
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    tensors = {f"{KEY_PREFIX}{p}.{attr}.weight": getattr(layer, attr)[adapter_name].weight
-               for p, layer in layers.items() for attr in ("lora_A", "lora_B")}
+    # DoRA layers add lora_magnitude_vector (adapter_names_attr names what each layer holds).
+    tensors = {f"{KEY_PREFIX}{p}.{attr}{'' if attr == 'lora_magnitude_vector' else '.weight'}":
+               getattr(layer, attr)[adapter_name].weight
+               for p, layer in layers.items() for attr in layer.adapter_names_attr}
     return tensors, {
         **_common_config(model, "LORA", layers),
         "r": rank,
@@ -97,7 +100,7 @@ def _lora_contents(model, adapter_name, config, layers):
         "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
     }
 
 
@@ -377,6 +380,7 @@ def _check_config(config, config_path):
     check("lora_alpha", lambda v: _is_number(v) and v > 0, positive_number)
     check("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("use_dora", lambda v: isinstance(v, bool), "true or false", False)
     check("layers_to_transform", lambda v: v is None or _is_int(v) or (
         isinstance(v, list) and all(_is_int(i) for i in v)), "null, an integer or a list of them")
     check_pattern("rank_pattern", lambda v: _is_int(v) and v >= 1, positive_int)
@@ -412,8 +416,14 @@ def _lora_settings(config, weights, modules):
     settings = {}
     for module_path, pair in weights.items():
         in_features, out_features = _base_layer(modules, module_path)
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"lowrank.load_adapter: {module_path} has only {list(pair)}")
+        use_dora = bool(config.get("use_dora", False))
+        expected = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if use_dora else set())
+        if set(pair) != expected:
+            raise ValueError(f"lowrank.load_adapter: {module_path} has {sorted(pair)}; an adapter "
+                             f"with use_dora={str(use_dora).lower()} has {sorted(expected)}")
+        if use_dora and tuple(pair["lora_magnitude_vector"].shape) != (out_features,):
+            raise ValueError(f"lowrank.load_adapter: {module_path} needs lora_magnitude_vector "
+                             f"({out_features},), got {tuple(pair['lora_magnitude_vector'].shape)}")
         rank = _pattern_value(config.get("rank_pattern") or {}, config["r"], module_path)
         if tuple(pair["lora_A"].shape) != (rank, in_features) or \
                 tuple(pair["lora_B"].shape) != (out_features, rank):
@@ -427,6 +437,7 @@ def _lora_settings(config, weights, modules):
     adapter = AdapterConfig(method="lora", modules=list(settings), rank=config["r"],
                             alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
                             use_rslora=bool(config.get("use_rslora", False)),
+                            use_dora=bool(config.get("use_dora", False)),
                             target_modules=config.get("target_modules"),
                             layers=config.get("layers_to_transform"))
     return adapter, settings
@@ -477,7 +488,8 @@ def load_adapter(model, path, adapter_name="default"):
     config, tensors = _read_peft_adapter(path)
     modules = dict(modules_outside_adapters(model))
     if config["peft_type"] == "LORA":
-        weights = _weights_by_module(path, tensors, LORA_KEY, "a LoRA A or B of a linear layer")
+        weights = _weights_by_module(path, tensors, LORA_KEY,
+                                     "a LoRA A or B (or DoRA magnitude) of a linear layer")
         adapter, settings = _lora_settings(config, weights, modules)
     else:
         weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
@@ -532,8 +544,13 @@ def restore_adapter_weights(model, path, adapter_name):
     if config["peft_type"] != held.method.upper():
         raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
                          f"{adapter_name!r} of this model is {held.method.upper()}")
+    if held.method == "lora" and bool(config.get("use_dora", False)) != held.use_dora:
+        raise ValueError(f"lowrank: {path} holds an adapter with use_dora="
+                         f"{bool(config.get('use_dora', False))}; adapter {adapter_name!r} of this "
+                         f"model has use_dora={held.use_dora}")
     if held.method == "lora":
-        weights = _weights_by_module(path, tensors, LORA_KEY, "a LoRA A or B of a linear layer")
+        weights = _weights_by_module(path, tensors, LORA_KEY,
+                                     "a LoRA A or B (or DoRA magnitude) of a linear layer")
         settings = {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in
                     _lora_settings(config, weights, modules)[1].items()}
         ours = {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], held.use_rslora)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lowrank.dora import DoraLinear
 from lowrank.modules import AdapterLayer, IA3Linear, LoraLinear, layer_kind, nf4_operands
 
 LAYER_CLASSES = {"lora": LoraLinear, "ia3": IA3Linear}
@@ -48,6 +49,7 @@ class AdapterConfig:
     alpha: float = None
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False  # LoRA: DoRA adapters (DoraLinear layers)
     target_modules: object = None
     layers: list = None
     feedforward_modules: list = None  # IA3: the patched paths whose input l scales
@@ -178,6 +180,11 @@ def _filter_layers(model, names, layers):
     return kept
 
 
+def layer_class_of(config):
+    """The layer class that runs adapters of ``config``."""
+    return DoraLinear if config.use_dora else LAYER_CLASSES[config.method]
+
+
 def add_adapter(model, adapter_name, config, layer_settings):
     """Patch (or extend) the layers in ``layer_settings`` with a new adapter: {path: arguments of
     the layer's ``add_adapter`` after the name}, (rank, alpha, dropout, use_rslora) for LoRA,
@@ -193,13 +200,13 @@ def add_adapter(model, adapter_name, config, layer_settings):
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"lowrank: the model already has an adapter named {adapter_name!r}; "
                          "delete_adapter it first or choose another name")
-    layer_class = LAYER_CLASSES[config.method]
+    layer_class = layer_class_of(config)
     targets = {}
     for name in layer_settings:
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer) and not isinstance(module, layer_class):
+        if isinstance(module, AdapterLayer) and type(module) is not layer_class:
             raise ValueError(f"lowrank: {name} already carries a {type(module).__name__} adapter; "
-                             f"one layer takes adapters of one method")
+                             f"one layer takes adapters of one method (LoRA and DoRA are two)")
         if isinstance(module, IA3Linear) and module.is_feedforward != layer_settings[name][0]:
             raise ValueError(f"lowrank: {name}'s IA3 adapters are "
                              f"{'' if module.is_feedforward else 'not '}feed-forward")
@@ -376,11 +383,14 @@ def _feedforward_paths(names, feedforward_modules):
 
 
 def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora", dropout=0.0,
-                use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None):
+                use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None,
+                use_dora=False):
     """Add an adapter to ``model``'s linear layers, in place; return the model.
 
     - ``method="lora"``: ``rank`` (default 16), ``alpha`` (default 2 * rank); scaling alpha / rank,
       or alpha / sqrt(rank) with ``use_rslora``; ``dropout`` on the LoRA branch while training.
+      ``use_dora=True``: DoRA (PEFT's ``use_dora``), each adapter with a magnitude vector m,
+      initialized as PEFT does, run as ``lowrank.ops.dora_linear``.
     - ``method="ia3"``: a vector l per layer (ones at first); ``feedforward_modules`` names the
       targets whose input l scales (the others scale their output). rank, alpha, dropout and
       use_rslora are LoRA's and refused here.
@@ -397,7 +407,8 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
                          f"{method!r}")
     if method == "ia3":
         given = [k for k, v in dict(rank=rank, alpha=alpha, dropout=dropout or None,
-                                    use_rslora=use_rslora or None).items() if v is not None]
+                                    use_rslora=use_rslora or None,
+                                    use_dora=use_dora or None).items() if v is not None]
         if given:
             raise ValueError(f"lowrank.patch_model: {given} are LoRA settings; IA3 has none")
         target_modules, feedforward_modules = _ia3_targets(model, target_modules,
@@ -412,10 +423,12 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
         raise ValueError("lowrank.patch_model: feedforward_modules is an IA3 setting")
     rank = 16 if rank is None else rank
     _check_lora_args(rank, alpha, dropout, use_rslora)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"lowrank.patch_model: use_dora must be a bool, got {use_dora!r}")
     alpha = 2 * rank if alpha is None else alpha
     names = resolve_targets(model, target_modules, layers)
     config = AdapterConfig(method=method, modules=names, rank=rank, alpha=alpha,
-                           dropout=float(dropout), use_rslora=use_rslora,
+                           dropout=float(dropout), use_rslora=use_rslora, use_dora=use_dora,
                            target_modules=target_modules, layers=layers)
     add_adapter(model, adapter_name, config,
                 {name: (rank, alpha, float(dropout), use_rslora) for name in names})

@@ -6,7 +6,7 @@ forward, PEFT's, is untouched), so the layer keeps its class, parameters, names 
 methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, ...). PEFT can change
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
-adapters active at once, a LoRA variant (DoRA, ...), extra forward arguments (PEFT's mixed-batch
+adapters active at once, a LoRA variant other than DoRA, extra forward arguments (PEFT's mixed-batch
 ``adapter_names``). With adapters disabled, merged or none active PEFT runs the base layer alone,
 which our kernels would not speed up anyway.
 """
@@ -61,16 +61,23 @@ def _is_ours(forward):
 
 def _lora_adapter_refusal(layer, name):
     """Why ``layer`` cannot run LoRA adapter ``name`` on our kernels, or None if it can."""
-    if name in layer.lora_variant:
-        if layer.use_dora.get(name, False):
-            return "DoRA (use_dora=True) has no lowrank kernel"
+    if name in layer.lora_variant and not _is_dora(layer, name):
         return f"the LoRA variant {type(layer.lora_variant[name]).__name__} has no lowrank kernel"
+    if _is_dora(layer, name) and layer.lora_B[name].bias is not None:
+        return "DoRA with lora_bias has no lowrank kernel"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"its dropout is a {type(layer.lora_dropout[name]).__name__}, not nn.Dropout"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return "its lora_A / lora_B are not plain nn.Linear layers"
     return None
+
+
+def _is_dora(layer, name):
+    """True for a PEFT DoRA adapter on a linear layer (what ``ops.dora_linear`` computes)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return type(layer.lora_variant.get(name)) is DoraLinearVariant
 
 
 def _adapter_to_serve(layer, adapters, args, kwargs):
@@ -93,8 +100,13 @@ def _lora_forward(layer, kind, x, *args, **kwargs):
         bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling, bias=bias,
-                        dropout=p)
+    if _is_dora(layer, name):
+        y = ops.dora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight,
+                            layer.lora_magnitude_vector[name].weight, scaling, bias=bias,
+                            dropout=p)
+    else:
+        y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling,
+                            bias=bias, dropout=p)
     return y.to(out_dtype)
 
 
@@ -131,7 +143,7 @@ def patch_peft_model(model):
     parameters and state dict do not change, and PEFT's adapter switching, merging, disabling and
     saving keep working. At each call a layer runs our kernels when exactly one of its adapters is
     active, unmerged, enabled and of a kind we serve (LoRA with dropout, bias, lora_bias, rsLoRA,
-    any rank / alpha pattern; IA3); otherwise it runs PEFT's own forward. Calling it again patches
+    any rank / alpha pattern; DoRA; IA3); otherwise it runs PEFT's own forward. Calling it again patches
     layers added since. ``lowrank.unpatch_peft_model`` reverts.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
