@@ -63,8 +63,6 @@ def _lora_adapter_refusal(layer, name):
     """Why ``layer`` cannot run LoRA adapter ``name`` on our kernels, or None if it can."""
     if name in layer.lora_variant and not _is_dora(layer, name):
         return f"the LoRA variant {type(layer.lora_variant[name]).__name__} has no lowrank kernel"
-    if _is_dora(layer, name) and layer.lora_B[name].bias is not None:
-        return "DoRA with lora_bias has no lowrank kernel"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"its dropout is a {type(layer.lora_dropout[name]).__name__}, not nn.Dropout"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
