@@ -274,3 +274,42 @@ def test_equals_peft_dora_layer(kind, device):
     for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), (ours_y, *ours),
                                (expected_y, *expected)):
         assert_close(got, want.detach(), torch.float32, name, 1e-5)
+
+
+def test_bf16_stays_within_peft_bf16_distance_from_fp32(device):
+    """A bf16 base: ours in bf16 is as close to PEFT's fp32 DoRA as PEFT's own bf16 run is (within
+    twice its distance), outputs and the magnitude's gradient. Both PEFT layers hold the same
+    adapter (fp32, as PEFT keeps it)."""
+    import copy
+
+    gen = torch.Generator().manual_seed(1)
+    base = torch.nn.Linear(K, N, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(N, K, generator=gen) * 0.05)
+    x = torch.randn(M, K, generator=gen)
+    grad_y = torch.randn(M, N, generator=gen)
+    layers = {"fp32": peft_dora_layer(copy.deepcopy(base), 5, 10),
+              "bf16": peft_dora_layer(copy.deepcopy(base).to(torch.bfloat16), 5, 10)}
+    names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    adapter = {n: getattr(layers["fp32"], n)["default"].weight for n in names}
+    with torch.no_grad():
+        for n in names:
+            getattr(layers["bf16"], n)["default"].weight.copy_(adapter[n])
+    results = {}
+    for name, layer in layers.items():
+        dtype = layer.base_layer.weight.dtype
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        with torch.compiler.set_stance("force_eager"):
+            y = layer(x.to(dtype))
+        results[name] = (y, *torch.autograd.grad(y, [magnitude], grad_y.to(dtype)))
+    layer = layers["bf16"]
+    params = [getattr(layer, n)["default"].weight for n in names]
+    ours_y = ops.dora_linear(x.to(device, torch.bfloat16), layer.base_layer.weight.to(device),
+                             *params, layer.scaling["default"], bias=layer.base_layer.bias.to(device))
+    results["ours"] = (ours_y, *torch.autograd.grad(ours_y, [params[2]],
+                                                    grad_y.to(device, torch.bfloat16)))
+    for i, what in enumerate(("y", "dm")):
+        ours = relative_error(results["ours"][i].cpu(), results["fp32"][i])
+        peft = relative_error(results["bf16"][i], results["fp32"][i])
+        assert 0 < peft and ours <= 2 * peft, \
+            f"{what}: ours {ours:.2e}, PEFT's bf16 {peft:.2e} from fp32"
