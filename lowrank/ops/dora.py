@@ -5,7 +5,8 @@
 
 which without dropout (and in eval) is ``g * (x W^T + s x A^T B^T) + b``. With dropout the base
 weight meets both x and x_d, exactly as PEFT's (and the DoRA authors') forward has it, so the
-frozen weight is read twice per step then; without dropout once, as LoRA reads it.
+forward's GEMMs read the frozen weight twice then; without dropout once, as LoRA's. The norm is one
+more pass over the stored weight (a memory-bound read, no GEMM).
 
 ``DoraLinearFunction`` is the op. Its launch primitives are custom ops registered with
 torch.library (fake implementations, so torch.compile traces through them):
