@@ -109,12 +109,20 @@ def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
     assert relative_error(logits(unloaded, ids), expected) <= 1e-5
 
 
-def test_patch_peft_model_serves_dora_layers():
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_patch_peft_model_serves_dora_layers(quantized, tmp_path):
     ids = token_ids()
-    theirs = peft_dora(tiny_model("llama", blocks=1))
+    if quantized:
+        from conftest import load_tiny_4bit_llama
+
+        base = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
+    else:
+        base = tiny_model("llama", blocks=1)
+    theirs = peft_dora(base)
     randomize_adapters(theirs)
     theirs.train()  # dropout is 0: the training forward, without masks to match
-    expected = theirs(input_ids=ids).logits
+    with torch.compiler.set_stance("force_eager"):  # bitsandbytes' CPU ops, run as they are
+        expected = theirs(input_ids=ids).logits
     expected_grads = torch.autograd.grad(expected.square().sum(),
                                          [p for p in theirs.parameters() if p.requires_grad])
     report = lowrank.patch_peft_model(theirs)

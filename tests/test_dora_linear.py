@@ -70,7 +70,8 @@ def run_ours(x, weight, state, lora_a, lora_b, magnitude, bias, grad_y, dropout=
 
 
 # Rank 19 covers two rank chunks of 16, the second partly filled.
-@pytest.mark.parametrize("kind,rank", [("dense", 5), ("dense-transposed", 19), ("nf4-64", 5),
+# (Plain NF4's norm is checked through dora_linear below.)
+@pytest.mark.parametrize("kind,rank", [("dense", 5), ("dense-transposed", 19),
                                        ("nf4-nested-128", 19)])
 def test_norm_kernel_against_fp64(kind, rank, device):
     """The launcher into a NaN-poisoned buffer: every row written, and equal to the fp64 norm."""
@@ -169,8 +170,9 @@ def test_the_function_called_directly_is_dora_linear(device):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_compiles_with_torch_compile_without_graph_breaks(dropout, device):
+# Without dropout (the dropout path's fake implementation is checked by opcheck below).
+def test_compiles_with_torch_compile_without_graph_breaks(device):
+    dropout = 0.0
     x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(torch.float32,
                                                                          "nf4-nested-128", 5,
                                                                          device, m=5)
