@@ -216,8 +216,10 @@ def test_bad_arguments_are_named(device):
         ops.dora_linear(x, weight, lora_a, lora_b, magnitude.long(), SCALING)
     with pytest.raises(ValueError, match=r"weight_norm must be \(83,\)"):
         ops.dora_linear(x, weight, lora_a, lora_b, magnitude, SCALING, weight_norm=magnitude[:5])
-    with pytest.raises(ValueError, match=r"lora_B must be \(83, 5\)"):
+    with pytest.raises(ValueError, match=r"dora_norm: lora_B must be \(83, 5\)"):
         ops.dora_norm(weight, lora_a, lora_b[:, :3], SCALING)
+    with pytest.raises(ValueError, match=r"dora_linear: dropout must be in \[0, 1\)"):
+        ops.dora_linear(x, weight, lora_a, lora_b, magnitude, SCALING, dropout=1.0)
 
 
 # PEFT's DoRA layer (peft.tuners.lora with use_dora=True) on the same weights: its forward and
