@@ -5,12 +5,17 @@ Both forms: output (``y = (x W^T) * l``, attention-style layers) and feed-forwar
 (``y = (x * l) W^T``). Forward and forward + backward (gradients of x and l) with peak memory,
 at the training shapes of the LoRA linear case. ``bnb_peft`` is what PEFT's IA3 layers run:
 ``matmul_4bit`` (or F.linear on a dense base) with the scale applied by a separate multiply.
+``lowrank`` is the route lowrank chooses per call (``lowrank.routes``); ``lowrank_fused`` and
+``lowrank_cublas`` are each route forced, backward included (the shapes here have too many rows
+for the decode route).
 """
 
 import torch
 
 from bench.harness import check_all, headline_metrics
-from bench.lora_linear import BLOCKSIZE, PROJECTIONS
+from bench.lora_linear import BLOCKSIZE, PROJECTIONS, forced
+
+ROUTES = ("fused", "cublas")
 
 SHAPES = [(4096, k, n) for k, n in PROJECTIONS]
 QUICK_SHAPES = [(4096, 4096, 14336)]
@@ -84,12 +89,15 @@ def run(runner, floors, shapes):
                 x, packed, state, dense, scales, _ = next(inputs)
                 args = (x, packed, state, dense, scales[feedforward])
                 with torch.no_grad():
-                    check_all(fns, args, fns["reference"](*args))
+                    check_all({**fns, **{f"lowrank_{route}": forced(route, fns["lowrank"])
+                                         for route in ROUTES}}, args, fns["reference"](*args))
                 params = {"base": base, "form": "feedforward" if feedforward else "output",
                           "dtype": "bfloat16"}
                 for op, backward, flops in (("ia3_linear_forward", False, 2 * m * n * k),
                                             ("ia3_linear_forward_backward", True, 4 * m * n * k)):
                     calls = {name: timed(fn, backward) for name, fn in fns.items()}
+                    calls.update({f"lowrank_{route}": forced(route, calls["lowrank"])
+                                  for route in ROUTES})
                     timings = {name: runner.time(call, inputs) for name, call in calls.items()}
                     case = {"op": op, "shape": [m, k, n], "params": params, "timings_ms": timings,
                             "metrics": headline_metrics(timings, floors, flops=flops)}

@@ -7,13 +7,19 @@ Baselines, each checked against ``lowrank.reference`` before it is timed:
 - ``bnb_peft``: bitsandbytes ``matmul_4bit`` plus PEFT's LoRA formula, what PEFT's Linear4bit runs
   (for one row without grad, matmul_4bit runs bitsandbytes' ``gemv_4bit`` kernel).
 - ``dequant_cublas``: NF4 dequantized (by lowrank) into a reused bf16 buffer, cuBLAS GEMM, then the
-  LoRA expand accumulated with ``addmm_``: the composition a large-M path could use instead of ours.
+  LoRA expand accumulated with ``addmm_``, composed by hand (``lowrank_cublas`` is the same inside
+  lowrank's op: the gap between them is the op's overhead).
 - ``reference``: ``lowrank.reference.lora_linear``.
 
 Training cases (M >= 256 tokens) time forward and forward + backward (gradients of x, A and B) and
 record peak memory; at M = 4096 the same cases also run on a dense bf16 base (``peft`` is then
-F.linear plus PEFT's LoRA branch). Decode cases (M = 1..64, forward without grad) also time the two
-lowrank paths forced (``lowrank_tiled``, ``lowrank_decode``): they are what sets ``DECODE_MAX_M``.
+F.linear plus PEFT's LoRA branch). Decode cases (M = 1..64) time the forward without grad.
+
+``lowrank`` is the route lowrank chooses per call (``lowrank.routes``: on a GPU, calibrated the
+first time it meets a shape, which happens in the guard's call, before timing). Every case also
+times each route forced: ``lowrank_fused``, ``lowrank_cublas`` (dequantize + cuBLAS inside
+lowrank) and, at M <= ``DECODE_MAX_M``, ``lowrank_decode``: what the default rule
+(``routes.FUSED_MAX_M``) and ``DECODE_MAX_M`` are to be checked against.
 """
 
 import torch
@@ -88,29 +94,22 @@ def forward_fns(base):
     }
 
 
-def forced_path_fns():
-    """The two lowrank forward paths, called directly whatever M is (for the decode crossover)."""
-    from lowrank import ops
-    from lowrank.kernels import lora_linear as tiled
-    from lowrank.kernels import lora_linear_decode as decode
+def route_names(m):
+    """lowrank's routes at M rows (``lowrank.routes``): each is timed forced, beside ``lowrank``
+    (the route the call chooses: calibrated on a GPU, the first time it sees the shape)."""
+    from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
 
-    def launch(path):
-        def fn(x, packed, state, dense, a, b, buffer):
-            weight = ops.FrozenWeight.of(packed, state)
-            seed = torch.empty(1, dtype=torch.int64, device=x.device)  # unread: no dropout
-            y = torch.empty(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
-            s = torch.empty(x.shape[0], RANK, dtype=x.dtype, device=x.device)
-            if path == "decode":
-                decode.lora_decode_forward(x, weight.tensor, a, b, None, y, s, seed, 0.0, SCALING,
-                                           weight.nf4)
-            else:
-                tiled.lora_shrink(x, a, s, seed, 0.0)
-                tiled.lora_forward(x, weight.tensor, s, b, None, y, SCALING, weight.nf4)
-            return y
-        return fn
+    return ("fused", "cublas", "decode") if m <= DECODE_MAX_M else ("fused", "cublas")
 
-    fns = {"lowrank_tiled": launch("tiled")}
-    return fns, {"lowrank_decode": launch("decode")}, decode.DECODE_MAX_M
+
+def forced(route, fn):
+    """``fn`` with lowrank's ``route`` forced, its backward included."""
+    from lowrank import routes
+
+    def call(*args):
+        with routes.forced(route):
+            return fn(*args)
+    return call
 
 
 def with_backward(forward):
@@ -130,7 +129,6 @@ def _no_grad(fn):
 
 
 def run(runner, floors, shapes):
-    tiled, decode, decode_max_m = forced_path_fns()
     cases = []
     for m, k, n in shapes:
         train = m >= TRAIN_MIN_M
@@ -141,10 +139,7 @@ def run(runner, floors, shapes):
             if base == "nf4":
                 params.update(blocksize=BLOCKSIZE, double_quant=True)
             fns = forward_fns(base)
-            if not train:
-                fns.update(tiled)
-                if m <= decode_max_m:
-                    fns.update(decode)
+            fns.update({f"lowrank_{route}": forced(route, fns["lowrank"]) for route in route_names(m)})
             x, packed, state, dense, a, b, grad_y, buffer = next(inputs)
             args = (x, packed, state, dense, a, b, buffer)
             with torch.no_grad():
@@ -157,6 +152,8 @@ def run(runner, floors, shapes):
             if not train:
                 continue
             backward_fns = {name: with_backward(fn) for name, fn in fns.items()}
+            for route in route_names(m):  # forced around the backward too
+                backward_fns[f"lowrank_{route}"] = forced(route, with_backward(fns["lowrank"]))
             timings = {name: runner.time(fn, inputs) for name, fn in backward_fns.items()}
             memory = {name: runner.peak_memory_bytes(fn, inputs) for name, fn in backward_fns.items()}
             # Forward 2mnk and dX 2mnk (the frozen base has no weight gradient), plus LoRA's GEMMs.

@@ -142,3 +142,43 @@ def check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout
         raise ValueError(f"lowrank.dora_linear: magnitude must be ({weight.out_features},), one "
                          f"value per output feature, got {tuple(magnitude.shape)}")
     return weight
+
+
+def check_lora_mixed_args(x, weight, lora_A, lora_B, scalings, adapter_index, bias, quant_state,
+                          index_in_range=False, dtypes=FLOAT_DTYPES):
+    """The checks of ``lora_mixed``; returns (the FrozenWeight, scalings as an fp32 tensor).
+    The index range is read from the tensor (a device sync) unless the caller vouches for it."""
+    op = "lora_mixed"
+    _check_tensors(op, x=x, lora_A=lora_A, lora_B=lora_B, adapter_index=adapter_index)
+    weight = check_linear_args(op, x, weight, bias, quant_state, dtypes)
+    N, K = weight.shape
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if tensor.dtype not in dtypes:
+            raise TypeError(f"lowrank.{op}: {name} dtype {tensor.dtype} is not supported")
+    if lora_A.dim() != 3 or lora_A.shape[2] != K or min(lora_A.shape[:2]) < 1:
+        raise ValueError(f"lowrank.{op}: lora_A must be (adapters, r, {K}), got "
+                         f"{tuple(lora_A.shape)}")
+    n, r = lora_A.shape[:2]
+    if tuple(lora_B.shape) != (n, N, r):
+        raise ValueError(f"lowrank.{op}: lora_B must be ({n}, {N}, {r}) to match the weight and "
+                         f"lora_A, got {tuple(lora_B.shape)}")
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor(scalings, dtype=torch.float32, device=lora_A.device)
+    if tuple(scalings.shape) != (n,) or not scalings.is_floating_point():
+        raise ValueError(f"lowrank.{op}: scalings must be {n} floats (one per adapter), got "
+                         f"{scalings.dtype} {tuple(scalings.shape)}")
+    if adapter_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lowrank.{op}: adapter_index must be int32 or int64, got "
+                        f"{adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"lowrank.{op}: adapter_index must have one entry per row of x, shape "
+                         f"{tuple(x.shape[:-1])}, got {tuple(adapter_index.shape)}")
+    if not index_in_range and adapter_index.numel() and (
+            adapter_index.min().item() < -1 or adapter_index.max().item() >= n):
+        raise ValueError(f"lowrank.{op}: adapter_index values must be in [-1, {n}) (-1: the base "
+                         f"alone), got {adapter_index.min().item()} to {adapter_index.max().item()}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, weight.stored, lora_A, lora_B, scalings, bias)):
+        raise ValueError(f"lowrank.{op}: mixed-adapter batches run inference only (no backward); "
+                         "call it under torch.no_grad() or torch.inference_mode()")
+    return weight, scalings.float()

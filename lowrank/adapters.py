@@ -2,34 +2,31 @@
 
 A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` / ``IA3Config`` fields) and
 ``adapter_model.safetensors`` whose keys are PEFT's, the adapter's name left out:
-``base_model.model.<module path>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r), or
-``...ia3_l`` ((out, 1), or (1, in) for a feed-forward layer). ``peft.PeftModel.from_pretrained``
-loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes.
+``base_model.model.<module path>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r)
+(DoRA also ``...lora_magnitude_vector``, (out,)), or ``...ia3_l`` ((out, 1), or (1, in) for a
+feed-forward layer). ``peft.PeftModel.from_pretrained`` loads what ``save_adapter`` writes, and ``lowrank.load_adapter`` (``patch.py``) loads what PEFT's
+``save_pretrained`` writes, read and checked here by ``read_adapter``. The files, sharded saves and
+checks are here; each method's own config fields and weight keys are in its ``lowrank/methods``
+module.
 """
 
 import contextlib
 import json
-import math
 import os
-import re
 import shutil
 import uuid
-from collections import Counter
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank.modules import AdapterLayer, is_sharded, layer_features, layer_kind
-from lowrank.patch import (AdapterConfig, adapter_layers, add_adapter, check_adapter,
-                           modules_outside_adapters, patch_state)
+from lowrank.base_layers import is_sharded
+from lowrank.methods import BY_PEFT_TYPE, METHODS
+from lowrank.adapter_layer import (KEY_PREFIX, adapter_layers, is_module_names, is_regex,
+                                   modules_outside_adapters)
+from lowrank.state import check_adapter, patch_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-# DoRA's magnitude: PEFT writes ``...lora_magnitude_vector`` (its module's ``.weight`` left out) and
-# reads the older ``...lora_magnitude_vector.weight`` too; so do we.
-LORA_KEY = re.compile(r"(.+)\.(lora_A(?=\.weight$)|lora_B(?=\.weight$)|lora_magnitude_vector)(?:\.weight)?")
-IA3_KEY = re.compile(r"(.+)\.(ia3_l)")
 # PEFT features an adapter config can ask for that we do not implement yet: loading such an
 # adapter without them would give other outputs than PEFT's, so they are refused by name.
 UNSUPPORTED = {
@@ -43,84 +40,6 @@ UNSUPPORTED = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
     "arrow_config": "arrow_config",
 }
-
-
-def _pattern_value(pattern, default, module):
-    """A rank_pattern / alpha_pattern lookup, matched as PEFT matches it (first key whose regex
-    matches the end of the module path)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _target_modules(model, paths):
-    """The leaf names of ``paths`` when, as PEFT suffixes, they select exactly ``paths`` on the
-    base model; otherwise the full paths (which select exactly themselves)."""
-    leaves = sorted({p.rpartition(".")[2] for p in paths})
-    selected = {name for name, _ in modules_outside_adapters(model)
-                if name.rpartition(".")[2] in leaves}
-    return leaves if selected == set(paths) else sorted(paths)
-
-
-def _common_config(model, peft_type, layers):
-    return {
-        "peft_type": peft_type,
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "revision": None,
-        "target_modules": _target_modules(model, list(layers)),
-        "exclude_modules": None,
-        # PEFT's flag for GPT-2's Conv1D, whose weight is stored (in, out).
-        "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-
-def _lora_contents(model, adapter_name, config, layers):
-    ranks = {p: layer.r[adapter_name] for p, layer in layers.items()}
-    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in layers.items()}
-    # The most common rank / alpha is the default; layers that differ go into the patterns.
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    # DoRA layers add lora_magnitude_vector (adapter_names_attr names what each layer holds).
-    tensors = {f"{KEY_PREFIX}{p}.{attr}{'' if attr == 'lora_magnitude_vector' else '.weight'}":
-               getattr(layer, attr)[adapter_name].weight
-               for p, layer in layers.items() for attr in layer.adapter_names_attr}
-    return tensors, {
-        **_common_config(model, "LORA", layers),
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
-        "bias": "none",
-        "init_lora_weights": True,
-        "use_dora": config.use_dora,
-    }
-
-
-def _feedforward_modules(layers, target_modules):
-    """IA3's feedforward_modules as PEFT matches them (``path.endswith(entry)``), a subset of
-    ``target_modules`` as PEFT requires: leaf names when the targets are leaf names and those
-    select exactly the feed-forward layers, else the full paths."""
-    feedforward = {p for p, layer in layers.items() if layer.is_feedforward}
-    leaves = sorted({p.rpartition(".")[2] for p in feedforward})
-    selected = {p for p in layers if any(p.endswith(leaf) for leaf in leaves)}
-    if selected == feedforward and set(leaves) <= set(target_modules):
-        return leaves
-    return sorted(feedforward)
-
-
-def _ia3_contents(model, adapter_name, layers):
-    tensors = {f"{KEY_PREFIX}{p}.ia3_l": layer.ia3_l[adapter_name] for p, layer in layers.items()}
-    config = _common_config(model, "IA3", layers)
-    return tensors, {**config, "init_ia3_weights": True,
-                     "feedforward_modules": _feedforward_modules(layers, config["target_modules"])}
 
 
 def save_adapter(model, path, adapter_name="default", state_dict=None):
@@ -140,10 +59,7 @@ def save_adapter(model, path, adapter_name="default", state_dict=None):
     config = state.adapters[adapter_name]
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
-    if config.method == "lora":
-        params, peft_config = _lora_contents(model, adapter_name, config, layers)
-    else:
-        params, peft_config = _ia3_contents(model, adapter_name, layers)
+    params, peft_config = METHODS[config.method].to_peft(model, adapter_name, config, layers)
     shapes = {key: _full_shape(param) for key, param in params.items()}
     if state_dict is not None:
         tensors = _from_state_dict(model, params, state_dict)
@@ -159,9 +75,7 @@ def _adapter_weights(model, adapter_name):
     """The weights of adapter ``adapter_name`` in every layer that has it."""
     for layer in adapter_layers(model).values():
         if adapter_name in layer.adapter_names:
-            for attr in layer.adapter_names_attr:
-                held = getattr(layer, attr)[adapter_name]
-                yield held if attr == "ia3_l" else held.weight
+            yield from layer.adapter_weights(adapter_name).values()
 
 
 def adapter_is_partitioned(model, adapter_name):
@@ -311,7 +225,7 @@ def _read_peft_adapter(path):
     if not isinstance(config, dict):
         raise ValueError(f"lowrank.load_adapter: {config_path} holds a JSON "
                          f"{type(config).__name__}, not an object of PEFT config fields")
-    if config.get("peft_type") not in ("LORA", "IA3"):
+    if config.get("peft_type") not in BY_PEFT_TYPE:
         raise ValueError(f"lowrank.load_adapter: peft_type {config.get('peft_type')!r} is not "
                          "supported; LORA and IA3 are")
     refused = [label for key, label in UNSUPPORTED.items() if config.get(key)]
@@ -322,29 +236,6 @@ def _read_peft_adapter(path):
                          f"does not support yet: {', '.join(refused)}")
     _check_config(config, config_path)
     return config, load_file(weights_path)
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_regex(value):
-    try:
-        re.compile(value)
-    except re.error:
-        return False
-    return True
-
-
-def _is_module_names(value):
-    """PEFT's target_modules / feedforward_modules: a regular expression or a list of names."""
-    if isinstance(value, str):
-        return _is_regex(value)
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _check_config(config, config_path):
@@ -362,29 +253,16 @@ def _check_config(config, config_path):
             raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} must be an object "
                              f"{{module regex: {expected}}}, got {pattern!r}")
         for regex, value in pattern.items():
-            if not _is_regex(rf"(.*\.)?({regex})$"):  # as _pattern_value matches it
+            if not is_regex(rf"(.*\.)?({regex})$"):  # as lora.pattern_value matches it
                 raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} has key "
                                  f"{regex!r}, which is not a valid regular expression")
             if not valid(value):
                 raise ValueError(f"lowrank.load_adapter: {key!r} in {config_path} maps {regex!r} "
                                  f"to {value!r}; values must be {expected}")
 
-    check("target_modules", lambda v: v is None or _is_module_names(v),
+    check("target_modules", lambda v: v is None or is_module_names(v),
           "null, a regular expression or a list of module names")
-    if config["peft_type"] == "IA3":
-        check("feedforward_modules", lambda v: v is None or _is_module_names(v),
-              "null, a regular expression or a list of module names")
-        return
-    positive_int, positive_number = "a positive integer", "a positive finite number"
-    check("r", lambda v: _is_int(v) and v >= 1, positive_int)
-    check("lora_alpha", lambda v: _is_number(v) and v > 0, positive_number)
-    check("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
-    check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
-    check("use_dora", lambda v: isinstance(v, bool), "true or false", False)
-    check("layers_to_transform", lambda v: v is None or _is_int(v) or (
-        isinstance(v, list) and all(_is_int(i) for i in v)), "null, an integer or a list of them")
-    check_pattern("rank_pattern", lambda v: _is_int(v) and v >= 1, positive_int)
-    check_pattern("alpha_pattern", lambda v: _is_number(v) and v > 0, positive_number)
+    BY_PEFT_TYPE[config["peft_type"]].check_peft_config(config, check, check_pattern)
 
 
 def _weights_by_module(path, tensors, key_pattern, what):
@@ -400,80 +278,12 @@ def _weights_by_module(path, tensors, key_pattern, what):
     return weights
 
 
-def _base_layer(modules, module_path):
-    if module_path not in modules:
-        raise ValueError(f"lowrank.load_adapter: the adapter has weights for {module_path}, "
-                         "which this model does not have")
-    module = modules[module_path]
-    if isinstance(module, AdapterLayer):
-        # Read when it was patched: under FSDP2 the base's weight is a DTensor that no longer
-        # tells a Linear4bit's quant type.
-        return module.in_features, module.out_features
-    return layer_features(module, layer_kind(module))
-
-
-def _lora_settings(config, weights, modules):
-    settings = {}
-    for module_path, pair in weights.items():
-        in_features, out_features = _base_layer(modules, module_path)
-        use_dora = bool(config.get("use_dora", False))
-        expected = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if use_dora else set())
-        if set(pair) != expected:
-            raise ValueError(f"lowrank.load_adapter: {module_path} has {sorted(pair)}; an adapter "
-                             f"with use_dora={str(use_dora).lower()} has {sorted(expected)}")
-        if use_dora and tuple(pair["lora_magnitude_vector"].shape) != (out_features,):
-            raise ValueError(f"lowrank.load_adapter: {module_path} needs lora_magnitude_vector "
-                             f"({out_features},), got {tuple(pair['lora_magnitude_vector'].shape)}")
-        rank = _pattern_value(config.get("rank_pattern") or {}, config["r"], module_path)
-        if tuple(pair["lora_A"].shape) != (rank, in_features) or \
-                tuple(pair["lora_B"].shape) != (out_features, rank):
-            raise ValueError(
-                f"lowrank.load_adapter: {module_path} needs lora_A ({rank}, {in_features}) and lora_B "
-                f"({out_features}, {rank}) for rank {rank}, got {tuple(pair['lora_A'].shape)} and "
-                f"{tuple(pair['lora_B'].shape)}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, config["lora_alpha"], module_path)
-        settings[module_path] = (rank, alpha, float(config.get("lora_dropout", 0.0)),
-                                 bool(config.get("use_rslora", False)))
-    adapter = AdapterConfig(method="lora", modules=list(settings), rank=config["r"],
-                            alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
-                            use_rslora=bool(config.get("use_rslora", False)),
-                            use_dora=bool(config.get("use_dora", False)),
-                            target_modules=config.get("target_modules"),
-                            layers=config.get("layers_to_transform"))
-    return adapter, settings
-
-
-def _is_feedforward(feedforward_modules, module_path):
-    """PEFT's test: a regex must match the whole path, a list entry its end."""
-    if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module_path) is not None
-    return any(module_path.endswith(entry) for entry in feedforward_modules or ())
-
-
-def _ia3_settings(config, weights, modules):
-    settings = {}
-    for module_path, vector in weights.items():
-        in_features, out_features = _base_layer(modules, module_path)
-        feedforward = _is_feedforward(config.get("feedforward_modules"), module_path)
-        shape = (1, in_features) if feedforward else (out_features, 1)
-        if tuple(vector["ia3_l"].shape) != shape:
-            raise ValueError(f"lowrank.load_adapter: {module_path} is "
-                             f"{'' if feedforward else 'not '}feed-forward and needs ia3_l {shape}, "
-                             f"got {tuple(vector['ia3_l'].shape)}")
-        settings[module_path] = (feedforward,)
-    adapter = AdapterConfig(method="ia3", modules=list(settings),
-                            target_modules=config.get("target_modules"),
-                            feedforward_modules=[p for p, (ff,) in settings.items() if ff])
-    return adapter, settings
-
-
-def load_adapter(model, path, adapter_name="default"):
-    """Load a LoRA or IA3 adapter saved by PEFT (or ``save_adapter``) onto ``model`` (plain,
-    4-bit, or already patched with other adapters) under ``adapter_name``; return the model.
-
-    The layers to patch are the ones the weights name. LoRA's rank and alpha follow the config's
-    ``r`` / ``lora_alpha`` and its ``rank_pattern`` / ``alpha_pattern`` as PEFT reads them; IA3's
-    feed-forward layers follow ``feedforward_modules``."""
+def read_adapter(model, path):
+    """(AdapterConfig, {module path: arguments of the layer's ``add_adapter`` after the name},
+    {module path: {weight name: tensor}}) of the adapter PEFT (or ``save_adapter``) saved in
+    ``path``, for ``model``, all checked before the model is touched (``lowrank.load_adapter``
+    then adds it). The layers are the ones the weights name; the settings are read as PEFT reads
+    them (see each method's ``from_peft``)."""
     state = getattr(model, "lowrank_state", None)
     held = [param for name in (state.adapters if state else ())
             for param in _adapter_weights(model, name)]
@@ -486,20 +296,13 @@ def load_adapter(model, path, adapter_name="default"):
                          "fully_shard / deepspeed.initialize / Trainer (or, to resume an adapter "
                          "the model has, use Trainer's resume_from_checkpoint)")
     config, tensors = _read_peft_adapter(path)
-    modules = dict(modules_outside_adapters(model))
-    if config["peft_type"] == "LORA":
-        weights = _weights_by_module(path, tensors, LORA_KEY,
-                                     "a LoRA A or B (or DoRA magnitude) of a linear layer")
-        adapter, settings = _lora_settings(config, weights, modules)
-    else:
-        weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
-        adapter, settings = _ia3_settings(config, weights, modules)
-    add_adapter(model, adapter_name, adapter, settings)
-    _copy_weights(model, adapter_name, weights)
-    return model
+    method = BY_PEFT_TYPE[config["peft_type"]]
+    weights = _weights_by_module(path, tensors, method.KEY, method.KEY_WHAT)
+    adapter, settings = method.from_peft(config, weights, dict(modules_outside_adapters(model)))
+    return adapter, settings, weights
 
 
-def _copy_weights(model, adapter_name, weights):
+def copy_weights(model, adapter_name, weights):
     """Copy the loaded weights into the adapter. An FSDP2-sharded adapter (each rank reads the
     same file) keeps on each rank its own shard of the whole weight, without communication."""
     layers = adapter_layers(model)
@@ -507,8 +310,7 @@ def _copy_weights(model, adapter_name, weights):
         for module_path, named in weights.items():
             layer = layers[module_path]
             for attr, tensor in named.items():
-                held = getattr(layer, attr)[adapter_name]
-                held = held if attr == "ia3_l" else held.weight
+                held = layer.adapter_weights(adapter_name)[attr]
                 if is_sharded(held):
                     from torch.distributed.tensor import distribute_tensor
 
@@ -541,31 +343,18 @@ def restore_adapter_weights(model, path, adapter_name):
     modules = dict(modules_outside_adapters(model))
     layers = {p: layer for p, layer in adapter_layers(model).items()
               if adapter_name in layer.adapter_names}
-    if config["peft_type"] != held.method.upper():
+    method = METHODS[held.method]
+    if config["peft_type"] != method.PEFT_TYPE:
         raise ValueError(f"lowrank: {path} holds a {config['peft_type']} adapter; adapter "
-                         f"{adapter_name!r} of this model is {held.method.upper()}")
-    if held.method == "lora" and bool(config.get("use_dora", False)) != held.use_dora:
-        raise ValueError(f"lowrank: {path} holds an adapter with use_dora="
-                         f"{bool(config.get('use_dora', False))}; adapter {adapter_name!r} of this "
-                         f"model has use_dora={held.use_dora}")
-    if held.method == "lora":
-        weights = _weights_by_module(path, tensors, LORA_KEY,
-                                     "a LoRA A or B (or DoRA magnitude) of a linear layer")
-        settings = {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in
-                    _lora_settings(config, weights, modules)[1].items()}
-        ours = {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], held.use_rslora)
-                for p, layer in layers.items()}
-        what = "(rank, alpha, use_rslora)"
-    else:
-        weights = _weights_by_module(path, tensors, IA3_KEY, "an IA3 vector of a linear layer")
-        settings = _ia3_settings(config, weights, modules)[1]
-        ours = {p: (layer.is_feedforward,) for p, layer in layers.items()}
-        what = "(feed-forward,)"
+                         f"{adapter_name!r} of this model is {method.PEFT_TYPE}")
+    weights = _weights_by_module(path, tensors, method.KEY, method.KEY_WHAT)
+    settings = method.fitting_settings(method.from_peft(config, weights, modules)[1])
+    ours = method.held_settings(layers, adapter_name, held)
     _refuse_zero3(_adapter_weights(model, adapter_name), "restore_adapter_weights")
     if settings != ours:
         differ = sorted(p for p in settings.keys() | ours.keys() if settings.get(p) != ours.get(p))
         raise ValueError(
             f"lowrank: the adapter in {path} does not fit adapter {adapter_name!r} of this model: "
-            f"{what} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
+            f"{method.FITTING} per layer differ at {differ[:3]}{' ...' if len(differ) > 3 else ''} (saved: "
             f"{[settings.get(p) for p in differ[:3]]}, model: {[ours.get(p) for p in differ[:3]]})")
-    _copy_weights(model, adapter_name, weights)
+    copy_weights(model, adapter_name, weights)

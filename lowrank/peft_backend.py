@@ -6,24 +6,21 @@ forward, PEFT's, is untouched), so the layer keeps its class, parameters, names 
 methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, ...). PEFT can change
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
-adapters active at once, a LoRA variant other than DoRA, extra forward arguments (PEFT's mixed-batch
-``adapter_names``). With adapters disabled, merged or none active PEFT runs the base layer alone,
-which our kernels would not speed up anyway.
+adapters active at once, a LoRA variant other than DoRA, extra forward arguments. PEFT's
+mixed-batch ``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can
+(inference). With adapters disabled, merged or none active PEFT runs the base layer alone, which
+our kernels would not speed up anyway.
 """
 
 import functools
 import logging
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from lowrank import ops
-from lowrank.modules import frozen_operands, layer_kind
+from lowrank.base_layers import base_layer_of
+from lowrank.methods import METHODS
+from lowrank.mixed import MIXED_STACKS
 
 logger = logging.getLogger(__name__)
-
-BASE_NAMES = {"linear": "nn.Linear", "nf4": "bitsandbytes Linear4bit (NF4)",
-              "conv1d": "transformers Conv1D"}
 
 
 @dataclass
@@ -46,79 +43,18 @@ class PeftPatchReport:
 
 
 def _peft_classes():
-    """{PEFT layer class we serve: (method, forward)}; PEFT is imported only when it is used."""
-    from peft.tuners import ia3, lora
-    from peft.tuners.ia3.bnb import Linear4bit as Ia3Linear4bit
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    return {lora.Linear: ("LoRA", _lora_forward), LoraLinear4bit: ("LoRA", _lora_forward),
-            ia3.Linear: ("IA3", _ia3_forward), Ia3Linear4bit: ("IA3", _ia3_forward)}
+    """{PEFT layer class we serve: its method module}; PEFT is imported only when it is used."""
+    return {peft_class: method for method in METHODS.values()
+            for peft_class in method.peft_layer_classes()}
 
 
 def _is_ours(forward):
-    return isinstance(forward, functools.partial) and forward.func in (_lora_forward, _ia3_forward)
-
-
-def _lora_adapter_refusal(layer, name):
-    """Why ``layer`` cannot run LoRA adapter ``name`` on our kernels, or None if it can."""
-    if name in layer.lora_variant and not _is_dora(layer, name):
-        return f"the LoRA variant {type(layer.lora_variant[name]).__name__} has no lowrank kernel"
-    if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
-        return f"its dropout is a {type(layer.lora_dropout[name]).__name__}, not nn.Dropout"
-    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
-        return "its lora_A / lora_B are not plain nn.Linear layers"
-    return None
-
-
-def _is_dora(layer, name):
-    """True for a PEFT DoRA adapter on a linear layer (what ``ops.dora_linear`` computes)."""
-    from peft.tuners.lora.variants import DoraLinearVariant
-
-    return type(layer.lora_variant.get(name)) is DoraLinearVariant
-
-
-def _adapter_to_serve(layer, adapters, args, kwargs):
-    """The one active adapter of ``layer`` (among ``adapters``, the layer's dict of them) that our
-    forward runs, or None when PEFT's forward must run."""
-    if args or kwargs or layer.disable_adapters or layer.merged:
-        return None
-    active = [name for name in layer.active_adapters if name in adapters]
-    return active[0] if len(active) == 1 else None
-
-
-def _lora_forward(layer, kind, x, *args, **kwargs):
-    name = _adapter_to_serve(layer, layer.lora_A, args, kwargs)
-    if name is None or _lora_adapter_refusal(layer, name) is not None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
-    lora_B, scaling = layer.lora_B[name], layer.scaling[name]
-    if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
-        lora_bias = lora_B.bias * scaling
-        bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
-    dropout = layer.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    if _is_dora(layer, name):
-        y = ops.dora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight,
-                            layer.lora_magnitude_vector[name].weight, scaling, bias=bias,
-                            dropout=p)
-    else:
-        y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling,
-                            bias=bias, dropout=p)
-    return y.to(out_dtype)
-
-
-def _ia3_forward(layer, kind, x, *args, **kwargs):
-    name = _adapter_to_serve(layer, layer.ia3_l, args, kwargs)
-    if name is None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, bias, out_dtype = frozen_operands(layer.base_layer, kind, x)
-    y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward)
-    return y.to(out_dtype)
+    return isinstance(forward, functools.partial) and forward.func in {
+        method.peft_forward for method in METHODS.values()}
 
 
 def _layer_refusal(layer):
-    """(base kind, None) for a layer we serve, or (None, why not)."""
+    """(its base layer's ``BaseLayer``, None) for a layer we serve, or (None, why not)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(layer.base_layer, BaseTunerLayer):
@@ -127,10 +63,10 @@ def _layer_refusal(layer):
         return None, ("its forward is already replaced by something else (an accelerate hook?); "
                       "lowrank does not stack on it")
     try:
-        kind = layer_kind(layer.base_layer)
+        base = base_layer_of(layer.base_layer)
     except TypeError as error:
         return None, str(error).removeprefix("lowrank: ")
-    return kind, None
+    return base, None
 
 
 def patch_peft_model(model):
@@ -160,29 +96,25 @@ def patch_peft_model(model):
             report.not_accelerated[path] = (f"{type(layer).__module__}.{type(layer).__qualname__} "
                                             "layers have no lowrank kernel")
             continue
-        method, forward = served[type(layer)]
-        refused = {}  # every IA3 adapter can run on our kernels
-        if method == "LoRA":
-            refused = {name: why for name in layer.lora_A
-                       if (why := _lora_adapter_refusal(layer, name)) is not None}
-            report.adapters_not_served.update(refused)
+        method = served[type(layer)]
+        refused = method.peft_refusals(layer)
+        report.adapters_not_served.update(refused)
         if _is_ours(vars(layer).get("forward")):  # patched by an earlier call
-            report.accelerated[path] = f"{method} over {BASE_NAMES[layer.forward.args[1]]}"
+            report.accelerated[path] = f"{method.LABEL} over {layer.forward.args[1].description}"
             continue
-        kind, refusal = _layer_refusal(layer)
-        if refusal is None and method == "LoRA" and len(refused) == len(layer.lora_A):
+        base, refusal = _layer_refusal(layer)
+        adapters = getattr(layer, method.Layer.adapter_names_attr[0])
+        if refusal is None and refused and len(refused) == len(adapters):
             refusal = "none of its adapters can run on lowrank's kernels"
         if refusal is not None:
             report.not_accelerated[path] = refusal
             continue
-        layer.forward = functools.partial(forward, layer, kind)
+        layer.forward = functools.partial(method.peft_forward, layer, base)
         # bitsandbytes repacks a Linear4bit's weight into a layout our kernels do not read the
         # first time it runs in eval mode without grad on a CPU with AVX512-BF16 (as it would in
-        # PEFT's forward, when that runs): keep the layout it loaded while patched.
-        layer.forward.bnb_cpu_repack = getattr(layer.base_layer, "support_avx512bf16_for_cpu", None)
-        if layer.forward.bnb_cpu_repack is not None:
-            layer.base_layer.support_avx512bf16_for_cpu = False
-        report.accelerated[path] = f"{method} over {BASE_NAMES[kind]}"
+        # PEFT's forward, when that runs): the base keeps the layout it loaded while patched.
+        base.hold(layer.base_layer)
+        report.accelerated[path] = f"{method.LABEL} over {base.description}"
     if report.not_accelerated:
         logger.warning("%s", report)
     else:
@@ -197,7 +129,7 @@ def unpatch_peft_model(model):
         raise ValueError("lowrank.unpatch_peft_model: no layer of this model was patched by "
                          "lowrank.patch_peft_model")
     for layer in layers:
-        if layer.forward.bnb_cpu_repack is not None:
-            layer.base_layer.support_avx512bf16_for_cpu = layer.forward.bnb_cpu_repack
+        layer.forward.args[1].release(layer.base_layer)
         del layer.forward
+        vars(layer).pop(MIXED_STACKS, None)  # the adapters lowrank.mixed stacked for it
     return model

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lowrank._lora_args import (check_bias, check_dora_args, check_ia3_args, check_ia3_vector,
-                                check_lora_args, check_lora_factors, check_merge_args,
-                                check_weight)
+                                check_lora_args, check_lora_factors, check_lora_mixed_args,
+                                check_merge_args, check_weight)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books, read_nf4)
 
@@ -201,3 +201,20 @@ def merge_ia3(weight, ia3, feedforward=False, bias=None, quant_state=None, dtype
     if bias is not None and not feedforward:
         bias = (bias.detach().float() * scale.reshape(-1)).to(bias.dtype)
     return merged, bias
+
+
+def lora_mixed(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None, quant_state=None):
+    """Y[m] = x[m] W^T + b + scalings[i_m] x[m] A[i_m]^T B[i_m]^T, computed in x's dtype, per
+    adapter over the rows that use it (i_m = -1: the base alone). Same contract as
+    ``lowrank.ops.lora_mixed``."""
+    weight, scalings = check_lora_mixed_args(x, weight, lora_A, lora_B, scalings, adapter_index,
+                                             bias, quant_state,
+                                             dtypes=FLOAT_DTYPES + (torch.float64,))
+    weight = _weight_values(weight)
+    bias = None if bias is None else bias.to(x.dtype)
+    y = F.linear(x, weight.to(x.dtype), bias)
+    for adapter in range(lora_A.shape[0]):
+        rows = adapter_index == adapter
+        shrunk = F.linear(x[rows], lora_A[adapter].to(x.dtype))
+        y[rows] += scalings[adapter].item() * F.linear(shrunk, lora_B[adapter].to(x.dtype))
+    return y

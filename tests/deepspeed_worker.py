@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed_worker import build  # noqa: E402  (conftest sets TRITON_INTERPRET first)
+from distributed_worker import build  # noqa: E402  (helpers sets TRITON_INTERPRET first)
 
 import lowrank  # noqa: E402
 from lowrank.adapters import adapter_is_partitioned, restore_adapter_weights  # noqa: E402

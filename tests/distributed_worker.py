@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_model  # noqa: E402  (sets TRITON_INTERPRET before lowrank is imported)
+from helpers import tiny_model  # noqa: E402  (sets TRITON_INTERPRET before lowrank is imported)
 
 import lowrank  # noqa: E402
 

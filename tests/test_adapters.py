@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
+from helpers import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 

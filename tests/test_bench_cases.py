@@ -21,6 +21,7 @@ DRY_SHAPES = {"nf4_dequantize": [(37, 65)],
               "ia3_linear": [(37, 70, 50)],
               "merge": [(40, 64), (24, 130)],
               "train_step": [(2, 8, 32, 1, 48)],
+              "lora_mixed": [(5, 70, 50, 3), (2, 70, 50, 1)],
               "dora_linear": [(37, 70, 50), (2, 8, 32, 1, 48)]}
 DRY_TIMING = {"median": 1.0, "p20": 0.5, "p80": 2.0}
 
@@ -63,6 +64,8 @@ def test_cases_run_dry_and_make_a_valid_result(op, tmp_path):
     validate(result)
     for case in cases:
         assert "lowrank" in case["timings_ms"] and len(case["timings_ms"]) > 1, case["op"]
+        if op in ("lora_linear", "ia3_linear"):  # each route forced, beside the chosen one
+            assert {"lowrank_fused", "lowrank_cublas"} <= set(case["timings_ms"]), case["op"]
         assert all(value == value for value in case["metrics"].values())  # no NaN metric
     assert summary(result).count("\n") == len(cases) + 1
     plots = report.draw_plots(result, tmp_path)
@@ -73,7 +76,7 @@ def test_cases_run_dry_and_make_a_valid_result(op, tmp_path):
     assert "dry run" in text and all(f"({path})" in text for path in links[result["date"]])
 
 
-def test_lora_cases_cover_both_forward_paths_training_and_a_dense_base(monkeypatch):
+def test_lora_cases_cover_every_route_training_and_a_dense_base(monkeypatch):
     monkeypatch.setattr(OPS["lora_linear"], "DENSE_BASE_M", 260)
     runner = DryRunner()
     floors = {"copy_bandwidth_gbps": 1000.0, "bf16_gemm_tflops": 100.0}
@@ -82,8 +85,10 @@ def test_lora_cases_cover_both_forward_paths_training_and_a_dense_base(monkeypat
     by_shape = {(case["op"], tuple(case["shape"])): case for case in cases
                 if case["params"]["base"] == "nf4"}
     decode = by_shape[("lora_linear_forward", (3, 97, 83))]["timings_ms"]
-    assert {"lowrank_tiled", "lowrank_decode", "bnb_peft", "dequant_cublas"} <= set(decode)
+    routes = {"lowrank_fused", "lowrank_cublas"}
+    assert routes | {"lowrank_decode", "bnb_peft", "dequant_cublas"} <= set(decode)
     assert "lowrank_decode" not in by_shape[("lora_linear_forward", (20, 97, 83))]["timings_ms"]
+    assert routes <= set(by_shape[("lora_linear_forward_backward", (260, 70, 50))]["timings_ms"])
     train = [case for case in cases if case["op"] == "lora_linear_forward_backward"]
     assert [case["params"]["base"] for case in train] == ["nf4", "dense"]
     for case in train:

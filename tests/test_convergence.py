@@ -35,7 +35,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -20,9 +20,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import token_ids
 from deepspeed_worker import probe
 from distributed_worker import build, global_batch, load_base, save_checkpoint, train, trainable
+from helpers import token_ids
 from safetensors.torch import load_file
 from torch import nn
 

@@ -1,8 +1,9 @@
-"""DoRA as a method: ``patch_model(use_dora=True)`` (``lowrank.dora.DoraLinear``), its merges,
+"""DoRA as a method: ``patch_model(use_dora=True)`` (a ``LoraLinear`` running
+``lowrank.methods.lora.DoraVariant`` for the adapter), its merges,
 PEFT's adapter format both ways, ``patch_peft_model`` serving PEFT's DoRA layers, and 20 training
 steps against PEFT's DoRA.
 
-The model is the mini Llama of conftest (hidden 32, one block) with adapters on q_proj and
+The model is the mini Llama of tests/helpers.py (hidden 32, one block) with adapters on q_proj and
 down_proj only, to keep the interpreted kernels cheap; fp32, so that ours and PEFT's agree to fp32
 rounding (1e-5 relative on outputs)."""
 
@@ -10,17 +11,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_bits, randomize_adapters, tiny_model, token_ids
+from helpers import (assert_same_bits, load_tiny_4bit_llama, randomize_adapters, relative_error,
+                     tiny_model, token_ids)
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lowrank
-from lowrank.dora import DoraLinear
+from lowrank.methods.lora import DoraVariant, LoraLinear
 
 TARGETS = ["q_proj", "down_proj"]
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def peft_dora(model, targets=TARGETS):
@@ -45,7 +43,7 @@ def test_patch_initializes_the_magnitude_as_peft_does():
     assert keys == {f"{path}.lora_magnitude_vector.default.weight" for path in layers}
     peft_state = theirs.state_dict()
     for path, layer in layers.items():
-        assert isinstance(layer, DoraLinear)
+        assert isinstance(layer, LoraLinear) and isinstance(layer.variants["default"], DoraVariant)
         magnitude = layer.lora_magnitude_vector["default"].weight
         assert magnitude.requires_grad and magnitude.dtype == torch.float32
         expected = peft_state[f"base_model.model.{path}.lora_magnitude_vector.default.weight"]
@@ -54,8 +52,21 @@ def test_patch_initializes_the_magnitude_as_peft_does():
     # B = 0 and m = ||W||: the adapter changes nothing yet.
     plain = tiny_model("llama", blocks=1)
     assert relative_error(logits(ours, ids), logits(plain, ids)) <= 1e-5
-    with pytest.raises(ValueError, match="one method"):
-        lowrank.patch_model(ours, rank=4, target_modules=TARGETS, adapter_name="plain")
+    # A plain LoRA adapter beside the DoRA one on the same layers, as PEFT allows; DoRA's
+    # magnitude goes with its adapter.
+    lowrank.patch_model(ours, rank=4, target_modules=TARGETS, adapter_name="plain")
+    for layer in layers.values():
+        assert set(layer.variants) == {"default"}
+        assert set(layer.adapter_weights("plain")) == {"lora_A", "lora_B"}
+    with pytest.raises(ValueError, match="DoRA adapters"):
+        with lowrank.mixed_batch(ours, ["default", "plain"]):
+            pass
+    with pytest.raises(ValueError, match="DoRA adapters"):
+        lowrank.add_weighted_adapter(ours, ["default", "plain"], [1.0, 1.0], "combined")
+    with pytest.warns(UserWarning, match="'plain' is active now"):
+        lowrank.delete_adapter(ours, "default")
+    assert not any("lora_magnitude_vector" in k for k in ours.state_dict())
+    assert all(not layer.variants for layer in layers.values())
 
 
 def test_save_and_load_in_peft_format_both_ways(tmp_path):
@@ -78,13 +89,20 @@ def test_save_and_load_in_peft_format_both_ways(tmp_path):
             assert_same_bits(value, ours_state[key])
     assert lowrank.patch.patch_state(back, "test").adapters["default"].use_dora
 
+    # hotswap_adapter takes DoRA's magnitude with A and B (PEFT's keys, the older
+    # ``lora_magnitude_vector.weight`` form too).
+    swapped = {f"base_model.model.{key.replace('.default', '')}": 2 * value
+               for key, value in ours_state.items() if "lora_" in key}
+    lowrank.hotswap_adapter(back, swapped)
+    for key, value in back.state_dict().items():
+        if "lora_" in key:
+            assert torch.equal(value, 2 * ours_state[key])
+
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
     ids = token_ids()
     if quantized:
-        from conftest import load_tiny_4bit_llama
-
         model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
     else:
         model = tiny_model("llama", blocks=1)
@@ -105,7 +123,7 @@ def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
     assert relative_error(logits(model, ids), expected) <= 1e-5
     unloaded = lowrank.merge_and_unload(model, dtype=torch.float32) if quantized else \
         lowrank.merge_and_unload(model)
-    assert not any(isinstance(m, DoraLinear) for m in unloaded.modules())
+    assert not any(isinstance(m, LoraLinear) for m in unloaded.modules())
     assert relative_error(logits(unloaded, ids), expected) <= 1e-5
 
 
@@ -113,8 +131,6 @@ def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
 def test_patch_peft_model_serves_dora_layers(quantized, tmp_path):
     ids = token_ids()
     if quantized:
-        from conftest import load_tiny_4bit_llama
-
         base = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
     else:
         base = tiny_model("llama", blocks=1)
@@ -133,6 +149,11 @@ def test_patch_peft_model_serves_dora_layers(quantized, tmp_path):
     assert relative_error(got, expected) <= 1e-5
     for grad, want in zip(grads, expected_grads):
         assert relative_error(grad, want) <= 1e-4
+    # PEFT's mixed batches: lora_mixed computes plain LoRA, so a DoRA adapter among the rows is
+    # left to PEFT's own forward, which refuses it.
+    theirs.eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="DoRA"):
+        theirs(input_ids=ids, adapter_names=["default"] * ids.shape[0])
 
 
 def train(model, data, steps=20, learning_rate=2e-2):

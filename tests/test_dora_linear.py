@@ -7,49 +7,25 @@ a random factor per row, so g = m / ||W + s B A|| is not 1 (at 1, the terms that
 go untested). Tolerances, relative to the largest reference value, per dtype, as for LoRA.
 """
 
-import math
-
 import pytest
 import torch
-from conftest import poisoned
+from helpers import K, M, N, TOLERANCE, assert_op_close, make_lora_case, poisoned, relative_error
 
-from lowrank import nf4, ops, reference
+from lowrank import ops, reference
 from lowrank.kernels import dora_norm as dora_norm_kernel
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
-M, K, N = 37, 97, 83
 SCALING = 1.5
 KINDS = ("dense", "nf4-64", "nf4-nested-128")
 
 
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def assert_close(actual, expected, dtype, what, tolerance=None):
-    assert actual.dtype == dtype and actual.shape == expected.shape, what
-    assert not actual.isnan().any(), f"{what}: NaN (an element left unwritten?)"
-    tolerance = tolerance or TOLERANCE[dtype]
-    error = relative_error(actual, expected)
-    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
-
-
 def make_case(dtype, kind, rank, device, seed=0, m=M):
-    """(x, weight as the op takes it, quant_state, its dense fp32 values, A, B, m, bias)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, 1, K, generator=gen).to(device, dtype)
-    w = torch.randn(N, K, generator=gen) * 0.05
-    if kind == "dense":
-        weight, state, dense = w.to(device, dtype), None, w.to(dtype).float().to(device)
-    else:
-        blocksize, nested = {"nf4-64": (64, False), "nf4-nested-128": (128, True)}[kind]
-        weight, state = nf4.quantize(w.to(device, dtype), blocksize=blocksize, double_quant=nested)
-        dense = nf4.dequantize(weight, state, dtype=torch.float32)
-    lora_a = (torch.randn(rank, K, generator=gen) / math.sqrt(K)).to(device)
-    lora_b = (torch.randn(N, rank, generator=gen) * 0.1).to(device)
+    """(x, weight as the op takes it, quant_state, its dense fp32 values, A, B, m, bias): LoRA's
+    case with a magnitude m of 0.7 to 1.3 times the norm, so that g is not 1."""
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, rank, device,
+                                                                   seed=seed, m=m)
+    gen = torch.Generator().manual_seed(seed + 1)
     norm = reference.dora_norm(dense, lora_a, lora_b, SCALING)
     magnitude = (norm * (1 + 0.3 * torch.randn(N, generator=gen).to(device))).float()
-    bias = torch.randn(N, generator=gen).to(device, dtype)
     return x, weight, state, dense, lora_a, lora_b, magnitude, bias
 
 
@@ -83,7 +59,7 @@ def test_norm_kernel_against_fp64(kind, rank, device):
     norm = poisoned((N,), torch.float32, device)
     dora_norm_kernel.dora_norm(frozen.tensor, lora_a, lora_b, SCALING, norm, frozen.nf4)
     expected = (dense.double() + SCALING * lora_b.double() @ lora_a.double()).norm(dim=1)
-    assert_close(norm, expected, torch.float32, "norm", 1e-6)
+    assert_op_close(norm, expected, torch.float32, "norm", 1e-6)
     assert torch.equal(ops.dora_norm(weight, lora_a, lora_b, SCALING, quant_state=state), norm)
 
 
@@ -99,7 +75,7 @@ def test_forward_and_gradients_against_fp64(dtype, kind, device):
     expected = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y)
     for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB", "dm"), ours, expected,
                                           (dtype, dtype) + (torch.float32,) * 3):
-        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4-nested-128", torch.float16),
@@ -119,7 +95,7 @@ def test_dropout_as_peft_applies_it(kind, dtype, device):
     expected = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y, p, mask)
     for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB", "dm"), ours, expected,
                                           (dtype, dtype) + (torch.float32,) * 3):
-        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[dtype])
     without = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y)
     assert relative_error(ours[1], without[1]) > 10 * TOLERANCE[dtype]  # the mask made a difference
 
@@ -144,7 +120,7 @@ def test_decode_rows_and_a_trainable_dense_weight_and_bias(device):
             y.backward(grad_y)
             results.append([y.detach()] + [leaf.grad for leaf in leaves])
         for name, got, want in zip(("y", "dx", "dW", "dA", "dB", "dm", "dbias"), *results):
-            assert_close(got, want, torch.float32, f"{name} (dropout {dropout})")
+            assert_op_close(got, want, torch.float32, f"{name} (dropout {dropout})")
 
 
 def test_the_function_called_directly_is_dora_linear(device):
@@ -277,7 +253,7 @@ def test_equals_peft_dora_layer(kind, device):
     ours = torch.autograd.grad(ours_y, [x, *params], grad_y)
     for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), (ours_y, *ours),
                                (expected_y, *expected)):
-        assert_close(got, want.detach(), torch.float32, name, 1e-5)
+        assert_op_close(got, want.detach(), torch.float32, name, 1e-5)
 
 
 def test_bf16_stays_within_peft_bf16_distance_from_fp32(device):

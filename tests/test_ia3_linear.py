@@ -8,75 +8,33 @@ the operands (and, for dl, of the M-term sums).
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, poisoned
-from test_lora_linear import EMPTY, TOLERANCE, assert_close, check_empty, make_weight
+from helpers import (EMPTY, IA3_FORMS, TOLERANCE, K, M, N, assert_op_close, check_empty,
+                     check_ia3_linear_against_fp64, ia3_linear_fp64, load_tiny_4bit_llama,
+                     make_ia3_case, poisoned, run_ia3_linear)
 
-from lowrank import nf4, ops, reference
+from lowrank import nf4, ops
 from lowrank.kernels import ia3_linear as ia3_kernels
 
-M, K, N = 37, 97, 83
-FORMS = {"output": False, "feedforward": True}
-
-
-def make_case(dtype, kind, feedforward, device, seed=0, ia3_dtype=torch.float32, tokens=M):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 1, K, generator=gen).to(device, dtype)
-    weight, state, dense = make_weight(kind, dtype, device, gen)
-    # l as PEFT stores it: (1, K) for the feed-forward form, (N, 1) for the output form.
-    shape = (1, K) if feedforward else (N, 1)
-    ia3 = (1 + 0.5 * torch.randn(shape, generator=gen)).to(device, ia3_dtype)
-    bias = torch.randn(N, generator=gen).to(device, dtype)
-    return x, weight, state, dense, ia3, bias
-
-
-def fp64_reference(x, dense, ia3, bias, feedforward, grad_y):
-    leaves = [t.detach().double().requires_grad_() for t in (x, ia3)]
-    y = reference.ia3_linear(leaves[0], dense.double(), leaves[1],
-                             None if bias is None else bias.double(), feedforward)
-    y.backward(grad_y.double())
-    return y.detach(), *(leaf.grad for leaf in leaves)
-
-
-def run_ours(x, weight, state, ia3, bias, feedforward, grad_y):
-    x, ia3 = (t.detach().requires_grad_() for t in (x, ia3))
-    y = ops.ia3_linear(x, weight, ia3, bias=bias, feedforward=feedforward, quant_state=state)
-    y.backward(grad_y)
-    return y.detach(), x.grad, ia3.grad
-
-
-def check_against_reference(dtype, kind, form, with_bias, device):
-    feedforward = FORMS[form]
-    x, weight, state, dense, ia3, bias = make_case(dtype, kind, feedforward, device)
-    bias = bias if with_bias else None
-    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
-    ours = run_ours(x, weight, state, ia3, bias, feedforward, grad_y)
-    expected = fp64_reference(x, dense, ia3, bias, feedforward, grad_y)
-    assert ours[2].shape == ia3.shape  # dl in l's own shape and dtype
-    for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
-                                          (dtype, dtype, torch.float32)):
-        assert_close(got, want, got_dtype, name, TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 @pytest.mark.parametrize("kind", ["dense", "nf4-64", "nf4-nested-128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_forward_and_backward_match_fp64_reference(dtype, kind, form, device):
-    check_against_reference(dtype, kind, form, True, device)
+    check_ia3_linear_against_fp64(dtype, kind, form, True, device)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
 def test_without_bias(kind, form, device):
-    check_against_reference(torch.bfloat16, kind, form, False, device)
+    check_ia3_linear_against_fp64(torch.bfloat16, kind, form, False, device)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 @pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY)
 def test_empty_dimensions_give_the_reference_results_and_gradients(shape, form, device):
     """M, N or K = 0 is no error (K = 0 crashed the launcher): y is empty, or the
     bias alone (times l in the output form) when K = 0; dl and dbias come back in their shapes."""
     m, k, n = shape
-    feedforward = FORMS[form]
+    feedforward = IA3_FORMS[form]
     gen = torch.Generator().manual_seed(0)
     ia3 = (1 + 0.5 * torch.randn((1, k) if feedforward else (n, 1), generator=gen)).to(device)
     bias = torch.randn(n, generator=gen).to(device)
@@ -88,41 +46,41 @@ def test_empty_dimensions_give_the_reference_results_and_gradients(shape, form, 
         assert torch.equal(y, expected.expand(m, 2, n))
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_flat_and_16_bit_ia3_vectors(form, device):
     """l given flat ((N,) / (K,)) and in bf16: same results; dl comes back flat and in bf16."""
-    feedforward = FORMS[form]
-    x, weight, state, dense, ia3, bias = make_case(torch.float16, "dense", feedforward, device,
+    feedforward = IA3_FORMS[form]
+    x, weight, state, dense, ia3, bias = make_ia3_case(torch.float16, "dense", feedforward, device,
                                                    ia3_dtype=torch.bfloat16)
     grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(3)).to(device, x.dtype)
     flat = ia3.reshape(-1)
-    ours = run_ours(x, weight, state, flat, bias, feedforward, grad_y)
-    expected = fp64_reference(x, dense, flat, bias, feedforward, grad_y)
+    ours = run_ia3_linear(x, weight, state, flat, bias, feedforward, grad_y)
+    expected = ia3_linear_fp64(x, dense, flat, bias, feedforward, grad_y)
     assert ours[2].shape == flat.shape
     for name, got, want, got_dtype in zip(("y", "dx", "dl"), ours, expected,
                                           (x.dtype, x.dtype, torch.bfloat16)):
-        assert_close(got, want, got_dtype, name, TOLERANCE[torch.bfloat16])
+        assert_op_close(got, want, got_dtype, name, TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_grad_of_l_over_many_token_blocks_is_deterministic(form, device):
     """151 tokens: three blocks of BLOCK_M = 64, the last ragged, whose partial sums are added."""
-    feedforward, tokens = FORMS[form], 151
-    x, weight, state, dense, ia3, bias = make_case(torch.float32, "nf4-nested-128", feedforward,
+    feedforward, tokens = IA3_FORMS[form], 151
+    x, weight, state, dense, ia3, bias = make_ia3_case(torch.float32, "nf4-nested-128", feedforward,
                                                    device, tokens=tokens)
     grad_y = torch.randn(tokens, 1, N, generator=torch.Generator().manual_seed(1)).to(device)
-    first, second = (run_ours(x, weight, state, ia3, bias, feedforward, grad_y)[2] for _ in range(2))
+    first, second = (run_ia3_linear(x, weight, state, ia3, bias, feedforward, grad_y)[2] for _ in range(2))
     assert torch.equal(first, second)
-    expected = fp64_reference(x, dense, ia3, bias, feedforward, grad_y)[2]
-    assert_close(first, expected, torch.float32, "dl")
+    expected = ia3_linear_fp64(x, dense, ia3, bias, feedforward, grad_y)[2]
+    assert_op_close(first, expected, torch.float32, "dl")
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_kernels_write_every_output_element(form, device):
     """The launchers, called with NaN-poisoned outputs, against fp64 products."""
-    feedforward = FORMS[form]
+    feedforward = IA3_FORMS[form]
     dtype = torch.bfloat16
-    x, weight, state, dense, ia3, bias = make_case(dtype, "nf4-nested-128", feedforward, device)
+    x, weight, state, dense, ia3, bias = make_ia3_case(dtype, "nf4-nested-128", feedforward, device)
     x = x.reshape(M, K)
     frozen = ops.FrozenWeight.of(weight, state)
     weight, nf4_args = frozen.tensor, frozen.nf4
@@ -132,7 +90,7 @@ def test_kernels_write_every_output_element(form, device):
     ia3_kernels.ia3_forward(x, weight, scale, bias, y, feedforward, nf4_args)
     z = x64 @ w64.t() + b64
     expected = (x64 * l64) @ w64.t() + b64 if feedforward else z * l64
-    assert_close(y, expected, dtype, "Y")
+    assert_op_close(y, expected, dtype, "Y")
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     dy64 = grad_y.double()
     grad_x = poisoned((M, K), dtype, device)
@@ -140,11 +98,11 @@ def test_kernels_write_every_output_element(form, device):
                         torch.float32, device)
     ia3_kernels.ia3_grad_input(grad_y, weight, scale, x, grad_x, partials, feedforward, nf4_args)
     expected = (dy64 @ w64) * l64 if feedforward else (dy64 * l64) @ w64
-    assert_close(grad_x, expected, dtype, "dX")
+    assert_op_close(grad_x, expected, dtype, "dX")
     if not feedforward:
         ia3_kernels.ia3_grad_scale(x, weight, bias, grad_y, partials, nf4_args)
     expected = ((dy64 @ w64) * x64).sum(0) if feedforward else (dy64 * z).sum(0)
-    assert_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
+    assert_op_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
 
 
 PEFT_CASES = {"dense-fp32": (False, torch.float32), "dense-bf16": (False, torch.bfloat16),
@@ -186,9 +144,9 @@ def test_matches_peft_ia3_layers(case, tmp_path):
         ours = ops.ia3_linear(x, base.weight, ia3, bias=base.bias, feedforward=feedforward)
         ours.backward(grad_y)
         tolerance = 2 * TOLERANCE[dtype]
-        assert_close(ours.detach(), expected.detach().double(), dtype, "y", tolerance)
-        assert_close(x.grad, expected_grads[0].double(), dtype, "dx", tolerance)
-        assert_close(ia3.grad, expected_grads[1].double(), torch.float32, "dl", tolerance)
+        assert_op_close(ours.detach(), expected.detach().double(), dtype, "y", tolerance)
+        assert_op_close(x.grad, expected_grads[0].double(), dtype, "dx", tolerance)
+        assert_op_close(ia3.grad, expected_grads[1].double(), torch.float32, "dl", tolerance)
 
 
 def test_gradcheck_dense_weight_and_bias_get_gradients(device):
@@ -205,10 +163,10 @@ def test_gradcheck_dense_weight_and_bias_get_gradients(device):
         assert torch.autograd.gradcheck(fn, tensors, eps=1e-2, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_compiles_with_torch_compile_without_graph_breaks(form, device):
-    feedforward = FORMS[form]
-    x, weight, state, dense, ia3, bias = make_case(torch.float32, "nf4-nested-128", feedforward,
+    feedforward = IA3_FORMS[form]
+    x, weight, state, dense, ia3, bias = make_ia3_case(torch.float32, "nf4-nested-128", feedforward,
                                                    device)
     ia3.requires_grad_()
     x.requires_grad_()
@@ -227,10 +185,10 @@ def test_compiles_with_torch_compile_without_graph_breaks(form, device):
         torch.testing.assert_close(grad, eager_grad)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", IA3_FORMS)
 def test_ia3_ops_pass_torch_library_checks(form, device):
-    feedforward = FORMS[form]
-    x, weight, state, dense, ia3, bias = make_case(torch.float32, "dense", feedforward, device)
+    feedforward = IA3_FORMS[form]
+    x, weight, state, dense, ia3, bias = make_ia3_case(torch.float32, "dense", feedforward, device)
     x = x.reshape(M, K)
     # The custom ops are launch primitives without autograd (IA3LinearFunction differentiates;
     # gradcheck and the torch.compile tests check it), so no input here requires grad.
@@ -243,7 +201,7 @@ def test_ia3_ops_pass_torch_library_checks(form, device):
 
 
 def test_bad_arguments_are_named(device):
-    x, weight, state, dense, ia3, bias = make_case(torch.float32, "dense", False, device)
+    x, weight, state, dense, ia3, bias = make_ia3_case(torch.float32, "dense", False, device)
     cases = [
         (dict(x=x[..., :-1]), ValueError, "x has 96 features but the weight expects 97"),
         (dict(ia3=ia3[:-1]), ValueError, r"ia3 must have shape \(83,\) or \(83, 1\) \(output form"),

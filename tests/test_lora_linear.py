@@ -9,110 +9,24 @@ import math
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, poisoned
+from helpers import (EMPTY, K, M, N, assert_op_close, check_empty, check_lora_linear_against_fp64,
+                     load_tiny_4bit_llama, lora_linear_fp64, make_lora_case, poisoned,
+                     run_lora_linear)
 
-from lowrank import nf4, ops, reference
+from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
-M, K, N = 37, 97, 83
-
-
-def assert_close(actual, expected, dtype, what, tolerance=None):
-    assert actual.dtype == dtype and actual.shape == expected.shape, what
-    assert not actual.isnan().any(), f"{what}: NaN (an element left unwritten?)"
-    tolerance = tolerance or TOLERANCE[dtype]
-    error = ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
-
-
-def make_weight(kind, dtype, device, gen, k=K):
-    """(weight as the op takes it, quant_state, the dense fp32 values it stands for)."""
-    w = (torch.randn(N, k, generator=gen) * 0.05).to(device)
-    if kind == "dense":
-        return w.to(dtype), None, w.to(dtype).float()
-    blocksize, nested = {"nf4-64": (64, False), "nf4-nested-128": (128, True)}[kind]
-    packed, state = nf4.quantize(w.to(dtype), blocksize=blocksize, double_quant=nested)
-    return packed, state, nf4.dequantize(packed, state, dtype=torch.float32)
-
-
-def make_case(dtype, kind, rank, device, seed=0, adapter_dtype=torch.float32, m=M, k=K):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, 1, k, generator=gen).to(device, dtype)
-    weight, state, dense = make_weight(kind, dtype, device, gen, k)
-    lora_a = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device, adapter_dtype)
-    lora_b = (torch.randn(N, rank, generator=gen) * 0.1).to(device, adapter_dtype)
-    bias = torch.randn(N, generator=gen).to(device, dtype)
-    return x, weight, state, dense, lora_a, lora_b, bias
-
-
-def fp64_reference(x, dense, lora_a, lora_b, scaling, bias, grad_y, dropout=0.0, mask=None):
-    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
-    y = reference.lora_linear(leaves[0], dense.double(), leaves[1], leaves[2], scaling,
-                              None if bias is None else bias.double(), dropout,
-                              dropout_mask=mask)
-    y.backward(grad_y.double())
-    return y.detach(), *(leaf.grad for leaf in leaves)
-
-
-def run_ours(x, weight, state, lora_a, lora_b, scaling, bias, grad_y, dropout=0.0):
-    x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
-    y = ops.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, dropout=dropout,
-                        quant_state=state)
-    y.backward(grad_y)
-    return y.detach(), x.grad, lora_a.grad, lora_b.grad
-
-
-def check_against_reference(dtype, kind, rank, with_bias, device, adapter_dtype=torch.float32,
-                            m=M, k=K):
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, rank, device,
-                                                              adapter_dtype=adapter_dtype, m=m, k=k)
-    bias = bias if with_bias else None
-    grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
-    ours = run_ours(x, weight, state, lora_a, lora_b, 1.5, bias, grad_y)
-    expected = fp64_reference(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
-    for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB"), ours, expected,
-                                          (dtype, dtype, adapter_dtype, adapter_dtype)):
-        # Adapter gradients come back in the adapter's dtype, rounded to it.
-        tolerance = max(TOLERANCE[dtype], TOLERANCE[got_dtype])
-        assert_close(got, want, got_dtype, name, tolerance)
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("kind", ["dense", "nf4-64", "nf4-nested-128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_forward_and_backward_match_fp64_reference(dtype, kind, with_bias, device):
-    check_against_reference(dtype, kind, 16, with_bias, device)
+    check_lora_linear_against_fp64(dtype, kind, 16, with_bias, device)
 
 
 @pytest.mark.parametrize("rank", [1, 8, 64])
 def test_ranks(rank, device):
-    check_against_reference(torch.bfloat16, "nf4-nested-128", rank, True, device)
-
-
-EMPTY = {"M=0": (0, 5, 7), "N=0": (3, 5, 0), "K=0": (3, 0, 7), "all=0": (0, 0, 0)}  # (M, K, N)
-
-
-def check_empty(call, shape, inputs, device):
-    """``call(module, weight, x=..., **inputs)`` with ``lowrank.ops`` and ``lowrank.reference``,
-    for x (M x 2 x K), a dense (N x K) weight and ``inputs`` {name: tensor}, all requiring grad:
-    the same output, and for each input a gradient of its shape with the reference's values
-    (zeros where nothing flows). Returns the output."""
-    m, k, n = shape
-    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).to(device)
-    inputs = {"x": torch.randn(m, 2, k).to(device), **inputs}
-    results = []
-    for module in (ops, reference):
-        leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
-        y = call(module, weight, **leaves)
-        y.backward(torch.ones_like(y))
-        results.append((y.detach(), {name: t.grad for name, t in leaves.items()}))
-    (y, grads), (y_ref, grads_ref) = results
-    assert y.shape == (m, 2, n) and torch.equal(y, y_ref)
-    for name, t in inputs.items():
-        assert grads[name] is not None and grads[name].shape == t.shape, name
-        assert torch.equal(grads[name], grads_ref[name]), name
-    return y
+    check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", rank, True, device)
 
 
 @pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY)
@@ -133,49 +47,49 @@ def test_empty_dimensions_give_the_reference_results_and_gradients(shape, device
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_adapters_in_another_dtype(adapter_dtype, device):
     # x in fp32 with 16-bit adapters: products run in x's dtype, gradients come back in A/B's.
-    check_against_reference(torch.float32, "dense", 8, True, device, adapter_dtype=adapter_dtype)
+    check_lora_linear_against_fp64(torch.float32, "dense", 8, True, device, adapter_dtype=adapter_dtype)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
 def test_kernels_write_every_output_element(kind, device):
     """The launchers, called with NaN-poisoned outputs, against the reference's intermediates."""
     dtype = torch.bfloat16
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, kind, 20, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 20, device)
     x, a, b = x.reshape(M, K), lora_a.to(dtype), lora_b.to(dtype)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     frozen = ops.FrozenWeight.of(weight, state)  # what lowrank.ops hands the launchers
     weight, nf4_args = frozen.tensor, frozen.nf4
     s = poisoned((M, 20), dtype, device)
     lora_kernels.lora_shrink(x, a, s, seed, 0.0)
-    assert_close(s, x.double() @ a.double().t(), dtype, "S")
+    assert_op_close(s, x.double() @ a.double().t(), dtype, "S")
     y = poisoned((M, N), dtype, device)
     lora_kernels.lora_forward(x, weight, s, b, bias, y, 1.5, nf4_args)
     expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
-    assert_close(y, expected, dtype, "Y")
+    assert_op_close(y, expected, dtype, "Y")
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     grad_s = (grad_y.double() @ b.double()).to(dtype)
     grad_x = poisoned((M, K), dtype, device)
     lora_kernels.lora_grad_input(grad_y, weight, grad_s, a, grad_x, seed, 0.0, nf4_args)
     expected = grad_y.double() @ dense.double() + grad_s.double() @ a.double()
-    assert_close(grad_x, expected, dtype, "dX")
+    assert_op_close(grad_x, expected, dtype, "dX")
     grad_a = poisoned((20, K), torch.float32, device)
     lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, 0.0)
-    assert_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
+    assert_op_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
 
 
 def test_dropout_mask_is_the_same_in_forward_and_backward(device):
     dtype, p = torch.float32, 0.3
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(dtype, "nf4-64", 8, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", 8, device)
     grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     torch.manual_seed(1234)
     mask = ops.lora_dropout_mask(ops.dropout_seed(device), (M, K), p).reshape(M, 1, K)
     torch.manual_seed(1234)  # lora_linear draws the same seed
-    ours = run_ours(x, weight, state, lora_a, lora_b, 2.0, bias, grad_y, dropout=p)
-    expected = fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=mask)
+    ours = run_lora_linear(x, weight, state, lora_a, lora_b, 2.0, bias, grad_y, dropout=p)
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=mask)
     for name, got, want in zip(("y", "dx", "dA", "dB"), ours, expected):
-        assert_close(got, want, dtype, name)
+        assert_op_close(got, want, dtype, name)
     # Without the same mask the results differ: the test can tell masks apart.
-    other = fp64_reference(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=~mask)
+    other = lora_linear_fp64(x, dense, lora_a, lora_b, 2.0, bias, grad_y, dropout=p, mask=~mask)
     assert (ours[2].double() - other[2]).abs().max() > 1e-2 * other[2].abs().max()
 
 
@@ -207,7 +121,7 @@ def test_gradcheck_dense_weight_and_bias_get_gradients(device):
 # carried the autograd formula (LoraLinearFunction carries it now).
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compiles_with_torch_compile_without_graph_breaks(dynamic, device):
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "nf4-nested-128", 8, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(torch.float32, "nf4-nested-128", 8, device)
     lora_a.requires_grad_()
 
     def step(x, a):
@@ -225,7 +139,7 @@ def test_compiles_with_torch_compile_without_graph_breaks(dynamic, device):
 def test_the_function_called_directly_is_lora_linear(device):
     """What another trainer calls: LoraLinearFunction.apply on a FrozenWeight, bit for bit the
     public op, gradients included (the dense weight's through its own input)."""
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(torch.float32, "dense", 4, device)
     x = x.reshape(M, K)
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(device)
     results = []
@@ -262,7 +176,7 @@ def test_gradients_are_named_against_the_signature():
 
 
 def test_lora_ops_pass_torch_library_checks(device):
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(torch.float32, "dense", 4, device)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     # The custom ops are launch primitives without autograd (LoraLinearFunction differentiates;
     # gradcheck and the torch.compile tests check it), so no input here requires grad.
@@ -282,11 +196,11 @@ def test_accepts_a_params4bit_from_a_loaded_model(tmp_path):
     ours = ops.lora_linear(x, layer.weight, lora_a, lora_b, 2.0)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         expected = layer(x) + 2.0 * (x @ lora_a.t()) @ lora_b.t()  # bitsandbytes + PEFT's formula
-    assert_close(ours, expected.double(), torch.float32, "y")
+    assert_op_close(ours, expected.double(), torch.float32, "y")
 
 
 def test_bad_arguments_are_named(device):
-    x, weight, state, dense, lora_a, lora_b, bias = make_case(torch.float32, "dense", 4, device)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(torch.float32, "dense", 4, device)
     cases = [
         (dict(x=x[..., :-1]), ValueError, "x has 96 features but the weight expects 97"),
         (dict(lora_a=lora_a[:, :-1]), ValueError, r"lora_A must be \(r, 97\)"),

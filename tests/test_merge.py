@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_bits, bnb_quantize, poisoned
-from test_lora_linear import TOLERANCE, assert_close
+from helpers import assert_op_close, assert_same_bits, bnb_quantize, poisoned
 
 from lowrank import nf4, ops, reference
 from lowrank._quant_state import code_books
@@ -75,7 +74,7 @@ def test_dense_merge_matches_reference_and_fp64(kind, feedforward, dtype, device
     weight = adapters[0].to(dtype)
     ours, ref = (merge(op, weight, adapters, feedforward) for op in OPS[kind])
     assert_same_bits(ours, ref)
-    assert_close(ours, exact(kind, weight, adapters, feedforward), dtype, "merged",
+    assert_op_close(ours, exact(kind, weight, adapters, feedforward), dtype, "merged",
                  MERGE_TOLERANCE[dtype])
 
 
@@ -94,7 +93,7 @@ def test_nf4_merge_matches_bitsandbytes_quantize_of_the_fp32_merge(kind, feedfor
     merged_fp32 = merge(OPS[kind][1], packed, adapters, feedforward, quant_state=state,
                         dtype=torch.float32)
     dense = nf4.dequantize(packed, state, dtype=torch.float32)
-    assert_close(merged_fp32, exact(kind, dense, adapters, feedforward), torch.float32, "fp32",
+    assert_op_close(merged_fp32, exact(kind, dense, adapters, feedforward), torch.float32, "fp32",
                  MERGE_TOLERANCE[torch.float32])
     bnb_packed, bnb_absmax, bnb_nested = bnb_quantize(merged_fp32, blocksize, nested)
     assert_same_bits(merged_packed, bnb_packed)  # every byte equal
@@ -123,7 +122,7 @@ def test_nf4_merge_to_16_bit_is_lossless(kind, feedforward, dtype, device):
                  for op in OPS[kind])
     assert_same_bits(ours, ref)
     dense = nf4.dequantize(packed, state, dtype=torch.float32)
-    assert_close(ours, exact(kind, dense, adapters, feedforward), dtype, "merged",
+    assert_op_close(ours, exact(kind, dense, adapters, feedforward), dtype, "merged",
                  MERGE_TOLERANCE[dtype])
 
 
@@ -139,7 +138,7 @@ def test_merged_lora_forward_equals_unmerged_forward(dtype, weight_kind, device)
         weight, state = nf4.quantize(w, 64, double_quant=True)
     unmerged = ops.lora_linear(x, weight, lora_a, lora_b, SCALING, bias=bias, quant_state=state)
     merged = ops.merge_lora(weight, lora_a, lora_b, SCALING, quant_state=state, dtype=dtype)
-    assert_close(torch.nn.functional.linear(x, merged, bias), unmerged.double(), dtype, "y")
+    assert_op_close(torch.nn.functional.linear(x, merged, bias), unmerged.double(), dtype, "y")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -157,7 +156,7 @@ def test_merged_ia3_forward_equals_unmerged_forward(weight_kind, form, device):
     merged, merged_bias = ops.merge_ia3(weight, ia3[feedforward], feedforward, bias,
                                         quant_state=state, dtype=dtype)
     assert (merged_bias is bias) == feedforward
-    assert_close(torch.nn.functional.linear(x, merged, merged_bias), unmerged.double(), dtype, "y")
+    assert_op_close(torch.nn.functional.linear(x, merged, merged_bias), unmerged.double(), dtype, "y")
 
 
 def test_nf4_requantized_merge_stays_within_nf4_error_of_the_16_bit_merge(device):

@@ -11,10 +11,10 @@ import copy
 
 import bitsandbytes.functional as F
 import pytest
+from helpers import assert_same_bits, bnb_quantize, decode_nf4, load_tiny_4bit_llama, poisoned
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
-from conftest import assert_same_bits, bnb_quantize, decode_nf4, load_tiny_4bit_llama, poisoned
 
 from lowrank import nf4, reference
 

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
+from helpers import load_tiny_4bit_llama, randomize_adapters, tiny_model, token_ids
 from safetensors.torch import load_file
 
 import lowrank

@@ -8,49 +8,32 @@ import warnings
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
-from conftest import (TINY_ARCHITECTURES, as_held, as_loaded, assert_held, dense_llama_twin,
-                      linear4bit_layers, load_tiny_4bit_llama, randomize_adapters,
-                      run_bitsandbytes_in_eval, tiny_model, token_ids,
-                      weights_bitsandbytes_computes_with)
-from peft import LoraConfig, get_peft_model
+from helpers import (FP32_TOLERANCE, RATIO, ROUNDING, TINY_ARCHITECTURES, as_held, as_loaded,
+                     assert_held, assert_model_close, dense_llama_twin, linear4bit_layers,
+                     load_tiny_4bit_llama, loss_and_grads, randomize_adapters, relative_error,
+                     run_bitsandbytes_in_eval, tiny_model, token_ids,
+                     weights_bitsandbytes_computes_with, with_peft)
+from peft import get_peft_model
 from torch import nn
 
 import lowrank
 from lowrank import _dispatch
+from lowrank.methods.lora import LoraVariant
 from lowrank.modules import LoraLinear
 from lowrank.patch import adapter_layers
-
-# fp32: patched vs PEFT is the same math in another order (fused kernels accumulating in fp32 vs
-# torch's GEMMs), relative to the largest value.
-FP32_TOLERANCE = 2e-5
-# 16-bit: a whole model in bf16/fp16 is far from its fp32 self (PEFT's own logits ~2e-2 in bf16,
-# gradients ~1e-1), so both are compared with PEFT run in fp32 on the same weights: ours may be at
-# most RATIO times PEFT's error, plus the dtype's rounding. (Our LoRA products run in the compute
-# dtype, PEFT's in fp32: that is the measured factor of up to ~2.5.)
-RATIO, ROUNDING = 3.0, {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def assert_close(actual, expected, tolerance, what):
-    assert actual.shape == expected.shape, what
-    error = relative_error(actual, expected)
-    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def check_against_peft(ours, theirs, dtype, ids, per_layer=2):
     """Logits and adapter gradients (``per_layer`` tensors a layer) of the patched model against
-    PEFT's, per the rules above."""
+    PEFT's, per the rules of FP32_TOLERANCE, RATIO and ROUNDING (helpers.py)."""
     logits, grads = loss_and_grads(ours, ids)
     peft_logits, peft_grads = loss_and_grads(theirs, ids)
     assert grads.keys() == peft_grads.keys() and len(grads) == per_layer * len(adapter_layers(ours))
     assert all(g.dtype == torch.float32 for g in grads.values())  # adapters stay fp32, as in PEFT
     if dtype == torch.float32:
-        assert_close(logits, peft_logits, FP32_TOLERANCE, "logits")
+        assert_model_close(logits, peft_logits, FP32_TOLERANCE, "logits")
         for name, grad in grads.items():
-            assert_close(grad, peft_grads[name], FP32_TOLERANCE, name)
+            assert_model_close(grad, peft_grads[name], FP32_TOLERANCE, name)
         return
     truth = torch.nn.Module.float(copy.deepcopy(theirs))
     for module in truth.modules():
@@ -62,24 +45,6 @@ def check_against_peft(ours, theirs, dtype, ids, per_layer=2):
         ours_error, peft_error = relative_error(got, true), relative_error(peft, true)
         assert ours_error <= RATIO * peft_error + ROUNDING[dtype], \
             f"{name}: error {ours_error:.2e} vs PEFT's {peft_error:.2e} (against fp32)"
-
-
-def with_peft(base, names, rank, alpha, use_rslora=False):
-    """PEFT's LoRA on ``base`` over exactly the modules ``names``."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(names), lora_dropout=0.0,
-                        use_rslora=use_rslora)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out is switched on for GPT-2's Conv1D
-        return get_peft_model(base, config)
-
-
-def loss_and_grads(model, ids):
-    model.zero_grad()
-    logits = model(ids).logits
-    logits.float().square().mean().backward()
-    grads = {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters()
-             if p.requires_grad}
-    return logits.detach(), grads
 
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
@@ -96,7 +61,7 @@ def test_fresh_patch_computes_what_the_base_computed(architecture, monkeypatch):
         reference = model(ids).logits
     assert torch.equal(reference, base)
     # The kernels' GEMMs sum in another order than torch's: equal to rounding.
-    assert_close(kernels, base, 1e-6, "patched logits")
+    assert_model_close(kernels, base, 1e-6, "patched logits")
 
 
 @pytest.mark.parametrize("architecture,dtype", [
@@ -168,15 +133,15 @@ def test_4bit_model_bitsandbytes_ran_in_eval_then_patched(cpu_repack, tmp_path):
     model.eval()
     with torch.no_grad():
         adapted = model(ids).logits
-        assert_close(adapted, dense_llama_twin(tmp_path, {n: w + deltas[n] for n, w in weights.items()})(
+        assert_model_close(adapted, dense_llama_twin(tmp_path, {n: w + deltas[n] for n, w in weights.items()})(
             ids).logits, FP32_TOLERANCE, "patched logits")
         base = dense_llama_twin(tmp_path, weights)(ids).logits
         with lowrank.disable_adapters(model):  # the base layers run: bitsandbytes' forward
             disabled = model(ids).logits
         if not repacked:
-            assert_close(disabled, base, FP32_TOLERANCE, "base logits")
+            assert_model_close(disabled, base, FP32_TOLERANCE, "base logits")
         elif has_avx512bf16():  # its kernel for its repacked layout computes in bf16
-            assert_close(disabled, base, 2e-2, "base logits")
+            assert_model_close(disabled, base, 2e-2, "base logits")
         lowrank.merge(model)
         model(ids)
         lowrank.unmerge(model)
@@ -191,11 +156,11 @@ def test_4bit_model_bitsandbytes_ran_in_eval_then_patched(cpu_repack, tmp_path):
     # crash again, as it did before patching.
     with torch.no_grad():
         if not cpu_repack:
-            assert_close(model(ids).logits, base, FP32_TOLERANCE, "bitsandbytes' logits")
+            assert_model_close(model(ids).logits, base, FP32_TOLERANCE, "bitsandbytes' logits")
         elif has_avx512bf16():
             x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
             for name in repacked:
-                assert_close(model.get_submodule(name)(x), x @ weights[name].t(), 2e-2, name)
+                assert_model_close(model.get_submodule(name)(x), x @ weights[name].t(), 2e-2, name)
 
 
 def test_unpatch_restores_the_original_modules_and_flags():
@@ -258,7 +223,7 @@ def test_rslora_matches_peft():
     theirs.base_model.model.load_state_dict(ours.state_dict())
     ids = token_ids()
     with torch.no_grad():
-        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits")
+        assert_model_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits")
 
 
 def test_several_adapters_set_disable_delete():
@@ -283,7 +248,7 @@ def test_several_adapters_set_disable_delete():
             lowrank.delete_adapter(model, "b")
         # v_proj layers kept their default adapter; nothing of b is left.
         assert not any(".b." in n for n in model.state_dict())
-        assert_close(model(ids).logits, out_default, 1e-6, "after delete")
+        assert_model_close(model(ids).logits, out_default, 1e-6, "after delete")
     with pytest.raises(ValueError, match="only adapter; use lowrank.unpatch"):
         lowrank.delete_adapter(model, "default")
 
@@ -310,12 +275,12 @@ def test_merging_an_adapter_that_is_not_active_does_what_peft_does():
         theirs.base_model.merge_adapter(["b"])
         assert ours.lowrank_state.active == "default" and theirs.active_adapter == "default"
         merged = ours(ids).logits
-        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "logits with b merged")
+        assert_model_close(merged, theirs(ids).logits, FP32_TOLERANCE, "logits with b merged")
         assert relative_error(merged, adapted) > 1e-2  # default left v_proj, b came in
         lowrank.unmerge(ours)
         theirs.base_model.unmerge_adapter()
-        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits unmerged")
-        assert_close(ours(ids).logits, adapted, 1e-6, "logits unmerged")
+        assert_model_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits unmerged")
+        assert_model_close(ours(ids).logits, adapted, 1e-6, "logits unmerged")
         # set_adapter while merged: PEFT unmerges first (and warns), then b alone runs.
         lowrank.merge(ours)
         theirs.base_model.merge_adapter()
@@ -324,7 +289,7 @@ def test_merging_an_adapter_that_is_not_active_does_what_peft_does():
         with pytest.warns(UserWarning, match="Unmerging the model first"):
             theirs.set_adapter("b")
         assert not any(layer.merged_adapters for layer in adapter_layers(ours).values())
-        assert_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits with b set")
+        assert_model_close(ours(ids).logits, theirs(ids).logits, FP32_TOLERANCE, "logits with b set")
 
 
 @pytest.mark.parametrize("how", ["merge", "merge_and_unload", "unpatch"])
@@ -351,7 +316,7 @@ def test_merging_into_a_head_tied_to_the_embeddings_warns_as_peft_does(how):
             theirs.base_model.merge_adapter()
         assert not torch.equal(ours.get_input_embeddings().weight, embeddings)  # as it says
         merged = ours(ids).logits
-        assert_close(merged, theirs(ids).logits, FP32_TOLERANCE, "merged logits")
+        assert_model_close(merged, theirs(ids).logits, FP32_TOLERANCE, "merged logits")
         assert relative_error(merged, adapted) > 1e-2
 
 
@@ -532,7 +497,7 @@ def test_pretrained_minilm_matches_peft(method):
         theirs = with_peft_ia3(theirs, ours)
     theirs.base_model.model.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert_close(ours(**tokens).last_hidden_state, theirs(**tokens).last_hidden_state,
+        assert_model_close(ours(**tokens).last_hidden_state, theirs(**tokens).last_hidden_state,
                      FP32_TOLERANCE, "hidden states")
 
 
@@ -630,10 +595,48 @@ def test_dense_merge_unmerge_and_unpatch(method):
     with torch.no_grad():
         adapted = model(ids).logits
         lowrank.merge(model)
-        assert_close(model(ids).logits, adapted, 1e-5, "merged logits")
+        assert_model_close(model(ids).logits, adapted, 1e-5, "merged logits")
         lowrank.unpatch(model)  # unmerges first
     for key, value in model.state_dict().items():  # back up to one rounding each way in fp32
         torch.testing.assert_close(value, state[key], rtol=1e-6, atol=1e-6)
+
+
+class DoubledLora(LoraVariant):
+    """A variant for the test: LoRA with twice its scaling, in plain torch."""
+
+    def delta(self, layer, name):
+        a, b, scaling = layer.factors(name)
+        return 2 * scaling * b @ a
+
+    def forward(self, layer, name, x):
+        return layer.base_layer(x) + x @ self.delta(layer, name).t()
+
+    def merged_weight(self, layer, name, weight, bias, dtype):
+        raise AssertionError("only dense weights in this test")
+
+    def merge_in_place(self, layer, name, weight, bias, unmerge):
+        weight.sub_(self.delta(layer, name)) if unmerge else weight.add_(self.delta(layer, name))
+
+
+def test_a_lora_variant_runs_its_own_forward_and_merges():
+    model, ids = tiny_model("llama", blocks=1), token_ids()
+    lowrank.patch_model(model, rank=4, target_modules=["v_proj"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        plain = model(ids).logits
+        layer = model.get_submodule("model.layers.0.self_attn.v_proj")
+        layer.variants["default"] = DoubledLora()
+        doubled = model(ids).logits
+        layer.scaling["default"] *= 2
+        del layer.variants["default"]
+        assert_model_close(doubled, model(ids).logits, FP32_TOLERANCE, "variant's logits")
+        assert relative_error(doubled, plain) > 1e-3  # the variant ran, not plain LoRA
+        layer.scaling["default"] /= 2
+        layer.variants["default"] = DoubledLora()
+        lowrank.merge(model)
+        assert_model_close(model(ids).logits, doubled, FP32_TOLERANCE, "merged variant")
+        lowrank.unmerge(model)
+        assert_model_close(model(ids).logits, doubled, FP32_TOLERANCE, "unmerged variant")
 
 
 def test_unpatch_with_merge_keeps_the_merged_weights():
@@ -645,7 +648,7 @@ def test_unpatch_with_merge_keeps_the_merged_weights():
         adapted = model(ids).logits
         lowrank.unpatch(model, merge=True)
         assert all(model.get_submodule(n) is m for n, m in modules.items())
-        assert_close(model(ids).logits, adapted, 1e-5, "logits")
+        assert_model_close(model(ids).logits, adapted, 1e-5, "logits")
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -669,7 +672,7 @@ def test_merge_and_unload_a_4bit_model(method, tmp_path):
     assert hasattr(model.config, "quantization_config") == left_4bit
     with torch.no_grad():
         # The merge itself is lossless (fp32 sums, one rounding to bf16); the rest is bf16 compute.
-        assert_close(model(ids).logits, adapted, 3e-2, "merged logits")
+        assert_model_close(model(ids).logits, adapted, 3e-2, "merged logits")
     again = load_tiny_4bit_llama(tmp_path / "b", torch.bfloat16, dtype=torch.bfloat16)
     lowrank.patch_model(again, rank=8, target_modules=["v_proj"])
     lowrank.merge_and_unload(again, dtype="nf4")
@@ -691,7 +694,7 @@ def test_merge_and_unload_a_4bit_model_bitsandbytes_repacked(tmp_path):
     for name, weight in weights.items():
         layer = model.get_submodule(name)
         assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32, name
-        assert_close(layer.weight, weight + deltas[name], 1e-6, name)
+        assert_model_close(layer.weight, weight + deltas[name], 1e-6, name)
 
 
 def test_merge_and_unload_a_dense_model_gives_plain_layers():
@@ -701,7 +704,7 @@ def test_merge_and_unload_a_dense_model_gives_plain_layers():
     with torch.no_grad():
         adapted = model(ids).logits
         lowrank.merge_and_unload(model)
-        assert_close(model(ids).logits, adapted, 1e-5, "merged logits")
+        assert_model_close(model(ids).logits, adapted, 1e-5, "merged logits")
     assert not adapter_layers(model) and not any("lora_" in k for k in model.state_dict())
 
 

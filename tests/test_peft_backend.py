@@ -11,12 +11,11 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from bitsandbytes.functional import has_avx512bf16
-from conftest import (as_held, as_loaded, assert_held, dense_llama_twin, linear4bit_layers,
-                      load_tiny_4bit_llama, run_bitsandbytes_in_eval, tiny_model, token_ids,
-                      weights_bitsandbytes_computes_with)
+from helpers import (FP32_TOLERANCE, RATIO, ROUNDING, as_held, as_loaded, assert_held,
+                     assert_model_close, dense_llama_twin, linear4bit_layers, load_tiny_4bit_llama,
+                     loss_and_grads, randomize_adapters, relative_error, run_bitsandbytes_in_eval,
+                     tiny_model, token_ids, weights_bitsandbytes_computes_with, with_peft)
 from peft import IA3Config, LoraConfig, get_peft_model
-from test_patch import (FP32_TOLERANCE, RATIO, ROUNDING, assert_close, loss_and_grads,
-                        randomize_adapters, relative_error, with_peft)
 
 import lowrank
 from lowrank import ops
@@ -67,7 +66,7 @@ def compare(ours, peft, dtype, truth=None):
     pairs = [("logits", logits, peft_logits)] + [(n, grads[n], peft_grads[n]) for n in grads]
     if dtype == torch.float32:
         for name, got, expected in pairs:
-            assert_close(got, expected, FP32_TOLERANCE, name)
+            assert_model_close(got, expected, FP32_TOLERANCE, name)
         return
     true_logits, true_grads = truth
     for name, got, expected in pairs:
@@ -160,7 +159,7 @@ def test_4bit_lora_over_a_model_bitsandbytes_ran_in_eval(cpu_repack, tmp_path, k
     assert len(kernel_calls) == len(weights)
     twin = dense_llama_twin(tmp_path, {n: w + deltas[n] for n, w in weights.items()})
     with torch.no_grad():
-        assert_close(logits, twin(ids).logits, FP32_TOLERANCE, "logits")
+        assert_model_close(logits, twin(ids).logits, FP32_TOLERANCE, "logits")
     assert not any(m.support_avx512bf16_for_cpu for m in linear4bit_layers(model).values())
     assert_held(model, held)
     lowrank.unpatch_peft_model(model)
@@ -172,7 +171,7 @@ def test_4bit_lora_over_a_model_bitsandbytes_ran_in_eval(cpu_repack, tmp_path, k
     if not repacked or has_avx512bf16():
         model.train()
         with torch.no_grad():
-            assert_close(model(ids).logits, logits, 2e-2 if repacked else FP32_TOLERANCE,
+            assert_model_close(model(ids).logits, logits, 2e-2 if repacked else FP32_TOLERANCE,
                          "PEFT's logits")
 
 
@@ -254,7 +253,7 @@ def test_eval_mode_runs_without_dropout(kernel_calls):
     with torch.no_grad():
         expected = model(ids).logits
         lowrank.patch_peft_model(model)
-        assert_close(model(ids).logits, expected, FP32_TOLERANCE, "eval logits")
+        assert_model_close(model(ids).logits, expected, FP32_TOLERANCE, "eval logits")
     assert kernel_calls == [0.0]
 
 
@@ -279,7 +278,7 @@ def test_peft_state_is_read_at_every_call(method, kernel_calls):
     def same_as_peft(runs_kernels):
         del kernel_calls[:]
         with torch.no_grad():
-            assert_close(model(ids).logits, reference(ids).logits, FP32_TOLERANCE, "logits")
+            assert_model_close(model(ids).logits, reference(ids).logits, FP32_TOLERANCE, "logits")
         assert len(kernel_calls) == runs_kernels
 
     same_as_peft(layers)
@@ -304,12 +303,12 @@ def test_peft_state_is_read_at_every_call(method, kernel_calls):
         with torch.no_grad():
             mixed = [m.eval()(ids, adapter_names=["other", "__base__"]).logits
                      for m in (model, reference)]
-        assert_close(*mixed, FP32_TOLERANCE, "mixed batch")
+        assert_model_close(*mixed, FP32_TOLERANCE, "mixed batch")
         assert not kernel_calls
     merged = [m.merge_and_unload() for m in (model, reference)]
     assert not any("forward" in vars(m) for m in merged[0].modules())
     with torch.no_grad():
-        assert_close(merged[0](ids).logits, merged[1](ids).logits, FP32_TOLERANCE, "merged")
+        assert_model_close(merged[0](ids).logits, merged[1](ids).logits, FP32_TOLERANCE, "merged")
 
 
 def test_report_names_what_is_not_accelerated_and_why(caplog, kernel_calls):

@@ -24,6 +24,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
 from lowrank.kernels import dora_norm, ia3_linear, ia3_merge, lora_linear, lora_linear_decode, lora_merge
+from lowrank.kernels import lora_mixed
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES
 from lowrank.ops import FrozenWeight
@@ -152,6 +153,17 @@ def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False):
             lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout))}
 
 
+def lora_mixed_call(m, k, n, kind, dtype, adapters, bias=False):
+    """One mixed-adapter forward (one adapter per row, ``adapters`` stacked), as lowrank.ops runs it."""
+    w, nf4 = weight(kind, n, k, dtype)
+    index = torch.empty(m, dtype=torch.int64)
+    return lambda: lora_mixed.lora_mixed_forward(
+        empty(m, k, dtype=dtype), w, empty(adapters, RANK, k, dtype=dtype),
+        empty(adapters, n, RANK, dtype=dtype), empty(adapters), index,
+        empty(n, dtype=dtype) if bias else None, empty(m, RANK, dtype=dtype),
+        empty(m, n, dtype=dtype), nf4)
+
+
 def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
     """{step: fn} for one IA3 linear forward and backward (dX and dl), as lowrank.ops runs them."""
     w, nf4 = weight(kind, n, k, dtype)
@@ -257,6 +269,10 @@ def bench_cases():
             cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
                 lora_linear_calls(rows, k, n, kind, bf16)["forward"],
                 ("copy", weight_bytes(kind, n, k) + 2 * rows * (k + n)))
+        # A decode batch of 16 rows over 16 adapters: the weight read once, each adapter's A and B.
+        cases[f"lora_mixed {kind} 16x{k}x{n} adapters=16"] = (
+            lora_mixed_call(16, k, n, kind, bf16, 16),
+            ("copy", weight_bytes(kind, n, k) + 2 * 16 * RANK * (k + n) + 2 * 16 * (k + n)))
         for feedforward in (False, True):
             form = "feedforward" if feedforward else "output"
             ia3 = ia3_linear_calls(m, k, n, kind, bf16, feedforward)
@@ -319,6 +335,10 @@ def coverage_calls():
                         calls[name] = call
             for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
                 calls[f"dora_norm {t} {kind} {shape}"] = dora_norm_call(*shape[1:], kind, dtype)
+            for shape, bias in ((DECODE[1], False), (ALIGNED, True)) + (
+                    ((DECODE_RAGGED, True),) if bf16 else ()):
+                calls[f"lora_mixed {t} {kind} {shape} bias={bias}"] = lora_mixed_call(
+                    *shape, kind, dtype, 3, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
         for blocksize in NF4_BLOCKSIZES:

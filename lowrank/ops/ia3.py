@@ -5,17 +5,19 @@ form).
 its launch primitives, registered with torch.library with fake implementations so that
 torch.compile traces through them. ``ia3_linear`` checks the arguments, runs ``lowrank.reference``
 where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels:
-``kernels/ia3_linear.py``. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
+``kernels/ia3_linear.py``; inside the custom ops ``lowrank.routes`` picks, per call, these fused
+kernels, dequantize + cuBLAS, or (forward, few rows) the LoRA forward's split-K decode kernel. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
 """
 
 from typing import Optional
 
 import torch
 
-from lowrank import reference
+from lowrank import reference, routes
 from lowrank._lora_args import check_ia3_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import ia3_linear as ia3_kernels
+from lowrank.kernels import lora_linear_decode as lora_decode_kernels
 from lowrank.ops.gradients import InputGradients
 
 
@@ -24,15 +26,56 @@ def ia3_scale(ia3):
     return ia3.detach().reshape(-1).float().contiguous()
 
 
+def _form(feedforward):
+    return "feedforward" if feedforward else "output"
+
+
 @torch.library.custom_op("lowrank::ia3_forward", mutates_args=())
 def ia3_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
                 ia3: torch.Tensor, bias: Optional[torch.Tensor], feedforward: bool) -> torch.Tensor:
-    """Y for contiguous x (M x K), in x's dtype."""
+    """Y for contiguous x (M x K), in x's dtype, by the route ``lowrank.routes`` chooses (decode
+    among them at M <= DECODE_MAX_M)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
+    args = (x, w, ia3_scale(ia3), None if bias is None else bias.to(x.dtype), feedforward)
+    candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
+    if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
+        candidates["decode"] = lambda: _forward_decode(*args)
+    return routes.run(f"ia3_forward_{_form(feedforward)}", x, w, candidates)
+
+
+def _forward_fused(x, w, scale, bias, feedforward):
     y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
-    ia3_kernels.ia3_forward(x, w.tensor, ia3_scale(ia3), None if bias is None else bias.to(x.dtype),
-                            y, feedforward, w.nf4)
+    ia3_kernels.ia3_forward(x, w.tensor, scale, bias, y, feedforward, w.nf4)
     return y
+
+
+def _scaled(t, scale):
+    """t * l computed in fp32 and rounded once to t's dtype (as PEFT and the kernels do), with no
+    fp32 copy of t."""
+    return torch.mul(t, scale, out=torch.empty_like(t))
+
+
+def _forward_cublas(x, w, scale, bias, feedforward):
+    """torch's GEMM on the dense (or dequantized) W in x's dtype; l applied to x before it
+    (feed-forward form) or to Y in place after it (output form)."""
+    dense = routes.dense_weight(w, x.dtype)
+    x_in = _scaled(x, scale) if feedforward else x
+    y = torch.mm(x_in, dense.t()) if bias is None else torch.addmm(bias, x_in, dense.t())
+    return y if feedforward else y.mul_(scale)
+
+
+def _forward_decode(x, w, scale, bias, feedforward):
+    """The split-K decode kernel of the LoRA forward (the packed weight read once, for few rows),
+    given a rank-1 adapter of zeros and scaling 0, so its branch adds exactly 0 for finite x; l
+    applied to x before it, or to Y in place after it."""
+    n, k = w.shape
+    x_in = _scaled(x, scale) if feedforward else x
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    unused_s = torch.empty(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    unread_seed = torch.empty(1, dtype=torch.int64, device=x.device)  # no dropout
+    lora_decode_kernels.lora_decode_forward(x_in, w.tensor, x.new_zeros(1, k), x.new_zeros(n, 1),
+                                            bias, y, unused_s, unread_seed, 0.0, 0.0, w.nf4)
+    return y if feedforward else y.mul_(scale)
 
 
 @ia3_forward.register_fake
@@ -45,15 +88,29 @@ def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: list[Optional[to
                  weight_sizes: list[int], ia3: torch.Tensor, bias: Optional[torch.Tensor],
                  feedforward: bool, need_grad_x: bool,
                  need_grad_ia3: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX in dY's dtype, M x K; dl in fp32, flat): each empty when not needed."""
+    """(dX in dY's dtype, M x K; dl in fp32, flat): each empty when not needed. By the route
+    ``lowrank.routes`` chooses (fused or cublas)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
+    if not need_grad_ia3 and not need_grad_x:
+        return grad_y.new_empty(0, x.shape[1]), ia3_scale(ia3).new_empty(0)
+    args = (grad_y, x, w, ia3_scale(ia3), None if bias is None else bias.to(x.dtype), feedforward,
+            need_grad_x, need_grad_ia3)
+    return routes.run(f"ia3_backward_{_form(feedforward)}", grad_y, w,
+                      {"fused": lambda: _backward_fused(*args),
+                       "cublas": lambda: _backward_cublas(*args)})
+
+
+@ia3_backward.register_fake
+def _(grad_y, x, weight, weight_sizes, ia3, bias, feedforward, need_grad_x, need_grad_ia3):
+    return (grad_y.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1]),
+            x.new_empty(ia3.numel() if need_grad_ia3 else 0, dtype=torch.float32))
+
+
+def _backward_fused(grad_y, x, w, scale, bias, feedforward, need_grad_x, need_grad_ia3):
     M, K = x.shape
-    scale = ia3_scale(ia3)
     nf4 = w.nf4
     grad_x = grad_y.new_empty(M if need_grad_x else 0, K)
     grad_ia3 = scale.new_empty(0)
-    if not need_grad_ia3 and not need_grad_x:
-        return grad_x, grad_ia3
     partials = None
     if need_grad_ia3:  # one row of token-sums per block of BLOCK_M tokens, summed below in order
         partials = scale.new_empty(ia3_kernels.partial_rows(M, feedforward), scale.numel())
@@ -64,17 +121,32 @@ def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: list[Optional[to
         if need_grad_x:
             ia3_kernels.ia3_grad_input(grad_y, w.tensor, scale, x, grad_x, None, False, nf4)
         if need_grad_ia3:
-            ia3_kernels.ia3_grad_scale(x, w.tensor, None if bias is None else bias.to(x.dtype),
-                                       grad_y, partials, nf4)
+            ia3_kernels.ia3_grad_scale(x, w.tensor, bias, grad_y, partials, nf4)
     if need_grad_ia3:
         grad_ia3 = partials.sum(0)
     return grad_x, grad_ia3
 
 
-@ia3_backward.register_fake
-def _(grad_y, x, weight, weight_sizes, ia3, bias, feedforward, need_grad_x, need_grad_ia3):
-    return (grad_y.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1]),
-            x.new_empty(ia3.numel() if need_grad_ia3 else 0, dtype=torch.float32))
+def _backward_cublas(grad_y, x, w, scale, bias, feedforward, need_grad_x, need_grad_ia3):
+    """torch's GEMMs on the dense (or dequantized) W in x's dtype. Feed-forward form: dY W once,
+    dl = sum over tokens of (dY W) * x, dX = (dY W) * l. Output form: dX = (dY * l) W, and
+    dl = sum over tokens of dY * (x W^T + b), x W^T + b recomputed. Token sums in fp32."""
+    dense = routes.dense_weight(w, grad_y.dtype)
+    grad_x = grad_y.new_empty(0, x.shape[1])
+    grad_ia3 = scale.new_empty(0)
+    if feedforward:
+        grad_base = torch.mm(grad_y, dense)
+        if need_grad_ia3:
+            grad_ia3 = (grad_base * x).sum(0, dtype=torch.float32)
+        if need_grad_x:
+            grad_x = grad_base.mul_(scale)
+        return grad_x, grad_ia3
+    if need_grad_x:
+        grad_x = torch.mm(_scaled(grad_y, scale), dense)
+    if need_grad_ia3:
+        base = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
+        grad_ia3 = base.mul_(grad_y).sum(0, dtype=torch.float32)
+    return grad_x, grad_ia3
 
 
 class IA3LinearFunction(torch.autograd.Function):

@@ -5,15 +5,16 @@ its launch primitives, registered with torch.library with fake implementations s
 torch.compile traces through them. ``lora_linear`` checks the arguments, runs ``lowrank.reference``
 where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels:
 ``kernels/lora_linear.py`` (tiled, training shapes) and ``kernels/lora_linear_decode.py`` (split-K,
-at most ``DECODE_MAX_M`` rows). The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s
-form.
+at most ``DECODE_MAX_M`` rows). Inside the custom ops ``lowrank.routes`` picks, per call, how the
+GEMMs over the frozen weight run: these fused kernels, dequantize + cuBLAS, or the split-K
+decode. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
 """
 
 from typing import Optional
 
 import torch
 
-from lowrank import reference
+from lowrank import reference, routes
 from lowrank._lora_args import check_lora_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import lora_linear as lora_kernels
@@ -26,20 +27,50 @@ def lora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  bias: Optional[torch.Tensor], dropout: float, seed: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, S) for contiguous x (M x K): Y = x W^T + b + s S B^T, S = dropout(x) A^T."""
+    """(Y, S) for contiguous x (M x K): Y = x W^T + b + s S B^T, S = dropout(x) A^T, by the route
+    ``lowrank.routes`` chooses (decode among them at M <= DECODE_MAX_M)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
-    M = x.shape[0]
-    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    s = torch.empty(M, a.shape[0], dtype=x.dtype, device=x.device)
-    y = torch.empty(M, w.out_features, dtype=x.dtype, device=x.device)
-    if M <= lora_decode_kernels.DECODE_MAX_M:  # decode: split-K, the packed weight read once
-        lora_decode_kernels.lora_decode_forward(x, w.tensor, a, b, bias, y, s, seed, dropout,
-                                                scaling, w.nf4)
-    else:
-        lora_kernels.lora_shrink(x, a, s, seed, dropout)
-        lora_kernels.lora_forward(x, w.tensor, s, b, bias, y, scaling, w.nf4)
+    args = (x, w, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling,
+            None if bias is None else bias.to(x.dtype), dropout, seed)
+    candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
+    if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
+        candidates["decode"] = lambda: _forward_decode(*args)
+    return routes.run("lora_forward", x, w, candidates)
+
+
+def _outputs(x, w, a):
+    """Empty Y (M x N) and S (M x r) in x's dtype."""
+    return (torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device))
+
+
+def _forward_fused(x, w, a, b, scaling, bias, dropout, seed):
+    y, s = _outputs(x, w, a)
+    lora_kernels.lora_shrink(x, a, s, seed, dropout)
+    lora_kernels.lora_forward(x, w.tensor, s, b, bias, y, scaling, w.nf4)
     return y, s
+
+
+def _forward_decode(x, w, a, b, scaling, bias, dropout, seed):
+    """Split-K: the packed weight read once, for few rows."""
+    y, s = _outputs(x, w, a)
+    lora_decode_kernels.lora_decode_forward(x, w.tensor, a, b, bias, y, s, seed, dropout, scaling,
+                                            w.nf4)
+    return y, s
+
+
+def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
+    """W dense in x's dtype (NF4 dequantized into the workspace), x W^T + b by torch's GEMM, then
+    s S B^T accumulated into Y by one addmm_. S comes from the shrink kernel, which applies the
+    dropout mask that backward regenerates. (The single-GEMM form [x | S] [W | sB]^T, fewer bytes
+    when K < N, needs W and sB side by side in each row: the dequantize kernel would have to write
+    rows with a stride of K + r, and the shrink S beside a copy of x, which their launchers do not
+    take.)"""
+    s = torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
+    lora_kernels.lora_shrink(x, a, s, seed, dropout)
+    dense = routes.dense_weight(w, x.dtype)
+    y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
+    return y.addmm_(s, b.t(), alpha=scaling), s
 
 
 @lora_forward.register_fake
@@ -52,12 +83,38 @@ def _(x, weight, weight_sizes, lora_A, lora_B, scaling, bias, dropout, seed):
 def lora_grad_input(grad_y: torch.Tensor, weight: list[Optional[torch.Tensor]],
                     weight_sizes: list[int], grad_s: torch.Tensor, lora_A: torch.Tensor,
                     seed: torch.Tensor, dropout: float) -> torch.Tensor:
-    """dX = dY W + dropout'(dS A), in dY's dtype (M x K)."""
+    """dX = dY W + dropout'(dS A), in dY's dtype (M x K), by the route ``lowrank.routes``
+    chooses (fused or cublas: there is no decode kernel for dX)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
+    args = (grad_y, w, grad_s, lora_A.to(grad_y.dtype), seed, dropout)
+    return routes.run("lora_grad_input", grad_y, w, {"fused": lambda: _grad_input_fused(*args),
+                                                     "cublas": lambda: _grad_input_cublas(*args)})
+
+
+def _grad_input_fused(grad_y, w, grad_s, a, seed, dropout):
     grad_x = torch.empty(grad_y.shape[0], w.in_features, dtype=grad_y.dtype, device=grad_y.device)
-    lora_kernels.lora_grad_input(grad_y, w.tensor, grad_s, lora_A.to(grad_y.dtype), grad_x, seed,
-                                 dropout, w.nf4)
+    lora_kernels.lora_grad_input(grad_y, w.tensor, grad_s, a, grad_x, seed, dropout, w.nf4)
     return grad_x
+
+
+def _grad_input_cublas(grad_y, w, grad_s, a, seed, dropout):
+    """dY W + dS A by torch's GEMMs on the dense (or dequantized) W, in the form that moves fewer
+    bytes. For an NF4 weight with N < K and no dropout, one GEMM [dY | dS] [W ; A]: A is stacked
+    under W in the workspace (r x K, small) and dY copied beside dS (M x (N + r)), fewer bytes than
+    the M x K read and write of an addmm_ into dX. Otherwise dY W, then addmm_(dS, A); with dropout,
+    dS A is masked first (the forward's mask, regenerated from the seed). A dense W is never
+    copied, so it always takes the addmm_."""
+    n, k = w.shape
+    if dropout == 0 and w.nf4 is not None and n < k:
+        stacked = routes.stacked_weight(w, grad_y.dtype, a.shape[0])
+        stacked[n:].copy_(a)
+        return torch.mm(torch.cat((grad_y, grad_s), dim=1), stacked)
+    grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
+    if dropout == 0:
+        return grad_x.addmm_(grad_s, a)
+    keep = torch.empty(grad_x.shape, dtype=torch.int8, device=grad_x.device)
+    lora_kernels.dropout_mask(seed, keep, dropout)
+    return grad_x.add_(torch.mm(grad_s, a).mul_(keep), alpha=1 / (1 - dropout))
 
 
 @lora_grad_input.register_fake

@@ -1,0 +1,199 @@
+"""Mixed-adapter LoRA / QLoRA linear, forward (inference): one adapter per row, BGMV-style.
+
+For x (M x K), frozen W (N x K, dense or NF4), bias b, n adapters stacked as A (n x R x K) and
+B (n x N x R) (each padded with zeros to the largest rank R), scalings s (n,) and one adapter index
+per row i (M,), -1 for a row that runs the base layer alone:
+
+    S[m] = x[m] A[i_m]^T                 Y[m] = x[m] W^T + b + s[i_m] S[m] B[i_m]^T
+
+1. ``_lora_mixed_shrink_kernel``: one program per row and rank chunk gathers its adapter's A rows
+   (a matrix-vector product: rows of one tile may belong to different adapters, so no tl.dot);
+   S is stored in x's dtype, as the single-adapter op stores it. Base rows store zeros.
+2. ``_lora_mixed_forward_kernel``: the base GEMM tile x W^T (tl.dot, the NF4 weight decoded in
+   registers, read once for all adapters), then the expand gathered per row: a (rows x outs x
+   ranks) tile of B, each row's from its own adapter, multiplied with S and summed over ranks,
+   scaled per row, plus the bias, one store.
+   For decode batches (at most ``DECODE_MAX_M`` rows) the base GEMM is split over K instead, as
+   the single-adapter decode path splits it (kernels/lora_linear_decode.py), so that a few rows
+   still keep the GPU's memory system busy: ``_lora_mixed_partial_kernel`` writes fp32 partial
+   sums per K-slice, and ``_lora_mixed_epilogue_kernel`` sums them in a fixed order and adds the
+   same gathered expand and bias.
+
+Padded ranks add exact zeros, so a row's result does not depend on the other adapters of the batch.
+Operands in x's dtype accumulate in fp32 (products of the gathered parts in fp32: bf16 operands are
+widened before multiplying).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import store_rounded
+from ._weight import load_weight_tile, precision, weight_args
+from .lora_linear_decode import split_k
+
+SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
+# BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
+# EXPAND_R values in registers (4096: 32 fp32 per thread with 4 warps). BLOCK_N 32, not 64: with
+# 64 the NF4-nested tile decode took 254 registers per thread on sm_80 / sm_90 (at the limit;
+# compiled on CPU, bench.static), with 32 it takes 128 and leaves four CTAs per SM. Not measured
+# on a GPU yet.
+FORWARD = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EXPAND_R": 8, "num_warps": 4,
+           "num_stages": 2}
+# Decode: all rows in one M block of 16; the split-K partial GEMM takes the single-adapter decode
+# path's tile (kernels/lora_linear_decode.py's DECODE), the epilogue the forward's expand tile.
+DECODE_MAX_M = 16
+PARTIAL = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 32, "EXPAND_R": 8, "num_warps": 4}
+
+
+@triton.jit
+def _lora_mixed_shrink_kernel(x_ptr, a_ptr, index_ptr, s_ptr, K, R, stride_xm, stride_xk,
+                              stride_aa, stride_ar, stride_ak, BLOCK_K: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+    """S[m, ranks] = x[m] A[i_m, ranks]^T (zeros for a base row), in x's dtype."""
+    row = tl.program_id(0)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    adapter = tl.load(index_ptr + row).to(tl.int64)
+    # A base row (-1) reads no rank of adapter 0 and so stores zeros.
+    ranks_used = tl.where(adapter >= 0, R, 0)
+    adapter = tl.maximum(adapter, 0)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + cols * stride_xk, mask=cols < K, other=0.0)
+        a = tl.load(a_ptr + adapter * stride_aa + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(ranks[:, None] < ranks_used) & (cols[None, :] < K), other=0.0)
+        acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    store_rounded(s_ptr + row * R + ranks, acc, ranks < R)
+
+
+@triton.jit
+def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr, y_ptr,
+                               absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                               M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ba,
+                               stride_bn, stride_br, block_shift, nested_shift,
+                               HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               EXPAND_R: tl.constexpr):
+    """Y = x W^T + b + s[i] S B[i]^T per row, one store per output tile."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
+                               y_ptr, M, N, R, stride_ba, stride_bn, stride_br, HAS_BIAS, BLOCK_M,
+                               BLOCK_N, EXPAND_R)
+
+
+@triton.jit
+def _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
+                               y_ptr, M, N, R, stride_ba, stride_bn, stride_br,
+                               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, EXPAND_R: tl.constexpr):
+    """Store acc (x W^T of the tile) + s[i] S B[i]^T + b: B gathered per row from its adapter."""
+    adapters = tl.load(index_ptr + rows, mask=rows < M, other=-1).to(tl.int64)
+    used = adapters >= 0
+    adapters = tl.maximum(adapters, 0)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, EXPAND_R):
+        ranks = r0 + tl.arange(0, EXPAND_R)
+        s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=used[:, None] & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + adapters[:, None, None] * stride_ba + outs[None, :, None] * stride_bn
+                    + ranks[None, None, :] * stride_br,
+                    mask=used[:, None, None] & (outs[None, :, None] < N)
+                    & (ranks[None, None, :] < R), other=0.0)
+        lora += tl.sum(s.to(tl.float32)[:, None, :] * b.to(tl.float32), axis=2)
+    scaling = tl.load(scaling_ptr + adapters, mask=used, other=0.0)
+    acc += scaling[:, None] * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+                  (rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, code_ptr, nested_code_ptr,
+                               nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                               stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
+                               NF4: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N)."""
+    dtype = x_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
+                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
+                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             block_shift, nested_shift, NF4, NESTED)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
+             mask=(rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _lora_mixed_epilogue_kernel(partial_ptr, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr, y_ptr,
+                                M, N, R, splits, stride_ba, stride_bn, stride_br,
+                                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, EXPAND_R: tl.constexpr):
+    """Y = the partials summed in a fixed order (deterministic) + s[i] S B[i]^T + b."""
+    rows = tl.arange(0, BLOCK_M)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :],
+                       mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
+    _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
+                               y_ptr, M, N, R, stride_ba, stride_bn, stride_br, HAS_BIAS, BLOCK_M,
+                               BLOCK_N, EXPAND_R)
+
+
+def lora_mixed_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None):
+    """Y (M x N, contiguous) and S (M x R, contiguous) for contiguous x (M x K); ``lora_a``
+    (n x R x K) and ``lora_b`` (n x N x R) in x's dtype, any strides; ``scalings`` fp32 (n,);
+    ``index`` int32 or int64 (M,), -1 for base rows; ``nf4`` as in ``_weight.weight_args``."""
+    M, K = x.shape
+    N, R = lora_b.shape[1], lora_b.shape[2]
+    grid = (M, triton.cdiv(R, SHRINK["BLOCK_R"]))
+    _lora_mixed_shrink_kernel[grid](x, lora_a, index, s, K, R, x.stride(0), x.stride(1),
+                                    *lora_a.stride(), **SHRINK)
+    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+        (stride_wn, stride_wk) = weight_args(w, nf4)
+    bias_arg = y if bias is None else bias
+    if M > DECODE_MAX_M:
+        grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
+        _lora_mixed_forward_kernel[grid](
+            x, w, s, lora_b, index, scalings, bias_arg, y, absmax, code, nested_code,
+            nested_absmax, offset, M, N, K, R, x.stride(0), x.stride(1), stride_wn, stride_wk,
+            *lora_b.stride(), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
+            PRECISION=precision(x.dtype), **FORWARD, enable_fp_fusion=False)
+        return
+    n_tiles = triton.cdiv(N, PARTIAL["BLOCK_N"])
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, PARTIAL["BLOCK_K"]), x.device)
+    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    _lora_mixed_partial_kernel[(n_tiles, splits)](
+        x, w, partial, absmax, code, nested_code, nested_absmax, offset, M, N, K,
+        steps_per_split * PARTIAL["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
+        nested_shift, **flags, PRECISION=precision(x.dtype), **PARTIAL, enable_fp_fusion=False)
+    _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
+        partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),
+        HAS_BIAS=bias is not None, **EPILOGUE, enable_fp_fusion=False)

@@ -1,0 +1,100 @@
+"""Block fusions: a second, revertible patching stage that runs a whole block (an MLP over its
+three patched projections, ...) as one fused op.
+
+The first stage (``patch_model``) puts an adapter layer in place of each targeted linear layer;
+names, the state dict, saving, merging and ``disable_adapters`` are those of the layers. This
+stage changes nothing of that: it binds a block's ``forward`` (an instance attribute; the class
+and its forward are untouched) to a fusion's forward over the block's already-patched layers.
+
+A fusion is ``BlockFusion(name, finds, forward)``:
+
+- ``finds(model, architecture) -> {module path: block}``: the blocks it can serve in ``model``;
+  ``architecture`` is the model's entry of ``lowrank.architectures`` (projection names and
+  activation by ``config.model_type``), or None for an architecture not in the table.
+- ``forward(block, *args, **kwargs)``: the block's output, computed by the fusion, or
+  ``NotImplemented`` for any call it cannot serve (adapters disabled or merged, a layer without
+  the active adapter, several adapters, a dtype or argument it does not take): the block's own
+  forward then runs that call. ``serving_adapter`` answers the common part of that question.
+
+Fusions are listed in ``FUSIONS``, asked in order; a block is fused by the first that finds it.
+``patch_model(..., fuse_blocks=True)`` (the default) and ``load_adapter`` install them;
+``unpatch`` and ``merge_and_unload`` remove them, and ``delete_adapter`` removes those of blocks
+left without a patched layer. Which blocks are fused, by which fusion,
+is ``model.lowrank_state.fused_blocks`` ({path: fusion name}).
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from lowrank.adapter_layer import AdapterLayer
+from lowrank.architectures import architecture
+
+
+@dataclass(frozen=True)
+class BlockFusion:
+    name: str
+    finds: Callable  # (model, architecture or None) -> {module path: block module}
+    forward: Callable  # (block, *args, **kwargs) -> output, or NotImplemented
+
+
+# The registered fusions, asked in order (none yet: the fused LoRA MLP goes here).
+FUSIONS = []
+
+
+def serving_adapter(layers, layer_class):
+    """The one adapter that all ``layers`` (a block's projections) run for this call, when every
+    one is a patched ``layer_class`` running it unmerged and enabled; else None (the fusion then
+    returns NotImplemented)."""
+    names = {layer.runs_adapter() if isinstance(layer, layer_class) else None for layer in layers}
+    if len(names) != 1:
+        return None
+    (name,) = names
+    return name
+
+
+def _fused_forward(fusion, block, *args, **kwargs):
+    output = fusion.forward(block, *args, **kwargs)
+    if output is NotImplemented:
+        return type(block).forward(block, *args, **kwargs)
+    return output
+
+
+def _is_fused(module):
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+
+
+def install(model, state):
+    """Bind every registered fusion's forward on the blocks it finds in the patched ``model``
+    (``state``: its ``PatchState``), recording them in ``state.fused_blocks``. Blocks already
+    fused, holding no patched layer, or whose forward something else replaced, are left alone."""
+    table = architecture(model)
+    for fusion in FUSIONS:
+        for path, block in fusion.finds(model, table).items():
+            if path in state.fused_blocks or "forward" in vars(block):
+                continue
+            if not any(isinstance(m, AdapterLayer) for m in block.modules()):
+                continue
+            block.forward = functools.partial(_fused_forward, fusion, block)
+            state.fused_blocks[path] = fusion.name
+
+
+def uninstall(model, state):
+    """Give every fused block its own forward back."""
+    for path in state.fused_blocks:
+        block = model.get_submodule(path)
+        if _is_fused(block):
+            del block.forward
+    state.fused_blocks.clear()
+
+
+def prune(model, state):
+    """Give their own forward back to fused blocks left without a patched layer (after
+    ``delete_adapter`` gave some layers back)."""
+    for path in list(state.fused_blocks):
+        block = model.get_submodule(path)
+        if not any(isinstance(m, AdapterLayer) for m in block.modules()):
+            if _is_fused(block):
+                del block.forward
+            del state.fused_blocks[path]

@@ -1,0 +1,174 @@
+"""lowrank.blocks, the block-fusion stage, and lowrank.architectures, the table it finds blocks
+with. The stage is tested with a fusion defined here: a tiny Llama's gated MLP run
+by the fusion over its three patched projections (the MLP's own math, so outputs are equal bit
+for bit), counting the calls it serves and declines. Ops run on the reference path: the stage, not
+the kernels, is under test."""
+
+import copy
+
+import pytest
+import torch
+from helpers import TINY_ARCHITECTURES, loss_and_grads, randomize_adapters, tiny_model, token_ids
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lowrank
+from lowrank import _dispatch, blocks
+from lowrank.architectures import ARCHITECTURES, architecture
+from lowrank.blocks import BlockFusion, serving_adapter
+from lowrank.modules import LoraLinear
+
+MLP_PATHS = {"model.layers.0.mlp", "model.layers.1.mlp"}
+ROLES = ("gate", "up", "down")
+
+
+def mlp_fusion(calls):
+    def finds(model, architecture):
+        if architecture is None or not architecture.gated_mlp:
+            return {}
+        name, projections = architecture.mlp
+        return {path: module for path, module in model.named_modules()
+                if path.rpartition(".")[2] == name
+                and all(hasattr(module, projections[role]) for role in ROLES)}
+
+    def forward(block, x):
+        gate, up, down = (getattr(block, f"{role}_proj") for role in ROLES)
+        if serving_adapter((gate, up, down), LoraLinear) is None:
+            calls["declined"] += 1
+            return NotImplemented
+        calls["fused"] += 1
+        return down(block.act_fn(gate(x)) * up(x))
+
+    return BlockFusion("test-mlp", finds, forward)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    calls = {"fused": 0, "declined": 0}
+    monkeypatch.setattr(blocks, "FUSIONS", [mlp_fusion(calls)])
+    monkeypatch.setattr(_dispatch, "INTERPRETER", False)
+    return calls
+
+
+def fused_and_unfused(**patch):
+    """(a tiny Llama patched with the fusion, the same patched without it, ids)."""
+    fused = tiny_model("llama")
+    unfused = copy.deepcopy(fused)
+    for model, fuse in ((fused, True), (unfused, False)):
+        lowrank.patch_model(model, rank=4, fuse_blocks=fuse, **patch)
+        randomize_adapters(model)
+    return fused, unfused, token_ids()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def instance_forwards(model):
+    return {path for path, module in model.named_modules() if "forward" in vars(module)}
+
+
+def test_installed_on_every_block_it_finds_and_computes_what_the_blocks_compute(calls):
+    fused, unfused, ids = fused_and_unfused()
+    assert fused.lowrank_state.fused_blocks == {path: "test-mlp" for path in MLP_PATHS}
+    assert instance_forwards(fused) == MLP_PATHS and not instance_forwards(unfused)
+    # Names and state dict are the first stage's.
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in unfused.named_modules()]
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    assert torch.equal(logits(fused, ids), logits(unfused, ids))
+    assert calls == {"fused": 2, "declined": 0}
+
+
+def test_a_declined_call_runs_the_blocks_own_forward(calls):
+    fused, unfused, ids = fused_and_unfused()
+    base = copy.deepcopy(unfused)
+    lowrank.unpatch(base)
+    with lowrank.disable_adapters(fused):
+        assert torch.equal(logits(fused, ids), logits(base, ids))
+    assert calls == {"fused": 0, "declined": 2}
+    for model in (fused, unfused):
+        lowrank.merge(model)
+    assert torch.equal(logits(fused, ids), logits(unfused, ids))
+    assert calls == {"fused": 0, "declined": 4}
+    lowrank.unmerge(fused)
+    logits(fused, ids)
+    assert calls == {"fused": 2, "declined": 4}
+
+
+@pytest.mark.parametrize("how", ["unpatch", "merge_and_unload"])
+def test_revert_leaves_the_model_as_before(how, calls):
+    model, ids = tiny_model("llama"), token_ids()
+    before, keys = logits(model, ids), model.state_dict().keys()
+    lowrank.patch_model(model, rank=4)
+    assert instance_forwards(model) == MLP_PATHS
+    assert torch.equal(logits(model, ids), before)  # B is zero: the adapter adds nothing
+    assert calls["fused"] == 2
+    getattr(lowrank, how)(model)
+    assert not instance_forwards(model) and not hasattr(model, "lowrank_state")
+    assert model.state_dict().keys() == keys
+    assert torch.equal(logits(model, ids), before)
+    assert calls["fused"] == 2
+
+
+def test_delete_adapter_unfuses_blocks_left_without_patched_layers(calls):
+    model = tiny_model("llama")
+    lowrank.patch_model(model, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                        adapter_name="mlp")
+    lowrank.patch_model(model, rank=4, target_modules=["q_proj"], adapter_name="attention")
+    assert instance_forwards(model) == MLP_PATHS
+    lowrank.delete_adapter(model, "mlp")
+    assert not instance_forwards(model) and not model.lowrank_state.fused_blocks
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(calls):
+    fused, unfused, ids = fused_and_unfused()
+    fused.train()
+    unfused.train()
+    _, expected = loss_and_grads(unfused, ids)
+    _, plain = loss_and_grads(fused, ids)
+    fused.gradient_checkpointing_enable()
+    _, checkpointed = loss_and_grads(fused, ids)
+    assert expected.keys() == plain.keys() == checkpointed.keys() and len(expected) == 28
+    assert all(torch.equal(plain[n], expected[n]) for n in expected)
+    assert all(torch.equal(checkpointed[n], expected[n]) for n in expected)
+    assert calls["fused"] == 2 + 4  # checkpointing runs each block again in backward
+
+
+def test_torch_compile_traces_the_fused_forward_without_graph_breaks(calls):
+    fused, unfused, ids = fused_and_unfused()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids))
+    assert calls["fused"] == 2
+    with lowrank.disable_adapters(fused):  # a declined call, compiled too
+        assert torch.equal(logits(compiled, ids), logits(fused, ids))
+    assert calls["declined"] >= 2
+
+
+def table_model(model_type):
+    """A one-block model of ``model_type`` built from its config (no hub)."""
+    if model_type in TINY_ARCHITECTURES:
+        return tiny_model(model_type, blocks=1)
+    import transformers as tf
+
+    config = tf.AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=64,
+                                     pad_token_id=0)
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_the_architecture_table_names_the_modules_each_block_has(model_type):
+    model = table_model(model_type)
+    assert architecture(model) is ARCHITECTURES[model_type]
+    table = ARCHITECTURES[model_type]
+    getattr(model.config, table.activation)  # the field exists
+    block = next(p for p, _ in model.named_modules() if p.endswith(".0"))  # the first block
+    for part, projections in (table.attention, table.mlp):
+        for projection in projections.values():
+            path = ".".join(filter(None, (block, part, projection)))
+            assert isinstance(model.get_submodule(path), (nn.Linear, Conv1D)), path
+    if table.ia3 is not None:
+        lowrank.patch_model(model, method="ia3")  # the defaults select existing layers
