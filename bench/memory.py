@@ -4,9 +4,12 @@ What autograd saves for backward does not depend on the device, so this is the o
 figure measured exactly on a CPU. For one training step (forward, then the gradients of the
 trainable parameters), it adds up the bytes of the unique storages autograd saves, parameters,
 buffers and bitsandbytes quant states excluded, split by the block that saved them: the module
-running when a tensor is saved (``CATEGORIES``). Three ways run each configuration: PEFT +
-bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, and a base patched by
-``lowrank.patch_model`` carrying the same adapter (loaded from PEFT's save).
+running when a tensor is saved (``CATEGORIES``). Four ways run each configuration: PEFT +
+bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, a base patched by
+``lowrank.load_adapter`` carrying the same adapter (loaded from PEFT's save) with its block
+fusions (``lowrank``: the gated MLPs through the fused LoRA MLP, whose saves count as the MLP
+block's, ``mlp_activation``), and the same patched base without them (``lowrank_unfused``: every
+layer on its own, as ``fuse_blocks=False``).
 
 Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one
 4-bit Llama-3-8B decoder layer at seq 2048 (in bf16 as QLoRA runs it, and in fp32; a toy vocabulary
@@ -44,7 +47,7 @@ from bench.harness import RESULTS_DIR, _commit, _version  # noqa: E402
 SCHEMA_VERSION = 1
 RANK = 16
 DROPOUTS = (0.0, 0.05)
-WAYS = ("peft", "lowrank_patch_peft_model", "lowrank")
+WAYS = ("peft", "lowrank_patch_peft_model", "lowrank_unfused", "lowrank")
 CATEGORIES = ("lora_linears", "mlp_activation", "attention", "norms", "loss_head",
               "checkpoint_inputs", "other")
 # A decoder layer's own categories: what "saved bytes per layer" counts (not the embeddings, the
@@ -177,15 +180,18 @@ class Ledger:
     @contextlib.contextmanager
     def __call__(self):
         def entered(module, args):
-            self.running.append(module)
+            if module in self.categories:
+                self.running.append(module)
 
         def left(module, args, output):  # returns None: the output stays as it is
-            self.running.pop()
+            if module in self.categories:
+                self.running.pop()
 
-        handles = []
-        for module in self.categories:
-            handles.append(module.register_forward_pre_hook(entered))
-            handles.append(module.register_forward_hook(left, always_call=True))
+        # Global hooks, not hooks on each module: a fused block forward runs its projections'
+        # computation without calling them, and declines (runs them one by one) where a module
+        # has hooks of its own, which the fused computation would skip.
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(entered),
+                   torch.nn.modules.module.register_module_forward_hook(left, always_call=True)]
         layers = [m for m in self.categories if getattr(m, "gradient_checkpointing", False)]
         originals = [m._gradient_checkpointing_func for m in layers]
         for layer, checkpoint in zip(layers, originals):
@@ -204,6 +210,19 @@ class Ledger:
         saved = {c: self.saved["forward"][c] + self.saved["recompute"][c] for c in CATEGORIES}
         return {"saved": {**saved, "total": sum(saved.values())},
                 "held_at_once": sum(self.saved["forward"].values()) + self.largest_recompute}
+
+
+@contextlib.contextmanager
+def unfused(model):
+    """Inside the block, ``model``'s fused blocks run their own forward (``fuse_blocks=False``)."""
+    from lowrank import blocks
+
+    state = model.lowrank_state
+    blocks.uninstall(model, state)
+    try:
+        yield
+    finally:
+        blocks.install(model, state)
 
 
 def measure_step(model, tokens, fake_mode=None):
@@ -288,15 +307,16 @@ def measure_model(name, directory, dropout, checkpointing=(False, True), fake=No
             for way in WAYS:
                 if way == "lowrank_patch_peft_model":
                     lowrank.patch_peft_model(peft_model)
-                loss, ledger = measure_step(patched if way == "lowrank" else peft_model, tokens,
-                                            fake)
+                stepped = peft_model if way in ("peft", "lowrank_patch_peft_model") else patched
+                with unfused(stepped) if way == "lowrank_unfused" else contextlib.nullcontext():
+                    loss, ledger = measure_step(stepped, tokens, fake)
                 results[checkpoint][way] = {"loss": None if fake else loss.item(), **ledger}
             lowrank.unpatch_peft_model(peft_model)
     return results
 
 
 def check_losses(name, dropout, results):
-    """The comparison is fair only if the three ways compute one loss (without dropout: with it,
+    """The comparison is fair only if the ways compute one loss (without dropout: with it,
     each way draws its own mask)."""
     losses = {way: r["loss"] for way, r in results.items()}
     if dropout or None in losses.values():

@@ -29,6 +29,7 @@ from typing import Callable
 
 from lowrank.adapter_layer import AdapterLayer
 from lowrank.architectures import architecture
+from lowrank.block_forwards import gated_mlp_forward
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,22 @@ class BlockFusion:
     forward: Callable  # (block, *args, **kwargs) -> output, or NotImplemented
 
 
-# The registered fusions, asked in order (none yet: the fused LoRA MLP goes here).
-FUSIONS = []
+def _gated_mlps(model, table):
+    """The Llama-style gated MLPs of ``model`` (``gate_proj``, ``up_proj``, ``down_proj`` and
+    ``act_fn``, the names ``gated_mlp_forward`` reads), where the architecture table knows them."""
+    if table is None or table.mlp[1] != {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}:
+        return {}
+    suffix = "." + table.mlp[0]
+    return {path: module for path, module in model.named_modules()
+            if path.endswith(suffix) and hasattr(module, "act_fn")
+            and all(hasattr(module, name) for name in table.mlp[1].values())}
+
+
+# The registered fusions, asked in order.
+FUSIONS = [
+    # The MLP saves x, gate and up only (issue 18): activation and product recomputed in backward.
+    BlockFusion("lora_gated_mlp", _gated_mlps, gated_mlp_forward),
+]
 
 
 def serving_adapter(layers, layer_class):

@@ -12,6 +12,7 @@ from lowrank._lora_args import (check_bias, check_dora_args, check_ia3_args, che
                                 check_merge_args, check_weight)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books, read_nf4)
+from lowrank.lora_projection import check_activation, check_lora_mlp_args, check_lora_qkv_args
 
 
 def _scale_blockwise(x, blocksize):
@@ -142,6 +143,34 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropou
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(x.dtype)
+
+
+def gated_activation(gate, up, activation):
+    """act(gate) * up, as a gated MLP computes it unfused: act(gate) rounded to gate's dtype, then
+    the product. ``activation``: "silu" (Llama, Mistral, Qwen2) or "gelu_tanh" (Gemma)."""
+    check_activation("gated_activation", activation)
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return act * up
+
+
+def lora_mlp(x, gate, up, down, activation, dropout_masks=(None, None, None)):
+    """Same contract as ``lowrank.ops.lora_mlp``: down(act(gate(x)) * up(x)), each projection a
+    ``lora_linear``. ``dropout_masks``: the keep masks of gate, up and down (see
+    ``lora_linear``)."""
+    gate, up, down = check_lora_mlp_args(x, gate, up, down, activation,
+                                         dtypes=FLOAT_DTYPES + (torch.float64,))
+    g, u = (lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, p.bias, p.dropout,
+                        dropout_mask=mask)
+            for p, mask in zip((gate, up), dropout_masks[:2]))
+    return lora_linear(gated_activation(g, u, activation), down.weight, down.lora_A, down.lora_B,
+                       down.scaling, down.bias, down.dropout, dropout_mask=dropout_masks[2])
+
+
+def lora_qkv(x, q, k, v, dropout_masks=(None, None, None)):
+    """Same contract as ``lowrank.ops.lora_qkv``: (q(x), k(x), v(x)), each a ``lora_linear``."""
+    projections = check_lora_qkv_args(x, q, k, v, dtypes=FLOAT_DTYPES + (torch.float64,))
+    return tuple(lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, p.bias, p.dropout,
+                             dropout_mask=mask) for p, mask in zip(projections, dropout_masks))
 
 
 def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):

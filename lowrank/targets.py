@@ -27,6 +27,27 @@ def _linear_candidates(model):
             if isinstance(module, (nn.Linear, Conv1D, AdapterLayer)) and not is_head(module)]
 
 
+def weights_left_out(model):
+    """{parameter path: why} for the weight matrices the default target leaves without an adapter
+    because they are not in a linear layer (embeddings and the output head aside, which no default
+    adapts): a mixture-of-experts block's 3-D expert weights, a router or other module's own
+    weights. Said in ``resolve_targets``' warning, so that nothing is skipped in silence."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    left = {}
+    for path, module in modules_outside_adapters(model):
+        if isinstance(module, (nn.Linear, Conv1D, AdapterLayer, nn.Embedding)) or module is head:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2:
+                continue
+            kind = type(module).__name__
+            left[f"{path}.{name}" if path else name] = (
+                f"{tuple(param.shape)}, one matrix per expert of {kind}: LoRA on mixture-of-experts "
+                "experts is not supported yet" if param.dim() == 3 else
+                f"{tuple(param.shape)}, a weight of {kind}, which is not a linear layer")
+    return left
+
+
 def matches(target_modules, name):
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -78,7 +99,12 @@ def resolve_targets(model, target_modules, layers):
                         f"{details}")
     if unsupported:
         warnings.warn(f"lowrank.patch_model: skipped {len(unsupported)} linear layers of types it "
-                      f"cannot patch: {sorted(unsupported)}", stacklevel=3)
+                      f"cannot patch: {sorted(unsupported)}", stacklevel=4)
+    left_out = weights_left_out(model) if by_default else {}
+    if left_out:
+        warnings.warn(f"lowrank.patch_model: {len(left_out)} weights are not in linear layers and get "
+                      "no adapter: " + "; ".join(f"{n} {why}" for n, why in left_out.items()),
+                      stacklevel=4)
     names = [n for n in names if n not in unsupported]
     if not names:
         raise ValueError("lowrank.patch_model: no layer to patch")

@@ -378,6 +378,42 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
+def make_lora_projection(n, k, rank, dtype, kind, device, gen, scaling, with_bias=False,
+                         dropout=0.0):
+    """An ``ops.LoraProjection`` of a fused block's test: W (n x k) dense or NF4 ("nf4",
+    "nf4-nested"), fp32 lora_A / lora_B (and the bias, when asked) as leaves that require grad."""
+    w = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device, dtype)
+    state = None
+    if kind != "dense":
+        w, state = nf4.quantize(w, blocksize=64, double_quant=kind == "nf4-nested")
+    lora_A = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_()
+    lora_B = (torch.randn(n, rank, generator=gen) * 0.3).to(device).requires_grad_()
+    bias = (torch.randn(n, generator=gen) * 0.1).to(device, dtype).requires_grad_() \
+        if with_bias else None
+    return ops.LoraProjection(w, lora_A, lora_B, scaling, bias, dropout, state)
+
+
+def projection_leaves(x, projections):
+    """{name: leaf} of x and every projection's trainable tensors ({name: LoraProjection})."""
+    return {"x": x, **{f"{name}.{part}": getattr(p, part) for name, p in projections.items()
+                       for part in ("lora_A", "lora_B", "bias") if getattr(p, part) is not None}}
+
+
+def projection_linear(x, p):
+    """One projection as a patched layer runs it alone: ``ops.lora_linear``."""
+    return ops.lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, bias=p.bias,
+                           dropout=p.dropout, quant_state=p.quant_state)
+
+
+def assert_fused_close(actual, expected, tolerance, what):
+    """A fused block op's result against the layers run one by one: same dtype and shape, no NaN,
+    and within ``tolerance`` relative to the largest expected value."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN"
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
+
+
 def with_peft(base, names, rank, alpha, use_rslora=False):
     """PEFT's LoRA on ``base`` over exactly the modules ``names``."""
     from peft import LoraConfig, get_peft_model

@@ -16,6 +16,7 @@ from helpers import (assert_same_bits, load_tiny_4bit_llama, randomize_adapters,
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lowrank
+from lowrank.block_forwards import gated_mlp_forward
 from lowrank.methods.lora import DoraVariant, LoraLinear
 
 TARGETS = ["q_proj", "down_proj"]
@@ -67,6 +68,19 @@ def test_patch_initializes_the_magnitude_as_peft_does():
         lowrank.delete_adapter(ours, "default")
     assert not any("lora_magnitude_vector" in k for k in ours.state_dict())
     assert all(not layer.variants for layer in layers.values())
+
+
+def test_block_fusion_leaves_dora_adapters_to_their_layers():
+    """patch_model's block stage (fuse_blocks=True) runs plain LoRA's fused MLP op; an MLP whose
+    active adapter is DoRA runs its layers, each on dora_linear."""
+    model = lowrank.patch_model(tiny_model("llama", blocks=1), rank=4, use_dora=True)
+    randomize_adapters(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 7, model.config.hidden_size)  # 21 rows: more than the decode path's 16
+    assert gated_mlp_forward(mlp, x) is NotImplemented
+    with torch.no_grad():
+        expected = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        assert torch.equal(mlp(x), expected)
 
 
 def test_save_and_load_in_peft_format_both_ways(tmp_path):

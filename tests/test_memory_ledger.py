@@ -11,12 +11,15 @@ import lowrank
 from bench import memory
 
 MODEL = "tiny-llama-nf4"
-# Ceilings on lowrank's saved bytes over PEFT's, by LoRA dropout: today's ratios (1.0000 and 0.6306)
-# plus a small margin, so that a change saving more fails here. Issue 18's targets are lower
-# (TARGETS); its fused MLP, attention and norm blocks are to reach them, and these come down then.
-CEILINGS = {0.0: 1.005, 0.05: 0.635}
+# Ceilings on the saved bytes over PEFT's, by LoRA dropout, so that a change saving more fails here:
+# the layers one by one (patch_peft_model's layers, and patch_model's with fuse_blocks=False) at
+# their ratios (1.0000 and 0.6306) plus a small margin; patch_model with its block fusions (the
+# fused LoRA MLP) at its ratios (0.7768 and 0.4898) plus a small margin, which meet issue 18's
+# targets (TARGETS).
+CEILINGS = {"lowrank_patch_peft_model": {0.0: 1.005, 0.05: 0.635},
+            "lowrank_unfused": {0.0: 1.005, 0.05: 0.635},
+            "lowrank": {0.0: 0.78, 0.05: 0.495}}
 TARGETS = {0.0: 0.80, 0.05: 0.55}
-LOWRANK_WAYS = ("lowrank_patch_peft_model", "lowrank")
 
 
 def measure(**kwargs):
@@ -28,8 +31,8 @@ def measure(**kwargs):
 def over_ceiling(cases):
     """{(dropout, way): ratio} of every lowrank way whose saved bytes exceed its ceiling."""
     return {(dropout, way): case["ratios_to_peft"][way]["total"]
-            for dropout, case in cases.items() for way in LOWRANK_WAYS
-            if case["ratios_to_peft"][way]["total"] > CEILINGS[dropout]}
+            for dropout, case in cases.items() for way, ceilings in CEILINGS.items()
+            if case["ratios_to_peft"][way]["total"] > ceilings[dropout]}
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +41,25 @@ def fake_cases():
 
 
 def test_saved_bytes_stay_under_the_ceilings(fake_cases):
-    assert set(fake_cases) == set(CEILINGS)
+    assert set(fake_cases) == set(TARGETS)
     assert not over_ceiling(fake_cases), over_ceiling(fake_cases)
 
 
 @pytest.mark.parametrize("dropout", sorted(TARGETS))
-@pytest.mark.xfail(strict=True, reason="issue 18's targets need the fused MLP, attention and norm "
-                                       "blocks (parts 2-4), not built yet")
-def test_saved_bytes_meet_the_issue_targets(fake_cases, dropout):
-    for way in LOWRANK_WAYS:
-        assert fake_cases[dropout]["ratios_to_peft"][way]["total"] <= TARGETS[dropout]
+def test_patch_model_meets_the_issue_targets(fake_cases, dropout):
+    assert fake_cases[dropout]["ratios_to_peft"]["lowrank"]["total"] <= TARGETS[dropout]
+
+
+@pytest.mark.parametrize("dropout", sorted(TARGETS))
+@pytest.mark.xfail(strict=True, reason="issue 18 part 4: patch_peft_model does not run the block "
+                                       "fusions yet (its layers run one by one)")
+def test_patch_peft_model_meets_the_issue_targets(fake_cases, dropout):
+    assert fake_cases[dropout]["ratios_to_peft"]["lowrank_patch_peft_model"]["total"] <= \
+        TARGETS[dropout]
 
 
 def test_fake_tensors_count_what_real_tensors_count_and_the_losses_agree(fake_cases):
-    # memory.run checks that the three losses agree (fp32, 1e-5 relative) in a real run.
+    # memory.run checks that the losses of every way agree (fp32, 1e-5 relative) in a real run.
     real = measure(dropouts=(0.0,), fake=False)[0.0]
     losses = {way: result["loss"] for way, result in real["ways"].items()}
     assert all(loss is not None and loss > 0 for loss in losses.values()), losses
@@ -62,8 +70,8 @@ def test_fake_tensors_count_what_real_tensors_count_and_the_losses_agree(fake_ca
 
 
 def test_a_layer_that_saves_an_extra_copy_is_caught(fake_cases, monkeypatch):
-    """Each lowrank LoRA layer also keeps a copy of its input: the ledger finds exactly those bytes
-    in the LoRA linears, and the ceiling check fails."""
+    """Each lowrank LoRA layer (run one by one: lowrank_unfused) also keeps a copy of its input:
+    the ledger finds exactly those bytes in the LoRA linears, and the ceiling check fails."""
     forward = lowrank.modules.LoraLinear.forward
 
     def leaky(self, x):
@@ -79,10 +87,10 @@ def test_a_layer_that_saves_an_extra_copy_is_caught(fake_cases, monkeypatch):
     features = (6 * config["hidden_size"] + config["intermediate_size"]) * \
         config["num_hidden_layers"] - 3 * config["hidden_size"]
     copies = batch * sequence * features * 4
-    before = fake_cases[0.0]["ways"]["lowrank"]["saved"]
-    after = leaked[0.0]["ways"]["lowrank"]["saved"]
+    before = fake_cases[0.0]["ways"]["lowrank_unfused"]["saved"]
+    after = leaked[0.0]["ways"]["lowrank_unfused"]["saved"]
     assert after["lora_linears"] - before["lora_linears"] == copies
     assert {c: after[c] for c in memory.CATEGORIES if c != "lora_linears"} == \
         {c: before[c] for c in memory.CATEGORIES if c != "lora_linears"}
-    assert (0.0, "lowrank") in over_ceiling(leaked)
+    assert (0.0, "lowrank_unfused") in over_ceiling(leaked)
     assert (0.0, "lowrank_patch_peft_model") not in over_ceiling(leaked)  # PEFT's layers: no leak

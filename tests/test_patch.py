@@ -382,6 +382,31 @@ def test_default_target_skips_unsupported_linear_layers_with_a_warning():
     assert list(adapter_layers(model)) == ["proj"]
 
 
+def test_default_target_names_the_weights_outside_linear_layers_it_leaves_without_adapter():
+    """A mixture-of-experts model's experts (3-D parameters of one module) and router are not
+    linear layers: patch_model says which weights get no adapter, with shapes and why (issue 27),
+    instead of adapting only the attention in silence."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                            moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            head_dim=8)
+    model = Qwen3MoeForCausalLM(config)
+    with pytest.warns(UserWarning, match="3 weights are not in linear layers") as caught:
+        lowrank.patch_model(model, rank=2)
+    message = str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the caller's patch_model
+    assert "model.layers.0.mlp.experts.gate_up_proj (4, 32, 32), one matrix per expert" in message
+    assert "model.layers.0.mlp.experts.down_proj (4, 32, 16), one matrix per expert" in message
+    assert "model.layers.0.mlp.gate.weight (4, 32), a weight of Qwen3MoeTopKRouter" in message
+    assert "embed_tokens" not in message and "lm_head" not in message
+    assert sorted(adapter_layers(model)) == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
+    with warnings.catch_warnings():  # named targets: nothing is left out that was asked for
+        warnings.simplefilter("error")
+        lowrank.patch_model(tiny_model("llama"), rank=2)
+
+
 def test_errors_are_named(tmp_path):
     model = tiny_model("llama")
     cases = [

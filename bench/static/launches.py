@@ -23,8 +23,8 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
-from lowrank.kernels import dora_norm, ia3_linear, ia3_merge, lora_linear, lora_linear_decode, lora_merge
-from lowrank.kernels import lora_mixed
+from lowrank.kernels import (dora_norm, gated_activation, ia3_linear, ia3_merge, lora_linear,
+                             lora_linear_decode, lora_merge, lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES
 from lowrank.ops import FrozenWeight
@@ -227,6 +227,13 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
+def gated_activation_call(m, n, dtype, activation):
+    """The fused MLP's elementwise steps: act(g) * u forward, and its backward."""
+    g, u, h, dh, dg, du = (empty(m, n, dtype=dtype) for _ in range(6))
+    return lambda: (gated_activation.gated_forward(g, u, h, activation),
+                    gated_activation.gated_backward(dh, g, u, h, dg, du, activation))
+
+
 def run_calls(calls, multiprocessors=132):
     """Every launch of ``calls`` ({case: fn}), in order."""
     launches = []
@@ -341,6 +348,10 @@ def coverage_calls():
                     *shape, kind, dtype, 3, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
+        for activation in gated_activation.ACTIVATIONS:
+            for shape in (ALIGNED[:2], RAGGED[:2]):
+                calls[f"gated_activation {t} {activation} {shape}"] = gated_activation_call(
+                    *shape, dtype, activation)
         for blocksize in NF4_BLOCKSIZES:
             calls[f"nf4_quantize {t} blocksize={blocksize}"] = quantize_call(96, 128, dtype, blocksize)
         for out in DTYPES:  # dense weights merge in place, or into another dtype

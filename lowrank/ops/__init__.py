@@ -7,6 +7,11 @@ torch.compile traces through) and its public function, which checks the argument
 - ``dora``: ``dora_linear`` (``DoraLinearFunction``), DoRA linear, and ``dora_norm``.
 - ``ia3``: ``ia3_linear`` (``IA3LinearFunction``), IA3 linear.
 - ``lora_mixed``: ``lora_mixed``, LoRA linear with one adapter per row (inference).
+- ``lora_mlp``: ``lora_mlp`` (``LoraMLPFunction``), the fused LoRA gated MLP, with the gated
+  activation's custom ops.
+- ``lora_qkv``: ``lora_qkv`` (``LoraQKVFunction``), the fused LoRA q, k and v projections.
+- ``lora_steps``: the LoRA linear's shrink and expand as custom ops, for block ops whose
+  projections share an input.
 - ``merge``: ``merge_lora`` / ``merge_ia3`` and their in-place forms.
 - ``nf4``: the NF4 quantize / dequantize custom ops behind ``lowrank.nf4``.
 - ``gradients``: ``InputGradients``, with which each backward returns its gradients by name.
@@ -22,13 +27,21 @@ from lowrank.ops.ia3 import IA3LinearFunction, ia3_backward, ia3_forward, ia3_li
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
                               lora_grad_a, lora_grad_input, lora_linear)
 from lowrank.ops.lora_mixed import lora_mixed, lora_mixed_forward
+from lowrank.ops.lora_mlp import (LoraMLPFunction, LoraProjection, gated_activation,
+                                  gated_activation_backward, lora_mlp)
+from lowrank.ops.lora_qkv import LoraQKVFunction, lora_qkv
+from lowrank.ops.lora_steps import lora_expand, lora_shrink
 from lowrank.ops.merge import (ia3_merge, lora_merge, merge_ia3, merge_ia3_, merge_lora,
                                merge_lora_, unmerge_ia3_, unmerge_lora_)
 from lowrank.ops.nf4 import nf4_dequantize, nf4_quant_state, nf4_quantize, nf4_quantize_absmax
 
-__all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_linear", "lora_mixed", "lora_mixed_forward", "ia3_linear",
+__all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_linear", "ia3_linear",
+           "lora_mixed", "lora_mixed_forward",
            "merge_lora", "merge_lora_", "unmerge_lora_", "merge_ia3", "merge_ia3_", "unmerge_ia3_",
            "dropout_seed", "lora_dropout_mask", "lora_forward", "lora_grad_input", "lora_grad_a",
-           "ia3_forward", "ia3_backward", "lora_merge", "ia3_merge", "nf4_dequantize",
+           "ia3_forward", "ia3_backward", "LoraMLPFunction", "LoraProjection", "lora_mlp",
+           "LoraQKVFunction", "lora_qkv",
+           "gated_activation", "gated_activation_backward", "lora_shrink", "lora_expand",
+           "lora_merge", "ia3_merge", "nf4_dequantize",
            "nf4_quantize", "nf4_quantize_absmax", "nf4_quant_state", "DoraLinearFunction",
            "dora_linear", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input"]
