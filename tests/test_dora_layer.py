@@ -70,6 +70,13 @@ def test_patch_initializes_the_magnitude_as_peft_does():
     assert all(not layer.variants for layer in layers.values())
 
 
+def test_bad_use_dora_is_refused_by_name():
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        lowrank.patch_model(tiny_model("llama", blocks=1), rank=4, use_dora="yes")
+    with pytest.raises(ValueError, match=r"\['use_dora'\] are LoRA settings"):
+        lowrank.patch_model(tiny_model("llama", blocks=1), method="ia3", use_dora=True)
+
+
 def test_block_fusion_leaves_dora_adapters_to_their_layers():
     """patch_model's block stage (fuse_blocks=True) runs plain LoRA's fused MLP op; an MLP whose
     active adapter is DoRA runs its layers, each on dora_linear."""
