@@ -132,6 +132,16 @@ def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
     layer = lowrank.patch.adapter_layers(model)["model.layers.0.mlp.down_proj"]
     before = layer.base_layer.weight.data.clone()
     expected = logits(model, ids)
+    if not quantized:  # a dense row scaled to zero could not be unmerged
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        kept = magnitude.detach().clone()
+        with torch.no_grad():
+            magnitude[3] = 0.0
+        with pytest.raises(ValueError, match="1 zeros in its magnitude"):
+            lowrank.merge(model)
+        assert torch.equal(layer.base_layer.weight.data, before) and not layer.merged_adapters
+        with torch.no_grad():
+            magnitude.copy_(kept)
     lowrank.merge(model)
     merged = logits(model, ids)
     # NF4: the merged weight is requantized (4-bit rounding); dense: fp32 rounding.

@@ -182,6 +182,24 @@ class LoraLinear(AdapterLayer):
         if variant is not None:
             variant.delete(self, name)
 
+    def check_unmerge(self, path, names, what):
+        """Unmerging a DoRA adapter from a dense weight divides its rows by g = m / ||W + s B A||:
+        a row that a zero in m scaled to zero cannot be divided out (inf / NaN in the frozen base,
+        which ``unpatch`` cannot undo), so the merge is refused (a merged g has no zeros). A base
+        that keeps its original weight on merge (NF4) is exempt: its unmerge puts the original
+        back."""
+        if self.base.merge_keeps_original or what != "merge":
+            return
+        for name in names:
+            if not isinstance(self.variants.get(name), DoraVariant):
+                continue
+            zeros = int((getattr(self, MAGNITUDE)[name].weight == 0).sum())
+            if zeros:
+                raise ValueError(
+                    f"lowrank.{what}: DoRA adapter {name!r} has {zeros} zeros in its magnitude at "
+                    f"{path}: merging would scale those rows of the dense weight to zero, which "
+                    "unmerging cannot divide out; nothing was changed")
+
     def adapter_weights(self, name):
         weights = {"lora_A": self.lora_A[name].weight, "lora_B": self.lora_B[name].weight}
         if name in self.variants:
