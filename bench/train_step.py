@@ -43,53 +43,56 @@ def _step(model):
 
 
 def run(runner, floors, shapes):
+    return [step_case(runner, floors, shape) for shape in shapes]
+
+
+def step_case(runner, floors, shape, use_dora=False):
+    """The case of one shape; ``use_dora``: the adapter is DoRA (``bench.dora_linear`` runs it)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowrank
 
-    cases = []
-    for batch, sequence, hidden, layers, intermediate in shapes:
-        vocab = min(VOCAB, 16 * hidden)
-        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers,
-                             intermediate_size=intermediate, num_attention_heads=max(1, hidden // 128),
-                             vocab_size=vocab, max_position_embeddings=sequence)
-        inputs = runner.rotating(
-            lambda: (torch.randint(0, vocab, (batch, sequence), device=runner.device),), 0)
-        with tempfile.TemporaryDirectory() as directory:
-            torch.manual_seed(0)
-            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(f"{directory}/base")
-            peft_model = get_peft_model(_load_4bit(f"{directory}/base", runner.device),
-                                        LoraConfig(r=RANK, lora_alpha=2 * RANK,
-                                                   target_modules="all-linear"))
-            with torch.no_grad():  # a trained-looking adapter: B is not zero
-                for name, parameter in peft_model.named_parameters():
-                    if "lora_B" in name:
-                        parameter.normal_(0, 0.02)
-            peft_model.save_pretrained(f"{directory}/adapter")
-            # The first adapter loaded is active and trainable, as after patch_model.
-            patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", runner.device),
-                                           f"{directory}/adapter")
+    batch, sequence, hidden, layers, intermediate = shape
+    vocab = min(VOCAB, 16 * hidden)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers,
+                         intermediate_size=intermediate, num_attention_heads=max(1, hidden // 128),
+                         vocab_size=vocab, max_position_embeddings=sequence)
+    inputs = runner.rotating(
+        lambda: (torch.randint(0, vocab, (batch, sequence), device=runner.device),), 0)
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(f"{directory}/base")
+        peft_model = get_peft_model(_load_4bit(f"{directory}/base", runner.device),
+                                    LoraConfig(r=RANK, lora_alpha=2 * RANK, use_dora=use_dora,
+                                               target_modules="all-linear"))
+        with torch.no_grad():  # a trained-looking adapter: B is not zero
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.02)
+        peft_model.save_pretrained(f"{directory}/adapter")
+        # The first adapter loaded is active and trainable, as after patch_model.
+        patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", runner.device),
+                                       f"{directory}/adapter")
 
-            tokens = next(inputs)
-            losses = {"peft": _step(peft_model)(*tokens).item()}
-            timings = {"peft": runner.time(_step(peft_model), inputs)}
-            memory = {"peft": runner.peak_memory_bytes(_step(peft_model), inputs)}
-            lowrank.patch_peft_model(peft_model)
-            for name, model in (("lowrank_patch_peft_model", peft_model),
-                                ("lowrank", patched)):
-                losses[name] = _step(model)(*tokens).item()
-                timings[name] = runner.time(_step(model), inputs)
-                memory[name] = runner.peak_memory_bytes(_step(model), inputs)
-        if max(losses.values()) - min(losses.values()) > 2e-2 * abs(losses["peft"]):
-            raise IncorrectResult(f"train_step: losses disagree on one batch: {losses}")
-        cases.append({
-            "op": "train_step", "shape": [batch, sequence, hidden, layers, intermediate],
-            "params": {"base": "nf4", "rank": RANK, "dtype": "bfloat16",
-                       "gradient_checkpointing": True},
-            "timings_ms": timings, "peak_memory_bytes": memory,
-            "metrics": {**headline_metrics(timings, floors),
-                        **{f"tokens_per_s_{name}": batch * sequence / t["median"] * 1e3
-                           for name, t in timings.items()}},
-        })
-    return cases
+        tokens = next(inputs)
+        losses = {"peft": _step(peft_model)(*tokens).item()}
+        timings = {"peft": runner.time(_step(peft_model), inputs)}
+        memory = {"peft": runner.peak_memory_bytes(_step(peft_model), inputs)}
+        lowrank.patch_peft_model(peft_model)
+        for name, model in (("lowrank_patch_peft_model", peft_model), ("lowrank", patched)):
+            losses[name] = _step(model)(*tokens).item()
+            timings[name] = runner.time(_step(model), inputs)
+            memory[name] = runner.peak_memory_bytes(_step(model), inputs)
+    op = "dora_train_step" if use_dora else "train_step"
+    if max(losses.values()) - min(losses.values()) > 2e-2 * abs(losses["peft"]):
+        raise IncorrectResult(f"{op}: losses disagree on one batch: {losses}")
+    return {
+        "op": op, "shape": [batch, sequence, hidden, layers, intermediate],
+        "params": {"base": "nf4", "rank": RANK, "dtype": "bfloat16",
+                   "gradient_checkpointing": True, "use_dora": use_dora},
+        "timings_ms": timings, "peak_memory_bytes": memory,
+        "metrics": {**headline_metrics(timings, floors),
+                    **{f"tokens_per_s_{name}": batch * sequence / t["median"] * 1e3
+                       for name, t in timings.items()}},
+    }

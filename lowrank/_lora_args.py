@@ -90,15 +90,15 @@ def check_ia3_vector(op, ia3, feedforward, N, K, dtypes):
 
 
 def check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
-                    dtypes=FLOAT_DTYPES):
-    """Check everything; return the FrozenWeight. Errors name the problem.
+                    dtypes=FLOAT_DTYPES, op="lora_linear"):
+    """Check everything; return the FrozenWeight. Errors name the problem and ``op``.
 
     ``dtypes``: the floating dtypes accepted (the reference also takes float64, as the oracle)."""
-    _check_tensors("lora_linear", x=x, lora_A=lora_A, lora_B=lora_B)
-    weight = check_linear_args("lora_linear", x, weight, bias, quant_state, dtypes)
-    check_lora_factors("lora_linear", lora_A, lora_B, scaling, *weight.shape, dtypes)
+    _check_tensors(op, x=x, lora_A=lora_A, lora_B=lora_B)
+    weight = check_linear_args(op, x, weight, bias, quant_state, dtypes)
+    check_lora_factors(op, lora_A, lora_B, scaling, *weight.shape, dtypes)
     if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"lowrank.lora_linear: dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"lowrank.{op}: dropout must be in [0, 1), got {dropout}")
     return weight
 
 
@@ -126,6 +126,21 @@ def check_merge_args(op, weight, quant_state, dtype, in_place=False):
             quant_state.state2.blocksize != NESTED_BLOCKSIZE:
         raise ValueError(f"lowrank.{op}: nested blocksize {quant_state.state2.blocksize} is not "
                          f"supported; bitsandbytes uses {NESTED_BLOCKSIZE}")
+    return weight
+
+
+def check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout, quant_state,
+                    dtypes=FLOAT_DTYPES):
+    """The checks of ``dora_linear``: those of ``lora_linear`` and the magnitude m, one value per
+    output feature (PEFT's ``lora_magnitude_vector``). Returns the FrozenWeight."""
+    weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state, dtypes,
+                             op="dora_linear")
+    _check_tensors("dora_linear", magnitude=magnitude)
+    if magnitude.dtype not in dtypes:
+        raise TypeError(f"lowrank.dora_linear: magnitude dtype {magnitude.dtype} is not supported")
+    if tuple(magnitude.shape) != (weight.out_features,):
+        raise ValueError(f"lowrank.dora_linear: magnitude must be ({weight.out_features},), one "
+                         f"value per output feature, got {tuple(magnitude.shape)}")
     return weight
 
 

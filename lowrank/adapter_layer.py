@@ -24,6 +24,7 @@ class AdapterConfig:
     alpha: float = None
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False  # LoRA: DoRA adapters (``methods/lora.py``'s ``DoraVariant``)
     target_modules: object = None
     layers: list = None
     feedforward_modules: list = None  # IA3: the patched paths whose input l scales

@@ -2,9 +2,9 @@
 
 A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` / ``IA3Config`` fields) and
 ``adapter_model.safetensors`` whose keys are PEFT's, the adapter's name left out:
-``base_model.model.<module path>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r), or
-``...ia3_l`` ((out, 1), or (1, in) for a feed-forward layer). ``peft.PeftModel.from_pretrained``
-loads what ``save_adapter`` writes, and ``lowrank.load_adapter`` (``patch.py``) loads what PEFT's
+``base_model.model.<module path>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r)
+(DoRA also ``...lora_magnitude_vector``, (out,)), or ``...ia3_l`` ((out, 1), or (1, in) for a
+feed-forward layer). ``peft.PeftModel.from_pretrained`` loads what ``save_adapter`` writes, and ``lowrank.load_adapter`` (``patch.py``) loads what PEFT's
 ``save_pretrained`` writes, read and checked here by ``read_adapter``. The files, sharded saves and
 checks are here; each method's own config fields and weight keys are in its ``lowrank/methods``
 module.
@@ -30,7 +30,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT features an adapter config can ask for that we do not implement yet: loading such an
 # adapter without them would give other outputs than PEFT's, so they are refused by name.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save",
     "layer_replication": "layer_replication",
     "lora_bias": "lora_bias",

@@ -60,6 +60,11 @@ class BaseLayer:
         output dtype), read from the module on every call."""
         raise NotImplementedError
 
+    def frozen_weight(self, module):
+        """The stored weight as an ``ops.FrozenWeight`` (as stored: no compute dtype), read outside
+        a forward call: what DoRA takes its norm ||W + s B A|| over."""
+        raise NotImplementedError
+
     def hold(self, module):
         """Called when an adapter layer starts wrapping ``module``: set what it needs while patched."""
 
@@ -102,6 +107,9 @@ class DenseBase(BaseLayer):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         return x, ops.FrozenWeight.of(weight), bias, x.dtype
+
+    def frozen_weight(self, module):
+        return ops.FrozenWeight.of(self.stored_weight(module.weight.data))
 
     def merge(self, module, layer, name):
         layer.merge_in_place(name, self.stored_weight(module.weight.data),
@@ -172,6 +180,9 @@ class Linear4bitBase(BaseLayer):
         compute_dtype = module.compute_dtype or x.dtype
         bias = None if module.bias is None else module.bias.to(compute_dtype)
         return x.to(compute_dtype), ops.FrozenWeight.of(weight, state), bias, x.dtype
+
+    def frozen_weight(self, module):
+        return ops.FrozenWeight.of(*nf4_operands(module, self.storage))
 
     def hold(self, module):
         # bitsandbytes repacks a Linear4bit's weight in place the first time it runs in eval mode

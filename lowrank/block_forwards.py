@@ -8,15 +8,16 @@ ops: what the block-fusion stage calls in place of a block's own forward.
   stays the model's.
 
 Each returns ``NotImplemented`` for a call it cannot serve with the same results as the layers one
-by one, so that the caller runs the block's own forward: a projection that is not a
-``LoraLinear`` (IA3, a plain or PEFT layer), one whose adapter does not run (adapters disabled,
-merged, none active, several active), an activation the kernel does not compute, compute dtypes
-that differ between the projections or from the input (an NF4 compute_dtype other than the
-input's, autocast), a dense frozen weight that requires grad, or a projection with hooks or a
-replaced forward (DeepSpeed ZeRO-3 gathers parameters in hooks; accelerate's offload replaces
-forward): the fused op would skip them. Decode-sized inputs (at most ``DECODE_MAX_M`` rows) are
-declined too: the layers' split-K decode path reads each packed weight once, where the fused ops
-run the tiled training kernels, and there is little to save for backward.
+by one, so that the caller runs the block's own forward: a projection that is not a ``LoraLinear``
+(IA3, a plain or PEFT layer), one whose adapter does not run (adapters disabled, merged, none
+active, several active) or is a LoRA variant (DoRA: the fused ops compute plain LoRA), an
+activation the kernel does not compute, compute dtypes that differ between the projections or from
+the input (an NF4 compute_dtype other than the input's, autocast), a dense frozen weight that
+requires grad, or a projection with hooks or a replaced forward (DeepSpeed ZeRO-3 gathers
+parameters in hooks; accelerate's offload replaces forward): the fused op would skip them.
+Decode-sized inputs (at most ``DECODE_MAX_M`` rows) are declined too: the layers' split-K decode
+path reads each packed weight once, where the fused ops run the tiled training kernels, and there
+is little to save for backward.
 """
 
 from torch import nn
@@ -47,12 +48,14 @@ def _bypassable(layer):
 
 def lora_projection(layer, x):
     """(``ops.LoraProjection`` of what ``layer`` runs on ``x``, the compute dtype), or None when
-    the layer is not a LoraLinear running exactly one adapter with the compute and output dtypes
-    of ``x``."""
+    the layer is not a LoraLinear running exactly one plain LoRA adapter (no variant: DoRA) with
+    the compute and output dtypes of ``x``."""
     if not isinstance(layer, LoraLinear) or not _bypassable(layer):
         return None
     name = layer.runs_adapter()
     if not isinstance(name, str):  # none runs (disabled, merged, none active), or several
+        return None
+    if name in layer.variants:  # DoRA's forward is its own op (methods/lora.py's DoraVariant)
         return None
     x_compute, weight, bias, out_dtype = layer.frozen_operands(x)
     if x_compute.dtype != x.dtype or out_dtype != x.dtype:

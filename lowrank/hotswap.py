@@ -21,10 +21,11 @@ def hotswap_adapter(model, source, adapter_name="default"):
     """Replace the weights of ``adapter_name`` in place with those of ``source``: a directory
     saved in PEFT's format (``save_adapter``, PEFT's ``save_pretrained``) or a state dict with
     PEFT's keys (``base_model.model.<module path>.lora_A.weight``, ``...lora_B.weight``,
-    ``...ia3_l``, as ``peft.get_peft_model_state_dict`` returns them); return the model.
+    DoRA's ``...lora_magnitude_vector``, ``...ia3_l``, as ``peft.get_peft_model_state_dict`` returns
+    them); return the model.
 
     The new adapter must be of the same method on the same layers with the same shapes; from a
-    directory also with the same rank, alpha and rsLoRA per layer (the scaling is part of the
+    directory also with the same rank, alpha, rsLoRA and DoRA per layer (the scaling is part of the
     compiled graph: a new one would recompile). Every check runs before the first weight is
     copied: on an error the adapter is as it was. A merged adapter is refused (its weights are in
     the base weights: unmerge first)."""
@@ -43,7 +44,6 @@ def hotswap_adapter(model, source, adapter_name="default"):
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in source.items()):
         raise TypeError("lowrank.hotswap_adapter: source must be a directory or a state dict of "
                         f"{{PEFT key: tensor}}, got {type(source).__name__}")
-    lora = state.adapters[adapter_name].method == "lora"
     method = METHODS[state.adapters[adapter_name].method]
     weights = _weights_by_module("the state dict", source, method.KEY, method.KEY_WHAT)
     if weights.keys() != layers.keys():
@@ -52,9 +52,7 @@ def hotswap_adapter(model, source, adapter_name="default"):
                          f"adapter {adapter_name!r}: weights for layers it is not on {extra[:3]}, "
                          f"none for layers it is on {missing[:3]}")
     for path, named in weights.items():
-        held = {"lora_A": layers[path].lora_A[adapter_name].weight,
-                "lora_B": layers[path].lora_B[adapter_name].weight} if lora \
-            else {"ia3_l": layers[path].ia3_l[adapter_name]}
+        held = layers[path].adapter_weights(adapter_name)  # DoRA: with its magnitude
         if named.keys() != held.keys():
             raise ValueError(f"lowrank.hotswap_adapter: {path} has {sorted(named)} in the state "
                              f"dict, needs {sorted(held)}")

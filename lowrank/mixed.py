@@ -44,6 +44,10 @@ def _row_names(state, adapters):
     not_lora = sorted({n for n in names if n != BASE and state.adapters[n].method != "lora"})
     if not_lora:
         raise ValueError(f"lowrank.mixed_batch: adapters {not_lora} are not LoRA adapters")
+    dora = sorted({n for n in names if n != BASE and state.adapters[n].use_dora})
+    if dora:
+        raise ValueError(f"lowrank.mixed_batch: adapters {dora} are DoRA adapters; mixed batches "
+                         "run plain LoRA adapters (lowrank.ops.lora_mixed)")
     return names
 
 

@@ -66,14 +66,16 @@ def add_adapter(model, adapter_name, config, layer_settings):
 
 def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora", dropout=0.0,
                 use_rslora=False, adapter_name="default", layers=None, feedforward_modules=None,
-                fuse_blocks=True):
+                fuse_blocks=True, use_dora=False):
     """Add an adapter to ``model``'s linear layers, in place; return the model.
 
     - ``method="lora"``: ``rank`` (default 16), ``alpha`` (default 2 * rank); scaling alpha / rank,
       or alpha / sqrt(rank) with ``use_rslora``; ``dropout`` on the LoRA branch while training.
+      ``use_dora=True``: DoRA (PEFT's ``use_dora``), each adapter with a magnitude vector m,
+      initialized as PEFT does, run as ``lowrank.ops.dora_linear``.
     - ``method="ia3"``: a vector l per layer (ones at first); ``feedforward_modules`` names the
       targets whose input l scales (the others scale their output). rank, alpha, dropout and
-      use_rslora are LoRA's and refused here.
+      use_rslora, use_dora are LoRA's and refused here.
     - ``target_modules``: LoRA's default (None or "all-linear") is every nn.Linear / Linear4bit /
       Conv1D except the output head; IA3's is per architecture (attention k/v or q/v and the MLP
       down projection, as feed-forward). Else a list of module name suffixes (``["q_proj",
@@ -90,7 +92,8 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
         raise ValueError(f"lowrank.patch_model: method must be one of {sorted(METHODS)}, got "
                          f"{method!r}")
     config, layer_settings = METHODS[method].patch_settings(
-        model, rank, alpha, dropout, use_rslora, target_modules, layers, feedforward_modules)
+        model, rank, alpha, dropout, use_rslora, use_dora, target_modules, layers,
+        feedforward_modules)
     add_adapter(model, adapter_name, config, layer_settings)
     if fuse_blocks:
         blocks.install(model, model.lowrank_state)

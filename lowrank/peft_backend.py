@@ -6,10 +6,10 @@ forward, PEFT's, is untouched), so the layer keeps its class, parameters, names 
 methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, ...). PEFT can change
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
-adapters active at once, a LoRA variant (DoRA, ...), extra forward arguments. PEFT's mixed-batch
-``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can (inference). With
-adapters disabled, merged or none active PEFT runs the base layer alone, which our kernels would
-not speed up anyway.
+adapters active at once, a LoRA variant other than DoRA, extra forward arguments. PEFT's
+mixed-batch ``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can
+(inference). With adapters disabled, merged or none active PEFT runs the base layer alone, which
+our kernels would not speed up anyway.
 """
 
 import functools
@@ -77,7 +77,7 @@ def patch_peft_model(model):
     parameters and state dict do not change, and PEFT's adapter switching, merging, disabling and
     saving keep working. At each call a layer runs our kernels when exactly one of its adapters is
     active, unmerged, enabled and of a kind we serve (LoRA with dropout, bias, lora_bias, rsLoRA,
-    any rank / alpha pattern; IA3); otherwise it runs PEFT's own forward. Calling it again patches
+    any rank / alpha pattern; DoRA; IA3); otherwise it runs PEFT's own forward. Calling it again patches
     layers added since. ``lowrank.unpatch_peft_model`` reverts.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -7,9 +7,9 @@ gives the same results as its kernels (bit for bit where the op is exact, like N
 import torch
 import torch.nn.functional as F
 
-from lowrank._lora_args import (check_bias, check_ia3_args, check_ia3_vector, check_lora_args,
-                                check_lora_mixed_args,
-                                check_lora_factors, check_merge_args)
+from lowrank._lora_args import (check_bias, check_dora_args, check_ia3_args, check_ia3_vector,
+                                check_lora_args, check_lora_factors, check_lora_mixed_args,
+                                check_merge_args, check_weight)
 from lowrank._quant_state import (FLOAT_DTYPES, NESTED_BLOCKSIZE, build_quant_state, check_quant_state,
                                   check_quantize_args, code_books, read_nf4)
 from lowrank.lora_projection import check_activation, check_lora_mlp_args, check_lora_qkv_args
@@ -103,6 +103,46 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     bias = None if bias is None else bias.to(x.dtype)
     base = F.linear(x, weight.to(x.dtype), bias)
     return base + scaling * F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+
+
+def dora_norm(weight, lora_A, lora_B, scaling, quant_state=None):
+    """Same contract as ``lowrank.ops.dora_norm``: ||W + s B A|| per row, without gradient, in
+    fp32 (fp64 when the weight or a factor is fp64: the tests' oracle)."""
+    weight = check_weight("dora_norm", weight, quant_state, FLOAT_DTYPES + (torch.float64,))
+    check_lora_factors("dora_norm", lora_A, lora_B, scaling, *weight.shape,
+                       FLOAT_DTYPES + (torch.float64,))
+    values = _weight_values(weight).detach()
+    dtype = torch.promote_types(torch.promote_types(values.dtype, lora_A.dtype),
+                                torch.promote_types(lora_B.dtype, torch.float32))
+    delta = lora_B.detach().to(dtype) @ lora_A.detach().to(dtype)
+    return (values.to(dtype) + scaling * delta).norm(dim=1)
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0,
+                quant_state=None, dropout_mask=None, weight_norm=None):
+    """DoRA as PEFT computes it: ``x W^T + b + (g - 1) x_d W^T + g s x_d A^T B^T`` with
+    g = m / ||W + s B A||, the norm detached. The GEMMs run in x's dtype, g and the sums in fp32
+    (fp64 for an fp64 x). ``dropout_mask``: as for ``lora_linear``; ``weight_norm``: as for
+    ``lowrank.ops.dora_linear``."""
+    weight = check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout,
+                             quant_state, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if weight_norm is None:
+        weight_norm = dora_norm(weight, lora_A, lora_B, scaling)
+    w = _weight_values(weight).to(x.dtype)
+    x_d = x
+    if dropout > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(x.shape, device=x.device) >= dropout
+        x_d = x * dropout_mask / (1 - dropout)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    g = magnitude.to(dtype) / weight_norm.detach().to(dtype)
+    base = F.linear(x, w)
+    base_dropped = base if dropout == 0 else F.linear(x_d, w)
+    lora = F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    y = base.to(dtype) + (g - 1) * base_dropped.to(dtype) + g * scaling * lora.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
 
 
 def gated_activation(gate, up, activation):

@@ -139,6 +139,10 @@ def _check(state, adapters, weights, adapter_name, combination_type, svd_rank, d
     if not_lora:
         raise ValueError(f"{what}: adapters {not_lora} are not LoRA adapters; only LoRA "
                          "adapters are combined")
+    dora = [a for a in adapters if state.adapters[a].use_dora]
+    if dora:
+        raise ValueError(f"{what}: adapters {dora} are DoRA adapters, whose magnitudes have no "
+                         "weighted combination; only plain LoRA adapters are combined")
     if adapter_name in state.adapters:
         # PEFT returns silently here, leaving the old adapter: an error says it instead.
         raise ValueError(f"{what}: the model already has an adapter named {adapter_name!r}")

@@ -123,13 +123,12 @@ def test_load_as_a_second_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("config,named", [
-    (LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), r"DoRA \(use_dora\)"),
     (LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
     (LoraConfig(r=2, target_modules=["q_proj"], bias="all"), "bias='all'"),
     (LoHaConfig(r=2, target_modules=["q_proj"]), "peft_type 'LOHA' is not supported"),
     (IA3Config(target_modules=["q_proj"], feedforward_modules=[], modules_to_save=["lm_head"]),
      "modules_to_save"),
-], ids=["dora", "modules_to_save", "bias", "loha", "ia3-modules_to_save"])
+], ids=["modules_to_save", "bias", "loha", "ia3-modules_to_save"])
 def test_unsupported_peft_features_are_refused_by_name(config, named, tmp_path):
     get_peft_model(tiny_model("llama", blocks=1), config).save_pretrained(tmp_path)
     model = tiny_model("llama", blocks=1)

@@ -313,7 +313,8 @@ def test_peft_state_is_read_at_every_call(method, kernel_calls):
 
 def test_report_names_what_is_not_accelerated_and_why(caplog, kernel_calls):
     model = peft_lora(tiny_model("llama", blocks=1), target_modules=["q_proj", "embed_tokens"])
-    model.add_adapter("dora", LoraConfig(r=2, target_modules=["q_proj", "k_proj"], use_dora=True))
+    model.add_adapter("alora", LoraConfig(r=2, target_modules=["q_proj", "k_proj"],
+                                          alora_invocation_tokens=[1]))
     with caplog.at_level(logging.INFO, logger="lowrank"):
         report = lowrank.patch_peft_model(model)
     layers = "base_model.model.model.layers.0.self_attn"
@@ -324,13 +325,14 @@ def test_report_names_what_is_not_accelerated_and_why(caplog, kernel_calls):
         report.not_accelerated["base_model.model.model.embed_tokens"]
     assert report.not_accelerated[f"{layers}.k_proj"] == \
         "none of its adapters can run on lowrank's kernels"
-    assert report.adapters_not_served == {"dora": "DoRA (use_dora=True) has no lowrank kernel"}
+    assert report.adapters_not_served == {
+        "alora": "the LoRA variant ALoraLinearVariant has no lowrank kernel"}
     logged = caplog.text
-    assert "1 layers accelerated, 2 left on PEFT's forward" in logged and "DoRA" in logged
-    # The DoRA adapter, active, runs PEFT's forward everywhere and gives PEFT's result.
+    assert "1 layers accelerated, 2 left on PEFT's forward" in logged and "ALoraLinearVariant" in logged
+    # The aLoRA adapter, active, runs PEFT's forward everywhere and gives PEFT's result.
     reference = copy.deepcopy(model)
     for peft_model in (model, reference):
-        peft_model.set_adapter("dora")
+        peft_model.set_adapter("alora")
     del kernel_calls[:]
     ids = token_ids()
     with torch.no_grad():

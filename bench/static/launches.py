@@ -23,8 +23,8 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
-from lowrank.kernels import (_common, gated_activation, ia3_linear, ia3_merge, lora_linear,
-                             lora_linear_decode, lora_merge, lora_mixed)
+from lowrank.kernels import (_common, dora_norm, gated_activation, ia3_linear, ia3_merge,
+                             lora_linear, lora_linear_decode, lora_merge, lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
@@ -213,6 +213,12 @@ def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blo
     return call
 
 
+def dora_norm_call(n, k, kind, dtype, rank=RANK):
+    """DoRA's weight norm ||W + s B A|| per row (fp32 factors, as lowrank.ops passes them)."""
+    w, nf4 = weight(kind, n, k, dtype)
+    return lambda: dora_norm.dora_norm(w, empty(rank, k), empty(n, rank), SCALING, empty(n), nf4)
+
+
 def dequantize_call(n, k, kind, out_dtype):
     packed, nf4 = weight(kind, n, k, out_dtype)
     return lambda: nf4_dequantize.nf4_dequantize(packed, nf4.absmax, nf4.code,
@@ -242,7 +248,7 @@ def run_calls(calls, target):
     return launches
 
 
-# The benchmark cases (bench/lora_linear.py, ia3_linear.py, merge.py, nf4_dequantize.py): bf16, the
+# The benchmark cases (bench/lora_linear.py, ia3_linear.py, merge.py, nf4_dequantize.py, dora_linear.py): bf16, the
 # Llama-3-8B MLP projection, every weight kind. Shapes: (M, K, N) for the linear ops, (N, K) else.
 TRAIN_SHAPE = (4096, 4096, 14336)
 DECODE_ROWS = (1, 16)
@@ -287,6 +293,9 @@ def bench_cases():
             cases[f"ia3_linear_backward {kind} {mkn} {form}"] = (
                 ia3["backward"], ("gemm", 2 * m * n * k * (1 if feedforward else 2)))
     wn, wk = WEIGHT_SHAPE
+    for kind in WEIGHT_KINDS:  # DoRA's norm: the stored weight read once
+        cases[f"dora_norm {kind} {wn}x{wk}"] = (dora_norm_call(wn, wk, kind, bf16),
+                                               ("copy", weight_bytes(kind, wn, wk)))
     dense = weight_bytes("dense", wn, wk)
     for kind in ("nf4", "nf4-nested"):
         packed = weight_bytes(kind, wn, wk)
@@ -336,6 +345,8 @@ def coverage_calls():
                     for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
                         name = f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"
                         calls[name] = call
+            for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
+                calls[f"dora_norm {t} {kind} {shape}"] = dora_norm_call(*shape[1:], kind, dtype)
             for shape, bias in ((DECODE[1], False), (ALIGNED, True)) + (
                     ((DECODE_RAGGED, True),) if bf16 else ()):
                 calls[f"lora_mixed {t} {kind} {shape} bias={bias}"] = lora_mixed_call(

@@ -36,7 +36,7 @@ class LowrankArgs(BaseModel):
     lowrank_patch: bool = True
     """Run PEFT's LoRA layers on lowrank's ops; false runs as if the plugin were not listed."""
     lowrank_strict: bool = False
-    """Fail when some adapter layer or adapter has to stay on PEFT's forward (DoRA, LoRA on an
+    """Fail when some adapter layer or adapter has to stay on PEFT's forward (aLoRA, LoRA on an
     embedding, an 8-bit base, ...) instead of logging it."""
 
 

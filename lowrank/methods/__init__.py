@@ -1,4 +1,4 @@
-"""Adapter methods, one module each: ``lora.py`` (LoRA; DoRA will be a variant of it) and
+"""Adapter methods, one module each: ``lora.py`` (LoRA, and DoRA as a variant of it) and
 ``ia3.py``. A method module holds everything lowrank does for that method:
 
 - ``Layer``: the ``AdapterLayer`` subclass (``lowrank/adapter_layer.py``) that ``patch_model`` puts in place,

@@ -103,12 +103,13 @@ Layer = IA3Linear
 
 # patch_model's settings
 
-def patch_settings(model, rank, alpha, dropout, use_rslora, target_modules, layers,
+def patch_settings(model, rank, alpha, dropout, use_rslora, use_dora, target_modules, layers,
                    feedforward_modules):
     """(AdapterConfig, {path: arguments of ``add_adapter`` after the name}) for ``patch_model``:
     the architecture's defaults (``lowrank.architectures``) for targets not given."""
     given = [k for k, v in dict(rank=rank, alpha=alpha, dropout=dropout or None,
-                                use_rslora=use_rslora or None).items() if v is not None]
+                                use_rslora=use_rslora or None,
+                                use_dora=use_dora or None).items() if v is not None]
     if given:
         raise ValueError(f"lowrank.patch_model: {given} are LoRA settings; IA3 has none")
     if target_modules is None or feedforward_modules is None:

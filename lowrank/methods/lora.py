@@ -5,8 +5,10 @@ layers. All of them run ``lowrank.ops.lora_linear`` (``lowrank/ops/lora.py``).
 
 Variants (DoRA, ...) change LoRA's forward and merge for one adapter while its weights, names and
 settings stay LoRA's; PEFT keeps them in ``tuners/lora/variants.py``. Here one is a
-``LoraVariant`` subclass set for an adapter in ``LoraLinear.variants``, running its own op; a
-variant's PEFT layers are left to PEFT's forward by ``peft_refusals`` until it has one.
+``LoraVariant`` subclass set for an adapter in ``LoraLinear.variants``, running its own op:
+``DoraVariant`` (``patch_model(use_dora=True)``, PEFT's ``use_dora``) on
+``lowrank.ops.dora_linear``. PEFT's layers of other variants are left to PEFT's forward by
+``peft_refusals``.
 """
 
 import math
@@ -16,21 +18,33 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lowrank import ops
+from lowrank import nf4, ops
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_int, is_number, layer_features, peft_adapter_to_serve)
 from lowrank.mixed import peft_mixed_forward
 from lowrank.targets import resolve_targets
 
 NAME, LABEL, PEFT_TYPE = "lora", "LoRA", "LORA"
-KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")  # a PEFT weight key, after KEY_PREFIX
-KEY_WHAT = "a LoRA A or B of a linear layer"
+# A PEFT weight key, after KEY_PREFIX. DoRA's magnitude: PEFT writes ``...lora_magnitude_vector``
+# (its module's ``.weight`` left out) and reads the older ``...lora_magnitude_vector.weight`` too;
+# so do we.
+KEY = re.compile(r"(.+)\.(lora_A(?=\.weight$)|lora_B(?=\.weight$)|lora_magnitude_vector)(?:\.weight)?")
+KEY_WHAT = "a LoRA A or B (or DoRA magnitude) of a linear layer"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitudes on the layer, as PEFT names them
 
 
 class LoraVariant:
     """What a LoRA variant implements for one adapter of a ``LoraLinear``: its forward (the
     layer's ``forward`` hands it the call) and its merged weight (``merged_weight`` /
-    ``merge_in_place``); extra weights it registers on the layer itself."""
+    ``merge_in_place``); extra weights it registers on the layer itself (``weights`` names them,
+    ``delete`` removes them)."""
+
+    def weights(self, layer, name):
+        """{attribute: parameter} of the variant's own weights of adapter ``name``."""
+        return {}
+
+    def delete(self, layer, name):
+        """Remove the variant's own weights of adapter ``name``."""
 
     def forward(self, layer, name, x):
         raise NotImplementedError
@@ -42,12 +56,96 @@ class LoraVariant:
         raise NotImplementedError
 
 
+class Magnitude(nn.Module):
+    """One DoRA adapter's magnitude m (out_features values, fp32) as the module PEFT keeps it in,
+    so that the state-dict key is PEFT's: ``lora_magnitude_vector.<adapter>.weight``."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class DoraVariant(LoraVariant):
+    """DoRA (Liu et al. 2024) as PEFT computes it: ``y = base(x) + (g - 1) x_d W^T + g s x_d A^T
+    B^T`` with g = m / ||W + s B A|| per output row, the norm detached (without dropout:
+    ``g (x W^T + s x A^T B^T) + b``), run as ``lowrank.ops.dora_linear``. The magnitude m is
+    registered on the layer as ``lora_magnitude_vector[name]`` and starts, as PEFT's, at the row
+    norms of W + s B A (B being zero: those of W).
+
+    Merging writes g (W + s B A) into the base weight, the norm taken over the unmerged weight as
+    PEFT takes it: a dense weight in place (unmerging divides by the same g and subtracts s B A
+    again), an NF4 weight requantized (its base layer keeps the original bytes and restores them
+    bit for bit)."""
+
+    def __init__(self, layer, name):
+        if not hasattr(layer, MAGNITUDE):
+            setattr(layer, MAGNITUDE, nn.ModuleDict())
+        getattr(layer, MAGNITUDE)[name] = Magnitude(self.weight_norm(layer, name))
+        self.merged_scale = None  # g when merged into a dense weight, to unmerge by
+
+    def weights(self, layer, name):
+        return {MAGNITUDE: getattr(layer, MAGNITUDE)[name].weight}
+
+    def delete(self, layer, name):
+        del getattr(layer, MAGNITUDE)[name]
+
+    @staticmethod
+    def weight_norm(layer, name):
+        """||W + s B A|| per output row, fp32, over the base weight as it is now."""
+        return ops.dora_norm(layer.base.frozen_weight(layer.base_layer), *layer.factors(name))
+
+    def merge_scale(self, layer, name):
+        """g = m / ||W + s B A|| (fp32), the norm over the unmerged base weight."""
+        if layer.merged_adapters:
+            raise ValueError(f"lowrank.merge: DoRA adapter {name!r} takes its norm over the "
+                             f"unmerged weight, which already holds {layer.merged_adapters}; "
+                             "unmerge first")
+        magnitude = getattr(layer, MAGNITUDE)[name].weight.detach().float()
+        return magnitude / self.weight_norm(layer, name)
+
+    def forward(self, layer, name, x):
+        x, weight, bias, out_dtype = layer.frozen_operands(x)
+        dropout = layer.lora_dropout[name] if layer.training else 0.0
+        y = ops.dora_linear(x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                            getattr(layer, MAGNITUDE)[name].weight, layer.scaling[name],
+                            bias=bias, dropout=dropout)
+        return y.to(out_dtype)
+
+    def merged_weight(self, layer, name, weight, bias, dtype):
+        """(g (W + s B A) of the NF4 ``weight``, bias): requantized as the weight was quantized
+        (dtype None) or dense in ``dtype``."""
+        merged = ops.merge_lora(weight, *layer.factors(name), dtype=torch.float32)
+        merged = merged * self.merge_scale(layer, name)[:, None]
+        if dtype is not None:
+            return merged.to(dtype), bias
+        frozen = layer.base.frozen_weight(layer.base_layer)
+        state = frozen.quant_state
+        packed, new_state = nf4.quantize(merged, blocksize=state.blocksize,
+                                         double_quant=state.nested,
+                                         quant_storage=frozen.stored.dtype)
+        new_state.dtype = state.dtype  # the merged weight stands for the original's compute dtype
+        return (packed.reshape(frozen.stored.shape), new_state), bias
+
+    def merge_in_place(self, layer, name, weight, bias, unmerge):
+        lora_A, lora_B, scaling = layer.factors(name)
+        if unmerge:
+            ops.unmerge_ia3_(weight, self.merged_scale)
+            ops.unmerge_lora_(weight, lora_A, lora_B, scaling)
+            self.merged_scale = None
+        else:
+            scale = self.merge_scale(layer, name)
+            ops.merge_lora_(weight, lora_A, lora_B, scaling)
+            ops.merge_ia3_(weight, scale)
+            self.merged_scale = scale
+
+
 class LoraLinear(AdapterLayer):
     """A linear layer with LoRA adapters: ``y = base(x) + scaling * dropout(x) A^T B^T``, run as
     one fused ``lowrank.ops.lora_linear`` for the active adapter.
 
     Adapters are fp32 (as PEFT keeps them) whatever the base's dtype; the fused op casts them to
     the compute dtype for the products. One adapter runs at a time (``lowrank.set_adapter``).
+    A DoRA adapter (``use_dora``) runs through its ``DoraVariant`` (``variants``).
     """
 
     adapter_names_attr = ("lora_A", "lora_B")
@@ -59,8 +157,9 @@ class LoraLinear(AdapterLayer):
         self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
         self.variants = {}  # adapter name -> LoraVariant, for adapters that are not plain LoRA
 
-    def add_adapter(self, name, rank, alpha, dropout, use_rslora):
-        """A new adapter: A Kaiming-uniform (a = sqrt 5), B zero, so it adds nothing yet."""
+    def add_adapter(self, name, rank, alpha, dropout, use_rslora, use_dora=False):
+        """A new adapter: A Kaiming-uniform (a = sqrt 5), B zero, so it adds nothing yet; with
+        ``use_dora`` a DoRA adapter (its magnitude as PEFT initializes it)."""
         if name in self.lora_A:
             raise ValueError(f"lowrank: adapter {name!r} already exists on this layer")
         device = self.base_layer.weight.device
@@ -72,15 +171,40 @@ class LoraLinear(AdapterLayer):
         nn.init.zeros_(self.lora_B[name].weight)
         self.r[name], self.lora_alpha[name], self.lora_dropout[name] = rank, alpha, dropout
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if use_dora:
+            self.variants[name] = DoraVariant(self, name)
 
     def delete_adapter(self, name):
         super().delete_adapter(name)
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             del table[name]
-        self.variants.pop(name, None)
+        variant = self.variants.pop(name, None)
+        if variant is not None:
+            variant.delete(self, name)
+
+    def check_unmerge(self, path, names, what):
+        """Unmerging a DoRA adapter from a dense weight divides its rows by g = m / ||W + s B A||:
+        a row that a zero in m scaled to zero cannot be divided out (inf / NaN in the frozen base,
+        which ``unpatch`` cannot undo), so the merge is refused (a merged g has no zeros). A base
+        that keeps its original weight on merge (NF4) is exempt: its unmerge puts the original
+        back."""
+        if self.base.merge_keeps_original or what != "merge":
+            return
+        for name in names:
+            if not isinstance(self.variants.get(name), DoraVariant):
+                continue
+            zeros = int((getattr(self, MAGNITUDE)[name].weight == 0).sum())
+            if zeros:
+                raise ValueError(
+                    f"lowrank.{what}: DoRA adapter {name!r} has {zeros} zeros in its magnitude at "
+                    f"{path}: merging would scale those rows of the dense weight to zero, which "
+                    "unmerging cannot divide out; nothing was changed")
 
     def adapter_weights(self, name):
-        return {"lora_A": self.lora_A[name].weight, "lora_B": self.lora_B[name].weight}
+        weights = {"lora_A": self.lora_A[name].weight, "lora_B": self.lora_B[name].weight}
+        if name in self.variants:
+            weights.update(self.variants[name].weights(self, name))
+        return weights
 
     def factors(self, name):
         return self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach(), self.scaling[name]
@@ -115,7 +239,7 @@ Layer = LoraLinear
 
 # patch_model's settings
 
-def check_patch_args(rank, alpha, dropout, use_rslora):
+def check_patch_args(rank, alpha, dropout, use_rslora, use_dora=False):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"lowrank.patch_model: rank must be a positive int, got {rank!r}")
     if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
@@ -125,21 +249,23 @@ def check_patch_args(rank, alpha, dropout, use_rslora):
         raise ValueError(f"lowrank.patch_model: dropout must be in [0, 1), got {dropout!r}")
     if not isinstance(use_rslora, bool):
         raise TypeError(f"lowrank.patch_model: use_rslora must be a bool, got {use_rslora!r}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"lowrank.patch_model: use_dora must be a bool, got {use_dora!r}")
 
 
-def patch_settings(model, rank, alpha, dropout, use_rslora, target_modules, layers,
+def patch_settings(model, rank, alpha, dropout, use_rslora, use_dora, target_modules, layers,
                    feedforward_modules):
     """(AdapterConfig, {path: arguments of ``add_adapter`` after the name}) for ``patch_model``."""
     if feedforward_modules is not None:
         raise ValueError("lowrank.patch_model: feedforward_modules is an IA3 setting")
     rank = 16 if rank is None else rank
-    check_patch_args(rank, alpha, dropout, use_rslora)
+    check_patch_args(rank, alpha, dropout, use_rslora, use_dora)
     alpha = 2 * rank if alpha is None else alpha
     names = resolve_targets(model, target_modules, layers)
     config = AdapterConfig(method=NAME, modules=names, rank=rank, alpha=alpha,
-                           dropout=float(dropout), use_rslora=use_rslora,
+                           dropout=float(dropout), use_rslora=use_rslora, use_dora=use_dora,
                            target_modules=target_modules, layers=layers)
-    return config, {name: (rank, alpha, float(dropout), use_rslora) for name in names}
+    return config, {name: (rank, alpha, float(dropout), use_rslora, use_dora) for name in names}
 
 
 # PEFT's format: config and weights, both ways
@@ -151,8 +277,10 @@ def to_peft(model, adapter_name, config, layers):
     # The most common rank / alpha is the default; layers that differ go into the patterns.
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    tensors = {f"{KEY_PREFIX}{p}.{attr}.weight": getattr(layer, attr)[adapter_name].weight
-               for p, layer in layers.items() for attr in ("lora_A", "lora_B")}
+    # DoRA's magnitude is written without ``.weight``, as PEFT writes it.
+    tensors = {f"{KEY_PREFIX}{p}.{attr}{'' if attr == MAGNITUDE else '.weight'}": weight
+               for p, layer in layers.items()
+               for attr, weight in layer.adapter_weights(adapter_name).items()}
     return tensors, {
         **common_peft_config(model, PEFT_TYPE, layers),
         "r": rank,
@@ -165,7 +293,7 @@ def to_peft(model, adapter_name, config, layers):
         "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
     }
 
 
@@ -176,6 +304,7 @@ def check_peft_config(config, check, check_pattern):
     check("lora_alpha", lambda v: is_number(v) and v > 0, positive_number)
     check("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("use_dora", lambda v: isinstance(v, bool), "true or false", False)
     check("layers_to_transform", lambda v: v is None or is_int(v) or (
         isinstance(v, list) and all(is_int(i) for i in v)), "null, an integer or a list of them")
     check_pattern("rank_pattern", lambda v: is_int(v) and v >= 1, positive_int)
@@ -195,10 +324,16 @@ def from_peft(config, weights, modules):
     """(AdapterConfig, {path: arguments of ``add_adapter`` after the name}) of a PEFT adapter:
     its ``config`` and ``weights`` ({module path: {weight name: tensor}}) on ``modules``."""
     settings = {}
+    use_dora = bool(config.get("use_dora", False))
+    expected = {"lora_A", "lora_B"} | ({MAGNITUDE} if use_dora else set())
     for module_path, pair in weights.items():
         in_features, out_features = layer_features(modules, module_path, "load_adapter")
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"lowrank.load_adapter: {module_path} has only {list(pair)}")
+        if set(pair) != expected:
+            raise ValueError(f"lowrank.load_adapter: {module_path} has {sorted(pair)}; an adapter "
+                             f"with use_dora={str(use_dora).lower()} has {sorted(expected)}")
+        if use_dora and tuple(pair[MAGNITUDE].shape) != (out_features,):
+            raise ValueError(f"lowrank.load_adapter: {module_path} needs {MAGNITUDE} "
+                             f"({out_features},), got {tuple(pair[MAGNITUDE].shape)}")
         rank = pattern_value(config.get("rank_pattern") or {}, config["r"], module_path)
         if tuple(pair["lora_A"].shape) != (rank, in_features) or \
                 tuple(pair["lora_B"].shape) != (out_features, rank):
@@ -208,28 +343,28 @@ def from_peft(config, weights, modules):
                 f"{tuple(pair['lora_B'].shape)}")
         alpha = pattern_value(config.get("alpha_pattern") or {}, config["lora_alpha"], module_path)
         settings[module_path] = (rank, alpha, float(config.get("lora_dropout", 0.0)),
-                                 bool(config.get("use_rslora", False)))
+                                 bool(config.get("use_rslora", False)), use_dora)
     adapter = AdapterConfig(method=NAME, modules=list(settings), rank=config["r"],
                             alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
-                            use_rslora=bool(config.get("use_rslora", False)),
+                            use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora,
                             target_modules=config.get("target_modules"),
                             layers=config.get("layers_to_transform"))
     return adapter, settings
 
 
 # What must agree for a saved adapter's weights to be restored into one the model has.
-FITTING = "(rank, alpha, use_rslora)"
+FITTING = "(rank, alpha, use_rslora, use_dora)"
 
 
 def fitting_settings(settings):
     """{path: what must agree} of ``from_peft``'s settings."""
-    return {p: (rank, alpha, rslora) for p, (rank, alpha, _, rslora) in settings.items()}
+    return {p: (rank, alpha, rslora, dora) for p, (rank, alpha, _, rslora, dora) in settings.items()}
 
 
 def held_settings(layers, adapter_name, config):
     """{path: what must agree} of adapter ``adapter_name`` on ``layers``."""
-    return {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], config.use_rslora)
-            for p, layer in layers.items()}
+    return {p: (layer.r[adapter_name], layer.lora_alpha[adapter_name], config.use_rslora,
+                config.use_dora) for p, layer in layers.items()}
 
 
 # PEFT's LoRA layers on our op (lowrank.patch_peft_model)
@@ -242,12 +377,20 @@ def peft_layer_classes():
     return (lora.Linear, Linear4bit)
 
 
+def is_peft_dora(layer, name):
+    """True for a PEFT DoRA adapter on a linear layer (what ``ops.dora_linear`` computes)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return type(layer.lora_variant.get(name)) is DoraLinearVariant
+
+
 def peft_refusal(layer, name):
     """Why PEFT's ``layer`` cannot run LoRA adapter ``name`` on our op, or None if it can."""
-    if name in layer.lora_variant:
-        if layer.use_dora.get(name, False):
-            return "DoRA (use_dora=True) has no lowrank kernel"
+    if name in layer.lora_variant and not is_peft_dora(layer, name):
         return f"the LoRA variant {type(layer.lora_variant[name]).__name__} has no lowrank kernel"
+    if is_peft_dora(layer, name) and layer.lora_B[name].bias is not None:
+        # PEFT's config refuses lora_bias with DoRA; a layer built otherwise is left to PEFT.
+        return "DoRA with lora_bias has no lowrank kernel"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"its dropout is a {type(layer.lora_dropout[name]).__name__}, not nn.Dropout"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
@@ -256,17 +399,25 @@ def peft_refusal(layer, name):
     return None
 
 
+def peft_mixed_refusal(layer, name):
+    """Why PEFT's ``layer`` cannot run adapter ``name`` in a mixed batch on ``lora_mixed``, or
+    None: a LoRA variant (DoRA included) is not plain LoRA, which ``lora_mixed`` computes."""
+    if name in layer.lora_variant:
+        return f"the LoRA variant {type(layer.lora_variant[name]).__name__} in a mixed batch"
+    return peft_refusal(layer, name)
+
+
 def peft_refusals(layer):
     """{adapter name: why PEFT's ``layer`` runs PEFT's forward for it}."""
     return {name: why for name in layer.lora_A if (why := peft_refusal(layer, name)) is not None}
 
 
 def peft_forward(layer, base, x, *args, **kwargs):
-    """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op for the one
-    adapter we serve (``adapter_names=``, one per row: ``lowrank.mixed``'s op), PEFT's own
-    forward otherwise."""
+    """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op (``dora_linear``
+    for a DoRA adapter) for the one adapter we serve (``adapter_names=``, one per row:
+    ``lowrank.mixed``'s op), PEFT's own forward otherwise."""
     if not args and kwargs.keys() == {"adapter_names"}:
-        y = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_refusal)
+        y = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_mixed_refusal)
         if y is not None:
             return y
     name = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
@@ -279,6 +430,11 @@ def peft_forward(layer, base, x, *args, **kwargs):
         bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling, bias=bias,
-                        dropout=p)
+    if is_peft_dora(layer, name):
+        y = ops.dora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight,
+                            layer.lora_magnitude_vector[name].weight, scaling, bias=bias,
+                            dropout=p)
+    else:
+        y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling,
+                            bias=bias, dropout=p)
     return y.to(out_dtype)

@@ -4,6 +4,7 @@ torch.compile traces through) and its public function, which checks the argument
 ``lowrank._dispatch`` whether to run the kernels or ``lowrank.reference``:
 
 - ``lora``: ``lora_linear`` (``LoraLinearFunction``), LoRA / QLoRA linear.
+- ``dora``: ``dora_linear`` (``DoraLinearFunction``), DoRA linear, and ``dora_norm``.
 - ``ia3``: ``ia3_linear`` (``IA3LinearFunction``), IA3 linear.
 - ``lora_mixed``: ``lora_mixed``, LoRA linear with one adapter per row (inference).
 - ``lora_mlp``: ``lora_mlp`` (``LoraMLPFunction``), the fused LoRA gated MLP, with the gated
@@ -20,6 +21,8 @@ from a dense tensor, or packed NF4 with its quant state.
 """
 
 from lowrank.frozen_weight import FrozenWeight
+from lowrank.ops.dora import (DoraLinearFunction, dora_forward, dora_grad_input, dora_linear,
+                              dora_norm, dora_norm_op)
 from lowrank.ops.ia3 import IA3LinearFunction, ia3_backward, ia3_forward, ia3_linear
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
                               lora_grad_a, lora_grad_input, lora_linear)
@@ -40,4 +43,5 @@ __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_line
            "LoraQKVFunction", "lora_qkv",
            "gated_activation", "gated_activation_backward", "lora_shrink", "lora_expand",
            "lora_merge", "ia3_merge", "nf4_dequantize",
-           "nf4_quantize", "nf4_quantize_absmax", "nf4_quant_state"]
+           "nf4_quantize", "nf4_quantize_absmax", "nf4_quant_state", "DoraLinearFunction",
+           "dora_linear", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input"]
