@@ -10,7 +10,8 @@ import re
 import torch
 from torch import nn
 
-from lowrank import ops
+from lowrank import fallbacks, ops
+from lowrank._dispatch import check_device
 from lowrank.architectures import ia3_defaults
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_module_names, layer_features, peft_adapter_to_serve)
@@ -210,9 +211,15 @@ def peft_refusals(layer):
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's IA3 ``layer`` over a base of kind ``base``: our op for the one
     adapter we serve, PEFT's own forward otherwise."""
-    name = peft_adapter_to_serve(layer, layer.ia3_l, args, kwargs)
+    name, why = peft_adapter_to_serve(layer, layer.ia3_l, args, kwargs)
     if name is None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-    y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward)
-    return y.to(out_dtype)
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    why = fallbacks.refusal(check_device, x.device)
+    if why is None:
+        x_in, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+        operands = (x_in, weight, layer.ia3_l[name])
+        options = {"bias": bias, "feedforward": layer.is_feedforward}
+        why = fallbacks.refusal(ops.ia3_linear_checks, *operands, **options)
+    if why is not None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    return ops.ia3_linear(*operands, **options).to(out_dtype)

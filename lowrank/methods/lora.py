@@ -16,7 +16,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lowrank import ops
+from lowrank import fallbacks, ops
+from lowrank._dispatch import check_device
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_int, is_number, layer_features, peft_adapter_to_serve)
 from lowrank.mixed import peft_mixed_forward
@@ -266,19 +267,26 @@ def peft_forward(layer, base, x, *args, **kwargs):
     adapter we serve (``adapter_names=``, one per row: ``lowrank.mixed``'s op), PEFT's own
     forward otherwise."""
     if not args and kwargs.keys() == {"adapter_names"}:
-        y = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_refusal)
+        y, why = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_refusal)
         if y is not None:
             return y
-    name = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
-    if name is None or peft_refusal(layer, name) is not None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-    lora_B, scaling = layer.lora_B[name], layer.scaling[name]
-    if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
-        lora_bias = lora_B.bias * scaling
-        bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
-    dropout = layer.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling, bias=bias,
-                        dropout=p)
-    return y.to(out_dtype)
+        if why is not None:
+            return fallbacks.fall_back(layer, why, x, args, kwargs)
+    name, why = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
+    if name is None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    why = peft_refusal(layer, name) or fallbacks.refusal(check_device, x.device)
+    if why is None:
+        x_in, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+        lora_B, scaling = layer.lora_B[name], layer.scaling[name]
+        if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
+            lora_bias = lora_B.bias * scaling
+            bias = (lora_bias if bias is None else bias + lora_bias).to(x_in.dtype)
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        operands = (x_in, weight, layer.lora_A[name].weight, lora_B.weight, scaling)
+        options = {"bias": bias, "dropout": p}
+        why = fallbacks.refusal(ops.lora_linear_checks, *operands, **options)
+    if why is not None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    return ops.lora_linear(*operands, **options).to(out_dtype)
