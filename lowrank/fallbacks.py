@@ -1,9 +1,9 @@
 """The backend contract of ``patch_peft_model``: a patched PEFT layer runs lowrank's op only where
 the op accepts the call, and PEFT's own forward otherwise, counted and warned about once.
 
-``refusal`` runs an op's own argument checks (the functions ``lowrank.ops`` raise from) and turns
-what they would raise into a reason, so no precondition of an op can surface as an exception from
-a patched PEFT layer. ``fall_back`` runs PEFT's forward for that call, counts the reason (read with
+``checked`` reads a call's operands and runs the op's own argument checks (the functions
+``lowrank.ops`` raise from) and turns what they would raise into a reason, so no precondition of
+an op can surface as an exception from a patched PEFT layer. ``fall_back`` runs PEFT's forward for that call, counts the reason (read with
 ``lowrank.stats()``) and warns the first time each reason is seen.
 """
 
@@ -16,13 +16,14 @@ _FALLBACKS = collections.Counter()
 _WARNED = set()
 
 
-def refusal(check, *args, **kwargs):
-    """Why ``check(*args, **kwargs)`` (an op's argument checks) refuses the call, or None."""
+def checked(prepare, *args, **kwargs):
+    """(``prepare(*args, **kwargs)``, None), or (None, why) where it raises what lowrank's checks
+    raise on operands they refuse (TypeError, ValueError, NotImplementedError: the op's argument
+    checks, the frozen weight's, the device's)."""
     try:
-        check(*args, **kwargs)
+        return prepare(*args, **kwargs), None
     except (TypeError, ValueError, NotImplementedError) as error:
-        return str(error)
-    return None
+        return None, str(error)
 
 
 def fall_back(layer, reason, x, args, kwargs):

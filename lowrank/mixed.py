@@ -160,13 +160,17 @@ def peft_mixed_forward(layer, base, x, adapter_names, refusal):
         stacks["names"] = names
         stacks["row_index"] = torch.tensor([used.index(n) if n in used else -1 for n in names],
                                            device=params[0].device)
-    why = fallbacks.refusal(check_device, x.device)
+    operands, why = fallbacks.checked(_peft_mixed_operands, layer, base, x, stacks)
     if why is not None:
         return None, why
+    return _run_mixed(*operands, stacks["row_index"], stacks), None
+
+
+def _peft_mixed_operands(layer, base, x, stacks):
+    """(x, weight, bias, output dtype) of PEFT's ``layer`` for ``lora_mixed``; raises what the op
+    would refuse in them."""
+    check_device(x.device)
     x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
     index = stacks["row_index"].view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
-    why = fallbacks.refusal(ops.lora_mixed_checks, x, weight, *stacks["fp32"], index, bias,
-                            index_in_range=True)
-    if why is not None:
-        return None, why
-    return _run_mixed(x, weight, bias, out_dtype, stacks["row_index"], stacks), None
+    ops.lora_mixed_checks(x, weight, *stacks["fp32"], index, bias, index_in_range=True)
+    return x, weight, bias, out_dtype

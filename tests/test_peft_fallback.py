@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, get_peft_model
-from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+from peft.utils.hotswap import hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 
 import lowrank
 from lowrank import ops
@@ -105,10 +105,16 @@ def test_hotswap_scaling_runs_lowrank_and_matches_peft(op_calls):
     assert lowrank.stats() == {"peft_fallbacks": {}}
 
 
-def test_compiled_hotswap_does_not_recompile_when_the_scaling_changes():
-    """Compiled, the patched model traces lowrank's op once; a new scaling value (as PEFT's
-    hotswap writes it, in place) is data: PEFT's outputs and no recompile."""
+def test_compiled_hotswap_does_not_recompile_when_the_adapter_changes():
+    """Compiled, the patched model traces lowrank's op once. PEFT's hot swap of another adapter
+    (rank 6, another alpha: new weights and scaling, written in place) and a scaling changed in
+    place are data: PEFT's outputs and no recompile."""
     ours, peft, x = hotswap_ready()
+    donor_base = tiny_mlp()  # the same base weights
+    torch.manual_seed(9)  # other adapter weights
+    donor = get_peft_model(donor_base, LoraConfig(target_modules=["0", "2"], r=6, lora_alpha=10,
+                                                  init_lora_weights=False))
+    swapped = {k: v for k, v in donor.state_dict().items() if "lora_" in k}  # keys as PEFT reads them
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -118,13 +124,17 @@ def test_compiled_hotswap_does_not_recompile_when_the_scaling_changes():
 
     compiled = torch.compile(ours, backend=recording_backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for scale in (None, 0.25, -3.0):
-            if scale is not None:  # what PEFT's hotswap does to a tensor scaling
-                for model in (ours, peft):
-                    for i in (0, 2):
-                        model.base_model.model[i].scaling["default"].fill_(scale)
-            y = compiled(x)
-            torch.testing.assert_close(y, peft(x), atol=2e-6, rtol=2e-5)
+        y = compiled(x)
+        torch.testing.assert_close(y, peft(x), atol=2e-6, rtol=2e-5)
+        for model in (ours, peft):
+            hotswap_adapter_from_state_dict(model, swapped, "default", donor.peft_config["default"])
+        y_swapped = compiled(x)
+        torch.testing.assert_close(y_swapped, peft(x), atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(y_swapped, donor(x), atol=2e-6, rtol=2e-5)
+        for model in (ours, peft):
+            for i in (0, 2):
+                model.base_model.model[i].scaling["default"].fill_(-3.0)
+        torch.testing.assert_close(compiled(x), peft(x), atol=2e-6, rtol=2e-5)
     assert len(graphs) == 1 and any("lowrank.lora_forward" in t for t in graphs[0]), graphs
     assert lowrank.stats() == {"peft_fallbacks": {}}
 

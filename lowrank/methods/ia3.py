@@ -208,18 +208,25 @@ def peft_refusals(layer):
     return {}
 
 
+def _peft_call(layer, base, name, x):
+    """(operands, keyword options, output dtype) of ``ops.ia3_linear`` for adapter ``name`` of
+    PEFT's ``layer``; raises what the op would refuse in them."""
+    check_device(x.device)
+    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+    operands = (x, weight, layer.ia3_l[name])
+    options = {"bias": bias, "feedforward": layer.is_feedforward}
+    ops.ia3_linear_checks(*operands, **options)
+    return operands, options, out_dtype
+
+
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's IA3 ``layer`` over a base of kind ``base``: our op for the one
     adapter we serve, PEFT's own forward otherwise."""
     name, why = peft_adapter_to_serve(layer, layer.ia3_l, args, kwargs)
     if name is None:
         return fallbacks.fall_back(layer, why, x, args, kwargs)
-    why = fallbacks.refusal(check_device, x.device)
-    if why is None:
-        x_in, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-        operands = (x_in, weight, layer.ia3_l[name])
-        options = {"bias": bias, "feedforward": layer.is_feedforward}
-        why = fallbacks.refusal(ops.ia3_linear_checks, *operands, **options)
+    call, why = fallbacks.checked(_peft_call, layer, base, name, x)
     if why is not None:
         return fallbacks.fall_back(layer, why, x, args, kwargs)
+    operands, options, out_dtype = call
     return ops.ia3_linear(*operands, **options).to(out_dtype)

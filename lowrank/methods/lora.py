@@ -262,6 +262,23 @@ def peft_refusals(layer):
     return {name: why for name in layer.lora_A if (why := peft_refusal(layer, name)) is not None}
 
 
+def _peft_call(layer, base, name, x):
+    """(operands, keyword options, output dtype) of ``ops.lora_linear`` for adapter ``name`` of
+    PEFT's ``layer``; raises what the op would refuse in them."""
+    check_device(x.device)
+    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+    lora_B, scaling = layer.lora_B[name], layer.scaling[name]
+    if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
+        lora_bias = lora_B.bias * scaling
+        bias = (lora_bias if bias is None else bias + lora_bias).to(x.dtype)
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    operands = (x, weight, layer.lora_A[name].weight, lora_B.weight, scaling)
+    options = {"bias": bias, "dropout": p}
+    ops.lora_linear_checks(*operands, **options)
+    return operands, options, out_dtype
+
+
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op for the one
     adapter we serve (``adapter_names=``, one per row: ``lowrank.mixed``'s op), PEFT's own
@@ -275,18 +292,10 @@ def peft_forward(layer, base, x, *args, **kwargs):
     name, why = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
     if name is None:
         return fallbacks.fall_back(layer, why, x, args, kwargs)
-    why = peft_refusal(layer, name) or fallbacks.refusal(check_device, x.device)
+    why = peft_refusal(layer, name)
     if why is None:
-        x_in, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-        lora_B, scaling = layer.lora_B[name], layer.scaling[name]
-        if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
-            lora_bias = lora_B.bias * scaling
-            bias = (lora_bias if bias is None else bias + lora_bias).to(x_in.dtype)
-        dropout = layer.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        operands = (x_in, weight, layer.lora_A[name].weight, lora_B.weight, scaling)
-        options = {"bias": bias, "dropout": p}
-        why = fallbacks.refusal(ops.lora_linear_checks, *operands, **options)
+        call, why = fallbacks.checked(_peft_call, layer, base, name, x)
     if why is not None:
         return fallbacks.fall_back(layer, why, x, args, kwargs)
+    operands, options, out_dtype = call
     return ops.lora_linear(*operands, **options).to(out_dtype)
