@@ -23,5 +23,6 @@ __all__ = ["nf4", "ops", "reference", "patch_model", "unpatch", "merge", "unmerg
            "merge_and_unload", "set_adapter", "disable_adapters",
            "delete_adapter", "trainable_parameters", "print_trainable_parameters", "save_adapter",
            "load_adapter", "add_weighted_adapter", "hotswap_adapter", "mixed_batch",
-           "patch_peft_model", "unpatch_peft_model", "stats", "reset_stats", "LoraLinear", "IA3Linear",
+           "patch_peft_model", "unpatch_peft_model", "stats", "reset_stats", "LoraLinear",
+           "IA3Linear",
            "__version__"]

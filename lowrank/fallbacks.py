@@ -3,8 +3,9 @@ the op accepts the call, and PEFT's own forward otherwise, counted and warned ab
 
 ``checked`` reads a call's operands and runs the op's own argument checks (the functions
 ``lowrank.ops`` raise from) and turns what they would raise into a reason, so no precondition of
-an op can surface as an exception from a patched PEFT layer. ``fall_back`` runs PEFT's forward for that call, counts the reason (read with
-``lowrank.stats()``) and warns the first time each reason is seen.
+an op can surface as an exception from a patched PEFT layer. ``fall_back`` runs PEFT's forward
+for that call, counts the reason (read with ``lowrank.stats()``) and warns the first time each
+reason is seen.
 """
 
 import collections

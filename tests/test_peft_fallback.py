@@ -114,7 +114,8 @@ def test_compiled_hotswap_does_not_recompile_when_the_adapter_changes():
     torch.manual_seed(9)  # other adapter weights
     donor = get_peft_model(donor_base, LoraConfig(target_modules=["0", "2"], r=6, lora_alpha=10,
                                                   init_lora_weights=False))
-    swapped = {k: v for k, v in donor.state_dict().items() if "lora_" in k}  # keys as PEFT reads them
+    # The donor's adapter weights under their attribute paths, as PEFT's hot swap reads them.
+    swapped = {k: v for k, v in donor.state_dict().items() if "lora_" in k}
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -215,12 +216,11 @@ def adapter_dtype(dtype, name):
 
 # Every precondition of lora_linear / ia3_linear (lowrank/_lora_args.py, _dispatch.use_kernels)
 # that a PEFT model whose own forward runs can reach: (method, change to the PEFT model, dtype of
-# x, what the op says). The others are PEFT's errors too, or PEFT's layers cannot produce them:
-# x not a tensor or with the wrong features; a dense weight or bias in another dtype than x (PEFT's
+# x, what the op says). The others are PEFT's errors too, or PEFT's layers cannot produce them: x
+# not a tensor or with the wrong features; a dense weight or bias in another dtype than x (PEFT's
 # F.linear refuses it; under autocast both are cast); A, B or l of the wrong shape (PEFT builds
-# them); B in another dtype than A (PEFT's lora_B refuses A's output); a trainable NF4 weight (bitsandbytes' packed bytes are integers, which cannot require
-# grad); x float64 into a Linear4bit (its operands cast x to the compute dtype, which lowrank
-# refuses as the weight below if it is not fp32/fp16/bf16).
+# them); B in another dtype than A (PEFT's lora_B refuses A's output); a trainable NF4 weight
+# (bitsandbytes' packed bytes are integers, which cannot require grad).
 PRECONDITIONS = [
     ("lora", None, torch.float64, "lora_linear: x dtype torch.float64 is not supported"),
     ("lora", adapter_dtype(torch.float64, "lora_"), torch.float32,
