@@ -185,6 +185,18 @@ def test_float64_model_runs_peft_forward_counted_and_warned_once(method, op_call
     assert calls == 4  # two layers, two forwards
 
 
+def test_compiled_float64_model_falls_back_and_counts_every_call():
+    """Under torch.compile the fallback still gives PEFT's result and counts each call (the count
+    and the warning run eagerly, between graphs)."""
+    ours, peft = patched_and_peft(peft_model("lora", torch.float64))
+    compiled = torch.compile(ours, backend="eager")
+    x = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    with pytest.warns(UserWarning, match="float64 is not supported"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), peft(x), atol=0.0, rtol=0.0)
+    assert list(lowrank.stats()["peft_fallbacks"].values()) == [6]  # two layers, three calls
+
+
 def meta(model):
     return model.to("meta")
 
