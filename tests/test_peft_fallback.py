@@ -102,6 +102,13 @@ def test_hotswap_scaling_runs_lowrank_and_matches_peft(op_calls):
     ours, peft, x = hotswap_ready()
     assert_same_results(ours, peft, x, atol=2e-6, rtol=2e-5)
     assert op_calls == ["lora_linear"] * 2
+    # PEFT's mixed batches too (A and B padded beyond r: stacked by their shapes).
+    names = ["default", "__base__", "default", "__base__", "default"]
+    ours.eval(), peft.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, adapter_names=names), peft(x, adapter_names=names),
+                                   atol=2e-6, rtol=2e-5)
+    assert op_calls == ["lora_linear"] * 2 + ["lora_mixed"] * 2
     assert lowrank.stats() == {"peft_fallbacks": {}}
 
 
