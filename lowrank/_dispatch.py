@@ -21,13 +21,16 @@ def use_kernels(**tensors):
         where = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"lowrank: tensors must be on one device, got {where}")
     device = next(iter(devices.values()))
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        return INTERPRETER
-    raise NotImplementedError(
-        f"lowrank: no kernels for device type {device.type!r}; use CUDA tensors, or CPU tensors "
-        "(reference implementation)")
+    check_device(device)
+    return device.type == "cuda" or INTERPRETER
+
+
+def check_device(device):
+    """A NotImplementedError for a device lowrank's ops do not run on (neither CUDA nor CPU)."""
+    if device.type not in ("cuda", "cpu"):
+        raise NotImplementedError(
+            f"lowrank: no kernels for device type {device.type!r}; use CUDA tensors, or CPU "
+            "tensors (reference implementation)")
 
 
 def backend_name(device):

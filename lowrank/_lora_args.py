@@ -61,7 +61,8 @@ def check_bias(op, bias, N, dtypes):
         raise ValueError(f"lowrank.{op}: bias must be ({N},), got {tuple(bias.shape)}")
 
 
-def check_lora_factors(op, lora_A, lora_B, scaling, N, K, dtypes):
+def check_lora_factors(op, lora_A, lora_B, scaling, N, K, dtypes, tensor_scaling=False):
+    """``tensor_scaling``: the op also takes a 0-d float tensor as scaling."""
     _check_tensors(op, lora_A=lora_A, lora_B=lora_B)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if tensor.dtype not in dtypes:
@@ -72,8 +73,14 @@ def check_lora_factors(op, lora_A, lora_B, scaling, N, K, dtypes):
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lowrank.{op}: lora_B must be ({N}, {r}) to match the weight and "
                          f"lora_A's rank {r}, got {tuple(lora_B.shape)}")
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"lowrank.{op}: scaling must be a number, got {type(scaling).__name__}")
+    if tensor_scaling and isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 0 or not scaling.is_floating_point():
+            raise ValueError(f"lowrank.{op}: a tensor scaling must be a 0-d float tensor, got "
+                             f"{scaling.dtype} of shape {tuple(scaling.shape)}")
+    elif not isinstance(scaling, (int, float)):
+        raise TypeError(f"lowrank.{op}: scaling must be a number"
+                        f"{' or a 0-d float tensor' if tensor_scaling else ''}, got "
+                        f"{type(scaling).__name__}")
 
 
 def check_ia3_vector(op, ia3, feedforward, N, K, dtypes):
@@ -90,13 +97,14 @@ def check_ia3_vector(op, ia3, feedforward, N, K, dtypes):
 
 
 def check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
-                    dtypes=FLOAT_DTYPES, op="lora_linear"):
+                    dtypes=FLOAT_DTYPES, op="lora_linear", tensor_scaling=False):
     """Check everything; return the FrozenWeight. Errors name the problem and ``op``.
 
-    ``dtypes``: the floating dtypes accepted (the reference also takes float64, as the oracle)."""
+    ``dtypes``: the floating dtypes accepted (the reference also takes float64, as the oracle).
+    ``tensor_scaling``: a 0-d tensor scaling is accepted too (PEFT's compiled hot swap)."""
     _check_tensors(op, x=x, lora_A=lora_A, lora_B=lora_B)
     weight = check_linear_args(op, x, weight, bias, quant_state, dtypes)
-    check_lora_factors(op, lora_A, lora_B, scaling, *weight.shape, dtypes)
+    check_lora_factors(op, lora_A, lora_B, scaling, *weight.shape, dtypes, tensor_scaling)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lowrank.{op}: dropout must be in [0, 1), got {dropout}")
     return weight

@@ -189,12 +189,20 @@ def common_peft_config(model, peft_type, layers):
 
 
 def peft_adapter_to_serve(layer, adapters, args, kwargs):
-    """The one active adapter of PEFT's ``layer`` (among ``adapters``, the layer's dict of them)
-    that our forward runs, or None when PEFT's forward must run."""
-    if args or kwargs or layer.disable_adapters or layer.merged:
-        return None
+    """(the one active adapter of PEFT's ``layer`` (among ``adapters``, the layer's dict of them)
+    that our forward runs, None), or (None, why PEFT's forward runs instead): why is None where
+    PEFT runs the base layer alone (adapters disabled, merged or none active), which our kernels
+    would not speed up, so it is not counted as a fallback."""
+    if layer.disable_adapters or layer.merged:
+        return None, None
     active = [name for name in layer.active_adapters if name in adapters]
-    return active[0] if len(active) == 1 else None
+    if not active:
+        return None, None
+    if args or kwargs:
+        return None, f"extra forward arguments ({', '.join(sorted(kwargs)) or 'positional'})"
+    if len(active) > 1:
+        return None, "several adapters active at once"
+    return active[0], None
 
 
 # Values of PEFT's config fields.

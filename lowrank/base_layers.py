@@ -55,6 +55,12 @@ class BaseLayer:
         """(in_features, out_features)."""
         return module.in_features, module.out_features
 
+    @staticmethod
+    def compute_dtype(module):
+        """The dtype the GEMMs over ``module`` run in, as far as it is known before a call (None:
+        the input's); ``patch_model`` refuses one the kernels do not take."""
+        return module.weight.dtype
+
     def operands(self, module, x):
         """(x in the compute dtype, the frozen weight as an ``ops.FrozenWeight``, bias or None,
         output dtype), read from the module on every call."""
@@ -174,6 +180,10 @@ class Linear4bitBase(BaseLayer):
         self.storage = nf4_storage_dtype(module)
         self.original = None  # (packed, quant state, bias) before the first merge
         self.cpu_repack = None
+
+    @staticmethod
+    def compute_dtype(module):
+        return module.compute_dtype
 
     def operands(self, module, x):
         weight, state = nf4_operands(module, self.storage)

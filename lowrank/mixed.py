@@ -10,7 +10,8 @@ import contextlib
 
 import torch
 
-from lowrank import ops
+from lowrank import fallbacks, ops
+from lowrank._dispatch import check_device
 from lowrank.adapter_layer import adapter_layers
 from lowrank.state import patch_state
 
@@ -54,12 +55,13 @@ def _row_names(state, adapters):
 def _stacked(layer, used):
     """(A (n x R x K), B (n x N x R), scalings (n,)) of the adapters ``used`` of one layer, fp32,
     each padded with zeros to the largest rank."""
-    rank = max(layer.r[name] for name in used)
+    # From the weights, not layer.r: PEFT's compiled hot swap pads A and B beyond r with zeros.
+    ranks = [layer.lora_A[name].weight.shape[0] for name in used]
+    rank = max(ranks)
     device = layer.lora_A[used[0]].weight.device
     lora_a = torch.zeros(len(used), rank, layer.in_features, device=device)
     lora_b = torch.zeros(len(used), layer.out_features, rank, device=device)
-    for i, name in enumerate(used):
-        r = layer.r[name]
+    for i, (name, r) in enumerate(zip(used, ranks)):
         lora_a[i, :r] = layer.lora_A[name].weight.detach()
         lora_b[i, :, :r] = layer.lora_B[name].weight.detach()
     scalings = torch.tensor([float(layer.scaling[name]) for name in used], device=device)
@@ -134,18 +136,20 @@ def mixed_batch(model, adapters):
 
 
 def peft_mixed_forward(layer, base, x, adapter_names, refusal):
-    """A PEFT LoRA layer's forward for PEFT's ``adapter_names=`` (one per row) on ``lora_mixed``,
-    or None where PEFT's own forward must run: gradients wanted (PEFT's masks train), adapters
-    merged or disabled, a named adapter ``refusal(layer, name)`` refuses or with a bias, dropout
-    in training mode, a batch that does not match the names (PEFT's error then)."""
+    """(A PEFT LoRA layer's forward for PEFT's ``adapter_names=`` (one per row) on ``lora_mixed``,
+    None), or (None, why) where PEFT's own forward must run: why is what ``lora_mixed`` refuses
+    in these operands, or None where the call is not one this op serves (gradients wanted: PEFT's
+    masks train; adapters merged or disabled; a named adapter ``refusal(layer, name)`` refuses or
+    with a bias; dropout in training mode; a batch that does not match the names: PEFT's error
+    then)."""
     if (torch.is_grad_enabled() or layer.disable_adapters or layer.merged or x.dim() < 2
             or not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != x.shape[0]):
-        return None
+        return None, None
     used = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
     if not used or any(refusal(layer, n) is not None or layer.lora_B[n].bias is not None
                        or (layer.training and getattr(layer.lora_dropout[n], "p", 0.0) > 0)
                        for n in used):
-        return None
+        return None, None
     params = [p for n in used for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
     # Stacked once per set of adapters and weights: a weight changed in place bumps its version.
     key = (tuple(used), tuple((p.data_ptr(), p._version) for p in params),
@@ -160,5 +164,17 @@ def peft_mixed_forward(layer, base, x, adapter_names, refusal):
         stacks["names"] = names
         stacks["row_index"] = torch.tensor([used.index(n) if n in used else -1 for n in names],
                                            device=params[0].device)
+    operands, why = fallbacks.checked(_peft_mixed_operands, layer, base, x, stacks)
+    if why is not None:
+        return None, why
+    return _run_mixed(*operands, stacks["row_index"], stacks), None
+
+
+def _peft_mixed_operands(layer, base, x, stacks):
+    """(x, weight, bias, output dtype) of PEFT's ``layer`` for ``lora_mixed``; raises what the op
+    would refuse in them."""
+    check_device(x.device)
     x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-    return _run_mixed(x, weight, bias, out_dtype, stacks["row_index"], stacks)
+    index = stacks["row_index"].view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+    ops.lora_mixed_checks(x, weight, *stacks["fp32"], index, bias, index_in_range=True)
+    return x, weight, bias, out_dtype

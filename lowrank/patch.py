@@ -13,6 +13,7 @@ import torch
 
 from lowrank import blocks, trainer_hooks
 from lowrank.adapters import copy_weights, read_adapter
+from lowrank._quant_state import FLOAT_DTYPES
 from lowrank.base_layers import base_layer_class
 from lowrank.methods import METHODS
 from lowrank.adapter_layer import AdapterLayer, adapter_layers
@@ -45,7 +46,13 @@ def add_adapter(model, adapter_name, config, layer_settings):
         if isinstance(module, AdapterLayer):
             module.check_settings(name, layer_settings[name])
         else:
-            base_layer_class(module)
+            dtype = base_layer_class(module).compute_dtype(module)
+            if dtype is not None and dtype not in FLOAT_DTYPES:
+                raise TypeError(f"lowrank: layer {name!r} computes in {dtype}, which lowrank's "
+                                f"kernels do not take (they take "
+                                f"{', '.join(map(str, FLOAT_DTYPES))}); cast the model first, or "
+                                "use PEFT (lowrank.patch_peft_model leaves such layers to PEFT's "
+                                "forward)")
         targets[name] = module
     if state is None:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})

@@ -6,10 +6,12 @@ forward, PEFT's, is untouched), so the layer keeps its class, parameters, names 
 methods (``set_adapter``, ``merge``, ``disable_adapter``, ``save_pretrained``, ...). PEFT can change
 its state at any time, so the new forward reads that state on every call and hands the call to
 PEFT's forward whenever the state is one we do not serve: adapters disabled or merged, several
-adapters active at once, a LoRA variant other than DoRA, extra forward arguments. PEFT's
-mixed-batch ``adapter_names`` runs ``lowrank.mixed``'s one-adapter-per-row op where it can
-(inference). With adapters disabled, merged or none active PEFT runs the base layer alone, which
-our kernels would not speed up anyway.
+adapters active at once, a LoRA variant other than DoRA, extra forward arguments, and any call
+whose operands the op refuses (``lowrank.fallbacks``: float64, another device, ...), so that no
+op's precondition is raised from a patched layer; those calls are counted in ``lowrank.stats()``
+and each reason is warned about once. PEFT's mixed-batch ``adapter_names`` runs ``lowrank.mixed``'s
+one-adapter-per-row op where it can (inference). With adapters disabled, merged or none active
+PEFT runs the base layer alone, which our kernels would not speed up anyway.
 """
 
 import functools

@@ -10,7 +10,8 @@ import re
 import torch
 from torch import nn
 
-from lowrank import ops
+from lowrank import fallbacks, ops
+from lowrank._dispatch import check_device
 from lowrank.architectures import ia3_defaults
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_module_names, layer_features, peft_adapter_to_serve)
@@ -208,12 +209,25 @@ def peft_refusals(layer):
     return {}
 
 
+def _peft_call(layer, base, name, x):
+    """(operands, keyword options, output dtype) of ``ops.ia3_linear`` for adapter ``name`` of
+    PEFT's ``layer``; raises what the op would refuse in them."""
+    check_device(x.device)
+    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
+    operands = (x, weight, layer.ia3_l[name])
+    options = {"bias": bias, "feedforward": layer.is_feedforward}
+    ops.ia3_linear_checks(*operands, **options)
+    return operands, options, out_dtype
+
+
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's IA3 ``layer`` over a base of kind ``base``: our op for the one
     adapter we serve, PEFT's own forward otherwise."""
-    name = peft_adapter_to_serve(layer, layer.ia3_l, args, kwargs)
+    name, why = peft_adapter_to_serve(layer, layer.ia3_l, args, kwargs)
     if name is None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
-    y = ops.ia3_linear(x, weight, layer.ia3_l[name], bias=bias, feedforward=layer.is_feedforward)
-    return y.to(out_dtype)
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    call, why = fallbacks.checked(_peft_call, layer, base, name, x)
+    if why is not None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    operands, options, out_dtype = call
+    return ops.ia3_linear(*operands, **options).to(out_dtype)

@@ -18,7 +18,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lowrank import nf4, ops
+from lowrank import fallbacks, nf4, ops
+from lowrank._dispatch import check_device
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_int, is_number, layer_features, peft_adapter_to_serve)
 from lowrank.mixed import peft_mixed_forward
@@ -412,17 +413,11 @@ def peft_refusals(layer):
     return {name: why for name in layer.lora_A if (why := peft_refusal(layer, name)) is not None}
 
 
-def peft_forward(layer, base, x, *args, **kwargs):
-    """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op (``dora_linear``
-    for a DoRA adapter) for the one adapter we serve (``adapter_names=``, one per row:
-    ``lowrank.mixed``'s op), PEFT's own forward otherwise."""
-    if not args and kwargs.keys() == {"adapter_names"}:
-        y = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_mixed_refusal)
-        if y is not None:
-            return y
-    name = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
-    if name is None or peft_refusal(layer, name) is not None:
-        return type(layer).forward(layer, x, *args, **kwargs)
+def _peft_call(layer, base, name, x):
+    """(op, operands, keyword options, output dtype) of the op for adapter ``name`` of PEFT's
+    ``layer`` (``dora_linear`` for a DoRA adapter, else ``lora_linear``); raises what the op would
+    refuse in them."""
+    check_device(x.device)
     x, weight, bias, out_dtype = base.operands(layer.base_layer, x)
     lora_B, scaling = layer.lora_B[name], layer.scaling[name]
     if lora_B.bias is not None:  # PEFT's lora_bias: B's bias, scaled, is one more output bias
@@ -431,10 +426,34 @@ def peft_forward(layer, base, x, *args, **kwargs):
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     if is_peft_dora(layer, name):
-        y = ops.dora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight,
-                            layer.lora_magnitude_vector[name].weight, scaling, bias=bias,
-                            dropout=p)
+        op, checks = ops.dora_linear, ops.dora_linear_checks
+        operands = (x, weight, layer.lora_A[name].weight, lora_B.weight,
+                    layer.lora_magnitude_vector[name].weight, scaling)
     else:
-        y = ops.lora_linear(x, weight, layer.lora_A[name].weight, lora_B.weight, scaling,
-                            bias=bias, dropout=p)
-    return y.to(out_dtype)
+        op, checks = ops.lora_linear, ops.lora_linear_checks
+        operands = (x, weight, layer.lora_A[name].weight, lora_B.weight, scaling)
+    options = {"bias": bias, "dropout": p}
+    checks(*operands, **options)
+    return op, operands, options, out_dtype
+
+
+def peft_forward(layer, base, x, *args, **kwargs):
+    """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op (``dora_linear``
+    for a DoRA adapter) for the one adapter we serve (``adapter_names=``, one per row:
+    ``lowrank.mixed``'s op), PEFT's own forward otherwise."""
+    if not args and kwargs.keys() == {"adapter_names"}:
+        y, why = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_mixed_refusal)
+        if y is not None:
+            return y
+        if why is not None:
+            return fallbacks.fall_back(layer, why, x, args, kwargs)
+    name, why = peft_adapter_to_serve(layer, layer.lora_A, args, kwargs)
+    if name is None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    why = peft_refusal(layer, name)
+    if why is None:
+        call, why = fallbacks.checked(_peft_call, layer, base, name, x)
+    if why is not None:
+        return fallbacks.fall_back(layer, why, x, args, kwargs)
+    op, operands, options, out_dtype = call
+    return op(*operands, **options).to(out_dtype)

@@ -22,11 +22,13 @@ from a dense tensor, or packed NF4 with its quant state.
 
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.ops.dora import (DoraLinearFunction, dora_forward, dora_grad_input, dora_linear,
-                              dora_norm, dora_norm_op)
-from lowrank.ops.ia3 import IA3LinearFunction, ia3_backward, ia3_forward, ia3_linear
+                              dora_linear_checks, dora_norm, dora_norm_op)
+from lowrank.ops.ia3 import (IA3LinearFunction, ia3_backward, ia3_forward, ia3_linear,
+                             ia3_linear_checks)
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
-                              lora_grad_a, lora_grad_input, lora_linear)
-from lowrank.ops.lora_mixed import lora_mixed, lora_mixed_forward
+                              lora_grad_a, lora_grad_input, lora_linear,
+                              lora_linear_checks)
+from lowrank.ops.lora_mixed import lora_mixed, lora_mixed_checks, lora_mixed_forward
 from lowrank.ops.lora_mlp import (LoraMLPFunction, LoraProjection, gated_activation,
                                   gated_activation_backward, lora_mlp)
 from lowrank.ops.lora_qkv import LoraQKVFunction, lora_qkv
@@ -36,7 +38,8 @@ from lowrank.ops.merge import (ia3_merge, lora_merge, merge_ia3, merge_ia3_, mer
 from lowrank.ops.nf4 import nf4_dequantize, nf4_quant_state, nf4_quantize, nf4_quantize_absmax
 
 __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_linear", "ia3_linear",
-           "lora_mixed", "lora_mixed_forward",
+           "lora_linear_checks", "ia3_linear_checks",
+           "lora_mixed", "lora_mixed_checks", "lora_mixed_forward",
            "merge_lora", "merge_lora_", "unmerge_lora_", "merge_ia3", "merge_ia3_", "unmerge_ia3_",
            "dropout_seed", "lora_dropout_mask", "lora_forward", "lora_grad_input", "lora_grad_a",
            "ia3_forward", "ia3_backward", "LoraMLPFunction", "LoraProjection", "lora_mlp",
@@ -44,4 +47,4 @@ __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_line
            "gated_activation", "gated_activation_backward", "lora_shrink", "lora_expand",
            "lora_merge", "ia3_merge", "nf4_dequantize",
            "nf4_quantize", "nf4_quantize_absmax", "nf4_quant_state", "DoraLinearFunction",
-           "dora_linear", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input"]
+           "dora_linear", "dora_linear_checks", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input"]

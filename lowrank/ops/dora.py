@@ -179,6 +179,16 @@ def dora_norm(weight, lora_A, lora_B, scaling, quant_state=None):
     return dora_norm_op(*weight.flat(), lora_A.detach(), lora_B.detach(), float(scaling))
 
 
+def dora_linear_checks(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0,
+                       quant_state=None):
+    """Everything ``dora_linear`` checks before it runs (a TypeError, ValueError or
+    NotImplementedError naming the problem); returns the FrozenWeight."""
+    weight = check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout,
+                             quant_state)
+    weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
+    return weight
+
+
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0,
                 quant_state=None, weight_norm=None):
     """DoRA linear, as PEFT computes it (see the module's docstring), fused where LoRA is.
@@ -191,8 +201,8 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropou
     - Gradients flow to x, lora_A, lora_B and magnitude (the norm is a constant, as in PEFT), and
       to a dense weight or a bias that requires grad.
     """
-    weight = check_dora_args(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout,
-                             quant_state)
+    weight = dora_linear_checks(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout,
+                                quant_state)
     if weight_norm is not None and tuple(weight_norm.shape) != (weight.out_features,):
         raise ValueError(f"lowrank.dora_linear: weight_norm must be ({weight.out_features},), one "
                          f"value per output feature, got {tuple(weight_norm.shape)}")

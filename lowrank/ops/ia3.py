@@ -198,6 +198,14 @@ class IA3LinearFunction(torch.autograd.Function):
 _IA3_GRADIENTS = InputGradients(IA3LinearFunction, "x", "weight_tensor", "ia3", "bias")
 
 
+def ia3_linear_checks(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
+    """Everything ``ia3_linear`` checks before it runs (a TypeError, ValueError or
+    NotImplementedError naming the problem); returns the FrozenWeight."""
+    weight = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
+    weight.use_kernels(x=x, ia3=ia3, bias=bias)
+    return weight
+
+
 def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     """IA3 linear, fused: ``(x W^T + bias) * l`` (output form, ``ia3`` has N values) or, with
     ``feedforward=True``, ``(x * l) W^T + bias`` (``ia3`` has K values).
@@ -211,7 +219,7 @@ def ia3_linear(x, weight, ia3, bias=None, feedforward=False, quant_state=None):
     - Gradients flow to x and ``ia3`` (in its own dtype and shape), and to a dense weight or a bias
       that requires grad. dl is reduced inside the kernels, deterministically.
     """
-    weight = check_ia3_args(x, weight, ia3, bias, feedforward, quant_state)
+    weight = ia3_linear_checks(x, weight, ia3, bias, feedforward, quant_state)
     # Empty products: the reference, as in lora_linear.
     if (not weight.use_kernels(x=x, ia3=ia3, bias=bias) or x.numel() == 0
             or weight.out_features == 0):

@@ -201,6 +201,17 @@ def lora_dropout_mask(seed, shape, p):
     return mask.bool()
 
 
+def lora_linear_checks(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0,
+                       quant_state=None):
+    """Everything ``lora_linear`` checks before it runs (a TypeError, ValueError or
+    NotImplementedError naming the problem); returns the FrozenWeight."""
+    weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state,
+                             tensor_scaling=True)
+    weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias,
+                       scaling=scaling if isinstance(scaling, torch.Tensor) else None)
+    return weight
+
+
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quant_state=None):
     """LoRA / QLoRA linear: ``x W^T + bias + scaling * dropout(x) A^T B^T``, fused.
 
@@ -211,10 +222,18 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
       dtype for the products, which accumulate in fp32, and get gradients in their own dtype.
     - Gradients flow to x, lora_A and lora_B, and also to a dense weight or a bias that requires
       grad. An NF4 weight is frozen.
+    - ``scaling``: a number, or a 0-d floating tensor on the adapters' device (as PEFT's
+      ``prepare_model_for_compiled_hotswap`` makes it; under torch.compile a new value does not
+      recompile); gradients flow to a tensor scaling that requires grad.
     - ``dropout`` applies to the LoRA branch's input only; its mask is drawn from torch's RNG as a
       seed (``dropout_seed``) and regenerated in backward, never stored.
     """
-    weight = check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
+    weight = lora_linear_checks(x, weight, lora_A, lora_B, scaling, bias, dropout, quant_state)
+    if isinstance(scaling, torch.Tensor):
+        # PEFT's compiled hot swap keeps scaling as a 0-d tensor so that a new value is data, not a
+        # recompile: it is folded into B (one N x r multiply, which autograd differentiates), and
+        # the kernels scale by 1.
+        lora_B, scaling = lora_B * scaling.to(lora_B.dtype), 1.0
     # An empty product (M, N or K = 0) leaves no tile to compute, and the launchers assume at least
     # one: the reference gives its empty or bias-only result, and gradients (zeros) of each shape.
     if (not weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)

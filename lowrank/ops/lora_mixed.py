@@ -39,6 +39,17 @@ def _(x, weight, weight_sizes, lora_A, lora_B, scalings, adapter_index, bias):
     return x.new_empty(x.shape[0], FrozenWeight.from_flat(weight, weight_sizes).out_features)
 
 
+def lora_mixed_checks(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None,
+                      quant_state=None, index_in_range=False):
+    """Everything ``lora_mixed`` checks before it runs (a TypeError, ValueError or
+    NotImplementedError naming the problem); returns (the FrozenWeight, scalings as a tensor)."""
+    weight, scalings = check_lora_mixed_args(x, weight, lora_A, lora_B, scalings, adapter_index,
+                                             bias, quant_state, index_in_range)
+    weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, scalings=scalings,
+                       adapter_index=adapter_index, bias=bias)
+    return weight, scalings
+
+
 def lora_mixed(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None, quant_state=None,
                index_in_range=False):
     """LoRA / QLoRA linear with one adapter per row, for inference.
@@ -57,8 +68,8 @@ def lora_mixed(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None, qu
       which reads them back to the host (a device sync), is skipped (the layers, which build the
       indices themselves, pass it).
     """
-    weight, scalings = check_lora_mixed_args(x, weight, lora_A, lora_B, scalings, adapter_index,
-                                             bias, quant_state, index_in_range)
+    weight, scalings = lora_mixed_checks(x, weight, lora_A, lora_B, scalings, adapter_index, bias,
+                                         quant_state, index_in_range)
     if not weight.use_kernels(x=x, lora_A=lora_A, lora_B=lora_B, scalings=scalings,
                               adapter_index=adapter_index, bias=bias) \
             or x.numel() == 0 or weight.out_features == 0:
