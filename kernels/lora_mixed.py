@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import store_rounded
-from ._weight import load_weight_tile, precision, weight_args
+from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 from .lora_linear_decode import split_k
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
@@ -70,10 +71,11 @@ def _lora_mixed_shrink_kernel(x_ptr, a_ptr, index_ptr, s_ptr, K, R, stride_xm, s
 
 @triton.jit
 def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr, y_ptr,
-                               absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                               M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ba,
-                               stride_bn, stride_br, block_shift, nested_shift,
+                               absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                               offset_ptr, M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk,
+                               stride_ba, stride_bn, stride_br, block_shift, nested_shift,
                                HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+                               SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                EXPAND_R: tl.constexpr):
@@ -86,10 +88,9 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
                                y_ptr, M, N, R, stride_ba, stride_bn, stride_br, HAS_BIAS, BLOCK_M,
@@ -124,10 +125,11 @@ def _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling
 
 
 @triton.jit
-def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, code_ptr, nested_code_ptr,
+def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                                nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                                stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
-                               NF4: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
+                               NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                               INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N)."""
     dtype = x_ptr.dtype.element_ty
@@ -141,10 +143,9 @@ def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, code_ptr, 
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_weight_tile(w_ptr, outs[:, None], cols[None, :],
-                             (outs[:, None] < N) & (cols[None, :] < K), K, stride_wn, stride_wk,
-                             absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                             block_shift, nested_shift, NF4, NESTED)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
@@ -176,24 +177,27 @@ def lora_mixed_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=No
     grid = (M, triton.cdiv(R, SHRINK["BLOCK_R"]))
     _lora_mixed_shrink_kernel[grid](x, lora_a, index, s, K, R, x.stride(0), x.stride(1),
                                     *lora_a.stride(), **SHRINK)
-    flags, (absmax, code, nested_code, nested_absmax, offset, shift, nested_shift), \
+    flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
+    target = _common.target(x.device)
     bias_arg = y if bias is None else bias
     if M > DECODE_MAX_M:
         grid = (triton.cdiv(M, FORWARD["BLOCK_M"]), triton.cdiv(N, FORWARD["BLOCK_N"]))
         _lora_mixed_forward_kernel[grid](
-            x, w, s, lora_b, index, scalings, bias_arg, y, absmax, code, nested_code,
+            x, w, s, lora_b, index, scalings, bias_arg, y, absmax, pairs, nested_code,
             nested_absmax, offset, M, N, K, R, x.stride(0), x.stride(1), stride_wn, stride_wk,
             *lora_b.stride(), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
-            PRECISION=precision(x.dtype), **FORWARD, enable_fp_fusion=False)
+            **decoding_flags(nf4, K, FORWARD["BLOCK_K"], target), PRECISION=precision(x.dtype),
+            **FORWARD, enable_fp_fusion=False)
         return
     n_tiles = triton.cdiv(N, PARTIAL["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, PARTIAL["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     _lora_mixed_partial_kernel[(n_tiles, splits)](
-        x, w, partial, absmax, code, nested_code, nested_absmax, offset, M, N, K,
+        x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
         steps_per_split * PARTIAL["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
-        nested_shift, **flags, PRECISION=precision(x.dtype), **PARTIAL, enable_fp_fusion=False)
+        nested_shift, **flags, **decoding_flags(nf4, K, PARTIAL["BLOCK_K"], target),
+        PRECISION=precision(x.dtype), **PARTIAL, enable_fp_fusion=False)
     _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),
         HAS_BIAS=bias is not None, **EPILOGUE, enable_fp_fusion=False)
