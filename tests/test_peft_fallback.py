@@ -130,6 +130,9 @@ def test_compiled_hotswap_does_not_recompile_when_the_adapter_changes():
                        if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes})
         return gm.forward
 
+    # PeftModel.forward may have been compiled by an earlier test in this process: its stale cache
+    # entries would make this test's first compile count as a recompile.
+    torch._dynamo.reset()
     compiled = torch.compile(ours, backend=recording_backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
         y = compiled(x)
