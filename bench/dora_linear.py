@@ -17,7 +17,7 @@ shapes of the LoRA linear case.
 import torch
 
 from bench import train_step
-from bench.harness import check_all, headline_metrics
+from bench.harness import check_all, timed_case
 from bench.lora_linear import BLOCKSIZE, PROJECTIONS, RANK, SCALING
 
 SHAPES = [(4096, k, n) for k, n in PROJECTIONS] + [train_step.SHAPES[0]]
@@ -109,13 +109,8 @@ def layer_cases(runner, floors, m, k, n):
                 ("dora_linear_forward_backward", True,
                  forward_flops + 2 * m * n * k + 4 * m * RANK * (n + k))):
             calls = {name: timed(fn, backward) for name, fn in fns.items()}
-            timings = {name: runner.time(call, inputs) for name, call in calls.items()}
-            case = {"op": op, "shape": [m, k, n], "params": params, "timings_ms": timings,
-                    "metrics": headline_metrics(timings, floors, flops=flops)}
-            if backward:
-                case["peak_memory_bytes"] = {name: runner.peak_memory_bytes(call, inputs)
-                                             for name, call in calls.items()}
-            cases.append(case)
+            cases.append(timed_case(runner, op, [m, k, n], params, calls, inputs, floors, flops,
+                                    backward))
     return cases
 
 

@@ -57,6 +57,18 @@ def headline_metrics(timings, floors, bytes_read=None, flops=None):
     return metrics
 
 
+def timed_case(runner, op, shape, params, calls, inputs, floors, flops, backward):
+    """One case's record: every call of ``calls`` ({name: fn}) timed on ``inputs``, the headline
+    metrics, and (with backward) each call's peak memory."""
+    timings = {name: runner.time(call, inputs) for name, call in calls.items()}
+    case = {"op": op, "shape": shape, "params": params, "timings_ms": timings,
+            "metrics": headline_metrics(timings, floors, flops=flops)}
+    if backward:
+        case["peak_memory_bytes"] = {name: runner.peak_memory_bytes(call, inputs)
+                                     for name, call in calls.items()}
+    return case
+
+
 def rotating(make_inputs, bytes_per_set):
     """Enough input sets to exceed twice the L2 cache, cycled through call by call."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size

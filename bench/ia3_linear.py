@@ -12,7 +12,7 @@ for the decode route).
 
 import torch
 
-from bench.harness import check_all, headline_metrics
+from bench.harness import check_all, timed_case
 from bench.lora_linear import BLOCKSIZE, PROJECTIONS, forced
 
 ROUTES = ("fused", "cublas")
@@ -98,11 +98,6 @@ def run(runner, floors, shapes):
                     calls = {name: timed(fn, backward) for name, fn in fns.items()}
                     calls.update({f"lowrank_{route}": forced(route, calls["lowrank"])
                                   for route in ROUTES})
-                    timings = {name: runner.time(call, inputs) for name, call in calls.items()}
-                    case = {"op": op, "shape": [m, k, n], "params": params, "timings_ms": timings,
-                            "metrics": headline_metrics(timings, floors, flops=flops)}
-                    if backward:
-                        case["peak_memory_bytes"] = {name: runner.peak_memory_bytes(call, inputs)
-                                                     for name, call in calls.items()}
-                    cases.append(case)
+                    cases.append(timed_case(runner, op, [m, k, n], params, calls, inputs, floors,
+                                            flops, backward))
     return cases
