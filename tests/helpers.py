@@ -432,3 +432,16 @@ def loss_and_grads(model, ids):
     grads = {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters()
              if p.requires_grad}
     return logits.detach(), grads
+
+
+def train_losses(model, batches, optimizer, steps):
+    """Losses of ``steps`` optimizer steps of causal-LM training, cycling through ``batches``."""
+    losses = []
+    for step in range(steps):
+        ids = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -35,7 +35,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, train_losses
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -72,14 +72,7 @@ def train(model, data, learning_rate, steps=STEPS):
     named = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters()
              if p.requires_grad}
     optimizer = torch.optim.AdamW(named.values(), lr=learning_rate)
-    losses = []
-    for step in range(steps):
-        ids = data[step % len(data)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, data, optimizer, steps)
     return losses, {n: p.detach().clone() for n, p in named.items()}
 
 

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import (assert_same_bits, load_tiny_4bit_llama, randomize_adapters, relative_error,
-                     tiny_model, token_ids)
+                     tiny_model, token_ids, train_losses)
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lowrank
@@ -120,13 +120,17 @@ def test_save_and_load_in_peft_format_both_ways(tmp_path):
             assert torch.equal(value, 2 * ours_state[key])
 
 
+def one_block_llama(quantized, directory):
+    """A tiny fp32 Llama of one block, 4-bit (saved and loaded through bitsandbytes) or dense."""
+    if quantized:
+        return load_tiny_4bit_llama(directory, torch.float32, dtype=torch.float32)
+    return tiny_model("llama", blocks=1)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
     ids = token_ids()
-    if quantized:
-        model = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
-    else:
-        model = tiny_model("llama", blocks=1)
+    model = one_block_llama(quantized, tmp_path)
     lowrank.patch_model(model, rank=4, alpha=8, target_modules=TARGETS, use_dora=True)
     randomize_adapters(model)
     layer = lowrank.patch.adapter_layers(model)["model.layers.0.mlp.down_proj"]
@@ -161,10 +165,7 @@ def test_merge_unmerge_and_merge_and_unload(quantized, tmp_path):
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 def test_patch_peft_model_serves_dora_layers(quantized, tmp_path):
     ids = token_ids()
-    if quantized:
-        base = load_tiny_4bit_llama(tmp_path, torch.float32, dtype=torch.float32)
-    else:
-        base = tiny_model("llama", blocks=1)
+    base = one_block_llama(quantized, tmp_path)
     theirs = peft_dora(base)
     randomize_adapters(theirs)
     theirs.train()  # dropout is 0: the training forward, without masks to match
@@ -190,16 +191,7 @@ def test_patch_peft_model_serves_dora_layers(quantized, tmp_path):
 def train(model, data, steps=20, learning_rate=2e-2):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    losses = []
-    for step in range(steps):
-        ids = data[step % len(data)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, data, torch.optim.AdamW(params, lr=learning_rate), steps)
 
 
 def test_twenty_steps_match_peft_dora(tmp_path):

@@ -14,7 +14,7 @@ from bitsandbytes.functional import has_avx512bf16
 from helpers import (FP32_TOLERANCE, RATIO, ROUNDING, as_held, as_loaded, assert_held,
                      assert_model_close, dense_llama_twin, linear4bit_layers, load_tiny_4bit_llama,
                      loss_and_grads, randomize_adapters, relative_error, run_bitsandbytes_in_eval,
-                     tiny_model, token_ids, weights_bitsandbytes_computes_with, with_peft)
+                     tiny_model, token_ids, train_losses, weights_bitsandbytes_computes_with, with_peft)
 from peft import IA3Config, LoraConfig, get_peft_model
 
 import lowrank
@@ -387,14 +387,7 @@ def patched_and_peft(way):
 def train(model, ids, steps=3):
     """Losses of ``steps`` SGD steps on one batch."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, [ids], optimizer, steps)
 
 
 @pytest.mark.parametrize("way", WAYS)
