@@ -31,7 +31,7 @@ import triton.language as tl
 from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
-from .lora_linear_decode import split_k
+from .lora_linear_decode import split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
@@ -131,24 +131,12 @@ def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr,
                                NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                                INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N)."""
-    dtype = x_ptr.dtype.element_ty
-    split = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
-    tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
-             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N). The single-adapter
+    decode kernel's base-GEMM step, without its shrink (each row's is gathered here instead)."""
+    store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
+                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
