@@ -179,6 +179,12 @@ def test_op_passes_torch_library_checks_and_compiles(device):
     scalings = torch.tensor(SCALINGS, device=device)
     torch.library.opcheck(ops.lora_mixed_forward, (x2, *ops.FrozenWeight.of(weight, state).flat(),
                                                    lora_a, lora_b, scalings, index2, None))
+    # The segmented path too (its launcher sorts the rows with torch ops inside the custom op).
+    xs, ws, _, _, a_s, b_s, index_s, _ = make_segment_case(torch.float32, "dense", device)
+    assert mixed_kernels.segmented(xs.shape[0], a_s.shape[0])
+    torch.library.opcheck(ops.lora_mixed_forward, (xs, *ops.FrozenWeight.of(ws).flat(), a_s, b_s,
+                                                   torch.tensor(SEGMENT_SCALINGS, device=device),
+                                                   index_s, None))
 
     def forward(x, index):
         return ops.lora_mixed(x, weight, lora_a, lora_b, scalings, index, bias=bias,
