@@ -5,7 +5,8 @@ A shape is (rows, K, N, adapters): the rows are spread over the adapters round-r
 checked against ``lowrank.reference.lora_mixed`` before it is timed (except the one-adapter
 baseline, which computes another output):
 
-- ``lowrank``: ``lowrank.ops.lora_mixed`` (base GEMM once, shrink / expand gathered per row).
+- ``lowrank``: ``lowrank.ops.lora_mixed`` (base GEMM once; shrink / expand gathered per row, or per
+  segment of rows sharing an adapter for prefill-sized batches: the case's ``path``).
 - ``lowrank_one_adapter``: ``lowrank.ops.lora_linear`` with one adapter for every row: what the
   same batch costs without mixing (issue 20's target: mixed at most 1.3x this at 16 rows over 16
   adapters).
@@ -20,9 +21,13 @@ from bench.harness import check_all, headline_metrics
 
 RANK, SCALING, BLOCKSIZE = 16, 2.0, 64
 K, N = 4096, 4096
+# Decode (16 rows), 64 rows, and prefill (1024 rows: the segmented path from 16 rows per adapter
+# on, lowrank.kernels.lora_mixed.segmented; 256 rows over 64 adapters: the per-row path, the other
+# side of that PROVISIONAL crossover).
 SHAPES = ([(16, K, N, adapters) for adapters in (1, 4, 16)]
-          + [(64, K, N, adapters) for adapters in (1, 4, 16, 64)])
-QUICK_SHAPES = [(16, K, N, 16)]
+          + [(64, K, N, adapters) for adapters in (1, 4, 16, 64)]
+          + [(1024, K, N, adapters) for adapters in (1, 4, 16, 64)] + [(256, K, N, 64)])
+QUICK_SHAPES = [(16, K, N, 16), (1024, K, N, 16)]
 
 
 def make_inputs(device, m, k, n, adapters):
@@ -72,6 +77,15 @@ def _no_grad(fn):
     return call
 
 
+def path(rows, adapters):
+    """The kernels ``lowrank.ops.lora_mixed`` runs for the case (lowrank.kernels.lora_mixed)."""
+    from lowrank.kernels import lora_mixed
+
+    if lora_mixed.segmented(rows, adapters):
+        return "segmented"
+    return "decode" if rows <= lora_mixed.DECODE_MAX_M else "gathered"
+
+
 def run(runner, floors, shapes):
     cases = []
     fns = forward_fns()
@@ -88,7 +102,7 @@ def run(runner, floors, shapes):
         cases.append({"op": "lora_mixed_forward", "shape": [m, k, n, adapters],
                       "params": {"base": "nf4", "dtype": "bfloat16", "rank": RANK,
                                  "blocksize": BLOCKSIZE, "double_quant": True,
-                                 "adapters": adapters},
+                                 "adapters": adapters, "path": path(m, adapters)},
                       "timings_ms": timings,
                       "metrics": headline_metrics(timings, floors, bytes_read=bytes_read)})
     return cases

@@ -47,14 +47,15 @@ def epilogue_config(target, dtype):
 
 
 @triton.jit
-def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_ptr, absmax_ptr,
-                        pairs_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
-                        k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar,
-                        stride_ak, block_shift, nested_shift, DROPOUT: tl.constexpr,
-                        NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                        INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
+def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
+                            NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                            INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
+    partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
+    Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -72,6 +73,26 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_ptr, absmax_ptr,
+                        pairs_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, R, p,
+                        k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar,
+                        stride_ak, block_shift, nested_shift, DROPOUT: tl.constexpr,
+                        NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                        INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
+    store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
+                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     if tl.program_id(0) == 0:
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)

@@ -1,4 +1,5 @@
-"""Mixed-adapter LoRA / QLoRA linear, forward (inference): one adapter per row, BGMV-style.
+"""Mixed-adapter LoRA / QLoRA linear, forward (inference): one adapter per row, gathered per row
+(BGMV-style) or per segment of rows sharing an adapter (SGMV-style).
 
 For x (M x K), frozen W (N x K, dense or NF4), bias b, n adapters stacked as A (n x R x K) and
 B (n x N x R) (each padded with zeros to the largest rank R), scalings s (n,) and one adapter index
@@ -19,6 +20,13 @@ per row i (M,), -1 for a row that runs the base layer alone:
    sums per K-slice, and ``_lora_mixed_epilogue_kernel`` sums them in a fixed order and adds the
    same gathered expand and bias.
 
+Prefill-sized batches (``segmented``: at least SEGMENT_MIN_ROWS rows per adapter on average) take
+segments instead: ``segment_tiles`` sorts the rows by adapter on the device and cuts each
+adapter's rows into tiles of at most BLOCK_M; ``_lora_mixed_segment_shrink_kernel`` and
+``_lora_mixed_segment_forward_kernel`` then run the single-adapter shrink and forward on each
+tile (tl.dot with the tile's adapter's A and B), the rows gathered from x and stored at their own
+positions of S and Y.
+
 Padded ranks add exact zeros, so a row's result does not depend on the other adapters of the batch.
 Operands in x's dtype accumulate in fp32 (products of the gathered parts in fp32: bf16 operands are
 widened before multiplying).
@@ -31,7 +39,8 @@ import triton.language as tl
 from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
-from .lora_linear_decode import split_k
+from .lora_linear import BLOCK_R, forward_config
+from .lora_linear_decode import split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
@@ -46,6 +55,24 @@ FORWARD = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EXPAND_R": 8, "num_warp
 DECODE_MAX_M = 16
 PARTIAL = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 32, "EXPAND_R": 8, "num_warps": 4}
+# PROVISIONAL, not yet measured: average rows per stacked adapter from which a batch (of more
+# than DECODE_MAX_M rows) takes the segmented path. A segment fills tiles of BLOCK_M rows (64):
+# below ~16 rows per adapter most of a tile would be masked rows, while the per-row path's tiles
+# of 16 rows stay full. The crossover is for bench/lora_mixed.py's segment cases to measure.
+SEGMENT_MIN_ROWS = 16
+
+
+# The segmented path's tiles, per target and x's dtype. The forward is the single-adapter
+# forward's GEMM with its rows gathered by segment, so it takes that kernel's tile (with 64 x 64
+# tiles on sm_90 the nested-NF4 decode took 12.3 instructions per element, over the gate's 12;
+# the 128-wide tile there amortizes it). The shrink takes the same BLOCK_M: one tile table.
+
+def segment_forward_config(target, dtype):
+    return forward_config(target, dtype)
+
+
+def segment_shrink_config(target, dtype):
+    return {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -131,24 +158,12 @@ def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr,
                                NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                                INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N)."""
-    dtype = x_ptr.dtype.element_ty
-    split = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
-    tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
-             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N). The single-adapter
+    decode kernel's base-GEMM step, without its shrink (each row's is gathered here instead)."""
+    store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
+                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -168,10 +183,158 @@ def _lora_mixed_epilogue_kernel(partial_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
                                BLOCK_N, EXPAND_R)
 
 
+# Prefill: rows grouped by adapter (SGMV-style segments). Each program takes one tile of at most
+# BLOCK_M rows of one segment (one adapter, or the base rows), named by a row of the tile table
+# ``segment_tiles`` builds: (adapter, first, end) positions in the rows sorted by adapter, whose
+# row ids ``order`` holds. A segment's rows share A and B, so the shrink and the expand are
+# tl.dot tiles of that adapter's weights, read once per tile instead of once per row.
+
+@triton.jit
+def _segment_rows(tiles_ptr, order_ptr, BLOCK_M: tl.constexpr):
+    """(adapter, row ids, row mask, whether the tile has rows) of this program's tile
+    (program_id(0)); an empty tile (a spare row of the table) masks every row out."""
+    tile = tl.program_id(0)
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    positions = first + tl.arange(0, BLOCK_M)
+    valid = positions < end
+    rows = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
+    return adapter, rows, valid, first < end
+
+
+@triton.jit
+def _lora_mixed_segment_shrink_kernel(x_ptr, a_ptr, s_ptr, order_ptr, tiles_ptr, K, R, stride_xm,
+                                      stride_xk, stride_aa, stride_ar, stride_ak,
+                                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S[rows, ranks] = x[rows] A[adapter, ranks]^T for one segment tile (zeros for base rows),
+    stored in x's dtype at the rows' own positions."""
+    adapter, rows, valid, nonempty = _segment_rows(tiles_ptr, order_ptr, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Base rows (adapter -1) and empty tiles skip the product: S is zeros there.
+    k_end = tl.where(nonempty & (adapter >= 0), K, 0)
+    adapter = tl.maximum(adapter, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=valid[:, None] & (cols[None, :] < K), other=0.0)
+        a = tl.load(a_ptr + adapter * stride_aa + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
+    store_rounded(s_ptr + rows[:, None] * R + ranks[None, :], acc,
+                  valid[:, None] & (ranks[None, :] < R))
+
+
+@triton.jit
+def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, tiles_ptr,
+                                       scaling_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_ptr,
+                                       nested_code_ptr, nested_absmax_ptr, offset_ptr, N, K, R,
+                                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ba,
+                                       stride_bn, stride_br, block_shift, nested_shift,
+                                       HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
+                                       NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                                       INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y[rows] = x[rows] W^T + b + s[adapter] S[rows] B[adapter]^T for one segment tile."""
+    dtype = x_ptr.dtype.element_ty
+    adapter, rows, valid, nonempty = _segment_rows(tiles_ptr, order_ptr, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.where(nonempty, K, 0), BLOCK_K):  # an empty tile reads no weight
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=valid[:, None] & (cols[None, :] < K), other=0.0)
+        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    used = nonempty & (adapter >= 0)
+    adapter = tl.maximum(adapter, 0)
+    for r0 in range(0, tl.where(used, R, 0), BLOCK_R):  # base rows: no expand
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=valid[:, None] & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + adapter * stride_ba + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
+    acc += tl.load(scaling_ptr + adapter, mask=used, other=0.0) * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+                  valid[:, None] & (outs[None, :] < N))
+
+
+def segmented(rows, adapters):
+    """Whether a batch of ``rows`` over ``adapters`` stacked adapters takes the segmented path: more
+    than a decode batch, and on average at least SEGMENT_MIN_ROWS rows per adapter. Decided from
+    the shapes alone (the rows' actual spread is on the device: reading it would sync)."""
+    return rows > DECODE_MAX_M and rows >= SEGMENT_MIN_ROWS * adapters
+
+
 def lora_mixed_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None):
     """Y (M x N, contiguous) and S (M x R, contiguous) for contiguous x (M x K); ``lora_a``
     (n x R x K) and ``lora_b`` (n x N x R) in x's dtype, any strides; ``scalings`` fp32 (n,);
-    ``index`` int32 or int64 (M,), -1 for base rows; ``nf4`` as in ``_weight.weight_args``."""
+    ``index`` int32 or int64 (M,), in [-1, n), -1 for base rows; ``nf4`` as in
+    ``_weight.weight_args``. Segments for prefill-sized batches (``segmented``), else per-row
+    gathers (split over K for decode batches)."""
+    forward = segmented_forward if segmented(x.shape[0], lora_a.shape[0]) else gathered_forward
+    forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4)
+
+
+def segment_tiles(index, adapters, block_m):
+    """(order, tiles) for the segmented kernels, computed on the device (no sync: the grid is
+    the table's length whatever the spread). ``order``: the row ids sorted by adapter (stable,
+    base rows first). ``tiles``: int32 (T x 3), per tile its adapter (-1: base rows) and its
+    first and end positions in ``order``, at most ``block_m`` rows of one segment. Each segment
+    (the base's and each adapter's) leaves at most one partial tile, so T = cdiv(M, block_m) +
+    adapters + 1 tiles cover any spread; the spare ones are empty (first == end == 0)."""
+    device = index.device
+    sorted_index, order = torch.sort(index.long(), stable=True)
+    segment = torch.arange(-1, adapters, device=device)
+    starts = torch.searchsorted(sorted_index, segment)
+    ends = torch.searchsorted(sorted_index, segment, right=True)
+    segment_tiles = (ends - starts + block_m - 1) // block_m
+    tiles_before = torch.cumsum(segment_tiles, 0)  # tiles of the segments up to and with each
+    tile = torch.arange(triton.cdiv(index.shape[0], block_m) + adapters + 1, device=device)
+    owner = torch.searchsorted(tiles_before, tile, right=True).clamp(max=adapters)
+    spare = tile >= tiles_before[-1]
+    first = starts[owner] + (tile - tiles_before[owner] + segment_tiles[owner]) * block_m
+    end = torch.minimum(ends[owner], first + block_m)
+    table = torch.stack((owner - 1, torch.where(spare, 0, first), torch.where(spare, 0, end)), 1)
+    return order, table.to(torch.int32)
+
+
+def segmented_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None):
+    """``lora_mixed_forward`` with the rows grouped by adapter: the segmented shrink, then the
+    base GEMM and expand per segment tile (rows gathered from x and scattered to S and Y)."""
+    M, K = x.shape
+    N, R = lora_b.shape[1], lora_b.shape[2]
+    target = _common.target(x.device)
+    config = segment_forward_config(target, x.dtype)
+    shrink = segment_shrink_config(target, x.dtype)
+    order, tiles = segment_tiles(index, lora_a.shape[0], config["BLOCK_M"])
+    prec = precision(x.dtype)
+    _lora_mixed_segment_shrink_kernel[(tiles.shape[0], triton.cdiv(R, BLOCK_R))](
+        x, lora_a, s, order, tiles, K, R, x.stride(0), x.stride(1), *lora_a.stride(),
+        PRECISION=prec, BLOCK_M=config["BLOCK_M"], BLOCK_R=BLOCK_R, **shrink)
+    flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
+        (stride_wn, stride_wk) = weight_args(w, nf4)
+    _lora_mixed_segment_forward_kernel[(tiles.shape[0], triton.cdiv(N, config["BLOCK_N"]))](
+        x, w, s, lora_b, order, tiles, scalings, y if bias is None else bias, y, absmax, pairs,
+        nested_code, nested_absmax, offset, N, K, R, x.stride(0), x.stride(1), stride_wn,
+        stride_wk, *lora_b.stride(), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
+        **decoding_flags(nf4, K, config["BLOCK_K"], target), PRECISION=prec, BLOCK_R=BLOCK_R,
+        **config, enable_fp_fusion=False)
+
+
+def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None):
+    """``lora_mixed_forward`` with each row's adapter gathered per row (BGMV): the per-row
+    shrink, then the tiled base GEMM with the gathered expand, or for decode batches (at most
+    DECODE_MAX_M rows) the split-K base GEMM and the epilogue."""
     M, K = x.shape
     N, R = lora_b.shape[1], lora_b.shape[2]
     grid = (M, triton.cdiv(R, SHRINK["BLOCK_R"]))

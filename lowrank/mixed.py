@@ -71,8 +71,10 @@ def _stacked(layer, used):
 def _mixed_forward(layer, row_index, stacks, x):
     """``layer``'s forward for one mixed batch: ``row_index`` (batch,) local adapter indices."""
     if torch.is_grad_enabled():
-        raise ValueError("lowrank.mixed_batch: mixed-adapter batches are inference only; run the "
-                         "model under torch.no_grad() or torch.inference_mode()")
+        raise ValueError("lowrank.mixed_batch: mixed-adapter batches are inference only (no "
+                         "backward: train each adapter on batches of its own, with "
+                         "lowrank.set_adapter); run the model under torch.no_grad() or "
+                         "torch.inference_mode()")
     if x.dim() < 2 or x.shape[0] != row_index.shape[0]:
         raise ValueError(f"lowrank.mixed_batch: the batch has {x.shape[0] if x.dim() else 0} rows "
                          f"but {row_index.shape[0]} adapters were named, one per row")

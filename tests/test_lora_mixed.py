@@ -88,6 +88,90 @@ def test_kernels_write_every_element(rows, device):
     assert_close(y, expected, dtype, "y")
 
 
+# The segmented (SGMV) path: a prefill-sized batch, rows grouped by adapter. 75 rows over four
+# adapters: a segment of 66 rows (two tiles of 64), one of a single row, an empty one, the rest
+# base rows; shuffled, so each segment's rows are scattered over the batch.
+SEGMENTS = {0: 66, 1: 1, 2: 0, 3: 0, -1: 8}
+SEGMENT_RANKS = RANKS + (7,)
+
+
+def make_segment_case(dtype, kind, device, segments=SEGMENTS, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x, weight, state, dense, _, _, _, bias = make_case(dtype, kind, device, seed)
+    rows = sum(segments.values())
+    index = torch.tensor([a for a, count in segments.items() for _ in range(count)])
+    index = index[torch.randperm(rows, generator=gen)]
+    x = torch.randn(rows, K, generator=gen).to(device, dtype)
+    lora_a = torch.zeros(len(SEGMENT_RANKS), max(SEGMENT_RANKS), K)
+    lora_b = torch.zeros(len(SEGMENT_RANKS), N, max(SEGMENT_RANKS))
+    for i, r in enumerate(SEGMENT_RANKS):
+        lora_a[i, :r] = torch.randn(r, K, generator=gen) / math.sqrt(K)
+        lora_b[i, :, :r] = torch.randn(N, r, generator=gen) * 0.1
+    return x, weight, state, dense, lora_a.to(device), lora_b.to(device), index.to(device), bias
+
+
+SEGMENT_SCALINGS = SCALINGS + (3.0,)
+
+
+@pytest.mark.parametrize("segments", [SEGMENTS, {0: 64, 1: 1, 2: 65, 3: 3, -1: 0},
+                                      {0: 0, 1: 0, 2: 0, 3: 0, -1: 17}, {2: 1, -1: 0}])
+def test_segment_tiles_cover_each_row_once(segments):
+    """Every row in exactly one tile, of its own adapter, at most BLOCK_M rows a tile; the table
+    has one row per possible tile, the rest empty."""
+    block_m = 64
+    rows = sum(segments.values())
+    index = torch.tensor([a for a, count in segments.items() for _ in range(count)])
+    index = index[torch.randperm(rows, generator=torch.Generator().manual_seed(0))]
+    adapters = max(segments) + 1
+    order, tiles = mixed_kernels.segment_tiles(index, adapters, block_m)
+    assert tiles.dtype == torch.int32
+    assert tiles.shape == (math.ceil(rows / block_m) + adapters + 1, 3)
+    seen = []
+    for adapter, first, end in tiles.tolist():
+        assert 0 <= end - first <= block_m
+        tile_rows = order[first:end]
+        assert (index[tile_rows] == adapter).all()
+        seen += tile_rows.tolist()
+    assert sorted(seen) == list(range(rows))
+    # Tiles needed: a partial one at most per segment.
+    assert sum(end > first for _, first, end in tiles.tolist()) == \
+        sum(math.ceil(count / block_m) for count in segments.values())
+
+
+@pytest.mark.parametrize("dtype, kind", [
+    (torch.float32, "dense"), (torch.float16, "dense"), (torch.bfloat16, "dense"),
+    (torch.float32, "nf4"), (torch.bfloat16, "nf4-nested")])
+def test_segmented_path_matches_reference(dtype, kind, device):
+    x, weight, state, dense, lora_a, lora_b, index, bias = make_segment_case(dtype, kind, device)
+    assert mixed_kernels.segmented(x.shape[0], lora_a.shape[0])  # the path under test
+    with torch.no_grad():
+        y = ops.lora_mixed(x, weight, lora_a, lora_b, list(SEGMENT_SCALINGS), index, bias=bias,
+                           quant_state=state)
+        expected = reference.lora_mixed(x.double(), dense, lora_a.double(), lora_b.double(),
+                                        torch.tensor(SEGMENT_SCALINGS), index, bias.double())
+    assert_close(y, expected, dtype, f"{kind} {dtype}")
+    one_row = (index == 1).nonzero().item()  # the one-row segment: its adapter's LoRA linear
+    single = reference.lora_linear(x[one_row].double(), dense, lora_a[1].double(),
+                                   lora_b[1].double(), SEGMENT_SCALINGS[1], bias.double())
+    assert_close(y[one_row], single, dtype, "the one-row segment")
+
+
+def test_segmented_kernels_write_every_element(device):
+    """Into NaN-poisoned S and Y, without bias: every element written, base rows' S as zeros, and
+    the same Y as the per-row path (gathered_forward) on the same batch."""
+    dtype = torch.float32
+    x, weight, _, dense, lora_a, lora_b, index, _ = make_segment_case(dtype, "dense", device)
+    scalings = torch.tensor(SEGMENT_SCALINGS, device=device)
+    s, y = poisoned((x.shape[0], lora_a.shape[1]), dtype, device), poisoned((x.shape[0], N), dtype, device)
+    mixed_kernels.segmented_forward(x, weight, lora_a, lora_b, scalings, index, None, s, y)
+    assert not s.isnan().any() and not y.isnan().any()
+    assert (s[index == -1] == 0).all()
+    s_rows, y_rows = poisoned(s.shape, dtype, device), poisoned(y.shape, dtype, device)
+    mixed_kernels.gathered_forward(x, weight, lora_a, lora_b, scalings, index, None, s_rows, y_rows)
+    torch.testing.assert_close(s, s_rows, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, y_rows, rtol=1e-5, atol=1e-5)
+
+
 def test_op_passes_torch_library_checks_and_compiles(device):
     """The custom op's fake agrees with it (opcheck), and torch.compile traces lora_mixed whole."""
     x, weight, state, _, lora_a, lora_b, index, bias = make_case(torch.float32, "dense", device)
@@ -95,6 +179,12 @@ def test_op_passes_torch_library_checks_and_compiles(device):
     scalings = torch.tensor(SCALINGS, device=device)
     torch.library.opcheck(ops.lora_mixed_forward, (x2, *ops.FrozenWeight.of(weight, state).flat(),
                                                    lora_a, lora_b, scalings, index2, None))
+    # The segmented path too (its launcher sorts the rows with torch ops inside the custom op).
+    xs, ws, _, _, a_s, b_s, index_s, _ = make_segment_case(torch.float32, "dense", device)
+    assert mixed_kernels.segmented(xs.shape[0], a_s.shape[0])
+    torch.library.opcheck(ops.lora_mixed_forward, (xs, *ops.FrozenWeight.of(ws).flat(), a_s, b_s,
+                                                   torch.tensor(SEGMENT_SCALINGS, device=device),
+                                                   index_s, None))
 
     def forward(x, index):
         return ops.lora_mixed(x, weight, lora_a, lora_b, scalings, index, bias=bias,
@@ -175,6 +265,25 @@ def test_mixed_batch_matches_peft(tmp_path):
     torch.testing.assert_close(alone, expected_alone, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_mixed_batch_matches_peft(tmp_path, monkeypatch):
+    """A prefill-sized batch (4 x 17 tokens) runs the segmented kernels in every LoRA layer it
+    reaches, with PEFT's mixed-batch results."""
+    peft_model, ours = peft_model_with_three_adapters(tmp_path)
+    ids = token_ids(batch=4, length=17)
+    names = ["x", "z", "__base__", "x"]
+    segmented = []
+    run_segmented = mixed_kernels.segmented_forward
+    monkeypatch.setattr(mixed_kernels, "segmented_forward",
+                        lambda *a: segmented.append(1) or run_segmented(*a))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, adapter_names=names).logits
+        with lowrank.mixed_batch(ours, names):
+            actual = ours(ids).logits
+    assert len(segmented) == 3  # q_proj, v_proj, down_proj (o_proj has only "y": its base)
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, f"relative error {error:.2e}"
+
+
 def test_mixed_batch_refusals(tmp_path):
     _, ours = peft_model_with_three_adapters(tmp_path)
     ids = token_ids(batch=2, length=3)
@@ -222,9 +331,11 @@ def test_peft_backend_serves_adapter_names(tmp_path, monkeypatch):
     assert not any(hasattr(m, lowrank.mixed.MIXED_STACKS) for m in peft_model.modules())
 
 
-def test_mixed_batch_on_a_4bit_model_matches_peft(tmp_path):
+# 3 tokens a row: 9 rows, the decode path; 17: 51 rows, the segmented path.
+@pytest.mark.parametrize("length", [3, 17])
+def test_mixed_batch_on_a_4bit_model_matches_peft(tmp_path, length):
     """NF4 base layers (bitsandbytes Linear4bit, fp32 compute): the packed weight read in the
-    mixed kernel, rows of two adapters of different ranks and a base row."""
+    mixed kernels, rows of two adapters of different ranks and a base row."""
     from peft import LoraConfig, get_peft_model
 
     base = load_tiny_4bit_llama(tmp_path / "a", torch.float32, dtype=torch.float32)
@@ -237,8 +348,9 @@ def test_mixed_batch_on_a_4bit_model_matches_peft(tmp_path):
     peft_model.save_pretrained(tmp_path / "saved")
     for name in ("x", "y"):
         lowrank.load_adapter(ours, tmp_path / "saved" / name, adapter_name=name)
-    ids = token_ids(batch=3, length=3, vocab_size=128)
+    ids = token_ids(batch=3, length=length, vocab_size=128)
     names = ["y", "__base__", "x"]
+    assert mixed_kernels.segmented(3 * length, 2) == (length == 17)
     # bitsandbytes' CPU ops as they are (they would torch.compile themselves first: ~10 s).
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         expected = peft_model.eval()(input_ids=ids, adapter_names=names).logits

@@ -285,6 +285,9 @@ def bench_cases():
         cases[f"lora_mixed {kind} 16x{k}x{n} adapters=16"] = (
             lora_mixed_call(16, k, n, kind, bf16, 16),
             ("copy", weight_bytes(kind, n, k) + 2 * 16 * RANK * (k + n) + 2 * 16 * (k + n)))
+        # Prefill over 16 adapters (256 rows each): the segmented path, a GEMM as the forward's.
+        cases[f"lora_mixed {kind} {mkn} adapters=16"] = (
+            lora_mixed_call(m, k, n, kind, bf16, 16), ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
         for feedforward in (False, True):
             form = "feedforward" if feedforward else "output"
             ia3 = ia3_linear_calls(m, k, n, kind, bf16, feedforward)
@@ -347,10 +350,16 @@ def coverage_calls():
                         calls[name] = call
             for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
                 calls[f"dora_norm {t} {kind} {shape}"] = dora_norm_call(*shape[1:], kind, dtype)
+            # Eight adapters: too few rows per adapter for segments (the per-row path); two: the
+            # segmented path (lora_mixed.segmented).
             for shape, bias in ((DECODE[1], False), (ALIGNED, True)) + (
                     ((DECODE_RAGGED, True),) if bf16 else ()):
                 calls[f"lora_mixed {t} {kind} {shape} bias={bias}"] = lora_mixed_call(
-                    *shape, kind, dtype, 3, bias)
+                    *shape, kind, dtype, 8, bias)
+            for shape, bias in ((ALIGNED, False), (ALIGNED, True)) + (
+                    ((RAGGED, True),) if bf16 else ()):
+                calls[f"lora_mixed {t} {kind} {shape} bias={bias} segmented"] = lora_mixed_call(
+                    *shape, kind, dtype, 2, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
         for activation in gated_activation.ACTIVATIONS:

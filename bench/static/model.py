@@ -57,7 +57,13 @@ def trips(record):
                    "_ia3_grad_scale_kernel": over_k, "_lora_shrink_kernel": over_k,
                    "_lora_grad_input_kernel": over_n, "_ia3_grad_input_kernel": over_n,
                    "_lora_grad_a_kernel": ("M", "BLOCK_M"),
-                   "_lora_decode_kernel": ("k_per_split", "BLOCK_K")}
+                   "_lora_decode_kernel": ("k_per_split", "BLOCK_K"),
+                   "_lora_mixed_shrink_kernel": over_k, "_lora_mixed_forward_kernel": over_k,
+                   "_lora_mixed_partial_kernel": ("k_per_split", "BLOCK_K"),
+                   # Segment tiles: as if every tile of the table had rows (the spare ones
+                   # exit at once), so a little over the truth.
+                   "_lora_mixed_segment_shrink_kernel": over_k,
+                   "_lora_mixed_segment_forward_kernel": over_k}
     if kernel in reduce_over:
         size, block = reduce_over[kernel]
         return -(-value[size] // value[block])
