@@ -24,7 +24,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
 from lowrank.kernels import (_common, dora_norm, gated_activation, ia3_linear, ia3_merge,
-                             lora_linear, lora_linear_decode, lora_merge, lora_mixed)
+                             lora_grouped, lora_linear, lora_linear_decode, lora_merge, lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
@@ -232,6 +232,31 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
+    """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
+    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout."""
+    offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
+    x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
+    s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
+    lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
+    w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
+    a, b = lora_a.stride(), lora_b.stride()
+
+    def forward():
+        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+        lora_grouped.grouped_gemm(x, w, w_strides, s, lora_b, (b[1], b[0], experts * b[1]), y,
+                                  offsets, SCALING)
+
+    def backward():
+        lora_grouped.grouped_shrink(dy, lora_b, (b[1], experts * b[1], b[0]), s, offsets, SCALING)
+        lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
+                                  (rank * a[0], a[1], a[0]), x, offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, dy, lora_b, (1, experts, rank * experts), offsets,
+                                         SCALING)
+    return {"forward": forward, "backward": backward}
+
+
 def gated_activation_call(m, n, dtype, activation):
     """The fused MLP's elementwise steps: act(g) * u forward, and its backward."""
     g, u, h, dh, dg, du = (empty(m, n, dtype=dtype) for _ in range(6))
@@ -353,6 +378,9 @@ def coverage_calls():
                     *shape, kind, dtype, 3, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
+        for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
+            for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
+                calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for activation in gated_activation.ACTIVATIONS:
             for shape in (ALIGNED[:2], RAGGED[:2]):
                 calls[f"gated_activation {t} {activation} {shape}"] = gated_activation_call(
