@@ -256,7 +256,7 @@ def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
     of lora_B). One expert at a time: the plain form, not a fast one."""
     experts = weight.shape[0]
     rank = lora_A.shape[0] // experts
-    a = lora_A.reshape(experts, rank, -1)  # as PEFT's ParamWrapper reads them
+    a = lora_A.reshape(experts, rank, lora_A.shape[1])  # as PEFT's ParamWrapper reads them
     b = lora_B.reshape(lora_B.shape[0], rank, experts)
     out_features = weight.shape[2] if transposed else weight.shape[1]
     y = x.new_zeros(x.shape[0], out_features)

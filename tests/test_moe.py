@@ -107,3 +107,188 @@ def test_lora_grouped_refuses_bad_arguments():
 def test_expert_offsets():
     ids = torch.tensor([1, 1, 2, 4, 4, 4])
     assert ops.expert_offsets(ids, E).tolist() == [0, 0, 2, 3, 3, 6]
+
+
+# Patched tiny MoE models against PEFT's target_parameters (fp32).
+
+MODEL_TOLERANCE = 1e-5
+
+
+def tiny_moe(family, seed=0):
+    """A one-block MoE causal LM, 4 experts, top-2, odd-ish sizes."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, vocab_size=64)
+    torch.manual_seed(seed)
+    if family == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=40, head_dim=8,
+                                                  moe_intermediate_size=24, num_experts=4))
+    return OlmoeForCausalLM(OlmoeConfig(**common, intermediate_size=24, num_experts=4,
+                                        eos_token_id=0))
+
+
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def patched_and_peft(family, target_parameters=EXPERT_PARAMETERS, route_to=None):
+    """(base, a patched copy with random adapters on every linear layer and the experts, PEFT's
+    model loaded from its save). ``route_to``: an expert that every token picks first (the router
+    made to answer it; the second pick is expert 0: the others get no rows)."""
+    import copy
+    import tempfile
+
+    import peft
+
+    import lowrank
+
+    base = tiny_moe(family)
+    if route_to is not None:
+        router = base.model.layers[0].mlp.gate
+
+        def forced(hidden_states):  # every token: expert route_to first, expert 0 second
+            rows = hidden_states.reshape(-1, router.hidden_dim).shape[0]
+            index = torch.tensor([route_to, 0]).expand(rows, 2)
+            return None, torch.tensor([0.75, 0.25]).expand(rows, 2), index
+
+        router.forward = forced
+    ours = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="mlp.gate.weight") as caught:
+        lowrank.patch_model(ours, rank=3, alpha=5)
+    assert not any("experts" in str(w.message) for w in caught), "the experts are adapted now"
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    directory = tempfile.mkdtemp()
+    lowrank.save_adapter(ours, directory)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory, is_trainable=True)
+    return base, ours, theirs, directory
+
+
+def grads_by_peft_key(model, ids):
+    """(logits, {PEFT key without prefix and adapter name: gradient}) after one backward."""
+    import lowrank
+    from lowrank.adapter_layer import adapter_layers
+
+    model.zero_grad()
+    logits = model(ids).logits
+    logits.square().mean().backward()
+    if hasattr(model, "lowrank_state"):
+        return logits.detach(), {f"{path}.{attr}.weight": weight.grad
+                                 for path, layer in adapter_layers(model).items()
+                                 for attr, weight in layer.adapter_weights("default").items()}
+    assert lowrank  # PEFT's model: its own names
+    return logits.detach(), {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                             for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_patched_moe_matches_peft(family):
+    from helpers import assert_model_close
+
+    base, ours, theirs, _ = patched_and_peft(family)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits, grads = grads_by_peft_key(ours, ids)
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    assert grads.keys() == expected_grads.keys()
+    assert any(".experts.base_layer.lora_A" in k for k in grads)
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    # A fresh (B = 0) adapter adds nothing: the base model's output to rounding.
+    import lowrank
+
+    with lowrank.disable_adapters(ours):
+        assert_model_close(ours(ids).logits, base(ids).logits, 0.0, "disabled")
+
+
+def test_imbalanced_routing_matches_peft():
+    """Every token on experts 2 and 0 (1 and 3 get no rows): outputs and adapter gradients as PEFT's,
+    the idle experts' gradients exactly zero."""
+    from helpers import assert_model_close
+
+    _, ours, theirs, _ = patched_and_peft("qwen3_moe", route_to=2)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    logits, grads = grads_by_peft_key(ours, ids)
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    idle = grads["model.layers.0.mlp.experts.lora_A.weight"].view(4, 3, -1)[[1, 3]]
+    assert idle.eq(0).all()
+
+
+def test_peft_saved_expert_adapter_loads_bit_equal():
+    """PEFT's save (target_parameters) -> lowrank.load_adapter: the same tensors, the same outputs;
+    and lowrank's save of it is PEFT's file again."""
+    import copy
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    import lowrank
+    from helpers import assert_model_close
+
+    base, ours, theirs, directory = patched_and_peft("olmoe")
+    resaved = tempfile.mkdtemp()
+    theirs.save_pretrained(resaved)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), resaved)
+    again = tempfile.mkdtemp()
+    lowrank.save_adapter(loaded, again)
+    first, second = (load_file(f"{d}/adapter_model.safetensors") for d in (resaved, again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert_model_close(loaded(ids).logits, theirs(ids).logits, MODEL_TOLERANCE, "loaded")
+
+
+def test_expert_projection_by_name_merge_and_unmerge():
+    """target_modules naming one expert projection adapts it alone (PEFT's single ParamWrapper
+    keys); merge writes s B_e A_e into the stored experts, unmerge takes it out again."""
+    import copy
+
+    import lowrank
+    from helpers import assert_model_close
+
+    base = tiny_moe("qwen3_moe")
+    model = lowrank.patch_model(copy.deepcopy(base), rank=2, target_modules=["q_proj", "gate_up_proj"])
+    experts = model.model.layers[0].mlp.experts
+    assert experts.projections["default"] == ("gate_up_proj",)
+    assert set(experts.adapter_weights("default")) == {"lora_A", "lora_B"}
+    with torch.no_grad():
+        experts.lora_B["default"]["gate_up_proj"].weight.normal_(0, 0.1)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    adapted = model(ids).logits
+    original = experts.base_layer.gate_up_proj.detach().clone()
+    lowrank.merge(model)
+    assert not torch.equal(experts.base_layer.gate_up_proj, original)
+    assert_model_close(model(ids).logits, adapted, MODEL_TOLERANCE, "merged")
+    lowrank.unmerge(model)
+    assert_model_close(experts.base_layer.gate_up_proj, original, 1e-6, "unmerged")
+    merged = lowrank.merge_and_unload(model)
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    assert_model_close(merged(ids).logits, adapted, MODEL_TOLERANCE, "merge_and_unload")
+
+
+def test_moe_trains_and_refuses_dropout():
+    import lowrank
+
+    model = lowrank.patch_model(tiny_moe("olmoe"), rank=2, target_modules=["experts"])
+    experts = model.model.layers[0].mlp.experts
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(w) for w in experts.adapter_weights("default").values()}
+    assert len(trainable) == 4
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="takes no dropout"):
+        lowrank.patch_model(tiny_moe("olmoe"), rank=2, dropout=0.1)
