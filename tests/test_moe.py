@@ -1,5 +1,5 @@
 """LoRA on mixture-of-experts experts: ``lowrank.ops.lora_grouped`` and its kernels against the
-fp64 reference, and patched tiny MoE models (Qwen3-MoE, OLMoE) against PEFT's ``target_parameters``
+fp64 reference, and patched tiny MoE models (Qwen3-MoE, OLMoE, gpt-oss) against PEFT's ``target_parameters``
 (``ParamWrapper``).
 
 Op shapes are odd (K = 29, N = 37, rank 3, 5 experts) with imbalanced routing: experts with no
@@ -10,6 +10,7 @@ import torch
 from helpers import TOLERANCE, assert_op_close, poisoned
 
 from lowrank import ops, reference
+from lowrank.ops import lora_grouped
 from lowrank.kernels import lora_grouped as grouped_kernels
 
 E, K, N, RANK = 5, 29, 37, 3
@@ -116,7 +117,8 @@ MODEL_TOLERANCE = 1e-5
 
 def tiny_moe(family, seed=0):
     """A one-block MoE causal LM, 4 experts, top-2, odd-ish sizes."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import (GptOssConfig, GptOssForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, vocab_size=64)
@@ -124,6 +126,15 @@ def tiny_moe(family, seed=0):
     if family == "qwen3_moe":
         return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=40, head_dim=8,
                                                   moe_intermediate_size=24, num_experts=4))
+    if family == "gpt_oss":  # experts stored E x in x out, with biases and its own gate
+        model = GptOssForCausalLM(GptOssConfig(**common, intermediate_size=24, head_dim=8,
+                                               num_local_experts=4, layer_types=["full_attention"],
+                                               eos_token_id=0, pad_token_id=0))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "experts" in name and name.endswith("bias"):
+                    param.normal_(0, 0.1)  # they start at zero
+        return model
     return OlmoeForCausalLM(OlmoeConfig(**common, intermediate_size=24, num_experts=4,
                                         eos_token_id=0))
 
@@ -153,7 +164,7 @@ def patched_and_peft(family, target_parameters=EXPERT_PARAMETERS, route_to=None)
 
         router.forward = forced
     ours = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match="mlp.gate.weight") as caught:
+    with pytest.warns(UserWarning, match=r"mlp\.(gate|router)\.weight") as caught:
         lowrank.patch_model(ours, rank=3, alpha=5)
     assert not any("experts" in str(w.message) for w in caught), "the experts are adapted now"
     gen = torch.Generator().manual_seed(3)
@@ -184,7 +195,7 @@ def grads_by_peft_key(model, ids):
                              for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gpt_oss"])
 def test_patched_moe_matches_peft(family):
     from helpers import assert_model_close
 
@@ -292,3 +303,38 @@ def test_moe_trains_and_refuses_dropout():
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="takes no dropout"):
         lowrank.patch_model(tiny_moe("olmoe"), rank=2, dropout=0.1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_patch_peft_model_accelerates_param_wrappers(family, monkeypatch):
+    """A PEFT model with LoRA on the experts (target_parameters) is fully accelerated: its nested
+    ParamWrappers run as lora_grouped through the outermost one, with PEFT's outputs and
+    gradients, and no call falls back; unpatch gives PEFT's forward back."""
+    import copy
+
+    import lowrank
+    from helpers import assert_model_close
+
+    _, _, theirs, _ = patched_and_peft(family)
+    accelerated = copy.deepcopy(theirs)
+    lowrank.reset_stats()
+    report = lowrank.patch_peft_model(accelerated)
+    assert not report.not_accelerated and not report.adapters_not_served
+    assert report.accelerated["base_model.model.model.layers.0.mlp.experts"] == "LoRA over MoE experts"
+    assert "run by" in report.accelerated["base_model.model.model.layers.0.mlp.experts.base_layer"]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    calls = []
+    monkeypatch.setattr(ops, "lora_grouped", lambda *args: calls.append(1) or lora_grouped(*args))
+    logits, grads = grads_by_peft_key(accelerated, ids)
+    assert len(calls) == 2  # both projections of the one MoE block, each one grouped op
+    monkeypatch.undo()
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    assert lowrank.stats()["peft_fallbacks"] == {}
+    with accelerated.disable_adapter():  # PEFT runs the base experts alone: not a fallback
+        accelerated(ids)
+    assert lowrank.stats()["peft_fallbacks"] == {}
+    lowrank.unpatch_peft_model(accelerated)
+    assert "forward" not in vars(accelerated.base_model.model.model.layers[0].mlp.experts)

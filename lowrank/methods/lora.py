@@ -24,7 +24,8 @@ from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, comm
                                    is_int, is_number, layer_features, peft_adapter_to_serve)
 from lowrank.mixed import peft_mixed_forward
 from lowrank.base_layers import ExpertsBase, expert_projections
-from lowrank.methods.lora_experts import LoraExperts, projection_shape, weight_prefixes
+from lowrank.methods.lora_experts import (LoraExperts, peft_experts_forward, projection_shape,
+                                          weight_prefixes)
 from lowrank.targets import resolve_targets, split_expert_paths
 
 NAME, LABEL, PEFT_TYPE = "lora", "LoRA", "LORA"
@@ -445,7 +446,7 @@ def peft_layer_classes():
     from peft.tuners import lora
     from peft.tuners.lora.bnb import Linear4bit
 
-    return (lora.Linear, Linear4bit)
+    return (lora.Linear, Linear4bit, lora.ParamWrapper)
 
 
 def is_peft_dora(layer, name):
@@ -510,7 +511,10 @@ def _peft_call(layer, base, name, x):
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op (``dora_linear``
     for a DoRA adapter) for the one adapter we serve (``adapter_names=``, one per row:
-    ``lowrank.mixed``'s op), PEFT's own forward otherwise."""
+    ``lowrank.mixed``'s op), PEFT's own forward otherwise. PEFT's ParamWrappers over an experts
+    module run ``lowrank.ops.lora_grouped`` (``methods/lora_experts.py``)."""
+    if isinstance(base, ExpertsBase):
+        return peft_experts_forward(layer, peft_refusal, x, *args, **kwargs)
     if not args and kwargs.keys() == {"adapter_names"}:
         y, why = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_mixed_refusal)
         if y is not None:

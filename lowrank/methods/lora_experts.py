@@ -128,42 +128,119 @@ class LoraExperts(AdapterLayer):
         name = self.runs_adapter()
         if name is None:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        experts = self.base_layer
-        if getattr(experts, "_is_expert_parallel", False):
-            raise NotImplementedError("lowrank: LoRA on experts sharded by expert parallelism is "
-                                      "not supported")
-        top_k = top_k_index.shape[-1]
-        expert_ids, order = torch.sort(top_k_index.reshape(-1))
-        offsets = ops.expert_offsets(expert_ids, experts.num_experts)
-        dtype = getattr(experts, "down_proj").dtype
-        x = hidden_states[order // top_k].to(dtype)  # (tokens x top_k) rows, sorted by expert
-        h = self._project(name, expert_projections(experts)[0], x, offsets, expert_ids)
-        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-        h = self._project(name, "down_proj", h, offsets, expert_ids)
-        if experts.has_post_expert_norm:
-            h = experts.post_expert_norm(h)
-        h = h * top_k_weights.reshape(-1)[order].unsqueeze(-1)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(order.numel(), device=order.device)
-        out = h[restore].view(hidden_states.shape[0], top_k, -1).sum(dim=1)
-        return out.to(hidden_states.dtype)
-
-    def _project(self, name, projection, x, offsets, expert_ids):
-        """One projection of the rows sorted by expert, its adapter (if it has one) fused in."""
-        experts = self.base_layer
-        weight = getattr(experts, projection)
-        count, in_features, out_features = projection_shape(experts, projection)
-        if projection in self.lora_A[name]:
-            lora_A = self.lora_A[name][projection].weight
-            lora_B = self.lora_B[name][projection].weight
-        else:  # rank 0: the grouped GEMM alone
-            lora_A = weight.new_zeros(0, in_features, dtype=torch.float32)
-            lora_B = weight.new_zeros(out_features, 0, dtype=torch.float32)
-        y = ops.lora_grouped(x, weight, lora_A, lora_B, self.scaling[name], offsets,
-                             experts.is_transposed)
-        if experts.has_bias:
-            y = y + getattr(experts, f"{projection}_bias")[expert_ids]
-        return y
+        adapters = {p: (self.lora_A[name][p].weight, self.lora_B[name][p].weight,
+                        self.scaling[name]) for p in self.projections[name]}
+        return experts_forward(self.base_layer, adapters, hidden_states, top_k_index,
+                               top_k_weights)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, projections={self.projections.get(self.active_adapter)}"
+
+
+def experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights):
+    """The forward of a transformers experts module (as its grouped_mm forward computes it:
+    rows sorted by expert, gate, biases, routing weights, combine) with each projection run as
+    one ``lowrank.ops.lora_grouped``; ``adapters``: {projection: (A, B, scaling)} in PEFT's
+    layout, a projection without one running the grouped GEMM alone."""
+    check_experts_call(experts, hidden_states)
+    top_k = top_k_index.shape[-1]
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    offsets = ops.expert_offsets(expert_ids, experts.num_experts)
+    x = hidden_states[order // top_k].to(experts.down_proj.dtype)  # rows sorted by expert
+    h = _project(experts, adapters, expert_projections(experts)[0], x, offsets, expert_ids)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    h = _project(experts, adapters, "down_proj", h, offsets, expert_ids)
+    if experts.has_post_expert_norm:
+        h = experts.post_expert_norm(h)
+    h = h * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(order.numel(), device=order.device)
+    out = h[restore].view(hidden_states.shape[0], top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def check_experts_call(experts, hidden_states):
+    """Refuse (NotImplementedError, ValueError) a call ``experts_forward`` cannot run as the
+    module would."""
+    if getattr(experts, "_is_expert_parallel", False):
+        raise NotImplementedError("lowrank: LoRA on experts sharded by expert parallelism is not "
+                                  "supported")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"lowrank: the experts take (tokens, hidden) inputs, got "
+                         f"{tuple(hidden_states.shape)}")
+
+
+def _project(experts, adapters, projection, x, offsets, expert_ids):
+    """One projection of the rows sorted by expert, its adapter (if it has one) fused in."""
+    weight = getattr(experts, projection)
+    count, in_features, out_features = projection_shape(experts, projection)
+    if projection in adapters:
+        lora_A, lora_B, scaling = adapters[projection]
+    else:  # rank 0: the grouped GEMM alone
+        lora_A = weight.new_zeros(0, in_features, dtype=torch.float32)
+        lora_B = weight.new_zeros(out_features, 0, dtype=torch.float32)
+        scaling = 0.0
+    y = ops.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, experts.is_transposed)
+    if experts.has_bias:
+        y = y + getattr(experts, f"{projection}_bias")[expert_ids]
+    return y
+
+
+# PEFT's ParamWrapper layers on lowrank_grouped (lowrank.patch_peft_model)
+
+def peft_wrapper_chain(layer):
+    """(PEFT's ParamWrappers from ``layer`` inwards, the experts module they adapt): PEFT nests one
+    per targeted parameter of the module."""
+    from peft.tuners.lora import ParamWrapper
+
+    chain = [layer]
+    while isinstance(chain[-1].base_layer, ParamWrapper):
+        chain.append(chain[-1].base_layer)
+    return chain, chain[-1].base_layer
+
+
+def _peft_experts_adapters(chain, name, hidden_states):
+    """{projection: (A, B, scaling)} of adapter ``name`` over PEFT's ``chain``, with what the op
+    would refuse raised here (TypeError, ValueError, NotImplementedError)."""
+    from lowrank._dispatch import check_device
+    from lowrank._quant_state import FLOAT_DTYPES
+
+    experts = chain[-1].base_layer
+    check_device(hidden_states.device)
+    check_experts_call(experts, hidden_states)
+    if experts.down_proj.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the experts' weights are {experts.down_proj.dtype}, which lowrank's "
+                        "kernels do not take")
+    return {wrapper.parameter_name: (wrapper.lora_A[name].weight, wrapper.lora_B[name].weight,
+                                     wrapper.scaling[name])
+            for wrapper in chain if name in wrapper.lora_A}
+
+
+def peft_experts_forward(layer, peft_refusal, hidden_states, *args, **kwargs):
+    """The forward of PEFT's outermost ParamWrapper ``layer`` over an experts module: every
+    projection its chain adapts run by ``experts_forward`` for the one active adapter; PEFT's own
+    forward (``lowrank.fallbacks``) for a call we do not serve. ``peft_refusal(wrapper, name)``:
+    why a wrapper's adapter cannot run on our op (LoRA's checks), or None."""
+    from lowrank import fallbacks
+
+    chain, experts = peft_wrapper_chain(layer)
+    if any(wrapper.disable_adapters or wrapper.merged for wrapper in chain):
+        return fallbacks.fall_back(layer, None, hidden_states, args, kwargs)
+    active = {name for wrapper in chain for name in wrapper.active_adapters
+              if name in wrapper.lora_A}
+    why = None
+    if not active:
+        return fallbacks.fall_back(layer, None, hidden_states, args, kwargs)
+    if kwargs or len(args) != 2:
+        why = f"extra forward arguments ({', '.join(sorted(kwargs)) or 'positional'})"
+    elif len(active) > 1:
+        why = "several adapters active at once"
+    else:
+        name = next(iter(active))
+        why = next((refusal for wrapper in chain if name in wrapper.lora_A
+                    if (refusal := peft_refusal(wrapper, name)) is not None), None)
+    if why is None:
+        adapters, why = fallbacks.checked(_peft_experts_adapters, chain, name, hidden_states)
+    if why is not None:
+        return fallbacks.fall_back(layer, why, hidden_states, args, kwargs)
+    return experts_forward(experts, adapters, hidden_states, *args)
