@@ -105,6 +105,26 @@ def test_lora_grouped_refuses_bad_arguments():
         ops.lora_grouped(x, weight.half(), lora_a, lora_b, SCALING, offsets)
 
 
+def test_lora_grouped_custom_ops_trace():
+    """The custom ops' fake implementations agree with the kernels (torch.library.opcheck), and
+    torch.compile traces the op whole (fullgraph) with gradients."""
+    import importlib
+
+    module = importlib.import_module("lowrank.ops.lora_grouped")
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
+    torch.library.opcheck(module.lora_grouped_forward,
+                          (x, weight, False, lora_a, lora_b, SCALING, offsets))
+    s = torch.randn(x.shape[0], RANK)
+    torch.library.opcheck(module.lora_grouped_backward,
+                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets))
+    lora_a.requires_grad_()
+    compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
+                             fullgraph=True, backend="aot_eager")
+    compiled(lora_a).backward(grad_y)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)
+    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA")
+
+
 def test_expert_offsets():
     ids = torch.tensor([1, 1, 2, 4, 4, 4])
     assert ops.expert_offsets(ids, E).tolist() == [0, 0, 2, 3, 3, 6]
