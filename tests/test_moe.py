@@ -358,3 +358,22 @@ def test_patch_peft_model_accelerates_param_wrappers(family, monkeypatch):
     assert lowrank.stats()["peft_fallbacks"] == {}
     lowrank.unpatch_peft_model(accelerated)
     assert "forward" not in vars(accelerated.base_model.model.model.layers[0].mlp.experts)
+
+
+def test_several_adapter_features_refuse_experts_by_name():
+    """Weighted merges and mixed batches have no form for experts yet: an error naming them; a
+    second adapter on the experts and a hot swap of their weights work."""
+    import lowrank
+
+    model = lowrank.patch_model(tiny_moe("qwen3_moe"), rank=2, target_modules=["experts"])
+    lowrank.patch_model(model, rank=2, target_modules=["experts"], adapter_name="b")
+    with pytest.raises(ValueError, match="mixture-of-experts experts"):
+        lowrank.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "sum")
+    with pytest.raises(ValueError, match="mixture-of-experts experts module"):
+        with lowrank.mixed_batch(model, ["default", "b"]):
+            pass
+    experts = model.model.layers[0].mlp.experts
+    swapped = {f"base_model.model.model.layers.0.mlp.experts.{attr}.weight": torch.ones_like(w)
+               for attr, w in experts.adapter_weights("default").items()}
+    lowrank.hotswap_adapter(model, swapped, "default")
+    assert all(w.eq(1).all() for w in experts.adapter_weights("default").values())
