@@ -56,7 +56,8 @@ def trips(record):
     reduce_over = {"_lora_forward_kernel": over_k, "_ia3_forward_kernel": over_k,
                    "_ia3_grad_scale_kernel": over_k, "_lora_shrink_kernel": over_k,
                    "_lora_grad_input_kernel": over_n, "_ia3_grad_input_kernel": over_n,
-                   "_lora_grad_a_kernel": ("M", "BLOCK_M"),
+                   "_lora_grad_a_kernel": ("M", "BLOCK_M"), "_grouped_shrink_kernel": over_k,
+                   "_grouped_gemm_kernel": over_k,
                    "_lora_decode_kernel": ("k_per_split", "BLOCK_K")}
     if kernel in reduce_over:
         size, block = reduce_over[kernel]

@@ -3,7 +3,9 @@
 
 The adapters are in PEFT's ``target_parameters`` layout (``ParamWrapper``): ``lora_A`` (E r x K),
 whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e + E, e + 2E, ...
-are B_e. The kernels read both through strides, so PEFT's tensors are used as they are.
+are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied
+into an E x N x r tensor per call (small: the experts' weights dominate what a launch reads), so
+the GEMM tiles load its rows whole. Gradients are written straight into PEFT's layout.
 
 ``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
 ``lora_grouped_backward`` are its launch primitives, registered with torch.library with fake
@@ -37,6 +39,15 @@ def _rank(lora_A, experts):
     return lora_A.shape[0] // experts
 
 
+def _experts_b(lora_B, experts, dtype):
+    """B as E x N x r, contiguous, in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
+    the GEMM tiles would gather element by element; this copy (r N E values, small next to the
+    experts' weights that the same launch reads) lets them load whole rows."""
+    rank = lora_B.shape[1] // experts
+    return lora_B.detach().reshape(lora_B.shape[0], rank, experts).permute(2, 0, 1).to(
+        dtype, memory_format=torch.contiguous_format)
+
+
 def expert_offsets(expert_ids, experts):
     """The E + 1 row offsets (int32) of rows sorted by expert, from each row's expert id (sorted,
     as ``torch.sort`` returns them): rows offsets[e] .. offsets[e + 1] belong to expert e."""
@@ -59,9 +70,9 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     if rank:
         a = lora_A.stride()
         kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
-    b = lora_B.stride()
-    kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, lora_B,
-                         (b[1], b[0], experts * b[1]), y, offsets, scaling)
+    b = _experts_b(lora_B, experts, x.dtype)
+    kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, b, b.stride(), y,
+                         offsets, scaling)
     return y, s
 
 
@@ -86,10 +97,10 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
     if x.shape[0] == 0:
         return grad_x.zero_(), grad_a, grad_b
     grad_s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
-    a, b = lora_A.stride(), lora_B.stride()
+    a = lora_A.stride()
     if rank:
-        kernels.grouped_shrink(grad_y, lora_B, (b[1], experts * b[1], b[0]), grad_s, offsets,
-                               scaling)
+        b = _experts_b(lora_B, experts, x.dtype).transpose(1, 2)  # B_e^T: E x r x N
+        kernels.grouped_shrink(grad_y, b, b.stride(), grad_s, offsets, scaling)
     e, n, k = _weight_strides(weight, transposed)
     kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
                          grad_x, offsets, 1.0)
