@@ -321,6 +321,8 @@ def test_moe_trains_and_refuses_dropout():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    no_tokens = experts(torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert no_tokens.shape == (0, 32)
     with pytest.raises(ValueError, match="takes no dropout"):
         lowrank.patch_model(tiny_moe("olmoe"), rank=2, dropout=0.1)
 

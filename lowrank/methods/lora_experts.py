@@ -155,7 +155,7 @@ def experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights
     h = h * top_k_weights.reshape(-1)[order].unsqueeze(-1)
     restore = torch.empty_like(order)
     restore[order] = torch.arange(order.numel(), device=order.device)
-    out = h[restore].view(hidden_states.shape[0], top_k, -1).sum(dim=1)
+    out = h[restore].view(hidden_states.shape[0], top_k, h.shape[-1]).sum(dim=1)
     return out.to(hidden_states.dtype)
 
 
