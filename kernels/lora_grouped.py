@@ -2,9 +2,9 @@
 per step for all experts.
 
 Rows (token, expert) pairs are sorted by expert: rows offsets[e] .. offsets[e + 1] go to expert
-e. For x (S x K), frozen W (E x N x K, any strides), adapters in PEFT's ``target_parameters``
-layout (A: (E r) x K, A_e its rows e r .. e r + r; B: N x (r E), B_e its columns e, e + E, ...)
-and scaling s:
+e. For x (S x K), frozen W (E x N x K, any strides), adapters A_e (r x K) and B_e (N x r) and
+scaling s (every per-expert operand is read through (expert, row, column) strides: A in PEFT's
+``target_parameters`` layout as it is, B as ``lowrank.ops.lora_grouped`` lays it out):
 
     S = x A_e^T          Y = x W_e^T + s S B_e^T
     dS = s dY B_e        dX = dY W_e + dS A_e       dA_e = dS_e^T x_e     dB_e = s dY_e^T S_e
@@ -15,7 +15,7 @@ and scaling s:
 - The LoRA expand s S B_e^T is added to the output tile before its one store, as in the dense
   LoRA kernel (``lora_linear.py``); S comes from the grouped shrink. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
-  rows, written straight into PEFT's layout.
+  rows, written through strides straight into PEFT's layout.
 - Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
 """
 
