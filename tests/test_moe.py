@@ -103,6 +103,9 @@ def test_lora_grouped_refuses_bad_arguments():
         ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets[1:])
     with pytest.raises(TypeError, match="expert stack in x's dtype"):
         ops.lora_grouped(x, weight.half(), lora_a, lora_b, SCALING, offsets)
+    for bad in (offsets + 1, offsets.flip(0), torch.cat((offsets[:-1], offsets[-1:] - 1))):
+        with pytest.raises(RuntimeError, match="offsets must rise from 0 to the 80 rows"):
+            ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, bad)
 
 
 def test_lora_grouped_custom_ops_trace():

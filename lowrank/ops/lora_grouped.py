@@ -155,7 +155,7 @@ _GROUPED_GRADIENTS = InputGradients(LoraGroupedFunction, "x", "lora_A", "lora_B"
 
 def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
     """Everything ``lora_grouped`` checks before it runs: a TypeError or ValueError naming the
-    problem. Offsets' values are not read (that would wait for the device)."""
+    problem. The offsets' values are checked by ``check_offsets`` (on the device)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank.lora_grouped: x must be a 2-D fp32/fp16/bf16 tensor (rows sorted "
                         f"by expert), got {_describe(x)}")
@@ -189,6 +189,16 @@ def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=
     use_kernels(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, offsets=offsets)
 
 
+def check_offsets(offsets, rows):
+    """Offsets must rise from 0 to ``rows``: otherwise the kernels' tiles would reach rows x does
+    not have. Checked where they are, without waiting for the device (``torch._assert_async``): on
+    a CPU it raises here (RuntimeError), on a GPU it is a device-side assert before any kernel
+    reads them."""
+    valid = (offsets[0] == 0) & (offsets[-1] == rows) & (offsets[1:] >= offsets[:-1]).all()
+    torch._assert_async(valid, f"lowrank.lora_grouped: offsets must rise from 0 to the {rows} "
+                        "rows of x (rows sorted by expert)")
+
+
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"a {value.dim()}-D {value.dtype} tensor of shape {tuple(value.shape)}"
@@ -208,6 +218,7 @@ def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
       dtype, x gets one too.
     """
     lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed)
+    check_offsets(offsets, x.shape[0])
     if not use_kernels(x=x, weight=weight):
         return reference.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed)
     return LoraGroupedFunction.apply(x.contiguous(), weight, transposed, lora_A, lora_B,
