@@ -76,7 +76,8 @@ def _layer_refusal(layer):
 
 def patch_peft_model(model):
     """Run ``model``'s PEFT LoRA and IA3 layers (over nn.Linear, bitsandbytes NF4 Linear4bit and
-    GPT-2's Conv1D) on lowrank's fused ops, in place; return a ``PeftPatchReport``, also logged.
+    GPT-2's Conv1D, and LoRA's ParamWrappers over mixture-of-experts experts) on lowrank's fused
+    ops, in place; return a ``PeftPatchReport``, also logged.
 
     ``model`` is a ``PeftModel`` (or any module holding PEFT adapter layers). It stays one: its
     parameters and state dict do not change, and PEFT's adapter switching, merging, disabling and
