@@ -8,7 +8,7 @@ otherwise. ``lowrank.patch_model`` puts them into a Hugging Face model's linear 
 from lowrank import nf4, ops, reference
 from lowrank.adapters import save_adapter
 from lowrank.fallbacks import reset_stats, stats
-from lowrank.modules import IA3Linear, LoraLinear
+from lowrank.modules import IA3Linear, LoraExperts, LoraLinear
 from lowrank.patch import (delete_adapter, disable_adapters, load_adapter, merge, merge_and_unload,
                            patch_model, print_trainable_parameters, set_adapter,
                            trainable_parameters, unmerge, unpatch)
@@ -24,5 +24,5 @@ __all__ = ["nf4", "ops", "reference", "patch_model", "unpatch", "merge", "unmerg
            "delete_adapter", "trainable_parameters", "print_trainable_parameters", "save_adapter",
            "load_adapter", "add_weighted_adapter", "hotswap_adapter", "mixed_batch",
            "patch_peft_model", "unpatch_peft_model", "stats", "reset_stats", "LoraLinear",
-           "IA3Linear",
+           "IA3Linear", "LoraExperts",
            "__version__"]

@@ -34,7 +34,6 @@ UNSUPPORTED = {
     "layer_replication": "layer_replication",
     "lora_bias": "lora_bias",
     "use_qalora": "QA-LoRA (use_qalora)",
-    "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable_token_indices",
     "megatron_config": "megatron_config",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",

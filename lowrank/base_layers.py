@@ -248,8 +248,53 @@ class Linear4bitBase(BaseLayer):
         return linear.train(layer.training)
 
 
+def expert_projections(module):
+    """The names of the 3-D expert weights of a transformers mixture-of-experts module
+    (``@use_experts_implementation``: Qwen3-MoE, Mixtral, OLMoE, gpt-oss, ...) in the module's
+    parameter order, which is PEFT's nesting order: ("gate_up_proj", "down_proj") for gated
+    experts, ("up_proj", "down_proj") otherwise; () for any other module."""
+    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed")):
+        return ()
+    names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+    params = dict(module.named_parameters(recurse=False))
+    if not all(n in params and params[n].dim() == 3 for n in names):
+        return ()
+    return tuple(n for n in params if n in names)
+
+
+class ExpertsBase(BaseLayer):
+    """A mixture-of-experts experts module of transformers (``expert_projections``): E stacked
+    expert weights per projection, E x out x in (E x in x out where the module says
+    ``is_transposed``, as gpt-oss stores them), dense. ``lowrank.methods.lora_experts`` runs it."""
+
+    description = "MoE experts"
+
+    @staticmethod
+    def serves(module):
+        return bool(expert_projections(module))
+
+    @staticmethod
+    def features(module):
+        """(in, out) of the experts block as a whole: hidden size to hidden size."""
+        first, last = (getattr(module, n) for n in (expert_projections(module)[0], "down_proj"))
+        in_features = first.shape[1] if module.is_transposed else first.shape[2]
+        out_features = last.shape[2] if module.is_transposed else last.shape[1]
+        return in_features, out_features
+
+    @staticmethod
+    def compute_dtype(module):
+        return module.down_proj.dtype
+
+    def merge(self, module, layer, name):
+        layer.merge_in_place(name, module, unmerge=False)
+
+    def unmerge(self, module, layer, names):
+        for name in reversed(names):
+            layer.merge_in_place(name, module, unmerge=True)
+
+
 # Asked in order; the first that serves a module is its kind.
-BASE_LAYERS = (LinearBase, Linear4bitBase, Conv1DBase)
+BASE_LAYERS = (LinearBase, Linear4bitBase, Conv1DBase, ExpertsBase)
 
 
 def base_layer_class(module):
@@ -258,8 +303,8 @@ def base_layer_class(module):
         if base_class.serves(module):
             return base_class
     raise TypeError(f"lowrank: cannot patch a {type(module).__module__}.{type(module).__name__}; "
-                    "supported layers are torch.nn.Linear, bitsandbytes Linear4bit (nf4) and "
-                    "transformers' Conv1D")
+                    "supported layers are torch.nn.Linear, bitsandbytes Linear4bit (nf4), "
+                    "transformers' Conv1D and its mixture-of-experts experts modules")
 
 
 def base_layer_of(module):

@@ -13,6 +13,7 @@ import torch
 from lowrank import fallbacks, ops
 from lowrank._dispatch import check_device
 from lowrank.adapter_layer import adapter_layers
+from lowrank.base_layers import ExpertsBase
 from lowrank.state import patch_state
 
 BASE = "__base__"  # PEFT's name for a row without adapter
@@ -108,6 +109,9 @@ def mixed_batch(model, adapters):
     # LoRA layers (IA3 layers have no lora_A); lowrank.methods.lora imports this module.
     layers = {p: m for p, m in adapter_layers(model).items() if hasattr(m, "lora_A")}
     for path, layer in layers.items():
+        if isinstance(layer.base, ExpertsBase) and any(n in layer.lora_A for n in names):
+            raise ValueError(f"lowrank.mixed_batch: {path} is a mixture-of-experts experts module "
+                             "with adapters of the batch; mixed batches serve linear layers only")
         if layer.merged_adapters or layer.adapters_disabled:
             raise ValueError(f"lowrank.mixed_batch: {path} has "
                              f"{'merged adapters' if layer.merged_adapters else 'adapters disabled'}"

@@ -36,10 +36,10 @@ def add_adapter(model, adapter_name, config, layer_settings):
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"lowrank: the model already has an adapter named {adapter_name!r}; "
                          "delete_adapter it first or choose another name")
-    layer_class = METHODS[config.method].Layer
     targets = {}
     for name in layer_settings:
         module = model.get_submodule(name)
+        layer_class = METHODS[config.method].layer_class(module)  # LoRA: LoraExperts for experts
         if isinstance(module, AdapterLayer) and not isinstance(module, layer_class):
             raise ValueError(f"lowrank: {name} already carries a {type(module).__name__} adapter; "
                              f"one layer takes adapters of one method")
@@ -53,12 +53,12 @@ def add_adapter(model, adapter_name, config, layer_settings):
                                 f"{', '.join(map(str, FLOAT_DTYPES))}); cast the model first, or "
                                 "use PEFT (lowrank.patch_peft_model leaves such layers to PEFT's "
                                 "forward)")
-        targets[name] = module
+        targets[name] = module, layer_class
     if state is None:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.lowrank_state = state
         trainer_hooks.attach(model)
-    for name, module in targets.items():
+    for name, (module, layer_class) in targets.items():
         if not isinstance(module, AdapterLayer):
             module = layer_class(module).train(module.training)  # new modules start in train mode
             replace_module(model, name, module)
@@ -160,7 +160,7 @@ def _warn_if_tied(model, layers, what):
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     tied = [path for path, layer in layers.items()
-            if weight is not None and layer.base_layer.weight is weight]
+            if weight is not None and getattr(layer.base_layer, "weight", None) is weight]
     if tied:
         warnings.warn(f"lowrank.{what}: {tied} share their weight with the input embeddings (tied "
                       "word embeddings): merging writes the adapter into the embeddings too, so "

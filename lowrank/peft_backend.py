@@ -57,15 +57,18 @@ def _is_ours(forward):
 
 def _layer_refusal(layer):
     """(its base layer's ``BaseLayer``, None) for a layer we serve, or (None, why not)."""
+    from peft.tuners.lora import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if isinstance(layer.base_layer, BaseTunerLayer):
+    # Nested ParamWrappers (one per targeted parameter of an experts module) are one layer to us.
+    base_layer = layer.get_base_layer() if isinstance(layer, ParamWrapper) else layer.base_layer
+    if isinstance(base_layer, BaseTunerLayer):
         return None, "its base layer is itself a PEFT adapter layer (stacked adapters)"
     if "forward" in vars(layer):
         return None, ("its forward is already replaced by something else (an accelerate hook?); "
                       "lowrank does not stack on it")
     try:
-        base = base_layer_of(layer.base_layer)
+        base = base_layer_of(base_layer)
     except TypeError as error:
         return None, str(error).removeprefix("lowrank: ")
     return base, None
@@ -73,7 +76,8 @@ def _layer_refusal(layer):
 
 def patch_peft_model(model):
     """Run ``model``'s PEFT LoRA and IA3 layers (over nn.Linear, bitsandbytes NF4 Linear4bit and
-    GPT-2's Conv1D) on lowrank's fused ops, in place; return a ``PeftPatchReport``, also logged.
+    GPT-2's Conv1D, and LoRA's ParamWrappers over mixture-of-experts experts) on lowrank's fused
+    ops, in place; return a ``PeftPatchReport``, also logged.
 
     ``model`` is a ``PeftModel`` (or any module holding PEFT adapter layers). It stays one: its
     parameters and state dict do not change, and PEFT's adapter switching, merging, disabling and
@@ -93,7 +97,17 @@ def patch_peft_model(model):
     if not layers:
         raise ValueError("lowrank.patch_peft_model: the model has no PEFT adapter layer (make it a "
                          "PeftModel with get_peft_model or PeftModel.from_pretrained first)")
+    # A ParamWrapper nested in another runs inside the outermost one's forward.
+    nested = {id(m.base_layer): path for path, m in layers.items()
+              if type(m).__name__ == "ParamWrapper"}
     for path, layer in layers.items():
+        if id(layer) in nested:
+            outer = nested[id(layer)]
+            if outer in report.accelerated:
+                report.accelerated[path] = f"{report.accelerated[outer]}, run by {outer}"
+            else:
+                report.not_accelerated[path] = f"runs inside {outer}, left on PEFT's forward"
+            continue
         if type(layer) not in served:
             report.not_accelerated[path] = (f"{type(layer).__module__}.{type(layer).__qualname__} "
                                             "layers have no lowrank kernel")

@@ -247,3 +247,25 @@ def lora_mixed(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None, qu
         shrunk = F.linear(x[rows], lora_A[adapter].to(x.dtype))
         y[rows] += scalings[adapter].item() * F.linear(shrunk, lora_B[adapter].to(x.dtype))
     return y
+
+
+def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+    """Same contract as ``lowrank.ops.lora_grouped``: for rows sorted by expert (rows offsets[e] ..
+    offsets[e + 1] of expert e), y = x W_e^T + scaling x A_e^T B_e^T in x's dtype; adapters in
+    PEFT's target_parameters layout (A_e: rows e r .. e r + r of lora_A, B_e: columns e, e + E, ...
+    of lora_B). One expert at a time: the plain form, not a fast one."""
+    experts = weight.shape[0]
+    rank = lora_A.shape[0] // experts
+    a = lora_A.reshape(experts, rank, lora_A.shape[1])  # as PEFT's ParamWrapper reads them
+    b = lora_B.reshape(lora_B.shape[0], rank, experts)
+    out_features = weight.shape[2] if transposed else weight.shape[1]
+    y = x.new_zeros(x.shape[0], out_features)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            continue
+        rows = x[first:end]
+        w = weight[e].t() if transposed else weight[e]
+        lora = F.linear(F.linear(rows, a[e].to(x.dtype)), b[:, :, e].to(x.dtype))
+        y = y.index_copy(0, torch.arange(first, end, device=x.device),
+                         F.linear(rows, w.to(x.dtype)) + scaling * lora)
+    return y

@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lowrank.base_layers import base_layer_class
+from lowrank.base_layers import ExpertsBase, base_layer_class, expert_projections
 from lowrank.adapter_layer import AdapterLayer, modules_outside_adapters
 
 # A decoder / encoder block's index in a module path: model.layers.3., transformer.h.3.,
@@ -17,14 +17,41 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 def _linear_candidates(model):
     """The paths a default target patches: every nn.Linear / Conv1D (or already patched layer)
-    except the output head, as PEFT's "all-linear" does."""
+    except the output head, as PEFT's "all-linear" does, and every expert projection of a
+    mixture-of-experts block (``expert_weight_paths``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     def is_head(module):
         return head is not None and (module is head or getattr(module, "base_layer", None) is head)
 
-    return [name for name, module in modules_outside_adapters(model)
-            if isinstance(module, (nn.Linear, Conv1D, AdapterLayer)) and not is_head(module)]
+    names = []
+    for name, module in modules_outside_adapters(model):
+        projections = _projections(module)
+        if projections:
+            names += [f"{name}.{p}" for p in projections]
+        elif isinstance(module, (nn.Linear, Conv1D, AdapterLayer)) and not is_head(module):
+            names.append(name)
+    return names
+
+
+def _projections(module):
+    """The expert projections of an experts module, patched (``LoraExperts``) or not; ()."""
+    if isinstance(module, AdapterLayer):
+        return expert_projections(module.base_layer) if isinstance(module.base, ExpertsBase) else ()
+    return expert_projections(module)
+
+
+def split_expert_paths(model, names):
+    """``names`` (targets) as (module paths, {experts module path: expert projection names}): an
+    expert projection is targeted by its parameter path (``...mlp.experts.gate_up_proj``)."""
+    modules, experts = [], {}
+    for name in names:
+        path, _, param = name.rpartition(".")
+        if path and param in _projections(model.get_submodule(path)):
+            experts.setdefault(path, []).append(param)
+        else:
+            modules.append(name)
+    return modules, experts
 
 
 def weights_left_out(model):
@@ -35,15 +62,17 @@ def weights_left_out(model):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     left = {}
     for path, module in modules_outside_adapters(model):
-        if isinstance(module, (nn.Linear, Conv1D, AdapterLayer, nn.Embedding)) or module is head:
+        if (isinstance(module, (nn.Linear, Conv1D, AdapterLayer, nn.Embedding)) or module is head
+                or ExpertsBase.serves(module)):
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() < 2:
                 continue
             kind = type(module).__name__
             left[f"{path}.{name}" if path else name] = (
-                f"{tuple(param.shape)}, one matrix per expert of {kind}: LoRA on mixture-of-experts "
-                "experts is not supported yet" if param.dim() == 3 else
+                f"{tuple(param.shape)}, one matrix per expert of {kind}, which is not one of "
+                "transformers' experts modules lowrank adapts (expert_projections)"
+                if param.dim() == 3 else
                 f"{tuple(param.shape)}, a weight of {kind}, which is not a linear layer")
     return left
 
@@ -74,10 +103,20 @@ def resolve_targets(model, target_modules, layers):
             raise TypeError("lowrank.patch_model: target_modules must be None, 'all-linear', a "
                             "regular expression or a non-empty list of module name suffixes, got "
                             f"{target_modules!r}")
-        names = [name for name, _ in modules_outside_adapters(model)
-                 if matches(target_modules, name)]
+        names = []
+        for name, module in modules_outside_adapters(model):
+            projections = _projections(module)
+            if projections and matches(target_modules, name):  # the experts module: all of them
+                names += [f"{name}.{p}" for p in projections]
+            elif projections:
+                names += [f"{name}.{p}" for p in projections
+                          if matches(target_modules, f"{name}.{p}")]
+            elif matches(target_modules, name):
+                names.append(name)
         if not isinstance(target_modules, str):
-            unmatched = [t for t in target_modules if not any(matches([t], n) for n in names)]
+            experts = split_expert_paths(model, names)[1]  # named by their module path too
+            unmatched = [t for t in target_modules if not any(matches([t], n) for n in names)
+                         and not any(matches([t], path) for path in experts)]
             if unmatched:
                 raise ValueError(f"lowrank.patch_model: target_modules {unmatched} match no module "
                                  "of this model")
@@ -86,7 +125,7 @@ def resolve_targets(model, target_modules, layers):
                              "module of this model")
     if layers is not None:
         names = _filter_layers(model, names, layers)
-    modules = {name: model.get_submodule(name) for name in names}
+    modules = {name: model.get_submodule(name) for name in split_expert_paths(model, names)[0]}
     unsupported = {}
     for name, module in modules.items():
         try:

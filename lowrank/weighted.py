@@ -24,7 +24,7 @@ import math
 import torch
 
 from lowrank.adapter_layer import AdapterConfig, adapter_layers
-from lowrank.base_layers import Conv1DBase
+from lowrank.base_layers import Conv1DBase, ExpertsBase
 from lowrank.methods.lora import LoraLinear
 from lowrank.patch import add_adapter
 from lowrank.state import patch_state
@@ -197,6 +197,11 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
         combination_type = "linear"
     layers = {path: layer for path, layer in adapter_layers(model).items()
               if any(a in layer.adapter_names for a in adapters)}
+    experts = [path for path, layer in layers.items() if isinstance(layer.base, ExpertsBase)]
+    if experts:
+        raise ValueError(f"lowrank.add_weighted_adapter: the adapters are on mixture-of-experts "
+                         f"experts ({experts[:3]}), whose per-expert factors are not combined yet; "
+                         "combine adapters of linear layers")
     ranks = [max(layer.r[a] for layer in layers.values() if a in layer.adapter_names)
              for a in adapters]
     if combination_type in ON_FACTORS:

@@ -24,7 +24,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
 from lowrank.kernels import (_common, dora_norm, gated_activation, ia3_linear, ia3_merge,
-                             lora_linear, lora_linear_decode, lora_merge, lora_mixed)
+                             lora_grouped, lora_linear, lora_linear_decode, lora_merge, lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
@@ -232,6 +232,32 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
+    """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
+    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout."""
+    offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
+    x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
+    s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
+    lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
+    b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
+    w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
+    a = lora_a.stride()
+
+    def forward():
+        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
+
+    def backward():
+        b_t = b_rows.transpose(1, 2)
+        lora_grouped.grouped_shrink(dy, b_t, b_t.stride(), s, offsets, SCALING)
+        lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
+                                  (rank * a[0], a[1], a[0]), x, offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, dy, lora_b, (1, experts, rank * experts), offsets,
+                                         SCALING)
+    return {"forward": forward, "backward": backward}
+
+
 def gated_activation_call(m, n, dtype, activation):
     """The fused MLP's elementwise steps: act(g) * u forward, and its backward."""
     g, u, h, dh, dg, du = (empty(m, n, dtype=dtype) for _ in range(6))
@@ -253,6 +279,7 @@ def run_calls(calls, target):
 TRAIN_SHAPE = (4096, 4096, 14336)
 DECODE_ROWS = (1, 16)
 WEIGHT_SHAPE = (14336, 4096)
+MOE_PROJECTIONS = {"gate_up": (2048, 2 * 768), "down": (768, 2048)}  # (K, N), Qwen3-30B-A3B
 
 
 def weight_bytes(kind, n, k):
@@ -313,6 +340,14 @@ def bench_cases():
         merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
     cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
                                               ("copy", dense + weight_bytes("nf4", wn, wk)))
+    # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
+    # evenly; forward only (the backward's dA / dB reductions loop over each expert's rows, which
+    # the model's trip count cannot read from the launch's integers).
+    rows, experts = 4096 * 8, 128
+    for projection, (k, n) in MOE_PROJECTIONS.items():
+        cases[f"lora_grouped_forward dense {rows}x{k}x{n} E={experts} {projection}"] = (
+            lora_grouped_calls(rows, k, n, experts, bf16)["forward"],
+            ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
     return cases
 
 
@@ -362,6 +397,9 @@ def coverage_calls():
                     *shape, kind, dtype, 2, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
+        for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
+            for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
+                calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for activation in gated_activation.ACTIVATIONS:
             for shape in (ALIGNED[:2], RAGGED[:2]):
                 calls[f"gated_activation {t} {activation} {shape}"] = gated_activation_call(

@@ -3,6 +3,8 @@
 
 - ``Layer``: the ``AdapterLayer`` subclass (``lowrank/adapter_layer.py``) that ``patch_model`` puts in place,
   with its weights named as PEFT names them, its forward on a ``lowrank.ops`` op, its merges;
+- ``layer_class(module)``: the layer class that wraps ``module`` (LoRA: ``LoraExperts``,
+  ``methods/lora_experts.py``, for a mixture-of-experts experts module; else ``Layer``);
 - ``NAME`` (``patch_model(method=...)``), ``LABEL`` (reports), ``PEFT_TYPE``, ``KEY`` (its PEFT
   weight keys) and ``KEY_WHAT``;
 - ``patch_settings``: ``patch_model``'s arguments checked, defaults applied;

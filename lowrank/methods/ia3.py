@@ -15,7 +15,7 @@ from lowrank._dispatch import check_device
 from lowrank.architectures import ia3_defaults
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_module_names, layer_features, peft_adapter_to_serve)
-from lowrank.targets import feedforward_paths, resolve_targets
+from lowrank.targets import feedforward_paths, resolve_targets, split_expert_paths
 
 NAME, LABEL, PEFT_TYPE = "ia3", "IA3", "IA3"
 KEY = re.compile(r"(.+)\.(ia3_l)")  # a PEFT weight key, after KEY_PREFIX
@@ -102,6 +102,11 @@ class IA3Linear(AdapterLayer):
 Layer = IA3Linear
 
 
+def layer_class(module):
+    """The layer ``patch_model`` wraps ``module`` in: IA3Linear for every kind it patches."""
+    return IA3Linear
+
+
 # patch_model's settings
 
 def patch_settings(model, rank, alpha, dropout, use_rslora, use_dora, target_modules, layers,
@@ -119,6 +124,11 @@ def patch_settings(model, rank, alpha, dropout, use_rslora, use_dora, target_mod
         if feedforward_modules is None:
             feedforward_modules = default_feedforward
     names = resolve_targets(model, target_modules, layers)
+    experts = split_expert_paths(model, names)[1]
+    if experts:
+        raise ValueError(f"lowrank.patch_model: IA3 has no form for mixture-of-experts expert "
+                         f"weights, which the targets select in {sorted(experts)}; name target_modules "
+                         "that leave them out (LoRA adapts them)")
     feedforward = feedforward_paths(names, feedforward_modules)
     config = AdapterConfig(method=NAME, modules=names, target_modules=target_modules,
                            layers=layers, feedforward_modules=feedforward)

@@ -23,14 +23,21 @@ from lowrank._dispatch import check_device
 from lowrank.adapter_layer import (KEY_PREFIX, AdapterConfig, AdapterLayer, common_peft_config,
                                    is_int, is_number, layer_features, peft_adapter_to_serve)
 from lowrank.mixed import peft_mixed_forward
-from lowrank.targets import resolve_targets
+from lowrank.base_layers import ExpertsBase, expert_projections
+from lowrank.methods.lora_experts import (LoraExperts, peft_experts_forward, projection_shape,
+                                          weight_prefixes)
+from lowrank.targets import resolve_targets, split_expert_paths
 
 NAME, LABEL, PEFT_TYPE = "lora", "LoRA", "LORA"
 # A PEFT weight key, after KEY_PREFIX. DoRA's magnitude: PEFT writes ``...lora_magnitude_vector``
 # (its module's ``.weight`` left out) and reads the older ``...lora_magnitude_vector.weight`` too;
 # so do we.
-KEY = re.compile(r"(.+)\.(lora_A(?=\.weight$)|lora_B(?=\.weight$)|lora_magnitude_vector)(?:\.weight)?")
-KEY_WHAT = "a LoRA A or B (or DoRA magnitude) of a linear layer"
+# Expert projections (``target_parameters``) carry PEFT's nesting in the name
+# (``mlp.experts.base_layer.lora_A.weight``): the module path is the experts module's, the
+# ``base_layer.`` prefixes part of the weight's name, as ``LoraExperts.adapter_weights`` names it.
+KEY = re.compile(r"(.+?)\.((?:base_layer\.)*(?:lora_A|lora_B)(?=\.weight$)|lora_magnitude_vector)"
+                 r"(?:\.weight)?")
+KEY_WHAT = "a LoRA A or B (or DoRA magnitude) of a linear layer or an expert projection"
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitudes on the layer, as PEFT names them
 
 
@@ -238,6 +245,13 @@ class LoraLinear(AdapterLayer):
 Layer = LoraLinear
 
 
+def layer_class(module):
+    """The layer ``patch_model`` wraps ``module`` in: ``LoraExperts`` for a mixture-of-experts
+    experts module, ``LoraLinear`` for the others."""
+    base = module.base if isinstance(module, AdapterLayer) else None
+    return LoraExperts if isinstance(base, ExpertsBase) or ExpertsBase.serves(module) else LoraLinear
+
+
 # patch_model's settings
 
 def check_patch_args(rank, alpha, dropout, use_rslora, use_dora=False):
@@ -262,19 +276,28 @@ def patch_settings(model, rank, alpha, dropout, use_rslora, use_dora, target_mod
     rank = 16 if rank is None else rank
     check_patch_args(rank, alpha, dropout, use_rslora, use_dora)
     alpha = 2 * rank if alpha is None else alpha
-    names = resolve_targets(model, target_modules, layers)
-    config = AdapterConfig(method=NAME, modules=names, rank=rank, alpha=alpha,
+    linear, experts = split_expert_paths(model, resolve_targets(model, target_modules, layers))
+    settings = {name: (rank, alpha, float(dropout), use_rslora, use_dora) for name in linear}
+    # An experts module: one layer, the expert projections it adapts as its last setting.
+    settings.update({path: (rank, alpha, float(dropout), use_rslora, use_dora, tuple(projections))
+                     for path, projections in experts.items()})
+    config = AdapterConfig(method=NAME, modules=list(settings), rank=rank, alpha=alpha,
                            dropout=float(dropout), use_rslora=use_rslora, use_dora=use_dora,
                            target_modules=target_modules, layers=layers)
-    return config, {name: (rank, alpha, float(dropout), use_rslora, use_dora) for name in names}
+    return config, settings
 
 
 # PEFT's format: config and weights, both ways
 
 def to_peft(model, adapter_name, config, layers):
     """({PEFT key: weight}, PEFT's adapter config) of adapter ``adapter_name`` on ``layers``."""
-    ranks = {p: layer.r[adapter_name] for p, layer in layers.items()}
-    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in layers.items()}
+    # An experts layer's settings are PEFT's for each of its parameters (target_parameters).
+    keyed = {f"{p}.{projection}" if isinstance(layer, LoraExperts) else p: layer
+             for p, layer in layers.items()
+             for projection in getattr(layer, "projections", {}).get(adapter_name, (None,))}
+    ranks = {p: layer.r[adapter_name] for p, layer in keyed.items()}
+    alphas = {p: layer.lora_alpha[adapter_name] for p, layer in keyed.items()}
+    linear = {p: layer for p, layer in layers.items() if not isinstance(layer, LoraExperts)}
     # The most common rank / alpha is the default; layers that differ go into the patterns.
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -283,7 +306,9 @@ def to_peft(model, adapter_name, config, layers):
                for p, layer in layers.items()
                for attr, weight in layer.adapter_weights(adapter_name).items()}
     return tensors, {
-        **common_peft_config(model, PEFT_TYPE, layers),
+        **common_peft_config(model, PEFT_TYPE, linear),
+        "target_parameters": sorted(p for p, layer in keyed.items()
+                                    if isinstance(layer, LoraExperts)) or None,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
@@ -306,6 +331,8 @@ def check_peft_config(config, check, check_pattern):
     check("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.0)
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
     check("use_dora", lambda v: isinstance(v, bool), "true or false", False)
+    check("target_parameters", lambda v: v is None or (
+        isinstance(v, list) and all(isinstance(t, str) for t in v)), "null or a list of names")
     check("layers_to_transform", lambda v: v is None or is_int(v) or (
         isinstance(v, list) and all(is_int(i) for i in v)), "null, an integer or a list of them")
     check_pattern("rank_pattern", lambda v: is_int(v) and v >= 1, positive_int)
@@ -328,6 +355,11 @@ def from_peft(config, weights, modules):
     use_dora = bool(config.get("use_dora", False))
     expected = {"lora_A", "lora_B"} | ({MAGNITUDE} if use_dora else set())
     for module_path, pair in weights.items():
+        module = modules.get(module_path)
+        experts = module.base_layer if isinstance(module, LoraExperts) else module
+        if experts is not None and ExpertsBase.serves(experts):
+            settings[module_path] = _experts_from_peft(config, module_path, experts, pair)
+            continue
         in_features, out_features = layer_features(modules, module_path, "load_adapter")
         if set(pair) != expected:
             raise ValueError(f"lowrank.load_adapter: {module_path} has {sorted(pair)}; an adapter "
@@ -353,13 +385,52 @@ def from_peft(config, weights, modules):
     return adapter, settings
 
 
+def _experts_from_peft(config, path, experts, weights):
+    """``add_adapter``'s settings of the experts module at ``path`` from PEFT's
+    ``target_parameters`` adapter, its ``weights`` checked: the projections the config targets,
+    each with A (E r) x in and B out x (r E), one rank and alpha for all of them."""
+    targets = config.get("target_parameters") or []
+    projections = tuple(p for p in expert_projections(experts)
+                        if any(f"{path}.{p}" == t or f"{path}.{p}".endswith(f".{t}")
+                               for t in targets))
+    expected = {f"{prefix}{kind}" for prefix in weight_prefixes(projections).values()
+                for kind in ("lora_A", "lora_B")}
+    if not projections or set(weights) != expected:
+        raise ValueError(f"lowrank.load_adapter: the experts at {path} have weights "
+                         f"{sorted(weights)}; target_parameters {targets} give them "
+                         f"{sorted(expected)}")
+    if config.get("use_dora") or config.get("lora_dropout"):
+        raise ValueError(f"lowrank.load_adapter: LoRA on the experts at {path} takes neither DoRA "
+                         "nor dropout (nor does PEFT's ParamWrapper)")
+    found = set()
+    for projection, prefix in weight_prefixes(projections).items():
+        key = f"{path}.{projection}"
+        rank = pattern_value(config.get("rank_pattern") or {}, config["r"], key)
+        alpha = pattern_value(config.get("alpha_pattern") or {}, config["lora_alpha"], key)
+        count, in_features, out_features = projection_shape(experts, projection)
+        lora_A, lora_B = weights[f"{prefix}lora_A"], weights[f"{prefix}lora_B"]
+        if (tuple(lora_A.shape) != (rank * count, in_features)
+                or tuple(lora_B.shape) != (out_features, rank * count)):
+            raise ValueError(
+                f"lowrank.load_adapter: {key} needs lora_A ({rank * count}, {in_features}) and "
+                f"lora_B ({out_features}, {rank * count}) for rank {rank} over {count} experts, "
+                f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        found.add((rank, alpha))
+    if len(found) > 1:
+        raise ValueError(f"lowrank.load_adapter: the projections of the experts at {path} have "
+                         f"ranks and alphas {sorted(found)}; lowrank takes one per experts module")
+    (rank, alpha), = found
+    return rank, alpha, 0.0, bool(config.get("use_rslora", False)), False, projections
+
+
 # What must agree for a saved adapter's weights to be restored into one the model has.
 FITTING = "(rank, alpha, use_rslora, use_dora)"
 
 
 def fitting_settings(settings):
     """{path: what must agree} of ``from_peft``'s settings."""
-    return {p: (rank, alpha, rslora, dora) for p, (rank, alpha, _, rslora, dora) in settings.items()}
+    return {p: (rank, alpha, rslora, dora)
+            for p, (rank, alpha, _, rslora, dora, *_) in settings.items()}
 
 
 def held_settings(layers, adapter_name, config):
@@ -375,7 +446,7 @@ def peft_layer_classes():
     from peft.tuners import lora
     from peft.tuners.lora.bnb import Linear4bit
 
-    return (lora.Linear, Linear4bit)
+    return (lora.Linear, Linear4bit, lora.ParamWrapper)
 
 
 def is_peft_dora(layer, name):
@@ -440,7 +511,10 @@ def _peft_call(layer, base, name, x):
 def peft_forward(layer, base, x, *args, **kwargs):
     """The forward of PEFT's LoRA ``layer`` over a base of kind ``base``: our op (``dora_linear``
     for a DoRA adapter) for the one adapter we serve (``adapter_names=``, one per row:
-    ``lowrank.mixed``'s op), PEFT's own forward otherwise."""
+    ``lowrank.mixed``'s op), PEFT's own forward otherwise. PEFT's ParamWrappers over an experts
+    module run ``lowrank.ops.lora_grouped`` (``methods/lora_experts.py``)."""
+    if isinstance(base, ExpertsBase):
+        return peft_experts_forward(layer, peft_refusal, x, *args, **kwargs)
     if not args and kwargs.keys() == {"adapter_names"}:
         y, why = peft_mixed_forward(layer, base, x, kwargs["adapter_names"], peft_mixed_refusal)
         if y is not None:

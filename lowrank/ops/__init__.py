@@ -6,6 +6,8 @@ torch.compile traces through) and its public function, which checks the argument
 - ``lora``: ``lora_linear`` (``LoraLinearFunction``), LoRA / QLoRA linear.
 - ``dora``: ``dora_linear`` (``DoraLinearFunction``), DoRA linear, and ``dora_norm``.
 - ``ia3``: ``ia3_linear`` (``IA3LinearFunction``), IA3 linear.
+- ``lora_grouped``: ``lora_grouped`` (``LoraGroupedFunction``), LoRA over a mixture-of-experts
+  block's experts, rows grouped by expert, one launch for all experts.
 - ``lora_mixed``: ``lora_mixed``, LoRA linear with one adapter per row (inference).
 - ``lora_mlp``: ``lora_mlp`` (``LoraMLPFunction``), the fused LoRA gated MLP, with the gated
   activation's custom ops.
@@ -28,6 +30,8 @@ from lowrank.ops.ia3 import (IA3LinearFunction, ia3_backward, ia3_forward, ia3_l
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
                               lora_grad_a, lora_grad_input, lora_linear,
                               lora_linear_checks)
+from lowrank.ops.lora_grouped import (LoraGroupedFunction, expert_offsets, lora_grouped,
+                                      lora_grouped_checks)
 from lowrank.ops.lora_mixed import lora_mixed, lora_mixed_checks, lora_mixed_forward
 from lowrank.ops.lora_mlp import (LoraMLPFunction, LoraProjection, gated_activation,
                                   gated_activation_backward, lora_mlp)
@@ -40,6 +44,7 @@ from lowrank.ops.nf4 import nf4_dequantize, nf4_quant_state, nf4_quantize, nf4_q
 __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_linear", "ia3_linear",
            "lora_linear_checks", "ia3_linear_checks",
            "lora_mixed", "lora_mixed_checks", "lora_mixed_forward",
+           "LoraGroupedFunction", "lora_grouped", "lora_grouped_checks", "expert_offsets",
            "merge_lora", "merge_lora_", "unmerge_lora_", "merge_ia3", "merge_ia3_", "unmerge_ia3_",
            "dropout_seed", "lora_dropout_mask", "lora_forward", "lora_grad_input", "lora_grad_a",
            "ia3_forward", "ia3_backward", "LoraMLPFunction", "LoraProjection", "lora_mlp",

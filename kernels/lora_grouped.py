@@ -1,0 +1,205 @@
+"""Grouped LoRA GEMM over a mixture-of-experts block's experts, forward and backward, one launch
+per step for all experts.
+
+Rows (token, expert) pairs are sorted by expert: rows offsets[e] .. offsets[e + 1] go to expert
+e. For x (S x K), frozen W (E x N x K, any strides), adapters A_e (r x K) and B_e (N x r) and
+scaling s (every per-expert operand is read through (expert, row, column) strides: A in PEFT's
+``target_parameters`` layout as it is, B as ``lowrank.ops.lora_grouped`` lays it out):
+
+    S = x A_e^T          Y = x W_e^T + s S B_e^T
+    dS = s dY B_e        dX = dY W_e + dS A_e       dA_e = dS_e^T x_e     dB_e = s dY_e^T S_e
+
+- One program tile of rows never spans two experts: each expert's rows are cut into BLOCK_M
+  tiles, listed by ``tile_schedule`` (torch ops on the device, no host sync: the grid is the
+  upper bound cdiv(S, BLOCK_M) + E and the tiles past the last do no work).
+- The LoRA expand s S B_e^T is added to the output tile before its one store, as in the dense
+  LoRA kernel (``lora_linear.py``); S comes from the grouped shrink. dX is the same kernel over W_e
+  read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
+  rows, written through strides straight into PEFT's layout.
+- Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import store_rounded
+from ._weight import precision
+
+BLOCK_R = 16  # ranks in chunks of 16 (the smallest tl.dot size): any rank works
+
+
+def gemm_config(target, dtype):
+    if target.arch == 90 and dtype.itemsize == 2:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+
+def shrink_config(target, dtype):
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def weight_grad_config(target, dtype):
+    # Three stages: two leave 8 bytes of stack on sm_90 for ragged bf16 (triton 3.9).
+    return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 4, "num_stages": 3}
+
+
+def tile_schedule(offsets, rows, block_m):
+    """(tile_expert, tile_start), int32, cdiv(rows, block_m) + E entries each, for ``offsets``
+    (E + 1 row offsets, on the device): tile t covers rows tile_start[t] .. min(tile_start[t] +
+    block_m, offsets[e + 1]) of expert e = tile_expert[t]; tiles past the last have expert -1.
+    Torch ops on the device, so that no launch waits for the host to read the counts."""
+    experts = offsets.numel() - 1
+    offsets = offsets.to(torch.int64)
+    tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)
+    index = torch.arange(triton.cdiv(rows, block_m) + experts, device=offsets.device)
+    expert = torch.searchsorted(ends, index, right=True)
+    used = expert < experts
+    expert = expert.clamp(max=experts - 1)
+    start = offsets[expert] + (index - (ends[expert] - tiles[expert])) * block_m
+    return (torch.where(used, expert, -1).to(torch.int32),
+            torch.where(used, start, 0).to(torch.int32))
+
+
+@triton.jit
+def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constexpr):
+    """(expert, row indices, row mask) of this program's tile (axis 0); an unused tile has no
+    rows and expert 0 (whose pointers are then valid but never dereferenced unmasked)."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    used = expert >= 0
+    expert = tl.where(used, expert, 0)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.where(used, tl.load(offsets_ptr + expert + 1), 0)
+    rows = start + tl.arange(0, BLOCK_M)
+    return expert, rows, rows < end
+
+
+@triton.jit
+def _grouped_shrink_kernel(x_ptr, f_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
+                           K, R, scaling, stride_xm, stride_xk, stride_fe, stride_fr, stride_fk,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """out = scaling * x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
+    (R x K) at f_ptr + e stride_fe. One rank chunk per program (axis 1)."""
+    expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f_base = f_ptr + expert.to(tl.int64) * stride_fe
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_len = tl.where(tl.max(row_mask.to(tl.int32), 0) > 0, K, 0)  # an unused tile loops no K
+    for k0 in range(0, k_len, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+        f = tl.load(f_base + ranks[:, None] * stride_fr + cols[None, :] * stride_fk,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(f.to(x.dtype)), acc, input_precision=PRECISION)
+    store_rounded(out_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], acc * scaling,
+                  row_mask[:, None] & (ranks[None, :] < R))
+
+
+@triton.jit
+def _grouped_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr, tile_start_ptr,
+                         offsets_ptr, N, K, R, scaling, stride_xm, stride_xk, stride_we, stride_wn,
+                         stride_wk, stride_ge, stride_gn, stride_gr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
+    G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); one store per output tile.
+    Forward: W_e, G_e = B_e; dX: W_e read transposed, G_e = A_e^T, S = dS, scaling 1."""
+    dtype = x_ptr.dtype.element_ty
+    expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    g_base = g_ptr + expert.to(tl.int64) * stride_ge
+    used = tl.max(row_mask.to(tl.int32), 0) > 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.where(used, K, 0), BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+        w = tl.load(w_base + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, tl.where(used, R, 0), BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
+                    mask=row_mask[:, None] & (ranks[None, :] < R), other=0.0)
+        g = tl.load(g_base + outs[:, None] * stride_gn + ranks[None, :] * stride_gr,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        lora = tl.dot(s, tl.trans(g.to(dtype)), lora, input_precision=PRECISION)
+    store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc + scaling * lora,
+                  row_mask[:, None] & (outs[None, :] < N))
+
+
+@triton.jit
+def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scaling, stride_lm,
+                                stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
+                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """out_e = scaling L_e^T R_e (P x Q, fp32, at out_ptr + e stride_oe) over the rows of expert
+    e = program 0; an expert without rows gets zeros. dA: L = dS, R = x; dB: L = dY, R = S."""
+    expert = tl.program_id(0)
+    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    first = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(first, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        left = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + ps[None, :] * stride_lp,
+                       mask=row_mask[:, None] & (ps[None, :] < P), other=0.0)
+        right = tl.load(r_ptr + rows[:, None].to(tl.int64) * stride_rm + qs[None, :] * stride_rq,
+                        mask=row_mask[:, None] & (qs[None, :] < Q), other=0.0)
+        acc = tl.dot(tl.trans(left), right.to(left.dtype), acc, input_precision=PRECISION)
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + ps[:, None] * stride_op
+             + qs[None, :] * stride_oq, acc * scaling, mask=(ps[:, None] < P) & (qs[None, :] < Q))
+
+
+# Launchers. ``f``, ``w``, ``g`` and ``out`` are passed as (tensor, per-expert strides): views of
+# PEFT's 2-D adapter layout or the 3-D expert weight, never copied.
+
+def grouped_shrink(x, f, f_strides, out, offsets, scaling):
+    """out (S x R) = scaling x F_e^T; ``f_strides`` = (expert, rank, k) strides of F in f."""
+    rows, K = x.shape
+    R = out.shape[1]
+    target = _common.target(x.device)
+    config = shrink_config(target, x.dtype)
+    tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
+    grid = (tile_expert.numel(), triton.cdiv(R, BLOCK_R))
+    _grouped_shrink_kernel[grid](x, f, out, tile_expert, tile_start, offsets, K, R, scaling,
+                                 x.stride(0), x.stride(1), *f_strides,
+                                 PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
+
+
+def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling):
+    """y (S x N) = x W_e^T + scaling S G_e^T; ``w_strides`` = (expert, n, k) of W in w,
+    ``g_strides`` = (expert, n, rank) of G in g."""
+    rows, K = x.shape
+    N = y.shape[1]
+    R = s.shape[1]
+    target = _common.target(x.device)
+    config = gemm_config(target, x.dtype)
+    tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
+    grid = (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"]))
+    _grouped_gemm_kernel[grid](x, w, s, g, y, tile_expert, tile_start, offsets, N, K, R, scaling,
+                               x.stride(0), x.stride(1), *w_strides, *g_strides,
+                               PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config,
+                               enable_fp_fusion=False)
+
+
+def grouped_weight_grad(left, right, out, out_strides, offsets, scaling):
+    """out_e (P x Q, fp32) = scaling L_e^T R_e for every expert; ``out_strides`` = (expert, p, q)."""
+    P, Q = left.shape[1], right.shape[1]
+    experts = offsets.numel() - 1
+    target = _common.target(left.device)
+    config = weight_grad_config(target, left.dtype)
+    grid = (experts, triton.cdiv(P, BLOCK_R), triton.cdiv(Q, config["BLOCK_Q"]))
+    _grouped_weight_grad_kernel[grid](left, right, out, offsets, P, Q, scaling, left.stride(0),
+                                      left.stride(1), right.stride(0), right.stride(1),
+                                      *out_strides, PRECISION=precision(left.dtype),
+                                      BLOCK_P=BLOCK_R, **config)

@@ -1,0 +1,225 @@
+"""Grouped LoRA GEMM over the experts of a mixture-of-experts block: for rows sorted by expert,
+``y = x W_e^T + scaling * x A_e^T B_e^T`` with each row's expert e, every expert in one launch.
+
+The adapters are in PEFT's ``target_parameters`` layout (``ParamWrapper``): ``lora_A`` (E r x K),
+whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e + E, e + 2E, ...
+are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied
+into an E x N x r tensor per call (small: the experts' weights dominate what a launch reads), so
+the GEMM tiles load its rows whole. Gradients are written straight into PEFT's layout.
+
+``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
+``lora_grouped_backward`` are its launch primitives, registered with torch.library with fake
+implementations so that torch.compile traces through them. ``lora_grouped`` checks the arguments
+and runs ``lowrank.reference.lora_grouped`` where ``lowrank._dispatch`` says so. Kernels:
+``kernels/lora_grouped.py``.
+"""
+
+import torch
+
+from lowrank import reference
+from lowrank._dispatch import use_kernels
+from lowrank._quant_state import FLOAT_DTYPES
+from lowrank.kernels import lora_grouped as kernels
+from lowrank.ops.gradients import InputGradients
+
+
+def _shapes(weight, transposed):
+    """(experts, out_features N, in_features K) of the stacked expert weight."""
+    experts, first, second = weight.shape
+    return (experts, second, first) if transposed else (experts, first, second)
+
+
+def _weight_strides(weight, transposed):
+    """W_e's (expert, n, k) strides in ``weight`` (E x N x K, or E x K x N when transposed)."""
+    e, first, second = weight.stride()
+    return (e, second, first) if transposed else (e, first, second)
+
+
+def _rank(lora_A, experts):
+    return lora_A.shape[0] // experts
+
+
+def _experts_b(lora_B, experts, dtype):
+    """B as E x N x r, contiguous, in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
+    the GEMM tiles would gather element by element; this copy (r N E values, small next to the
+    experts' weights that the same launch reads) lets them load whole rows."""
+    rank = lora_B.shape[1] // experts
+    return lora_B.detach().reshape(lora_B.shape[0], rank, experts).permute(2, 0, 1).to(
+        dtype, memory_format=torch.contiguous_format)
+
+
+def expert_offsets(expert_ids, experts):
+    """The E + 1 row offsets (int32) of rows sorted by expert, from each row's expert id (sorted,
+    as ``torch.sort`` returns them): rows offsets[e] .. offsets[e + 1] belong to expert e."""
+    ends = torch.searchsorted(expert_ids, torch.arange(experts, device=expert_ids.device),
+                              right=True)
+    return torch.cat((ends.new_zeros(1), ends)).to(torch.int32)
+
+
+@torch.library.custom_op("lowrank::lora_grouped_forward", mutates_args=())
+def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool,
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                         offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (x's dtype)."""
+    experts, out_features, _ = _shapes(weight, transposed)
+    rank = _rank(lora_A, experts)
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return y, s
+    if rank:
+        a = lora_A.stride()
+        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+    b = _experts_b(lora_B, experts, x.dtype)
+    kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, b, b.stride(), y,
+                         offsets, scaling)
+    return y, s
+
+
+@lora_grouped_forward.register_fake
+def _(x, weight, transposed, lora_A, lora_B, scaling, offsets):
+    experts, out_features, _ = _shapes(weight, transposed)
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], _rank(lora_A, experts))
+
+
+@torch.library.custom_op("lowrank::lora_grouped_backward", mutates_args=())
+def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                          weight: torch.Tensor, transposed: bool, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scaling: float, offsets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX in x's dtype, dA, dB in fp32, in PEFT's layout): dS = s dY B_e, dX = dY W_e + dS A_e,
+    dA_e = dS_e^T x_e, dB_e = s dY_e^T S_e."""
+    experts, out_features, in_features = _shapes(weight, transposed)
+    rank = _rank(lora_A, experts)
+    grad_x = torch.empty_like(x)
+    grad_a = torch.zeros(lora_A.shape, dtype=torch.float32, device=x.device)
+    grad_b = torch.zeros(lora_B.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return grad_x.zero_(), grad_a, grad_b
+    grad_s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
+    a = lora_A.stride()
+    if rank:
+        b = _experts_b(lora_B, experts, x.dtype).transpose(1, 2)  # B_e^T: E x r x N
+        kernels.grouped_shrink(grad_y, b, b.stride(), grad_s, offsets, scaling)
+    e, n, k = _weight_strides(weight, transposed)
+    kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
+                         grad_x, offsets, 1.0)
+    if rank:
+        kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
+                                    offsets, 1.0)
+        kernels.grouped_weight_grad(s, grad_y, grad_b, (1, experts, rank * experts), offsets,
+                                    scaling)
+    return grad_x, grad_a, grad_b
+
+
+@lora_grouped_backward.register_fake
+def _(grad_y, x, s, weight, transposed, lora_A, lora_B, scaling, offsets):
+    return (torch.empty_like(x), lora_A.new_empty(lora_A.shape, dtype=torch.float32),
+            lora_B.new_empty(lora_B.shape, dtype=torch.float32))
+
+
+class LoraGroupedFunction(torch.autograd.Function):
+    """The grouped LoRA GEMM as an autograd Function:
+
+        y = LoraGroupedFunction.apply(x, weight, transposed, lora_A, lora_B, scaling, offsets)
+
+    ``x`` contiguous (S x K), rows sorted by expert; ``weight`` the frozen E x N x K expert stack
+    (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32. Arguments are
+    used as given: ``lora_grouped`` is the checked entry point. Saves x, S = x A_e^T (S x r), the
+    adapters, offsets and the weight as stored (no copy). The weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets):
+        y, s = lora_grouped_forward(x, weight, transposed, lora_A, lora_B, scaling, offsets)
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B, offsets)
+        ctx.transposed, ctx.scaling = transposed, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, s, weight, lora_A, lora_B, offsets = ctx.saved_tensors
+        need = _GROUPED_GRADIENTS.needed(ctx)
+        grad_x, grad_a, grad_b = lora_grouped_backward(grad_y.contiguous(), x, s, weight,
+                                                       ctx.transposed, lora_A, lora_B,
+                                                       ctx.scaling, offsets)
+        grads = {"x": grad_x if need["x"] else None}
+        if need["lora_A"]:
+            grads["lora_A"] = grad_a.to(lora_A.dtype)
+        if need["lora_B"]:
+            grads["lora_B"] = grad_b.to(lora_B.dtype)
+        return _GROUPED_GRADIENTS.by_position(**grads)
+
+
+_GROUPED_GRADIENTS = InputGradients(LoraGroupedFunction, "x", "lora_A", "lora_B")
+
+
+def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+    """Everything ``lora_grouped`` checks before it runs: a TypeError or ValueError naming the
+    problem. The offsets' values are checked by ``check_offsets`` (on the device)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lowrank.lora_grouped: x must be a 2-D fp32/fp16/bf16 tensor (rows sorted "
+                        f"by expert), got {_describe(x)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.dtype != x.dtype:
+        raise TypeError(f"lowrank.lora_grouped: weight must be a 3-D expert stack in x's dtype "
+                        f"{x.dtype}, got {_describe(weight)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("lowrank.lora_grouped: the expert weight requires grad; it is frozen here "
+                         "(only the adapters train)")
+    experts, out_features, in_features = _shapes(weight, transposed)
+    if x.shape[1] != in_features:
+        raise ValueError(f"lowrank.lora_grouped: x has {x.shape[1]} features, the experts take "
+                         f"{in_features} (weight {tuple(weight.shape)}, transposed={transposed})")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+            raise TypeError(f"lowrank.lora_grouped: {name} must be a 2-D float tensor, got "
+                            f"{_describe(t)}")
+    rank, rest = divmod(lora_A.shape[0], experts)
+    if rest or lora_A.shape[1] != in_features or tuple(lora_B.shape) != (out_features,
+                                                                           rank * experts):
+        raise ValueError(f"lowrank.lora_grouped: for {experts} experts of {in_features} -> "
+                         f"{out_features} features, lora_A must be (E r, {in_features}) and lora_B "
+                         f"({out_features}, r E) (PEFT's target_parameters layout), got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"lowrank.lora_grouped: scaling must be a number, got {scaling!r}")
+    if (not isinstance(offsets, torch.Tensor) or offsets.dim() != 1
+            or offsets.dtype not in (torch.int32, torch.int64) or offsets.numel() != experts + 1):
+        raise TypeError(f"lowrank.lora_grouped: offsets must be {experts + 1} int32/int64 row "
+                        f"offsets (one more than the experts), got {_describe(offsets)}")
+    use_kernels(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, offsets=offsets)
+
+
+def check_offsets(offsets, rows):
+    """Offsets must rise from 0 to ``rows``: otherwise the kernels' tiles would reach rows x does
+    not have. Checked where they are, without waiting for the device (``torch._assert_async``): on
+    a CPU it raises here (RuntimeError), on a GPU it is a device-side assert before any kernel
+    reads them."""
+    valid = (offsets[0] == 0) & (offsets[-1] == rows) & (offsets[1:] >= offsets[:-1]).all()
+    torch._assert_async(valid, f"lowrank.lora_grouped: offsets must rise from 0 to the {rows} "
+                        "rows of x (rows sorted by expert)")
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-D {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+    """The grouped LoRA GEMM: ``y[rows of e] = x W_e^T + scaling * x A_e^T B_e^T``, every expert
+    in one launch per step.
+
+    - ``x``: (S, K) rows sorted by expert (fp32/fp16/bf16); ``offsets``: E + 1 row offsets
+      (``expert_offsets`` builds them from the sorted expert ids), rows offsets[e] ..
+      offsets[e + 1] going to expert e (an expert may have none).
+    - ``weight``: the frozen experts, E x N x K in x's dtype (E x K x N with ``transposed``).
+    - ``lora_A`` (E r x K), ``lora_B`` (N x r E): PEFT's ``target_parameters`` layout, any float
+      dtype (PEFT keeps fp32), cast to x's dtype for the products; they get gradients in their own
+      dtype, x gets one too.
+    """
+    lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed)
+    check_offsets(offsets, x.shape[0])
+    if not use_kernels(x=x, weight=weight):
+        return reference.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed)
+    return LoraGroupedFunction.apply(x.contiguous(), weight, transposed, lora_A, lora_B,
+                                     float(scaling), offsets)

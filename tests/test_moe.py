@@ -1,0 +1,384 @@
+"""LoRA on mixture-of-experts experts: ``lowrank.ops.lora_grouped`` and its kernels against the
+fp64 reference, and patched tiny MoE models (Qwen3-MoE, OLMoE, gpt-oss) against PEFT's ``target_parameters``
+(``ParamWrapper``).
+
+Op shapes are odd (K = 29, N = 37, rank 3, 5 experts) with imbalanced routing: experts with no
+rows, one with one row, one with most of them (more than one 64-row tile)."""
+
+import pytest
+import torch
+from helpers import TOLERANCE, assert_op_close, poisoned
+
+from lowrank import ops, reference
+from lowrank.ops import lora_grouped
+from lowrank.kernels import lora_grouped as grouped_kernels
+
+E, K, N, RANK = 5, 29, 37, 3
+COUNTS = (0, 70, 1, 0, 9)  # rows per expert: none, two tiles, one row, none, a ragged tile
+SCALING = 0.7
+
+
+def offsets_of(counts, device="cpu"):
+    counts = torch.tensor(counts)
+    return torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(device, torch.int32)
+
+
+def make_case(dtype, transposed, counts=COUNTS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    x = torch.randn(rows, K, generator=gen).to(dtype)
+    shape = (E, K, N) if transposed else (E, N, K)
+    weight = (torch.randn(shape, generator=gen) * 0.2).to(dtype)
+    lora_a = torch.randn(E * RANK, K, generator=gen) * 0.3
+    lora_b = torch.randn(N, RANK * E, generator=gen) * 0.3
+    return x, weight, lora_a, lora_b, offsets_of(counts), torch.randn(rows, N, generator=gen).to(dtype)
+
+
+def fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, transposed):
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    y = reference.lora_grouped(leaves[0], weight.double(), leaves[1], leaves[2], SCALING, offsets,
+                               transposed)
+    y.backward(grad_y.double())
+    return y.detach(), *(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["E-N-K", "E-K-N"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_against_fp64(dtype, transposed):
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, transposed)
+    x.requires_grad_()
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, transposed)
+    y.backward(grad_y)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, transposed)
+    assert_op_close(y, expected[0], dtype, "y")
+    assert_op_close(x.grad, expected[1], dtype, "dx")
+    # dA, dB: fp32 adapters, from products of x's dtype accumulated in fp32.
+    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
+    # An expert without rows gets exactly zero gradient.
+    rank_rows = lora_a.grad.view(E, RANK, K)
+    assert rank_rows[0].eq(0).all() and rank_rows[3].eq(0).all()
+    assert lora_b.grad.view(N, RANK, E)[:, :, 3].eq(0).all()
+
+
+def test_lora_grouped_kernels_write_every_element():
+    """Launchers into NaN-filled outputs: every row of every expert with rows is written, and the
+    fp32 weight gradients of every expert (zeros for those without rows)."""
+    dtype = torch.float32
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False, counts=(64, 0, 0, 1, 0))
+    rows = x.shape[0]
+    a, b = lora_a.stride(), lora_b.stride()
+    s = poisoned((rows, RANK), dtype, "cpu")
+    grouped_kernels.grouped_shrink(x, lora_a, (RANK * a[0], a[0], a[1]), s, offsets, 1.0)
+    y = poisoned((rows, N), dtype, "cpu")
+    grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, lora_b, (b[1], b[0], E * b[1]), y,
+                                 offsets, SCALING)
+    grad_b = poisoned(lora_b.shape, torch.float32, "cpu")
+    grouped_kernels.grouped_weight_grad(s, grad_y, grad_b, (1, E, RANK * E), offsets, SCALING)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)
+    assert_op_close(y, expected[0], dtype, "y")
+    assert_op_close(grad_b, expected[3], dtype, "dB")
+
+
+def test_lora_grouped_all_rows_on_one_expert_and_none():
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False,
+                                                           counts=(0, 0, 11, 0, 0))
+    y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets)
+    assert_op_close(y, fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)[0],
+                    torch.float32, "y")
+    empty = ops.lora_grouped(x[:0], weight, lora_a, lora_b, SCALING, offsets_of((0,) * E))
+    assert empty.shape == (0, N)
+
+
+def test_lora_grouped_refuses_bad_arguments():
+    x, weight, lora_a, lora_b, offsets, _ = make_case(torch.float32, False)
+    with pytest.raises(ValueError, match="PEFT's target_parameters layout"):
+        ops.lora_grouped(x, weight, lora_a[:-1], lora_b, SCALING, offsets)
+    with pytest.raises(ValueError, match="x has 28 features"):
+        ops.lora_grouped(x[:, 1:], weight, lora_a, lora_b, SCALING, offsets)
+    with pytest.raises(TypeError, match="offsets must be 6"):
+        ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets[1:])
+    with pytest.raises(TypeError, match="expert stack in x's dtype"):
+        ops.lora_grouped(x, weight.half(), lora_a, lora_b, SCALING, offsets)
+    for bad in (offsets + 1, offsets.flip(0), torch.cat((offsets[:-1], offsets[-1:] - 1))):
+        with pytest.raises(RuntimeError, match="offsets must rise from 0 to the 80 rows"):
+            ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, bad)
+
+
+def test_lora_grouped_custom_ops_trace():
+    """The custom ops' fake implementations agree with the kernels (torch.library.opcheck), and
+    torch.compile traces the op whole (fullgraph) with gradients."""
+    import importlib
+
+    module = importlib.import_module("lowrank.ops.lora_grouped")
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
+    torch.library.opcheck(module.lora_grouped_forward,
+                          (x, weight, False, lora_a, lora_b, SCALING, offsets))
+    s = torch.randn(x.shape[0], RANK)
+    torch.library.opcheck(module.lora_grouped_backward,
+                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets))
+    lora_a.requires_grad_()
+    compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
+                             fullgraph=True, backend="aot_eager")
+    compiled(lora_a).backward(grad_y)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)
+    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA")
+
+
+def test_expert_offsets():
+    ids = torch.tensor([1, 1, 2, 4, 4, 4])
+    assert ops.expert_offsets(ids, E).tolist() == [0, 0, 2, 3, 3, 6]
+
+
+# Patched tiny MoE models against PEFT's target_parameters (fp32).
+
+MODEL_TOLERANCE = 1e-5
+
+
+def tiny_moe(family, seed=0):
+    """A one-block MoE causal LM, 4 experts, top-2, odd-ish sizes."""
+    from transformers import (GptOssConfig, GptOssForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, vocab_size=64)
+    torch.manual_seed(seed)
+    if family == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=40, head_dim=8,
+                                                  moe_intermediate_size=24, num_experts=4))
+    if family == "gpt_oss":  # experts stored E x in x out, with biases and its own gate
+        model = GptOssForCausalLM(GptOssConfig(**common, intermediate_size=24, head_dim=8,
+                                               num_local_experts=4, layer_types=["full_attention"],
+                                               eos_token_id=0, pad_token_id=0))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "experts" in name and name.endswith("bias"):
+                    param.normal_(0, 0.1)  # they start at zero
+        return model
+    return OlmoeForCausalLM(OlmoeConfig(**common, intermediate_size=24, num_experts=4,
+                                        eos_token_id=0))
+
+
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def patched_and_peft(family, target_parameters=EXPERT_PARAMETERS, route_to=None):
+    """(base, a patched copy with random adapters on every linear layer and the experts, PEFT's
+    model loaded from its save). ``route_to``: an expert that every token picks first (the router
+    made to answer it; the second pick is expert 0: the others get no rows)."""
+    import copy
+    import tempfile
+
+    import peft
+
+    import lowrank
+
+    base = tiny_moe(family)
+    if route_to is not None:
+        router = base.model.layers[0].mlp.gate
+
+        def forced(hidden_states):  # every token: expert route_to first, expert 0 second
+            rows = hidden_states.reshape(-1, router.hidden_dim).shape[0]
+            index = torch.tensor([route_to, 0]).expand(rows, 2)
+            return None, torch.tensor([0.75, 0.25]).expand(rows, 2), index
+
+        router.forward = forced
+    ours = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"mlp\.(gate|router)\.weight") as caught:
+        lowrank.patch_model(ours, rank=3, alpha=5)
+    assert not any("experts" in str(w.message) for w in caught), "the experts are adapted now"
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    directory = tempfile.mkdtemp()
+    lowrank.save_adapter(ours, directory)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory, is_trainable=True)
+    return base, ours, theirs, directory
+
+
+def grads_by_peft_key(model, ids):
+    """(logits, {PEFT key without prefix and adapter name: gradient}) after one backward."""
+    import lowrank
+    from lowrank.adapter_layer import adapter_layers
+
+    model.zero_grad()
+    logits = model(ids).logits
+    logits.square().mean().backward()
+    if hasattr(model, "lowrank_state"):
+        return logits.detach(), {f"{path}.{attr}.weight": weight.grad
+                                 for path, layer in adapter_layers(model).items()
+                                 for attr, weight in layer.adapter_weights("default").items()}
+    assert lowrank  # PEFT's model: its own names
+    return logits.detach(), {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                             for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gpt_oss"])
+def test_patched_moe_matches_peft(family):
+    from helpers import assert_model_close
+
+    base, ours, theirs, _ = patched_and_peft(family)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits, grads = grads_by_peft_key(ours, ids)
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    assert grads.keys() == expected_grads.keys()
+    assert any(".experts.base_layer.lora_A" in k for k in grads)
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    # A fresh (B = 0) adapter adds nothing: the base model's output to rounding.
+    import lowrank
+
+    with lowrank.disable_adapters(ours):
+        assert_model_close(ours(ids).logits, base(ids).logits, 0.0, "disabled")
+
+
+def test_imbalanced_routing_matches_peft():
+    """Every token on experts 2 and 0 (1 and 3 get no rows): outputs and adapter gradients as PEFT's,
+    the idle experts' gradients exactly zero."""
+    from helpers import assert_model_close
+
+    _, ours, theirs, _ = patched_and_peft("qwen3_moe", route_to=2)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    logits, grads = grads_by_peft_key(ours, ids)
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    idle = grads["model.layers.0.mlp.experts.lora_A.weight"].view(4, 3, -1)[[1, 3]]
+    assert idle.eq(0).all()
+
+
+def test_peft_saved_expert_adapter_loads_bit_equal():
+    """PEFT's save (target_parameters) -> lowrank.load_adapter: the same tensors, the same outputs;
+    and lowrank's save of it is PEFT's file again."""
+    import copy
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    import lowrank
+    from helpers import assert_model_close
+
+    base, ours, theirs, directory = patched_and_peft("olmoe")
+    resaved = tempfile.mkdtemp()
+    theirs.save_pretrained(resaved)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), resaved)
+    again = tempfile.mkdtemp()
+    lowrank.save_adapter(loaded, again)
+    first, second = (load_file(f"{d}/adapter_model.safetensors") for d in (resaved, again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert_model_close(loaded(ids).logits, theirs(ids).logits, MODEL_TOLERANCE, "loaded")
+
+
+def test_expert_projection_by_name_merge_and_unmerge():
+    """target_modules naming one expert projection adapts it alone (PEFT's single ParamWrapper
+    keys); merge writes s B_e A_e into the stored experts, unmerge takes it out again."""
+    import copy
+
+    import lowrank
+    from helpers import assert_model_close
+
+    base = tiny_moe("qwen3_moe")
+    model = lowrank.patch_model(copy.deepcopy(base), rank=2, target_modules=["q_proj", "gate_up_proj"])
+    experts = model.model.layers[0].mlp.experts
+    assert experts.projections["default"] == ("gate_up_proj",)
+    assert set(experts.adapter_weights("default")) == {"lora_A", "lora_B"}
+    with torch.no_grad():
+        experts.lora_B["default"]["gate_up_proj"].weight.normal_(0, 0.1)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    adapted = model(ids).logits
+    original = experts.base_layer.gate_up_proj.detach().clone()
+    lowrank.merge(model)
+    assert not torch.equal(experts.base_layer.gate_up_proj, original)
+    assert_model_close(model(ids).logits, adapted, MODEL_TOLERANCE, "merged")
+    lowrank.unmerge(model)
+    assert_model_close(experts.base_layer.gate_up_proj, original, 1e-6, "unmerged")
+    merged = lowrank.merge_and_unload(model)
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    assert_model_close(merged(ids).logits, adapted, MODEL_TOLERANCE, "merge_and_unload")
+
+
+def test_moe_trains_and_refuses_dropout():
+    import lowrank
+
+    model = lowrank.patch_model(tiny_moe("olmoe"), rank=2, target_modules=["experts"])
+    experts = model.model.layers[0].mlp.experts
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(w) for w in experts.adapter_weights("default").values()}
+    assert len(trainable) == 4
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    no_tokens = experts(torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert no_tokens.shape == (0, 32)
+    with pytest.raises(ValueError, match="takes no dropout"):
+        lowrank.patch_model(tiny_moe("olmoe"), rank=2, dropout=0.1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_patch_peft_model_accelerates_param_wrappers(family, monkeypatch):
+    """A PEFT model with LoRA on the experts (target_parameters) is fully accelerated: its nested
+    ParamWrappers run as lora_grouped through the outermost one, with PEFT's outputs and
+    gradients, and no call falls back; unpatch gives PEFT's forward back."""
+    import copy
+
+    import lowrank
+    from helpers import assert_model_close
+
+    _, _, theirs, _ = patched_and_peft(family)
+    accelerated = copy.deepcopy(theirs)
+    lowrank.reset_stats()
+    report = lowrank.patch_peft_model(accelerated)
+    assert not report.not_accelerated and not report.adapters_not_served
+    assert report.accelerated["base_model.model.model.layers.0.mlp.experts"] == "LoRA over MoE experts"
+    assert "run by" in report.accelerated["base_model.model.model.layers.0.mlp.experts.base_layer"]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    calls = []
+    monkeypatch.setattr(ops, "lora_grouped", lambda *args: calls.append(1) or lora_grouped(*args))
+    logits, grads = grads_by_peft_key(accelerated, ids)
+    assert len(calls) == 2  # both projections of the one MoE block, each one grouped op
+    monkeypatch.undo()
+    expected, expected_grads = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    for key, grad in grads.items():
+        assert_model_close(grad, expected_grads[key], MODEL_TOLERANCE, key)
+    assert lowrank.stats()["peft_fallbacks"] == {}
+    with accelerated.disable_adapter():  # PEFT runs the base experts alone: not a fallback
+        accelerated(ids)
+    assert lowrank.stats()["peft_fallbacks"] == {}
+    lowrank.unpatch_peft_model(accelerated)
+    assert "forward" not in vars(accelerated.base_model.model.model.layers[0].mlp.experts)
+
+
+def test_several_adapter_features_refuse_experts_by_name():
+    """Weighted merges and mixed batches have no form for experts yet: an error naming them; a
+    second adapter on the experts and a hot swap of their weights work."""
+    import lowrank
+
+    model = lowrank.patch_model(tiny_moe("qwen3_moe"), rank=2, target_modules=["experts"])
+    lowrank.patch_model(model, rank=2, target_modules=["experts"], adapter_name="b")
+    with pytest.raises(ValueError, match="mixture-of-experts experts"):
+        lowrank.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "sum")
+    with pytest.raises(ValueError, match="mixture-of-experts experts module"):
+        with lowrank.mixed_batch(model, ["default", "b"]):
+            pass
+    experts = model.model.layers[0].mlp.experts
+    swapped = {f"base_model.model.model.layers.0.mlp.experts.{attr}.weight": torch.ones_like(w)
+               for attr, w in experts.adapter_weights("default").items()}
+    lowrank.hotswap_adapter(model, swapped, "default")
+    assert all(w.eq(1).all() for w in experts.adapter_weights("default").values())
