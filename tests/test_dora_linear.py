@@ -176,7 +176,10 @@ def test_dora_ops_pass_torch_library_checks(device):
     flat = ops.FrozenWeight.of(weight, state).flat()
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     torch.library.opcheck(ops.dora_norm_op, (*flat, lora_a, lora_b, SCALING))
-    torch.library.opcheck(ops.dora_forward, (x, *flat, lora_a, lora_b, SCALING, 0.1, seed))
+    scale = torch.rand(N, device=device) + 0.5
+    for dropout, keep_product in ((0.0, True), (0.1, False)):
+        torch.library.opcheck(ops.dora_forward, (x, *flat, lora_a, lora_b, scale, SCALING, bias,
+                                                 dropout, seed, keep_product))
     grad_y = torch.randn(5, N, device=device)
     grad_s = torch.randn(5, 5, device=device)
     torch.library.opcheck(ops.dora_grad_input, (grad_y, grad_y * 0.5, *flat, grad_s, lora_a, seed,
