@@ -38,9 +38,9 @@ def column_scale(q, rows, outs, M, N, scale_ptr, undropped_ptr, product_ptr,
 
 def launch_args(y, column_scale, undropped, product):
     """The forward kernel's DoRA arguments: ``column_scale`` g (N, fp32, contiguous) or None (no
-    scale: LoRA's output); ``undropped`` P (M x N, contiguous, in y's dtype) with dropout, else None;
-    ``product`` (M x N, contiguous, in y's dtype) to receive q for dm, or None. Unused pointers
-    point at ``y`` (never read)."""
+    scale: LoRA's output); ``undropped`` P (M x N, contiguous, in y's dtype) with dropout, else
+    None; ``product`` (M x N, contiguous, in y's dtype) to receive q for dm, or None. Unused
+    pointers point at ``y`` (never read)."""
     return {"scale_ptr": y if column_scale is None else column_scale,
             "undropped_ptr": y if undropped is None else undropped,
             "product_ptr": y if product is None else product,

@@ -200,7 +200,8 @@ def lora_shrink(x, lora_a, s, seed, p):
 def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None, undropped=None,
                  product=None):
     """``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding tensors.
-    DoRA's epilogue (``_dora_epilogue.launch_args``): ``column_scale``, ``undropped``, ``product``."""
+    DoRA's epilogue (``_dora_epilogue.launch_args``): ``column_scale``, ``undropped``,
+    ``product``."""
     M, K = x.shape
     N, R = lora_b.shape
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \

@@ -101,7 +101,8 @@ def test_dropout_as_peft_applies_it(kind, dtype, device):
     assert relative_error(ours[1], without[1]) > 10 * TOLERANCE[dtype]  # the mask made a difference
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4-nested-128", torch.bfloat16)],
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32),
+                                        ("nf4-nested-128", torch.bfloat16)],
                          ids=["dense-fp32", "nested-bf16"])
 @pytest.mark.parametrize("with_undropped", [False, True], ids=["g-q", "P+(g-1)q"])
 def test_epilogue_kernel_against_fp64(kind, dtype, with_undropped, device):

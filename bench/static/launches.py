@@ -300,7 +300,8 @@ def bench_cases():
             lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
         # DoRA's forward (training: the product for dm stored by the epilogue), LoRA's products.
         cases[f"dora_linear_forward {kind} {mkn}"] = (
-            dora_forward_call(m, k, n, kind, bf16), ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
+            dora_forward_call(m, k, n, kind, bf16),
+            ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
         for rows in DECODE_ROWS:
             cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
                 lora_linear_calls(rows, k, n, kind, bf16)["forward"],

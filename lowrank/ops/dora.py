@@ -36,8 +36,7 @@ from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
 from lowrank.ops import lora
 from lowrank.ops.gradients import InputGradients
 from lowrank.ops.ia3 import ia3_backward
-from lowrank.ops.lora import (dropout_seed, lora_dropout_mask, lora_forward, lora_grad_a,
-                              lora_grad_input)
+from lowrank.ops.lora import dropout_seed, lora_dropout_mask, lora_grad_a, lora_grad_input
 
 
 @torch.library.custom_op("lowrank::dora_norm", mutates_args=())
