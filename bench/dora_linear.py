@@ -10,17 +10,24 @@ Baselines, each checked against ``lowrank.reference.dora_linear`` before it is t
   lowrank / lowrank_lora (the issue's target: a training step at most 1.10x LoRA's).
 - ``reference``: ``lowrank.reference.dora_linear``.
 
+``lowrank`` is the route lowrank chooses per call (``lowrank.routes``); ``lowrank_fused``,
+``lowrank_cublas`` and, at M <= ``DECODE_MAX_M``, ``lowrank_decode`` are each route forced,
+backward included: the fused GEMM with DoRA's epilogue (g and the bias applied to the tile before
+its one store, the product for dm stored beside it) against LoRA's product by cuBLAS or the decode
+kernel followed by one elementwise pass for g and the bias.
+
 Forward and forward + backward (gradients of x, A, B and m) with peak memory, at the training
-shapes of the LoRA linear case.
+shapes of the LoRA linear case and at 16 rows (the decode route).
 """
 
 import torch
 
 from bench import train_step
 from bench.harness import check_all, timed_case
-from bench.lora_linear import BLOCKSIZE, PROJECTIONS, RANK, SCALING
+from bench.lora_linear import BLOCKSIZE, PROJECTIONS, RANK, SCALING, forced, route_names
 
-SHAPES = [(4096, k, n) for k, n in PROJECTIONS] + [train_step.SHAPES[0]]
+SHAPES = ([(4096, k, n) for k, n in PROJECTIONS] + [(16, 4096, 14336)]
+          + [train_step.SHAPES[0]])
 QUICK_SHAPES = [(4096, 4096, 14336), train_step.QUICK_SHAPES[0]]
 
 
@@ -98,8 +105,9 @@ def layer_cases(runner, floors, m, k, n):
         args = (x, packed, state, dense, a, b, magnitude)
         with torch.no_grad():
             # lowrank_lora computes LoRA, not DoRA: timed beside, not checked against DoRA.
-            check_all({k: f for k, f in fns.items() if k != "lowrank_lora"}, args,
-                      fns["reference"](*args))
+            check_all({**{k: f for k, f in fns.items() if k != "lowrank_lora"},
+                       **{f"lowrank_{route}": forced(route, fns["lowrank"])
+                          for route in route_names(m)}}, args, fns["reference"](*args))
         params = {"base": base, "dtype": "bfloat16", "rank": RANK}
         # Forward: x W^T and LoRA's products, plus the norm pass (2 N K r for s B A); backward
         # adds dX (2 M N K) and LoRA's gradients.
@@ -109,6 +117,8 @@ def layer_cases(runner, floors, m, k, n):
                 ("dora_linear_forward_backward", True,
                  forward_flops + 2 * m * n * k + 4 * m * RANK * (n + k))):
             calls = {name: timed(fn, backward) for name, fn in fns.items()}
+            calls.update({f"lowrank_{route}": forced(route, calls["lowrank"])  # backward included
+                          for route in route_names(m)})
             cases.append(timed_case(runner, op, [m, k, n], params, calls, inputs, floors, flops,
                                     backward))
     return cases

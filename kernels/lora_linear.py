@@ -18,7 +18,7 @@ dropout p on the LoRA branch:
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, _dora_epilogue
 from ._common import store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 
@@ -85,8 +85,11 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          block_shift, nested_shift, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                          NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Y = x W^T + b + s S B^T, one store per output tile."""
+                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, scale_ptr, undropped_ptr,
+                         product_ptr, COLUMN_SCALE: tl.constexpr, UNDROPPED: tl.constexpr,
+                         STORE_PRODUCT: tl.constexpr):
+    """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
+    (kernels/_dora_epilogue.py)."""
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,6 +111,9 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
         lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
     acc += scaling * lora
+    if COLUMN_SCALE:
+        acc = _dora_epilogue.column_scale(acc, rows, outs, M, N, scale_ptr, undropped_ptr,
+                                          product_ptr, UNDROPPED, STORE_PRODUCT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
@@ -191,8 +197,11 @@ def lora_shrink(x, lora_a, s, seed, p):
         DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
 
 
-def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
-    """``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding tensors."""
+def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None, undropped=None,
+                 product=None):
+    """``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding tensors.
+    DoRA's epilogue (``_dora_epilogue.launch_args``): ``column_scale``, ``undropped``,
+    ``product``."""
     M, K = x.shape
     N, R = lora_b.shape
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
@@ -205,7 +214,8 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None):
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
         **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
+        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False,
+        **_dora_epilogue.launch_args(y, column_scale, undropped, product))
 
 
 def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):

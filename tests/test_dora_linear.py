@@ -11,8 +11,9 @@ import pytest
 import torch
 from helpers import K, M, N, TOLERANCE, assert_op_close, make_lora_case, poisoned, relative_error
 
-from lowrank import ops, reference
+from lowrank import ops, reference, routes
 from lowrank.kernels import dora_norm as dora_norm_kernel
+from lowrank.kernels import lora_linear as lora_kernels
 
 SCALING = 1.5
 KINDS = ("dense", "nf4-64", "nf4-nested-128")
@@ -100,6 +101,63 @@ def test_dropout_as_peft_applies_it(kind, dtype, device):
     assert relative_error(ours[1], without[1]) > 10 * TOLERANCE[dtype]  # the mask made a difference
 
 
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32),
+                                        ("nf4-nested-128", torch.bfloat16)],
+                         ids=["dense-fp32", "nested-bf16"])
+@pytest.mark.parametrize("with_undropped", [False, True], ids=["g-q", "P+(g-1)q"])
+def test_epilogue_kernel_against_fp64(kind, dtype, with_undropped, device):
+    """The forward kernel's DoRA epilogue into NaN-poisoned Y and product buffers: Y = g q + b, or
+    P + (g - 1) q + b with the undropped P, and the product q = x W^T + s S B^T, every element
+    written."""
+    x, weight, state, dense, lora_a, lora_b, magnitude, bias = make_case(dtype, kind, 19, device)
+    x = x.reshape(M, K)
+    frozen = ops.FrozenWeight.of(weight, state)
+    gen = torch.Generator().manual_seed(3)
+    s = (x.float() @ lora_a.t()).to(dtype)
+    b = lora_b.to(dtype)
+    scale = (torch.rand(N, generator=gen) + 0.5).to(device)  # g, not 1
+    undropped = torch.randn(M, N, generator=gen).to(device, dtype) if with_undropped else None
+    y, product = poisoned((M, N), dtype, device), poisoned((M, N), dtype, device)
+    lora_kernels.lora_forward(x, frozen.tensor, s, b, bias, y, SCALING, frozen.nf4,
+                              column_scale=scale, undropped=undropped, product=product)
+    q = x.double() @ dense.double().t() + SCALING * s.double() @ b.double().t()
+    g = scale.double()
+    expected = (undropped.double() + (g - 1) * q if with_undropped else g * q) + bias.double()
+    assert_op_close(y, expected, dtype, "y")
+    assert_op_close(product, q, dtype, "product")
+
+
+@pytest.mark.parametrize("route", ["fused", "cublas", "decode"])
+@pytest.mark.parametrize("kind,dtype", [("nf4-64", torch.float32), ("dense", torch.bfloat16)],
+                         ids=["nf4-fp32", "dense-bf16"])
+def test_every_route_gives_the_same_numbers(route, kind, dtype, device):
+    """Each route (the epilogue on the fused one, one elementwise pass after cuBLAS's or the decode
+    kernel's product) against the fp64 reference, with and without dropout and bias, 5 rows (a
+    decode route exists); and an inference call (m without grad: no product kept) returns the
+    same Y."""
+    x, weight, state, dense, lora_a, lora_b, magnitude, with_bias = make_case(dtype, kind, 5,
+                                                                              device, m=5)
+    grad_y = torch.randn(5, 1, N, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    for dropout, bias in ((0.0, None), (0.0, with_bias), (0.25, with_bias)):
+        torch.manual_seed(11)
+        mask = ops.lora_dropout_mask(ops.dropout_seed(device), (5, K), dropout).reshape(5, 1, K)
+        with routes.forced(route):
+            torch.manual_seed(11)  # dora_linear draws the same seed
+            ours = run_ours(x, weight, state, lora_a, lora_b, magnitude, bias, grad_y, dropout)
+            torch.manual_seed(11)
+            with torch.no_grad():
+                inference = ops.dora_linear(x, weight, lora_a, lora_b, magnitude, SCALING,
+                                            bias=bias, dropout=dropout, quant_state=state)
+        expected = fp64_reference(x, dense, lora_a, lora_b, magnitude, bias, grad_y, dropout,
+                                  mask if dropout > 0 else None)
+        for name, got, want, got_dtype in zip(("y", "dx", "dA", "dB", "dm"), ours, expected,
+                                              (dtype, dtype) + (torch.float32,) * 3):
+            assert_op_close(got, want, got_dtype,
+                            f"{route} {name} (dropout {dropout}, bias {bias is not None})",
+                            TOLERANCE[dtype])
+        assert torch.equal(inference, ours[0])
+
+
 def test_decode_rows_and_a_trainable_dense_weight_and_bias(device):
     """Few rows (the split-K forward), and the gradients of a dense weight and a bias left
     trainable, with and without dropout, against the reference's autograd."""
@@ -176,7 +234,10 @@ def test_dora_ops_pass_torch_library_checks(device):
     flat = ops.FrozenWeight.of(weight, state).flat()
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     torch.library.opcheck(ops.dora_norm_op, (*flat, lora_a, lora_b, SCALING))
-    torch.library.opcheck(ops.dora_forward, (x, *flat, lora_a, lora_b, SCALING, 0.1, seed))
+    scale = torch.rand(N, device=device) + 0.5
+    for dropout, keep_product in ((0.0, True), (0.1, False)):
+        torch.library.opcheck(ops.dora_forward, (x, *flat, lora_a, lora_b, scale, SCALING, bias,
+                                                 dropout, seed, keep_product))
     grad_y = torch.randn(5, N, device=device)
     grad_s = torch.randn(5, 5, device=device)
     torch.library.opcheck(ops.dora_grad_input, (grad_y, grad_y * 0.5, *flat, grad_s, lora_a, seed,

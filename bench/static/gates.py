@@ -61,21 +61,24 @@ def wgmma(records):
             and r["kernel"] not in SMALL_M_PRODUCTS and r["loop"] and r["loop"]["mma"] != "wgmma"]
 
 
-# Kernels that also add a rank-r product to every decoded element (DoRA's norm adds s B A in fp32,
-# "ieee": no tensor cores): their ceiling is raised by two instructions per rank of a chunk
-# (BLOCK_R), the FMA and its operand's fetch. Measured with the lean decode: 40.4 / 43.8 (NF4 /
-# nested) on sm_90 at BLOCK_R 16, of which the decode is about 9, as in the other kernels.
+# Kernels that also add a rank-r product to every decoded element (DoRA's norm adds s B A, on
+# tensor cores as tf32x3: the split of each A tile into halves, the product's layout change and
+# the add): their ceiling is raised by RANK_PRODUCT_ALLOWANCE[arch], today's worst plus ~10%.
+# Measured (triton 3.9, BLOCK_R 16): 21.6 / 22.5 (NF4 / nested) on sm_90 (BLOCK_N 64, BLOCK_K
+# 64), 32.2 / 34.2 on sm_89 (BLOCK_K 32); before, as IEEE fp32 on the FMA units, 40.4 / 43.8 and
+# 40.2 / 43.4.
 RANK_PRODUCT_PER_ELEMENT = {"_dora_norm_kernel"}
+RANK_PRODUCT_ALLOWANCE = {89: 14, 90: 13}
 
 
 def nf4_ceiling(record, ceiling):
     rank_product = record["kernel"] in RANK_PRODUCT_PER_ELEMENT
-    return ceiling[record["arch"]] + (2 * record["constexprs"].get("BLOCK_R", 0) if rank_product else 0)
+    return ceiling[record["arch"]] + (RANK_PRODUCT_ALLOWANCE[record["arch"]] if rank_product else 0)
 
 
 def nf4_instructions(records, ceiling=NF4_INSTRUCTIONS_PER_ELEMENT):
-    """Instructions per decoded NF4 element at most ``ceiling[arch]`` (plus 2 x BLOCK_R for the
-    kernels of RANK_PRODUCT_PER_ELEMENT)."""
+    """Instructions per decoded NF4 element at most ``ceiling[arch]`` (plus
+    RANK_PRODUCT_ALLOWANCE[arch] for the kernels of RANK_PRODUCT_PER_ELEMENT)."""
     return [f"{name(r)}: {r['instructions_per_element']:.1f} instructions per NF4 element "
             f"> {nf4_ceiling(r, ceiling)}" for r in records if r["arch"] in ceiling
             and (r.get("instructions_per_element") or 0) > nf4_ceiling(r, ceiling)]

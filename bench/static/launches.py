@@ -219,6 +219,27 @@ def dora_norm_call(n, k, kind, dtype, rank=RANK):
     return lambda: dora_norm.dora_norm(w, empty(rank, k), empty(n, rank), SCALING, empty(n), nf4)
 
 
+def dora_forward_call(m, k, n, kind, dtype, dropout=0.0, keep_product=True, bias=False):
+    """DoRA's forward on the fused route (lowrank.ops.dora): the shrink, with dropout the undropped
+    product, then the forward kernel with DoRA's epilogue (kernels/_dora_epilogue.py), storing the
+    product for dm if ``keep_product`` (training)."""
+    w, nf4 = weight(kind, n, k, dtype)
+    x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(n, RANK, dtype=dtype)
+    y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=dtype)
+    bias_t = empty(n, dtype=dtype) if bias else None
+    undropped = empty(m, n, dtype=dtype) if dropout > 0 else None
+    product = empty(m, n, dtype=dtype) if keep_product else None
+
+    def call():
+        lora_linear.lora_shrink(x, a, s, seed(), dropout)
+        if undropped is not None:  # the bias goes into P, not into the epilogue's launch
+            lora_linear.lora_forward(x, w, s, b, bias_t, undropped, SCALING, nf4)
+        lora_linear.lora_forward(x, w, s, b, None if undropped is not None else bias_t, y,
+                                 SCALING, nf4, column_scale=empty(n), undropped=undropped,
+                                 product=product)
+    return call
+
+
 def dequantize_call(n, k, kind, out_dtype):
     packed, nf4 = weight(kind, n, k, out_dtype)
     return lambda: nf4_dequantize.nf4_dequantize(packed, nf4.absmax, nf4.code,
@@ -304,6 +325,10 @@ def bench_cases():
             lora["forward"], ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
         cases[f"lora_linear_backward {kind} {mkn}"] = (
             lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
+        # DoRA's forward (training: the product for dm stored by the epilogue), LoRA's products.
+        cases[f"dora_linear_forward {kind} {mkn}"] = (
+            dora_forward_call(m, k, n, kind, bf16),
+            ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
         for rows in DECODE_ROWS:
             cases[f"lora_linear_decode {kind} {rows}x{k}x{n}"] = (
                 lora_linear_calls(rows, k, n, kind, bf16)["forward"],
@@ -385,6 +410,13 @@ def coverage_calls():
                         calls[name] = call
             for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
                 calls[f"dora_norm {t} {kind} {shape}"] = dora_norm_call(*shape[1:], kind, dtype)
+            # DoRA's epilogue forms (training, inference, dropout), on one weight kind per dtype
+            # (the epilogue follows the K loop, which the LoRA forward's coverage builds).
+            for shape in ((ALIGNED, RAGGED) if bf16 else (ALIGNED,)) if kind == "nf4-nested" else ():
+                for dropout, keep_product in ((0.0, True), (0.0, False), (0.1, True)):
+                    calls[f"dora_linear_forward {t} {kind} {shape} p={dropout} "
+                          f"product={keep_product}"] = dora_forward_call(
+                              *shape, kind, dtype, dropout, keep_product, bias=True)
             # Eight adapters: too few rows per adapter for segments (the per-row path); two: the
             # segmented path (lora_mixed.segmented).
             for shape, bias in ((DECODE[1], False), (ALIGNED, True)) + (

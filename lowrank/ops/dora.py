@@ -12,24 +12,31 @@ more pass over the stored weight (a memory-bound read, no GEMM).
 torch.library (fake implementations, so torch.compile traces through them):
 ``lowrank::dora_norm`` (the norm, one pass over the stored weight in ``kernels/dora_norm.py``),
 ``lowrank::dora_forward`` and ``lowrank::dora_grad_input``, which run the LoRA kernels
-(``lowrank.ops.lora``) for the GEMMs. The column scale g and the bias are applied afterwards, in
-torch: folding them into the GEMM's epilogue needs the LoRA forward kernel, which is being
-rewritten (issue 17), and is left for after that merge.
+(``lowrank.ops.lora``) for the GEMMs. ``dora_forward`` takes the route ``lowrank.routes`` chooses:
+
+- ``fused``: the LoRA forward kernel with DoRA's epilogue (``kernels/_dora_epilogue.py``): g and
+  the bias applied to the fp32 tile before its one store, and the product that dm needs stored
+  beside it when magnitude wants a gradient; with dropout, a first launch computes the undropped
+  x W^T + b + s S B^T, which the second one's epilogue reads.
+- ``cublas`` and ``decode``: LoRA's forward by that route (``lowrank.ops.lora``), then g and the
+  bias in one elementwise pass (fp32 arithmetic, one rounding to x's dtype, as the epilogue's).
 """
 
 from typing import Optional
 
 import torch
 
-from lowrank import reference
+from lowrank import reference, routes
 from lowrank._lora_args import check_dora_args, check_lora_factors, check_weight
 from lowrank._quant_state import FLOAT_DTYPES
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import dora_norm as dora_norm_kernel
+from lowrank.kernels import lora_linear as lora_kernels
+from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
+from lowrank.ops import lora
 from lowrank.ops.gradients import InputGradients
 from lowrank.ops.ia3 import ia3_backward
-from lowrank.ops.lora import (dropout_seed, lora_dropout_mask, lora_forward, lora_grad_a,
-                              lora_grad_input)
+from lowrank.ops.lora import dropout_seed, lora_dropout_mask, lora_grad_a, lora_grad_input
 
 
 @torch.library.custom_op("lowrank::dora_norm", mutates_args=())
@@ -55,23 +62,62 @@ def _dropped(x, seed, dropout):
 
 @torch.library.custom_op("lowrank::dora_forward", mutates_args=())
 def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
-                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float,
-                 seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, S, Q) for contiguous x (M x K), in x's dtype: P = x W^T + s S B^T, S = x_d A^T, and with
-    dropout Q = x_d W^T + s S B^T (without, Q is empty: it would equal P)."""
-    p, s = lora_forward(x, weight, weight_sizes, lora_A, lora_B, scaling, None, dropout, seed)
+                 lora_A: torch.Tensor, lora_B: torch.Tensor, column_scale: torch.Tensor,
+                 scaling: float, bias: Optional[torch.Tensor], dropout: float, seed: torch.Tensor,
+                 keep_product: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y, S, Q) for contiguous x (M x K), in x's dtype, g = ``column_scale`` (N, fp32):
+    Y = x W^T + b + (g - 1) x_d W^T + g s S B^T, S = x_d A^T, and Q = x_d W^T + s S B^T (what dm
+    needs) if ``keep_product``, else empty (0 x N). By the route ``lowrank.routes`` chooses."""
+    w = FrozenWeight.from_flat(weight, weight_sizes)
+    args = (x, w, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling,
+            None if bias is None else bias.to(x.dtype), column_scale, dropout, seed, keep_product)
+    candidates = {"fused": lambda: _forward_fused(*args),
+                  "cublas": lambda: _forward_then_scale(lora._forward_cublas, *args)}
+    if x.shape[0] <= DECODE_MAX_M:
+        candidates["decode"] = lambda: _forward_then_scale(lora._forward_decode, *args)
+    return routes.run("dora_forward", x, w, candidates)
+
+
+def _forward_fused(x, w, a, b, scaling, bias, g, dropout, seed, keep_product):
+    """The LoRA forward kernel with DoRA's epilogue: one launch, two with dropout."""
+    m, n = x.shape[0], w.out_features
+    y, s = x.new_empty(m, n), x.new_empty(m, a.shape[0])
+    product = x.new_empty(m if keep_product else 0, n)
+    lora_kernels.lora_shrink(x, a, s, seed, dropout)
+    undropped = None
+    if dropout > 0:  # P = x W^T + b + s S B^T, read by the epilogue (the bias is in it)
+        undropped = torch.empty_like(y)
+        lora_kernels.lora_forward(x, w.tensor, s, b, bias, undropped, scaling, w.nf4)
+        x, bias = _dropped(x, seed, dropout), None
+    lora_kernels.lora_forward(x, w.tensor, s, b, bias, y, scaling, w.nf4, column_scale=g,
+                              undropped=undropped, product=product if keep_product else None)
+    return y, s, product
+
+
+def _forward_then_scale(route_forward, x, w, a, b, scaling, bias, g, dropout, seed, keep_product):
+    """LoRA's forward by another route (``route_forward``: its cublas or decode function), then
+    g and the bias in one elementwise pass: b + g P without dropout, P + (g - 1) Q with it (P
+    holds the bias), computed in fp32 and rounded once into x's dtype."""
     if dropout == 0:
-        return p, s, p.new_empty(0, p.shape[1])
-    q, _ = lora_forward(_dropped(x, seed, dropout), weight, weight_sizes, lora_A, lora_B,
-                        scaling, None, 0.0, seed)
-    return p, s, q
+        product, s = route_forward(x, w, a, b, scaling, None, 0.0, seed)
+        y = torch.empty_like(product)
+        if bias is None:
+            torch.mul(product, g, out=y)
+        else:
+            torch.addcmul(bias, product, g, out=y)
+    else:
+        undropped, s = route_forward(x, w, a, b, scaling, bias, dropout, seed)
+        product, _ = route_forward(_dropped(x, seed, dropout), w, a, b, scaling, None, 0.0, seed)
+        y = torch.addcmul(undropped, product, g - 1, out=torch.empty_like(undropped))
+    return y, s, product if keep_product else product.new_empty(0, product.shape[1])
 
 
 @dora_forward.register_fake
-def _(x, weight, weight_sizes, lora_A, lora_B, scaling, dropout, seed):
+def _(x, weight, weight_sizes, lora_A, lora_B, column_scale, scaling, bias, dropout, seed,
+      keep_product):
     n = FrozenWeight.from_flat(weight, weight_sizes).out_features
     return (x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_A.shape[0]),
-            x.new_empty(x.shape[0] if dropout > 0 else 0, n))
+            x.new_empty(x.shape[0] if keep_product else 0, n))
 
 
 @torch.library.custom_op("lowrank::dora_grad_input", mutates_args=())
@@ -111,25 +157,22 @@ class DoraLinearFunction(torch.autograd.Function):
       ``seed``: as for ``LoraLinearFunction``. Arguments are used as given: ``dora_linear`` is the
       checked entry point.
 
-    Saves x, S = x_d A^T, the seed, A, B, m, the norm, the frozen weight as it is stored, and one
-    M x N product for dm: P = x W^T + s S B^T (no dropout) or Q = x_d W^T + s S B^T (dropout).
+    Saves x, S = x_d A^T, the seed, A, B, m, the norm, the frozen weight as it is stored, and,
+    when m wants a gradient, one M x N product for dm: Q = x_d W^T + s S B^T.
     """
 
     @staticmethod
     def forward(ctx, x, weight, weight_tensor, lora_A, lora_B, magnitude, weight_norm, scaling,
                 bias, dropout, seed):
         weight_tensors, weight_sizes = weight.flat()
-        p, s, q = dora_forward(x, weight_tensors, weight_sizes, lora_A, lora_B, scaling, dropout,
-                               seed)
-        g = magnitude.float() / weight_norm
-        # PEFT's (g - 1) * (x_d W^T) + g * s x_d A^T B^T added to x W^T + b, in fp32.
-        y = p.float() + (g - 1) * q.float() if dropout > 0 else g * p.float()
-        if bias is not None:
-            y = y + bias.float()
-        ctx.save_for_backward(x, lora_A, lora_B, magnitude, weight_norm, seed, s,
-                              q if dropout > 0 else p, *weight_tensors)
+        column_scale = magnitude.float() / weight_norm  # g, fp32
+        y, s, product = dora_forward(x, weight_tensors, weight_sizes, lora_A, lora_B, column_scale,
+                                     scaling, bias, dropout, seed,
+                                     _DORA_GRADIENTS.needed(ctx)["magnitude"])
+        ctx.save_for_backward(x, lora_A, lora_B, magnitude, weight_norm, seed, s, product,
+                              *weight_tensors)
         ctx.weight_sizes, ctx.scaling, ctx.dropout = weight_sizes, scaling, dropout
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
