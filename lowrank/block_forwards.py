@@ -1,5 +1,6 @@
-"""Forwards of whole blocks whose projections are patched ``LoraLinear``s, through the fused block
-ops: what the block-fusion stage calls in place of a block's own forward.
+"""Forwards of whole blocks whose projections are patched layers (``LoraLinear``s of
+``patch_model``, or PEFT LoRA layers patched by ``patch_peft_model``), through the fused block ops:
+what the block-fusion stage calls in place of a block's own forward.
 
 - ``gated_mlp_forward(mlp, hidden_states)``: a Llama-style gated MLP (``gate_proj``, ``up_proj``,
   ``down_proj``, ``act_fn``; Llama, Mistral, Qwen2, Gemma) through ``ops.lora_mlp``.
@@ -8,9 +9,11 @@ ops: what the block-fusion stage calls in place of a block's own forward.
   stays the model's.
 
 Each returns ``NotImplemented`` for a call it cannot serve with the same results as the layers one
-by one, so that the caller runs the block's own forward: a projection that is not a ``LoraLinear``
-(IA3, a plain or PEFT layer), one whose adapter does not run (adapters disabled, merged, none
-active, several active) or is a LoRA variant (DoRA: the fused ops compute plain LoRA), an
+by one, so that the caller runs the block's own forward: a projection that is neither a
+``LoraLinear`` nor a patched PEFT LoRA layer (IA3, a plain layer), one whose adapter does not run
+(adapters disabled, merged, none active, several active) or is a LoRA variant (DoRA: the fused ops
+compute plain LoRA), a PEFT layer whose call the op's checks refuse (its own forward falls back to
+PEFT's, counted in ``lowrank.stats()``), an
 activation the kernel does not compute, compute dtypes that differ between the projections or from
 the input (an NF4 compute_dtype other than the input's, autocast), a dense frozen weight that
 requires grad, or a projection with hooks or a replaced forward (DeepSpeed ZeRO-3 gathers
@@ -20,10 +23,13 @@ path reads each packed weight once, where the fused ops run the tiled training k
 is little to save for backward.
 """
 
+import functools
+
 from torch import nn
 
 from lowrank import ops
 from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
+from lowrank.methods import lora as lora_method
 from lowrank.modules import LoraLinear
 
 # Activation modules of transformers (by class name, as ACT2FN builds them) and torch, and the
@@ -40,32 +46,59 @@ def activation_name(act_fn):
     return name
 
 
-def _bypassable(layer):
-    """True if running ``layer``'s computation without calling it skips nothing: no hooks, no
-    forward replaced on the instance."""
-    return not (layer._forward_hooks or layer._forward_pre_hooks or "forward" in vars(layer))
+def peft_base(layer):
+    """The ``BaseLayer`` kind that ``patch_peft_model`` runs PEFT's LoRA ``layer`` over, or None
+    when ``layer`` is not a PEFT LoRA layer it patched."""
+    forward = vars(layer).get("forward") if isinstance(layer, nn.Module) else None
+    if isinstance(forward, functools.partial) and forward.func is lora_method.peft_forward:
+        return forward.args[1]
+    return None
 
 
-def lora_projection(layer, x):
-    """(``ops.LoraProjection`` of what ``layer`` runs on ``x``, the compute dtype), or None when
-    the layer is not a LoraLinear running exactly one plain LoRA adapter (no variant: DoRA) with
-    the compute and output dtypes of ``x``."""
-    if not isinstance(layer, LoraLinear) or not _bypassable(layer):
-        return None
+def serves(layer):
+    """True for a layer whose computation a fusion can run in its place: a ``LoraLinear`` (by
+    ``patch_model``) or a PEFT LoRA layer patched by ``patch_peft_model``."""
+    return isinstance(layer, LoraLinear) or peft_base(layer) is not None
+
+
+def _lowrank_call(layer, x):
+    """(projection, compute dtype, output dtype) of what the ``LoraLinear`` ``layer`` runs on
+    ``x``, or None when it runs no plain LoRA adapter."""
     name = layer.runs_adapter()
     if not isinstance(name, str):  # none runs (disabled, merged, none active), or several
         return None
     if name in layer.variants:  # DoRA's forward is its own op (methods/lora.py's DoraVariant)
         return None
     x_compute, weight, bias, out_dtype = layer.frozen_operands(x)
-    if x_compute.dtype != x.dtype or out_dtype != x.dtype:
+    dropout = layer.lora_dropout[name] if layer.training else 0.0
+    return (ops.LoraProjection(weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                               layer.scaling[name], bias=bias, dropout=dropout),
+            x_compute.dtype, out_dtype)
+
+
+def lora_projection(layer, x):
+    """``ops.LoraProjection`` of what ``layer`` runs on ``x``, or None unless the layer is a
+    ``LoraLinear`` or a patched PEFT LoRA layer running exactly one plain LoRA adapter (no
+    variant: DoRA) with the compute and output dtypes of ``x``, with no hooks of its own and no
+    forward replaced by anything but ``patch_peft_model``."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if isinstance(layer, LoraLinear) and "forward" not in vars(layer):
+        call = _lowrank_call(layer, x)
+    elif (base := peft_base(layer)) is not None:
+        call = lora_method.peft_projection(layer, base, x)
+    else:
+        return None
+    if call is None:
+        return None
+    projection, compute_dtype, out_dtype = call
+    weight = projection.weight
+    if compute_dtype != x.dtype or out_dtype != x.dtype:
         return None
     if weight.quant_state is None and (weight.tensor.dtype != x.dtype
                                        or weight.stored.requires_grad):
         return None  # the layer's own forward raises for the dtype, or trains its weight
-    dropout = layer.lora_dropout[name] if layer.training else 0.0
-    return ops.LoraProjection(weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                              layer.scaling[name], bias=bias, dropout=dropout)
+    return projection
 
 
 def _projections(x, layers):
@@ -81,8 +114,10 @@ def gated_mlp_forward(mlp, hidden_states):
     if activation is None:
         return NotImplemented
     gate_up = _projections(hidden_states, (mlp.gate_proj, mlp.up_proj))
-    # down reads act(g) * u, in the dtype of g and u: hidden_states' (checked above).
-    down = _projections(hidden_states, (mlp.down_proj,))
+    # down reads act(g) * u, of its in_features, in the dtype of g and u: hidden_states' (checked
+    # above); its projection is read for an input of that shape (no copy: a broadcast element).
+    h = hidden_states.new_empty(1).expand(*hidden_states.shape[:-1], mlp.down_proj.in_features)
+    down = _projections(h, (mlp.down_proj,))
     if gate_up is None or down is None:
         return NotImplemented
     return ops.lora_mlp(hidden_states, *gate_up, *down, activation=activation)
@@ -96,4 +131,3 @@ def attention_qkv(attention, hidden_states):
     if projections is None:
         return NotImplemented
     return ops.lora_qkv(hidden_states, *projections)
-
