@@ -9,7 +9,8 @@ bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model`` (with its bl
 ``lowrank`` below), a base patched by
 ``lowrank.load_adapter`` carrying the same adapter (loaded from PEFT's save) with its block
 fusions (``lowrank``: the gated MLPs through the fused LoRA MLP, whose saves count as the MLP
-block's, ``mlp_activation``), and the same patched base without them (``lowrank_unfused``: every
+block's, ``mlp_activation``, and attention's q, k and v through the fused q/k/v op, whose saves
+count as the attention's), and the same patched base without them (``lowrank_unfused``: every
 layer on its own, as ``fuse_blocks=False``).
 
 Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one

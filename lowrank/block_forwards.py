@@ -5,8 +5,8 @@ what the block-fusion stage calls in place of a block's own forward.
 - ``gated_mlp_forward(mlp, hidden_states)``: a Llama-style gated MLP (``gate_proj``, ``up_proj``,
   ``down_proj``, ``act_fn``; Llama, Mistral, Qwen2, Gemma) through ``ops.lora_mlp``.
 - ``attention_qkv(attention, hidden_states)``: the q, k and v projections of a Llama-style
-  attention (``q_proj``, ``k_proj``, ``v_proj``) through ``ops.lora_qkv``; the attention itself
-  stays the model's.
+  attention (``q_proj``, ``k_proj``, ``v_proj``) through ``ops.lora_qkv``; ``attention_forward``
+  runs the attention's own forward on them (the attention itself stays the model's).
 
 Each returns ``NotImplemented`` for a call it cannot serve with the same results as the layers one
 by one, so that the caller runs the block's own forward: a projection that is neither a
@@ -25,6 +25,7 @@ is little to save for backward.
 
 import functools
 
+import torch
 from torch import nn
 
 from lowrank import ops
@@ -131,3 +132,49 @@ def attention_qkv(attention, hidden_states):
     if projections is None:
         return NotImplemented
     return ops.lora_qkv(hidden_states, *projections)
+
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _computed(name, hidden_states, output):
+    """A stand-in for projection ``name`` that returns ``output``, computed for ``hidden_states``
+    by the fused op; a call on another input is an error, not a wrong answer."""
+    def projection(x):
+        if x is not hidden_states:
+            raise RuntimeError(f"lowrank: this attention's forward calls {name} on another input "
+                               "than its hidden_states, which the fused q/k/v op computed it for; "
+                               "patch with fuse_blocks=False")
+        return output
+    return projection
+
+
+class _ProjectedAttention:
+    """``self`` of an attention class's own forward, where q_proj, k_proj and v_proj return the
+    outputs the fused op computed; every other attribute (o_proj, config, head_dim, training, the
+    norms, ...) is the attention module's."""
+
+    def __init__(self, attention, hidden_states, outputs):
+        self._attention = attention
+        for name, output in zip(QKV, outputs):
+            setattr(self, name, _computed(name, hidden_states, output))
+
+    def __getattr__(self, name):
+        return getattr(self._attention, name)
+
+
+def attention_forward(attention, *args, **kwargs):
+    """A Llama-style attention's own forward (its class's: rotary, cache, attention kernel and
+    o_proj as transformers writes them) with q, k and v computed by one ``ops.lora_qkv`` call over
+    ``hidden_states``, or ``NotImplemented`` (see the module). The class's forward runs with a
+    stand-in ``self`` whose q_proj, k_proj and v_proj return those outputs, so no transformers
+    code is copied and nothing of the module changes during the call."""
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else (args or (None,))[0]
+    if not isinstance(hidden_states, torch.Tensor):
+        return NotImplemented
+    outputs = attention_qkv(attention, hidden_states)
+    if outputs is NotImplemented:
+        return NotImplemented
+    return type(attention).forward(_ProjectedAttention(attention, hidden_states, outputs),
+                                   *args, **kwargs)

@@ -35,7 +35,7 @@ from typing import Callable
 
 from lowrank.adapter_layer import AdapterLayer
 from lowrank.architectures import architecture
-from lowrank.block_forwards import gated_mlp_forward, peft_base
+from lowrank.block_forwards import QKV, attention_forward, gated_mlp_forward, peft_base
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,25 @@ def _gated_mlps(model, table):
             and all(hasattr(module, name) for name in table.mlp[1].values())}
 
 
+def _qkv_attentions(model, table):
+    """The Llama-style attentions of ``model`` (``q_proj``, ``k_proj`` and ``v_proj``, called on
+    the attention's ``hidden_states``: what ``attention_forward`` serves), where the architecture
+    table knows them."""
+    if table is None or [table.attention[1].get(role) for role in "qkv"] != list(QKV):
+        return {}
+    suffix = "." + table.attention[0]
+    return {path: module for path, module in model.named_modules()
+            if path.endswith(suffix) and all(hasattr(module, name) for name in QKV)}
+
+
 # The registered fusions, asked in order.
 FUSIONS = [
     # The MLP saves x, gate and up only (issue 18): activation and product recomputed in backward.
     BlockFusion("lora_gated_mlp", _gated_mlps, gated_mlp_forward,
                 ("gate_proj", "up_proj", "down_proj")),
+    # q, k and v share one shrink over x and one Function (issue 18): x is read once for the
+    # three LoRA A's, and kept once (unfused, the three nodes hold one storage already).
+    BlockFusion("lora_qkv_attention", _qkv_attentions, attention_forward, QKV),
 ]
 
 

@@ -179,7 +179,8 @@ def test_the_architecture_table_names_the_modules_each_block_has(model_type):
 # patch_peft_model's block fusions, on lowrank's ops (the Triton interpreter on a CPU): a PeftModel
 # of a one-block tiny Llama, 2 x 13 tokens (more rows than the decode path's, so the fused ops serve them).
 
-PEFT_BLOCKS = {"base_model.model.model.layers.0.mlp": "lora_gated_mlp"}
+PEFT_BLOCKS = {"base_model.model.model.layers.0.mlp": "lora_gated_mlp",
+               "base_model.model.model.layers.0.self_attn": "lora_qkv_attention"}
 
 
 @pytest.fixture
@@ -228,7 +229,7 @@ def test_patch_peft_model_fuses_the_blocks_and_matches_peft(block_calls):
     assert instance_forwards(model) >= PEFT_BLOCKS.keys()
     assert [n for n, _ in model.named_modules()] == names and model.state_dict().keys() == keys
     assert_same_as(loss_and_grads(model, ids), expected)
-    assert block_calls == {"lora_mlp": 1}
+    assert block_calls == {"lora_mlp": 1, "lora_qkv": 1}
     assert lowrank.patch_peft_model(model).fused_blocks == report.fused_blocks  # again: the same
     lowrank.unpatch_peft_model(model)
     assert not instance_forwards(model)
@@ -264,7 +265,7 @@ def test_a_fused_peft_block_follows_peft_state_at_every_call(block_calls):
     def same_as_peft(fused_calls):  # by each fused op
         block_calls.clear()
         assert_same_as(loss_and_grads(model, ids), loss_and_grads(reference, ids))
-        assert (block_calls["lora_mlp"], block_calls["lora_qkv"]) == (fused_calls, 0)
+        assert (block_calls["lora_mlp"], block_calls["lora_qkv"]) == (fused_calls, fused_calls)
 
     same_as_peft(1)
     for name, fused_calls in (("mlp_half", 0), ("dora", 0), ("default", 1)):
@@ -300,5 +301,72 @@ def test_a_fused_peft_model_checkpoints_to_the_same_gradients(reentrant, block_c
     checkpointed = loss_and_grads(model, ids)
     assert_same_as(checkpointed, plain, tolerance=0)
     # checkpointing runs the blocks again in backward
-    assert block_calls == {"lora_mlp": 1 + 2}
+    assert block_calls == {"lora_mlp": 1 + 2, "lora_qkv": 1 + 2}
 
+
+# The q/k/v fusion bound into attention by patch_model, on lowrank's ops: each architecture's own
+# attention forward, its q, k and v from one lowrank.ops.lora_qkv call.
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])  # qwen2: q/k/v biases;
+def test_fused_qkv_attention_matches_the_unfused_layers(model_type, block_calls):  # qwen3: q/k norms
+    fused = table_model(model_type)
+    unfused = copy.deepcopy(fused)
+    for model, fuse in ((fused, True), (unfused, False)):
+        lowrank.patch_model(model, rank=4, fuse_blocks=fuse)
+        randomize_adapters(model)
+        model.train()
+    assert fused.lowrank_state.fused_blocks == {"model.layers.0.mlp": "lora_gated_mlp",
+                                                "model.layers.0.self_attn": "lora_qkv_attention"}
+    ids = peft_ids()
+    assert_same_as(loss_and_grads(fused, ids), loss_and_grads(unfused, ids))
+    assert block_calls == {"lora_mlp": 1, "lora_qkv": 1}
+    block_calls.clear()
+    with torch.no_grad():  # decode-sized inputs: the layers' own (split-K decode) path
+        assert torch.equal(fused(ids[:, :5]).logits, unfused(ids[:, :5]).logits)
+    assert not block_calls
+
+
+def test_torch_compile_traces_the_fused_attention_and_mlp_in_one_graph():
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", blocks=1)
+    lowrank.patch_model(model, rank=4)
+    randomize_adapters(model)
+    model.train()
+    ids = peft_ids()
+    eager = loss_and_grads(model, ids)
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    logits, grads = loss_and_grads(torch.compile(model, backend=recording_backend, fullgraph=True),
+                                   ids)
+    assert len(graphs) == 1 and not counters["graph_break"]
+    assert_same_as((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}), eager)
+    ops_traced = collections.Counter(
+        str(node.target) for graph in graphs for module in graph.modules()
+        if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes
+        if str(node.target).startswith("lowrank."))
+    # One shrink for q, k and v, one for gate and up, one for down; an expand per projection.
+    assert ops_traced["lowrank.lora_shrink.default"] == 3
+    assert ops_traced["lowrank.lora_expand.default"] == 6
+    assert ops_traced["lowrank.lora_forward.default"] == 1  # o_proj, a layer on its own
+
+
+def test_an_attention_calling_a_projection_on_another_input_is_an_error(monkeypatch):
+    model = tiny_model("llama", blocks=1)
+    lowrank.patch_model(model, rank=4)
+    attention = model.model.layers[0].self_attn
+    forward = type(attention).forward
+
+    def projecting_a_copy(self, hidden_states, *args, **kwargs):
+        self.q_proj(hidden_states.clone())
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(type(attention), "forward", projecting_a_copy)
+    with pytest.raises(RuntimeError, match="calls q_proj on another input"):
+        model(peft_ids())
