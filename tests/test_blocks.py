@@ -177,7 +177,8 @@ def test_the_architecture_table_names_the_modules_each_block_has(model_type):
 
 
 # patch_peft_model's block fusions, on lowrank's ops (the Triton interpreter on a CPU): a PeftModel
-# of a one-block tiny Llama, 2 x 13 tokens (more rows than the decode path's, so the fused ops serve them).
+# of a one-block tiny Llama, 2 x 13 tokens (more rows than the decode path's, so the fused ops
+# serve them).
 
 PEFT_BLOCKS = {"base_model.model.model.layers.0.mlp": "lora_gated_mlp",
                "base_model.model.model.layers.0.self_attn": "lora_qkv_attention"}
@@ -221,7 +222,8 @@ def assert_same_as(ours, expected, tolerance=1e-5):
 
 
 def test_patch_peft_model_fuses_the_blocks_and_matches_peft(block_calls):
-    model, ids = peft_model(rank_pattern={"up_proj": 3}, alpha_pattern={"down_proj": 5.0}), peft_ids()
+    model = peft_model(rank_pattern={"up_proj": 3}, alpha_pattern={"down_proj": 5.0})
+    ids = peft_ids()
     names, keys = [n for n, _ in model.named_modules()], model.state_dict().keys()
     expected = loss_and_grads(model, ids)
     report = lowrank.patch_peft_model(model)
@@ -307,8 +309,9 @@ def test_a_fused_peft_model_checkpoints_to_the_same_gradients(reentrant, block_c
 # The q/k/v fusion bound into attention by patch_model, on lowrank's ops: each architecture's own
 # attention forward, its q, k and v from one lowrank.ops.lora_qkv call.
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])  # qwen2: q/k/v biases;
-def test_fused_qkv_attention_matches_the_unfused_layers(model_type, block_calls):  # qwen3: q/k norms
+# qwen2: q, k and v with biases; qwen3: q and k normed after their projection.
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_fused_qkv_attention_matches_the_unfused_layers(model_type, block_calls):
     fused = table_model(model_type)
     unfused = copy.deepcopy(fused)
     for model, fuse in ((fused, True), (unfused, False)):
