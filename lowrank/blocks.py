@@ -106,8 +106,8 @@ def _serves_every_projection(fusion, block):
 
 def _fused_peft_forward(fusion, block, *args, **kwargs):
     if not _serves_every_projection(fusion, block):
-        # PEFT replaced the block's layers by their base layers (merge_and_unload, unload,
-        # delete_adapter): the block is a plain block again, with its own forward from now on.
+        # PEFT replaced the block's layers by their base layers (merge_and_unload, unload): the
+        # block is a plain block again, with its own forward from now on.
         del block.forward
         return type(block).forward(block, *args, **kwargs)
     return _fused_forward(fusion, block, *args, **kwargs)
