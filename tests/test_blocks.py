@@ -329,13 +329,18 @@ def test_fused_qkv_attention_matches_the_unfused_layers(model_type, block_calls)
     assert not block_calls
 
 
-def test_torch_compile_traces_the_fused_attention_and_mlp_in_one_graph():
+@pytest.mark.parametrize("way", ["patch_model", "patch_peft_model"])
+def test_torch_compile_traces_the_fused_attention_and_mlp_in_one_graph(way):
     from torch._dynamo.utils import counters
 
-    model = tiny_model("llama", blocks=1)
-    lowrank.patch_model(model, rank=4)
-    randomize_adapters(model)
-    model.train()
+    if way == "patch_model":
+        model = tiny_model("llama", blocks=1)
+        lowrank.patch_model(model, rank=4)
+        randomize_adapters(model)
+        model.train()
+    else:
+        model = peft_model()
+        lowrank.patch_peft_model(model)
     ids = peft_ids()
     eager = loss_and_grads(model, ids)
     graphs = []
@@ -349,7 +354,8 @@ def test_torch_compile_traces_the_fused_attention_and_mlp_in_one_graph():
     logits, grads = loss_and_grads(torch.compile(model, backend=recording_backend, fullgraph=True),
                                    ids)
     assert len(graphs) == 1 and not counters["graph_break"]
-    assert_same_as((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}), eager)
+    names = {n: n.removeprefix("_orig_mod.").removeprefix("base_model.model.") for n in grads}
+    assert_same_as((logits, {names[n]: g for n, g in grads.items()}), eager)
     ops_traced = collections.Counter(
         str(node.target) for graph in graphs for module in graph.modules()
         if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes
