@@ -37,6 +37,8 @@ from lowrank.modules import LoraLinear
 # gated activation the fused MLP computes for each: the same function, to rounding.
 ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh",
                "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh"}
+# A Llama-style attention's q, k and v projections, as ``attention_forward`` finds them.
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def activation_name(act_fn):
@@ -54,12 +56,6 @@ def peft_base(layer):
     if isinstance(forward, functools.partial) and forward.func is lora_method.peft_forward:
         return forward.args[1]
     return None
-
-
-def serves(layer):
-    """True for a layer whose computation a fusion can run in its place: a ``LoraLinear`` (by
-    ``patch_model``) or a PEFT LoRA layer patched by ``patch_peft_model``."""
-    return isinstance(layer, LoraLinear) or peft_base(layer) is not None
 
 
 def _lowrank_call(layer, x):
@@ -127,15 +123,10 @@ def gated_mlp_forward(mlp, hidden_states):
 def attention_qkv(attention, hidden_states):
     """``(q_proj(hidden_states), k_proj(...), v_proj(...))`` through ``ops.lora_qkv``, or
     ``NotImplemented`` (see the module)."""
-    projections = _projections(hidden_states,
-                               (attention.q_proj, attention.k_proj, attention.v_proj))
+    projections = _projections(hidden_states, [getattr(attention, name) for name in QKV])
     if projections is None:
         return NotImplemented
     return ops.lora_qkv(hidden_states, *projections)
-
-
-
-QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def _computed(name, hidden_states, output):
