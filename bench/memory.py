@@ -5,10 +5,12 @@ figure measured exactly on a CPU. For one training step (forward, then the gradi
 trainable parameters), it adds up the bytes of the unique storages autograd saves, parameters,
 buffers and bitsandbytes quant states excluded, split by the block that saved them: the module
 running when a tensor is saved (``CATEGORIES``). Four ways run each configuration: PEFT +
-bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model``, a base patched by
+bitsandbytes, the same PeftModel after ``lowrank.patch_peft_model`` (with its block fusions, as
+``lowrank`` below), a base patched by
 ``lowrank.load_adapter`` carrying the same adapter (loaded from PEFT's save) with its block
 fusions (``lowrank``: the gated MLPs through the fused LoRA MLP, whose saves count as the MLP
-block's, ``mlp_activation``), and the same patched base without them (``lowrank_unfused``: every
+block's, ``mlp_activation``, and attention's q, k and v through the fused q/k/v op, whose saves
+count as the attention's), and the same patched base without them (``lowrank_unfused``: every
 layer on its own, as ``fuse_blocks=False``).
 
 Configurations (``MODELS``): a tiny 4-bit Llama (real tensors: the three losses must agree) and one

@@ -91,9 +91,9 @@ def patch_model(model, rank=None, alpha=None, target_modules=None, method="lora"
     - Base weights are frozen; the active adapter's weights train. A second call with another
       ``adapter_name`` adds an adapter; ``lowrank.set_adapter`` picks the one that runs.
     - ``fuse_blocks``: run whole blocks over the patched layers as one fused op where a fusion of
-      ``lowrank.blocks`` serves them (today the gated MLP of Llama-style models); names, state
-      dict, saving and merging do not change, and a call a fusion cannot serve runs the block's
-      own forward.
+      ``lowrank.blocks`` serves them (today the gated MLP and attention's q, k and v of
+      Llama-style models); names, state dict, saving and merging do not change, and a call a
+      fusion cannot serve runs the block's own forward.
     """
     if method not in METHODS:
         raise ValueError(f"lowrank.patch_model: method must be one of {sorted(METHODS)}, got "

@@ -18,6 +18,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+from lowrank import blocks
 from lowrank.base_layers import base_layer_of
 from lowrank.methods import METHODS
 from lowrank.mixed import MIXED_STACKS
@@ -34,10 +35,12 @@ class PeftPatchReport:
     accelerated: dict = field(default_factory=dict)
     not_accelerated: dict = field(default_factory=dict)
     adapters_not_served: dict = field(default_factory=dict)
+    fused_blocks: dict = field(default_factory=dict)  # {module path: block fusion's name}
 
     def __str__(self):
         lines = [f"lowrank.patch_peft_model: {len(self.accelerated)} layers accelerated, "
-                 f"{len(self.not_accelerated)} left on PEFT's forward"]
+                 f"{len(self.not_accelerated)} left on PEFT's forward, "
+                 f"{len(self.fused_blocks)} blocks fused"]
         lines += [f"  not accelerated: {path}: {why}" for path, why in self.not_accelerated.items()]
         lines += [f"  adapter {name!r} runs PEFT's forward: {why}"
                   for name, why in self.adapters_not_served.items()]
@@ -74,7 +77,7 @@ def _layer_refusal(layer):
     return base, None
 
 
-def patch_peft_model(model):
+def patch_peft_model(model, fuse_blocks=True):
     """Run ``model``'s PEFT LoRA and IA3 layers (over nn.Linear, bitsandbytes NF4 Linear4bit and
     GPT-2's Conv1D, and LoRA's ParamWrappers over mixture-of-experts experts) on lowrank's fused
     ops, in place; return a ``PeftPatchReport``, also logged.
@@ -85,6 +88,10 @@ def patch_peft_model(model):
     active, unmerged, enabled and of a kind we serve (LoRA with dropout, bias, lora_bias, rsLoRA,
     any rank / alpha pattern; DoRA; IA3); otherwise it runs PEFT's own forward. Calling it again patches
     layers added since. ``lowrank.unpatch_peft_model`` reverts.
+
+    ``fuse_blocks``: run whole blocks whose projections are all patched LoRA layers (the gated
+    MLP, attention's q, k and v) through one fused op (``lowrank.blocks``), as ``patch_model``
+    does; a call the fused op cannot serve exactly as the layers would runs them one by one.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -131,6 +138,8 @@ def patch_peft_model(model):
         # PEFT's forward, when that runs): the base keeps the layout it loaded while patched.
         base.hold(layer.base_layer)
         report.accelerated[path] = f"{method.LABEL} over {base.description}"
+    if fuse_blocks:
+        report.fused_blocks = blocks.install_peft(model)
     if report.not_accelerated:
         logger.warning("%s", report)
     else:
@@ -139,11 +148,13 @@ def patch_peft_model(model):
 
 
 def unpatch_peft_model(model):
-    """Give every layer ``patch_peft_model`` changed its PEFT forward back; return the model."""
+    """Give every layer ``patch_peft_model`` changed its PEFT forward back, and every block it fused
+    its own forward; return the model."""
     layers = [m for m in model.modules() if _is_ours(vars(m).get("forward"))]
     if not layers:
         raise ValueError("lowrank.unpatch_peft_model: no layer of this model was patched by "
                          "lowrank.patch_peft_model")
+    blocks.uninstall_peft(model)
     for layer in layers:
         layer.forward.args[1].release(layer.base_layer)
         del layer.forward

@@ -168,8 +168,9 @@ def test_saves_less_than_the_unfused_mlp_by_the_memory_ledger():
     """A tiny patched Llama, fp32, all-linear LoRA r=4. One MLP block: unfused it saves x, g,
     act(g), u, h and three S (and each projection's 8-byte seed tensor); fused x, g, u and the
     three S (and one seed tensor the projections share without dropout). The whole training step,
-    in the ledger (bench.memory.measure_step), saves exactly that difference less per layer, with
-    an equal loss."""
+    in the ledger (bench.memory.measure_step), saves exactly that difference less per layer, and
+    two seed tensors (q, k and v fused keep one where the three layers keep three), with an equal
+    loss."""
     from bench import memory
 
     model = tiny_model("llama", blocks=1).train()
@@ -193,7 +194,7 @@ def test_saves_less_than_the_unfused_mlp_by_the_memory_ledger():
     fused_loss, fused_step = memory.measure_step(model, tokens)
     torch.testing.assert_close(fused_loss, unfused_loss, rtol=1e-5, atol=0)
     assert unfused_step["saved"]["total"] - fused_step["saved"]["total"] == \
-        config.num_hidden_layers * (unfused - fused)
+        config.num_hidden_layers * (unfused - fused + 2 * 8)
 
 
 def test_gated_mlp_forward_serves_a_patched_llama_mlp_and_declines_what_it_cannot(device):
@@ -236,9 +237,9 @@ def test_gated_mlp_forward_serves_a_patched_llama_mlp_and_declines_what_it_canno
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 def test_a_patched_llama_trains_alike_with_fused_mlps(checkpointing):
     """One training step of a tiny patched Llama (fp32, LoRA r=4 on every linear, dropout 0.1),
-    its MLPs fused by patch_model's block stage and unfused: equal loss and gradients (1e-5
-    relative), with and without gradient checkpointing (whose recompute draws the dropout seeds
-    again)."""
+    its MLPs and attention q/k/v fused by patch_model's block stage and unfused: equal loss and
+    gradients (1e-5 relative), with and without gradient checkpointing (whose recompute draws the
+    dropout seeds again)."""
     from bench import memory
 
     model = tiny_model("llama", blocks=2).train()
@@ -254,7 +255,8 @@ def test_a_patched_llama_trains_alike_with_fused_mlps(checkpointing):
         torch.manual_seed(0)
         model.zero_grad()
         assert model.lowrank_state.fused_blocks == {
-            f"model.layers.{i}.mlp": "lora_gated_mlp" for i in range(2)}
+            **{f"model.layers.{i}.mlp": "lora_gated_mlp" for i in range(2)},
+            **{f"model.layers.{i}.self_attn": "lora_qkv_attention" for i in range(2)}}
         with contextlib.nullcontext() if fused else memory.unfused(model):
             loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()  # not autograd.grad: reentrant checkpointing needs backward

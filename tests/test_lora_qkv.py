@@ -5,6 +5,8 @@ Odd shapes: M = 37 (as 37 x 1), K = 45; q has 53 outputs, k and v 29 (grouped-qu
 ranks 8, 5 and 7, so the shared shrink splits unevenly. Tolerances as in test_lora_mlp.py.
 """
 
+import collections
+
 import pytest
 import torch
 from helpers import (assert_fused_close, make_lora_projection, projection_leaves, projection_linear,
@@ -13,6 +15,7 @@ from helpers import (assert_fused_close, make_lora_projection, projection_leaves
 import lowrank
 from lowrank import ops
 from lowrank.block_forwards import attention_qkv
+from lowrank.kernels import lora_linear as lora_kernels
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 M, K = 37, 45
@@ -89,6 +92,30 @@ def test_saves_x_once_and_the_three_s(device):
     assert sorted(storages.values()) == sorted([4 * M * K, 4 * M * (RANKS["q"] + RANKS["k"]
                                                                     + RANKS["v"])])
     sum(y.sum() for y in outputs).backward()
+
+
+def test_x_is_read_once_by_the_shrink_and_once_by_the_a_gradient(monkeypatch):
+    """What the fusion gains over three lora_linears of one x: x is one storage either way (the
+    ledger finds no saved bytes to gain), but the shrink and the dA product read it once for the
+    three projections. Counted as kernel launches, forward and backward, dense and NF4."""
+    launches = collections.Counter()
+    for name in ("lora_shrink", "lora_forward", "lora_grad_input", "lora_grad_a"):
+        def counting(*args, _launch=getattr(lora_kernels, name), _name=name, **kwargs):
+            launches[_name] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(lora_kernels, name, counting)
+    for kind in ("dense", "nf4"):
+        projections = make_projections(torch.float32, kind, "cpu")
+        x = torch.randn(M, K, requires_grad=True)
+        grads_y = [torch.randn(M, OUTPUTS[name]) for name in NAMES]
+        counted = {}
+        for qkv in (fused, unfused):
+            launches.clear()
+            run(qkv, x, projections, grads_y)
+            counted[qkv] = dict(launches)
+        assert counted[unfused] == {"lora_shrink": 3, "lora_forward": 3, "lora_grad_input": 3,
+                                    "lora_grad_a": 3}, kind
+        assert counted[fused] == {**counted[unfused], "lora_shrink": 1, "lora_grad_a": 1}, kind
 
 
 def test_attention_qkv_serves_a_patched_llama_attention_and_declines_what_it_cannot(device):

@@ -531,3 +531,19 @@ def peft_forward(layer, base, x, *args, **kwargs):
         return fallbacks.fall_back(layer, why, x, args, kwargs)
     op, operands, options, out_dtype = call
     return op(*operands, **options).to(out_dtype)
+
+
+def peft_projection(layer, base, x):
+    """What ``peft_forward`` runs for PEFT's ``layer`` (over a base of kind ``base``) on ``x``,
+    where that is ``lora_linear``, as (``ops.LoraProjection``, the compute dtype, the output
+    dtype): a block fusion runs it inside its fused op. None where ``peft_forward`` would run
+    something else: PEFT's forward (no adapter or several, a variant, a fallback the op's checks
+    give) or ``dora_linear``."""
+    name, _ = peft_adapter_to_serve(layer, layer.lora_A, (), {})
+    if name is None or peft_refusal(layer, name) is not None or is_peft_dora(layer, name):
+        return None
+    call, why = fallbacks.checked(_peft_call, layer, base, name, x)
+    if why is not None:
+        return None
+    _, (x, weight, lora_A, lora_B, scaling), options, out_dtype = call
+    return ops.LoraProjection(weight, lora_A, lora_B, scaling, **options), x.dtype, out_dtype
