@@ -36,6 +36,38 @@ def target(device):
                   inline_ptx=torch.version.hip is None)
 
 
+def launch(kernel, grid, configs, *args, bucket, key=("N", "K"), **kwargs):
+    """``kernel[grid(config)](*args, **kwargs, **config)`` with the fastest of ``configs``.
+
+    ``configs``: dicts of the kernel's tile constexprs plus ``num_warps`` and ``num_stages``, from
+    the kernel's config function (one in Triton's interpreter, where autotuning cannot run; a short
+    per-architecture list on a GPU). ``grid(config)``: the launch grid for a config. With several,
+    ``triton.autotune`` times each on the first call of every value of the ``key`` arguments and
+    tensor dtypes, and keeps the fastest for the process; ``bucket`` (a GEMM's M) picks a tuner
+    per power-of-two bucket, so a new M retunes only when it changes bucket. The kernels write
+    their outputs, never accumulate into them, so timing a config by running it is harmless."""
+    if len(configs) == 1:
+        return kernel[grid(configs[0])](*args, **kwargs, **configs[0])
+    tuner_key = (kernel, tuple(tuple(sorted(config.items())) for config in configs),
+                 triton.next_power_of_2(bucket))
+    tuner = _TUNERS.get(tuner_key)
+    if tuner is None:
+        tuner = _TUNERS[tuner_key] = triton.autotune([triton_config(c) for c in configs],
+                                                     key=list(key))(kernel)
+    return tuner[grid](*args, **kwargs)
+
+
+def triton_config(config):
+    """A config dict as ``triton.Config``: launch options apart from constexprs."""
+    options = ("num_warps", "num_stages")
+    return triton.Config({k: v for k, v in config.items() if k not in options},
+                         **{k: config[k] for k in options if k in config})
+
+
+# Autotuners by (kernel, its configs, M's power-of-two bucket): ``launch``.
+_TUNERS = {}
+
+
 # Pair tables by code book (the code book stays alive, and the same, while lowrank holds it:
 # FrozenWeight.code is one tensor per device), rebuilt if it is written in place.
 _PAIR_TABLES = WeakTensorKeyDictionary()

@@ -73,6 +73,12 @@ def decoding_flags(nf4, K, block_k, target):
     return {"SCALE_GROUP": scale_group(nf4, K, block_k), "INLINE_PTX": target.inline_ptx}
 
 
+def with_decoding(configs, nf4, K, target):
+    """Each of a GEMM's ``configs`` with its ``decoding_flags`` (SCALE_GROUP depends on the
+    config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries."""
+    return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target)} for config in configs]
+
+
 def scale_group(nf4, K, block_k):
     """``load_gemm_tile``'s SCALE_GROUP for a K-wide weight read in BLOCK_K-wide tiles: the most
     consecutive elements of a row (a power of two dividing BLOCK_K) that always share one absmax,

@@ -24,30 +24,51 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
+from ._weight import load_gemm_tile, precision, weight_args, with_decoding
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
-# operands' dtype: the one place each launcher's config comes from. The backward kernels' BLOCK_M
-# sizes the dl partial sums the op allocates (``partial_rows``), so it does not vary by target.
+# operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
+# kernels/lora_linear.py's (one config in the interpreter and for fp32). The backward kernels'
+# BLOCK_M sizes the dl partial sums the op allocates (``partial_rows``), so it does not vary.
 PARTIAL_BLOCK_M = 64
 
 
-def forward_config(target, dtype):
-    if target.arch == 90 and dtype.itemsize == 2:  # W tiles of 128 rows: the decode amortized
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+def forward_configs(target, dtype, feedforward):
+    if target.arch is None or dtype.itemsize == 4:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
+    if target.arch == 90:
+        # As lora_linear.forward_configs; in the feed-forward form, whose x scale takes registers
+        # in the loop, 128-row tiles spill (BLOCK_K 128) or exceed the NF4 decode's instruction
+        # ceiling (BLOCK_K 64: 12.6 per element, nested).
+        return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}] + (
+            [] if feedforward else
+            [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}])
+    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4}]
 
 
-def grad_input_config(target, dtype):
-    if target.arch == 90 and dtype.itemsize == 2:  # as forward_config, with W's N x K swapped
-        return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
-                "num_stages": 3}
-    return {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4,
-            "num_stages": 3}
+def grad_input_configs(target, dtype):
+    if target.arch is None or dtype.itemsize == 4:
+        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4,
+                 "num_stages": 3}]
+    if target.arch == 90:  # BLOCK_N 128 with 8 warps: 11.6 instructions per NF4 element
+        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
+                 "num_stages": 3},
+                {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
+                 "num_stages": 4}]
+    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
+             "num_stages": 3},
+            {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4,
+             "num_stages": 4}]
 
 
-def grad_scale_config(target, dtype):  # recomputes the forward's tiles
-    return {**forward_config(target, dtype), "BLOCK_M": PARTIAL_BLOCK_M}
+def grad_scale_configs(target, dtype):
+    """The output form's forward tiles (it recomputes x W^T), at the partial sums' BLOCK_M."""
+    unique = {}
+    for config in forward_configs(target, dtype, feedforward=False):
+        config = {**config, "BLOCK_M": PARTIAL_BLOCK_M}
+        unique.setdefault(tuple(sorted(config.items())), config)
+    return list(unique.values())
 
 
 @triton.jit
@@ -161,13 +182,14 @@ def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
     N = y.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    config = forward_config(target, x.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
-    _ia3_forward_kernel[grid](
+    configs = with_decoding(forward_configs(target, x.dtype, feedforward), nf4, K, target)
+    _common.launch(
+        _ia3_forward_kernel,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
         x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
-        x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        HAS_BIAS=bias is not None, **flags, **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), **config,
+        x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
+        HAS_BIAS=bias is not None, **flags,
+        PRECISION=precision(x.dtype),
         enable_fp_fusion=False)
 
 
@@ -179,13 +201,14 @@ def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     write_scale = feedforward and grad_scale is not None
     target = _common.target(dy.device)
-    config = grad_input_config(target, dy.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
-    _ia3_grad_input_kernel[grid](
+    configs = with_decoding(grad_input_configs(target, dy.dtype), nf4, K, target)
+    _common.launch(
+        _ia3_grad_input_kernel,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"])), configs,
         dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
-        x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], FEEDFORWARD=feedforward,
-        GRAD_SCALE=write_scale, **flags, **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=precision(dy.dtype), **config,
+        x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
+        GRAD_SCALE=write_scale, **flags,
+        PRECISION=precision(dy.dtype),
         enable_fp_fusion=False)
 
 
@@ -196,10 +219,10 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    config = grad_scale_config(target, x.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
-    _ia3_grad_scale_kernel[grid](
+    configs = with_decoding(grad_scale_configs(target, x.dtype), nf4, K, target)
+    _common.launch(
+        _ia3_grad_scale_kernel,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
         x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
-        x.stride(1), stride_wn, stride_wk, *decoding[5:], HAS_BIAS=bias is not None, **flags,
-        **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), **config, enable_fp_fusion=False)
+        x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, HAS_BIAS=bias is not None, **flags,
+        PRECISION=precision(x.dtype), enable_fp_fusion=False)

@@ -20,27 +20,43 @@ import triton.language as tl
 
 from . import _common, _dora_epilogue
 from ._common import store_rounded
-from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
+from ._weight import load_gemm_tile, precision, weight_args, with_decoding
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK = 1024
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
-# operands' dtype: the one place each launcher's config comes from.
+# operands' dtype: the one place each launcher's configs come from. The GEMMs over the frozen
+# weight take a list, which ``_common.launch`` autotunes over on a GPU: one config in Triton's
+# interpreter (autotuning cannot run there) and for fp32 operands (tl.dot on the FMA units: bigger
+# tiles spill); on GPUs a short list per architecture, each config compiling for sm_80/86/89/90
+# within the static gates (``python -m bench.static`` builds every config;
+# tests/test_static_report.py checks its report covers them all).
 
-def forward_config(target, dtype):
-    if target.arch == 90 and dtype.itemsize == 2:  # W tiles of 128 rows: the decode amortized
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+
+def forward_configs(target, dtype):
+    if target.arch is None or dtype.itemsize == 4:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
+    if target.arch == 90:  # wgmma tiles of 128 x 128; 128 x 256 spills with the NF4 decode
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}]
+    # sm_80/86/89 (and GPUs without a list of their own): W tiles of 128 rows amortize the decode;
+    # 64 rows of x, as 128 x 128 tiles leave one CTA per SM (registers) or spill.
+    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4}]
 
 
-def grad_input_config(target, dtype, dropout):
-    # As forward_config, with W's N x K swapped; not with dropout, whose mask regenerated over a
-    # 64 x 128 tile spills registers on sm_90.
-    if target.arch == 90 and dtype.itemsize == 2 and not dropout:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+def grad_input_configs(target, dtype, dropout):
+    # As forward_configs, with W's N x K swapped; with dropout one config, as its mask regenerated
+    # over bigger tiles spills registers on sm_90.
+    if target.arch is None or dtype.itemsize == 4 or dropout:
+        return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}]
+    if target.arch == 90:
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]
+    return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}]
 
 
 def shrink_config(target, dtype):
@@ -207,14 +223,14 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    config = forward_config(target, x.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
-    _lora_forward_kernel[grid](
+    configs = with_decoding(forward_configs(target, x.dtype), nf4, K, target)
+    _common.launch(
+        _lora_forward_kernel,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
         x, w, s, lora_b, y if bias is None else bias, y, absmax, pairs, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
-        lora_b.stride(1), shift, nested_shift, HAS_BIAS=bias is not None, **flags,
-        **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False,
+        lora_b.stride(1), shift, nested_shift, bucket=M, HAS_BIAS=bias is not None, **flags,
+        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, enable_fp_fusion=False,
         **_dora_epilogue.launch_args(y, column_scale, undropped, product))
 
 
@@ -224,15 +240,15 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(dy.device)
-    config = grad_input_config(target, dy.dtype, p > 0)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_K"]))
-    _lora_grad_input_kernel[grid](
+    configs = with_decoding(grad_input_configs(target, dy.dtype, p > 0), nf4, K, target)
+    _common.launch(
+        _lora_grad_input_kernel,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"])), configs,
         dy, w, ds, lora_a, dx, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
-        nested_shift, DROPOUT=p > 0, **flags,
-        **decoding_flags(nf4, K, config["BLOCK_K"], target),
+        nested_shift, bucket=M, DROPOUT=p > 0, **flags,
         PRECISION=precision(dy.dtype),
-        BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
+        BLOCK_R=BLOCK_R, enable_fp_fusion=False)
 
 
 def lora_grad_a(ds, x, da, seed, p):

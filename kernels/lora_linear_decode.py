@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
+from ._weight import load_gemm_tile, precision, weight_args, with_decoding
 from .lora_linear import BLOCK_R, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -36,10 +36,18 @@ PROGRAMS_PER_SM = 4
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and x's
 # dtype: the one place each launcher's config comes from. BLOCK_M holds every row (DECODE_MAX_M).
+DECODE_TILE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
 
-def decode_config(target, dtype):
-    # Two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory (sm_86/sm_89).
-    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+def decode_configs(target, dtype):
+    """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
+    tiles are the same in every config (they size the split-K grid and its partial sums); the
+    list varies warps. Two stages: NF4 tiles pipelined three deep need over 99 KB of shared
+    memory on sm_86/sm_89, and spill registers on sm_90."""
+    if target.arch is None:
+        return [{**DECODE_TILE, "num_warps": 4, "num_stages": 2}]
+    return [{**DECODE_TILE, "num_warps": 4, "num_stages": 2},
+            {**DECODE_TILE, "num_warps": 8, "num_stages": 2}]
 
 
 def epilogue_config(target, dtype):
@@ -157,7 +165,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    config, epilogue = decode_config(target, x.dtype), epilogue_config(target, x.dtype)
+    configs = with_decoding(decode_configs(target, x.dtype), nf4, K, target)
+    config, epilogue = DECODE_TILE, epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
@@ -166,12 +175,12 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
     prec = precision(x.dtype)
-    _lora_decode_kernel[(n_tiles, splits)](
+    _common.launch(
+        _lora_decode_kernel, lambda c: (n_tiles, splits), configs,
         x, w, lora_a, partial, s_partial, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, steps_per_split * config["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
-        stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, DROPOUT=p > 0, **flags,
-        **decoding_flags(nf4, K, config["BLOCK_K"], target),
-        PRECISION=prec, BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
+        stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, bucket=M,
+        DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R, enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, epilogue["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,

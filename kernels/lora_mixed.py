@@ -39,7 +39,7 @@ import triton.language as tl
 from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
-from .lora_linear import BLOCK_R, forward_config
+from .lora_linear import BLOCK_R
 from .lora_linear_decode import split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
@@ -62,13 +62,16 @@ EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 32, "EXPAND_R": 8, "num_warps": 4}
 SEGMENT_MIN_ROWS = 16
 
 
-# The segmented path's tiles, per target and x's dtype. The forward is the single-adapter
-# forward's GEMM with its rows gathered by segment, so it takes that kernel's tile (with 64 x 64
-# tiles on sm_90 the nested-NF4 decode took 12.3 instructions per element, over the gate's 12;
-# the 128-wide tile there amortizes it). The shrink takes the same BLOCK_M: one tile table.
+# The segmented path's tiles, per target and x's dtype: one config (the tile table is built for
+# its BLOCK_M, so it is not autotuned). The forward is the single-adapter forward's GEMM with its
+# rows gathered by segment (with 64 x 64 tiles on sm_90 the nested-NF4 decode took 12.3
+# instructions per element, over the gate's 12; the 128-wide tile there amortizes it). The shrink
+# takes the same BLOCK_M.
 
 def segment_forward_config(target, dtype):
-    return forward_config(target, dtype)
+    if target.arch == 90 and dtype.itemsize == 2:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
 
 def segment_shrink_config(target, dtype):

@@ -79,9 +79,13 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, n
                   element < n_elements)
 
 
-def dequantize_config(target, dtype):
-    """Packed bytes per program and warps (``_common.Target``, the output's dtype)."""
-    return {"BLOCK_BYTES": 1024, "num_warps": 4}
+def dequantize_configs(target, dtype):
+    """Packed bytes per program and warps (``_common.Target``, the output's dtype): one config in
+    Triton's interpreter, a list autotuned on GPUs (``_common.launch``), each config's
+    SCALE_GROUP added by the launcher (it follows BLOCK_BYTES)."""
+    if target.arch is None:
+        return [{"BLOCK_BYTES": 1024, "num_warps": 4}]
+    return [{"BLOCK_BYTES": 1024, "num_warps": 4}, {"BLOCK_BYTES": 4096, "num_warps": 8}]
 
 
 def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
@@ -95,13 +99,14 @@ def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
     else:
         nested_code, nested_absmax, offset, nested_blocksize = nested
     target = _common.target(out.device)
-    config = dequantize_config(target, out.dtype)
+    configs = [{**config, "SCALE_GROUP": min(blocksize, 2 * config["BLOCK_BYTES"])}
+               for config in dequantize_configs(target, out.dtype)]
     n_elements = out.numel()
     n_bytes = triton.cdiv(n_elements, 2)
-    grid = (triton.cdiv(n_bytes, config["BLOCK_BYTES"]),)
-    _nf4_dequantize_kernel[grid](
+    _common.launch(
+        _nf4_dequantize_kernel, lambda c: (triton.cdiv(n_bytes, c["BLOCK_BYTES"]),), configs,
         packed, absmax, code_pairs(code), nested_code, nested_absmax, offset, out, n_elements,
-        n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1,
-        NESTED=nested is not None, SCALE_GROUP=min(blocksize, 2 * config["BLOCK_BYTES"]),
-        INLINE_PTX=target.inline_ptx, **config, enable_fp_fusion=False)
+        n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1, bucket=1,
+        key=("n_elements",), NESTED=nested is not None, INLINE_PTX=target.inline_ptx,
+        enable_fp_fusion=False)
     return out

@@ -1,8 +1,12 @@
 """Compile every kernel as its launcher launches it, for one GPU architecture, on a machine without
 a GPU, and print one JSON object of what the compiler made of each.
 
-    python tests/compile_kernels.py 90      # every launch (bench.static.launches)
-    python tests/compile_kernels.py 90 --variant lora_linear.forward_config '{"BLOCK_M": 16, ...}' \\
+    python tests/compile_kernels.py 90      # every launch (bench.static.launches), an
+        # autotuned launch with the first config of its list only (its representative: CI time)
+    python tests/compile_kernels.py 80 86 89 90 --list-configs
+        # builds nothing: the configs the benchmark launches take, every config of every list
+        # (tests/test_static_report.py checks the committed static report built them all)
+    python tests/compile_kernels.py 90 --variant lora_linear.forward_configs '{"BLOCK_M": 16, ...}' \\
         "lora_linear_forward dense" [--variant ...]
         # only the benchmark cases starting with "lora_linear_forward dense", with a launcher's
         # config function answering that config: the bad configs that show each gate can fail
@@ -53,7 +57,7 @@ def replaced_config(function, config):
     """A launcher's config function (``module.name``) answering ``config`` inside the block."""
     module_name, attribute = function.rsplit(".", 1)
     module = importlib.import_module(f"lowrank.kernels.{module_name}")
-    with mock.patch.object(module, attribute, lambda target, dtype: dict(config)):
+    with mock.patch.object(module, attribute, lambda *args: [dict(config)]):
         yield
 
 
@@ -69,18 +73,35 @@ def variant_launches(variants, target):
     return found
 
 
+def config_of(launch):
+    """What identifies a launch's config in a build record: case, kernel, its index in the list,
+    the list's length, the BLOCK_* constexprs and the launch options."""
+    options = {k: v for k, v in launch.kwargs.items()
+               if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+    return [launch.case, launch.name, launch.config, launch.configs, options]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("arch", type=int)
+    parser.add_argument("archs", type=int, nargs="+")
     parser.add_argument("--variant", nargs=3, action="append",
                         metavar=("MODULE.FUNCTION", "JSON", "CASES"))
+    parser.add_argument("--list-configs", action="store_true")
     args = parser.parse_args(argv)
+    if args.list_configs:
+        print(json.dumps({arch: [config_of(launch) for launch in launches.bench_launches(
+            launches.gpu(arch))] for arch in args.archs}))
+        return
+    if len(args.archs) != 1:
+        parser.error("builds are for one architecture at a time")
+    args.arch = args.archs[0]
     disassemble = args.arch in DISASSEMBLE
     target = launches.gpu(args.arch)
     if args.variant:
         coverage, bench = [], variant_launches(args.variant, target)
     else:
-        coverage, bench = launches.coverage_launches(target), launches.bench_launches(target)
+        coverage = launches.coverage_launches(target, every_config=False)
+        bench = launches.bench_launches(target, every_config=False)
     failed, records = [], {"coverage": [], "bench": []}
     with build.locked(args.arch):
         for kind, found, read_sass in (("coverage", coverage, False), ("bench", bench, disassemble)):

@@ -3,7 +3,12 @@ time), compiles for sm_80, sm_86, sm_89 and sm_90, and passes the static gates o
 ``bench.static.gates``: within each architecture's shared memory and registers, no spills, two CTAs
 per SM for the GEMMs on sm_89, wgmma for the large-M GEMMs on sm_90, and a ceiling on instructions
 per decoded NF4 element. Needs no GPU: Triton compiles to cubin on the CPU, and the SASS is read
-with the tools Triton bundles. Each gate is also shown to fail on a deliberately bad config."""
+with the tools Triton bundles. Each gate is also shown to fail on a deliberately bad config.
+
+An autotuned launch is built here with the first config of its list only: building every config
+of every list for every launch covered would add minutes of CI. ``python -m bench.static`` builds
+them all on the benchmark shapes, and tests/test_static_report.py holds its committed report to
+the same gates."""
 
 import functools
 import json
@@ -95,7 +100,7 @@ def test_nf4_instructions_per_element_under_ceiling_for(arch):
 
 # Each gate against a config made bad on purpose: gate -> (arch, launcher config replaced, the
 # config, the benchmark cases built with it).
-FORWARD = "lora_linear.forward_config"
+FORWARD = "lora_linear.forward_configs"
 BAD_CONFIGS = {
     "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
                                 "num_stages": 6}, "lora_linear_forward dense"),

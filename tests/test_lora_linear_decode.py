@@ -13,7 +13,6 @@ from helpers import (N, assert_op_close, check_lora_linear_against_fp64, lora_li
 from lowrank import ops
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
-from lowrank.kernels._common import target
 
 K_DECODE = 300
 
@@ -37,7 +36,7 @@ def test_the_split_covers_k_with_no_empty_slice():
             splits, steps = decode_kernels.split_k(n_tiles, k_steps, cpu)
             assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_config(target(cpu), torch.bfloat16)["BLOCK_K"]
+    block_k = decode_kernels.DECODE_TILE["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), cpu)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 

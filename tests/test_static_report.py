@@ -2,12 +2,15 @@
 loop reader, occupancy, the model's limits, and the committed report's consistency."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.static import model, sass, table
-from bench.static.limits import occupancy
+from bench.report import load_static
+from bench.static import gates, model, sass, table
+from bench.static.limits import ARCHS, occupancy
 
 LISTING = """
         /*0000*/                   S2R R0, SR_TID.X ;
@@ -72,10 +75,56 @@ def test_model_takes_the_slowest_limit():
     assert case["ratio"] == pytest.approx(2 * 4096**3 / h100.cublas_flops / estimate["seconds"])
 
 
+def test_an_autotuned_launch_counts_at_its_best_config():
+    h100 = model.DEVICES["H100 SXM"]
+    fast, slow = record(config=0, configs=2), record(config=1, configs=2, instructions=6000,
+                                                    loop=None)
+    other = record(kernel="_lora_shrink_kernel")  # an untuned launch of the same case
+    case = model.case_estimate([other, fast, slow], h100, ("gemm", 1))
+    times = {name: model.launch_time(r, h100)["seconds"] * 1e6
+             for name, r in (("other", other), ("fast", fast), ("slow", slow))}
+    assert times["slow"] != times["fast"]
+    assert case["model_us"] == pytest.approx(times["other"] + min(times["fast"], times["slow"]))
+    assert case["worst_us"] == pytest.approx(times["other"] + max(times["fast"], times["slow"]))
+    assert [launch["kernel"] for launch in case["launches"]] == ["_lora_shrink_kernel",
+                                                                  "_lora_forward_kernel"]
+
+
+def latest_report():
+    report = load_static(Path(__file__).parents[1] / "bench" / "results")
+    assert report, "run python -m bench.static and commit its JSON"
+    return report
+
+
+def test_committed_static_report_covers_every_listed_config_within_the_gates():
+    """The compile test builds one config per list (CI time); ``python -m bench.static`` builds
+    every config of every list, and its committed report must hold them all, each within the
+    gates. A changed list fails here until the report is built again."""
+    listing = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("compile_kernels.py")), *map(str, ARCHS),
+         "--list-configs"], capture_output=True, text=True, timeout=600)
+    assert listing.returncode == 0, listing.stderr[-4000:]
+    expected = json.loads(listing.stdout.strip().splitlines()[-1])
+    report = latest_report()
+    for arch in ARCHS:
+        records = report["archs"].get(str(arch), [])
+        built = {json.dumps([r["case"], r["kernel"], r.get("config", 0), r.get("configs", 1),
+                             {k: v for k, v in r["constexprs"].items() if k.startswith("BLOCK_")},
+                             r["num_warps"], r["num_stages"]], sort_keys=True) for r in records}
+        for case, kernel, config, configs, options in expected[str(arch)]:
+            tiles = {k: v for k, v in options.items() if k.startswith("BLOCK_")}
+            key = json.dumps([case, kernel, config, configs, tiles, options.get("num_warps", 4),
+                              options.get("num_stages", 3)], sort_keys=True)
+            assert key in built, f"sm_{arch}: {key} is not in the static report: run " \
+                "python -m bench.static and commit its JSON"
+        failures = (gates.resources(records) + gates.spills(records) + gates.nf4_instructions(records)
+                    + (gates.two_ctas_per_sm(records) if arch == 89 else [])
+                    + (gates.wgmma(records) if arch == 90 else []))
+        assert not failures, "\n".join(failures)
+
+
 def test_committed_static_report_renders():
-    reports = sorted(Path(__file__).parents[1].glob("bench/results/static-*.json"))
-    assert reports, "run python -m bench.static and commit its JSON"
-    report = json.loads(reports[-1].read_text())
+    report = latest_report()
     text = table.render(report)
     assert "not measurements" in text and "_lora_forward_kernel" in text
     assert {"90", "89"} <= set(report["archs"])

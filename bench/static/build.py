@@ -93,7 +93,8 @@ def build(launch, arch, disassemble=True):
 
 def build_all(launches, arch, disassemble=True):
     """A record per launch (identical builds compiled once), with what the model needs of the
-    launch itself: its case, grid, integer arguments and the bytes of the tensors it touches."""
+    launch itself: its case, grid, integer arguments, the bytes of the tensors it touches, and
+    which of its launcher's configs it is (``config`` of ``configs``: autotuned when several)."""
     records = []
     for launch in launches:
         tensors = {t.data_ptr(): t.untyped_storage().nbytes() for t in launch.args
@@ -101,6 +102,7 @@ def build_all(launches, arch, disassemble=True):
         ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
                 if isinstance(value, int) and not isinstance(value, bool)}
         records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
+                        "config": launch.config, "configs": launch.configs,
                         "ints": ints, "tensor_bytes": sum(tensors.values()),
                         **build(launch, arch, disassemble)})
     return records

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
@@ -43,6 +44,8 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict
+    config: int = 0  # its index in the launcher's config list (autotuned when it has several)
+    configs: int = 1  # the list's length
 
     @property
     def name(self):
@@ -78,19 +81,28 @@ def gpu(arch, multiprocessors=132):
 
 
 @contextlib.contextmanager
-def capture(case, launches, target):
+def capture(case, launches, target, every_config=True):
     """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
     running it, the launchers configuring for ``target`` (``_common.Target``): the CPU tensors'
-    device stands for that GPU."""
+    device stands for that GPU. An autotuned launch (``_common.launch`` with several configs) is
+    recorded once per config of its list, or only its first unless ``every_config``."""
     def record(kernel, *args, grid, warmup, **kwargs):
         launches.append(Launch(case, kernel, grid, args, kwargs))
 
-    run, device_target = JITFunction.run, _common.target
-    JITFunction.run, _common.target = record, lambda device: target
+    def record_configs(tuner, *args, grid, warmup, **kwargs):
+        configs = tuner.configs if every_config else tuner.configs[:1]
+        for index, config in enumerate(configs):
+            options = {**kwargs, **config.all_kwargs()}
+            meta = {**dict(zip(tuner.arg_names, args)), **options}
+            launches.append(Launch(case, tuner.fn, grid(meta), args, options, index,
+                                   len(tuner.configs)))
+
+    run, tuned_run, device_target = JITFunction.run, Autotuner.run, _common.target
+    JITFunction.run, Autotuner.run, _common.target = record, record_configs, lambda device: target
     try:
         yield launches
     finally:
-        JITFunction.run, _common.target = run, device_target
+        JITFunction.run, Autotuner.run, _common.target = run, tuned_run, device_target
 
 
 def specialize(launch, arch):
@@ -286,11 +298,12 @@ def gated_activation_call(m, n, dtype, activation):
                     gated_activation.gated_backward(dh, g, u, h, dg, du, activation))
 
 
-def run_calls(calls, target):
-    """Every launch of ``calls`` ({case: fn}) configured for ``target``, in order."""
+def run_calls(calls, target, every_config=True):
+    """Every launch of ``calls`` ({case: fn}) configured for ``target``, in order: each config of
+    an autotuned launch, or only the first of its list unless ``every_config``."""
     launches = []
     for case, call in calls.items():
-        with capture(case, launches, target):
+        with capture(case, launches, target, every_config):
             call()
     return launches
 
@@ -380,8 +393,8 @@ def bench_calls():
     return {case: call for case, (call, _) in bench_cases().items()}
 
 
-def bench_launches(target):
-    return run_calls(bench_calls(), target)
+def bench_launches(target, every_config=True):
+    return run_calls(bench_calls(), target, every_config)
 
 
 # Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
@@ -463,5 +476,5 @@ def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
     return calls
 
 
-def coverage_launches(target):
-    return run_calls(coverage_calls(), target)
+def coverage_launches(target, every_config=True):
+    return run_calls(coverage_calls(), target, every_config)

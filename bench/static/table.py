@@ -24,12 +24,22 @@ def mix_summary(loop):
     return f"{loop['instructions']}: " + " ".join(f"{k} {v}" for k, v in grouped.items())
 
 
+def tile(r):
+    """A GEMM's config: "BLOCK_MxBLOCK_NxBLOCK_K wWARPS sSTAGES", "" for other kernels."""
+    c = r["constexprs"]
+    if "BLOCK_M" not in c:
+        return ""
+    return (f"{c['BLOCK_M']}x{c.get('BLOCK_N', '-')}x{c.get('BLOCK_K', '-')} "
+            f"w{r['num_warps']} s{r['num_stages']}")
+
+
 def kernel_rows(report):
-    """One row per (case, kernel) of the benchmark launches, the archs side by side."""
+    """One row per (case, kernel, config of its list) of the benchmark launches, the archs side by
+    side (an arch's list may be shorter: its row is then missing there)."""
     rows = {}
     for arch in TABLE_ARCHS:
         for r in report["archs"].get(str(arch), []):
-            rows.setdefault((short_case(r["case"]), r["kernel"]), {})[arch] = r
+            rows.setdefault((short_case(r["case"]), r["kernel"], r.get("config", 0)), {})[arch] = r
     return rows
 
 
@@ -63,25 +73,31 @@ def render(report):
              "conversions).", ""]
     for arch in TABLE_ARCHS:
         lines += [f"### sm_{arch}", "",
-                  "| case | kernel | regs | spill B | smem KB | CTAs/SM | MMA | instr/NF4 elem "
-                  "| hot loop |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| case | kernel | config | regs | spill B | smem KB | CTAs/SM | MMA "
+                  "| instr/NF4 elem | hot loop |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         rows = kernel_rows(report)
-        for (case, kernel), by_arch in rows.items():
+        for (case, kernel, config), by_arch in rows.items():
             if arch in by_arch:
                 op, kind, *detail = case.split()
-                twin = rows.get((" ".join([op, "dense", *detail]), kernel), {})
-                lines.append(f"| {case} | {kernel} | {cell(by_arch[arch], twin.get(arch))} |")
+                twin = rows.get((" ".join([op, "dense", *detail]), kernel, config), {})
+                r = by_arch[arch]
+                label = f"{config + 1}/{r['configs']}: " if r.get("configs", 1) > 1 else ""
+                lines.append(f"| {case} | {kernel} | {label}{tile(r)} | {cell(r, twin.get(arch))} |")
         lines.append("")
     lines += ["### Model estimates (not measurements)", "",
               report["model"]["summary"], "",
-              "| case | device | model us | ideal | ideal us | ratio | bound (slowest kernel: limit) |",
-              "|---|---|---|---|---|---|---|"]
+              "Autotuned launches count at their best config by the model; the worst columns "
+              "take every launch at the worst config of its list.", "",
+              "| case | device | model us | ideal | ideal us | ratio | worst us | worst ratio "
+              "| bound (slowest kernel: limit) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for device, cases in report["model"]["cases"].items():
         for case, e in cases.items():
             ideal = "cuBLAS" if e["ideal"] == "gemm" else "copy"
+            worst_us, worst_ratio = e.get("worst_us", e["model_us"]), e.get("worst_ratio", e["ratio"])
             lines.append(f"| {case} | {device} | {e['model_us']:.0f} | {ideal} | {e['ideal_us']:.0f} | "
-                         f"{e['ratio']:.2f} | {e['bound']} |")
+                         f"{e['ratio']:.2f} | {worst_us:.0f} | {worst_ratio:.2f} | {e['bound']} |")
     lines += ["", "Model constants: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in constants.items() if k != "name")
