@@ -10,9 +10,14 @@ dropout p on the LoRA branch:
   stored): the dense W never exists in memory.
 - The LoRA expand s S B^T and the bias are added to the output tile before its one store.
 - Dropout is applied while loading x in the shrink, and regenerated from the seed in backward
-  (tl.rand on the element's index): no M x K mask is ever stored.
-- Operands are in x's dtype (lowrank.ops casts the small A, B and bias) and accumulate in fp32;
-  fp32 inputs multiply in IEEE fp32, not TF32, as torch's matmul does by default.
+  (tl.rand on the element's index): no M x K mask is ever stored. The kept elements enter the
+  products as they are (exact in x's dtype) and 1 / (1 - p) scales the fp32 accumulator.
+- The frozen GEMM's operands are in x's dtype and accumulate in fp32; fp32 inputs multiply in IEEE
+  fp32, not TF32, as torch's matmul does by default.
+- The LoRA branch (A, B, S, dS) is in x's dtype, or in fp32 where x is 16-bit and the adapters are
+  fp32 (PEFT's fp32 branch, which lowrank.ops keeps): each fp32 operand is then split into two
+  parts in x's dtype (``branch_dot``), so the branch is near-fp32 accurate on 16-bit tensor cores.
+  Each kernel reads which from its pointers' dtypes.
 """
 
 import triton
@@ -52,6 +57,43 @@ def grad_a_config(target, dtype):
 
 
 @triton.jit
+def split_parts(value, dtype: tl.constexpr):
+    """fp32 ``value`` as hi + lo, both in 16-bit ``dtype``: hi is ``value`` rounded, lo the remainder
+    (exact in fp32) rounded, so hi + lo carries about twice dtype's mantissa bits."""
+    hi = value.to(dtype)
+    return hi, (value - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def branch_dot(lhs, rhs, acc, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + lhs @ rhs for the LoRA branch, in fp32, the products on ``dtype`` (x's) operands.
+
+    An fp32 operand of a 16-bit ``dtype`` (fp32 adapters, S or dS) is split (``split_parts``) and
+    the products hi x hi + hi x lo + lo x hi accumulated: relative error about 2^-16 in bf16 (the
+    lo x lo term left out, lo rounded), where one bf16 product rounds each operand by 2^-8. A
+    rank-r product is r / K of the layer's work, so two or three 16-bit products cost little, and
+    less than one in fp32, which tensor cores do not take at 16-bit speed."""
+    if lhs.dtype == dtype:
+        if rhs.dtype == dtype:
+            acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION)
+        else:
+            rhs_hi, rhs_lo = split_parts(rhs, dtype)
+            acc = tl.dot(lhs, rhs_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs, rhs_lo, acc, input_precision=PRECISION)
+    else:
+        lhs_hi, lhs_lo = split_parts(lhs, dtype)
+        if rhs.dtype == dtype:
+            acc = tl.dot(lhs_hi, rhs, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_lo, rhs, acc, input_precision=PRECISION)
+        else:
+            rhs_hi, rhs_lo = split_parts(rhs, dtype)
+            acc = tl.dot(lhs_hi, rhs_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_hi, rhs_lo, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_lo, rhs_hi, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def dropout_keep(seed_ptr, rows, cols, K, p):
     """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward."""
     return tl.rand(tl.load(seed_ptr), (rows * K + cols).to(tl.int32)) >= p
@@ -61,7 +103,10 @@ def dropout_keep(seed_ptr, rows, cols, K, p):
 def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk, stride_ar,
                         stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """S = dropout(x) A^T, stored in x's dtype (M x R, contiguous); one rank chunk per program."""
+    """S = dropout(x) A^T, stored in S's dtype (M x R, contiguous; fp32 where A is fp32, else x's);
+    one rank chunk per program. ``x`` may have any strides (dS = dY B and dB^T = S^T dY run here
+    too, with dY, B^T and S^T as x and A)."""
+    dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -70,11 +115,12 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, st
         mask = (rows < M) & (cols < K)
         x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed_ptr, rows, cols, K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(x_ptr.dtype.element_ty)
+            x = tl.where(dropout_keep(seed_ptr, rows, cols, K, p), x, 0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols * stride_ak,
                     mask=(ranks[:, None] < R) & (cols < K), other=0.0)
-        acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
+        acc = branch_dot(x, tl.trans(a), acc, dtype, PRECISION)
+    if DROPOUT:
+        acc = acc / (1 - p)
     store_rounded(s_ptr + rows * R + ranks[None, :], acc, (rows < M) & (ranks[None, :] < R))
 
 
@@ -106,7 +152,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
+        lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
@@ -143,7 +189,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-        lora = tl.dot(ds, a, lora, input_precision=PRECISION)
+        lora = branch_dot(ds, a, lora, dtype, PRECISION)
     if DROPOUT:
         lora = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), lora / (1 - p), 0.0)
     store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc + lora,
@@ -166,9 +212,10 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(dtype)
-        acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
+            x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
+        acc = branch_dot(tl.trans(ds), x, acc, dtype, PRECISION)
+    if DROPOUT:
+        acc = acc / (1 - p)
     tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc,
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 

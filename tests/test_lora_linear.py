@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_empty,
                      check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
-                     lora_linear_fp64, make_lora_case, poisoned, run_lora_linear)
+                     lora_linear_fp64, make_lora_case, poisoned, relative_error,
+                     run_lora_linear)
 
 from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
@@ -267,3 +268,58 @@ def test_non_nf4_and_mismatched_quant_states_are_refused(device):
     packed, state = nf4.quantize(torch.randn(N, K, device=device), quant_storage=torch.bfloat16)
     with pytest.raises(ValueError, match="cannot take a gradient"):
         ops.lora_linear(x, packed.requires_grad_(), lora_a, lora_b, 1.0, quant_state=state)
+
+
+def rounding_excess(actual, expected, magnitude, ulps):
+    """How far ``actual`` (bf16) is from the fp64 ``expected``, as a multiple of ``ulps`` of bf16
+    at each expected value plus 2^-15 of the element's ``magnitude`` (the sum of its products'
+    absolute values: the split branch's error, about 2^-16, and fp32 accumulation, which
+    cancellation can make large against a small result); at most 1 where the result is rounded
+    ``ulps`` from near-fp32."""
+    exponent = torch.floor(torch.log2(expected.abs().clamp(min=1e-30)))
+    bound = ulps * torch.exp2(exponent - 7) + magnitude * 2.0**-15
+    return ((actual.double() - expected).abs() / bound).max().item()
+
+
+@pytest.mark.parametrize("route,m,dropout", [("fused", M, 0.0), ("fused", M, 0.3),
+                                              ("cublas", M, 0.0), ("decode", 13, 0.0)])
+def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
+    """bf16 x with fp32 adapters (PEFT's default): the branch runs near-fp32 on every route
+    (fp32 S and dS, each fp32 operand split into two bf16 parts), as PEFT's fp32 branch does.
+    y and dX are bf16: rounded once (fused, decode: half an ulp from near-fp32) or twice (cuBLAS:
+    x W^T rounded, then the branch added, as PEFT adds its fp32 branch to the bf16 base: one ulp);
+    dA and dB are fp32, within 1e-4 of fp64. The adapters rounded to bf16 (the branch in bf16,
+    as before) miss both bounds, so the test can fail. The branch is made as large as the base
+    so that its rounding shows. Measured in the interpreter (whose bf16 casts truncate, so the
+    split is half as accurate as on a GPU): y and dX at 0.50 to 0.98 of the bound (a result
+    near a rounding tie comes close to 1; bf16 adapters: 8 to 14 times it), dA and dB 1.8e-5 to
+    2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3)."""
+    from lowrank import routes
+
+    x, weight, _, dense, lora_a, lora_b, _ = make_lora_case(torch.bfloat16, "dense", 16, device,
+                                                           m=m)
+    lora_b = lora_b * 10
+    grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
+                                                                               torch.bfloat16)
+    torch.manual_seed(7)
+    mask = ops.lora_dropout_mask(ops.dropout_seed(device), (m, K), dropout).reshape(m, 1, K) \
+        if dropout else None
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 3.0, None, grad_y, dropout, mask)
+    magnitude = lora_linear_fp64(x.abs(), dense.abs(), lora_a.abs(), lora_b.abs(), 3.0, None,
+                                 grad_y.abs(), dropout, mask)
+
+    def run(a, b):
+        torch.manual_seed(7)  # lora_linear draws the mask's seed as above
+        with routes.forced(route):
+            return run_lora_linear(x, weight, None, a, b, 3.0, None, grad_y, dropout)
+
+    ulps = 1.0 if route == "cublas" else 0.5
+    y, grad_x, grad_a, grad_b = run(lora_a, lora_b)
+    assert rounding_excess(y, expected[0], magnitude[0], ulps) <= 1
+    if route != "decode":  # the decode route is a forward: dX runs the default route
+        assert rounding_excess(grad_x, expected[1], magnitude[1], ulps) <= 1
+    assert_op_close(grad_a, expected[2], torch.float32, "dA", 1e-4)
+    assert_op_close(grad_b, expected[3], torch.float32, "dB", 1e-4)
+    rounded = run(lora_a.bfloat16(), lora_b.bfloat16())
+    assert rounding_excess(rounded[0], expected[0], magnitude[0], ulps) > 1
+    assert relative_error(rounded[2].double(), expected[2]) > 1e-3

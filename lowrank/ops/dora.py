@@ -28,8 +28,8 @@ from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import dora_norm as dora_norm_kernel
 from lowrank.ops.gradients import InputGradients
 from lowrank.ops.ia3 import ia3_backward
-from lowrank.ops.lora import (dropout_seed, lora_dropout_mask, lora_forward, lora_grad_a,
-                              lora_grad_input)
+from lowrank.ops.lora import (dropout_seed, grad_lora_b, grad_lora_s, lora_dropout_mask,
+                              lora_forward, lora_grad_a, lora_grad_input)
 
 
 @torch.library.custom_op("lowrank::dora_norm", mutates_args=())
@@ -57,7 +57,7 @@ def _dropped(x, seed, dropout):
 def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float,
                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, S, Q) for contiguous x (M x K), in x's dtype: P = x W^T + s S B^T, S = x_d A^T, and with
+    """(P, S, Q) for contiguous x (M x K), in x's dtype (S in the branch's): P = x W^T + s S B^T, S = x_d A^T, and with
     dropout Q = x_d W^T + s S B^T (without, Q is empty: it would equal P)."""
     p, s = lora_forward(x, weight, weight_sizes, lora_A, lora_B, scaling, None, dropout, seed)
     if dropout == 0:
@@ -70,7 +70,9 @@ def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
 @dora_forward.register_fake
 def _(x, weight, weight_sizes, lora_A, lora_B, scaling, dropout, seed):
     n = FrozenWeight.from_flat(weight, weight_sizes).out_features
-    return (x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_A.shape[0]),
+    return (x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_A.shape[0],
+                                                    dtype=reference.branch_dtype(x.dtype, lora_A,
+                                                                                 lora_B)),
             x.new_empty(x.shape[0] if dropout > 0 else 0, n))
 
 
@@ -139,7 +141,7 @@ class DoraLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         g = magnitude.float() / weight_norm
         grad_scaled = (grad_y.float() * g).to(grad_y.dtype)  # the gradient of x_d's LoRA branch
-        grad_s = torch.matmul(grad_scaled, lora_B.to(grad_y.dtype)) * ctx.scaling
+        grad_s = grad_lora_s(grad_scaled, lora_B, ctx.scaling, s.dtype)
         grad_q = (grad_y.float() * (g - 1)).to(grad_y.dtype) if ctx.dropout > 0 else grad_scaled
         grads = {}
         if need["x"]:
@@ -155,7 +157,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = (torch.matmul(grad_scaled.t(), s) * ctx.scaling).to(lora_B.dtype)
+            grads["lora_B"] = grad_lora_b(grad_scaled, s, ctx.scaling, lora_B.dtype)
         if need["magnitude"]:
             grads["magnitude"] = ((grad_y.float() * product.float()).sum(0)
                                   / weight_norm).to(magnitude.dtype)
