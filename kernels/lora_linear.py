@@ -24,11 +24,11 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import store_rounded
+from ._common import row_offsets, store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
-MASK_BLOCK = 1024
+MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
@@ -95,8 +95,9 @@ def branch_dot(lhs, rhs, acc, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def dropout_keep(seed_ptr, rows, cols, K, p):
-    """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward."""
-    return tl.rand(tl.load(seed_ptr), (rows * K + cols).to(tl.int32)) >= p
+    """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward.
+    The element's index is int64: M x K passes 2**31 at training sizes."""
+    return tl.rand(tl.load(seed_ptr), row_offsets(rows, K) + cols) >= p
 
 
 @triton.jit
@@ -107,21 +108,24 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, st
     one rank chunk per program. ``x`` may have any strides (dS = dY B and dB^T = S^T dY run here
     too, with dY, B^T and S^T as x and A)."""
     dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
-        mask = (rows < M) & (cols < K)
-        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        # int64 columns too: as dB^T = S^T dY, x is dY^T, whose columns are N elements apart.
+        x = tl.load(x_rows + row_offsets(cols, stride_xk)[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed_ptr, rows, cols, K, p), x, 0.0)
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols * stride_ak,
-                    mask=(ranks[:, None] < R) & (cols < K), other=0.0)
+            x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + row_offsets(cols, stride_ak)[None, :],
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         acc = branch_dot(x, tl.trans(a), acc, dtype, PRECISION)
     if DROPOUT:
         acc = acc / (1 - p)
-    store_rounded(s_ptr + rows * R + ranks[None, :], acc, (rows < M) & (ranks[None, :] < R))
+    store_rounded(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :], acc,
+                  (rows[:, None] < M) & (ranks[None, :] < R))
 
 
 @triton.jit
@@ -136,10 +140,11 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_rows + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
@@ -148,7 +153,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :],
+        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
@@ -156,7 +161,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
-    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+    store_rounded(y_ptr + row_offsets(rows, N)[:, None] + outs[None, :], acc,
                   (rows[:, None] < M) & (outs[None, :] < N))
 
 
@@ -173,10 +178,11 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tl.program_id(1) * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
+    dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+        dy = tl.load(dy_rows + outs[None, :],
                      mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
@@ -185,14 +191,14 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+        ds = tl.load(ds_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         lora = branch_dot(ds, a, lora, dtype, PRECISION)
     if DROPOUT:
         lora = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), lora / (1 - p), 0.0)
-    store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc + lora,
+    store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc + lora,
                   (rows[:, None] < M) & (cols[None, :] < K))
 
 
@@ -207,9 +213,9 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+        ds = tl.load(ds_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
             x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
@@ -221,10 +227,14 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
-    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = dropout_keep(seed_ptr, index // K, index % K, K, p)
-    tl.store(mask_ptr + index, keep.to(tl.int8), mask=index < M * K)
+def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """The keep mask (int8, M x K, contiguous) that the GEMM kernels draw for ``seed``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
+    tl.store(mask_ptr + row_offsets(rows, K)[:, None] + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def lora_shrink(x, lora_a, s, seed, p):
@@ -285,5 +295,5 @@ def lora_grad_a(ds, x, da, seed, p):
 
 def dropout_mask(seed, mask, p):
     M, K = mask.shape
-    grid = (triton.cdiv(M * K, MASK_BLOCK),)
-    _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK=MASK_BLOCK)
+    grid = (triton.cdiv(M, MASK_BLOCK_M), triton.cdiv(K, MASK_BLOCK_K))
+    _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_empty,
                      check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
                      lora_linear_fp64, make_lora_case, poisoned, relative_error,
@@ -17,7 +19,7 @@ from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_em
 
 from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
-from lowrank.kernels._common import target
+from lowrank.kernels._common import row_offsets, target
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -323,3 +325,48 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
     rounded = run(lora_a.bfloat16(), lora_b.bfloat16())
     assert rounding_excess(rounded[0], expected[0], magnitude[0], ulps) > 1
     assert relative_error(rounded[2].double(), expected[2]) > 1e-3
+
+
+@triton.jit
+def _row_offsets_kernel(rows_ptr, out_ptr, stride, BLOCK: tl.constexpr):
+    index = tl.arange(0, BLOCK)
+    tl.store(out_ptr + index, row_offsets(tl.load(rows_ptr + index), stride))
+
+
+@pytest.mark.parametrize("stride,first_row", [(14336, 149_797 - 3), (128_256, 16_744 - 3)],
+                         ids=["x-K=14336", "lm_head-N=128256"])
+def test_row_offsets_pass_2_31_without_wrapping(stride, first_row, device):
+    """The kernels' row bases (``_common.row_offsets``: x, dY, Y and dX rows, the dropout index)
+    at sizes where M x K or M x N passes 2**31, without allocating them: the helper the kernels
+    call, run on the row indices of such a matrix, gives the exact int64 offsets (int32 would
+    wrap to negative ones)."""
+    rows = torch.arange(first_row, first_row + 8, dtype=torch.int32, device=device)
+    out = torch.empty(8, dtype=torch.int64, device=device)
+    _row_offsets_kernel[(1,)](rows, out, stride, BLOCK=8)
+    expected = [row * stride for row in range(first_row, first_row + 8)]
+    assert out.tolist() == expected and max(expected) >= 2**31 > min(expected)
+
+
+@triton.jit
+def _dropout_keep_kernel(seed_ptr, keep_ptr, first_row, K, p, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    rows = first_row + tl.arange(0, BLOCK_M)
+    keep = lora_kernels.dropout_keep(seed_ptr, rows[:, None], tl.arange(0, BLOCK_K)[None, :], K, p)
+    tl.store(keep_ptr + tile, keep.to(tl.int8))
+
+
+def test_dropout_mask_does_not_wrap_past_2_31(device):
+    """The dropout mask's element index is int64: the rows 2**20 down an input of K = 2**14
+    (element 2**34 on) draw their own mask, where an int32 index would wrap to row 0's. The same
+    ``dropout_keep`` the GEMM kernels call, at those rows, without an input that large; at row 0
+    it gives ``lora_dropout_mask``'s mask."""
+    seed, k, p = torch.tensor([1234], device=device), 2**14, 0.5
+
+    def keep(first_row):
+        out = torch.empty(16, 64, dtype=torch.int8, device=device)
+        _dropout_keep_kernel[(1,)](seed, out, first_row, k, p, BLOCK_M=16, BLOCK_K=64)
+        return out.bool()
+
+    assert torch.equal(keep(0), ops.lora_dropout_mask(seed, (16, k), p)[:, :64])
+    assert (keep(2**20) != keep(0)).float().mean().item() > 0.3  # independent: about half differ
