@@ -10,8 +10,9 @@ dropout p on the LoRA branch:
   stored): the dense W never exists in memory.
 - The LoRA expand s S B^T and the bias are added to the output tile before its one store.
 - Dropout is applied while loading x in the shrink, and regenerated from the seed in backward
-  (tl.rand on the element's index): no M x K mask is ever stored. The kept elements enter the
-  products as they are (exact in x's dtype) and 1 / (1 - p) scales the fp32 accumulator.
+  (``dropout_keep``: one Philox call per four elements): no M x K mask is ever stored. The kept
+  elements enter the products as they are (exact in x's dtype) and 1 / (1 - p) scales the fp32
+  accumulator.
 - The frozen GEMM's operands are in x's dtype and accumulate in fp32; fp32 inputs multiply in IEEE
   fp32, not TF32, as torch's matmul does by default.
 - The LoRA branch (A, B, S, dS) is in x's dtype, or in fp32 where x is 16-bit and the adapters are
@@ -94,10 +95,21 @@ def branch_dot(lhs, rhs, acc, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed_ptr, rows, cols, K, p):
-    """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward.
-    The element's index is int64: M x K passes 2**31 at training sizes."""
-    return tl.rand(tl.load(seed_ptr), row_offsets(rows, K) + cols) >= p
+def dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K: tl.constexpr):
+    """The keep mask of the tile ``rows`` x [k0, k0 + BLOCK_K) of an M x K input (``rows`` a vector
+    of row indices, k0 a multiple of 4): the same in every kernel, forward and backward.
+
+    One Philox call (``tl.randint4x``) per four elements: group (m, k // 4), numbered
+    m * cdiv(K, 4) + k // 4 in int64 (M x K passes 2**31 at training sizes), gives four uint32
+    words, word j for element 4 (k // 4) + j; an element is kept where its word is at least
+    p * 2**32 (an integer compare, no float conversion)."""
+    BLOCK_M: tl.constexpr = rows.shape[0]
+    groups = row_offsets(rows, (K + 3) // 4)[:, None] + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)
+    # join(join(r0, r2), join(r1, r3))[..., i, j] is word 2 i + j: the four in element order.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_K])
+    # p * 2**32 in fp32 rounds to 2**32 for p within 2**-25 of 1: the largest fp32 below it instead.
+    return words >= tl.minimum(p * 4294967296.0, 4294967040.0).to(tl.uint32)
 
 
 @triton.jit
@@ -118,7 +130,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, st
         x = tl.load(x_rows + row_offsets(cols, stride_xk)[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + row_offsets(cols, stride_ak)[None, :],
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         acc = branch_dot(x, tl.trans(a), acc, dtype, PRECISION)
@@ -197,7 +209,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         lora = branch_dot(ds, a, lora, dtype, PRECISION)
     if DROPOUT:
-        lora = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), lora / (1 - p), 0.0)
+        lora = tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), lora / (1 - p), 0.0)
     store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc + lora,
                   (rows[:, None] < M) & (cols[None, :] < K))
 
@@ -208,7 +220,8 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dA = dS^T dropout(x), fp32 (R x K, contiguous); the mask regenerated from the seed."""
     dtype = x_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_first = tl.program_id(0) * BLOCK_K
+    cols = k_first + tl.arange(0, BLOCK_K)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
@@ -218,7 +231,7 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
         x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), x, 0.0)
         acc = branch_dot(tl.trans(ds), x, acc, dtype, PRECISION)
     if DROPOUT:
         acc = acc / (1 - p)
@@ -232,7 +245,7 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK_M: tl.constexpr,
     """The keep mask (int8, M x K, contiguous) that the GEMM kernels draw for ``seed``."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
+    keep = dropout_keep(seed_ptr, rows, tl.program_id(1) * BLOCK_K, K, p, BLOCK_K)
     tl.store(mask_ptr + row_offsets(rows, K)[:, None] + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 

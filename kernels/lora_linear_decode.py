@@ -81,7 +81,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                             mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
                 if DROPOUT:
-                    x = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), x, 0.0)
+                    x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
                 a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                             mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
                 s = branch_dot(x, tl.trans(a), s, dtype, PRECISION)

@@ -352,15 +352,15 @@ def _dropout_keep_kernel(seed_ptr, keep_ptr, first_row, K, p, BLOCK_M: tl.conste
                          BLOCK_K: tl.constexpr):
     tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     rows = first_row + tl.arange(0, BLOCK_M)
-    keep = lora_kernels.dropout_keep(seed_ptr, rows[:, None], tl.arange(0, BLOCK_K)[None, :], K, p)
+    keep = lora_kernels.dropout_keep(seed_ptr, rows, 0, K, p, BLOCK_K)
     tl.store(keep_ptr + tile, keep.to(tl.int8))
 
 
 def test_dropout_mask_does_not_wrap_past_2_31(device):
-    """The dropout mask's element index is int64: the rows 2**20 down an input of K = 2**14
-    (element 2**34 on) draw their own mask, where an int32 index would wrap to row 0's. The same
-    ``dropout_keep`` the GEMM kernels call, at those rows, without an input that large; at row 0
-    it gives ``lora_dropout_mask``'s mask."""
+    """The dropout mask's index (of a group of four elements) is int64: the rows 2**20 down an
+    input of K = 2**14 (group 2**32 on) draw their own mask, where an int32 index would wrap to
+    row 0's. The same ``dropout_keep`` the GEMM kernels call, at those rows, without an input
+    that large; at row 0 it gives ``lora_dropout_mask``'s mask."""
     seed, k, p = torch.tensor([1234], device=device), 2**14, 0.5
 
     def keep(first_row):
@@ -370,3 +370,26 @@ def test_dropout_mask_does_not_wrap_past_2_31(device):
 
     assert torch.equal(keep(0), ops.lora_dropout_mask(seed, (16, k), p)[:, :64])
     assert (keep(2**20) != keep(0)).float().mean().item() > 0.3  # independent: about half differ
+
+
+@triton.jit
+def _philox_words_kernel(seed_ptr, words_ptr, GROUPS: tl.constexpr):
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), tl.arange(0, GROUPS).to(tl.int64))
+    index = tl.arange(0, GROUPS)
+    tl.store(words_ptr + index * 4, r0.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 1, r1.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 2, r2.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 3, r3.to(tl.int64))
+
+
+def test_dropout_mask_is_one_philox_call_per_four_elements(device):
+    """The mask, rebuilt in torch from Philox's four words per group (``tl.randint4x`` of group
+    m * cdiv(K, 4) + k // 4, word k % 4, kept where >= p * 2**32), is the one the kernels draw:
+    an odd K (37: the last group of a row has one element) and rows across tiles."""
+    seed, m, k, p = torch.tensor([99], device=device), 21, 37, 0.3
+    groups_per_row = (k + 3) // 4
+    words = torch.empty(256 * 4, dtype=torch.int64, device=device)  # 256 >= 21 x 10 groups
+    _philox_words_kernel[(1,)](seed, words, GROUPS=256)
+    words = words[:m * groups_per_row * 4].view(m, groups_per_row * 4)[:, :k]
+    expected = words >= torch.tensor(p, dtype=torch.float32).item() * 2**32  # p in fp32, as given
+    assert torch.equal(ops.lora_dropout_mask(seed, (m, k), p), expected)
