@@ -162,6 +162,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
+    # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
+    # would be rounded again if scaled first: its products are summed apart and scaled after.
+    S_FP32: tl.constexpr = s_ptr.dtype.element_ty == tl.float32
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -169,8 +173,12 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
-    acc += scaling * lora
+        if S_FP32:
+            acc = branch_dot(s * scaling, tl.trans(b), acc, dtype, PRECISION)
+        else:
+            lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
+    if not S_FP32:
+        acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     store_rounded(y_ptr + row_offsets(rows, N)[:, None] + outs[None, :], acc,
@@ -207,10 +215,13 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-        lora = branch_dot(ds, a, lora, dtype, PRECISION)
+        if DROPOUT:  # masked below, apart from dY W
+            lora = branch_dot(ds, a, lora, dtype, PRECISION)
+        else:  # straight into acc: no second accumulator's registers
+            acc = branch_dot(ds, a, acc, dtype, PRECISION)
     if DROPOUT:
-        lora = tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), lora / (1 - p), 0.0)
-    store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc + lora,
+        acc += tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), lora / (1 - p), 0.0)
+    store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
                   (rows[:, None] < M) & (cols[None, :] < K))
 
 
