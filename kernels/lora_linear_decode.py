@@ -84,7 +84,11 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                     x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
                 a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                             mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-                s = branch_dot(x, tl.trans(a), s, dtype, PRECISION)
+                if a.dtype == dtype:
+                    s = tl.dot(x, tl.trans(a), s, input_precision=PRECISION)
+                else:  # fp32 A of a 16-bit x: IEEE fp32 (a few rows need no tensor cores; the
+                    # tiled path's split of A took 8 bytes of stack here on sm_80 to sm_89)
+                    s = tl.dot(x.to(tl.float32), tl.trans(a), s, input_precision="ieee")
             if DROPOUT:
                 s = s / (1 - p)
             tl.store(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :], s,
