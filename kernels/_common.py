@@ -122,6 +122,15 @@ def store_rounded(ptr, value, mask):
 
 
 @triton.jit
+def row_offsets(rows, stride):
+    """``rows`` x ``stride`` in int64: where rows of a matrix start. An input's M x K or an output's
+    M x N passes 2**31 at training sizes (K = 14336 at M >= 149,797; an lm_head of 128k outputs at
+    M >= 16,744), and int32 would wrap there. Kernels take a tile's row bases from here (once per
+    tile, not per element); offsets within a row stay int32."""
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
 def bucketize(x, bounds_ptr, BITS: tl.constexpr):
     """Number of ``bounds`` strictly below ``x``: ``torch.bucketize(x, bounds)`` (right=False).
 

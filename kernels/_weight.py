@@ -24,7 +24,8 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
                             nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
         return decode_nf4(nibble, scale, pairs_ptr)
     else:
-        return tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols * stride_wk, mask=mask,
+                       other=0.0).to(tl.float32)  # int64: N x K may pass 2**31
 
 
 @triton.jit

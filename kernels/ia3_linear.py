@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cast_rounded, store_rounded
+from ._common import cast_rounded, row_offsets, store_rounded
 from ._weight import load_gemm_tile, precision, weight_args, with_decoding
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
@@ -86,7 +86,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if FEEDFORWARD:
             scale = tl.load(l_ptr + cols, mask=cols < K, other=0.0)
@@ -99,7 +99,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     if not FEEDFORWARD:
         acc *= tl.load(l_ptr + outs, mask=outs < N, other=0.0)[None, :]
-    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+    store_rounded(y_ptr + row_offsets(rows, N)[:, None] + outs[None, :], acc,
                   (rows[:, None] < M) & (outs[None, :] < N))
 
 
@@ -120,7 +120,7 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+        dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
                      mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
         if not FEEDFORWARD:
             scale = tl.load(l_ptr + outs, mask=outs < N, other=0.0)
@@ -131,12 +131,12 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
         acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
     if FEEDFORWARD:
         if GRAD_SCALE:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                         mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
             tl.store(dl_ptr + tl.program_id(0) * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
                      mask=cols < K)
         acc *= tl.load(l_ptr + cols, mask=cols < K, other=0.0)[None, :]
-    store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc,
+    store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
                   (rows[:, None] < M) & (cols[None, :] < K))
 
 
@@ -156,7 +156,7 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
@@ -164,7 +164,7 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
-    dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+    dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
                  mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
     tl.store(dl_ptr + tl.program_id(0) * N + outs, tl.sum(acc * dy.to(tl.float32), axis=0),
              mask=outs < N)

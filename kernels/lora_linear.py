@@ -10,20 +10,26 @@ dropout p on the LoRA branch:
   stored): the dense W never exists in memory.
 - The LoRA expand s S B^T and the bias are added to the output tile before its one store.
 - Dropout is applied while loading x in the shrink, and regenerated from the seed in backward
-  (tl.rand on the element's index): no M x K mask is ever stored.
-- Operands are in x's dtype (lowrank.ops casts the small A, B and bias) and accumulate in fp32;
-  fp32 inputs multiply in IEEE fp32, not TF32, as torch's matmul does by default.
+  (``dropout_keep``: one Philox call per four elements): no M x K mask is ever stored. The kept
+  elements enter the products as they are (exact in x's dtype) and 1 / (1 - p) scales the fp32
+  accumulator.
+- The frozen GEMM's operands are in x's dtype and accumulate in fp32; fp32 inputs multiply in IEEE
+  fp32, not TF32, as torch's matmul does by default.
+- The LoRA branch (A, B, S, dS) is in x's dtype, or in fp32 where x is 16-bit and the adapters are
+  fp32 (PEFT's fp32 branch, which lowrank.ops keeps): each fp32 operand is then split into two
+  parts in x's dtype (``branch_dot``), so the branch is near-fp32 accurate on 16-bit tensor cores.
+  Each kernel reads which from its pointers' dtypes.
 """
 
 import triton
 import triton.language as tl
 
 from . import _common, _dora_epilogue
-from ._common import store_rounded
+from ._common import row_offsets, store_rounded
 from ._weight import load_gemm_tile, precision, weight_args, with_decoding
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
-MASK_BLOCK = 1024
+MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
@@ -68,30 +74,86 @@ def grad_a_config(target, dtype):
 
 
 @triton.jit
-def dropout_keep(seed_ptr, rows, cols, K, p):
-    """The keep mask of elements (rows, cols) of an M x K input: the same in forward and backward."""
-    return tl.rand(tl.load(seed_ptr), (rows * K + cols).to(tl.int32)) >= p
+def split_parts(value, dtype: tl.constexpr):
+    """fp32 ``value`` as hi + lo, both in 16-bit ``dtype``: hi is ``value`` rounded, lo the remainder
+    (exact in fp32) rounded, so hi + lo carries about twice dtype's mantissa bits."""
+    hi = value.to(dtype)
+    return hi, (value - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def branch_dot(lhs, rhs, acc, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + lhs @ rhs for the LoRA branch, in fp32, the products on ``dtype`` (x's) operands.
+
+    An fp32 operand of a 16-bit ``dtype`` (fp32 adapters, S or dS) is split (``split_parts``) and
+    the products hi x hi + hi x lo + lo x hi accumulated: relative error about 2^-16 in bf16 (the
+    lo x lo term left out, lo rounded), where one bf16 product rounds each operand by 2^-8. A
+    rank-r product is r / K of the layer's work, so two or three 16-bit products cost little, and
+    less than one in fp32, which tensor cores do not take at 16-bit speed."""
+    if lhs.dtype == dtype:
+        if rhs.dtype == dtype:
+            acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION)
+        else:
+            rhs_hi, rhs_lo = split_parts(rhs, dtype)
+            acc = tl.dot(lhs, rhs_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs, rhs_lo, acc, input_precision=PRECISION)
+    else:
+        lhs_hi, lhs_lo = split_parts(lhs, dtype)
+        if rhs.dtype == dtype:
+            acc = tl.dot(lhs_hi, rhs, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_lo, rhs, acc, input_precision=PRECISION)
+        else:
+            rhs_hi, rhs_lo = split_parts(rhs, dtype)
+            acc = tl.dot(lhs_hi, rhs_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_hi, rhs_lo, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs_lo, rhs_hi, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K: tl.constexpr):
+    """The keep mask of the tile ``rows`` x [k0, k0 + BLOCK_K) of an M x K input (``rows`` a vector
+    of row indices, k0 a multiple of 4): the same in every kernel, forward and backward.
+
+    One Philox call (``tl.randint4x``) per four elements: group (m, k // 4), numbered
+    m * cdiv(K, 4) + k // 4 in int64 (M x K passes 2**31 at training sizes), gives four uint32
+    words, word j for element 4 (k // 4) + j; an element is kept where its word is at least
+    p * 2**32 (an integer compare, no float conversion)."""
+    BLOCK_M: tl.constexpr = rows.shape[0]
+    groups = row_offsets(rows, (K + 3) // 4)[:, None] + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)
+    # join(join(r0, r2), join(r1, r3))[..., i, j] is word 2 i + j: the four in element order.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_K])
+    # p * 2**32 in fp32 rounds to 2**32 for p within 2**-25 of 1: the largest fp32 below it instead.
+    return words >= tl.minimum(p * 4294967296.0, 4294967040.0).to(tl.uint32)
 
 
 @triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk, stride_ar,
                         stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """S = dropout(x) A^T, stored in x's dtype (M x R, contiguous); one rank chunk per program."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    """S = dropout(x) A^T, stored in S's dtype (M x R, contiguous; fp32 where A is fp32, else x's);
+    one rank chunk per program. ``x`` may have any strides (dS = dY B and dB^T = S^T dY run here
+    too, with dY, B^T and S^T as x and A)."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
-        mask = (rows < M) & (cols < K)
-        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        # int64 columns too: as dB^T = S^T dY, x is dY^T, whose columns are N elements apart.
+        x = tl.load(x_rows + row_offsets(cols, stride_xk)[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed_ptr, rows, cols, K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(x_ptr.dtype.element_ty)
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols * stride_ak,
-                    mask=(ranks[:, None] < R) & (cols < K), other=0.0)
-        acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
-    store_rounded(s_ptr + rows * R + ranks[None, :], acc, (rows < M) & (ranks[None, :] < R))
+            x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + row_offsets(cols, stride_ak)[None, :],
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+        acc = branch_dot(x, tl.trans(a), acc, dtype, PRECISION)
+    if DROPOUT:
+        acc = acc / (1 - p)
+    store_rounded(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :], acc,
+                  (rows[:, None] < M) & (ranks[None, :] < R))
 
 
 @triton.jit
@@ -109,30 +171,39 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_rows + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+    # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
+    # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
+    # would be rounded again if scaled first: its products are summed apart and scaled after.
+    S_FP32: tl.constexpr = s_ptr.dtype.element_ty == tl.float32
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :],
+        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
-    acc += scaling * lora
+        if S_FP32:
+            acc = branch_dot(s * scaling, tl.trans(b), acc, dtype, PRECISION)
+        else:
+            lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
+    if not S_FP32:
+        acc += scaling * lora
     if COLUMN_SCALE:
         acc = _dora_epilogue.column_scale(acc, rows, outs, M, N, scale_ptr, undropped_ptr,
                                           product_ptr, UNDROPPED, STORE_PRODUCT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
-    store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
+    store_rounded(y_ptr + row_offsets(rows, N)[:, None] + outs[None, :], acc,
                   (rows[:, None] < M) & (outs[None, :] < N))
 
 
@@ -149,10 +220,11 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tl.program_id(1) * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
+    dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows[:, None] * N + outs[None, :],
+        dy = tl.load(dy_rows + outs[None, :],
                      mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
@@ -161,14 +233,17 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+        ds = tl.load(ds_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-        lora = tl.dot(ds, a, lora, input_precision=PRECISION)
+        if DROPOUT:  # masked below, apart from dY W
+            lora = branch_dot(ds, a, lora, dtype, PRECISION)
+        else:  # straight into acc: no second accumulator's registers
+            acc = branch_dot(ds, a, acc, dtype, PRECISION)
     if DROPOUT:
-        lora = tl.where(dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p), lora / (1 - p), 0.0)
-    store_rounded(dx_ptr + rows[:, None] * K + cols[None, :], acc + lora,
+        acc += tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), lora / (1 - p), 0.0)
+    store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
                   (rows[:, None] < M) & (cols[None, :] < K))
 
 
@@ -178,28 +253,34 @@ def _lora_grad_a_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, K, R, p, stride_xm, 
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dA = dS^T dropout(x), fp32 (R x K, contiguous); the mask regenerated from the seed."""
     dtype = x_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_first = tl.program_id(0) * BLOCK_K
+    cols = k_first + tl.arange(0, BLOCK_K)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
+        ds = tl.load(ds_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(dtype)
-        acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
+            x = tl.where(dropout_keep(seed_ptr, rows, k_first, K, p, BLOCK_K), x, 0.0)
+        acc = branch_dot(tl.trans(ds), x, acc, dtype, PRECISION)
+    if DROPOUT:
+        acc = acc / (1 - p)
     tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc,
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK: tl.constexpr):
-    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = dropout_keep(seed_ptr, index // K, index % K, K, p)
-    tl.store(mask_ptr + index, keep.to(tl.int8), mask=index < M * K)
+def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """The keep mask (int8, M x K, contiguous) that the GEMM kernels draw for ``seed``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(seed_ptr, rows, tl.program_id(1) * BLOCK_K, K, p, BLOCK_K)
+    tl.store(mask_ptr + row_offsets(rows, K)[:, None] + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def lora_shrink(x, lora_a, s, seed, p):
@@ -264,5 +345,5 @@ def lora_grad_a(ds, x, da, seed, p):
 
 def dropout_mask(seed, mask, p):
     M, K = mask.shape
-    grid = (triton.cdiv(M * K, MASK_BLOCK),)
-    _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK=MASK_BLOCK)
+    grid = (triton.cdiv(M, MASK_BLOCK_M), triton.cdiv(K, MASK_BLOCK_K))
+    _dropout_mask_kernel[grid](seed, mask, M, K, p, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import load_gemm_tile, precision, weight_args, with_decoding
-from .lora_linear import BLOCK_R, dropout_keep
+from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
 # forward. One M block of 16 (tl.dot's smallest) holds them all; partial sums cost SPLIT_K x M x N
@@ -110,11 +110,16 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                             mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
                 if DROPOUT:
-                    keep = dropout_keep(seed_ptr, rows[:, None], cols[None, :], K, p)
-                    x = tl.where(keep, x.to(tl.float32) / (1 - p), 0.0).to(dtype)
+                    x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
                 a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                             mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-                s = tl.dot(x, tl.trans(a), s, input_precision=PRECISION)
+                if a.dtype == dtype:
+                    s = tl.dot(x, tl.trans(a), s, input_precision=PRECISION)
+                else:  # fp32 A of a 16-bit x: IEEE fp32 (a few rows need no tensor cores; the
+                    # tiled path's split of A took 8 bytes of stack here on sm_80 to sm_89)
+                    s = tl.dot(x.to(tl.float32), tl.trans(a), s, input_precision="ieee")
+            if DROPOUT:
+                s = s / (1 - p)
             tl.store(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :], s,
                      mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
@@ -124,7 +129,7 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
                                  R, splits, scaling, stride_bn, stride_br, HAS_BIAS: tl.constexpr,
                                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Y = sum of partials + s S B^T + b, with S the sum of the shrink partials in x's dtype."""
+    """Y = sum of partials + s S B^T + b, with S the sum of the shrink partials in S's dtype."""
     dtype = y_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,12 +146,12 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
         for split in range(0, splits):
             s_sum += tl.load(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :],
                              mask=rank_mask, other=0.0)
-        s = cast_rounded(s_sum, dtype)  # rounded to x's dtype, as the tiled path stores S
+        s = cast_rounded(s_sum, s_ptr.dtype.element_ty)  # S's dtype, as the tiled path stores it
         if tl.program_id(0) == 0:
             tl.store(s_ptr + rows[:, None] * R + ranks[None, :], s, mask=rank_mask)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
+        lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]

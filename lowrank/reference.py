@@ -84,9 +84,19 @@ def _weight_values(weight):
     return nf4_dequantize(weight.stored, weight.quant_state, torch.float32)
 
 
+def branch_dtype(x_dtype, *adapters):
+    """The dtype the LoRA branch (dropout(x) A^T B^T, and its gradients) computes in: fp32 where x
+    is 16-bit and an adapter is fp32 (PEFT then computes the branch in fp32, and so does lowrank:
+    the kernels near-fp32, see ``branch_dot`` in kernels/lora_linear.py), otherwise x's dtype."""
+    if x_dtype.itemsize == 2 and any(a.dtype == torch.float32 for a in adapters):
+        return torch.float32
+    return x_dtype
+
+
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quant_state=None,
                 dropout_mask=None):
-    """Y = x W^T + b + scaling * dropout(x) A^T B^T, computed in x's dtype.
+    """Y = x W^T + b + scaling * dropout(x) A^T B^T: the base in x's dtype, the branch in
+    ``branch_dtype`` (fp32 for fp32 adapters, as PEFT's), their sum rounded to x's dtype.
 
     ``weight``: dense (N x K), or packed NF4 with its ``quant_state`` (a Params4bit carries its
     own), or a ``FrozenWeight``. ``dropout_mask``: the keep mask (shape of x) to use instead of
@@ -95,14 +105,16 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     """
     weight = _weight_values(check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout,
                                             quant_state, dtypes=FLOAT_DTYPES + (torch.float64,)))
-    x_d = x
+    branch = branch_dtype(x.dtype, lora_A, lora_B)
+    x_d = x.to(branch)
     if dropout > 0:
         if dropout_mask is None:
             dropout_mask = torch.rand(x.shape, device=x.device) >= dropout
-        x_d = x * dropout_mask / (1 - dropout)
+        x_d = x_d * dropout_mask / (1 - dropout)
     bias = None if bias is None else bias.to(x.dtype)
     base = F.linear(x, weight.to(x.dtype), bias)
-    return base + scaling * F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    lora = scaling * F.linear(F.linear(x_d, lora_A.to(branch)), lora_B.to(branch))
+    return (base + lora).to(x.dtype)
 
 
 def dora_norm(weight, lora_A, lora_B, scaling, quant_state=None):

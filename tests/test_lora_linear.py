@@ -10,13 +10,16 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_empty,
                      check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
-                     lora_linear_fp64, make_lora_case, poisoned, run_lora_linear)
+                     lora_linear_fp64, make_lora_case, poisoned, relative_error,
+                     run_lora_linear)
 
 from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
-from lowrank.kernels._common import target
+from lowrank.kernels._common import row_offsets, target
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -267,3 +270,126 @@ def test_non_nf4_and_mismatched_quant_states_are_refused(device):
     packed, state = nf4.quantize(torch.randn(N, K, device=device), quant_storage=torch.bfloat16)
     with pytest.raises(ValueError, match="cannot take a gradient"):
         ops.lora_linear(x, packed.requires_grad_(), lora_a, lora_b, 1.0, quant_state=state)
+
+
+def rounding_excess(actual, expected, magnitude, ulps):
+    """How far ``actual`` (bf16) is from the fp64 ``expected``, as a multiple of ``ulps`` of bf16
+    at each expected value plus 2^-15 of the element's ``magnitude`` (the sum of its products'
+    absolute values: the split branch's error, about 2^-16, and fp32 accumulation, which
+    cancellation can make large against a small result); at most 1 where the result is rounded
+    ``ulps`` from near-fp32."""
+    exponent = torch.floor(torch.log2(expected.abs().clamp(min=1e-30)))
+    bound = ulps * torch.exp2(exponent - 7) + magnitude * 2.0**-15
+    return ((actual.double() - expected).abs() / bound).max().item()
+
+
+@pytest.mark.parametrize("route,m,dropout", [("fused", M, 0.0), ("fused", M, 0.3),
+                                              ("cublas", M, 0.0), ("decode", 13, 0.0)])
+def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
+    """bf16 x with fp32 adapters (PEFT's default): the branch runs near-fp32 on every route
+    (fp32 S and dS, each fp32 operand split into two bf16 parts), as PEFT's fp32 branch does.
+    y and dX are bf16: rounded once (fused, decode: half an ulp from near-fp32) or twice (cuBLAS:
+    x W^T rounded, then the branch added, as PEFT adds its fp32 branch to the bf16 base: one ulp);
+    dA and dB are fp32, within 1e-4 of fp64. The adapters rounded to bf16 (the branch in bf16,
+    as before) miss both bounds, so the test can fail. The branch is made as large as the base
+    so that its rounding shows. Measured in the interpreter (whose bf16 casts truncate, so the
+    split is half as accurate as on a GPU): y and dX at 0.50 to 0.98 of the bound (a result
+    near a rounding tie comes close to 1; bf16 adapters: 8 to 14 times it), dA and dB 1.8e-5 to
+    2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3)."""
+    from lowrank import routes
+
+    x, weight, _, dense, lora_a, lora_b, _ = make_lora_case(torch.bfloat16, "dense", 16, device,
+                                                           m=m)
+    lora_b = lora_b * 10
+    grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
+                                                                               torch.bfloat16)
+    torch.manual_seed(7)
+    mask = ops.lora_dropout_mask(ops.dropout_seed(device), (m, K), dropout).reshape(m, 1, K) \
+        if dropout else None
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 3.0, None, grad_y, dropout, mask)
+    magnitude = lora_linear_fp64(x.abs(), dense.abs(), lora_a.abs(), lora_b.abs(), 3.0, None,
+                                 grad_y.abs(), dropout, mask)
+
+    def run(a, b):
+        torch.manual_seed(7)  # lora_linear draws the mask's seed as above
+        with routes.forced(route):
+            return run_lora_linear(x, weight, None, a, b, 3.0, None, grad_y, dropout)
+
+    ulps = 1.0 if route == "cublas" else 0.5
+    y, grad_x, grad_a, grad_b = run(lora_a, lora_b)
+    assert rounding_excess(y, expected[0], magnitude[0], ulps) <= 1
+    if route != "decode":  # the decode route is a forward: dX runs the default route
+        assert rounding_excess(grad_x, expected[1], magnitude[1], ulps) <= 1
+    assert_op_close(grad_a, expected[2], torch.float32, "dA", 1e-4)
+    assert_op_close(grad_b, expected[3], torch.float32, "dB", 1e-4)
+    rounded = run(lora_a.bfloat16(), lora_b.bfloat16())
+    assert rounding_excess(rounded[0], expected[0], magnitude[0], ulps) > 1
+    assert relative_error(rounded[2].double(), expected[2]) > 1e-3
+
+
+@triton.jit
+def _row_offsets_kernel(rows_ptr, out_ptr, stride, BLOCK: tl.constexpr):
+    index = tl.arange(0, BLOCK)
+    tl.store(out_ptr + index, row_offsets(tl.load(rows_ptr + index), stride))
+
+
+@pytest.mark.parametrize("stride,first_row", [(14336, 149_797 - 3), (128_256, 16_744 - 3)],
+                         ids=["x-K=14336", "lm_head-N=128256"])
+def test_row_offsets_pass_2_31_without_wrapping(stride, first_row, device):
+    """The kernels' row bases (``_common.row_offsets``: x, dY, Y and dX rows, the dropout index)
+    at sizes where M x K or M x N passes 2**31, without allocating them: the helper the kernels
+    call, run on the row indices of such a matrix, gives the exact int64 offsets (int32 would
+    wrap to negative ones)."""
+    rows = torch.arange(first_row, first_row + 8, dtype=torch.int32, device=device)
+    out = torch.empty(8, dtype=torch.int64, device=device)
+    _row_offsets_kernel[(1,)](rows, out, stride, BLOCK=8)
+    expected = [row * stride for row in range(first_row, first_row + 8)]
+    assert out.tolist() == expected and max(expected) >= 2**31 > min(expected)
+
+
+@triton.jit
+def _dropout_keep_kernel(seed_ptr, keep_ptr, first_row, K, p, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    rows = first_row + tl.arange(0, BLOCK_M)
+    keep = lora_kernels.dropout_keep(seed_ptr, rows, 0, K, p, BLOCK_K)
+    tl.store(keep_ptr + tile, keep.to(tl.int8))
+
+
+def test_dropout_mask_does_not_wrap_past_2_31(device):
+    """The dropout mask's index (of a group of four elements) is int64: the rows 2**20 down an
+    input of K = 2**14 (group 2**32 on) draw their own mask, where an int32 index would wrap to
+    row 0's. The same ``dropout_keep`` the GEMM kernels call, at those rows, without an input
+    that large; at row 0 it gives ``lora_dropout_mask``'s mask."""
+    seed, k, p = torch.tensor([1234], device=device), 2**14, 0.5
+
+    def keep(first_row):
+        out = torch.empty(16, 64, dtype=torch.int8, device=device)
+        _dropout_keep_kernel[(1,)](seed, out, first_row, k, p, BLOCK_M=16, BLOCK_K=64)
+        return out.bool()
+
+    assert torch.equal(keep(0), ops.lora_dropout_mask(seed, (16, k), p)[:, :64])
+    assert (keep(2**20) != keep(0)).float().mean().item() > 0.3  # independent: about half differ
+
+
+@triton.jit
+def _philox_words_kernel(seed_ptr, words_ptr, GROUPS: tl.constexpr):
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), tl.arange(0, GROUPS).to(tl.int64))
+    index = tl.arange(0, GROUPS)
+    tl.store(words_ptr + index * 4, r0.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 1, r1.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 2, r2.to(tl.int64))
+    tl.store(words_ptr + index * 4 + 3, r3.to(tl.int64))
+
+
+def test_dropout_mask_is_one_philox_call_per_four_elements(device):
+    """The mask, rebuilt in torch from Philox's four words per group (``tl.randint4x`` of group
+    m * cdiv(K, 4) + k // 4, word k % 4, kept where >= p * 2**32), is the one the kernels draw:
+    an odd K (37: the last group of a row has one element) and rows across tiles."""
+    seed, m, k, p = torch.tensor([99], device=device), 21, 37, 0.3
+    groups_per_row = (k + 3) // 4
+    words = torch.empty(256 * 4, dtype=torch.int64, device=device)  # 256 >= 21 x 10 groups
+    _philox_words_kernel[(1,)](seed, words, GROUPS=256)
+    words = words[:m * groups_per_row * 4].view(m, groups_per_row * 4)[:, :k]
+    expected = words >= torch.tensor(p, dtype=torch.float32).item() * 2**32  # p in fp32, as given
+    assert torch.equal(ops.lora_dropout_mask(seed, (m, k), p), expected)

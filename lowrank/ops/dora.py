@@ -36,7 +36,8 @@ from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
 from lowrank.ops import lora
 from lowrank.ops.gradients import InputGradients
 from lowrank.ops.ia3 import ia3_backward
-from lowrank.ops.lora import dropout_seed, lora_dropout_mask, lora_grad_a, lora_grad_input
+from lowrank.ops.lora import (dropout_seed, grad_lora_b, grad_lora_s, lora_dropout_mask,
+                              lora_grad_a, lora_grad_input)
 
 
 @torch.library.custom_op("lowrank::dora_norm", mutates_args=())
@@ -65,11 +66,12 @@ def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
                  lora_A: torch.Tensor, lora_B: torch.Tensor, column_scale: torch.Tensor,
                  scaling: float, bias: Optional[torch.Tensor], dropout: float, seed: torch.Tensor,
                  keep_product: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Y, S, Q) for contiguous x (M x K), in x's dtype, g = ``column_scale`` (N, fp32):
+    """(Y, S, Q) for contiguous x (M x K), in x's dtype (S in the branch's), g = ``column_scale`` (N, fp32):
     Y = x W^T + b + (g - 1) x_d W^T + g s S B^T, S = x_d A^T, and Q = x_d W^T + s S B^T (what dm
     needs) if ``keep_product``, else empty (0 x N). By the route ``lowrank.routes`` chooses."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
-    args = (x, w, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling,
+    branch = reference.branch_dtype(x.dtype, lora_A, lora_B)  # S in fp32 for fp32 adapters
+    args = (x, w, lora_A.to(branch), lora_B.to(branch), scaling,
             None if bias is None else bias.to(x.dtype), column_scale, dropout, seed, keep_product)
     candidates = {"fused": lambda: _forward_fused(*args),
                   "cublas": lambda: _forward_then_scale(lora._forward_cublas, *args)}
@@ -81,7 +83,7 @@ def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
 def _forward_fused(x, w, a, b, scaling, bias, g, dropout, seed, keep_product):
     """The LoRA forward kernel with DoRA's epilogue: one launch, two with dropout."""
     m, n = x.shape[0], w.out_features
-    y, s = x.new_empty(m, n), x.new_empty(m, a.shape[0])
+    y, s = x.new_empty(m, n), x.new_empty(m, a.shape[0], dtype=a.dtype)
     product = x.new_empty(m if keep_product else 0, n)
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     undropped = None
@@ -116,7 +118,9 @@ def _forward_then_scale(route_forward, x, w, a, b, scaling, bias, g, dropout, se
 def _(x, weight, weight_sizes, lora_A, lora_B, column_scale, scaling, bias, dropout, seed,
       keep_product):
     n = FrozenWeight.from_flat(weight, weight_sizes).out_features
-    return (x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_A.shape[0]),
+    return (x.new_empty(x.shape[0], n),
+            x.new_empty(x.shape[0], lora_A.shape[0],
+                        dtype=reference.branch_dtype(x.dtype, lora_A, lora_B)),
             x.new_empty(x.shape[0] if keep_product else 0, n))
 
 
@@ -182,7 +186,7 @@ class DoraLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         g = magnitude.float() / weight_norm
         grad_scaled = (grad_y.float() * g).to(grad_y.dtype)  # the gradient of x_d's LoRA branch
-        grad_s = torch.matmul(grad_scaled, lora_B.to(grad_y.dtype)) * ctx.scaling
+        grad_s = grad_lora_s(grad_scaled, lora_B, ctx.scaling, s.dtype)
         grad_q = (grad_y.float() * (g - 1)).to(grad_y.dtype) if ctx.dropout > 0 else grad_scaled
         grads = {}
         if need["x"]:
@@ -198,7 +202,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = (torch.matmul(grad_scaled.t(), s) * ctx.scaling).to(lora_B.dtype)
+            grads["lora_B"] = grad_lora_b(grad_scaled, s, ctx.scaling, lora_B.dtype)
         if need["magnitude"]:
             grads["magnitude"] = ((grad_y.float() * product.float()).sum(0)
                                   / weight_norm).to(magnitude.dtype)

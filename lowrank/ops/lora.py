@@ -8,6 +8,12 @@ where ``lowrank._dispatch`` says so, and otherwise applies the Function. Kernels
 at most ``DECODE_MAX_M`` rows). Inside the custom ops ``lowrank.routes`` picks, per call, how the
 GEMMs over the frozen weight run: these fused kernels, dequantize + cuBLAS, or the split-K
 decode. The frozen weight reaches the custom ops in ``FrozenWeight.flat``'s form.
+
+The LoRA branch computes in ``reference.branch_dtype``: x's dtype, or fp32 for fp32 adapters of a
+16-bit x (as PEFT's branch): then S and dS are fp32, the kernels take the fp32 adapters and split
+them into two 16-bit parts for the tensor cores (``branch_dot`` in kernels/lora_linear.py), and the
+cuBLAS route does the same split as one GEMM of three times the rank (``split_product``). Every
+route, forward and backward, so dA and dB are near-fp32 too.
 """
 
 from typing import Optional
@@ -30,7 +36,8 @@ def lora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
     """(Y, S) for contiguous x (M x K): Y = x W^T + b + s S B^T, S = dropout(x) A^T, by the route
     ``lowrank.routes`` chooses (decode among them at M <= DECODE_MAX_M)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
-    args = (x, w, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling,
+    branch = reference.branch_dtype(x.dtype, lora_A, lora_B)
+    args = (x, w, lora_A.to(branch), lora_B.to(branch), scaling,
             None if bias is None else bias.to(x.dtype), dropout, seed)
     candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
     if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
@@ -39,9 +46,9 @@ def lora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
 
 
 def _outputs(x, w, a):
-    """Empty Y (M x N) and S (M x r) in x's dtype."""
+    """Empty Y (M x N) in x's dtype and S (M x r) in A's (the branch's)."""
     return (torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device))
+            torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device))
 
 
 def _forward_fused(x, w, a, b, scaling, bias, dropout, seed):
@@ -61,22 +68,76 @@ def _forward_decode(x, w, a, b, scaling, bias, dropout, seed):
 
 def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
     """W dense in x's dtype (NF4 dequantized into the workspace), x W^T + b by torch's GEMM, then
-    s S B^T accumulated into Y by one addmm_. S comes from the shrink kernel, which applies the
-    dropout mask that backward regenerates. (The single-GEMM form [x | S] [W | sB]^T, fewer bytes
+    s S B^T accumulated into Y by one addmm_ (fp32 S and B: ``split_product``'s one GEMM, rounded
+    into Y once). S comes from the shrink kernel, which applies the dropout mask that backward
+    regenerates. (The single-GEMM form [x | S] [W | sB]^T, fewer bytes
     when K < N, needs W and sB side by side in each row: the dequantize kernel would have to write
     rows with a stride of K + r, and the shrink S beside a copy of x, which their launchers do not
     take.)"""
-    s = torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     dense = routes.dense_weight(w, x.dtype)
     y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
-    return y.addmm_(s, b.t(), alpha=scaling), s
+    s_parts, b_parts = split_product(s, b, x.dtype)
+    return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
+
+
+def split_product(lhs, rhs_t, dtype):
+    """Operands (L, R) in ``dtype`` with L R^T = lhs rhs_t^T, for torch's GEMMs on the branch:
+    ``lhs`` and ``rhs_t`` themselves when they are in ``dtype``; for fp32 ones (the fp32 branch of
+    a 16-bit x), each split into hi + lo in ``dtype`` and L = [hi | hi | lo], R = [hi | lo | hi]
+    (inner size 3r): ``branch_dot``'s three products as one 16-bit GEMM, accumulated in fp32 and,
+    as an addmm_, rounded into the output once."""
+    if lhs.dtype == dtype:
+        return lhs, rhs_t
+    lhs_hi, rhs_hi = lhs.to(dtype), rhs_t.to(dtype)
+    lhs_lo, rhs_lo = (lhs - lhs_hi.float()).to(dtype), (rhs_t - rhs_hi.float()).to(dtype)
+    return torch.cat((lhs_hi, lhs_hi, lhs_lo), 1), torch.cat((rhs_hi, rhs_lo, rhs_hi), 1)
 
 
 @lora_forward.register_fake
 def _(x, weight, weight_sizes, lora_A, lora_B, scaling, bias, dropout, seed):
     out_features = FrozenWeight.from_flat(weight, weight_sizes).out_features
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], out_features), x.new_empty(
+        x.shape[0], lora_A.shape[0], dtype=reference.branch_dtype(x.dtype, lora_A, lora_B))
+
+
+@torch.library.custom_op("lowrank::lora_shrink", mutates_args=())
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor,
+                dropout: float) -> torch.Tensor:
+    """S = dropout(x) A^T (M x r) in the branch's dtype (``reference.branch_dtype`` of x and A),
+    for x (M x K, any strides: backward runs dY B and dY^T S here too)."""
+    a = lora_A.to(reference.branch_dtype(x.dtype, lora_A))
+    s = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
+    lora_kernels.lora_shrink(x, a, s, seed, dropout)
+    return s
+
+
+@lora_shrink.register_fake
+def _(x, lora_A, seed, dropout):
+    return x.new_empty(x.shape[0], lora_A.shape[0],
+                       dtype=reference.branch_dtype(x.dtype, lora_A))
+
+
+def grad_lora_s(grad_y, lora_B, scaling, s_dtype):
+    """dS = s dY B in S's dtype: torch's GEMM where that is dY's; for an fp32 S (the fp32 branch
+    of a 16-bit dY) the shrink kernel over dY with B^T, split (torch has no 16-bit GEMM with an
+    fp32 result on every device, and an fp32 copy of dY would cost M x N x 4 bytes)."""
+    if s_dtype == grad_y.dtype:
+        return torch.matmul(grad_y, lora_B.to(grad_y.dtype)) * scaling
+    return lora_shrink(grad_y, lora_B.t().to(s_dtype), _unread_seed(grad_y), 0.0) * scaling
+
+
+def grad_lora_b(grad_y, s, scaling, b_dtype):
+    """dB = s dY^T S in B's dtype (``b_dtype``), computed as ``grad_lora_s`` computes dS."""
+    if s.dtype == grad_y.dtype:
+        return (torch.matmul(grad_y.t(), s) * scaling).to(b_dtype)
+    return (lora_shrink(grad_y.t(), s.t(), _unread_seed(grad_y), 0.0) * scaling).to(b_dtype)
+
+
+def _unread_seed(x):
+    """The seed argument of a launch without dropout (never read)."""
+    return torch.empty(1, dtype=torch.int64, device=x.device)
 
 
 @torch.library.custom_op("lowrank::lora_grad_input", mutates_args=())
@@ -84,9 +145,10 @@ def lora_grad_input(grad_y: torch.Tensor, weight: list[Optional[torch.Tensor]],
                     weight_sizes: list[int], grad_s: torch.Tensor, lora_A: torch.Tensor,
                     seed: torch.Tensor, dropout: float) -> torch.Tensor:
     """dX = dY W + dropout'(dS A), in dY's dtype (M x K), by the route ``lowrank.routes``
-    chooses (fused or cublas: there is no decode kernel for dX)."""
+    chooses (fused or cublas: there is no decode kernel for dX). dS A in dS's dtype (the
+    branch's; fp32: near-fp32 as in forward)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
-    args = (grad_y, w, grad_s, lora_A.to(grad_y.dtype), seed, dropout)
+    args = (grad_y, w, grad_s, lora_A.to(grad_s.dtype), seed, dropout)
     return routes.run("lora_grad_input", grad_y, w, {"fused": lambda: _grad_input_fused(*args),
                                                      "cublas": lambda: _grad_input_cublas(*args)})
 
@@ -103,15 +165,17 @@ def _grad_input_cublas(grad_y, w, grad_s, a, seed, dropout):
     under W in the workspace (r x K, small) and dY copied beside dS (M x (N + r)), fewer bytes than
     the M x K read and write of an addmm_ into dX. Otherwise dY W, then addmm_(dS, A); with dropout,
     dS A is masked first (the forward's mask, regenerated from the seed). A dense W is never
-    copied, so it always takes the addmm_."""
+    copied, so it always takes the addmm_. fp32 dS and A (the fp32 branch): ``split_product``'s
+    operands (3r wide) in place of dS and A; with dropout, dS A in fp32."""
     n, k = w.shape
-    if dropout == 0 and w.nf4 is not None and n < k:
-        stacked = routes.stacked_weight(w, grad_y.dtype, a.shape[0])
-        stacked[n:].copy_(a)
-        return torch.mm(torch.cat((grad_y, grad_s), dim=1), stacked)
-    grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
     if dropout == 0:
-        return grad_x.addmm_(grad_s, a)
+        ds_parts, a_parts = split_product(grad_s, a.t(), grad_y.dtype)
+        if w.nf4 is not None and n < k:
+            stacked = routes.stacked_weight(w, grad_y.dtype, ds_parts.shape[1])
+            stacked[n:].copy_(a_parts.t())
+            return torch.mm(torch.cat((grad_y, ds_parts), dim=1), stacked)
+        return torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype)).addmm_(ds_parts, a_parts.t())
+    grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
     keep = torch.empty(grad_x.shape, dtype=torch.int8, device=grad_x.device)
     lora_kernels.dropout_mask(seed, keep, dropout)
     return grad_x.add_(torch.mm(grad_s, a).mul_(keep), alpha=1 / (1 - dropout))
@@ -125,7 +189,8 @@ def _(grad_y, weight, weight_sizes, grad_s, lora_A, seed, dropout):
 @torch.library.custom_op("lowrank::lora_grad_a", mutates_args=())
 def lora_grad_a(grad_s: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
                 dropout: float) -> torch.Tensor:
-    """dA = dS^T dropout(x) in fp32 (r x K), the dropout mask regenerated from ``seed``."""
+    """dA = dS^T dropout(x) in fp32 (r x K), the dropout mask regenerated from ``seed``; dS in the
+    branch's dtype (fp32: split, near-fp32)."""
     grad_a = torch.empty(grad_s.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, dropout)
     return grad_a
@@ -167,8 +232,11 @@ class LoraLinearFunction(torch.autograd.Function):
         x, lora_A, lora_B, seed, s, *weight_tensors = ctx.saved_tensors
         need = _LORA_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
-        # dS = s dY B: a small GEMM (M x N x r) in x's dtype, as the shrink/expand are.
-        grad_s = torch.matmul(grad_y, lora_B.to(grad_y.dtype)) * ctx.scaling
+        # dS in a pass of its own (dY read once more), not folded into the dX kernel: there each
+        # program would also read a B tile per N step, +8% L2 bytes on sm_90's tiles, +12.5% on
+        # sm_89's (dense; NF4 +17%), more than the dY read saved (static model, 4096 x 4096 x
+        # 14336: about +138 us against -39 us on H100, +376 us against -130 us on RTX 4090).
+        grad_s = grad_lora_s(grad_y, lora_B, ctx.scaling, s.dtype)
         grads = {}
         if need["x"]:
             grads["x"] = lora_grad_input(grad_y, weight_tensors, ctx.weight_sizes, grad_s, lora_A,
@@ -178,7 +246,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = (torch.matmul(grad_y.t(), s) * ctx.scaling).to(lora_B.dtype)
+            grads["lora_B"] = grad_lora_b(grad_y, s, ctx.scaling, lora_B.dtype)
         if need["bias"]:
             grads["bias"] = grad_y.sum(0)
         return _LORA_GRADIENTS.by_position(**grads)
@@ -218,8 +286,10 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, quan
     - ``x``: (..., K), fp32/fp16/bf16. The output has x's shape but N features, and x's dtype.
     - ``weight``: dense (N x K) in x's dtype, or packed NF4 with its bitsandbytes ``quant_state``
       (a ``Params4bit`` is accepted directly and carries its own), or a ``FrozenWeight``.
-    - ``lora_A`` (r x K), ``lora_B`` (N x r): any float dtype (PEFT keeps fp32); they are cast to x's
-      dtype for the products, which accumulate in fp32, and get gradients in their own dtype.
+    - ``lora_A`` (r x K), ``lora_B`` (N x r): any float dtype (PEFT keeps fp32). The branch
+      computes in x's dtype, or near-fp32 where x is 16-bit and an adapter is fp32 (as PEFT's
+      fp32 branch, at 16-bit tensor-core speed: ``reference.branch_dtype``); the products
+      accumulate in fp32, and the adapters get gradients in their own dtype.
     - Gradients flow to x, lora_A and lora_B, and also to a dense weight or a bias that requires
       grad. An NF4 weight is frozen.
     - ``scaling``: a number, or a 0-d floating tensor on the adapters' device (as PEFT's

@@ -17,34 +17,22 @@ from typing import Optional
 
 import torch
 
+from lowrank import reference
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import lora_linear as lora_kernels
-from lowrank.ops.lora import dropout_seed, lora_grad_a, lora_grad_input
-
-
-@torch.library.custom_op("lowrank::lora_shrink", mutates_args=())
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor,
-                dropout: float) -> torch.Tensor:
-    """S = dropout(x) A^T in x's dtype (M x r), for contiguous x (M x K)."""
-    s = torch.empty(x.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
-    lora_kernels.lora_shrink(x, lora_A.to(x.dtype), s, seed, dropout)
-    return s
-
-
-@lora_shrink.register_fake
-def _(x, lora_A, seed, dropout):
-    return x.new_empty(x.shape[0], lora_A.shape[0])
+from lowrank.ops.lora import dropout_seed, lora_grad_a, lora_grad_input, lora_shrink
 
 
 @torch.library.custom_op("lowrank::lora_expand", mutates_args=())
 def lora_expand(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_sizes: list[int],
                 s: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Y = x W^T + b + s S B^T in x's dtype (M x N), for contiguous x (M x K) and S (M x r)."""
+    """Y = x W^T + b + s S B^T in x's dtype (M x N), for contiguous x (M x K) and S (M x r) in
+    the branch's dtype (``lora_shrink``'s)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
     y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
     bias = None if bias is None else bias.to(x.dtype)
-    lora_kernels.lora_forward(x, w.tensor, s.contiguous(), lora_B.to(x.dtype), bias, y, scaling,
+    lora_kernels.lora_forward(x, w.tensor, s.contiguous(), lora_B.to(s.dtype), bias, y, scaling,
                               w.nf4)
     return y
 
@@ -117,8 +105,9 @@ def shrinks(x, lora_As, runs):
     result = [None] * len(runs)
     for group in _groups([run.dropout for run in runs]):
         first = runs[group[0]]
+        branch = reference.branch_dtype(x.dtype, *(lora_As[i] for i in group))
         a = lora_As[group[0]] if len(group) == 1 else \
-            torch.cat([lora_As[i].to(x.dtype) for i in group])
+            torch.cat([lora_As[i].to(branch) for i in group])
         s = lora_shrink(x, a, first.seed, first.dropout)
         for i, part in zip(group, s.split([lora_As[i].shape[0] for i in group], dim=1)):
             result[i] = part
