@@ -10,12 +10,13 @@ import sys
 
 import torch
 
-from bench import dora_linear, ia3_linear, lora_linear, lora_mixed, merge, nf4_dequantize, train_step
+from bench import (dora_linear, ia3_linear, lora_grouped, lora_linear, lora_mixed, merge,
+                   nf4_dequantize, train_step)
 
 # op name -> the module holding its cases: run(runner, floors, shapes), SHAPES and QUICK_SHAPES.
 OPS = {"nf4_dequantize": nf4_dequantize, "lora_linear": lora_linear, "ia3_linear": ia3_linear,
        "merge": merge, "train_step": train_step, "lora_mixed": lora_mixed,
-       "dora_linear": dora_linear}
+       "dora_linear": dora_linear, "lora_grouped": lora_grouped}
 
 
 def shape_name(shape):

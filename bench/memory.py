@@ -26,7 +26,12 @@ what the recompute saves is kept until that layer's backward uses it. ``saved`` 
 storage saved across the step, forward and all recomputes; ``held_at_once`` the forward's plus the
 largest single recompute's, what is held when backward reaches that layer.
 
-Writes bench/results/memory-<commit>.json; ``python -m bench.report`` puts it in BENCHMARKS.md.
+Mixture-of-experts blocks (``--moe``, ``MOE_MODELS``): a tiny Qwen3-MoE (real tensors) and one
+Qwen3-30B-A3B decoder layer (fake tensors), LoRA on the experts only, as PEFT's
+``target_parameters``; three ways (no unfused one: the experts are one op either way).
+
+Writes bench/results/memory-<commit>.json (``--moe``: memory-moe-<commit>.json); ``python -m
+bench.report`` puts it in BENCHMARKS.md.
 """
 
 import os
@@ -373,6 +378,125 @@ def run(models, dropouts=DROPOUTS, checkpointing=(False, True), fake=None):
     return cases
 
 
+# Mixture-of-experts configurations (issue 27): a Qwen3-MoE model with LoRA on its experts only,
+# PEFT's ``target_parameters`` (one ``ParamWrapper`` per projection), in the compute dtype (4-bit
+# loading leaves 3-D experts unquantized). Ways: PEFT, the PeftModel after patch_peft_model, and a
+# base patched by ``lowrank.load_adapter`` with PEFT's save (the experts as ``LoraExperts``).
+# "Qwen3-30B-A3B layer": one decoder layer at the real sizes (E=128, top-8, H=2048, I=768),
+# 4096 tokens, bf16, fake tensors, a toy vocabulary around it.
+MOE_MODELS = {
+    "tiny-qwen3-moe": {
+        "config": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                       num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       vocab_size=128),
+        "tokens": (4, 64), "dtype": "float32", "fake": False},
+    "qwen3-30b-a3b-moe-layer": {
+        "config": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                       num_experts=128, num_experts_per_tok=8, num_hidden_layers=1,
+                       num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                       vocab_size=1024, max_position_embeddings=4096),
+        "tokens": (1, 4096), "dtype": "bfloat16", "fake": True},
+}
+QUICK_MOE_MODELS = ("tiny-qwen3-moe",)
+MOE_PREFIX = "memory-moe-"  # its own results file: bench.report renders it in its own table
+MOE_WAYS = ("peft", "lowrank_patch_peft_model", "lowrank")
+MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# What the MoE block saves: its experts (the adapted ones: ``lora_linears``) and its router and
+# combine (``mlp_activation``); attention, norms and the head carry no adapter here.
+MOE_BLOCK_CATEGORIES = ("lora_linears", "mlp_activation")
+
+
+def _moe_base(name):
+    """The MoE model ``name`` with seeded weights, in its dtype, in training mode."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    spec = MOE_MODELS[name]
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**spec["config"]))
+    return model.to(getattr(torch, spec["dtype"])).train()
+
+
+def measure_moe(name, directory, fake=None):
+    """{way: {"loss", "saved", "held_at_once"}} for MoE model ``name``, no checkpointing, LoRA
+    r=16 on every experts module's two projections (PEFT's save in ``directory``); ``fake``: run
+    under FakeTensorMode (default: the model's setting)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import lowrank
+
+    spec = MOE_MODELS[name]
+    base = _moe_base(name)
+    peft_model = get_peft_model(copy.deepcopy(base),
+                                LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[],
+                                           target_parameters=MOE_TARGET_PARAMETERS))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter (B not zero), so the losses say something
+        for parameter_name, parameter in peft_model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.02)
+    peft_model.save_pretrained(directory)
+    patched = lowrank.load_adapter(base, directory)
+    batch, sequence = spec["tokens"]
+    fake = spec["fake"] if fake is None else fake
+    fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    results = {}
+    with fake or contextlib.nullcontext(), _unpacked_sequences(fake):
+        torch.manual_seed(0)
+        tokens = torch.randint(0, spec["config"]["vocab_size"], (batch, sequence))
+        if fake:  # PEFT's ParamWrapper registers a parametrization (set_), never on a real tensor
+            _make_parameters_fake(peft_model, fake)
+        for way in MOE_WAYS:
+            if way == "lowrank_patch_peft_model":
+                lowrank.patch_peft_model(peft_model)
+            stepped = patched if way == "lowrank" else peft_model
+            loss, ledger = measure_step(stepped, tokens, fake)
+            results[way] = {"loss": None if fake else loss.item(), **ledger}
+    lowrank.unpatch_peft_model(peft_model)
+    return results
+
+
+def _make_parameters_fake(model, fake_mode):
+    """Replace every parameter of ``model`` by its fake twin (same shape, dtype, requires_grad)."""
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(fake_mode.from_tensor(parameter),
+                                                     requires_grad=parameter.requires_grad))
+
+
+def moe_ratios(results):
+    """{way: {"total", "moe_block"}}: each way's saved bytes over PEFT's, in all and in the MoE
+    blocks (``MOE_BLOCK_CATEGORIES``)."""
+    def block(r):
+        return sum(r["saved"][c] for c in MOE_BLOCK_CATEGORIES)
+
+    peft = results["peft"]
+    return {way: {"total": r["saved"]["total"] / peft["saved"]["total"],
+                  "moe_block": block(r) / block(peft)}
+            for way, r in results.items()}
+
+
+def run_moe(models, fake=None):
+    """The MoE ledger's cases: one per model (LoRA dropout 0: PEFT has none on experts;
+    ``fake``: see ``measure_moe``)."""
+    cases = []
+    for name in models:
+        spec = MOE_MODELS[name]
+        with tempfile.TemporaryDirectory() as directory:
+            started = time.perf_counter()
+            results = measure_moe(name, directory, fake)
+            if spec["dtype"] == "float32":  # LOSS_RTOL is fp32's
+                check_losses(name, 0.0, results)
+            cases.append({"model": name, "tokens": list(spec["tokens"]), "dtype": spec["dtype"],
+                          "fake": spec["fake"] if fake is None else fake, "dropout": 0.0,
+                          "gradient_checkpointing": False,
+                          "ways": results, "ratios_to_peft": moe_ratios(results),
+                          "seconds": time.perf_counter() - started})
+    return cases
+
+
 def environment():
     """Device, versions, commit and date of a ledger run."""
     import datetime
@@ -405,9 +529,20 @@ def table(cases):
     return "\n".join(lines)
 
 
-def write_result(result, directory=RESULTS_DIR):
+def moe_table(cases):
+    """The MoE summary printed at the end: each way's total and its ratios to PEFT."""
+    lines = [f"{'model':<26}  {'way':<26}{'saved MiB':>10}{'x PEFT':>8}{'MoE x':>8}"]
+    for case in cases:
+        for way, result in case["ways"].items():
+            ratio = case["ratios_to_peft"][way]
+            lines.append(f"{case['model']:<26}  {way:<26}{result['saved']['total'] / 2**20:>10.2f}"
+                         f"{ratio['total']:>8.2f}{ratio['moe_block']:>8.2f}")
+    return "\n".join(lines)
+
+
+def write_result(result, directory=RESULTS_DIR, prefix="memory-"):
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"memory-{(result['commit'] or 'unknown')[:10]}.json"
+    path = directory / f"{prefix}{(result['commit'] or 'unknown')[:10]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 
@@ -417,6 +552,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(QUICK_MODELS)} (what CI runs)")
+    parser.add_argument("--moe", action="store_true",
+                        help=f"the MoE configurations instead ({', '.join(MOE_MODELS)}), written "
+                             f"to {MOE_PREFIX}<commit>.json")
     args = parser.parse_args(argv)
     from lowrank import _dispatch
 
@@ -424,6 +562,13 @@ def main(argv=None):
         raise SystemExit("python -m bench.memory: lowrank runs its reference ops here (was it "
                          "imported before TRITON_INTERPRET was set?); they save what the kernels "
                          "do not")
+    if args.moe:
+        result = {"schema": SCHEMA_VERSION, **environment(),
+                  "cases": run_moe(QUICK_MOE_MODELS if args.quick else MOE_MODELS)}
+        path = write_result(result, prefix=MOE_PREFIX)
+        print(moe_table(result["cases"]))
+        print(f"wrote {path}")
+        return 0
     result = {"schema": SCHEMA_VERSION, **environment(),
               "cases": run(QUICK_MODELS if args.quick else MODELS)}
     path = write_result(result)

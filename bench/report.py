@@ -9,7 +9,7 @@ from pathlib import Path
 from bench.harness import RESULTS_DIR, validate
 from bench.static import table as static_table
 
-STATIC_PREFIX, MEMORY_PREFIX = "static-", "memory-"
+STATIC_PREFIX, MEMORY_PREFIX, MOE_MEMORY_PREFIX = "static-", "memory-", "memory-moe-"
 STATIC_HEADER = """
 ## Static report: what the compiler makes of each kernel (no GPU; model estimates, not measurements)
 
@@ -153,9 +153,10 @@ def memory_section(directory=RESULTS_DIR):
     """BENCHMARKS.md's memory ledger: the newest ``python -m bench.memory`` result, each
     configuration's saved bytes by block (MiB) and each way's total over PEFT's."""
     results = [(json.loads(path.read_text()), path.name)
-               for path in Path(directory).glob(f"{MEMORY_PREFIX}*.json")]
+               for path in Path(directory).glob(f"{MEMORY_PREFIX}*.json")
+               if not path.name.startswith(MOE_MEMORY_PREFIX)]
     if not results:
-        return ""
+        return moe_memory_section(directory)
     result, name = max(results, key=lambda pair: pair[0]["date"])
     categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
     versions = result["versions"]
@@ -183,6 +184,36 @@ def memory_section(directory=RESULTS_DIR):
                          f"{measured['saved']['total'] / 2**20:.2f} | "
                          f"{ratio['total']:.2f} | {ratio['layer']:.2f} | "
                          f"{ratio['held_at_once']:.2f} |\n")
+    return "".join(parts) + moe_memory_section(directory)
+
+
+def moe_memory_section(directory=RESULTS_DIR):
+    """The memory ledger's MoE configurations (``python -m bench.memory --moe``, newest result):
+    LoRA on the experts only; ``MoE x``: the MoE blocks' saves (experts, router, combine) over
+    PEFT's."""
+    results = [(json.loads(path.read_text()), path.name)
+               for path in Path(directory).glob(f"{MOE_MEMORY_PREFIX}*.json")]
+    if not results:
+        return ""
+    result, name = max(results, key=lambda pair: pair[0]["date"])
+    categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
+    parts = [f"\n### Mixture-of-experts blocks ({result['device']['name']}, "
+             f"{result['device']['ops']} ops), {result['date']}\n\n"
+             f"Generated from `{name}` (written by `python -m bench.memory --moe`): LoRA r=16 on "
+             "every experts module's gate_up and down projections only (PEFT's "
+             "`target_parameters`, its `ParamWrapper`), no gradient checkpointing. `MoE x`: the "
+             "MoE blocks' saves (experts, router and combine: lora_linears + mlp_activation) over "
+             f"PEFT's. Commit `{(result['commit'] or 'unknown')[:10]}`.\n\n"
+             f"| model | tokens | dtype | way | {' | '.join(categories)} | total MiB | x PEFT | "
+             f"MoE x |\n|{'---|' * (7 + len(categories))}\n"]
+    for case in result["cases"]:
+        for way, measured in case["ways"].items():
+            ratio = case["ratios_to_peft"][way]
+            saved = " | ".join(f"{measured['saved'][c] / 2**20:.2f}" for c in categories)
+            parts.append(f"| {case['model']}{' (fake tensors)' if case['fake'] else ''} | "
+                         f"{'x'.join(map(str, case['tokens']))} | {case['dtype']} | {way} | "
+                         f"{saved} | {measured['saved']['total'] / 2**20:.2f} | "
+                         f"{ratio['total']:.2f} | {ratio['moe_block']:.2f} |\n")
     return "".join(parts)
 
 

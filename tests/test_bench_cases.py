@@ -22,7 +22,9 @@ DRY_SHAPES = {"nf4_dequantize": [(37, 65)],
               "merge": [(40, 64), (24, 130)],
               "train_step": [(2, 8, 32, 1, 48)],
               "lora_mixed": [(5, 70, 50, 3), (2, 70, 50, 1), (40, 70, 50, 2)],
-              "dora_linear": [(37, 70, 50), (2, 8, 32, 1, 48)]}
+              "dora_linear": [(37, 70, 50), (2, 8, 32, 1, 48)],
+              # (tokens, experts, top-k, hidden, intermediate): Qwen3-MoE's module, gpt-oss's
+              "lora_grouped": [(37, 5, 2, 40, 24), (37, 32, 4, 40, 24)]}
 DRY_TIMING = {"median": 1.0, "p20": 0.5, "p80": 2.0}
 
 

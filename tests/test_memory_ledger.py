@@ -87,3 +87,37 @@ def test_a_layer_that_saves_an_extra_copy_is_caught(fake_cases, monkeypatch):
         {c: before[c] for c in memory.CATEGORIES if c != "lora_linears"}
     assert (0.0, "lowrank_unfused") in over_ceiling(leaked)
     assert (0.0, "lowrank_patch_peft_model") not in over_ceiling(leaked)  # PEFT's layers: no leak
+
+
+# Mixture-of-experts blocks (issue 27): the tiny Qwen3-MoE, LoRA r=16 on the experts only. Its
+# MoE blocks' saves over PEFT's ParamWrapper (measured 0.8367 for both lowrank ways) plus a small
+# margin. Issue 27's <= 0.5 target is for the Qwen3-30B-A3B layer, where PEFT's extra saves (which
+# grow with the experts' weights, not the tokens) weigh more: 0.44 there (python -m bench.memory
+# --moe, BENCHMARKS.md); at the tiny sizes the activations, equal in both, dominate.
+MOE_MODEL = "tiny-qwen3-moe"
+MOE_CEILING = 0.84
+
+
+@pytest.fixture(scope="module")
+def moe_real_case():
+    (case,) = memory.run_moe([MOE_MODEL], fake=False)  # checks that the three losses agree
+    return case
+
+
+@pytest.mark.parametrize("way", ["lowrank", "lowrank_patch_peft_model"])
+def test_moe_block_saves_stay_under_the_ceiling(moe_real_case, way):
+    assert moe_real_case["ratios_to_peft"][way]["moe_block"] <= MOE_CEILING
+
+
+def test_moe_fake_tensors_count_what_real_tensors_count(monkeypatch):
+    """The 30B-A3B layer runs on fake tensors, PEFT's parameters made fake: on the tiny model
+    that counts exactly what a real run counts. In bf16, as that layer runs: torch's fake
+    grouped_mm (transformers' experts path under PEFT) takes bf16 only."""
+    bf16 = {**memory.MOE_MODELS[MOE_MODEL], "dtype": "bfloat16"}
+    monkeypatch.setitem(memory.MOE_MODELS, MOE_MODEL, bf16)
+    (real,) = memory.run_moe([MOE_MODEL], fake=False)
+    (fake,) = memory.run_moe([MOE_MODEL], fake=True)
+    assert real["ratios_to_peft"]["lowrank"]["moe_block"] < 1  # PEFT's extra saves are there
+    for way, result in real["ways"].items():
+        assert fake["ways"][way]["saved"] == result["saved"], way
+        assert fake["ways"][way]["held_at_once"] == result["held_at_once"], way

@@ -75,6 +75,17 @@ def test_model_takes_the_slowest_limit():
     assert case["ratio"] == pytest.approx(2 * 4096**3 / h100.cublas_flops / estimate["seconds"])
 
 
+def test_the_grouped_weight_grad_loops_over_its_experts_rows():
+    """Its rows come from the offsets tensor: the launch's ``rows_per_expert`` (model_ints)."""
+    grad = record(kernel="_grouped_weight_grad_kernel", ints={"P": 16, "Q": 64,
+                                                              "rows_per_expert": 300},
+                  constexprs={"BLOCK_M": 64})
+    assert model.trips(grad) == 5
+    more_rows = {**grad, "ints": {**grad["ints"], "rows_per_expert": 3000}}
+    h100 = model.DEVICES["H100 SXM"]
+    assert model.launch_time(more_rows, h100)["tensor"] > model.launch_time(grad, h100)["tensor"]
+
+
 def test_an_autotuned_launch_counts_at_its_best_config():
     h100 = model.DEVICES["H100 SXM"]
     fast, slow = record(config=0, configs=2), record(config=1, configs=2, instructions=6000,

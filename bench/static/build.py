@@ -101,6 +101,7 @@ def build_all(launches, arch, disassemble=True):
                    if isinstance(t, torch.Tensor)}
         ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
                 if isinstance(value, int) and not isinstance(value, bool)}
+        ints.update(launch.model_ints)
         records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
                         "config": launch.config, "configs": launch.configs,
                         "ints": ints, "tensor_bytes": sum(tensors.values()),

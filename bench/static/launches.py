@@ -46,6 +46,9 @@ class Launch:
     kwargs: dict
     config: int = 0  # its index in the launcher's config list (autotuned when it has several)
     configs: int = 1  # the list's length
+    # Integers the kernel reads from a tensor that the model needs and cannot read from its integer
+    # arguments: the grouped dA / dB reductions loop over an expert's rows, from the offsets.
+    model_ints: dict = field(default_factory=dict)
 
     @property
     def name(self):
@@ -81,13 +84,16 @@ def gpu(arch, multiprocessors=132):
 
 
 @contextlib.contextmanager
-def capture(case, launches, target, every_config=True):
+def capture(case, launches, target, every_config=True, model_ints=None):
     """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
     running it, the launchers configuring for ``target`` (``_common.Target``): the CPU tensors'
     device stands for that GPU. An autotuned launch (``_common.launch`` with several configs) is
-    recorded once per config of its list, or only its first unless ``every_config``."""
+    recorded once per config of its list, or only its first unless ``every_config``.
+    ``model_ints``: the launches' ``Launch.model_ints``."""
+    model_ints = model_ints or {}
+
     def record(kernel, *args, grid, warmup, **kwargs):
-        launches.append(Launch(case, kernel, grid, args, kwargs))
+        launches.append(Launch(case, kernel, grid, args, kwargs, model_ints=model_ints))
 
     def record_configs(tuner, *args, grid, warmup, **kwargs):
         configs = tuner.configs if every_config else tuner.configs[:1]
@@ -95,7 +101,7 @@ def capture(case, launches, target, every_config=True):
             options = {**kwargs, **config.all_kwargs()}
             meta = {**dict(zip(tuner.arg_names, args)), **options}
             launches.append(Launch(case, tuner.fn, grid(meta), args, options, index,
-                                   len(tuner.configs)))
+                                   len(tuner.configs), model_ints))
 
     run, tuned_run, device_target = JITFunction.run, Autotuner.run, _common.target
     JITFunction.run, Autotuner.run, _common.target = record, record_configs, lambda device: target
@@ -267,7 +273,8 @@ def quantize_call(n, k, dtype, blocksize):
 
 def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
-    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout."""
+    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout; the
+    calls carry ``model_ints`` (see ``Launch``): each expert's rows, ``rows_per_expert``."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
@@ -288,7 +295,34 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, dy, lora_b, (1, experts, rank * experts), offsets,
                                          SCALING)
+    for call in (forward, backward):
+        call.model_ints = {"rows_per_expert": -(-rows // experts)}
     return {"forward": forward, "backward": backward}
+
+
+def train_call(calls):
+    """``calls``' forward, then its backward, as one call (with the backward's ``model_ints``)."""
+    def train():
+        calls["forward"]()
+        calls["backward"]()
+    train.model_ints = calls["backward"].model_ints
+    return train
+
+
+def grouped_gemm_call(rows, k, n, experts, dtype):
+    """The same grouped GEMM without LoRA, forward and dX (frozen experts: no weight gradient):
+    lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline."""
+    offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
+    x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
+    w, s = empty(experts, n, k, dtype=dtype), empty(rows, 0, dtype=dtype)
+    b_rows, lora_a = empty(experts, n, 0, dtype=dtype), empty(experts, 0, k)
+
+    def forward_and_grad_input():
+        lora_grouped.grouped_gemm(x, w, w.stride(), s, b_rows, b_rows.stride(), y, offsets, SCALING)
+        lora_grouped.grouped_gemm(dy, w, (w.stride(0), w.stride(2), w.stride(1)), s, lora_a,
+                                  (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
+                                  offsets, 1.0)
+    return forward_and_grad_input
 
 
 def gated_activation_call(m, n, dtype, activation):
@@ -303,7 +337,7 @@ def run_calls(calls, target, every_config=True):
     an autotuned launch, or only the first of its list unless ``every_config``."""
     launches = []
     for case, call in calls.items():
-        with capture(case, launches, target, every_config):
+        with capture(case, launches, target, every_config, getattr(call, "model_ints", None)):
             call()
     return launches
 
@@ -379,13 +413,22 @@ def bench_cases():
     cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
                                               ("copy", dense + weight_bytes("nf4", wn, wk)))
     # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
-    # evenly; forward only (the backward's dA / dB reductions loop over each expert's rows, which
-    # the model's trip count cannot read from the launch's integers).
+    # evenly (the backward's dA / dB reductions loop over each expert's rows: the model reads
+    # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
     rows, experts = 4096 * 8, 128
     for projection, (k, n) in MOE_PROJECTIONS.items():
-        cases[f"lora_grouped_forward dense {rows}x{k}x{n} E={experts} {projection}"] = (
-            lora_grouped_calls(rows, k, n, experts, bf16)["forward"],
-            ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
+        grouped = lora_grouped_calls(rows, k, n, experts, bf16)
+        shape = f"{rows}x{k}x{n} E={experts} {projection}"
+        cases[f"lora_grouped_forward dense {shape}"] = (
+            grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
+        cases[f"lora_grouped_backward dense {shape}"] = (
+            grouped["backward"], ("gemm", 2 * rows * n * k + 4 * rows * k * RANK))
+        # Issue 27's target, fwd+bwd over the same grouped GEMM without LoRA (fwd and dX): both
+        # against the flops without LoRA, so the two rows' ratios compare the two directly.
+        cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
+                                                       ("gemm", 4 * rows * n * k))
+        cases[f"grouped_gemm_train dense {shape} rank=0"] = (
+            grouped_gemm_call(rows, k, n, experts, bf16), ("gemm", 4 * rows * n * k))
     return cases
 
 

@@ -58,6 +58,8 @@ def trips(record):
                    "_lora_grad_input_kernel": over_n, "_ia3_grad_input_kernel": over_n,
                    "_lora_grad_a_kernel": ("M", "BLOCK_M"), "_grouped_shrink_kernel": over_k,
                    "_grouped_gemm_kernel": over_k,
+                   # An expert's rows: the launch's model_ints (its offsets are a tensor).
+                   "_grouped_weight_grad_kernel": ("rows_per_expert", "BLOCK_M"),
                    "_lora_decode_kernel": ("k_per_split", "BLOCK_K"),
                    "_lora_mixed_shrink_kernel": over_k, "_lora_mixed_forward_kernel": over_k,
                    "_lora_mixed_partial_kernel": ("k_per_split", "BLOCK_K"),
