@@ -17,7 +17,12 @@ torch.library (fake implementations, so torch.compile traces through them):
 - ``fused``: the LoRA forward kernel with DoRA's epilogue (``kernels/_dora_epilogue.py``): g and
   the bias applied to the fp32 tile before its one store, and the product that dm needs stored
   beside it when magnitude wants a gradient; with dropout, a first launch computes the undropped
-  x W^T + b + s S B^T, which the second one's epilogue reads.
+  x W^T + b + s S B^T, which the second one's epilogue reads. Two GEMMs over W remain (x W^T and
+  x_d W^T differ wherever the mask drops an element of x), and the second reads a stored
+  dropout(x): applying the mask while it loads x instead regenerates it once per output-column
+  tile (N / BLOCK_N times, where the shrink does it once): the static model puts that launch at
+  2.8x (dense) and 2.0x (NF4) the time of one reading the stored copy, on H100 at M x K x N =
+  4096 x 4096 x 14336 (estimates, not measurements).
 - ``cublas`` and ``decode``: LoRA's forward by that route (``lowrank.ops.lora``), then g and the
   bias in one elementwise pass (fp32 arithmetic, one rounding to x's dtype, as the epilogue's).
 """
