@@ -12,7 +12,9 @@ more pass over the stored weight (a memory-bound read, no GEMM).
 torch.library (fake implementations, so torch.compile traces through them):
 ``lowrank::dora_norm`` (the norm, one pass over the stored weight in ``kernels/dora_norm.py``),
 ``lowrank::dora_forward`` and ``lowrank::dora_grad_input``, which run the LoRA kernels
-(``lowrank.ops.lora``) for the GEMMs. ``dora_forward`` takes the route ``lowrank.routes`` chooses:
+(``lowrank.ops.lora``) for the GEMMs, and ``lowrank::dora_grad_scale`` (backward's g dY, (g - 1) dY
+and dm's column sums in one pass, ``kernels/dora_grad_scale.py``). ``dora_forward`` takes the
+route ``lowrank.routes`` chooses:
 
 - ``fused``: the LoRA forward kernel with DoRA's epilogue (``kernels/_dora_epilogue.py``): g and
   the bias applied to the fp32 tile before its one store, and the product that dm needs stored
