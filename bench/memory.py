@@ -52,6 +52,7 @@ import time  # noqa: E402
 from bench.harness import RESULTS_DIR, _commit, _version  # noqa: E402
 
 SCHEMA_VERSION = 1
+PREFIX, DORA_PREFIX = "memory-", "memory-dora-"  # the results' file names: bench/report.py reads them
 RANK = 16
 DROPOUTS = (0.0, 0.05)
 WAYS = ("peft", "lowrank_patch_peft_model", "lowrank_unfused", "lowrank")
@@ -75,6 +76,11 @@ MODELS = {
 # The same layer in fp32, the tiny model's dtype: in bf16 PEFT also keeps an fp32 copy of each
 # linear's input (it casts x to the fp32 adapters' dtype), which lowrank never makes.
 MODELS["llama3-8b-layer-nf4-fp32"] = {**MODELS["llama3-8b-layer-nf4"], "dtype": "float32"}
+# DoRA (issue 19: peak memory <= PEFT DoRA's): the tiny model and the bf16 8B layer with
+# use_dora=True, by ``--dora`` into their own result (the LoRA ledger's run stays as it was).
+DORA_MODELS = ("tiny-llama-nf4-dora", "llama3-8b-layer-nf4-dora")
+for _name in DORA_MODELS:
+    MODELS[_name] = {**MODELS[_name.removesuffix("-dora")], "use_dora": True}
 QUICK_MODELS = ("tiny-llama-nf4",)
 LOSS_RTOL = 1e-5  # fp32: the three ways compute one loss
 
@@ -277,8 +283,8 @@ def _unpacked_sequences(fake_mode):
 
 def measure_model(name, directory, dropout, checkpointing=(False, True), fake=None):
     """{checkpointing: {way: {"loss", "saved", "held_at_once"}}} for model ``name`` (its base
-    saved in ``directory``/base) with LoRA ``dropout``; ``fake``: run under FakeTensorMode
-    (default: the model's setting)."""
+    saved in ``directory``/base) with LoRA ``dropout`` (DoRA where the model says ``use_dora``);
+    ``fake``: run under FakeTensorMode (default: the model's setting)."""
     from peft import LoraConfig, get_peft_model
 
     import lowrank
@@ -287,7 +293,8 @@ def measure_model(name, directory, dropout, checkpointing=(False, True), fake=No
     dtype = getattr(torch, spec["dtype"])
     peft_model = get_peft_model(_load_4bit(f"{directory}/base", dtype),
                                 LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout,
-                                           target_modules="all-linear"))
+                                           target_modules="all-linear",
+                                           use_dora=spec.get("use_dora", False)))
     torch.manual_seed(1)
     with torch.no_grad():  # a trained-looking adapter (B not zero), so the losses say something
         for parameter_name, parameter in peft_model.named_parameters():
@@ -540,7 +547,7 @@ def moe_table(cases):
     return "\n".join(lines)
 
 
-def write_result(result, directory=RESULTS_DIR, prefix="memory-"):
+def write_result(result, directory=RESULTS_DIR, prefix=PREFIX):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{prefix}{(result['commit'] or 'unknown')[:10]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -555,6 +562,8 @@ def main(argv=None):
     parser.add_argument("--moe", action="store_true",
                         help=f"the MoE configurations instead ({', '.join(MOE_MODELS)}), written "
                              f"to {MOE_PREFIX}<commit>.json")
+    parser.add_argument("--dora", action="store_true",
+                        help=f"only {', '.join(DORA_MODELS)}, into memory-dora-<commit>.json")
     args = parser.parse_args(argv)
     from lowrank import _dispatch
 
@@ -569,9 +578,10 @@ def main(argv=None):
         print(moe_table(result["cases"]))
         print(f"wrote {path}")
         return 0
-    result = {"schema": SCHEMA_VERSION, **environment(),
-              "cases": run(QUICK_MODELS if args.quick else MODELS)}
-    path = write_result(result)
+    models = (QUICK_MODELS if args.quick else DORA_MODELS if args.dora
+              else [name for name in MODELS if name not in DORA_MODELS])
+    result = {"schema": SCHEMA_VERSION, **environment(), "cases": run(models)}
+    path = write_result(result, prefix=DORA_PREFIX if args.dora else PREFIX)
     print(table(result["cases"]))
     print(f"wrote {path}")
     return 0

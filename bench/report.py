@@ -9,7 +9,8 @@ from pathlib import Path
 from bench.harness import RESULTS_DIR, validate
 from bench.static import table as static_table
 
-STATIC_PREFIX, MEMORY_PREFIX, MOE_MEMORY_PREFIX = "static-", "memory-", "memory-moe-"
+STATIC_PREFIX, MEMORY_PREFIX, MOE_MEMORY_PREFIX, MEMORY_DORA_PREFIX = ("static-", "memory-", "memory-moe-",
+                                                                  "memory-dora-")
 STATIC_HEADER = """
 ## Static report: what the compiler makes of each kernel (no GPU; model estimates, not measurements)
 
@@ -109,7 +110,8 @@ def render(results, plots=None, static_from=RESULTS_DIR, memory_dir=RESULTS_DIR)
     ``static_from``: the folder whose newest static report is appended (None: none);
     ``memory_dir``: where the memory ledger's results are (``memory_section``)."""
     return (_render_timings(results, plots) + static_section(static_from)
-            + memory_section(memory_dir))
+            + memory_section(memory_dir) + memory_section(memory_dir, MEMORY_DORA_PREFIX)
+            + moe_memory_section(memory_dir))
 
 
 def static_section(directory):
@@ -149,20 +151,24 @@ def _render_timings(results, plots):
     return "".join(parts)
 
 
-def memory_section(directory=RESULTS_DIR):
-    """BENCHMARKS.md's memory ledger: the newest ``python -m bench.memory`` result, each
-    configuration's saved bytes by block (MiB) and each way's total over PEFT's."""
+def memory_section(directory=RESULTS_DIR, prefix=MEMORY_PREFIX):
+    """BENCHMARKS.md's memory ledger: the newest ``python -m bench.memory`` result (``prefix``
+    MEMORY_DORA_PREFIX: of ``python -m bench.memory --dora``), each configuration's saved bytes by
+    block (MiB) and each way's total over PEFT's."""
     results = [(json.loads(path.read_text()), path.name)
-               for path in Path(directory).glob(f"{MEMORY_PREFIX}*.json")
-               if not path.name.startswith(MOE_MEMORY_PREFIX)]
+               for path in Path(directory).glob(f"{prefix}*.json")
+               if prefix != MEMORY_PREFIX
+               or not path.name.startswith((MEMORY_DORA_PREFIX, MOE_MEMORY_PREFIX))]
     if not results:
-        return moe_memory_section(directory)
+        return ""
     result, name = max(results, key=lambda pair: pair[0]["date"])
     categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
     versions = result["versions"]
-    parts = [f"\n## Memory ledger ({result['device']['name']}, {result['device']['ops']} ops), "
+    title = "Memory ledger, DoRA" if prefix == MEMORY_DORA_PREFIX else "Memory ledger"
+    parts = [f"\n## {title} ({result['device']['name']}, {result['device']['ops']} ops), "
              f"{result['date']}\n\n"
-             f"Generated from `{name}` (written by `python -m bench.memory`): bytes of "
+             f"Generated from `{name}` (written by `python -m bench.memory"
+             f"{' --dora' if prefix == MEMORY_DORA_PREFIX else ''}`): bytes of "
              "the unique storages autograd saves in one training step (parameters, buffers and "
              "quant states excluded), by the block running when each was saved; with gradient "
              "checkpointing, the forward's plus every recompute's. `x PEFT`: total over PEFT's; "
@@ -184,7 +190,7 @@ def memory_section(directory=RESULTS_DIR):
                          f"{measured['saved']['total'] / 2**20:.2f} | "
                          f"{ratio['total']:.2f} | {ratio['layer']:.2f} | "
                          f"{ratio['held_at_once']:.2f} |\n")
-    return "".join(parts) + moe_memory_section(directory)
+    return "".join(parts)
 
 
 def moe_memory_section(directory=RESULTS_DIR):

@@ -12,6 +12,7 @@ import torch
 from helpers import K, M, N, TOLERANCE, assert_op_close, make_lora_case, poisoned, relative_error
 
 from lowrank import ops, reference, routes
+from lowrank.kernels import dora_grad_scale as dora_grad_scale_kernel
 from lowrank.kernels import dora_norm as dora_norm_kernel
 from lowrank.kernels import lora_linear as lora_kernels
 
@@ -125,6 +126,29 @@ def test_epilogue_kernel_against_fp64(kind, dtype, with_undropped, device):
     expected = (undropped.double() + (g - 1) * q if with_undropped else g * q) + bias.double()
     assert_op_close(y, expected, dtype, "y")
     assert_op_close(product, q, dtype, "product")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shifted", [False, True], ids=["no-dropout", "dropout"])
+def test_backward_scale_kernel_against_fp64(dtype, shifted, device):
+    """g dY (bit-equal to torch's fp32 product rounded once), (g - 1) dY and the column sums of
+    dY * Q by row block, into NaN-poisoned buffers: M = 101 spans two row blocks, the second
+    partly filled; N = 83 two column blocks."""
+    m = 101
+    gen = torch.Generator().manual_seed(4)
+    grad_y, q = (torch.randn(m, N, generator=gen).to(device, dtype) for _ in range(2))
+    g = (torch.rand(N, generator=gen) + 0.5).to(device)
+    rows = dora_grad_scale_kernel.partial_rows(m)
+    scaled, partial = poisoned((m, N), dtype, device), poisoned((rows, N), torch.float32, device)
+    shifted_out = poisoned((m, N), dtype, device) if shifted else None
+    dora_grad_scale_kernel.dora_grad_scale(grad_y, g, scaled, shifted_out, q, partial)
+    assert torch.equal(scaled, (grad_y.float() * g).to(dtype))
+    if shifted:
+        assert torch.equal(shifted_out, (grad_y.float() * (g - 1)).to(dtype))
+    assert rows == 2
+    assert_op_close(partial.sum(0), (grad_y.double() * q.double()).sum(0), torch.float32,
+                    "column sums")
 
 
 @pytest.mark.parametrize("route", ["fused", "cublas", "decode"])
@@ -242,6 +266,9 @@ def test_dora_ops_pass_torch_library_checks(device):
     grad_s = torch.randn(5, 5, device=device)
     torch.library.opcheck(ops.dora_grad_input, (grad_y, grad_y * 0.5, *flat, grad_s, lora_a, seed,
                                                 0.1))
+    for product, shifted in ((torch.randn(5, N, device=device), False),
+                             (grad_y.new_empty(0, N), True)):
+        torch.library.opcheck(ops.dora_grad_scale, (grad_y, scale, product, shifted))
 
 
 def test_bad_arguments_are_named(device):

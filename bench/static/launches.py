@@ -24,8 +24,9 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
-from lowrank.kernels import (_common, dora_norm, gated_activation, ia3_linear, ia3_merge,
-                             lora_grouped, lora_linear, lora_linear_decode, lora_merge, lora_mixed)
+from lowrank.kernels import (_common, dora_grad_scale, dora_norm, gated_activation, ia3_linear,
+                             ia3_merge, lora_grouped, lora_linear, lora_linear_decode, lora_merge,
+                             lora_mixed)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
@@ -258,6 +259,16 @@ def dora_forward_call(m, k, n, kind, dtype, dropout=0.0, keep_product=True, bias
     return call
 
 
+def dora_grad_scale_call(m, n, dtype, shifted, column_sums):
+    """DoRA's backward scale (lowrank.ops.dora): g dY, with dropout (g - 1) dY, and when m wants a
+    gradient the column sums of dY * Q."""
+    dy = empty(m, n, dtype=dtype)
+    partial = empty(dora_grad_scale.partial_rows(m), n) if column_sums else None
+    return lambda: dora_grad_scale.dora_grad_scale(
+        dy, empty(n), empty(m, n, dtype=dtype), empty(m, n, dtype=dtype) if shifted else None,
+        empty(m, n, dtype=dtype) if column_sums else None, partial)
+
+
 def dequantize_call(n, k, kind, out_dtype):
     packed, nf4 = weight(kind, n, k, out_dtype)
     return lambda: nf4_dequantize.nf4_dequantize(packed, nf4.absmax, nf4.code,
@@ -488,6 +499,10 @@ def coverage_calls():
         for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
             for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
+        for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
+            for shifted, column_sums in ((False, True), (False, False), (True, True)):
+                calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \
+                    dora_grad_scale_call(shape[0], shape[2], dtype, shifted, column_sums)
         for activation in gated_activation.ACTIVATIONS:
             for shape in (ALIGNED[:2], RAGGED[:2]):
                 calls[f"gated_activation {t} {activation} {shape}"] = gated_activation_call(

@@ -23,8 +23,8 @@ from a dense tensor, or packed NF4 with its quant state.
 """
 
 from lowrank.frozen_weight import FrozenWeight
-from lowrank.ops.dora import (DoraLinearFunction, dora_forward, dora_grad_input, dora_linear,
-                              dora_linear_checks, dora_norm, dora_norm_op)
+from lowrank.ops.dora import (DoraLinearFunction, dora_forward, dora_grad_input, dora_grad_scale,
+                              dora_linear, dora_linear_checks, dora_norm, dora_norm_op)
 from lowrank.ops.ia3 import (IA3LinearFunction, ia3_backward, ia3_forward, ia3_linear,
                              ia3_linear_checks)
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
@@ -52,4 +52,5 @@ __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_line
            "gated_activation", "gated_activation_backward", "lora_shrink", "lora_expand",
            "lora_merge", "ia3_merge", "nf4_dequantize",
            "nf4_quantize", "nf4_quantize_absmax", "nf4_quant_state", "DoraLinearFunction",
-           "dora_linear", "dora_linear_checks", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input"]
+           "dora_linear", "dora_linear_checks", "dora_norm", "dora_norm_op", "dora_forward", "dora_grad_input",
+           "dora_grad_scale"]

@@ -12,12 +12,19 @@ more pass over the stored weight (a memory-bound read, no GEMM).
 torch.library (fake implementations, so torch.compile traces through them):
 ``lowrank::dora_norm`` (the norm, one pass over the stored weight in ``kernels/dora_norm.py``),
 ``lowrank::dora_forward`` and ``lowrank::dora_grad_input``, which run the LoRA kernels
-(``lowrank.ops.lora``) for the GEMMs. ``dora_forward`` takes the route ``lowrank.routes`` chooses:
+(``lowrank.ops.lora``) for the GEMMs, and ``lowrank::dora_grad_scale`` (backward's g dY, (g - 1) dY
+and dm's column sums in one pass, ``kernels/dora_grad_scale.py``). ``dora_forward`` takes the
+route ``lowrank.routes`` chooses:
 
 - ``fused``: the LoRA forward kernel with DoRA's epilogue (``kernels/_dora_epilogue.py``): g and
   the bias applied to the fp32 tile before its one store, and the product that dm needs stored
   beside it when magnitude wants a gradient; with dropout, a first launch computes the undropped
-  x W^T + b + s S B^T, which the second one's epilogue reads.
+  x W^T + b + s S B^T, which the second one's epilogue reads. Two GEMMs over W remain (x W^T and
+  x_d W^T differ wherever the mask drops an element of x), and the second reads a stored
+  dropout(x): applying the mask while it loads x instead regenerates it once per output-column
+  tile (N / BLOCK_N times, where the shrink does it once): the static model puts that launch at
+  2.8x (dense) and 2.0x (NF4) the time of one reading the stored copy, on H100 at M x K x N =
+  4096 x 4096 x 14336 (estimates, not measurements).
 - ``cublas`` and ``decode``: LoRA's forward by that route (``lowrank.ops.lora``), then g and the
   bias in one elementwise pass (fp32 arithmetic, one rounding to x's dtype, as the epilogue's).
 """
@@ -30,6 +37,7 @@ from lowrank import reference, routes
 from lowrank._lora_args import check_dora_args, check_lora_factors, check_weight
 from lowrank._quant_state import FLOAT_DTYPES
 from lowrank.frozen_weight import FrozenWeight
+from lowrank.kernels import dora_grad_scale as dora_grad_scale_kernel
 from lowrank.kernels import dora_norm as dora_norm_kernel
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
@@ -148,6 +156,32 @@ def _(grad_y, grad_q, weight, weight_sizes, grad_s, lora_A, seed, dropout):
     return grad_y.new_empty(grad_y.shape[0], lora_A.shape[1])
 
 
+@torch.library.custom_op("lowrank::dora_grad_scale", mutates_args=())
+def dora_grad_scale(grad_y: torch.Tensor, column_scale: torch.Tensor, product: torch.Tensor,
+                    shifted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g dY; (g - 1) dY if ``shifted``, else empty (0 x N); the column sums of dY * Q, fp32 (N,),
+    if ``product`` Q is not empty (0 x N), else empty (0,)) for contiguous dY (M x N), g =
+    ``column_scale`` (N, fp32): one pass over dY and Q (``kernels/dora_grad_scale.py``), each
+    product rounded once into dY's dtype."""
+    m, n = grad_y.shape
+    scaled = torch.empty_like(grad_y)
+    shifted_out = torch.empty_like(grad_y) if shifted else grad_y.new_empty(0, n)
+    sums_rows = dora_grad_scale_kernel.partial_rows(m) if product.shape[0] else 0
+    partial = grad_y.new_empty(sums_rows, n, dtype=torch.float32)
+    dora_grad_scale_kernel.dora_grad_scale(grad_y, column_scale, scaled,
+                                           shifted_out if shifted else None,
+                                           product if sums_rows else None,
+                                           partial if sums_rows else None)
+    return scaled, shifted_out, partial.sum(0) if sums_rows else partial.new_empty(0)
+
+
+@dora_grad_scale.register_fake
+def _(grad_y, column_scale, product, shifted):
+    n = grad_y.shape[1]
+    return (torch.empty_like(grad_y), grad_y.new_empty(grad_y.shape[0] if shifted else 0, n),
+            grad_y.new_empty(n if product.shape[0] else 0, dtype=torch.float32))
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """The fused DoRA linear as an autograd Function, for trainers that call it directly:
 
@@ -184,10 +218,11 @@ class DoraLinearFunction(torch.autograd.Function):
             ctx.saved_tensors
         need = _DORA_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
-        g = magnitude.float() / weight_norm
-        grad_scaled = (grad_y.float() * g).to(grad_y.dtype)  # the gradient of x_d's LoRA branch
+        # g dY: the gradient of x_d's LoRA branch; (g - 1) dY: of x_d W^T with dropout
+        grad_scaled, grad_shifted, column_sums = dora_grad_scale(
+            grad_y, magnitude.float() / weight_norm, product, ctx.dropout > 0)
         grad_s = grad_lora_s(grad_scaled, lora_B, ctx.scaling, s.dtype)
-        grad_q = (grad_y.float() * (g - 1)).to(grad_y.dtype) if ctx.dropout > 0 else grad_scaled
+        grad_q = grad_shifted if ctx.dropout > 0 else grad_scaled
         grads = {}
         if need["x"]:
             grads["x"] = dora_grad_input(grad_scaled if ctx.dropout == 0 else grad_y, grad_q,
@@ -204,8 +239,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need["lora_B"]:
             grads["lora_B"] = grad_lora_b(grad_scaled, s, ctx.scaling, lora_B.dtype)
         if need["magnitude"]:
-            grads["magnitude"] = ((grad_y.float() * product.float()).sum(0)
-                                  / weight_norm).to(magnitude.dtype)
+            grads["magnitude"] = (column_sums / weight_norm).to(magnitude.dtype)
         if need["bias"]:
             grads["bias"] = grad_y.float().sum(0).to(grad_y.dtype)
         return _DORA_GRADIENTS.by_position(**grads)
