@@ -53,9 +53,10 @@ def two_ctas_per_sm(records):
             for r in records if is_gemm(r) and r["ctas_per_sm"] < 2]
 
 
-# wgmma multiplies 64 rows per warpgroup: GEMMs with BLOCK_M >= 64 rows can use it, except this
-# one, whose product dA = dS^T x has the rank's 16 rows (BLOCK_M is its reduction there).
-SMALL_M_PRODUCTS = {"_lora_grad_a_kernel"}
+# wgmma multiplies 64 rows per warpgroup: GEMMs with BLOCK_M >= 64 rows can use it, except these,
+# whose products (dA = dS^T x; the grouped dA / dB per expert) have the rank's 16 rows (BLOCK_M is
+# their reduction there).
+SMALL_M_PRODUCTS = {"_lora_grad_a_kernel", "_grouped_weight_grad_kernel"}
 
 
 def wgmma(records):
