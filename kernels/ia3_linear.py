@@ -56,10 +56,11 @@ def grad_input_configs(target, dtype):
                  "num_stages": 3},
                 {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
                  "num_stages": 4}]
-    # sm_80/86/89: with int64 row offsets, 4 warps left 8 bytes of stack on sm_86/89 at both
-    # tiles, and 64 x 64 x 128 with 8 warps on sm_80 (NF4); this one builds clean on all three.
-    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 8,
-             "num_stages": 4}]
+    # sm_80/86/89: with int64 row offsets, BLOCK_K 128 with 4 warps left 8 bytes of stack on
+    # sm_86/89 (3 or 4 stages), and with 8 warps one CTA per SM (registers); this one builds
+    # without stack and at 2 CTAs per SM on all three.
+    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
+             "num_stages": 3}]
 
 
 def grad_scale_configs(target, dtype):
