@@ -129,22 +129,33 @@ def dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, stride_xk, stride_ar,
-                        stride_ak, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, joined_ptr, M, K, R, p, stride_xm, stride_xk,
+                        stride_ar, stride_ak, stride_jm, DROPOUT: tl.constexpr,
+                        JOINED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S = dropout(x) A^T, stored in S's dtype (M x R, contiguous; fp32 where A is fp32, else x's);
     one rank chunk per program. ``x`` may have any strides (dS = dY B and dB^T = S^T dY run here
-    too, with dY, B^T and S^T as x and A)."""
+    too, with dY, B^T and S^T as x and A).
+
+    JOINED: also the cublas route's operand [x | S] (rows ``stride_jm`` apart, in x's dtype),
+    written in the same pass: x as it is loaded (undropped: the frozen GEMM reads x, not its
+    dropout) by the first rank chunk's programs, then S beside it, or for an fp32 S its
+    ``split_parts`` as [hi | hi | lo] (``lowrank.ops.lora.split_product``'s layout, 3R columns)."""
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
+    joined_rows = joined_ptr + row_offsets(rows, stride_jm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         # int64 columns too: as dB^T = S^T dY, x is dY^T, whose columns are N elements apart.
         x = tl.load(x_rows + row_offsets(cols, stride_xk)[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if JOINED:
+            if tl.program_id(1) == 0:
+                tl.store(joined_rows + cols[None, :], x,
+                         mask=(rows[:, None] < M) & (cols[None, :] < K))
         if DROPOUT:
             x = tl.where(dropout_keep(seed_ptr, rows, k0, K, p, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + row_offsets(cols, stride_ak)[None, :],
@@ -152,8 +163,17 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R, p, stride_xm, st
         acc = branch_dot(x, tl.trans(a), acc, dtype, PRECISION)
     if DROPOUT:
         acc = acc / (1 - p)
-    store_rounded(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :], acc,
-                  (rows[:, None] < M) & (ranks[None, :] < R))
+    s_mask = (rows[:, None] < M) & (ranks[None, :] < R)
+    store_rounded(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :], acc, s_mask)
+    if JOINED:
+        s_cols = joined_rows + K + ranks[None, :]
+        if s_ptr.dtype.element_ty == dtype:
+            store_rounded(s_cols, acc, s_mask)
+        else:
+            hi, lo = split_parts(acc, dtype)
+            tl.store(s_cols, hi, mask=s_mask)
+            tl.store(s_cols + R, hi, mask=s_mask)
+            tl.store(s_cols + 2 * R, lo, mask=s_mask)
 
 
 @triton.jit
@@ -283,15 +303,26 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, M, K, p, BLOCK_M: tl.constexpr,
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-def lora_shrink(x, lora_a, s, seed, p):
+def lora_shrink(x, lora_a, s, seed, p, joined=None):
+    """S = dropout(x) A^T into ``s``. ``joined``: None, or an M x (K + R') matrix in x's dtype with
+    unit column stride, into which x (undropped) and S are written too (the kernel's JOINED: R' is
+    R, or 3R for an fp32 S)."""
     M, K = x.shape
     R = lora_a.shape[0]
+    if joined is not None:
+        columns = K + (R if s.dtype == x.dtype else 3 * R)
+        if joined.dtype != x.dtype or joined.shape != (M, columns) or joined.stride(1) != 1:
+            raise ValueError(f"lora_shrink: joined must be {M} x {columns} in {x.dtype} with unit "
+                             f"column stride, got {tuple(joined.shape)} in {joined.dtype} with "
+                             f"strides {joined.stride()}")
     target = _common.target(x.device)
     config = shrink_config(target, x.dtype)
     grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
     _lora_shrink_kernel[grid](
-        x, lora_a, s, seed, M, K, R, p, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        DROPOUT=p > 0, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
+        x, lora_a, s, seed, s if joined is None else joined, M, K, R, p, x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), 0 if joined is None else joined.stride(0),
+        DROPOUT=p > 0, JOINED=joined is not None, PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R,
+        **config)
 
 
 def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None, undropped=None,

@@ -60,11 +60,17 @@ def decode_nf4(nibble, scale, pairs_ptr):
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                            offset_ptr, out_ptr, n_elements, n_bytes, block_shift, nested_shift,
-                           NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                           INLINE_PTX: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+                           row_length, row_stride, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                           ROW_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                           BLOCK_BYTES: tl.constexpr):
     """2 x BLOCK_BYTES elements per program: the bytes loaded once (``n_bytes`` is its own
     argument so the mask is known aligned when it is: wide loads), both values of each byte from
-    one pair-table lookup, one absmax per SCALE_GROUP elements (a program starts on a block)."""
+    one pair-table lookup, one absmax per SCALE_GROUP elements (a program starts on a block).
+
+    ROW_GROUP 0: the output is contiguous. Otherwise its rows of ``row_length`` elements lie
+    ``row_stride`` apart (the cublas route's [W | sB] operand), and ROW_GROUP divides both
+    ``row_length`` and the program's elements: each run of ROW_GROUP elements lies in one row, so
+    the row is found by one division per run, not per element."""
     BLOCK: tl.constexpr = 2 * BLOCK_BYTES
     GROUPS: tl.constexpr = BLOCK // SCALE_GROUP
     pid = tl.program_id(0).to(tl.int64)
@@ -75,7 +81,13 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, n
     scale = load_absmax(group >> block_shift, group < n_elements, absmax_ptr, nested_code_ptr,
                         nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
     element = pid * BLOCK + tl.arange(0, BLOCK)
-    store_rounded(out_ptr + element, tl.reshape(values * scale[:, None], [BLOCK]),
+    if ROW_GROUP == 0:
+        offset = element
+    else:
+        run = pid * BLOCK + tl.arange(0, BLOCK // ROW_GROUP) * ROW_GROUP
+        start = run + (run // row_length) * (row_stride - row_length)
+        offset = tl.reshape(start[:, None] + tl.arange(0, ROW_GROUP)[None, :], [BLOCK])
+    store_rounded(out_ptr + offset, tl.reshape(values * scale[:, None], [BLOCK]),
                   element < n_elements)
 
 
@@ -89,7 +101,9 @@ def dequantize_configs(target, dtype):
 
 
 def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
-    """Dequantize ``packed`` (uint8, flat) into ``out`` (contiguous, fp32/fp16/bf16).
+    """Dequantize ``packed`` (uint8, flat) into ``out`` (fp32/fp16/bf16): contiguous, or an
+    N x K matrix whose rows lie further apart than K (``out.stride() == (row_stride, 1)``: the
+    cublas route writes W beside the adapter's columns).
 
     ``code``: the 16 fp32 NF4 values. ``nested``: None, or (nested_code, nested_absmax, offset,
     nested_blocksize) when ``absmax`` holds uint8 codes.
@@ -98,15 +112,25 @@ def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
         nested_code, nested_absmax, offset, nested_blocksize = absmax, absmax, absmax, 1
     else:
         nested_code, nested_absmax, offset, nested_blocksize = nested
+    if out.is_contiguous():
+        row_length = row_stride = 0  # unread: ROW_GROUP 0
+    elif out.dim() == 2 and out.stride(1) == 1 and out.stride(0) > out.shape[1]:
+        row_length, row_stride = out.shape[1], out.stride(0)
+    else:
+        raise ValueError(f"nf4_dequantize: out of shape {tuple(out.shape)} and strides "
+                         f"{out.stride()} is neither contiguous nor rows of contiguous elements")
     target = _common.target(out.device)
-    configs = [{**config, "SCALE_GROUP": min(blocksize, 2 * config["BLOCK_BYTES"])}
+    # ROW_GROUP: the largest power of two dividing the row length, within the program's elements.
+    configs = [{**config, "SCALE_GROUP": min(blocksize, 2 * config["BLOCK_BYTES"]),
+                "ROW_GROUP": min(row_length & -row_length, 2 * config["BLOCK_BYTES"])}
                for config in dequantize_configs(target, out.dtype)]
     n_elements = out.numel()
     n_bytes = triton.cdiv(n_elements, 2)
     _common.launch(
         _nf4_dequantize_kernel, lambda c: (triton.cdiv(n_bytes, c["BLOCK_BYTES"]),), configs,
         packed, absmax, code_pairs(code), nested_code, nested_absmax, offset, out, n_elements,
-        n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1, bucket=1,
+        n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1, row_length,
+        row_stride, bucket=1,
         key=("n_elements",), NESTED=nested is not None, INLINE_PTX=target.inline_ptx,
         enable_fp_fusion=False)
     return out

@@ -354,3 +354,17 @@ def stacked_weight(weight, dtype, rows):
     nf4_dequantize_kernel.nf4_dequantize(weight.tensor, weight.absmax, weight.code, out[:n * k],
                                          weight.blocksize, nested)
     return out.view(n + rows, k)
+
+
+def weight_beside(weight, dtype, columns):
+    """NF4 ``weight`` dequantized into the first K columns of an N x (K + ``columns``) view of the
+    workspace, in ``dtype``; the last ``columns`` columns of each row are the caller's to fill
+    (the forward's single-GEMM form puts s B there). Valid until the next NF4 call on this device
+    and stream."""
+    n, k = weight.out_features, weight.in_features
+    out = workspace(weight.tensor.device, dtype, n * (k + columns)).view(n, k + columns)
+    nested = None if weight.nested_code is None else (weight.nested_code, weight.nested_absmax,
+                                                      weight.offset, weight.nested_blocksize)
+    nf4_dequantize_kernel.nf4_dequantize(weight.tensor, weight.absmax, weight.code, out[:, :k],
+                                         weight.blocksize, nested)
+    return out

@@ -284,8 +284,9 @@ def rounding_excess(actual, expected, magnitude, ulps):
 
 
 @pytest.mark.parametrize("route,m,dropout", [("fused", M, 0.0), ("fused", M, 0.3),
-                                              ("cublas", M, 0.0), ("decode", 13, 0.0)])
-def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
+                                              ("cublas", M, 0.0), ("cublas-joined", M, 0.0),
+                                              ("decode", 13, 0.0)])
+def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monkeypatch):
     """bf16 x with fp32 adapters (PEFT's default): the branch runs near-fp32 on every route
     (fp32 S and dS, each fp32 operand split into two bf16 parts), as PEFT's fp32 branch does.
     y and dX are bf16: rounded once (fused, decode: half an ulp from near-fp32) or twice (cuBLAS:
@@ -295,11 +296,19 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
     so that its rounding shows. Measured in the interpreter (whose bf16 casts truncate, so the
     split is half as accurate as on a GPU): y and dX at 0.50 to 0.98 of the bound (a result
     near a rounding tie comes close to 1; bf16 adapters: 8 to 14 times it), dA and dB 1.8e-5 to
-    2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3)."""
+    2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3). cublas-joined: the cublas route's single GEMM
+    [x | S] [W | sB]^T over an NF4 weight (dequantized to bf16, the dense values the reference
+    takes), the split S and sB as its 3r last columns."""
     from lowrank import routes
+    from lowrank.ops import lora as lora_op
 
-    x, weight, _, dense, lora_a, lora_b, _ = make_lora_case(torch.bfloat16, "dense", 16, device,
-                                                           m=m)
+    joined = route == "cublas-joined"
+    x, weight, state, dense, lora_a, lora_b, _ = make_lora_case(
+        torch.bfloat16, "nf4-64" if joined else "dense", 16, device, m=m)
+    if joined:
+        route, dense = "cublas", nf4.dequantize(weight, state, dtype=torch.bfloat16).float()
+        asked = []
+        monkeypatch.setattr(lora_op, "joined_forward", lambda *args: asked.append(args) or True)
     lora_b = lora_b * 10
     grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
                                                                                torch.bfloat16)
@@ -313,7 +322,7 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
     def run(a, b):
         torch.manual_seed(7)  # lora_linear draws the mask's seed as above
         with routes.forced(route):
-            return run_lora_linear(x, weight, None, a, b, 3.0, None, grad_y, dropout)
+            return run_lora_linear(x, weight, state, a, b, 3.0, None, grad_y, dropout)
 
     ulps = 1.0 if route == "cublas" else 0.5
     y, grad_x, grad_a, grad_b = run(lora_a, lora_b)
@@ -325,6 +334,8 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device):
     rounded = run(lora_a.bfloat16(), lora_b.bfloat16())
     assert rounding_excess(rounded[0], expected[0], magnitude[0], ulps) > 1
     assert relative_error(rounded[2].double(), expected[2]) > 1e-3
+    if joined:
+        assert [args[3] for args in asked] == [48, 16]  # the split (3r columns), then bf16's r
 
 
 @triton.jit

@@ -378,6 +378,111 @@ KINDS = ["dense", "nf4-64", "nf4-nested-128"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def always_joined(monkeypatch):
+    """The cublas forward takes the single-GEMM form for an NF4 weight whatever the shape (the
+    byte rule aside: its own test checks it), counting the calls that asked."""
+    asked = []
+    monkeypatch.setattr(lora_op, "joined_forward", lambda *args: asked.append(args) or True)
+    return asked
+
+
+@pytest.mark.parametrize("kind, m, k, rank, adapter_dtype", [
+    ("nf4-64", 37, 97, 16, None),  # the rule: M K + 2 (M + N) r < 2 M N + (M + N) r: joined
+    ("nf4-64", 9, 97, 16, None),  # few rows: the addmm_
+    ("nf4-nested-128", 37, 60, 5, None),  # joined
+    ("nf4-nested-128", 37, 60, 5, torch.float32),  # 3r columns (fp32 branch): 3 x 5 still joins
+    ("nf4-64", 37, 97, 16, torch.float32),  # 3r = 48 columns: the addmm_
+    ("dense", 37, 60, 5, None),  # a dense W is never copied
+])
+def test_cublas_forward_takes_the_single_gemm_form_when_the_byte_rule_says(
+        kind, m, k, rank, adapter_dtype):
+    dtype = torch.bfloat16
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(
+        dtype, kind, rank, "cpu", m=m, k=k, adapter_dtype=adapter_dtype or dtype)
+    frozen = ops.FrozenWeight.of(weight, state)
+    columns = rank if adapter_dtype is None else 3 * rank
+    joined = kind != "dense" and lora_op.joined_forward(m, k, N, columns)
+    assert joined == (m * k + 2 * (m + N) * columns < 2 * m * N + (m + N) * columns
+                      and kind != "dense")
+    watched = GemmCalls()
+    with watched:
+        lora_op._forward_cublas(x.reshape(m, k), frozen, lora_a, lora_b, 1.5, bias, 0.0,
+                                torch.tensor([3]))
+    assert watched.calls == (["addmm"] if joined else ["addmm", "addmm_"])
+    # The rule at Llama-3-8B's shapes (4096 tokens, rank 16): the MLP's up/gate and q/o
+    # projections join, the down projection (K = 14336 > 2 N) takes the addmm_.
+    assert lora_op.joined_forward(4096, 4096, 14336, 16)
+    assert lora_op.joined_forward(4096, 4096, 4096, 16)
+    assert not lora_op.joined_forward(4096, 14336, 4096, 16)
+
+
+@pytest.mark.parametrize("dtype, kind, bias", [
+    (torch.float32, "nf4-64", True), (torch.float32, "nf4-nested-128", False),
+    (torch.float16, "nf4-64", False), (torch.float16, "nf4-nested-128", True),
+    (torch.bfloat16, "nf4-64", True), (torch.bfloat16, "nf4-nested-128", False)])
+def test_lora_cublas_single_gemm_forward_matches_fp64_reference(dtype, kind, bias, monkeypatch):
+    """[x | S] [W | sB]^T at odd K (97: the dequantize kernel's rows found element by element)
+    and rank (5), over a workspace poisoned with NaN (an element left unwritten shows)."""
+    asked = always_joined(monkeypatch)
+    routes.workspace("cpu", dtype, 4 * N * (K + 16)).fill_(float("nan"))
+    with routes.forced("cublas"):
+        check_lora_linear_against_fp64(dtype, kind, 5, bias, "cpu", adapter_dtype=dtype)
+    assert asked
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_shrink_writes_the_joined_operand_in_its_pass(adapter_dtype):
+    """x (undropped) and S (dropped; an fp32 S as split_product's [hi | hi | lo]) written into a
+    NaN-poisoned M x (K + r') operand at K = 72, rank 20 (two rank chunks: x is written once)."""
+    m, k, rank, p = 37, 72, 20, 0.3
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    a = (torch.randn(rank, k, generator=gen) / 8).to(adapter_dtype)
+    seed = torch.tensor([11])
+    s = torch.empty(m, rank, dtype=adapter_dtype)
+    columns = rank if adapter_dtype == torch.bfloat16 else 3 * rank
+    joined = torch.full((m, k + columns), float("nan"), dtype=torch.bfloat16)
+    from lowrank.kernels import lora_linear as lora_kernels
+
+    lora_kernels.lora_shrink(x, a, s, seed, p, joined)
+    alone = torch.empty_like(s)
+    lora_kernels.lora_shrink(x, a, alone, seed, p)
+    assert torch.equal(joined[:, :k], x) and torch.equal(s, alone)
+    keep = ops.lora_dropout_mask(seed, (m, k), p).double() / (1 - p)
+    assert_op_close(s, (x.double() * keep) @ a.double().t(), adapter_dtype, "S",
+                    1e-4 if adapter_dtype == torch.float32 else None)
+    if adapter_dtype == torch.float32:  # [hi | hi | lo], hi + lo near-fp32
+        hi, lo = joined[:, k:k + rank].double(), joined[:, k + 2 * rank:].double()
+        assert torch.equal(joined[:, k + rank:k + 2 * rank], joined[:, k:k + rank])
+        assert (hi - s.double()).abs().max() <= 2**-7 * s.abs().max()
+        assert ((hi + lo) - s.double()).abs().max() <= 2**-15 * s.abs().max()
+    else:
+        assert torch.equal(joined[:, k:], s)
+    with pytest.raises(ValueError, match="joined must be 37 x"):
+        lora_kernels.lora_shrink(x, a, s, seed, p, joined[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_dequantize_kernel_writes_rows_with_a_stride(dtype):
+    """W into the first K columns of N x (K + c) rows, the other columns untouched: K = 97 (odd:
+    rows found per element), 72 (per run of 8) and 128 (per run of 64), nested and not."""
+    gen = torch.Generator().manual_seed(2)
+    for k, nested in ((97, False), (72, True), (128, False)):
+        w = torch.randn(N, k, generator=gen) * 0.05
+        packed, state = nf4.quantize(w, blocksize=64, double_quant=nested)
+        frozen = ops.FrozenWeight.of(packed, state)
+        routes.workspace("cpu", dtype, N * (k + 7)).fill_(float("nan"))
+        out = routes.weight_beside(frozen, dtype, 7)
+        assert out.shape == (N, k + 7) and out.stride() == (k + 7, 1)
+        assert torch.equal(out[:, :k], nf4.dequantize(packed, state, dtype=dtype))
+        assert out[:, k:].isnan().all()
+    from lowrank.kernels import nf4_dequantize
+
+    with pytest.raises(ValueError, match="neither contiguous nor rows"):
+        nf4_dequantize.nf4_dequantize(packed, state.absmax, state.code,
+                                      torch.empty(k, N, dtype=dtype).t(), 64)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_cublas_route_matches_fp64_reference(dtype, kind, monkeypatch):
@@ -400,10 +505,14 @@ def test_lora_routes_at_small_m_without_bias(route, m, k, expected, monkeypatch)
     assert ran == expected
 
 
-@pytest.mark.parametrize("route", ["cublas", "decode"])
-def test_lora_dropout_mask_is_the_same_on_each_route(route):
+@pytest.mark.parametrize("route", ["cublas", "cublas-joined", "decode"])
+def test_lora_dropout_mask_is_the_same_on_each_route(route, monkeypatch):
     """The forward's mask (the shrink's or the decode kernel's) is the one dX applies: against the
-    reference given the kernels' mask, and not against the reference given its opposite."""
+    reference given the kernels' mask, and not against the reference given its opposite
+    (cublas-joined: the single-GEMM forward, whose x copy stays undropped)."""
+    if route == "cublas-joined":
+        always_joined(monkeypatch)
+        route = "cublas"
     dtype, p, m = torch.float32, 0.3, 6
     x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", 8, "cpu",
                                                                          m=m)

@@ -67,14 +67,25 @@ def _forward_decode(x, w, a, b, scaling, bias, dropout, seed):
 
 
 def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
-    """W dense in x's dtype (NF4 dequantized into the workspace), x W^T + b by torch's GEMM, then
-    s S B^T accumulated into Y by one addmm_ (fp32 S and B: ``split_product``'s one GEMM, rounded
-    into Y once). S comes from the shrink kernel, which applies the dropout mask that backward
-    regenerates. (The single-GEMM form [x | S] [W | sB]^T, fewer bytes
-    when K < N, needs W and sB side by side in each row: the dequantize kernel would have to write
-    rows with a stride of K + r, and the shrink S beside a copy of x, which their launchers do not
-    take.)"""
-    s = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
+    """W dense in x's dtype (NF4 dequantized into the workspace), then torch's GEMM, in the form
+    that moves fewer bytes (``joined_forward``): for an NF4 W, one GEMM [x | S] [W | sB]^T, the
+    shrink kernel writing x's copy and S into the joined operand as it reads x, and the dequantize
+    kernel W into rows of the workspace beside s B; otherwise x W^T, then s S B^T accumulated into
+    Y by one addmm_. fp32 S and B (the fp32 branch): ``split_product``'s 3r columns in place of S
+    and B, so the branch stays near-fp32 and Y is rounded once. S comes from the shrink kernel,
+    which applies the dropout mask that backward regenerates (x's copy stays undropped). The
+    bias by addmm."""
+    m, k = x.shape
+    n, rank = b.shape
+    s = torch.empty(m, rank, dtype=a.dtype, device=x.device)
+    columns = rank if a.dtype == x.dtype else 3 * rank
+    if w.nf4 is not None and joined_forward(m, k, n, columns):
+        joined = torch.empty(m, k + columns, dtype=x.dtype, device=x.device)
+        lora_kernels.lora_shrink(x, a, s, seed, dropout, joined)
+        weight = routes.weight_beside(w, x.dtype, columns)
+        weight[:, k:].copy_(split_rhs(b * scaling, x.dtype))  # s B in fp32 for an fp32 B
+        y = torch.mm(joined, weight.t()) if bias is None else torch.addmm(bias, joined, weight.t())
+        return y, s
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     dense = routes.dense_weight(w, x.dtype)
     y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
@@ -82,17 +93,42 @@ def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
     return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
 
 
+def joined_forward(m, k, n, columns):
+    """Whether the cublas route's forward over an NF4 weight takes the single GEMM
+    [x | S] [W | sB]^T (``columns``: S's columns in it, r or 3r) rather than x W^T then
+    addmm_(S, B): the byte rule. Beyond the plain x W^T both forms read x and write W once; the
+    joined form also writes x's copy (M K), writes the adapter's columns beside x and W and reads
+    them in the GEMM (2 (M + N) columns); the addmm_ reads Y and writes it again (2 M N) and reads
+    S and B ((M + N) columns). Counted in elements of x's dtype (every operand is in it). A dense W
+    never joins: copying it would cost N K more."""
+    return m * k + 2 * (m + n) * columns < 2 * m * n + (m + n) * columns
+
+
 def split_product(lhs, rhs_t, dtype):
     """Operands (L, R) in ``dtype`` with L R^T = lhs rhs_t^T, for torch's GEMMs on the branch:
     ``lhs`` and ``rhs_t`` themselves when they are in ``dtype``; for fp32 ones (the fp32 branch of
     a 16-bit x), each split into hi + lo in ``dtype`` and L = [hi | hi | lo], R = [hi | lo | hi]
     (inner size 3r): ``branch_dot``'s three products as one 16-bit GEMM, accumulated in fp32 and,
-    as an addmm_, rounded into the output once."""
+    as an addmm_, rounded into the output once. (The shrink kernel's joined operand lays out an
+    fp32 S as L.)"""
     if lhs.dtype == dtype:
         return lhs, rhs_t
-    lhs_hi, rhs_hi = lhs.to(dtype), rhs_t.to(dtype)
-    lhs_lo, rhs_lo = (lhs - lhs_hi.float()).to(dtype), (rhs_t - rhs_hi.float()).to(dtype)
-    return torch.cat((lhs_hi, lhs_hi, lhs_lo), 1), torch.cat((rhs_hi, rhs_lo, rhs_hi), 1)
+    lhs_hi, lhs_lo = _split(lhs, dtype)
+    return torch.cat((lhs_hi, lhs_hi, lhs_lo), 1), split_rhs(rhs_t, dtype)
+
+
+def split_rhs(rhs_t, dtype):
+    """``split_product``'s R alone: ``rhs_t`` itself in ``dtype``, else [hi | lo | hi]."""
+    if rhs_t.dtype == dtype:
+        return rhs_t
+    hi, lo = _split(rhs_t, dtype)
+    return torch.cat((hi, lo, hi), 1)
+
+
+def _split(t, dtype):
+    """fp32 ``t`` as hi + lo in ``dtype``: hi rounded, lo the remainder (exact in fp32) rounded."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).to(dtype)
 
 
 @lora_forward.register_fake
