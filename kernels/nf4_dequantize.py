@@ -70,10 +70,15 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, n
     ROW_GROUP 0: the output is contiguous. Otherwise its rows of ``row_length`` elements lie
     ``row_stride`` apart (the cublas route's [W | sB] operand), and ROW_GROUP divides both
     ``row_length`` and the program's elements: each run of ROW_GROUP elements lies in one row, so
-    the row is found by one division per run, not per element."""
+    the row is found by one division per run, not per element. Where the program's elements
+    divide the row length (real layers: the launcher keeps such configs) the grid is (rows,
+    programs per row) instead: no division, and the store as wide as the contiguous one."""
     BLOCK: tl.constexpr = 2 * BLOCK_BYTES
     GROUPS: tl.constexpr = BLOCK // SCALE_GROUP
-    pid = tl.program_id(0).to(tl.int64)
+    if ROW_GROUP == BLOCK:  # a grid of (rows, programs per row): no division for the row
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
+    else:
+        pid = tl.program_id(0).to(tl.int64)
     byte_index = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0)
     values = tl.reshape(decode_nf4_pairs(byte, pairs_ptr, INLINE_PTX), [GROUPS, SCALE_GROUP])
@@ -81,9 +86,11 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, n
     scale = load_absmax(group >> block_shift, group < n_elements, absmax_ptr, nested_code_ptr,
                         nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
     element = pid * BLOCK + tl.arange(0, BLOCK)
-    if ROW_GROUP == 0:
+    if ROW_GROUP == 0:  # contiguous
         offset = element
-    else:
+    elif ROW_GROUP == BLOCK:  # rows with a stride, the program within one row: a scalar shift
+        offset = element + tl.program_id(0).to(tl.int64) * (row_stride - row_length)
+    else:  # rows with a stride, the program across rows: a shift per run of ROW_GROUP elements
         run = pid * BLOCK + tl.arange(0, BLOCK // ROW_GROUP) * ROW_GROUP
         start = run + (run // row_length) * (row_stride - row_length)
         offset = tl.reshape(start[:, None] + tl.arange(0, ROW_GROUP)[None, :], [BLOCK])
@@ -124,10 +131,15 @@ def nf4_dequantize(packed, absmax, code, out, blocksize, nested=None):
     configs = [{**config, "SCALE_GROUP": min(blocksize, 2 * config["BLOCK_BYTES"]),
                 "ROW_GROUP": min(row_length & -row_length, 2 * config["BLOCK_BYTES"])}
                for config in dequantize_configs(target, out.dtype)]
+    # Rows with a stride: the configs whose programs lie within one row where there are any (a
+    # program across rows shifts per run: more instructions per element).
+    configs = [c for c in configs if c["ROW_GROUP"] == 2 * c["BLOCK_BYTES"]] or configs
     n_elements = out.numel()
     n_bytes = triton.cdiv(n_elements, 2)
     _common.launch(
-        _nf4_dequantize_kernel, lambda c: (triton.cdiv(n_bytes, c["BLOCK_BYTES"]),), configs,
+        _nf4_dequantize_kernel, lambda c: (out.shape[0], row_length // (2 * c["BLOCK_BYTES"]))
+        if c["ROW_GROUP"] == 2 * c["BLOCK_BYTES"] else (triton.cdiv(n_bytes, c["BLOCK_BYTES"]),),
+        configs,
         packed, absmax, code_pairs(code), nested_code, nested_absmax, offset, out, n_elements,
         n_bytes, blocksize.bit_length() - 1, nested_blocksize.bit_length() - 1, row_length,
         row_stride, bucket=1,

@@ -7,8 +7,9 @@ Each LoRA / IA3 linear GEMM over the frozen weight (forward, and dX in backward)
 - ``cublas``: the NF4 weight dequantized (``kernels/nf4_dequantize.py``) into a per-device
   workspace in x's dtype, reused from call to call, then torch's matmul (cuBLAS on a GPU) in x's
   dtype; a dense weight is used as it is. The adapter's part is one more GEMM accumulated into the
-  output (``addmm_``), or for dX one GEMM over stacked operands where that moves fewer bytes (see
-  ``lowrank.ops.lora``). See ``dense_weight``.
+  output (``addmm_``), or, where that moves fewer bytes, folded into the frozen GEMM: the forward's
+  [x | S] [W | sB]^T (``weight_beside``), dX's [dY | dS] [W ; A] (``stacked_weight``); see
+  ``lowrank.ops.lora``. See ``dense_weight``.
 - ``decode``: the split-K kernel (``kernels/lora_linear_decode.py``), for a forward of at most
   ``DECODE_MAX_M`` rows (the IA3 forward runs it with a zero adapter). dX has no decode route.
 
@@ -51,18 +52,20 @@ CACHE_FORMAT = 1
 
 # The default rule (``default_route``): up to these M buckets the fused kernels, above them
 # dequantize + cuBLAS, per architecture group and weight kind. ESTIMATES of the static model
-# (BENCHMARKS.md, "Model estimates", not measurements): first-order crossovers at K = 4096,
-# N = 14336, where the fused GEMM's time per row of M meets cuBLAS's per row (plus the addmm_ of
-# the adapter) plus one dequantize pass of the weight. H100 (sm_90): fused 0.93 us per row for
-# NF4, 1.71 nested, 0.53 dense; cuBLAS 0.16 (+0.02); dequantize 50 / 61 us: crossovers at about
-# 66 and 40 rows, and none for dense (cuBLAS always faster). RTX 4090 (sm_89): fused 1.55 / 4.14
-# / 0.74 per row; cuBLAS 0.79 (+0.06); dequantize 167 / 164 us: about 239 and 50 rows, and
-# dense fused always faster. Rounded to the power-of-two buckets. The issue (17) expects the fused
-# kernels to gain from a leaner decode: these bounds follow the static report, and calibration
-# replaces them on the user's GPU.
+# (BENCHMARKS.md, "Model estimates", not measurements), derived by ``bench.static.route_table``
+# from the newest bench/results/static-*.json: first-order crossovers of the LoRA forward at
+# K = 4096, N = 14336, the fused route's time taken per row of M, the cublas route's as one
+# dequantize pass plus its time per row (the shrink writing [x | S], the single GEMM). H100
+# (sm_90): fused 0.44 us per row for NF4 and nested (1812 / 1817 us at 4096 rows), 0.27 dense;
+# cublas 0.16 per row after a dequantize of 50 us: crossovers at about 180 / 176 rows, and none
+# for dense (cuBLAS always faster). RTX 4090 (sm_89): fused 1.02 per row for NF4 and nested,
+# 0.72 dense; cublas 0.80 after 168 us: about 783 / 759 rows, and dense fused always faster.
+# Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
+# the committed report implies; when it fails, ``python -m bench.static.route_table`` prints
+# the new table and crossovers for here. Calibration replaces them on the user's GPU.
 FUSED_MAX_M = {
-    "sm_90": {"dense": 0, "nf4": 64, "nf4-nested": 32},
-    "sm_89": {"dense": None, "nf4": 256, "nf4-nested": 64},  # None: no bound
+    "sm_90": {"dense": 0, "nf4": 128, "nf4-nested": 128},
+    "sm_89": {"dense": None, "nf4": 512, "nf4-nested": 512},  # None: no bound
 }
 
 

@@ -158,16 +158,16 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
 @pytest.mark.parametrize("arch, m, kind, candidates, expected", [
     ("sm_90", 16, "nf4-nested", ("fused", "cublas", "decode"), "decode"),
     ("sm_90", 1, "dense", ("fused", "cublas"), "cublas"),  # no decode route: dense is cuBLAS's
-    ("sm_90", 64, "nf4", ("fused", "cublas"), "fused"),
-    ("sm_90", 65, "nf4", ("fused", "cublas"), "cublas"),
-    ("sm_90", 32, "nf4-nested", ("fused", "cublas"), "fused"),
-    ("sm_90", 33, "nf4-nested", ("fused", "cublas"), "cublas"),
+    ("sm_90", 128, "nf4", ("fused", "cublas"), "fused"),
+    ("sm_90", 129, "nf4", ("fused", "cublas"), "cublas"),
+    ("sm_90", 128, "nf4-nested", ("fused", "cublas"), "fused"),
+    ("sm_90", 129, "nf4-nested", ("fused", "cublas"), "cublas"),
     ("sm_100", 4096, "nf4", ("fused", "cublas"), "cublas"),
     ("gfx942", 4096, "dense", ("fused", "cublas"), "cublas"),
     ("sm_89", 16384, "dense", ("fused", "cublas"), "fused"),
-    ("sm_89", 256, "nf4", ("fused", "cublas"), "fused"),
-    ("sm_89", 257, "nf4", ("fused", "cublas"), "cublas"),
-    ("sm_86", 65, "nf4-nested", ("fused", "cublas"), "cublas"),
+    ("sm_89", 512, "nf4", ("fused", "cublas"), "fused"),
+    ("sm_89", 513, "nf4", ("fused", "cublas"), "cublas"),
+    ("sm_86", 513, "nf4-nested", ("fused", "cublas"), "cublas"),
     ("interpreter", 4096, "nf4", ("fused", "cublas"), "fused"),
     ("interpreter", 3, "dense", ("fused", "cublas", "decode"), "decode"),
 ])
@@ -579,3 +579,20 @@ def test_ia3_routes_without_bias_and_with_one_gradient(route, form):
         ops.ia3_linear(x_leaf, weight, leaf, feedforward=feedforward,
                        quant_state=state).backward(grad_y)
         assert_op_close(x_leaf.grad, dx_ref, dtype, "dx")
+
+
+def test_the_default_table_is_what_the_committed_static_report_implies():
+    """``routes.FUSED_MAX_M`` equals the crossovers of the newest bench/results/static-*.json
+    (``bench.static.route_table``: model estimates). When this fails after the report was built
+    again, refresh the table: ``python -m bench.static.route_table`` prints it and the crossovers;
+    copy both into lowrank/routes.py (the table and its comment)."""
+    from pathlib import Path
+
+    from bench.report import load_static
+    from bench.static import route_table
+
+    report = load_static(Path(__file__).parents[1] / "bench" / "results")
+    table, _ = route_table.fused_max_m(report)
+    assert routes.FUSED_MAX_M == table, (
+        f"the static report {report['commit'][:10]} implies FUSED_MAX_M = {table}: run "
+        "python -m bench.static.route_table and copy it into lowrank/routes.py")

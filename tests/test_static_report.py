@@ -101,6 +101,48 @@ def test_an_autotuned_launch_counts_at_its_best_config():
                                                                   "_lora_forward_kernel"]
 
 
+def test_torch_products_are_modelled_at_cublas_rate_or_copy_bandwidth():
+    """The cublas route's GEMMs (``launches.torch_gemm``): no build, the slower of flops at
+    cublas_flops and bytes at copy bandwidth; recorded only while a capture asks for them."""
+    from bench.static import launches
+
+    h100 = model.DEVICES["H100 SXM"]
+    modelled, found = [], []
+    with launches.capture("c", found, launches.gpu(90), modelled=modelled):
+        launches.torch_gemm(4096, 14336, 4096, (4096 + 14336) * 4096, 4096 * 14336, "x W^T")
+        launches.torch_gemm(4096, 14336, 16, 4096 * 14336, 4096 * 14336, "addmm_(S, B)")
+    launches.torch_gemm(1, 1, 1, 1, 1, "outside a capture: dropped")
+    assert found == [] and [r["kernel"] for r in modelled] == ["torch: x W^T", "torch: addmm_(S, B)"]
+    gemm, addmm = (model.launch_time(r, h100) for r in modelled)
+    assert gemm["bound"] == "tensor" and gemm["seconds"] == pytest.approx(
+        2 * 4096 * 14336 * 4096 / h100.cublas_flops)
+    assert addmm["bound"] == "DRAM" and addmm["seconds"] == pytest.approx(
+        4 * 4096 * 14336 / h100.dram_bytes_per_s)
+
+
+def test_the_chosen_route_is_the_cheaper_of_each_pair():
+    estimate = {"fused": {"model_us": 5.0, "launches": []}, "slow": {"model_us": 9.0, "launches": []}}
+    chosen = model.chosen_routes({"f a": estimate["fused"], "f a route=cublas": estimate["slow"],
+                                  "g b": estimate["slow"], "g b route=cublas": estimate["fused"],
+                                  "h c": estimate["slow"]})
+    assert chosen == {"f a route=chosen": {**estimate["fused"], "route": "fused"},
+                      "g b route=chosen": {**estimate["fused"], "route": "cublas"}}
+
+
+def test_route_crossovers_from_per_row_costs():
+    """M* = dequantize / (fused per row - cublas per row), bounded to a power of two."""
+    from bench.static import route_table
+
+    def estimate(us, dequantize=0.0):
+        return {"model_us": us, "launches": [{"kernel": "_nf4_dequantize_kernel",
+                                              "model_us": dequantize}] if dequantize else []}
+    # fused 2 us per row, cublas 1 per row plus 100: they cross at 100 rows.
+    assert route_table.crossover(estimate(2000), estimate(1100, 100), 1000) == pytest.approx(100)
+    assert route_table.bound(100) == 64 and route_table.bound(0.0) == 0
+    assert route_table.crossover(estimate(1000), estimate(1100, 100), 1000) is None
+    assert route_table.bound(route_table.crossover(estimate(2000), estimate(1000), 1000)) == 0
+
+
 def latest_report():
     report = load_static(Path(__file__).parents[1] / "bench" / "results")
     assert report, "run python -m bench.static and commit its JSON"

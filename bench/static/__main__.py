@@ -30,24 +30,27 @@ def run(archs):
     cases = launches.bench_cases()
     calls = {case: call for case, (call, _) in cases.items()}
     devices = {device.arch: device for device in model.DEVICES.values()}
-    records = {}
+    records, modelled = {}, {}
     for arch in archs:
         sms = devices[arch].sms if arch in devices else DEFAULT_MULTIPROCESSORS
+        modelled[arch] = []  # torch's products on the cublas route: model only, nothing built
         with build.locked(arch):
-            records[arch] = build.build_all(launches.run_calls(calls, launches.gpu(arch, sms)),
-                                            arch)
+            records[arch] = build.build_all(
+                launches.run_calls(calls, launches.gpu(arch, sms), modelled=modelled[arch]), arch)
         print(f"sm_{arch}: {len(records[arch])} launches read", file=sys.stderr)
     estimates = {}
     for device in model.DEVICES.values():
         if device.arch in records:
+            timed = records[device.arch] + modelled[device.arch]
             estimates[device.name] = {
-                case: model.case_estimate([r for r in records[device.arch] if r["case"] == case],
-                                          device, ideal)
+                case: model.case_estimate([r for r in timed if r["case"] == case], device, ideal)
                 for case, (_, ideal) in cases.items()}
+            estimates[device.name].update(model.chosen_routes(estimates[device.name]))
     everything = [r for found in records.values() for r in found]
     return {"schema": "static-1", "commit": _commit(), "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "archs": {str(arch): found for arch, found in records.items()},
+            "modelled": {str(arch): found for arch, found in modelled.items()},
             "model": {"summary": model.__doc__.strip().split("\n\n")[0].replace("\n", " "),
                       "devices": {name: asdict(d) for name, d in model.DEVICES.items()},
                       "cases": estimates},

@@ -12,7 +12,11 @@ from bench.static.limits import ARCHS
 # the nested decode with 8 warps; with 64 x 64 x 32 tiles on sm_89 it was 21.8, and 58.0 / 69.3
 # before the packed-tile decode). The target is <= 8, reached on sm_90 by the 128 x 128 x 128
 # tiles of the forward GEMMs (7.4-8.1), not on sm_89 (tiled GEMMs 11.8 at best, decode 9.1).
-NF4_INSTRUCTIONS_PER_ELEMENT = {89: 21, 90: 12}
+# sm_90 raised from 12 to 13 for the dequantize kernel writing rows with a stride (the cublas
+# route's [W | sB] operand): 11.0 / 12.5 (NF4 / nested) at 1024 bytes per program, the row's
+# program id and shift 8 instructions per thread above the contiguous form (10.0 / 12.0), and
+# DRAM-bound by the model either way.
+NF4_INSTRUCTIONS_PER_ELEMENT = {89: 21, 90: 13}
 
 
 def name(record):

@@ -84,13 +84,32 @@ def gpu(arch, multiprocessors=132):
     return Target(arch, multiprocessors, inline_ptx=True)
 
 
+# Where ``torch_gemm`` records while a ``capture`` runs: (case, list) or None.
+_torch_sink = None
+
+
+def torch_gemm(m, n, k, read, written, what):
+    """A product torch runs on the cublas route (cuBLAS on a GPU), which no Triton launch shows:
+    recorded for the model (``model.launch_time``: ``2 m n k`` flops at cuBLAS's rate or its
+    bytes at copy bandwidth, the slower) while a ``capture`` with a ``modelled`` list runs; not
+    built, so the compile test never sees it. ``read`` / ``written``: elements of 2 bytes (bf16,
+    the bench cases' dtype), each operand once (an addmm_ reads its output too). ``what``: the
+    product, as the report names it. ``k`` 0: a copy (torch.cat), bytes only."""
+    if _torch_sink is not None:
+        case, records = _torch_sink
+        records.append({"case": case, "kernel": f"torch: {what}", "config": 0, "configs": 1,
+                        "modelled": {"flops": 2 * m * n * k, "bytes": 2 * (read + written)}})
+
+
 @contextlib.contextmanager
-def capture(case, launches, target, every_config=True, model_ints=None):
+def capture(case, launches, target, every_config=True, model_ints=None, modelled=None):
     """Record every kernel launch made inside the block as ``Launch``es of ``case`` instead of
     running it, the launchers configuring for ``target`` (``_common.Target``): the CPU tensors'
     device stands for that GPU. An autotuned launch (``_common.launch`` with several configs) is
     recorded once per config of its list, or only its first unless ``every_config``.
-    ``model_ints``: the launches' ``Launch.model_ints``."""
+    ``model_ints``: the launches' ``Launch.model_ints``. ``modelled``: a list that gets the
+    block's ``torch_gemm`` records (None: they are dropped)."""
+    global _torch_sink
     model_ints = model_ints or {}
 
     def record(kernel, *args, grid, warmup, **kwargs):
@@ -106,10 +125,12 @@ def capture(case, launches, target, every_config=True, model_ints=None):
 
     run, tuned_run, device_target = JITFunction.run, Autotuner.run, _common.target
     JITFunction.run, Autotuner.run, _common.target = record, record_configs, lambda device: target
+    _torch_sink = None if modelled is None else (case, modelled)
     try:
         yield launches
     finally:
         JITFunction.run, Autotuner.run, _common.target = run, tuned_run, device_target
+        _torch_sink = None
 
 
 def specialize(launch, arch):
@@ -172,9 +193,64 @@ def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False):
         "forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
                             lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4)),
         "backward": lambda: (
+            lora_branch_grads(m, k, n, "dS"),
             lora_linear.lora_grad_input(empty(m, n, dtype=dtype), w, s, a, empty(m, k, dtype=dtype),
                                         seed(), dropout, nf4),
-            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout))}
+            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout),
+            lora_branch_grads(m, k, n, "dB"))}
+
+
+def lora_branch_grads(m, k, n, which):
+    """The backward's products in torch on every route (lowrank.ops.lora: dS = s dY B before dX,
+    dB = s dY^T S after dA), each reading dY (M x N): modelled only."""
+    if which == "dS":
+        torch_gemm(m, RANK, n, m * n + n * RANK, m * RANK, "dS = dY B")
+    else:
+        torch_gemm(n, RANK, m, m * n + m * RANK, n * RANK, "dB = dY^T S")
+
+
+def lora_cublas_calls(m, k, n, kind, dtype):
+    """{step: fn} for one LoRA linear forward and backward on the cublas route (no dropout, bias,
+    adapters in x's dtype: the bench cases), as lowrank.ops.lora runs it: the Triton launches
+    captured, torch's products modelled (``torch_gemm``). Forward: for NF4 where
+    ``joined_forward`` says so, the shrink writing [x | S], the dequantize into rows beside s B,
+    one GEMM; else the shrink, the dequantize, x W^T and addmm_(S, B). Backward: dS, dX (NF4 with
+    N < K: [dY | dS] [W ; A] after a copy of dY beside dS; else dY W and addmm_(dS, A)), dA, dB."""
+    from lowrank.ops.lora import joined_forward
+
+    w, nf4 = weight(kind, n, k, dtype)
+    x, a, s = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(m, RANK, dtype=dtype)
+    nested = None if nf4 is None else nested_args(nf4)
+
+    def dequantize(out):
+        nf4_dequantize.nf4_dequantize(w, nf4.absmax, nf4.code, out, BLOCKSIZE, nested)
+
+    def forward():
+        if nf4 is not None and joined_forward(m, k, n, RANK):
+            lora_linear.lora_shrink(x, a, s, seed(), 0.0, empty(m, k + RANK, dtype=dtype))
+            dequantize(empty(n, k + RANK, dtype=dtype)[:, :k])
+            torch_gemm(m, n, k + RANK, (m + n) * (k + RANK), m * n, "[x | S] [W | sB]^T")
+            return
+        lora_linear.lora_shrink(x, a, s, seed(), 0.0)
+        if nf4 is not None:
+            dequantize(empty(n, k, dtype=dtype))
+        torch_gemm(m, n, k, (m + n) * k, m * n, "x W^T")
+        torch_gemm(m, n, RANK, (m + n) * RANK + m * n, m * n, "addmm_(S, B)")
+
+    def backward():
+        lora_branch_grads(m, k, n, "dS")
+        if nf4 is not None and n < k:
+            dequantize(empty(n + RANK, k, dtype=dtype)[:n])
+            torch_gemm(m, n + RANK, 0, m * (n + RANK), m * (n + RANK), "cat(dY, dS)")
+            torch_gemm(m, k, n + RANK, (m + k) * (n + RANK), m * k, "[dY | dS] [W ; A]")
+        else:
+            if nf4 is not None:
+                dequantize(empty(n, k, dtype=dtype))
+            torch_gemm(m, k, n, (m + k) * n, m * k, "dY W")
+            torch_gemm(m, k, RANK, (m + k) * RANK + m * k, m * k, "addmm_(dS, A)")
+        lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), 0.0)
+        lora_branch_grads(m, k, n, "dB")
+    return {"forward": forward, "backward": backward}
 
 
 def lora_mixed_call(m, k, n, kind, dtype, adapters, bias=False):
@@ -316,7 +392,7 @@ def train_call(calls):
     def train():
         calls["forward"]()
         calls["backward"]()
-    train.model_ints = calls["backward"].model_ints
+    train.model_ints = getattr(calls["backward"], "model_ints", None)
     return train
 
 
@@ -343,12 +419,14 @@ def gated_activation_call(m, n, dtype, activation):
                     gated_activation.gated_backward(dh, g, u, h, dg, du, activation))
 
 
-def run_calls(calls, target, every_config=True):
+def run_calls(calls, target, every_config=True, modelled=None):
     """Every launch of ``calls`` ({case: fn}) configured for ``target``, in order: each config of
-    an autotuned launch, or only the first of its list unless ``every_config``."""
+    an autotuned launch, or only the first of its list unless ``every_config``. ``modelled``: a
+    list that gets the calls' ``torch_gemm`` records."""
     launches = []
     for case, call in calls.items():
-        with capture(case, launches, target, every_config, getattr(call, "model_ints", None)):
+        with capture(case, launches, target, every_config, getattr(call, "model_ints", None),
+                     modelled):
             call()
     return launches
 
@@ -383,6 +461,17 @@ def bench_cases():
             lora["forward"], ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
         cases[f"lora_linear_backward {kind} {mkn}"] = (
             lora["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
+        # The same on the cublas route; then forward + backward on each route against two GEMMs
+        # without LoRA (x W^T and dY W: issue 17's <= 1.15x). ``model.chosen_routes`` adds the
+        # cheaper route of each as "route=chosen".
+        cublas = lora_cublas_calls(m, k, n, kind, bf16)
+        cases[f"lora_linear_forward {kind} {mkn} route=cublas"] = (
+            cublas["forward"], ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
+        cases[f"lora_linear_backward {kind} {mkn} route=cublas"] = (
+            cublas["backward"], ("gemm", 2 * m * n * k + 4 * m * k * RANK))
+        cases[f"lora_linear_train {kind} {mkn}"] = (train_call(lora), ("gemm", 4 * m * n * k))
+        cases[f"lora_linear_train {kind} {mkn} route=cublas"] = (train_call(cublas),
+                                                                 ("gemm", 4 * m * n * k))
         # DoRA's forward (training: the product for dm stored by the epilogue), LoRA's products.
         cases[f"dora_linear_forward {kind} {mkn}"] = (
             dora_forward_call(m, k, n, kind, bf16),

@@ -75,7 +75,14 @@ def trips(record):
 
 
 def launch_time(record, device):
-    """{"seconds", "bound", and the five limits in seconds} for one launch on ``device``."""
+    """{"seconds", "bound", and the five limits in seconds} for one launch on ``device``; for a
+    product torch runs (a "modelled" record, ``launches.torch_gemm``: no build to read) the
+    slower of its flops at ``cublas_flops`` and its bytes at copy bandwidth."""
+    if "modelled" in record:
+        limits = {"tensor": record["modelled"]["flops"] / device.cublas_flops,
+                  "DRAM": record["modelled"]["bytes"] / device.dram_bytes_per_s}
+        bound = max(limits, key=limits.get)
+        return {"seconds": limits[bound], "bound": bound, **limits}
     ctas = 1
     for extent in record["grid"]:
         ctas *= extent
@@ -136,3 +143,22 @@ def case_estimate(records, device, ideal):
             "launches": [{"kernel": r["kernel"], "config": r.get("config", 0),
                           "configs": r.get("configs", 1), "model_us": t["seconds"] * 1e6,
                           "bound": t["bound"]} for t, r in chosen]}
+
+
+CHOSEN = " route=chosen"
+
+
+def chosen_routes(estimates):
+    """Per case with a " route=cublas" twin (the fused route's case is the name without it): a
+    " route=chosen" estimate, the cheaper of the two by the model (``"route"`` says which), as
+    a calibrated route table would pick if the model were right. ``estimates``: {case:
+    case_estimate}; returns the new ones."""
+    chosen = {}
+    for case, cublas in estimates.items():
+        if case.endswith(" route=cublas"):
+            base = case.removesuffix(" route=cublas")
+            fused = estimates[base]
+            route, best = min((("fused", fused), ("cublas", cublas)),
+                              key=lambda pair: pair[1]["model_us"])
+            chosen[base + CHOSEN] = {**best, "route": route}
+    return chosen

@@ -96,6 +96,7 @@ def render(report):
         for case, e in cases.items():
             ideal = "cuBLAS" if e["ideal"] == "gemm" else "copy"
             worst_us, worst_ratio = e.get("worst_us", e["model_us"]), e.get("worst_ratio", e["ratio"])
+            case = f"{case} ({e['route']})" if "route" in e else case  # the chosen route
             lines.append(f"| {case} | {device} | {e['model_us']:.0f} | {ideal} | {e['ideal_us']:.0f} | "
                          f"{e['ratio']:.2f} | {worst_us:.0f} | {worst_ratio:.2f} | {e['bound']} |")
     lines += ["", "Model constants: " + "; ".join(
