@@ -465,15 +465,16 @@ def test_the_shrink_writes_the_joined_operand_in_its_pass(adapter_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_dequantize_kernel_writes_rows_with_a_stride(dtype):
     """W into the first K columns of N x (K + c) rows, the other columns untouched: K = 97 (odd:
-    rows found per element), 72 (per run of 8) and 128 (per run of 64), nested and not."""
+    rows found per element), 72 (per run of 8) and 128 (per run of 64), nested and not, and 4096
+    (two programs of 2048 elements per row: the grid of rows, no division)."""
     gen = torch.Generator().manual_seed(2)
-    for k, nested in ((97, False), (72, True), (128, False)):
-        w = torch.randn(N, k, generator=gen) * 0.05
+    for n, k, nested in ((N, 97, False), (N, 72, True), (N, 128, False), (3, 4096, True)):
+        w = torch.randn(n, k, generator=gen) * 0.05
         packed, state = nf4.quantize(w, blocksize=64, double_quant=nested)
         frozen = ops.FrozenWeight.of(packed, state)
-        routes.workspace("cpu", dtype, N * (k + 7)).fill_(float("nan"))
+        routes.workspace("cpu", dtype, n * (k + 7)).fill_(float("nan"))
         out = routes.weight_beside(frozen, dtype, 7)
-        assert out.shape == (N, k + 7) and out.stride() == (k + 7, 1)
+        assert out.shape == (n, k + 7) and out.stride() == (k + 7, 1)
         assert torch.equal(out[:, :k], nf4.dequantize(packed, state, dtype=dtype))
         assert out[:, k:].isnan().all()
     from lowrank.kernels import nf4_dequantize
