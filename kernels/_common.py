@@ -75,11 +75,17 @@ _PAIR_TABLES = WeakTensorKeyDictionary()
 
 def code_pairs(code):
     """The 256 x 2 fp32 pair table of a 16-entry code book: row b holds (code[b >> 4],
-    code[b & 15]), the values of packed byte b, its high nibble (the even element) first."""
+    code[b & 15]), the values of packed byte b, its high nibble (the even element) first. It
+    starts on 256 bytes (the decode kernels' lookup puts an entry's offset in the address's
+    lowest byte: kernels/lora_linear_decode.py)."""
     cached = _PAIR_TABLES.get(code)
     if cached is None or cached[0] != code._version:
         byte = torch.arange(256, device=code.device)
-        cached = (code._version, torch.stack((code[byte >> 4], code[byte & 15]), 1).float())
+        spare = torch.empty(2 * 256 + 64, dtype=torch.float32, device=code.device)
+        start = -spare.data_ptr() % 256 // 4
+        table = spare[start:start + 2 * 256].view(256, 2)
+        table.copy_(torch.stack((code[byte >> 4], code[byte & 15]), 1))
+        cached = (code._version, table)
         _PAIR_TABLES[code] = cached
     return cached[1]
 

@@ -11,7 +11,9 @@ packed byte of W is read exactly once and there are N / BLOCK_N x SPLIT_K progra
    rounds S to x's dtype (and stores it: backward needs it), adds s S B^T and the bias, one store.
 
 Dropout, NF4 decoding, dtype and precision rules are those of the tiled path: the same helpers
-(``dropout_keep`` from kernels/lora_linear.py, the weight readers of kernels/_weight.py).
+(``dropout_keep`` from kernels/lora_linear.py, the weight readers of kernels/_weight.py), except
+the NF4 code lookup (``load_decode_tile``: the 16 codes, one cache line, instead of the 2 KB pair
+table; the same values bit for bit), which is what bounds a GEMV.
 """
 
 import torch
@@ -21,6 +23,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from .nf4_dequantize import load_absmax
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -34,24 +37,99 @@ DECODE_MAX_M = 16
 PROGRAMS_PER_SM = 4
 
 
-# Tiles and launch options per kernel, a function of the target (``_common.Target``) and x's
-# dtype: the one place each launcher's config comes from. BLOCK_M holds every row (DECODE_MAX_M).
-DECODE_TILE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+# Tiles and launch options per kernel, a function of the target (``_common.Target``), x's dtype
+# and the weight's kind: the one place each launcher's config comes from. BLOCK_M holds every row
+# (DECODE_MAX_M). NF4 takes 128 outputs per program, not 64: the decode's fixed cost per loop
+# iteration (x's tile, the operand shuffles, the loop) spreads over twice the weight, and the
+# static model (bench.static, estimates) puts the H100 decode at 22 us instead of 30; the dense
+# decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer).
+def decode_tile(nf4):
+    """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's):
+    they size the grid and the partial sums, so every config of a list shares them."""
+    return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128, "BLOCK_K": 64}
 
 
-def decode_configs(target, dtype):
+def decode_configs(target, dtype, nf4):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
-    tiles are the same in every config (they size the split-K grid and its partial sums); the
-    list varies warps. Two stages: NF4 tiles pipelined three deep need over 99 KB of shared
-    memory on sm_86/sm_89, and spill registers on sm_90."""
+    tiles are the same in every config (``decode_tile``); the list varies warps. Two stages: NF4
+    tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and spill
+    registers on sm_90."""
+    tile = decode_tile(nf4)
     if target.arch is None:
-        return [{**DECODE_TILE, "num_warps": 4, "num_stages": 2}]
-    return [{**DECODE_TILE, "num_warps": 4, "num_stages": 2},
-            {**DECODE_TILE, "num_warps": 8, "num_stages": 2}]
+        return [{**tile, "num_warps": 4, "num_stages": 2}]
+    return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
 
 def epilogue_config(target, dtype):
     return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
+
+
+# The 16-entry lookup in PTX, one call per 4 packed bytes ($8) for their 8 codes: $0-$3 the high
+# nibbles' (the even elements), $4-$7 the low nibbles'. Pair-table row n < 16 holds code[n] at
+# byte 8n + 4 (``_common.code_pairs``), so each nibble is shifted to 8n in its own byte, and its
+# entry's address is the table's with that byte as its lowest (the table is 256-byte aligned:
+# ``check_code_table``): one prmt and one load per code, the high word ($13) shared by all.
+_CODES_PTX = tl.constexpr(
+    "{ .reg .b32 h, l, a; .reg .b64 p;\n"
+    "shr.b32 h, $8, 1; and.b32 h, h, 0x78787878; shl.b32 l, $8, 3; and.b32 l, l, 0x78787878;\n"
+    + "".join(f"prmt.b32 a, {nibbles}, $9, 0x765{byte}; mov.b64 p, {{a, $13}}; "
+              f"ld.global.nc.f32 ${out}, [p+4];\n"
+              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
+                                                    + [("l", b) for b in range(4)]))
+    + "}")
+
+
+@triton.jit
+def decode_nf4_codes(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
+    """The code values of packed bytes ``packed`` (any shape S; Triton hands the PTX 4 bytes a
+    thread holds at a time), fp32 of shape S + [2], each byte's high nibble (its even element) first, as
+    ``nf4_dequantize.decode_nf4_pairs`` gives them, but looked up one nibble at a time in the
+    pair table's first 16 rows: one 128-byte line, where the 2 KB pair table read at random
+    bytes touches ~14 lines per warp load (``bench.static.sass.table_wavefronts``), which would
+    bound the decode GEMV by L1 wavefronts, not DRAM. INLINE_PTX: ``_CODES_PTX`` (no 64-bit add
+    per lookup); else ``tl.load`` (Triton's interpreter, AMD)."""
+    if INLINE_PTX:
+        table = pairs_ptr.to(tl.int64, bitcast=True)
+        low = tl.full(packed.shape, 0, tl.int32) + (table & 0xFFFFFFFF).to(tl.int32)
+        high = tl.full(packed.shape, 0, tl.int32) + (table >> 32).to(tl.int32)
+        even, odd = tl.inline_asm_elementwise(
+            _CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [packed, low, high],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        return tl.join(even, odd)
+    else:
+        byte = packed.to(tl.int32)
+        return tl.load(pairs_ptr + tl.join(byte >> 4, byte & 0xF) * 2 + 1)
+
+
+@triton.jit
+def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
+                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
+    with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
+    values bit for bit), the codes looked up by ``decode_nf4_codes``: the GEMV's lookup."""
+    BLOCK_N: tl.constexpr = outs.shape[0]
+    GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
+    row_first = outs.to(tl.int64) * K  # the row's first element
+    pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
+                     mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
+    values = decode_nf4_codes(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
+    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    if GROUPS == 1:
+        return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
+    return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
+                      [BLOCK_N, BLOCK_K])
+
+
+def check_code_table(nf4, pairs, target):
+    """``_CODES_PTX`` writes entry offsets into the table address's lowest byte: an NF4 weight's
+    pair table (``_common.code_pairs``, a fresh allocation) must start on 256 bytes."""
+    if nf4 is not None and target.inline_ptx and pairs.data_ptr() % 256:
+        raise ValueError(f"the NF4 pair table must be 256-byte aligned for the decode kernels' "
+                         f"lookup, got address {pairs.data_ptr():#x}")
 
 
 @triton.jit
@@ -75,9 +153,14 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+        if NF4 and SCALE_GROUP > 0:
+            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+                                 nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
+                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+        else:
+            w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+                               nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                               nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
@@ -170,11 +253,12 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = with_decoding(decode_configs(target, x.dtype), nf4, K, target)
-    config, epilogue = DECODE_TILE, epilogue_config(target, x.dtype)
+    configs = with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)
+    config, epilogue = decode_tile(nf4), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
+    check_code_table(nf4, pairs, target)
     n_tiles = triton.cdiv(N, config["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, config["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)

@@ -40,7 +40,7 @@ from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
 from .lora_linear import BLOCK_R
-from .lora_linear_decode import split_k, store_partial_base_gemm
+from .lora_linear_decode import check_code_table, decode_tile, split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
@@ -51,9 +51,10 @@ SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 FORWARD = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EXPAND_R": 8, "num_warps": 4,
            "num_stages": 2}
 # Decode: all rows in one M block of 16; the split-K partial GEMM takes the single-adapter decode
-# path's tile (kernels/lora_linear_decode.py's DECODE), the epilogue the forward's expand tile.
+# path's tile (kernels/lora_linear_decode.py's ``decode_tile``), the epilogue the forward's
+# expand tile.
 DECODE_MAX_M = 16
-PARTIAL = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+PARTIAL_OPTIONS = {"num_warps": 4, "num_stages": 2}
 EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 32, "EXPAND_R": 8, "num_warps": 4}
 # PROVISIONAL, not yet measured: average rows per stacked adapter from which a batch (of more
 # than DECODE_MAX_M rows) takes the segmented path. A segment fills tiles of BLOCK_M rows (64):
@@ -356,14 +357,16 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
             **decoding_flags(nf4, K, FORWARD["BLOCK_K"], target), PRECISION=precision(x.dtype),
             **FORWARD, enable_fp_fusion=False)
         return
-    n_tiles = triton.cdiv(N, PARTIAL["BLOCK_N"])
-    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, PARTIAL["BLOCK_K"]), x.device)
+    tile = decode_tile(nf4)
+    check_code_table(nf4, pairs, target)
+    n_tiles = triton.cdiv(N, tile["BLOCK_N"])
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     _lora_mixed_partial_kernel[(n_tiles, splits)](
         x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
-        steps_per_split * PARTIAL["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
-        nested_shift, **flags, **decoding_flags(nf4, K, PARTIAL["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), **PARTIAL, enable_fp_fusion=False)
+        steps_per_split * tile["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
+        nested_shift, **flags, **decoding_flags(nf4, K, tile["BLOCK_K"], target),
+        PRECISION=precision(x.dtype), **tile, **PARTIAL_OPTIONS, enable_fp_fusion=False)
     _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),
         HAS_BIAS=bias is not None, **EPILOGUE, enable_fp_fusion=False)

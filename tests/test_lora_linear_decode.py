@@ -7,10 +7,15 @@ N block. Shapes, tolerances and helpers are those of test_lora_linear.py.
 
 import pytest
 import torch
-from helpers import (N, assert_op_close, check_lora_linear_against_fp64, lora_linear_fp64,
-                     make_lora_case, poisoned, run_lora_linear)
+import triton
+import triton.language as tl
+from helpers import (N, assert_op_close, assert_same_bits, check_lora_linear_against_fp64,
+                     decode_nf4, lora_linear_fp64, make_lora_case, make_weight, poisoned,
+                     run_lora_linear)
 
 from lowrank import ops
+from lowrank.kernels import _common
+from lowrank.kernels._weight import decoding_flags, weight_args
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
 
@@ -36,9 +41,44 @@ def test_the_split_covers_k_with_no_empty_slice():
             splits, steps = decode_kernels.split_k(n_tiles, k_steps, cpu)
             assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.DECODE_TILE["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(None)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), cpu)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
+
+
+@triton.jit
+def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                        offset_ptr, N, K, block_shift, nested_shift, NESTED: tl.constexpr,
+                        SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = decode_kernels.load_decode_tile(
+        w_ptr, outs, tl.program_id(1) * BLOCK_K, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+        nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP, INLINE_PTX,
+        BLOCK_K)
+    tl.store(out_ptr + outs[:, None] * K + cols[None, :], tile,
+             mask=(outs[:, None] < N) & (cols[None, :] < K))
+
+
+@pytest.mark.parametrize("kind", ["nf4-64", "nf4-nested-128"])
+def test_decode_tile_is_bit_exact(kind, device):
+    """The GEMV's lookup (the 16 codes) gives the fp32 weight the format stands for, bit for bit
+    (so its bf16 rounding is bitsandbytes'): 83 rows (a partial N tile), K = 300 (a partial K
+    tile), every tile of the launch config's size."""
+    gen = torch.Generator().manual_seed(7)
+    weight, state, _ = make_weight(kind, torch.bfloat16, device, gen, k=K_DECODE)
+    frozen = ops.FrozenWeight.of(weight, state)
+    flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
+    target = _common.target(torch.device(device))
+    tile = decode_kernels.decode_tile(frozen.nf4)
+    out = poisoned((N, K_DECODE), torch.float32, device)
+    grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
+    _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, K_DECODE, *decoding[5:],
+                              NESTED=flags["NESTED"],
+                              **decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target),
+                              BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"])
+    assert_same_bits(out.cpu(), decode_nf4(frozen.tensor.cpu(), state).float())
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])

@@ -44,6 +44,34 @@ def test_the_hot_loop_is_the_backward_branch_with_mmas():
     assert sum(op == "STL" for op, _, _ in sass.instructions(LISTING)) == 1
 
 
+TABLE_LOOKUPS = """
+.L_x_3:
+        /*0000*/                   LDG.E.64.CONSTANT R10, desc[UR12][R10.64] ;
+        /*0010*/                   LDG.E.CONSTANT R12, desc[UR12][R12.64] ;
+        /*0020*/                   LDG.E.64 R14, desc[UR12][R14.64] ;
+        /*0030*/                   LDS.64 R16, [R5] ;
+        /*0040*/                   FMUL R13, R11, R38 ;
+        /*0050*/                   FMUL R13, R11, R38 ;
+        /*0060*/                   FMUL R13, R11, R38 ;
+        /*0070*/                   ISETP.GE.AND P0, PT, R5, R6, PT ;
+        /*0080*/              @!P0 BRA `(.L_x_3) ;
+"""
+
+
+def test_table_lookups_are_l1_wavefronts_not_l2_bytes():
+    """An 8-byte lookup in the 2 KB pair table touches ~14 of its 16 lines per warp, a 4-byte one
+    in the 16 codes one line; neither streams from L2. The plain LDG.64 does."""
+    loop = sass.hot_loop(TABLE_LOOKUPS)
+    assert sass.table_wavefronts(loop, num_warps=4) == pytest.approx(4 * (16 * (1 - (15 / 16) ** 32) + 1))
+    assert sass.memory_bytes(loop, num_warps=4) == (8 * 32 * 4, 8 * 32 * 4)
+    h100 = model.DEVICES["H100 SXM"]
+    lookups = {"instructions": 1, "mma": None, "flops": 0, "global_bytes": 0, "shared_bytes": 128,
+               "table_wavefronts": 1000.0}
+    estimate = model.launch_time(record(loop=lookups, tensor_bytes=1), h100)
+    assert estimate["bound"] == "L1"
+    assert estimate["L1"] == pytest.approx(estimate["shared"] * (1000 + 1))
+
+
 def test_occupancy_names_its_limiter():
     assert occupancy(89, registers=96, num_warps=4, shared=60000) == (1, "shared")
     assert occupancy(90, registers=90, num_warps=4, shared=25600) == (5, "registers")
@@ -55,7 +83,8 @@ def record(**changes):
             "ctas_per_sm": 4,
             "ints": {"K": 4096}, "constexprs": {"BLOCK_K": 32}, "instructions": 600,
             "tensor_bytes": 10**8, "loop": {"instructions": 500, "mma": "wgmma", "flops": 2 * 64**2 * 32,
-                                            "global_bytes": 4096, "shared_bytes": 8192}}
+                                            "global_bytes": 4096, "shared_bytes": 8192,
+                                            "table_wavefronts": 0.0}}
     return {**base, **changes}
 
 

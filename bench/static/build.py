@@ -31,7 +31,7 @@ CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Triton reads its cache folder when it compiles, so this holds for every build below.
 os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
-RECORD_VERSION = 3  # bumped when a record gains or changes a field: older ones are read again
+RECORD_VERSION = 4  # bumped when a record gains or changes a field: older ones are read again
 
 
 def jsonable(value):
@@ -135,7 +135,7 @@ def read(compiled, arch, spec, arg_names, disassemble):
 
 def read_sass(listing, num_warps, constexprs):
     """MMA kind, spill instructions, and the hot loop: its mix per warp, the flops and bytes it
-    moves per CTA, and instructions per decoded NF4 weight element."""
+    moves and its table lookups' L1 wavefronts per CTA, and instructions per decoded NF4 weight element."""
     everything = sass.instructions(listing)
     loop = sass.hot_loop(listing)
     nf4 = bool(constexprs.get("NF4")) or "BLOCK_BYTES" in constexprs
@@ -149,7 +149,8 @@ def read_sass(listing, num_warps, constexprs):
         global_bytes, shared_bytes = sass.memory_bytes(loop, num_warps)
         out["loop"] = {"instructions": len(loop), "mma": sass.mma_kind(loop), "mix": sass.mix(loop),
                        "flops": sass.mma_flops(loop, num_warps), "global_bytes": global_bytes,
-                       "shared_bytes": shared_bytes}
+                       "shared_bytes": shared_bytes,
+                       "table_wavefronts": sass.table_wavefronts(loop, num_warps)}
     # Per thread: each of the CTA's threads runs the body once and decodes elements / threads.
     out["instructions_per_element"] = (len(body) * num_warps * 32 / elements) if elements else None
     return out

@@ -1,7 +1,7 @@
 """A first-order model of kernel time from the static report: ESTIMATES, NOT MEASUREMENTS.
 
 Per launch, every SM runs its share of the CTAs (the most loaded SM sets the time, so a last
-partial wave counts whole), and each CTA is limited by the slowest of five throughputs, assumed to
+partial wave counts whole), and each CTA is limited by the slowest of six throughputs, assumed to
 overlap perfectly:
 
 - issue: static SASS instructions (hot loop x its trip count, plus the rest once) x warps, at
@@ -11,8 +11,13 @@ overlap perfectly:
 - tensor: the hot loop's MMA flops (read from the SASS shapes) at the device's peak, mma.sync
   derated on sm_90 where only wgmma reaches the peak;
 - L2: bytes the hot loop's tile loads stream (every lane active; 32-bit gathers from small tables
-  taken as L1 hits, see ``sass.memory_bytes``) at the L2-to-SM bandwidth;
+  and the code-table lookups taken as L1 hits, see ``sass.memory_bytes``) at the L2-to-SM
+  bandwidth;
 - shared memory: bytes the hot loop moves through shared memory at 128 bytes per clock per SM;
+- L1: the hot loop's NF4 code-table lookups (``sass.table_wavefronts``: one wavefront per
+  128-byte line a warp's load touches, up to 16 for the 2 KB pair table at random codes, one for
+  the 16 codes) plus its shared-memory traffic in 128-byte wavefronts, one wavefront per clock per
+  SM: L1 and shared memory are one SRAM with one data path, so the two add;
 - DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth.
 
 Not modelled: latency beyond that issue rule, cache hit rates beyond "each tensor read once from
@@ -75,7 +80,7 @@ def trips(record):
 
 
 def launch_time(record, device):
-    """{"seconds", "bound", and the five limits in seconds} for one launch on ``device``; for a
+    """{"seconds", "bound", and the six limits in seconds} for one launch on ``device``; for a
     product torch runs (a "modelled" record, ``launches.torch_gemm``: no build to read) the
     slower of its flops at ``cublas_flops`` and its bytes at copy bandwidth."""
     if "modelled" in record:
@@ -93,7 +98,7 @@ def launch_time(record, device):
     per_cta_clocks = {
         "issue": (record["instructions"] - loop_instructions + loop_instructions * n) * warps
                  / ISSUE_PER_CLOCK,
-        "tensor": 0.0, "L2": 0.0, "shared": 0.0}
+        "tensor": 0.0, "L2": 0.0, "shared": 0.0, "L1": 0.0}
     if loop:
         derate = device.mma_sync_fraction if loop["mma"] == "mma.sync" else 1.0
         per_sm_flops_per_clock = device.tensor_flops * derate / device.sms / device.clock_hz
@@ -101,6 +106,7 @@ def launch_time(record, device):
         l2_per_sm_per_clock = device.l2_bytes_per_s / device.sms / device.clock_hz
         per_cta_clocks["L2"] = loop["global_bytes"] * n / l2_per_sm_per_clock
         per_cta_clocks["shared"] = loop["shared_bytes"] * n / SHARED_BYTES_PER_CLOCK
+        per_cta_clocks["L1"] = per_cta_clocks["shared"] + loop["table_wavefronts"] * n
     ctas_per_sm = -(-ctas // device.sms)
     resident_warps = min(ctas_per_sm, record["ctas_per_sm"]) * warps
     per_cta_clocks["issue"] /= min(1.0, resident_warps / ISSUE_PER_CLOCK / LATENCY_WARPS)

@@ -115,20 +115,47 @@ def mma_flops(body, num_warps):
 WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 16}
 
 
+def is_table_lookup(opcode, modifiers):
+    """A lookup in an NF4 code table: in lowrank's kernels the only non-coherent global loads
+    (``ld.global.nc``, SASS ``LDG...CONSTANT``) are the inline-PTX lookups of
+    kernels/nf4_dequantize.py, whose table stays in L1."""
+    return opcode == "LDG" and ".CONSTANT" in modifiers
+
+
+# The NF4 code tables by lookup width, as kernels/nf4_dequantize.py reads them: an 8-byte lookup
+# is a row of the 256-entry pair table (2 KB: 16 lines of 128 bytes), a 4-byte one a code of its
+# first 16 rows (128 bytes: one line).
+TABLE_LINES = {"64": 16, "32": 1}
+
+
+def table_wavefronts(body, num_warps):
+    """L1 wavefronts per CTA of ``body``'s table lookups: a warp's load takes one per distinct
+    128-byte line its 32 lanes touch, for random codes on average L x (1 - (1 - 1/L)^32) of a
+    table of L lines (13.97 of the pair table's 16, 1 for the 16-entry codes)."""
+    wavefronts = 0.0
+    for opcode, modifiers, _ in body:
+        if is_table_lookup(opcode, modifiers):
+            lines = TABLE_LINES[category(opcode, modifiers).split(".")[-1]]
+            wavefronts += lines * (1 - (1 - 1 / lines) ** 32) * num_warps
+    return wavefronts
+
+
 def memory_bytes(body, num_warps):
     """(global bytes streamed, shared-memory bytes moved) per CTA by ``body``'s instructions, as
     if every lane of every warp were active (an upper bound where masks predicate lanes off).
 
     Global: vector loads (64/128-bit: the operand tiles) and sub-word loads (packed NF4 bytes).
     32-bit loads are counted as L1 hits, not L2 traffic: in these kernels they are gathers from
-    small tables (NF4 code values, absmax, IA3 scales), which many lanes share. Shared: LDS/STS/
-    LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands from shared
-    memory."""
+    small tables (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4
+    code-table lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
+    Shared: LDS/STS/LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands
+    from shared memory."""
     global_bytes = shared_bytes = 0
     for opcode, modifiers, _ in body:
         group = category(opcode, modifiers)
         width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
-        if opcode in ("LDG", "LDGSTS") and not group.endswith(".32"):
+        if (opcode in ("LDG", "LDGSTS") and not group.endswith(".32")
+                and not is_table_lookup(opcode, modifiers)):
             global_bytes += width
         if opcode in ("LDS", "STS", "LDGSTS"):
             shared_bytes += width
