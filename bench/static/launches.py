@@ -322,11 +322,16 @@ def train_call(calls):
 
 def grouped_gemm_call(rows, k, n, experts, dtype):
     """The same grouped GEMM without LoRA, forward and dX (frozen experts: no weight gradient):
-    lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline."""
+    lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline.
+    The empty adapters are rank-0 slices of rank-``RANK`` ones, so they keep LoRA's strides: with
+    a 0-wide tensor's own strides (all 1) the JIT makes them constants, the idle rank loop
+    compiles to element loads and outgrows the K loop, and the report read it as the hot loop
+    (sm_89: half the K loop's flops per trip, so a baseline forward too fast by a third)."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     w, s = empty(experts, n, k, dtype=dtype), empty(rows, 0, dtype=dtype)
-    b_rows, lora_a = empty(experts, n, 0, dtype=dtype), empty(experts, 0, k)
+    b_rows = empty(experts, n, RANK, dtype=dtype)[:, :, :0]
+    lora_a = empty(experts, RANK, k)[:, :0]
 
     def forward_and_grad_input():
         lora_grouped.grouped_gemm(x, w, w.stride(), s, b_rows, b_rows.stride(), y, offsets, SCALING)
