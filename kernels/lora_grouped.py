@@ -16,6 +16,10 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
   LoRA kernel (``lora_linear.py``); S comes from the grouped shrink. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
   rows, written through strides straight into PEFT's layout.
+- dS and dB are one pass over dY (``grouped_output_grad``): each program owns dB_e for a chunk of
+  dY's columns and writes that chunk's share of dS as fp32 partials, which the launcher sums in a
+  fixed order (no atomics: the sums do not depend on the order programs run in). Separately they
+  read dY twice; dY (rows x N) is the largest operand either reads.
 - Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
 """
 
@@ -38,6 +42,13 @@ def gemm_config(target, dtype):
 
 def shrink_config(target, dtype):
     return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def output_grad_config(target, dtype):
+    # 256 columns of dY per chunk in 16-bit dtypes: the fp32 dS partials (one per chunk) stay a
+    # small fraction of dY's bytes (rank 16: 1/8 of a bf16 dY's).
+    block_n = 256 if dtype.itemsize == 2 else 128
+    return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
 
 
 def weight_grad_config(target, dtype):
@@ -79,10 +90,10 @@ def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constex
 
 @triton.jit
 def _grouped_shrink_kernel(x_ptr, f_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-                           K, R, scaling, stride_xm, stride_xk, stride_fe, stride_fr, stride_fk,
+                           K, R, stride_xm, stride_xk, stride_fe, stride_fr, stride_fk,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_R: tl.constexpr):
-    """out = scaling * x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
+    """out = x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
     (R x K) at f_ptr + e stride_fe. One rank chunk per program (axis 1)."""
     expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -96,7 +107,7 @@ def _grouped_shrink_kernel(x_ptr, f_ptr, out_ptr, tile_expert_ptr, tile_start_pt
         f = tl.load(f_base + ranks[:, None] * stride_fr + cols[None, :] * stride_fk,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(f.to(x.dtype)), acc, input_precision=PRECISION)
-    store_rounded(out_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], acc * scaling,
+    store_rounded(out_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], acc,
                   row_mask[:, None] & (ranks[None, :] < R))
 
 
@@ -136,12 +147,55 @@ def _grouped_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr, til
 
 
 @triton.jit
+def _grouped_output_grad_kernel(dy_ptr, s_ptr, g_ptr, grad_b_ptr, partial_ptr, offsets_ptr, N, R,
+                                rows_total, scaling, stride_dym, stride_dyn, stride_ge, stride_gn,
+                                stride_gr, stride_oe, stride_on, stride_or,
+                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """LoRA's two products with dY in one pass over the rows of expert e = program 0, for the
+    columns of chunk c = program 1 (and one rank chunk, program 2):
+
+        dB_e[chunk] = scaling dY_e[:, chunk]^T S_e   (fp32, at grad_b_ptr + e stride_oe)
+        partial[c]  = scaling dY_e[:, chunk] G_e[chunk]   (fp32, rows_total x R, slice c)
+
+    G_e (N x R) = B_e at g_ptr + e stride_ge; S (rows_total x R, contiguous). The partials summed
+    over the chunks are dS. An expert without rows gets a zero dB and writes no partial."""
+    expert = tl.program_id(0)
+    chunk = tl.program_id(1)
+    outs = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    dtype = dy_ptr.dtype.element_ty
+    g = tl.load(g_ptr + expert.to(tl.int64) * stride_ge + outs[:, None] * stride_gn
+                + ranks[None, :] * stride_gr,
+                mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0).to(dtype)
+    partial_base = partial_ptr + chunk.to(tl.int64) * rows_total * R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(first, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_mask[:, None] & (outs[None, :] < N), other=0.0)
+        rank_mask = row_mask[:, None] & (ranks[None, :] < R)
+        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], mask=rank_mask,
+                    other=0.0)
+        acc = tl.dot(tl.trans(dy), s, acc, input_precision=PRECISION)
+        part = tl.dot(dy, g, input_precision=PRECISION)
+        tl.store(partial_base + rows[:, None].to(tl.int64) * R + ranks[None, :], part * scaling,
+                 mask=rank_mask)
+    tl.store(grad_b_ptr + expert.to(tl.int64) * stride_oe + outs[:, None] * stride_on
+             + ranks[None, :] * stride_or, acc * scaling,
+             mask=(outs[:, None] < N) & (ranks[None, :] < R))
+
+
+@triton.jit
 def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scaling, stride_lm,
                                 stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
                                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """out_e = scaling L_e^T R_e (P x Q, fp32, at out_ptr + e stride_oe) over the rows of expert
-    e = program 0; an expert without rows gets zeros. dA: L = dS, R = x; dB: L = dY, R = S."""
+    e = program 0; an expert without rows gets zeros. dA: L = dS, R = x."""
     expert = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -163,15 +217,15 @@ def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scalin
 # Launchers. ``f``, ``w``, ``g`` and ``out`` are passed as (tensor, per-expert strides): views of
 # PEFT's 2-D adapter layout or the 3-D expert weight, never copied.
 
-def grouped_shrink(x, f, f_strides, out, offsets, scaling):
-    """out (S x R) = scaling x F_e^T; ``f_strides`` = (expert, rank, k) strides of F in f."""
+def grouped_shrink(x, f, f_strides, out, offsets):
+    """out (S x R) = x F_e^T; ``f_strides`` = (expert, rank, k) strides of F in f."""
     rows, K = x.shape
     R = out.shape[1]
     target = _common.target(x.device)
     config = shrink_config(target, x.dtype)
     tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
     grid = (tile_expert.numel(), triton.cdiv(R, BLOCK_R))
-    _grouped_shrink_kernel[grid](x, f, out, tile_expert, tile_start, offsets, K, R, scaling,
+    _grouped_shrink_kernel[grid](x, f, out, tile_expert, tile_start, offsets, K, R,
                                  x.stride(0), x.stride(1), *f_strides,
                                  PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
 
@@ -190,6 +244,27 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling):
                                x.stride(0), x.stride(1), *w_strides, *g_strides,
                                PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config,
                                enable_fp_fusion=False)
+
+
+def grouped_output_grad(grad_y, s, g, g_strides, grad_b, grad_b_strides, grad_s, offsets,
+                        scaling):
+    """grad_b_e (N x R, fp32) = scaling dY_e^T S_e and grad_s (S x R) = scaling dY G_e for every
+    expert, reading dY once; ``g_strides`` = (expert, n, rank) of G = B in g, ``grad_b_strides``
+    = (expert, n, rank) of dB in grad_b. The dS partials (fp32, one per chunk of dY's columns) are
+    summed here by torch, in the same order every run."""
+    rows, N = grad_y.shape
+    R = s.shape[1]
+    experts = offsets.numel() - 1
+    target = _common.target(grad_y.device)
+    config = output_grad_config(target, grad_y.dtype)
+    chunks = triton.cdiv(N, config["BLOCK_N"])
+    partials = torch.empty(chunks, rows, R, dtype=torch.float32, device=grad_y.device)
+    grid = (experts, chunks, triton.cdiv(R, BLOCK_R))
+    _grouped_output_grad_kernel[grid](grad_y, s, g, grad_b, partials, offsets, N, R, rows, scaling,
+                                      grad_y.stride(0), grad_y.stride(1), *g_strides,
+                                      *grad_b_strides, PRECISION=precision(grad_y.dtype),
+                                      BLOCK_R=BLOCK_R, **config)
+    grad_s.copy_(partials.sum(0))
 
 
 def grouped_weight_grad(left, right, out, out_strides, offsets, scaling):

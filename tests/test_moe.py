@@ -66,21 +66,36 @@ def test_lora_grouped_against_fp64(dtype, transposed):
 
 def test_lora_grouped_kernels_write_every_element():
     """Launchers into NaN-filled outputs: every row of every expert with rows is written, and the
-    fp32 weight gradients of every expert (zeros for those without rows)."""
+    fp32 weight gradients of every expert (zeros for those without rows). dS and dB with N = 300
+    columns: two chunks of dY's columns, whose dS partials are summed."""
     dtype = torch.float32
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False, counts=(64, 0, 0, 1, 0))
     rows = x.shape[0]
     a, b = lora_a.stride(), lora_b.stride()
     s = poisoned((rows, RANK), dtype, "cpu")
-    grouped_kernels.grouped_shrink(x, lora_a, (RANK * a[0], a[0], a[1]), s, offsets, 1.0)
+    grouped_kernels.grouped_shrink(x, lora_a, (RANK * a[0], a[0], a[1]), s, offsets)
     y = poisoned((rows, N), dtype, "cpu")
     grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, lora_b, (b[1], b[0], E * b[1]), y,
                                  offsets, SCALING)
-    grad_b = poisoned(lora_b.shape, torch.float32, "cpu")
-    grouped_kernels.grouped_weight_grad(s, grad_y, grad_b, (1, E, RANK * E), offsets, SCALING)
     expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)
     assert_op_close(y, expected[0], dtype, "y")
-    assert_op_close(grad_b, expected[3], dtype, "dB")
+    assert grouped_kernels.output_grad_config(None, dtype)["BLOCK_N"] < 300
+    gen = torch.Generator().manual_seed(1)
+    wide_b = torch.randn(300, RANK * E, generator=gen)
+    wide_dy = torch.randn(rows, 300, generator=gen)
+    grad_b = poisoned(wide_b.shape, torch.float32, "cpu")
+    grad_s = poisoned((rows, RANK), dtype, "cpu")
+    experts_b = wide_b.view(300, RANK, E).permute(2, 0, 1)  # B_e: E x N x r, PEFT's strides
+    grouped_kernels.grouped_output_grad(wide_dy, s, experts_b, experts_b.stride(), grad_b,
+                                        (1, RANK * E, E), grad_s, offsets, SCALING)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_b.view(300, RANK, E)[:, :, e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        dy_e, s_e, b_e = wide_dy[first:end].double(), s[first:end].double(), experts_b[e].double()
+        assert_op_close(grad_b.view(300, RANK, E)[:, :, e], SCALING * dy_e.T @ s_e, dtype,
+                        f"dB_{e}")
+        assert_op_close(grad_s[first:end], SCALING * dy_e @ b_e, dtype, f"dS_{e}")
 
 
 def test_lora_grouped_all_rows_on_one_expert_and_none():

@@ -284,8 +284,9 @@ def quantize_call(n, k, dtype, blocksize):
 
 def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
-    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout; the
-    calls carry ``model_ints`` (see ``Launch``): each expert's rows, ``rows_per_expert``."""
+    GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
+    layout; the calls carry ``model_ints`` (see ``Launch``): each expert's rows,
+    ``rows_per_expert``."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
@@ -295,17 +296,15 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
     a = lora_a.stride()
 
     def forward():
-        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets)
         lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
 
     def backward():
-        b_t = b_rows.transpose(1, 2)
-        lora_grouped.grouped_shrink(dy, b_t, b_t.stride(), s, offsets, SCALING)
+        lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), lora_b,
+                                         (1, rank * experts, experts), s, offsets, SCALING)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
                                   (rank * a[0], a[1], a[0]), x, offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
-        lora_grouped.grouped_weight_grad(s, dy, lora_b, (1, experts, rank * experts), offsets,
-                                         SCALING)
     for call in (forward, backward):
         call.model_ints = {"rows_per_expert": -(-rows // experts)}
     return {"forward": forward, "backward": backward}

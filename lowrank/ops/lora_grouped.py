@@ -69,7 +69,7 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         return y, s
     if rank:
         a = lora_A.stride()
-        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets)
     b = _experts_b(lora_B, experts, x.dtype)
     kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, b, b.stride(), y,
                          offsets, scaling)
@@ -98,17 +98,16 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
         return grad_x.zero_(), grad_a, grad_b
     grad_s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
-    if rank:
-        b = _experts_b(lora_B, experts, x.dtype).transpose(1, 2)  # B_e^T: E x r x N
-        kernels.grouped_shrink(grad_y, b, b.stride(), grad_s, offsets, scaling)
+    if rank:  # dS and dB in one pass over dY; dB_e's (n, rank) at (r E, E) in PEFT's N x (r E)
+        b = _experts_b(lora_B, experts, x.dtype)
+        kernels.grouped_output_grad(grad_y, s, b, b.stride(), grad_b,
+                                    (1, rank * experts, experts), grad_s, offsets, scaling)
     e, n, k = _weight_strides(weight, transposed)
     kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
                          grad_x, offsets, 1.0)
     if rank:
         kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
                                     offsets, 1.0)
-        kernels.grouped_weight_grad(s, grad_y, grad_b, (1, experts, rank * experts), offsets,
-                                    scaling)
     return grad_x, grad_a, grad_b
 
 
