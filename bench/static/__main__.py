@@ -44,6 +44,7 @@ def run(archs):
                 case: model.case_estimate([r for r in records[device.arch] if r["case"] == case],
                                           device, ideal)
                 for case, (_, ideal) in cases.items()}
+            estimates[device.name].update(launches.torch_cases(device))  # PEFT's ParamWrapper
     everything = [r for found in records.values() for r in found]
     return {"schema": "static-1", "commit": _commit(), "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -340,6 +340,57 @@ def grouped_gemm_call(rows, k, n, experts, dtype):
     return forward_and_grad_input
 
 
+def peft_param_wrapper_ops(rows, k, n, experts, rank=RANK, itemsize=2):
+    """PEFT's ``ParamWrapper`` path for one expert projection, forward + backward, as the torch ops
+    it runs: [(op, flops, bytes)]. Read from peft 0.21.2 (``ParamWrapper._activate_lora``: one
+    adapter on a bf16 stack takes ``_LoraFactorsProxy``) under transformers 5.24's grouped_mm
+    experts forward:
+
+    - forward: W' = W + s B_e A_e for every expert (``torch.baddbmm`` over the E x N x K stack: W
+      read, W' written whole), then the grouped GEMM x W'_e^T;
+    - backward: dX = dY W'_e, and because W' requires grad through A and B, its whole gradient
+      dW'_e = dY_e^T x_e, then the baddbmm's backward: dB_e = s dW'_e A_e^T and dA_e = s B_e^T
+      dW'_e, two bmm that each read the stack's gradient.
+
+    Left out: the adapters' casts to and from the stack's dtype (r (N + K) E values each)."""
+    stack = experts * n * k * itemsize
+    x, y = rows * k * itemsize, rows * n * itemsize
+    gemm, merge = 2 * rows * n * k, 2 * experts * n * k * rank
+    return [("baddbmm W + s B A", merge, 2 * stack), ("grouped_mm x W'^T", gemm, x + stack + y),
+            ("grouped_mm dY W'", gemm, y + stack + x), ("grouped_mm dY^T x", gemm, y + x + stack),
+            ("bmm s dW' A^T", merge, stack), ("bmm s B^T dW'", merge, stack)]
+
+
+def torch_ops_estimate(ops, device, ideal):
+    """``model.case_estimate``'s fields for a case of torch ops (``peft_param_wrapper_ops``): each
+    op at the slower of its flops at the device's cuBLAS rate and its bytes at copy bandwidth
+    (as if each op reached both rates: a bound in PEFT's favour)."""
+    launches = []
+    for op, flops, nbytes in ops:
+        limits = {"cuBLAS": flops / device.cublas_flops, "DRAM": nbytes / device.dram_bytes_per_s}
+        bound = max(limits, key=limits.get)
+        launches.append({"kernel": f"torch {op}", "config": 0, "configs": 1,
+                         "model_us": limits[bound] * 1e6, "bound": bound})
+    seconds = sum(launch["model_us"] for launch in launches) / 1e6
+    kind, amount = ideal
+    ideal_seconds = amount / (device.cublas_flops if kind == "gemm" else device.dram_bytes_per_s)
+    slowest = max(launches, key=lambda launch: launch["model_us"])
+    return {"model_us": seconds * 1e6, "ideal": kind, "ideal_us": ideal_seconds * 1e6,
+            "ratio": ideal_seconds / seconds, "bound": f"{slowest['kernel']}: {slowest['bound']}",
+            "launches": launches}
+
+
+def torch_cases(device):
+    """{case: estimate} of the cases the model prices from torch ops (no Triton launch to read):
+    PEFT's ``ParamWrapper`` forward + backward on Qwen3-30B-A3B's expert projections, against
+    the same ideal as the ``lora_grouped_train`` rows (so the two rows' times compare directly)."""
+    rows, experts = MOE_ROWS, MOE_EXPERTS
+    return {f"peft_param_wrapper_train dense {rows}x{k}x{n} E={experts} {projection}":
+            torch_ops_estimate(peft_param_wrapper_ops(rows, k, n, experts), device,
+                               ("gemm", 4 * rows * n * k))
+            for projection, (k, n) in MOE_PROJECTIONS.items()}
+
+
 def gated_activation_call(m, n, dtype, activation):
     """The fused MLP's elementwise steps: act(g) * u forward, and its backward."""
     g, u, h, dh, dg, du = (empty(m, n, dtype=dtype) for _ in range(6))
@@ -363,6 +414,7 @@ TRAIN_SHAPE = (4096, 4096, 14336)
 DECODE_ROWS = (1, 16)
 WEIGHT_SHAPE = (14336, 4096)
 MOE_PROJECTIONS = {"gate_up": (2048, 2 * 768), "down": (768, 2048)}  # (K, N), Qwen3-30B-A3B
+MOE_ROWS, MOE_EXPERTS = 4096 * 8, 128  # 4096 tokens x top-8, Qwen3-30B-A3B's experts
 
 
 def weight_bytes(kind, n, k):
@@ -430,7 +482,7 @@ def bench_cases():
     # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
     # evenly (the backward's dA / dB reductions loop over each expert's rows: the model reads
     # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
-    rows, experts = 4096 * 8, 128
+    rows, experts = MOE_ROWS, MOE_EXPERTS
     for projection, (k, n) in MOE_PROJECTIONS.items():
         grouped = lora_grouped_calls(rows, k, n, experts, bf16)
         shape = f"{rows}x{k}x{n} E={experts} {projection}"
