@@ -98,6 +98,29 @@ def test_lora_grouped_kernels_write_every_element():
         assert_op_close(grad_s[first:end], SCALING * dy_e @ b_e, dtype, f"dS_{e}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_gathers_rows_through_row_index(dtype):
+    """x's rows read through row_index in the shrink, the GEMM and dA (no sorted copy): the same
+    as the op over x[row_index], and x's gradient sums the shares of its repeated rows."""
+    _, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(23, K, generator=gen).to(dtype).requires_grad_()
+    row_index = torch.randint(0, 23, (sum(COUNTS),), generator=gen)
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    y = ops.lora_grouped(tokens, weight, lora_a, lora_b, SCALING, offsets, row_index=row_index)
+    y.backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (tokens, lora_a, lora_b)]
+    expected = reference.lora_grouped(leaves[0][row_index], weight.double(), leaves[1], leaves[2],
+                                      SCALING, offsets)
+    expected.backward(grad_y.double())
+    assert_op_close(y, expected.detach(), dtype, "y")
+    assert_op_close(tokens.grad, leaves[0].grad, dtype, "dx")
+    assert_op_close(lora_a.grad, leaves[1].grad, torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, leaves[2].grad, torch.float32, "dB", TOLERANCE[dtype])
+
+
 def test_lora_grouped_all_rows_on_one_expert_and_none():
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False,
                                                            counts=(0, 0, 11, 0, 0))
@@ -121,6 +144,11 @@ def test_lora_grouped_refuses_bad_arguments():
     for bad in (offsets + 1, offsets.flip(0), torch.cat((offsets[:-1], offsets[-1:] - 1))):
         with pytest.raises(RuntimeError, match="offsets must rise from 0 to the 80 rows"):
             ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, bad)
+    with pytest.raises(TypeError, match="row_index must be a 1-D int32/int64"):
+        ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, row_index=offsets.float())
+    for bad in (torch.full((80,), 9), torch.full((80,), -1)):
+        with pytest.raises(RuntimeError, match="row_index must name rows of x's 9"):
+            ops.lora_grouped(x[:9], weight, lora_a, lora_b, SCALING, offsets, row_index=bad)
 
 
 def test_lora_grouped_custom_ops_trace():
@@ -131,10 +159,15 @@ def test_lora_grouped_custom_ops_trace():
     module = importlib.import_module("lowrank.ops.lora_grouped")
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
     torch.library.opcheck(module.lora_grouped_forward,
-                          (x, weight, False, lora_a, lora_b, SCALING, offsets))
+                          (x, weight, False, lora_a, lora_b, SCALING, offsets, None))
     s = torch.randn(x.shape[0], RANK)
     torch.library.opcheck(module.lora_grouped_backward,
-                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets))
+                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets, None))
+    tokens, row_index = x[:4], torch.tensor([3, 0, 1, 3, 2, 0, 1, 2, 0])  # gathered rows
+    torch.library.opcheck(module.lora_grouped_forward,
+                          (tokens, weight, False, lora_a, lora_b, SCALING, offsets, row_index))
+    torch.library.opcheck(module.lora_grouped_backward, (grad_y, tokens, s, weight, False, lora_a,
+                                                         lora_b, SCALING, offsets, row_index))
     lora_a.requires_grad_()
     compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
                              fullgraph=True, backend="aot_eager")

@@ -282,13 +282,18 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
-def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
     layout; the calls carry ``model_ints`` (see ``Launch``): each expert's rows,
-    ``rows_per_expert``."""
+    ``rows_per_expert``. With ``top_k`` the kernels gather x's rows from rows / top_k tokens
+    (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
+    sorted rows, which torch sums into the tokens'."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
-    x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
+    x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
+    row_index = empty(rows, dtype=torch.int64) if top_k else None
+    grad_x = empty(rows, k, dtype=dtype)
+    dy, y = empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
     b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
@@ -296,15 +301,16 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
     a = lora_a.stride()
 
     def forward():
-        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets)
-        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
+        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
+        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
+                                  row_index)
 
     def backward():
         lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), lora_b,
                                          (1, rank * experts, experts), s, offsets, SCALING)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
-                                  (rank * a[0], a[1], a[0]), x, offsets, 1.0)
-        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
+                                  (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
         call.model_ints = {"rows_per_expert": -(-rows // experts)}
     return {"forward": forward, "backward": backward}
@@ -414,7 +420,8 @@ TRAIN_SHAPE = (4096, 4096, 14336)
 DECODE_ROWS = (1, 16)
 WEIGHT_SHAPE = (14336, 4096)
 MOE_PROJECTIONS = {"gate_up": (2048, 2 * 768), "down": (768, 2048)}  # (K, N), Qwen3-30B-A3B
-MOE_ROWS, MOE_EXPERTS = 4096 * 8, 128  # 4096 tokens x top-8, Qwen3-30B-A3B's experts
+MOE_TOP_K = 8
+MOE_ROWS, MOE_EXPERTS = 4096 * MOE_TOP_K, 128  # 4096 tokens x top-8, Qwen3-30B-A3B's experts
 
 
 def weight_bytes(kind, n, k):
@@ -484,7 +491,10 @@ def bench_cases():
     # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
     rows, experts = MOE_ROWS, MOE_EXPERTS
     for projection, (k, n) in MOE_PROJECTIONS.items():
-        grouped = lora_grouped_calls(rows, k, n, experts, bf16)
+        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
+        # projection); down reads the activations, already in sorted order.
+        grouped = lora_grouped_calls(rows, k, n, experts, bf16,
+                                     top_k=MOE_TOP_K if projection == "gate_up" else None)
         shape = f"{rows}x{k}x{n} E={experts} {projection}"
         cases[f"lora_grouped_forward dense {shape}"] = (
             grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
@@ -555,6 +565,8 @@ def coverage_calls():
         for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
             for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
+        for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
+            calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
             for shifted, column_sums in ((False, True), (False, False), (True, True)):
                 calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \
