@@ -121,6 +121,25 @@ def test_lora_grouped_gathers_rows_through_row_index(dtype):
     assert_op_close(lora_b.grad, leaves[2].grad, torch.float32, "dB", TOLERANCE[dtype])
 
 
+def test_lora_grouped_rank_over_one_chunk():
+    """Rank 20: two 16-rank chunks in every kernel (the shrink's and the dS / dB pass's program
+    axis, the GEMMs' rank loops), against the fp64 reference."""
+    gen = torch.Generator().manual_seed(3)
+    experts, rank, counts = 3, 20, (0, 37, 5)
+    x = torch.randn(sum(counts), K, generator=gen).requires_grad_()
+    weight = torch.randn(experts, N, K, generator=gen) * 0.2
+    lora_a = (torch.randn(experts * rank, K, generator=gen) * 0.3).requires_grad_()
+    lora_b = (torch.randn(N, rank * experts, generator=gen) * 0.3).requires_grad_()
+    offsets, grad_y = offsets_of(counts), torch.randn(sum(counts), N, generator=gen)
+    ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets).backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    expected = reference.lora_grouped(leaves[0], weight.double(), leaves[1], leaves[2], SCALING,
+                                      offsets)
+    expected.backward(grad_y.double())
+    for name, actual, leaf in zip(("dx", "dA", "dB"), (x, lora_a, lora_b), leaves):
+        assert_op_close(actual.grad, leaf.grad, torch.float32, name)
+
+
 def test_lora_grouped_all_rows_on_one_expert_and_none():
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False,
                                                            counts=(0, 0, 11, 0, 0))
