@@ -16,6 +16,13 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
   LoRA kernel (``lora_linear.py``); S comes from the grouped shrink. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
   rows, written through strides straight into PEFT's layout.
+- dS and dB are one pass over dY (``grouped_output_grad``): each program owns dB_e for a chunk of
+  dY's columns and writes that chunk's share of dS as fp32 partials, which the launcher sums in a
+  fixed order (no atomics: the sums do not depend on the order programs run in). Separately they
+  read dY twice; dY (rows x N) is the largest operand either reads.
+- The gather of x's rows can be the kernels' (``row_index``): sorted row i reads x's row
+  row_index[i], so the forward and dA read the tokens' hidden states where they are (no sorted
+  copy of x: one row per token, not one per (token, expert) pair).
 - Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
 """
 
@@ -32,12 +39,22 @@ BLOCK_R = 16  # ranks in chunks of 16 (the smallest tl.dot size): any rank works
 
 def gemm_config(target, dtype):
     if target.arch == 90 and dtype.itemsize == 2:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+        # 128 x 128 wgmma tiles: a GEMM over ~256 rows per expert is bound by the tiles' loads
+        # (the static model: L2), which these halve per flop next to 64 x 128 (gate_up and down
+        # fwd+bwd 19% faster there); 128 x 256, or 4 warps, spill.
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
 
 def shrink_config(target, dtype):
     return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def output_grad_config(target, dtype):
+    # 256 columns of dY per chunk in 16-bit dtypes: the fp32 dS partials (one per chunk) stay a
+    # small fraction of dY's bytes (rank 16: 1/8 of a bf16 dY's).
+    block_n = 256 if dtype.itemsize == 2 else 128
+    return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
 
 
 def weight_grad_config(target, dtype):
@@ -78,47 +95,59 @@ def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _grouped_shrink_kernel(x_ptr, f_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-                           K, R, scaling, stride_xm, stride_xk, stride_fe, stride_fr, stride_fk,
-                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-    """out = scaling * x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
-    (R x K) at f_ptr + e stride_fe. One rank chunk per program (axis 1)."""
+def _source_rows(index_ptr, rows, row_mask, GATHER: tl.constexpr):
+    """x's rows (int64) for sorted ``rows``: row_index[rows] when the kernel gathers, else them."""
+    if GATHER:
+        return tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _grouped_shrink_kernel(x_ptr, index_ptr, f_ptr, out_ptr, tile_expert_ptr, tile_start_ptr,
+                           offsets_ptr, K, R, stride_xm, stride_xk, stride_fe, stride_fr,
+                           stride_fk, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out = x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
+    (R x K) at f_ptr + e stride_fe; x's rows through index_ptr if GATHER. One rank chunk per
+    program (axis 1)."""
     expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
+    x_rows = x_ptr + _source_rows(index_ptr, rows, row_mask, GATHER)[:, None] * stride_xm
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     f_base = f_ptr + expert.to(tl.int64) * stride_fe
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_len = tl.where(tl.max(row_mask.to(tl.int32), 0) > 0, K, 0)  # an unused tile loops no K
     for k0 in range(0, k_len, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_rows + cols[None, :] * stride_xk,
                     mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
         f = tl.load(f_base + ranks[:, None] * stride_fr + cols[None, :] * stride_fk,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(f.to(x.dtype)), acc, input_precision=PRECISION)
-    store_rounded(out_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], acc * scaling,
+    store_rounded(out_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], acc,
                   row_mask[:, None] & (ranks[None, :] < R))
 
 
 @triton.jit
-def _grouped_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr, tile_start_ptr,
-                         offsets_ptr, N, K, R, scaling, stride_xm, stride_xk, stride_we, stride_wn,
-                         stride_wk, stride_ge, stride_gn, stride_gr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
+def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr,
+                         tile_start_ptr, offsets_ptr, N, K, R, scaling, stride_xm, stride_xk,
+                         stride_we, stride_wn, stride_wk, stride_ge, stride_gn, stride_gr,
+                         PRECISION: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
-    G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); one store per output tile.
+    G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); x's rows through index_ptr if
+    GATHER; one store per output tile.
     Forward: W_e, G_e = B_e; dX: W_e read transposed, G_e = A_e^T, S = dS, scaling 1."""
     dtype = x_ptr.dtype.element_ty
     expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     g_base = g_ptr + expert.to(tl.int64) * stride_ge
+    x_rows = x_ptr + _source_rows(index_ptr, rows, row_mask, GATHER)[:, None] * stride_xm
     used = tl.max(row_mask.to(tl.int32), 0) > 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.where(used, K, 0), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_rows + cols[None, :] * stride_xk,
                     mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
         w = tl.load(w_base + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)
@@ -136,12 +165,57 @@ def _grouped_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr, til
 
 
 @triton.jit
-def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scaling, stride_lm,
-                                stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
+def _grouped_output_grad_kernel(dy_ptr, s_ptr, g_ptr, grad_b_ptr, partial_ptr, offsets_ptr, N, R,
+                                rows_total, scaling, stride_dym, stride_dyn, stride_ge, stride_gn,
+                                stride_gr, stride_oe, stride_on, stride_or,
                                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+                                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """LoRA's two products with dY in one pass over the rows of expert e = program 0, for the
+    columns of chunk c = program 1 (and one rank chunk, program 2):
+
+        dB_e[chunk] = scaling dY_e[:, chunk]^T S_e   (fp32, at grad_b_ptr + e stride_oe)
+        partial[c]  = scaling dY_e[:, chunk] G_e[chunk]   (fp32, rows_total x R, slice c)
+
+    G_e (N x R) = B_e at g_ptr + e stride_ge; S (rows_total x R, contiguous). The partials summed
+    over the chunks are dS. An expert without rows gets a zero dB and writes no partial."""
+    expert = tl.program_id(0)
+    chunk = tl.program_id(1)
+    outs = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    dtype = dy_ptr.dtype.element_ty
+    g = tl.load(g_ptr + expert.to(tl.int64) * stride_ge + outs[:, None] * stride_gn
+                + ranks[None, :] * stride_gr,
+                mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0).to(dtype)
+    partial_base = partial_ptr + chunk.to(tl.int64) * rows_total * R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(first, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_mask[:, None] & (outs[None, :] < N), other=0.0)
+        rank_mask = row_mask[:, None] & (ranks[None, :] < R)
+        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], mask=rank_mask,
+                    other=0.0)
+        acc = tl.dot(tl.trans(dy), s, acc, input_precision=PRECISION)
+        part = tl.dot(dy, g, input_precision=PRECISION)
+        tl.store(partial_base + rows[:, None].to(tl.int64) * R + ranks[None, :], part * scaling,
+                 mask=rank_mask)
+    tl.store(grad_b_ptr + expert.to(tl.int64) * stride_oe + outs[:, None] * stride_on
+             + ranks[None, :] * stride_or, acc * scaling,
+             mask=(outs[:, None] < N) & (ranks[None, :] < R))
+
+
+@triton.jit
+def _grouped_weight_grad_kernel(l_ptr, r_ptr, index_ptr, out_ptr, offsets_ptr, P, Q, scaling,
+                                stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op,
+                                stride_oq, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_Q: tl.constexpr):
     """out_e = scaling L_e^T R_e (P x Q, fp32, at out_ptr + e stride_oe) over the rows of expert
-    e = program 0; an expert without rows gets zeros. dA: L = dS, R = x; dB: L = dY, R = S."""
+    e = program 0; an expert without rows gets zeros; R's rows through index_ptr if GATHER.
+    dA: L = dS, R = x."""
     expert = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -153,7 +227,8 @@ def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scalin
         row_mask = rows < end
         left = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + ps[None, :] * stride_lp,
                        mask=row_mask[:, None] & (ps[None, :] < P), other=0.0)
-        right = tl.load(r_ptr + rows[:, None].to(tl.int64) * stride_rm + qs[None, :] * stride_rq,
+        right_rows = _source_rows(index_ptr, rows, row_mask, GATHER)
+        right = tl.load(r_ptr + right_rows[:, None] * stride_rm + qs[None, :] * stride_rq,
                         mask=row_mask[:, None] & (qs[None, :] < Q), other=0.0)
         acc = tl.dot(tl.trans(left), right.to(left.dtype), acc, input_precision=PRECISION)
     tl.store(out_ptr + expert.to(tl.int64) * stride_oe + ps[:, None] * stride_op
@@ -163,43 +238,72 @@ def _grouped_weight_grad_kernel(l_ptr, r_ptr, out_ptr, offsets_ptr, P, Q, scalin
 # Launchers. ``f``, ``w``, ``g`` and ``out`` are passed as (tensor, per-expert strides): views of
 # PEFT's 2-D adapter layout or the 3-D expert weight, never copied.
 
-def grouped_shrink(x, f, f_strides, out, offsets, scaling):
-    """out (S x R) = scaling x F_e^T; ``f_strides`` = (expert, rank, k) strides of F in f."""
-    rows, K = x.shape
+def grouped_shrink(x, f, f_strides, out, offsets, row_index=None):
+    """out (S x R) = x F_e^T; ``f_strides`` = (expert, rank, k) strides of F in f; sorted row i
+    reads x's row row_index[i] if ``row_index`` (S,) is given, else row i."""
+    rows, K = out.shape[0], x.shape[1]
     R = out.shape[1]
     target = _common.target(x.device)
     config = shrink_config(target, x.dtype)
     tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
     grid = (tile_expert.numel(), triton.cdiv(R, BLOCK_R))
-    _grouped_shrink_kernel[grid](x, f, out, tile_expert, tile_start, offsets, K, R, scaling,
-                                 x.stride(0), x.stride(1), *f_strides,
-                                 PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config)
+    gather = row_index is not None
+    _grouped_shrink_kernel[grid](x, row_index if gather else offsets, f, out, tile_expert,
+                                 tile_start, offsets, K, R, x.stride(0), x.stride(1), *f_strides,
+                                 PRECISION=precision(x.dtype), GATHER=gather, BLOCK_R=BLOCK_R,
+                                 **config)
 
 
-def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling):
+def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_index=None):
     """y (S x N) = x W_e^T + scaling S G_e^T; ``w_strides`` = (expert, n, k) of W in w,
-    ``g_strides`` = (expert, n, rank) of G in g."""
-    rows, K = x.shape
+    ``g_strides`` = (expert, n, rank) of G in g; x's rows through ``row_index`` as in
+    ``grouped_shrink``."""
+    rows, K = y.shape[0], x.shape[1]
     N = y.shape[1]
     R = s.shape[1]
     target = _common.target(x.device)
     config = gemm_config(target, x.dtype)
     tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
     grid = (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"]))
-    _grouped_gemm_kernel[grid](x, w, s, g, y, tile_expert, tile_start, offsets, N, K, R, scaling,
-                               x.stride(0), x.stride(1), *w_strides, *g_strides,
-                               PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, **config,
-                               enable_fp_fusion=False)
+    gather = row_index is not None
+    _grouped_gemm_kernel[grid](x, row_index if gather else offsets, w, s, g, y, tile_expert,
+                               tile_start, offsets, N, K, R, scaling, x.stride(0), x.stride(1),
+                               *w_strides, *g_strides, PRECISION=precision(x.dtype),
+                               GATHER=gather, BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
 
 
-def grouped_weight_grad(left, right, out, out_strides, offsets, scaling):
-    """out_e (P x Q, fp32) = scaling L_e^T R_e for every expert; ``out_strides`` = (expert, p, q)."""
+def grouped_output_grad(grad_y, s, g, g_strides, grad_b, grad_b_strides, grad_s, offsets,
+                        scaling):
+    """grad_b_e (N x R, fp32) = scaling dY_e^T S_e and grad_s (S x R) = scaling dY G_e for every
+    expert, reading dY once; ``g_strides`` = (expert, n, rank) of G = B in g, ``grad_b_strides``
+    = (expert, n, rank) of dB in grad_b. The dS partials (fp32, one per chunk of dY's columns) are
+    summed here by torch, in the same order every run."""
+    rows, N = grad_y.shape
+    R = s.shape[1]
+    experts = offsets.numel() - 1
+    target = _common.target(grad_y.device)
+    config = output_grad_config(target, grad_y.dtype)
+    chunks = triton.cdiv(N, config["BLOCK_N"])
+    partials = torch.empty(chunks, rows, R, dtype=torch.float32, device=grad_y.device)
+    grid = (experts, chunks, triton.cdiv(R, BLOCK_R))
+    _grouped_output_grad_kernel[grid](grad_y, s, g, grad_b, partials, offsets, N, R, rows, scaling,
+                                      grad_y.stride(0), grad_y.stride(1), *g_strides,
+                                      *grad_b_strides, PRECISION=precision(grad_y.dtype),
+                                      BLOCK_R=BLOCK_R, **config)
+    grad_s.copy_(partials.sum(0))
+
+
+def grouped_weight_grad(left, right, out, out_strides, offsets, scaling, row_index=None):
+    """out_e (P x Q, fp32) = scaling L_e^T R_e for every expert; ``out_strides`` = (expert, p, q);
+    R's rows through ``row_index`` as x's in ``grouped_shrink``."""
     P, Q = left.shape[1], right.shape[1]
     experts = offsets.numel() - 1
     target = _common.target(left.device)
     config = weight_grad_config(target, left.dtype)
     grid = (experts, triton.cdiv(P, BLOCK_R), triton.cdiv(Q, config["BLOCK_Q"]))
-    _grouped_weight_grad_kernel[grid](left, right, out, offsets, P, Q, scaling, left.stride(0),
-                                      left.stride(1), right.stride(0), right.stride(1),
-                                      *out_strides, PRECISION=precision(left.dtype),
+    gather = row_index is not None
+    _grouped_weight_grad_kernel[grid](left, right, row_index if gather else offsets, out, offsets,
+                                      P, Q, scaling, left.stride(0), left.stride(1),
+                                      right.stride(0), right.stride(1), *out_strides,
+                                      PRECISION=precision(left.dtype), GATHER=gather,
                                       BLOCK_P=BLOCK_R, **config)

@@ -66,21 +66,78 @@ def test_lora_grouped_against_fp64(dtype, transposed):
 
 def test_lora_grouped_kernels_write_every_element():
     """Launchers into NaN-filled outputs: every row of every expert with rows is written, and the
-    fp32 weight gradients of every expert (zeros for those without rows)."""
+    fp32 weight gradients of every expert (zeros for those without rows). dS and dB with N = 300
+    columns: two chunks of dY's columns, whose dS partials are summed."""
     dtype = torch.float32
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False, counts=(64, 0, 0, 1, 0))
     rows = x.shape[0]
     a, b = lora_a.stride(), lora_b.stride()
     s = poisoned((rows, RANK), dtype, "cpu")
-    grouped_kernels.grouped_shrink(x, lora_a, (RANK * a[0], a[0], a[1]), s, offsets, 1.0)
+    grouped_kernels.grouped_shrink(x, lora_a, (RANK * a[0], a[0], a[1]), s, offsets)
     y = poisoned((rows, N), dtype, "cpu")
     grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, lora_b, (b[1], b[0], E * b[1]), y,
                                  offsets, SCALING)
-    grad_b = poisoned(lora_b.shape, torch.float32, "cpu")
-    grouped_kernels.grouped_weight_grad(s, grad_y, grad_b, (1, E, RANK * E), offsets, SCALING)
     expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, False)
     assert_op_close(y, expected[0], dtype, "y")
-    assert_op_close(grad_b, expected[3], dtype, "dB")
+    assert grouped_kernels.output_grad_config(None, dtype)["BLOCK_N"] < 300
+    gen = torch.Generator().manual_seed(1)
+    wide_b = torch.randn(300, RANK * E, generator=gen)
+    wide_dy = torch.randn(rows, 300, generator=gen)
+    grad_b = poisoned(wide_b.shape, torch.float32, "cpu")
+    grad_s = poisoned((rows, RANK), dtype, "cpu")
+    experts_b = wide_b.view(300, RANK, E).permute(2, 0, 1)  # B_e: E x N x r, PEFT's strides
+    grouped_kernels.grouped_output_grad(wide_dy, s, experts_b, experts_b.stride(), grad_b,
+                                        (1, RANK * E, E), grad_s, offsets, SCALING)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_b.view(300, RANK, E)[:, :, e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        dy_e, s_e, b_e = wide_dy[first:end].double(), s[first:end].double(), experts_b[e].double()
+        assert_op_close(grad_b.view(300, RANK, E)[:, :, e], SCALING * dy_e.T @ s_e, dtype,
+                        f"dB_{e}")
+        assert_op_close(grad_s[first:end], SCALING * dy_e @ b_e, dtype, f"dS_{e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_gathers_rows_through_row_index(dtype):
+    """x's rows read through row_index in the shrink, the GEMM and dA (no sorted copy): the same
+    as the op over x[row_index], and x's gradient sums the shares of its repeated rows."""
+    _, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(23, K, generator=gen).to(dtype).requires_grad_()
+    row_index = torch.randint(0, 23, (sum(COUNTS),), generator=gen)
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    y = ops.lora_grouped(tokens, weight, lora_a, lora_b, SCALING, offsets, row_index=row_index)
+    y.backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (tokens, lora_a, lora_b)]
+    expected = reference.lora_grouped(leaves[0][row_index], weight.double(), leaves[1], leaves[2],
+                                      SCALING, offsets)
+    expected.backward(grad_y.double())
+    assert_op_close(y, expected.detach(), dtype, "y")
+    assert_op_close(tokens.grad, leaves[0].grad, dtype, "dx")
+    assert_op_close(lora_a.grad, leaves[1].grad, torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, leaves[2].grad, torch.float32, "dB", TOLERANCE[dtype])
+
+
+def test_lora_grouped_rank_over_one_chunk():
+    """Rank 20: two 16-rank chunks in every kernel (the shrink's and the dS / dB pass's program
+    axis, the GEMMs' rank loops), against the fp64 reference."""
+    gen = torch.Generator().manual_seed(3)
+    experts, rank, counts = 3, 20, (0, 37, 5)
+    x = torch.randn(sum(counts), K, generator=gen).requires_grad_()
+    weight = torch.randn(experts, N, K, generator=gen) * 0.2
+    lora_a = (torch.randn(experts * rank, K, generator=gen) * 0.3).requires_grad_()
+    lora_b = (torch.randn(N, rank * experts, generator=gen) * 0.3).requires_grad_()
+    offsets, grad_y = offsets_of(counts), torch.randn(sum(counts), N, generator=gen)
+    ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets).backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    expected = reference.lora_grouped(leaves[0], weight.double(), leaves[1], leaves[2], SCALING,
+                                      offsets)
+    expected.backward(grad_y.double())
+    for name, actual, leaf in zip(("dx", "dA", "dB"), (x, lora_a, lora_b), leaves):
+        assert_op_close(actual.grad, leaf.grad, torch.float32, name)
 
 
 def test_lora_grouped_all_rows_on_one_expert_and_none():
@@ -106,6 +163,11 @@ def test_lora_grouped_refuses_bad_arguments():
     for bad in (offsets + 1, offsets.flip(0), torch.cat((offsets[:-1], offsets[-1:] - 1))):
         with pytest.raises(RuntimeError, match="offsets must rise from 0 to the 80 rows"):
             ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, bad)
+    with pytest.raises(TypeError, match="row_index must be a 1-D int32/int64"):
+        ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, row_index=offsets.float())
+    for bad in (torch.full((80,), 9), torch.full((80,), -1)):
+        with pytest.raises(RuntimeError, match="row_index must name rows of x's 9"):
+            ops.lora_grouped(x[:9], weight, lora_a, lora_b, SCALING, offsets, row_index=bad)
 
 
 def test_lora_grouped_custom_ops_trace():
@@ -116,10 +178,15 @@ def test_lora_grouped_custom_ops_trace():
     module = importlib.import_module("lowrank.ops.lora_grouped")
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
     torch.library.opcheck(module.lora_grouped_forward,
-                          (x, weight, False, lora_a, lora_b, SCALING, offsets))
+                          (x, weight, False, lora_a, lora_b, SCALING, offsets, None))
     s = torch.randn(x.shape[0], RANK)
     torch.library.opcheck(module.lora_grouped_backward,
-                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets))
+                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets, None))
+    tokens, row_index = x[:4], torch.tensor([3, 0, 1, 3, 2, 0, 1, 2, 0])  # gathered rows
+    torch.library.opcheck(module.lora_grouped_forward,
+                          (tokens, weight, False, lora_a, lora_b, SCALING, offsets, row_index))
+    torch.library.opcheck(module.lora_grouped_backward, (grad_y, tokens, s, weight, False, lora_a,
+                                                         lora_b, SCALING, offsets, row_index))
     lora_a.requires_grad_()
     compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
                              fullgraph=True, backend="aot_eager")

@@ -90,15 +90,20 @@ _torch_sink = None
 
 def torch_gemm(m, n, k, read, written, what):
     """A product torch runs on the cublas route (cuBLAS on a GPU), which no Triton launch shows:
-    recorded for the model (``model.launch_time``: ``2 m n k`` flops at cuBLAS's rate or its
-    bytes at copy bandwidth, the slower) while a ``capture`` with a ``modelled`` list runs; not
-    built, so the compile test never sees it. ``read`` / ``written``: elements of 2 bytes (bf16,
-    the bench cases' dtype), each operand once (an addmm_ reads its output too). ``what``: the
+    ``torch_op`` with ``2 m n k`` flops. ``read`` / ``written``: elements of 2 bytes (bf16, the
+    bench cases' dtype), each operand once (an addmm_ reads its output too). ``what``: the
     product, as the report names it. ``k`` 0: a copy (torch.cat), bytes only."""
+    torch_op(2 * m * n * k, 2 * (read + written), what)
+
+
+def torch_op(flops, nbytes, what):
+    """A torch op no Triton launch shows, recorded for the model (``model.launch_time``: its flops
+    at cuBLAS's rate or its bytes at copy bandwidth, the slower) while a ``capture`` with a
+    ``modelled`` list runs; not built, so the compile test never sees it."""
     if _torch_sink is not None:
         case, records = _torch_sink
         records.append({"case": case, "kernel": f"torch: {what}", "config": 0, "configs": 1,
-                        "modelled": {"flops": 2 * m * n * k, "bytes": 2 * (read + written)}})
+                        "modelled": {"flops": flops, "bytes": nbytes}})
 
 
 @contextlib.contextmanager
@@ -358,12 +363,18 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
-def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
-    GEMM) and backward (dS shrink, dX GEMM, dA and dB reductions), in PEFT's adapter layout; the
-    calls carry ``model_ints`` (see ``Launch``): each expert's rows, ``rows_per_expert``."""
+    GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
+    layout; the calls carry ``model_ints`` (see ``Launch``): each expert's rows,
+    ``rows_per_expert``. With ``top_k`` the kernels gather x's rows from rows / top_k tokens
+    (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
+    sorted rows, which torch sums into the tokens'."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
-    x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
+    x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
+    row_index = empty(rows, dtype=torch.int64) if top_k else None
+    grad_x = empty(rows, k, dtype=dtype)
+    dy, y = empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
     b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
@@ -371,17 +382,16 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK):
     a = lora_a.stride()
 
     def forward():
-        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
-        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
+        lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
+        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
+                                  row_index)
 
     def backward():
-        b_t = b_rows.transpose(1, 2)
-        lora_grouped.grouped_shrink(dy, b_t, b_t.stride(), s, offsets, SCALING)
+        lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), lora_b,
+                                         (1, rank * experts, experts), s, offsets, SCALING)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
-                                  (rank * a[0], a[1], a[0]), x, offsets, 1.0)
-        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0)
-        lora_grouped.grouped_weight_grad(s, dy, lora_b, (1, experts, rank * experts), offsets,
-                                         SCALING)
+                                  (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
+        lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
         call.model_ints = {"rows_per_expert": -(-rows // experts)}
     return {"forward": forward, "backward": backward}
@@ -398,11 +408,16 @@ def train_call(calls):
 
 def grouped_gemm_call(rows, k, n, experts, dtype):
     """The same grouped GEMM without LoRA, forward and dX (frozen experts: no weight gradient):
-    lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline."""
+    lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline.
+    The empty adapters are rank-0 slices of rank-``RANK`` ones, so they keep LoRA's strides: with
+    a 0-wide tensor's own strides (all 1) the JIT makes them constants, the idle rank loop
+    compiles to element loads and outgrows the K loop, and the report read it as the hot loop
+    (sm_89: half the K loop's flops per trip, so a baseline forward too fast by a third)."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     w, s = empty(experts, n, k, dtype=dtype), empty(rows, 0, dtype=dtype)
-    b_rows, lora_a = empty(experts, n, 0, dtype=dtype), empty(experts, 0, k)
+    b_rows = empty(experts, n, RANK, dtype=dtype)[:, :, :0]
+    lora_a = empty(experts, RANK, k)[:, :0]
 
     def forward_and_grad_input():
         lora_grouped.grouped_gemm(x, w, w.stride(), s, b_rows, b_rows.stride(), y, offsets, SCALING)
@@ -410,6 +425,37 @@ def grouped_gemm_call(rows, k, n, experts, dtype):
                                   (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
                                   offsets, 1.0)
     return forward_and_grad_input
+
+
+def peft_param_wrapper_ops(rows, k, n, experts, rank=RANK, itemsize=2):
+    """PEFT's ``ParamWrapper`` path for one expert projection, forward + backward, as the torch ops
+    it runs: [(op, flops, bytes)]. Read from peft 0.21.2 (``ParamWrapper._activate_lora``: one
+    adapter on a bf16 stack takes ``_LoraFactorsProxy``) under transformers 5.24's grouped_mm
+    experts forward:
+
+    - forward: W' = W + s B_e A_e for every expert (``torch.baddbmm`` over the E x N x K stack: W
+      read, W' written whole), then the grouped GEMM x W'_e^T;
+    - backward: dX = dY W'_e, and because W' requires grad through A and B, its whole gradient
+      dW'_e = dY_e^T x_e, then the baddbmm's backward: dB_e = s dW'_e A_e^T and dA_e = s B_e^T
+      dW'_e, two bmm that each read the stack's gradient.
+
+    Left out: the adapters' casts to and from the stack's dtype (r (N + K) E values each)."""
+    stack = experts * n * k * itemsize
+    x, y = rows * k * itemsize, rows * n * itemsize
+    gemm, merge = 2 * rows * n * k, 2 * experts * n * k * rank
+    return [("baddbmm W + s B A", merge, 2 * stack), ("grouped_mm x W'^T", gemm, x + stack + y),
+            ("grouped_mm dY W'", gemm, y + stack + x), ("grouped_mm dY^T x", gemm, y + x + stack),
+            ("bmm s dW' A^T", merge, stack), ("bmm s B^T dW'", merge, stack)]
+
+
+def peft_param_wrapper_call(rows, k, n, experts):
+    """PEFT's ``ParamWrapper`` forward + backward as modelled torch ops (``torch_op`` each: the
+    slower of its flops at the cuBLAS rate and its bytes at copy bandwidth, as if each op reached
+    both rates, a bound in PEFT's favour)."""
+    def peft_train():
+        for op, flops, nbytes in peft_param_wrapper_ops(rows, k, n, experts):
+            torch_op(flops, nbytes, op)
+    return peft_train
 
 
 def gated_activation_call(m, n, dtype, activation):
@@ -437,6 +483,8 @@ TRAIN_SHAPE = (4096, 4096, 14336)
 DECODE_ROWS = (1, 16)
 WEIGHT_SHAPE = (14336, 4096)
 MOE_PROJECTIONS = {"gate_up": (2048, 2 * 768), "down": (768, 2048)}  # (K, N), Qwen3-30B-A3B
+MOE_TOP_K = 8
+MOE_ROWS, MOE_EXPERTS = 4096 * MOE_TOP_K, 128  # 4096 tokens x top-8, Qwen3-30B-A3B's experts
 
 
 def weight_bytes(kind, n, k):
@@ -515,9 +563,12 @@ def bench_cases():
     # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
     # evenly (the backward's dA / dB reductions loop over each expert's rows: the model reads
     # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
-    rows, experts = 4096 * 8, 128
+    rows, experts = MOE_ROWS, MOE_EXPERTS
     for projection, (k, n) in MOE_PROJECTIONS.items():
-        grouped = lora_grouped_calls(rows, k, n, experts, bf16)
+        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
+        # projection); down reads the activations, already in sorted order.
+        grouped = lora_grouped_calls(rows, k, n, experts, bf16,
+                                     top_k=MOE_TOP_K if projection == "gate_up" else None)
         shape = f"{rows}x{k}x{n} E={experts} {projection}"
         cases[f"lora_grouped_forward dense {shape}"] = (
             grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
@@ -529,6 +580,9 @@ def bench_cases():
                                                        ("gemm", 4 * rows * n * k))
         cases[f"grouped_gemm_train dense {shape} rank=0"] = (
             grouped_gemm_call(rows, k, n, experts, bf16), ("gemm", 4 * rows * n * k))
+        # PEFT's path (target parameters), against the same ideal: the rows' times compare.
+        cases[f"peft_param_wrapper_train dense {shape}"] = (
+            peft_param_wrapper_call(rows, k, n, experts), ("gemm", 4 * rows * n * k))
     return cases
 
 
@@ -588,6 +642,8 @@ def coverage_calls():
         for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
             for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
+        for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
+            calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
             for shifted, column_sums in ((False, True), (False, False), (True, True)):
                 calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \

@@ -65,6 +65,7 @@ def trips(record):
                    "_grouped_gemm_kernel": over_k,
                    # An expert's rows: the launch's model_ints (its offsets are a tensor).
                    "_grouped_weight_grad_kernel": ("rows_per_expert", "BLOCK_M"),
+                   "_grouped_output_grad_kernel": ("rows_per_expert", "BLOCK_M"),
                    "_lora_decode_kernel": ("k_per_split", "BLOCK_K"),
                    "_lora_mixed_shrink_kernel": over_k, "_lora_mixed_forward_kernel": over_k,
                    "_lora_mixed_partial_kernel": ("k_per_split", "BLOCK_K"),

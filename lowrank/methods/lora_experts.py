@@ -146,8 +146,10 @@ def experts_forward(experts, adapters, hidden_states, top_k_index, top_k_weights
     top_k = top_k_index.shape[-1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     offsets = ops.expert_offsets(expert_ids, experts.num_experts)
-    x = hidden_states[order // top_k].to(experts.down_proj.dtype)  # rows sorted by expert
-    h = _project(experts, adapters, expert_projections(experts)[0], x, offsets, expert_ids)
+    x = hidden_states.to(experts.down_proj.dtype)
+    # The first projection gathers each sorted row's token inside the kernels (no sorted copy).
+    h = _project(experts, adapters, expert_projections(experts)[0], x, offsets, expert_ids,
+                 row_index=order // top_k)
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     h = _project(experts, adapters, "down_proj", h, offsets, expert_ids)
     if experts.has_post_expert_norm:
@@ -170,8 +172,9 @@ def check_experts_call(experts, hidden_states):
                          f"{tuple(hidden_states.shape)}")
 
 
-def _project(experts, adapters, projection, x, offsets, expert_ids):
-    """One projection of the rows sorted by expert, its adapter (if it has one) fused in."""
+def _project(experts, adapters, projection, x, offsets, expert_ids, row_index=None):
+    """One projection of the rows sorted by expert (x[row_index] if given), its adapter (if it
+    has one) fused in."""
     weight = getattr(experts, projection)
     count, in_features, out_features = projection_shape(experts, projection)
     if projection in adapters:
@@ -180,7 +183,8 @@ def _project(experts, adapters, projection, x, offsets, expert_ids):
         lora_A = weight.new_zeros(0, in_features, dtype=torch.float32)
         lora_B = weight.new_zeros(out_features, 0, dtype=torch.float32)
         scaling = 0.0
-    y = ops.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, experts.is_transposed)
+    y = ops.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, experts.is_transposed,
+                         row_index)
     if experts.has_bias:
         y = y + getattr(experts, f"{projection}_bias")[expert_ids]
     return y

@@ -14,6 +14,8 @@ and runs ``lowrank.reference.lora_grouped`` where ``lowrank._dispatch`` says so.
 ``kernels/lora_grouped.py``.
 """
 
+from typing import Optional
+
 import torch
 
 from lowrank import reference
@@ -59,61 +61,73 @@ def expert_offsets(expert_ids, experts):
 @torch.library.custom_op("lowrank::lora_grouped_forward", mutates_args=())
 def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool,
                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                         offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (x's dtype)."""
+                         offsets: torch.Tensor, row_index: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (x's dtype); the sorted
+    rows are x[row_index] if ``row_index`` is given (gathered by the kernels), else x."""
     experts, out_features, _ = _shapes(weight, transposed)
     rank = _rank(lora_A, experts)
-    y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
-    if x.shape[0] == 0:
+    rows = _sorted_rows(x, row_index)
+    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
+    if rows == 0:
         return y, s
     if rank:
         a = lora_A.stride()
-        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, 1.0)
+        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, row_index)
     b = _experts_b(lora_B, experts, x.dtype)
     kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, b, b.stride(), y,
-                         offsets, scaling)
+                         offsets, scaling, row_index)
     return y, s
 
 
 @lora_grouped_forward.register_fake
-def _(x, weight, transposed, lora_A, lora_B, scaling, offsets):
+def _(x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
     experts, out_features, _ = _shapes(weight, transposed)
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], _rank(lora_A, experts))
+    rows = _sorted_rows(x, row_index)
+    return x.new_empty(rows, out_features), x.new_empty(rows, _rank(lora_A, experts))
+
+
+def _sorted_rows(x, row_index):
+    return x.shape[0] if row_index is None else row_index.shape[0]
 
 
 @torch.library.custom_op("lowrank::lora_grouped_backward", mutates_args=())
 def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                           weight: torch.Tensor, transposed: bool, lora_A: torch.Tensor,
-                          lora_B: torch.Tensor, scaling: float, offsets: torch.Tensor
+                          lora_B: torch.Tensor, scaling: float, offsets: torch.Tensor,
+                          row_index: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX in x's dtype, dA, dB in fp32, in PEFT's layout): dS = s dY B_e, dX = dY W_e + dS A_e,
-    dA_e = dS_e^T x_e, dB_e = s dY_e^T S_e."""
+    """(dX in x's dtype and shape, dA, dB in fp32, in PEFT's layout): dS = s dY B_e, dX = dY W_e
+    + dS A_e, dA_e = dS_e^T x_e, dB_e = s dY_e^T S_e. With ``row_index`` the sorted rows' dX is
+    summed into x's rows (``index_add_``, as autograd takes a gather back)."""
     experts, out_features, in_features = _shapes(weight, transposed)
     rank = _rank(lora_A, experts)
-    grad_x = torch.empty_like(x)
+    rows = _sorted_rows(x, row_index)
+    grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=x.device)
     grad_a = torch.zeros(lora_A.shape, dtype=torch.float32, device=x.device)
     grad_b = torch.zeros(lora_B.shape, dtype=torch.float32, device=x.device)
-    if x.shape[0] == 0:
-        return grad_x.zero_(), grad_a, grad_b
-    grad_s = torch.empty(x.shape[0], rank, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return torch.zeros_like(x), grad_a, grad_b
+    grad_s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
-    if rank:
-        b = _experts_b(lora_B, experts, x.dtype).transpose(1, 2)  # B_e^T: E x r x N
-        kernels.grouped_shrink(grad_y, b, b.stride(), grad_s, offsets, scaling)
+    if rank:  # dS and dB in one pass over dY; dB_e's (n, rank) at (r E, E) in PEFT's N x (r E)
+        b = _experts_b(lora_B, experts, x.dtype)
+        kernels.grouped_output_grad(grad_y, s, b, b.stride(), grad_b,
+                                    (1, rank * experts, experts), grad_s, offsets, scaling)
     e, n, k = _weight_strides(weight, transposed)
     kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
                          grad_x, offsets, 1.0)
     if rank:
         kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
-                                    offsets, 1.0)
-        kernels.grouped_weight_grad(s, grad_y, grad_b, (1, experts, rank * experts), offsets,
-                                    scaling)
+                                    offsets, 1.0, row_index)
+    if row_index is not None:
+        grad_x = torch.zeros_like(x).index_add_(0, row_index, grad_x)
     return grad_x, grad_a, grad_b
 
 
 @lora_grouped_backward.register_fake
-def _(grad_y, x, s, weight, transposed, lora_A, lora_B, scaling, offsets):
+def _(grad_y, x, s, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
     return (torch.empty_like(x), lora_A.new_empty(lora_A.shape, dtype=torch.float32),
             lora_B.new_empty(lora_B.shape, dtype=torch.float32))
 
@@ -121,27 +135,31 @@ def _(grad_y, x, s, weight, transposed, lora_A, lora_B, scaling, offsets):
 class LoraGroupedFunction(torch.autograd.Function):
     """The grouped LoRA GEMM as an autograd Function:
 
-        y = LoraGroupedFunction.apply(x, weight, transposed, lora_A, lora_B, scaling, offsets)
+        y = LoraGroupedFunction.apply(x, weight, transposed, lora_A, lora_B, scaling, offsets,
+                                      row_index)
 
-    ``x`` contiguous (S x K), rows sorted by expert; ``weight`` the frozen E x N x K expert stack
-    (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32. Arguments are
-    used as given: ``lora_grouped`` is the checked entry point. Saves x, S = x A_e^T (S x r), the
-    adapters, offsets and the weight as stored (no copy). The weight gets no gradient."""
+    ``x`` contiguous: (S x K) rows sorted by expert, or with ``row_index`` (S,) any rows, sorted
+    row i being x[row_index[i]] (the kernels gather them); ``weight`` the frozen E x N x K expert
+    stack (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32.
+    Arguments are used as given: ``lora_grouped`` is the checked entry point. Saves x (not a
+    sorted copy), row_index, S = x A_e^T (S x r), the adapters, offsets and the weight as stored
+    (no copy). The weight gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets):
-        y, s = lora_grouped_forward(x, weight, transposed, lora_A, lora_B, scaling, offsets)
-        ctx.save_for_backward(x, s, weight, lora_A, lora_B, offsets)
+    def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
+        y, s = lora_grouped_forward(x, weight, transposed, lora_A, lora_B, scaling, offsets,
+                                    row_index)
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B, offsets, row_index)
         ctx.transposed, ctx.scaling = transposed, scaling
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, s, weight, lora_A, lora_B, offsets = ctx.saved_tensors
+        x, s, weight, lora_A, lora_B, offsets, row_index = ctx.saved_tensors
         need = _GROUPED_GRADIENTS.needed(ctx)
         grad_x, grad_a, grad_b = lora_grouped_backward(grad_y.contiguous(), x, s, weight,
                                                        ctx.transposed, lora_A, lora_B,
-                                                       ctx.scaling, offsets)
+                                                       ctx.scaling, offsets, row_index)
         grads = {"x": grad_x if need["x"] else None}
         if need["lora_A"]:
             grads["lora_A"] = grad_a.to(lora_A.dtype)
@@ -153,9 +171,11 @@ class LoraGroupedFunction(torch.autograd.Function):
 _GROUPED_GRADIENTS = InputGradients(LoraGroupedFunction, "x", "lora_A", "lora_B")
 
 
-def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=False,
+                        row_index=None):
     """Everything ``lora_grouped`` checks before it runs: a TypeError or ValueError naming the
-    problem. The offsets' values are checked by ``check_offsets`` (on the device)."""
+    problem. The offsets' and row_index's values are checked by ``check_offsets`` (on the
+    device)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank.lora_grouped: x must be a 2-D fp32/fp16/bf16 tensor (rows sorted "
                         f"by expert), got {_describe(x)}")
@@ -186,17 +206,26 @@ def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=
             or offsets.dtype not in (torch.int32, torch.int64) or offsets.numel() != experts + 1):
         raise TypeError(f"lowrank.lora_grouped: offsets must be {experts + 1} int32/int64 row "
                         f"offsets (one more than the experts), got {_describe(offsets)}")
-    use_kernels(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, offsets=offsets)
+    if row_index is not None and (not isinstance(row_index, torch.Tensor) or row_index.dim() != 1
+                                  or row_index.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"lowrank.lora_grouped: row_index must be a 1-D int32/int64 tensor (x's "
+                        f"row of each sorted row), got {_describe(row_index)}")
+    use_kernels(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, offsets=offsets,
+                row_index=row_index)
 
 
-def check_offsets(offsets, rows):
-    """Offsets must rise from 0 to ``rows``: otherwise the kernels' tiles would reach rows x does
-    not have. Checked where they are, without waiting for the device (``torch._assert_async``): on
-    a CPU it raises here (RuntimeError), on a GPU it is a device-side assert before any kernel
-    reads them."""
+def check_offsets(offsets, rows, row_index=None, x_rows=None):
+    """Offsets must rise from 0 to ``rows``, and ``row_index`` (if given) name rows of x's
+    ``x_rows``: otherwise the kernels would reach rows x does not have. Checked where they are,
+    without waiting for the device (``torch._assert_async``): on a CPU it raises here
+    (RuntimeError), on a GPU it is a device-side assert before any kernel reads them."""
     valid = (offsets[0] == 0) & (offsets[-1] == rows) & (offsets[1:] >= offsets[:-1]).all()
     torch._assert_async(valid, f"lowrank.lora_grouped: offsets must rise from 0 to the {rows} "
                         "rows of x (rows sorted by expert)")
+    if row_index is not None and rows:
+        inside = (row_index.min() >= 0) & (row_index.max() < x_rows)
+        torch._assert_async(inside, f"lowrank.lora_grouped: row_index must name rows of x's "
+                            f"{x_rows}")
 
 
 def _describe(value):
@@ -205,7 +234,7 @@ def _describe(value):
     return repr(value)
 
 
-def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False, row_index=None):
     """The grouped LoRA GEMM: ``y[rows of e] = x W_e^T + scaling * x A_e^T B_e^T``, every expert
     in one launch per step.
 
@@ -216,10 +245,16 @@ def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
     - ``lora_A`` (E r x K), ``lora_B`` (N x r E): PEFT's ``target_parameters`` layout, any float
       dtype (PEFT keeps fp32), cast to x's dtype for the products; they get gradients in their own
       dtype, x gets one too.
+    - ``row_index``: (S,) int32/int64, optional: the sorted rows are x[row_index] (x any rows,
+      e.g. a token's hidden state for each of its top-k experts), gathered inside the kernels
+      instead of copied; y has S rows either way, and x's gradient sums its rows' shares.
     """
-    lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed)
-    check_offsets(offsets, x.shape[0])
+    lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed, row_index)
+    rows = x.shape[0] if row_index is None else row_index.shape[0]
+    check_offsets(offsets, rows, row_index, x.shape[0])
     if not use_kernels(x=x, weight=weight):
-        return reference.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed)
+        sorted_x = x if row_index is None else x[row_index]
+        return reference.lora_grouped(sorted_x, weight, lora_A, lora_B, scaling, offsets,
+                                      transposed)
     return LoraGroupedFunction.apply(x.contiguous(), weight, transposed, lora_A, lora_B,
-                                     float(scaling), offsets)
+                                     float(scaling), offsets, row_index)
