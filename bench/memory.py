@@ -281,6 +281,23 @@ def _unpacked_sequences(fake_mode):
         yield
 
 
+def _save_trained_looking(peft_model, directory):
+    """Give ``peft_model``'s adapter a trained look (B not zero, seeded), so the ways' losses say
+    something when compared, and save it in PEFT's format into ``directory``."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter_name, parameter in peft_model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.02)
+    peft_model.save_pretrained(directory)
+
+
+def _fake_mode(spec, fake):
+    """The FakeTensorMode a case runs under (``fake`` None: the model's own setting), or None."""
+    fake = spec["fake"] if fake is None else fake
+    return torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+
+
 def measure_model(name, directory, dropout, checkpointing=(False, True), fake=None):
     """{checkpointing: {way: {"loss", "saved", "held_at_once"}}} for model ``name`` (its base
     saved in ``directory``/base) with LoRA ``dropout`` (DoRA where the model says ``use_dora``);
@@ -295,16 +312,10 @@ def measure_model(name, directory, dropout, checkpointing=(False, True), fake=No
                                 LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout,
                                            target_modules="all-linear",
                                            use_dora=spec.get("use_dora", False)))
-    torch.manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter (B not zero), so the losses say something
-        for parameter_name, parameter in peft_model.named_parameters():
-            if "lora_B" in parameter_name:
-                parameter.normal_(0, 0.02)
-    peft_model.save_pretrained(f"{directory}/adapter")
+    _save_trained_looking(peft_model, f"{directory}/adapter")
     patched = lowrank.load_adapter(_load_4bit(f"{directory}/base", dtype), f"{directory}/adapter")
     batch, sequence = spec["tokens"]
-    fake = spec["fake"] if fake is None else fake
-    fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    fake = _fake_mode(spec, fake)
     results = {}
     with fake or contextlib.nullcontext(), _unpacked_sequences(fake):
         torch.manual_seed(0)
@@ -376,13 +387,18 @@ def run(models, dropouts=DROPOUTS, checkpointing=(False, True), fake=None):
                 seconds = (time.perf_counter() - started) / len(measured)
                 for checkpoint, results in measured.items():
                     check_losses(name, dropout, results)
-                    cases.append({"model": name, "tokens": list(spec["tokens"]),
-                                  "dtype": spec["dtype"],
-                                  "fake": spec["fake"] if fake is None else fake,
-                                  "dropout": dropout, "gradient_checkpointing": checkpoint,
-                                  "ways": results, "ratios_to_peft": ratios(results),
-                                  "seconds": seconds})
+                    cases.append(ledger_case(name, spec, fake, dropout, checkpoint, results,
+                                             ratios(results), seconds))
     return cases
+
+
+def ledger_case(name, spec, fake, dropout, checkpointing, results, ratios_to_peft, seconds):
+    """One case of a ledger's results file: model ``name`` (``spec``: its MODELS or MOE_MODELS
+    entry; ``fake`` None: the model's own setting), ``results`` by way and their ratios to PEFT."""
+    return {"model": name, "tokens": list(spec["tokens"]), "dtype": spec["dtype"],
+            "fake": spec["fake"] if fake is None else fake, "dropout": dropout,
+            "gradient_checkpointing": checkpointing, "ways": results,
+            "ratios_to_peft": ratios_to_peft, "seconds": seconds}
 
 
 # Mixture-of-experts configurations (issue 27): a Qwen3-MoE model with LoRA on its experts only,
@@ -439,16 +455,10 @@ def measure_moe(name, directory, fake=None):
     peft_model = get_peft_model(copy.deepcopy(base),
                                 LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[],
                                            target_parameters=MOE_TARGET_PARAMETERS))
-    torch.manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter (B not zero), so the losses say something
-        for parameter_name, parameter in peft_model.named_parameters():
-            if "lora_B" in parameter_name:
-                parameter.normal_(0, 0.02)
-    peft_model.save_pretrained(directory)
+    _save_trained_looking(peft_model, directory)
     patched = lowrank.load_adapter(base, directory)
     batch, sequence = spec["tokens"]
-    fake = spec["fake"] if fake is None else fake
-    fake = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    fake = _fake_mode(spec, fake)
     results = {}
     with fake or contextlib.nullcontext(), _unpacked_sequences(fake):
         torch.manual_seed(0)
@@ -496,11 +506,8 @@ def run_moe(models, fake=None):
             results = measure_moe(name, directory, fake)
             if spec["dtype"] == "float32":  # LOSS_RTOL is fp32's
                 check_losses(name, 0.0, results)
-            cases.append({"model": name, "tokens": list(spec["tokens"]), "dtype": spec["dtype"],
-                          "fake": spec["fake"] if fake is None else fake, "dropout": 0.0,
-                          "gradient_checkpointing": False,
-                          "ways": results, "ratios_to_peft": moe_ratios(results),
-                          "seconds": time.perf_counter() - started})
+            cases.append(ledger_case(name, spec, fake, 0.0, False, results, moe_ratios(results),
+                                     time.perf_counter() - started))
     return cases
 
 

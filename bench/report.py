@@ -155,14 +155,11 @@ def memory_section(directory=RESULTS_DIR, prefix=MEMORY_PREFIX):
     """BENCHMARKS.md's memory ledger: the newest ``python -m bench.memory`` result (``prefix``
     MEMORY_DORA_PREFIX: of ``python -m bench.memory --dora``), each configuration's saved bytes by
     block (MiB) and each way's total over PEFT's."""
-    results = [(json.loads(path.read_text()), path.name)
-               for path in Path(directory).glob(f"{prefix}*.json")
-               if prefix != MEMORY_PREFIX
-               or not path.name.startswith((MEMORY_DORA_PREFIX, MOE_MEMORY_PREFIX))]
-    if not results:
+    newest = _newest_ledger(directory, prefix, (MEMORY_DORA_PREFIX, MOE_MEMORY_PREFIX)
+                            if prefix == MEMORY_PREFIX else ())
+    if newest is None:
         return ""
-    result, name = max(results, key=lambda pair: pair[0]["date"])
-    categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
+    result, name, categories = newest
     versions = result["versions"]
     title = "Memory ledger, DoRA" if prefix == MEMORY_DORA_PREFIX else "Memory ledger"
     parts = [f"\n## {title} ({result['device']['name']}, {result['device']['ops']} ops), "
@@ -179,30 +176,48 @@ def memory_section(directory=RESULTS_DIR, prefix=MEMORY_PREFIX):
              f"| model | tokens | dtype | dropout | checkpointing | way | "
              f"{' | '.join(categories)} | total MiB | x PEFT | layer x | held x |\n"
              f"|{'---|' * (10 + len(categories))}\n"]
+    parts += _ledger_rows(result, categories, lambda case: (
+        case["dropout"], "on" if case["gradient_checkpointing"] else "off"),
+        ("total", "layer", "held_at_once"))
+    return "".join(parts)
+
+
+def _newest_ledger(directory, prefix, excluded=()):
+    """The newest memory-ledger result in ``directory`` whose file name starts with ``prefix`` and
+    with none of ``excluded``: (result, file name, its saved-bytes categories), or None."""
+    results = [(json.loads(path.read_text()), path.name)
+               for path in Path(directory).glob(f"{prefix}*.json")
+               if not path.name.startswith(excluded)]
+    if not results:
+        return None
+    result, name = max(results, key=lambda pair: pair[0]["date"])
+    return result, name, [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
+
+
+def _ledger_rows(result, categories, case_columns, ratios):
+    """A ledger table's rows, one per configuration and way: model, tokens, dtype,
+    ``case_columns(case)``, way, the MiB saved per category and in total, then the way's ``ratios``
+    (keys of its ratios to PEFT)."""
+    rows = []
     for case in result["cases"]:
         for way, measured in case["ways"].items():
-            ratio = case["ratios_to_peft"][way]
-            saved = " | ".join(f"{measured['saved'][c] / 2**20:.2f}" for c in categories)
-            checkpointing = "on" if case["gradient_checkpointing"] else "off"
-            parts.append(f"| {case['model']}{' (fake tensors)' if case['fake'] else ''} | "
-                         f"{'x'.join(map(str, case['tokens']))} | {case['dtype']} | "
-                         f"{case['dropout']} | {checkpointing} | {way} | {saved} | "
-                         f"{measured['saved']['total'] / 2**20:.2f} | "
-                         f"{ratio['total']:.2f} | {ratio['layer']:.2f} | "
-                         f"{ratio['held_at_once']:.2f} |\n")
-    return "".join(parts)
+            cells = [f"{case['model']}{' (fake tensors)' if case['fake'] else ''}",
+                     "x".join(map(str, case["tokens"])), case["dtype"], *case_columns(case), way,
+                     *(f"{measured['saved'][c] / 2**20:.2f}" for c in categories),
+                     f"{measured['saved']['total'] / 2**20:.2f}",
+                     *(f"{case['ratios_to_peft'][way][r]:.2f}" for r in ratios)]
+            rows.append(f"| {' | '.join(map(str, cells))} |\n")
+    return rows
 
 
 def moe_memory_section(directory=RESULTS_DIR):
     """The memory ledger's MoE configurations (``python -m bench.memory --moe``, newest result):
     LoRA on the experts only; ``MoE x``: the MoE blocks' saves (experts, router, combine) over
     PEFT's."""
-    results = [(json.loads(path.read_text()), path.name)
-               for path in Path(directory).glob(f"{MOE_MEMORY_PREFIX}*.json")]
-    if not results:
+    newest = _newest_ledger(directory, MOE_MEMORY_PREFIX)
+    if newest is None:
         return ""
-    result, name = max(results, key=lambda pair: pair[0]["date"])
-    categories = [c for c in result["cases"][0]["ways"]["peft"]["saved"] if c != "total"]
+    result, name, categories = newest
     parts = [f"\n### Mixture-of-experts blocks ({result['device']['name']}, "
              f"{result['device']['ops']} ops), {result['date']}\n\n"
              f"Generated from `{name}` (written by `python -m bench.memory --moe`): LoRA r=16 on "
@@ -212,14 +227,7 @@ def moe_memory_section(directory=RESULTS_DIR):
              f"PEFT's. Commit `{(result['commit'] or 'unknown')[:10]}`.\n\n"
              f"| model | tokens | dtype | way | {' | '.join(categories)} | total MiB | x PEFT | "
              f"MoE x |\n|{'---|' * (7 + len(categories))}\n"]
-    for case in result["cases"]:
-        for way, measured in case["ways"].items():
-            ratio = case["ratios_to_peft"][way]
-            saved = " | ".join(f"{measured['saved'][c] / 2**20:.2f}" for c in categories)
-            parts.append(f"| {case['model']}{' (fake tensors)' if case['fake'] else ''} | "
-                         f"{'x'.join(map(str, case['tokens']))} | {case['dtype']} | {way} | "
-                         f"{saved} | {measured['saved']['total'] / 2**20:.2f} | "
-                         f"{ratio['total']:.2f} | {ratio['moe_block']:.2f} |\n")
+    parts += _ledger_rows(result, categories, lambda case: (), ("total", "moe_block"))
     return "".join(parts)
 
 

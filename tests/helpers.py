@@ -435,6 +435,23 @@ def loss_and_grads(model, ids):
     return logits.detach(), grads
 
 
+def compiled_recording_graphs(model, **options):
+    """(``torch.compile(model, **options)`` on aot_eager, the list it appends each graph dynamo
+    hands it to): dynamo's caches and counters are reset first, so an earlier test's compiles
+    count neither as graphs nor as graph breaks here."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(model, backend=recording_backend, **options), graphs
+
+
 def train_losses(model, batches, optimizer, steps):
     """Losses of ``steps`` optimizer steps of causal-LM training, cycling through ``batches``."""
     losses = []

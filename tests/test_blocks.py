@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-from helpers import (TINY_ARCHITECTURES, assert_model_close, loss_and_grads, randomize_adapters,
-                     tiny_model, token_ids)
+from helpers import (TINY_ARCHITECTURES, assert_model_close, compiled_recording_graphs,
+                     loss_and_grads, randomize_adapters, tiny_model, token_ids)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -343,16 +343,8 @@ def test_torch_compile_traces_the_fused_attention_and_mlp_in_one_graph(way):
         lowrank.patch_peft_model(model)
     ids = peft_ids()
     eager = loss_and_grads(model, ids)
-    graphs = []
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
-
-    torch._dynamo.reset()
-    counters.clear()
-    logits, grads = loss_and_grads(torch.compile(model, backend=recording_backend, fullgraph=True),
-                                   ids)
+    compiled, graphs = compiled_recording_graphs(model, fullgraph=True)
+    logits, grads = loss_and_grads(compiled, ids)
     assert len(graphs) == 1 and not counters["graph_break"]
     names = {n: n.removeprefix("_orig_mod.").removeprefix("base_model.model.") for n in grads}
     assert_same_as((logits, {names[n]: g for n, g in grads.items()}), eager)

@@ -12,9 +12,10 @@ import torch
 from bitsandbytes.nn import Linear4bit
 from bitsandbytes.functional import has_avx512bf16
 from helpers import (FP32_TOLERANCE, RATIO, ROUNDING, as_held, as_loaded, assert_held,
-                     assert_model_close, dense_llama_twin, linear4bit_layers, load_tiny_4bit_llama,
-                     loss_and_grads, randomize_adapters, relative_error, run_bitsandbytes_in_eval,
-                     tiny_model, token_ids, train_losses, weights_bitsandbytes_computes_with, with_peft)
+                     assert_model_close, compiled_recording_graphs, dense_llama_twin,
+                     linear4bit_layers, load_tiny_4bit_llama, loss_and_grads, randomize_adapters,
+                     relative_error, run_bitsandbytes_in_eval, tiny_model, token_ids, train_losses,
+                     weights_bitsandbytes_computes_with, with_peft)
 from peft import IA3Config, LoraConfig, get_peft_model
 
 import lowrank
@@ -418,16 +419,9 @@ def test_torch_compile_trains_like_eager_without_graph_breaks(way):
 
     eager, _ = patched_and_peft(way)
     model = copy.deepcopy(eager)
-    graphs = []
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
-
-    torch._dynamo.reset()
-    counters.clear()
+    compiled, graphs = compiled_recording_graphs(model)
     ids = token_ids()
-    compiled_losses = train(torch.compile(model, backend=recording_backend), ids)
+    compiled_losses = train(compiled, ids)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(graphs) == 1  # the whole forward in one graph, not recompiled across steps
     # LoraLinearFunction's forward is traced into a subgraph of the one graph.

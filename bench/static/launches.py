@@ -10,7 +10,8 @@ decide vector widths and software pipelining).
 Two sets of launches:
 - ``bench_launches``: the benchmark cases (bench/*.py shapes, bf16): what the static report reads.
 - ``coverage_launches``: every launcher with every flag, dtype and weight kind it takes, on an
-  aligned and a ragged shape: what the compile test builds.
+  aligned and a ragged shape, each value at least once (not their full product: the rule is at
+  ``coverage_calls``): what the compile test builds.
 """
 
 import contextlib
@@ -594,13 +595,44 @@ def bench_launches(target, every_config=True):
     return run_calls(bench_calls(), target, every_config)
 
 
-# Coverage: every argument that selects a different compiled kernel. ALIGNED sizes are divisible
-# by 16 (the common case: the JIT adds divisibility attributes); RAGGED ones are not, and are
-# built in bf16 only, to bound the compile test's time.
+# Coverage: every argument that selects a different compiled kernel, each of its values built at
+# least once per architecture. ALIGNED sizes are divisible by 16 (the common case: the JIT adds
+# divisibility attributes); RAGGED ones are not.
+#
+# Not the full product of those arguments (CI time). The rule: a launch's *form* changes its hot
+# loop, tiles or config (operand dtype, weight kind, shape class, IA3's feed-forward or output
+# form, a grouped GEMM's expert layout, a block size); its *optional features* (bias, dropout)
+# only add code to a form. Built:
+# - bf16, the dtype models train in: every form; the plain NF4 weight on the aligned shapes only
+#   (nf4-nested is the same read plus the absmax's decode, so it stands for it elsewhere).
+# - fp32 (its own tiles, IEEE dot): the dense and nested weights on the aligned shapes.
+# - fp16 (bf16's tiles and configs, only the element type differs): the nested weight on the
+#   aligned shapes (where fp16 and bf16 builds both existed, registers differed by at most 8 and
+#   shared memory not at all, so no gate read them apart).
+# - Optional features: all on in every form (its heaviest build, which the resource, spill and
+#   CTA gates read), all off on bf16's dense weight on the aligned shapes (each flag's False
+#   branch). A form with some on is code between those two.
+# When this rule came in (479 builds per architecture down to 302), every dropped build passed the
+# gates, and all but 22 to 27 per architecture had registers and shared memory at most those of a
+# kept build of its kernel, operand dtype (bf16 for fp16) and shape class; the others, fp32
+# one-row decodes and ragged backward builds without dropout mostly, are within the limits by a
+# margin, or exempt from the spill gate (tests/test_compile_gpu.py: spilling_today).
 ALIGNED = (64, 128, 96)
 RAGGED = (37, 72, 50)
 DECODE = ((1, 128, 96), (16, 128, 96))  # one row (the JIT makes M a constant), a full M block
 DECODE_RAGGED = (3, 72, 50)
+
+
+def weight_kinds(dtype):
+    """The weight kinds the forms of ``dtype`` are built over (the rule above)."""
+    return {torch.bfloat16: WEIGHT_KINDS, torch.float32: ("dense", "nf4-nested"),
+            torch.float16: ("nf4-nested",)}[dtype]
+
+
+def optional_features(dtype, kind, shape, all_off, all_on):
+    """The optional feature settings a form is built with (the rule above)."""
+    aligned = shape not in (RAGGED, DECODE_RAGGED)
+    return (all_off, all_on) if (dtype, kind, aligned) == (torch.bfloat16, "dense", True) else (all_on,)
 
 
 def coverage_calls():
@@ -608,38 +640,43 @@ def coverage_calls():
     for dtype in DTYPES:
         t = str(dtype).removeprefix("torch.")
         bf16 = dtype == torch.bfloat16
-        for kind in WEIGHT_KINDS:
-            for shape in (ALIGNED, *DECODE) + ((RAGGED, DECODE_RAGGED) if bf16 else ()):
-                for dropout, bias in itertools.product((0.0, 0.1), (False, True)):
+        for kind in weight_kinds(dtype):
+            every_shape = bf16 and kind != "nf4"
+            for shape in (ALIGNED, DECODE[1]) + ((DECODE[0], RAGGED, DECODE_RAGGED) if every_shape else ()):
+                for dropout, bias in optional_features(dtype, kind, shape, (0.0, False), (0.1, True)):
                     for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
                         calls[f"lora_linear_{step} {t} {kind} {shape} p={dropout} bias={bias}"] = call
-            for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
-                for feedforward, bias in itertools.product((False, True), (False, True)):
+            gemm_shapes = (ALIGNED, RAGGED) if every_shape else (ALIGNED,)
+            for shape in gemm_shapes:
+                for feedforward, bias in itertools.product(
+                        (False, True), optional_features(dtype, kind, shape, False, True)):
                     for step, call in ia3_linear_calls(*shape, kind, dtype, feedforward, bias).items():
                         name = f"ia3_linear_{step} {t} {kind} {shape} ff={feedforward} bias={bias}"
                         calls[name] = call
-            for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
                 calls[f"dora_norm {t} {kind} {shape}"] = dora_norm_call(*shape[1:], kind, dtype)
-            # DoRA's epilogue forms (training, inference, dropout), on one weight kind per dtype
-            # (the epilogue follows the K loop, which the LoRA forward's coverage builds).
-            for shape in ((ALIGNED, RAGGED) if bf16 else (ALIGNED,)) if kind == "nf4-nested" else ():
-                for dropout, keep_product in ((0.0, True), (0.0, False), (0.1, True)):
+            # DoRA's epilogue forms (training, inference, dropout) on one weight kind, on bf16's
+            # aligned shape; the training form elsewhere (the epilogue follows the K loop, which
+            # the LoRA forward's coverage builds).
+            for shape in gemm_shapes if kind == "nf4-nested" else ():
+                forms = ((0.0, True), (0.0, False), (0.1, True))
+                for dropout, keep_product in forms if bf16 and shape == ALIGNED else forms[:1]:
                     calls[f"dora_linear_forward {t} {kind} {shape} p={dropout} "
                           f"product={keep_product}"] = dora_forward_call(
                               *shape, kind, dtype, dropout, keep_product, bias=True)
             # Eight adapters: too few rows per adapter for segments (the per-row path); two: the
             # segmented path (lora_mixed.segmented).
             for shape, bias in ((DECODE[1], False), (ALIGNED, True)) + (
-                    ((DECODE_RAGGED, True),) if bf16 else ()):
+                    ((DECODE_RAGGED, True),) if every_shape else ()):
                 calls[f"lora_mixed {t} {kind} {shape} bias={bias}"] = lora_mixed_call(
                     *shape, kind, dtype, 8, bias)
-            for shape, bias in ((ALIGNED, False), (ALIGNED, True)) + (
-                    ((RAGGED, True),) if bf16 else ()):
-                calls[f"lora_mixed {t} {kind} {shape} bias={bias} segmented"] = lora_mixed_call(
-                    *shape, kind, dtype, 2, bias)
+            for shape in gemm_shapes:
+                for bias in optional_features(dtype, kind, shape, False, True):
+                    calls[f"lora_mixed {t} {kind} {shape} bias={bias} segmented"] = lora_mixed_call(
+                        *shape, kind, dtype, 2, bias)
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
-        for shape, transposed in ((ALIGNED, False), (ALIGNED, True)) + (((RAGGED, False),) if bf16 else ()):
+        # The experts' two layouts in bf16; the other dtypes with PEFT's (not transposed).
+        for shape, transposed in ((ALIGNED, False),) + (((ALIGNED, True), (RAGGED, False)) if bf16 else ()):
             for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
@@ -652,14 +689,16 @@ def coverage_calls():
             for shape in (ALIGNED[:2], RAGGED[:2]):
                 calls[f"gated_activation {t} {activation} {shape}"] = gated_activation_call(
                     *shape, dtype, activation)
-        for blocksize in NF4_BLOCKSIZES:
+        for blocksize in NF4_BLOCKSIZES if bf16 else (BLOCKSIZE,):  # block sizes: forms of bf16's
             calls[f"nf4_quantize {t} blocksize={blocksize}"] = quantize_call(96, 128, dtype, blocksize)
-        for out in DTYPES:  # dense weights merge in place, or into another dtype
+        # Dense weights merge in place, or into the next dtype (each dtype read and written once).
+        for out in (dtype, DTYPES[(DTYPES.index(dtype) + 1) % len(DTYPES)]):
             calls.update(merge_calls(f"{t} dense to {out}", "dense", dtype, out, unmerge=out == dtype))
     for kind in ("nf4", "nf4-nested"):  # the packed weight has no dtype: into each dense dtype, or NF4
         for out in DTYPES:
             calls.update(merge_calls(f"{kind} to {out}", kind, None, out))
-        for blocksize in NF4_BLOCKSIZES:
+        # The block sizes requantized into: forms of the nested weight's merges (the heavier read).
+        for blocksize in NF4_BLOCKSIZES if kind == "nf4-nested" else (BLOCKSIZE,):
             calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
                                      blocksize=blocksize))
     calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(
