@@ -92,10 +92,6 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
-    store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
-                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
-                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
-                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -122,6 +118,12 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                 s = s / (1 - p)
             tl.store(s_partial_ptr + (split * M + rows[:, None]) * R + ranks[None, :], s,
                      mask=(rows[:, None] < M) & (ranks[None, :] < R))
+    # The shrink first: after the base GEMM, its K-slice's loop test (empty or not) was kept for
+    # the shrink's loop on the stack, 8 bytes with nested NF4 and fp32 adapters on sm_80 to 89.
+    store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
+                            nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
+                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
+                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
