@@ -102,17 +102,18 @@ def test_nf4_instructions_per_element_under_ceiling_for(arch):
 # config, the benchmark cases built with it).
 FORWARD = "lora_linear.forward_configs"
 BAD_CONFIGS = {
-    "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
-                                "num_stages": 6}, "lora_linear_forward dense"),
-    "spills": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 1,
-                             "num_stages": 1}, "lora_linear_forward dense"),
-    "two_ctas_per_sm": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
-                                      "num_stages": 3}, "lora_linear_forward dense"),
+    "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                "num_warps": 4, "num_stages": 6}, "lora_linear_forward dense"),
+    "spills": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8,
+                             "num_warps": 1, "num_stages": 1}, "lora_linear_forward dense"),
+    "two_ctas_per_sm": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                      "num_warps": 4, "num_stages": 3}, "lora_linear_forward dense"),
     # Two warps: less than a warpgroup, so mma.sync although the tile has 64 rows.
-    "wgmma": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 2,
-                            "num_stages": 3}, "lora_linear_forward dense"),
-    "nf4_instructions": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
-                                       "num_stages": 3}, "lora_linear_forward nf4-nested"),
+    "wgmma": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8,
+                            "num_warps": 2, "num_stages": 3}, "lora_linear_forward dense"),
+    "nf4_instructions": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8,
+                                       "num_warps": 4, "num_stages": 3},
+                         "lora_linear_forward nf4-nested"),
 }
 
 
