@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, grouped_tile, row_offsets, store_rounded
-from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -109,7 +109,8 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     if not FEEDFORWARD:
@@ -146,7 +147,7 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     if FEEDFORWARD:
         if GRAD_SCALE:
             x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
@@ -181,7 +182,8 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -199,7 +199,8 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
     # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
     # would be rounded again if scaled first: its products are summed apart and scaled after.
@@ -250,7 +251,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)

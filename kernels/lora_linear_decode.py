@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -78,7 +78,8 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
 
