@@ -60,7 +60,13 @@ def spilling_today(record):
     operands = {record["signature"].get(name) for name in ("x_ptr", "dy_ptr", "y_ptr")}
     sizes = [record["ints"][d] for d in ("M", "N", "K") if d in record["ints"]]
     ragged = any(size != 1 and size % 16 for size in sizes)
-    return gates.is_gemm(record) and ("*fp32" in operands or ragged)
+    # And on sm_90 the decode kernel with fp32 adapters of a 16-bit x (its shrink in IEEE fp32):
+    # 8 bytes of stack, a thread-index value ptxas keeps across the shrink (with the base GEMM
+    # before the shrink it spilled on sm_80 to 89 instead, and on sm_90 too after the cheaper
+    # NF4 lookup).
+    fp32_branch_decode = (record["kernel"] == "_lora_decode_kernel" and record["arch"] == 90
+                          and record["signature"].get("a_ptr") == "*fp32")
+    return gates.is_gemm(record) and ("*fp32" in operands or ragged or fp32_branch_decode)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
