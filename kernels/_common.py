@@ -137,6 +137,26 @@ def row_offsets(rows, stride):
 
 
 @triton.jit
+def grouped_tile(tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of this program in a tiles_m x tiles_n grid of output tiles launched
+    as one dimension of tiles_m * tiles_n programs, in grouped order (Triton's matmul tutorial):
+    GROUP_M tile rows at a time, column by column, the last group holding the rows left over.
+
+    Why: programs launched together then read GROUP_M row blocks of the first operand and a few
+    column blocks of the second, instead of one row block and every column block, so a wave of
+    resident CTAs needs fewer distinct bytes and more of its reads hit L2 before they are evicted.
+    The static model (bench/static/model.py) cannot show it: it reads every tensor from DRAM once
+    (perfect reuse, whatever the order) and counts each program's tile loads at L2 bandwidth,
+    which the order does not change."""
+    program = tl.program_id(0)
+    per_group = GROUP_M * tiles_n
+    first_row = (program // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_row, GROUP_M)
+    within = program % per_group
+    return first_row + within % group_rows, within // group_rows
+
+
+@triton.jit
 def bucketize(x, bounds_ptr, BITS: tl.constexpr):
     """Number of ``bounds`` strictly below ``x``: ``torch.bucketize(x, bounds)`` (right=False).
 

@@ -52,12 +52,19 @@ def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pair
         packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                          mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
         values = decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
-        group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
-        scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
-                            nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
         if GROUPS == 1:
-            tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
+            # The absmax as a vector, broadcast after the load: loaded as [BLOCK_N, 1], its
+            # layout (a row per thread) became the decoded tile's, which sm_80-89 then wrote to
+            # shared memory (for mma.sync) 2 bytes at a time instead of 16.
+            scale = load_absmax((row_first + k0) >> block_shift, outs < N, absmax_ptr,
+                                nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
+                                NESTED)
+            tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
         else:
+            group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
+            scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+                                nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
+                                NESTED)
             tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                               [BLOCK_N, BLOCK_K])
     else:
@@ -67,6 +74,24 @@ def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pair
                                 absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                                 offset_ptr, block_shift, nested_shift, NF4, NESTED)
     return tile
+
+
+@triton.jit
+def gemm_operand(tile, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """A weight tile from ``load_gemm_tile`` (fp32) as a tl.dot operand in ``dtype``.
+
+    For mma.sync (sm_80 to sm_89) Triton lays both operands of a tl.dot out for the narrowest
+    load found behind either of them, halved if a tl.join is on the way (its kWidth): an NF4 tile
+    (bytes, and the join of each byte's two values) made it 4 for 16-bit operands instead of 2,
+    so x was read from shared memory without ldmatrix and its fragments regrouped with four moves
+    per mma (about a third of sm_89's instructions per decoded element). With INLINE_PTX, the
+    16-bit tile goes through a move marked impure, which that search does not look behind; ptxas
+    removes the move. Dense tiles and fp32 operands need none."""
+    operand = tile.to(dtype)
+    if NF4 and INLINE_PTX and dtype.primitive_bitwidth == 16:
+        operand = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [operand],
+                                            dtype=operand.dtype, is_pure=False, pack=2)
+    return operand
 
 
 def decoding_flags(nf4, K, block_k, target):

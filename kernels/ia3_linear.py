@@ -23,44 +23,56 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cast_rounded, row_offsets, store_rounded
-from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from ._common import cast_rounded, grouped_tile, row_offsets, store_rounded
+from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
 # kernels/lora_linear.py's (one config in the interpreter and for fp32). The backward kernels'
 # BLOCK_M sizes the dl partial sums the op allocates (``partial_rows``), so it does not vary.
+# GROUP_M: tile rows per group of the grouped program order, as in kernels/lora_linear.py.
 PARTIAL_BLOCK_M = 64
 
 
 def forward_configs(target, dtype, feedforward):
-    if target.arch is None or dtype.itemsize == 4:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
+    if target.arch is None:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
+                 "num_stages": 3}]
+    if dtype.itemsize == 4:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}]
     if target.arch == 90:
         # As lora_linear.forward_configs; in the feed-forward form, whose x scale takes registers
         # in the loop, 128-row tiles spill (BLOCK_K 128) or exceed the NF4 decode's instruction
         # ceiling (BLOCK_K 64: 12.6 per element, nested).
-        return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}] + (
+        return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}] + (
             [] if feedforward else
-            [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}])
-    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4}]
+            [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+              "num_stages": 3}])
+    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 4}]
 
 
 def grad_input_configs(target, dtype):
-    if target.arch is None or dtype.itemsize == 4:
-        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4,
-                 "num_stages": 3}]
+    if target.arch is None:
+        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2,
+                 "num_warps": 4, "num_stages": 3}]
+    if dtype.itemsize == 4:
+        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8,
+                 "num_warps": 4, "num_stages": 3}]
     if target.arch == 90:  # BLOCK_N 128 with 8 warps: 11.6 instructions per NF4 element
-        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
-                 "num_stages": 3},
-                {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4,
-                 "num_stages": 4}]
+        return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
+                 "num_warps": 4, "num_stages": 3},
+                {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
+                 "num_warps": 4, "num_stages": 4}]
     # sm_80/86/89: with int64 row offsets, BLOCK_K 128 with 4 warps left 8 bytes of stack on
     # sm_86/89 (3 or 4 stages), and with 8 warps one CTA per SM (registers); this one builds
     # without stack and at 2 CTAs per SM on all three.
-    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
-             "num_stages": 3}]
+    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
+             "num_warps": 4, "num_stages": 3}]
 
 
 def grad_scale_configs(target, dtype):
@@ -79,11 +91,13 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                         NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile."""
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile, tiles in grouped order
+    (``grouped_tile``)."""
     dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -95,7 +109,8 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     if not FEEDFORWARD:
@@ -111,12 +126,15 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
                            FEEDFORWARD: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
                            NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                            INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
     """dX = (dY * l) W, or (dY W) * l; in the feed-forward form with GRAD_SCALE, also this
-    program's token-sum of (dY W) * x into row program_id(0) of ``dl_ptr`` (fp32, ? x K)."""
+    program's token-sum of (dY W) * x into row ``tile_m`` (its block of tokens) of ``dl_ptr``
+    (fp32, ? x K). Tiles in grouped order (``grouped_tile``)."""
     dtype = dy_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k_first = tl.program_id(1) * BLOCK_K
+    tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -129,12 +147,12 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     if FEEDFORWARD:
         if GRAD_SCALE:
             x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                         mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-            tl.store(dl_ptr + tl.program_id(0) * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
+            tl.store(dl_ptr + tile_m * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
                      mask=cols < K)
         acc *= tl.load(l_ptr + cols, mask=cols < K, other=0.0)[None, :]
     store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
@@ -148,12 +166,14 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
                            HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
                            SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    """Output form: this program's token-sum of dY * (x W^T + b) into row program_id(0) of
-    ``dl_ptr`` (fp32, ? x N); x W^T + b is recomputed here, never stored."""
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output form: this program's token-sum of dY * (x W^T + b) into row ``tile_m`` (its block
+    of tokens) of ``dl_ptr`` (fp32, ? x N); x W^T + b is recomputed here, never stored. Tiles in
+    grouped order (``grouped_tile``)."""
     dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -162,12 +182,13 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
                  mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-    tl.store(dl_ptr + tl.program_id(0) * N + outs, tl.sum(acc * dy.to(tl.float32), axis=0),
+    tl.store(dl_ptr + tile_m * N + outs, tl.sum(acc * dy.to(tl.float32), axis=0),
              mask=outs < N)
 
 
@@ -186,7 +207,7 @@ def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
     configs = with_decoding(forward_configs(target, x.dtype, feedforward), nf4, K, target)
     _common.launch(
         _ia3_forward_kernel,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,
         x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
         HAS_BIAS=bias is not None, **flags,
@@ -205,7 +226,7 @@ def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
     configs = with_decoding(grad_input_configs(target, dy.dtype), nf4, K, target)
     _common.launch(
         _ia3_grad_input_kernel,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"])), configs,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),), configs,
         dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
         x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
         GRAD_SCALE=write_scale, **flags,
@@ -223,7 +244,7 @@ def ia3_grad_scale(x, w, bias, dy, grad_scale, nf4=None):
     configs = with_decoding(grad_scale_configs(target, x.dtype), nf4, K, target)
     _common.launch(
         _ia3_grad_scale_kernel,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,
         x, w, dy if bias is None else bias, dy, grad_scale, *decoding[:5], M, N, K, x.stride(0),
         x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, HAS_BIAS=bias is not None, **flags,
         PRECISION=precision(x.dtype), enable_fp_fusion=False)

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import _common, _dora_epilogue
-from ._common import row_offsets, store_rounded
-from ._weight import load_gemm_tile, precision, weight_args, with_decoding
+from ._common import grouped_tile, row_offsets, store_rounded
+from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -38,31 +38,49 @@ MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
 # interpreter (autotuning cannot run there) and for fp32 operands (tl.dot on the FMA units: bigger
 # tiles spill); on GPUs a short list per architecture, each config compiling for sm_80/86/89/90
 # within the static gates (``python -m bench.static`` builds every config;
-# tests/test_static_report.py checks its report covers them all).
+# tests/test_static_report.py checks its report covers them all). GROUP_M: tile rows per group of
+# the grouped program order (``_common.grouped_tile``): 8 on GPUs, as Triton's matmul tutorial; 2
+# in the interpreter, so the tests' small shapes have several groups and a ragged last one.
 
 
 def forward_configs(target, dtype):
-    if target.arch is None or dtype.itemsize == 4:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
+    if target.arch is None:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
+                 "num_stages": 3}]
+    if dtype.itemsize == 4:
+        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}]
     if target.arch == 90:  # wgmma tiles of 128 x 128; 128 x 256 spills with the NF4 decode
-        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-                {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}]
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}]
     # sm_80/86/89 (and GPUs without a list of their own): W tiles of 128 rows amortize the decode;
     # 64 rows of x, as 128 x 128 tiles leave one CTA per SM (registers) or spill.
-    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4}]
+    return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 4}]
 
 
 def grad_input_configs(target, dtype, dropout):
     # As forward_configs, with W's N x K swapped; with dropout one config, as its mask regenerated
     # over bigger tiles spills registers on sm_90.
-    if target.arch is None or dtype.itemsize == 4 or dropout:
-        return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}]
+    if target.arch is None:
+        return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "num_warps": 4,
+                 "num_stages": 3}]
+    if dtype.itemsize == 4 or dropout:
+        return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}]
     if target.arch == 90:
-        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-                {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]
-    return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-            {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}]
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+                 "num_stages": 3}]
+    return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+             "num_stages": 4}]
 
 
 def shrink_config(target, dtype):
@@ -183,14 +201,15 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          block_shift, nested_shift, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                          NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, scale_ptr, undropped_ptr,
-                         product_ptr, COLUMN_SCALE: tl.constexpr, UNDROPPED: tl.constexpr,
-                         STORE_PRODUCT: tl.constexpr):
+                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                         scale_ptr, undropped_ptr, product_ptr, COLUMN_SCALE: tl.constexpr,
+                         UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr):
     """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
-    (kernels/_dora_epilogue.py)."""
+    (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``)."""
     dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -200,7 +219,8 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
     # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
     # would be rounded again if scaled first: its products are summed apart and scaled after.
@@ -234,11 +254,13 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             DROPOUT: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
                             SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers."""
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
+    tiles in grouped order (``grouped_tile``)."""
     dtype = dy_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k_first = tl.program_id(1) * BLOCK_K
+    tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
     dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -249,7 +271,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(dy, w.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -338,7 +360,7 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
     configs = with_decoding(forward_configs(target, x.dtype), nf4, K, target)
     _common.launch(
         _lora_forward_kernel,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])), configs,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,
         x, w, s, lora_b, y if bias is None else bias, y, absmax, pairs, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, bucket=M, HAS_BIAS=bias is not None, **flags,
@@ -355,7 +377,7 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     configs = with_decoding(grad_input_configs(target, dy.dtype, p > 0), nf4, K, target)
     _common.launch(
         _lora_grad_input_kernel,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"])), configs,
+        lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),), configs,
         dy, w, ds, lora_a, dx, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
         nested_shift, bucket=M, DROPOUT=p > 0, **flags,

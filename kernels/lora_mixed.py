@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import store_rounded
-from ._weight import decoding_flags, load_gemm_tile, precision, weight_args
+from ._weight import decoding_flags, gemm_operand, load_gemm_tile, precision, weight_args
 from .lora_linear import BLOCK_R
 from .lora_linear_decode import check_code_table, decode_tile, split_k, store_partial_base_gemm
 
@@ -122,7 +122,8 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
                                y_ptr, M, N, R, stride_ba, stride_bn, stride_br, HAS_BIAS, BLOCK_M,
                                BLOCK_N, EXPAND_R)
@@ -254,7 +255,8 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     used = nonempty & (adapter >= 0)
     adapter = tl.maximum(adapter, 0)

@@ -35,17 +35,21 @@ def decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
     high nibble (its even element) then its low nibble, one 8-byte lookup in the pair table
     (``_common.code_pairs``), the order of the elements in memory.
 
-    INLINE_PTX: the lookup as one ``ld.global.nc.v2.f32``. The same load written as ``tl.load``
-    is software-pipelined by Triton into a cp.async plus a shared-memory read-back per lookup
-    (about 1.5 more instructions per element in a GEMM's loop); the table is 2 KB and stays in
-    L1. The ``tl.load`` form is the portable path (Triton's interpreter, AMD)."""
-    entry = packed.to(tl.int32) * 2
+    INLINE_PTX: the lookup as one ``ld.global.nc.v2.f32``, its address ``mad.wide.u32`` of the
+    byte and the table's base (ptxas: two instructions, where the same sum as a tensor of
+    pointers took four, the 64-bit add of an int32 offset widened first). The same load written
+    as ``tl.load`` is software-pipelined by Triton into a cp.async plus a shared-memory read-back
+    per lookup (about 1.5 more instructions per element in a GEMM's loop); the table is 2 KB and
+    stays in L1. The ``tl.load`` form is the portable path (Triton's interpreter, AMD)."""
     if INLINE_PTX:
         high, low = tl.inline_asm_elementwise(
-            "ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [pairs_ptr + entry],
+            "{ .reg .b64 %entry; mad.wide.u32 %entry, $2, 8, $3; "
+            "ld.global.nc.v2.f32 {$0, $1}, [%entry]; }", "=r,=r,r,l",
+            [packed.to(tl.int32), pairs_ptr + tl.zeros(packed.shape, tl.int32)],  # tensors only
             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
         pair = tl.join(high, low)
     else:
+        entry = packed.to(tl.int32) * 2
         pair = tl.load(pairs_ptr + tl.expand_dims(entry, -1) + tl.arange(0, 2))
     return pair
 

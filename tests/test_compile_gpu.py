@@ -60,7 +60,13 @@ def spilling_today(record):
     operands = {record["signature"].get(name) for name in ("x_ptr", "dy_ptr", "y_ptr")}
     sizes = [record["ints"][d] for d in ("M", "N", "K") if d in record["ints"]]
     ragged = any(size != 1 and size % 16 for size in sizes)
-    return gates.is_gemm(record) and ("*fp32" in operands or ragged)
+    # And on sm_90 the decode kernel with fp32 adapters of a 16-bit x (its shrink in IEEE fp32):
+    # 8 bytes of stack, a thread-index value ptxas keeps across the shrink (with the base GEMM
+    # before the shrink it spilled on sm_80 to 89 instead, and on sm_90 too after the cheaper
+    # NF4 lookup).
+    fp32_branch_decode = (record["kernel"] == "_lora_decode_kernel" and record["arch"] == 90
+                          and record["signature"].get("a_ptr") == "*fp32")
+    return gates.is_gemm(record) and ("*fp32" in operands or ragged or fp32_branch_decode)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
@@ -102,17 +108,18 @@ def test_nf4_instructions_per_element_under_ceiling_for(arch):
 # config, the benchmark cases built with it).
 FORWARD = "lora_linear.forward_configs"
 BAD_CONFIGS = {
-    "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
-                                "num_stages": 6}, "lora_linear_forward dense"),
-    "spills": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 1,
-                             "num_stages": 1}, "lora_linear_forward dense"),
-    "two_ctas_per_sm": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
-                                      "num_stages": 3}, "lora_linear_forward dense"),
+    "resources": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                "num_warps": 4, "num_stages": 6}, "lora_linear_forward dense"),
+    "spills": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8,
+                             "num_warps": 1, "num_stages": 1}, "lora_linear_forward dense"),
+    "two_ctas_per_sm": (89, FORWARD, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                      "num_warps": 4, "num_stages": 3}, "lora_linear_forward dense"),
     # Two warps: less than a warpgroup, so mma.sync although the tile has 64 rows.
-    "wgmma": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 2,
-                            "num_stages": 3}, "lora_linear_forward dense"),
-    "nf4_instructions": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
-                                       "num_stages": 3}, "lora_linear_forward nf4-nested"),
+    "wgmma": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8,
+                            "num_warps": 2, "num_stages": 3}, "lora_linear_forward dense"),
+    "nf4_instructions": (90, FORWARD, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8,
+                                       "num_warps": 4, "num_stages": 3},
+                         "lora_linear_forward nf4-nested"),
 }
 
 

@@ -75,34 +75,42 @@ def test_grad_of_l_over_many_token_blocks_is_deterministic(form, device):
     assert_op_close(first, expected, torch.float32, "dl")
 
 
+# 151 tokens: three tile rows of BLOCK_M = 64, two groups of the grouped tile order in Triton's
+# interpreter (GROUP_M = 2), the last one ragged; N = 83 and K = 97 give two ragged tile columns.
+@pytest.mark.parametrize("tokens", [M, 151], ids=["one-group", "grouped"])
 @pytest.mark.parametrize("form", IA3_FORMS)
-def test_kernels_write_every_output_element(form, device):
-    """The launchers, called with NaN-poisoned outputs, against fp64 products."""
+def test_kernels_write_every_output_element(form, tokens, device):
+    """The launchers, called with NaN-poisoned outputs, against fp64 products (dl's partial sums
+    in the rows of their token blocks)."""
     feedforward = IA3_FORMS[form]
     dtype = torch.bfloat16
-    x, weight, state, dense, ia3, bias = make_ia3_case(dtype, "nf4-nested-128", feedforward, device)
-    x = x.reshape(M, K)
+    x, weight, state, dense, ia3, bias = make_ia3_case(dtype, "nf4-nested-128", feedforward, device,
+                                                       tokens=tokens)
+    x = x.reshape(tokens, K)
     frozen = ops.FrozenWeight.of(weight, state)
     weight, nf4_args = frozen.tensor, frozen.nf4
     scale = ia3.reshape(-1).float()
     x64, w64, l64, b64 = x.double(), dense.double(), scale.double(), bias.double()
-    y = poisoned((M, N), dtype, device)
+    y = poisoned((tokens, N), dtype, device)
     ia3_kernels.ia3_forward(x, weight, scale, bias, y, feedforward, nf4_args)
     z = x64 @ w64.t() + b64
     expected = (x64 * l64) @ w64.t() + b64 if feedforward else z * l64
     assert_op_close(y, expected, dtype, "Y")
-    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    grad_y = torch.randn(tokens, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     dy64 = grad_y.double()
-    grad_x = poisoned((M, K), dtype, device)
-    partials = poisoned((ia3_kernels.partial_rows(M, feedforward), K if feedforward else N),
+    grad_x = poisoned((tokens, K), dtype, device)
+    partials = poisoned((ia3_kernels.partial_rows(tokens, feedforward), K if feedforward else N),
                         torch.float32, device)
     ia3_kernels.ia3_grad_input(grad_y, weight, scale, x, grad_x, partials, feedforward, nf4_args)
     expected = (dy64 @ w64) * l64 if feedforward else (dy64 * l64) @ w64
     assert_op_close(grad_x, expected, dtype, "dX")
     if not feedforward:
         ia3_kernels.ia3_grad_scale(x, weight, bias, grad_y, partials, nf4_args)
-    expected = ((dy64 @ w64) * x64).sum(0) if feedforward else (dy64 * z).sum(0)
-    assert_op_close(partials.sum(0), expected, torch.float32, "dl", TOLERANCE[dtype])
+    per_token = (dy64 @ w64) * x64 if feedforward else dy64 * z
+    for block, (got, tokens_here) in enumerate(zip(partials, per_token.split(
+            ia3_kernels.PARTIAL_BLOCK_M))):
+        assert_op_close(got, tokens_here.sum(0), torch.float32, f"dl of token block {block}",
+                        TOLERANCE[dtype])
 
 
 PEFT_CASES = {"dense-fp32": (False, torch.float32), "dense-bf16": (False, torch.bfloat16),

@@ -19,7 +19,12 @@ from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_em
 
 from lowrank import nf4, ops
 from lowrank.kernels import lora_linear as lora_kernels
-from lowrank.kernels._common import row_offsets, target
+from lowrank.kernels._common import grouped_tile, row_offsets, target
+
+# Rows for the grouped program order: three tile rows of BLOCK_M = 64, so in Triton's interpreter
+# (GROUP_M = 2) two groups of tile rows, the last one ragged; N = 83 and K = 97 give each two
+# ragged tile columns.
+GROUPED_M = 150
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -55,31 +60,53 @@ def test_adapters_in_another_dtype(adapter_dtype, device):
     check_lora_linear_against_fp64(torch.float32, "dense", 8, True, device, adapter_dtype=adapter_dtype)
 
 
+@pytest.mark.parametrize("m", [M, GROUPED_M], ids=["one-group", "grouped"])
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
-def test_kernels_write_every_output_element(kind, device):
-    """The launchers, called with NaN-poisoned outputs, against the reference's intermediates."""
+def test_kernels_write_every_output_element(kind, m, device):
+    """The launchers, called with NaN-poisoned outputs, against the reference's intermediates;
+    with GROUPED_M rows, over several groups of the grouped tile order."""
     dtype = torch.bfloat16
-    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 20, device)
-    x, a, b = x.reshape(M, K), lora_a.to(dtype), lora_b.to(dtype)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 20, device, m=m)
+    x, a, b = x.reshape(m, K), lora_a.to(dtype), lora_b.to(dtype)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     frozen = ops.FrozenWeight.of(weight, state)  # what lowrank.ops hands the launchers
     weight, nf4_args = frozen.tensor, frozen.nf4
-    s = poisoned((M, 20), dtype, device)
+    s = poisoned((m, 20), dtype, device)
     lora_kernels.lora_shrink(x, a, s, seed, 0.0)
     assert_op_close(s, x.double() @ a.double().t(), dtype, "S")
-    y = poisoned((M, N), dtype, device)
+    y = poisoned((m, N), dtype, device)
     lora_kernels.lora_forward(x, weight, s, b, bias, y, 1.5, nf4_args)
     expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
     assert_op_close(y, expected, dtype, "Y")
-    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    grad_y = torch.randn(m, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     grad_s = (grad_y.double() @ b.double()).to(dtype)
-    grad_x = poisoned((M, K), dtype, device)
+    grad_x = poisoned((m, K), dtype, device)
     lora_kernels.lora_grad_input(grad_y, weight, grad_s, a, grad_x, seed, 0.0, nf4_args)
     expected = grad_y.double() @ dense.double() + grad_s.double() @ a.double()
     assert_op_close(grad_x, expected, dtype, "dX")
     grad_a = poisoned((20, K), torch.float32, device)
     lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, 0.0)
     assert_op_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
+
+
+@triton.jit
+def _tile_order_kernel(out_ptr, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    tile_m, tile_n = grouped_tile(tiles_m, tiles_n, GROUP_M)
+    tl.store(out_ptr + 2 * tl.program_id(0), tile_m)
+    tl.store(out_ptr + 2 * tl.program_id(0) + 1, tile_n)
+
+
+@pytest.mark.parametrize("tiles_m, tiles_n, group_m", [(7, 3, 3), (3, 5, 8), (6, 1, 2), (4, 4, 1)])
+def test_grouped_tile_order_visits_every_tile_once_group_by_group(tiles_m, tiles_n, group_m,
+                                                                  device):
+    """Program p's tile: every tile once; groups of group_m tile rows (the last ragged) one after
+    another; inside a group, column by column, each column's rows in order."""
+    order = torch.full((tiles_m * tiles_n, 2), -1, dtype=torch.int32, device=device)
+    _tile_order_kernel[(tiles_m * tiles_n,)](order, tiles_m, tiles_n, GROUP_M=group_m)
+    order = [tuple(tile) for tile in order.tolist()]
+    assert sorted(order) == [(i, j) for i in range(tiles_m) for j in range(tiles_n)]
+    keys = [(row // group_m, column, row) for row, column in order]
+    assert keys == sorted(keys)
 
 
 # (K, blocksize, nested): packed tiles with one absmax per row and tile (K = 128, 256), or per

@@ -185,12 +185,14 @@ def empty(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype)
 
 
-def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False):
+def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, branch=None):
     """{step: fn} for one LoRA linear forward and backward, as lowrank.ops runs them (a decode
-    forward alone when M is small enough for the split-K path)."""
+    forward alone when M is small enough for the split-K path). ``branch``: the LoRA branch's
+    dtype (A, B, S, dS) if not x's (fp32 adapters of a 16-bit x: the split products)."""
+    branch = branch or dtype
     w, nf4 = weight(kind, n, k, dtype)
-    x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(n, RANK, dtype=dtype)
-    y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=dtype)
+    x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=branch), empty(n, RANK, dtype=branch)
+    y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=branch)
     bias_t = empty(n, dtype=dtype) if bias else None
     if m <= lora_linear_decode.DECODE_MAX_M:
         return {"forward": lambda: lora_linear_decode.lora_decode_forward(
@@ -646,6 +648,12 @@ def coverage_calls():
                 for dropout, bias in optional_features(dtype, kind, shape, (0.0, False), (0.1, True)):
                     for step, call in lora_linear_calls(*shape, kind, dtype, dropout, bias).items():
                         calls[f"lora_linear_{step} {t} {kind} {shape} p={dropout} bias={bias}"] = call
+                if dtype != torch.float32:  # fp32 adapters: the split fp32 branch
+                    for dropout in (0.0, 0.1):
+                        for step, call in lora_linear_calls(*shape, kind, dtype, dropout,
+                                                            branch=torch.float32).items():
+                            calls[f"lora_linear_{step} {t} {kind} {shape} p={dropout} "
+                                  "branch=float32"] = call
             gemm_shapes = (ALIGNED, RAGGED) if every_shape else (ALIGNED,)
             for shape in gemm_shapes:
                 for feedforward, bias in itertools.product(
