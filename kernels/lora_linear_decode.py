@@ -156,12 +156,12 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         if NF4 and SCALE_GROUP > 0:
             w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
                                  nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                                 SCALE_GROUP, INLINE_PTX, BLOCK_K).to(dtype)
         else:
             w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                                nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                                nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
-        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+            w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
              mask=(rows[:, None] < M) & (outs[None, :] < N))
