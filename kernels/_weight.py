@@ -5,7 +5,8 @@ import triton
 import triton.language as tl
 
 from ._common import code_pairs, store_rounded
-from .nf4_dequantize import decode_nf4, decode_nf4_pairs, load_absmax
+from .nf4_dequantize import (check_code_table, decode_nf4, decode_nf4_codes, decode_nf4_pairs,
+                             load_absmax)
 from .nf4_quantize import quantize_and_pack
 
 
@@ -32,7 +33,7 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
 def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                    nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                    NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                   INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+                   INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """The GEMM tile W[outs, k0 : k0 + BLOCK_K] in fp32 (``outs``: BLOCK_N row indices, ``k0`` a
     multiple of BLOCK_K), dense or decoded from packed NF4.
 
@@ -40,8 +41,10 @@ def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pair
     multiple of it, always share a quantization block: ``scale_group``): each row's packed bytes
     are loaded once as a [BLOCK_N, BLOCK_K / 2] tile (contiguous, so wide loads), each byte looked
     up in the pair table as both of its values at once (one 8-byte load, interleaved as the
-    elements are), and one absmax per row and group, nested absmax decoded there too, not per
-    element. The row bases are int64 (N x K may pass 2**31); offsets inside a row are int32.
+    elements are) or, with NIBBLE_LOOKUP, each nibble among the 16 codes (``decode_nf4_codes``:
+    twice the loads, one cache line instead of 2 KB; the same values), and one absmax per row
+    and group, nested absmax decoded there too, not per element. The row bases are int64 (N x K
+    may pass 2**31); offsets inside a row are int32.
     SCALE_GROUP == 0 (dense, or odd K: rows start mid-byte): element by element,
     ``load_weight_tile``."""
     if NF4 and SCALE_GROUP > 0:
@@ -51,7 +54,10 @@ def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pair
         pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                          mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-        values = decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+        if NIBBLE_LOOKUP:
+            values = decode_nf4_codes(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+        else:
+            values = decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX)
         if GROUPS == 1:
             # The absmax as a vector, broadcast after the load: loaded as [BLOCK_N, 1], its
             # layout (a row per thread) became the decoded tile's, which sm_80-89 then wrote to
@@ -95,14 +101,36 @@ def gemm_operand(tile, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PTX: tl.co
 
 
 def decoding_flags(nf4, K, block_k, target):
-    """``load_gemm_tile``'s constexprs: SCALE_GROUP (see ``scale_group``) and INLINE_PTX."""
-    return {"SCALE_GROUP": scale_group(nf4, K, block_k), "INLINE_PTX": target.inline_ptx}
+    """``load_gemm_tile``'s constexprs: SCALE_GROUP (see ``scale_group``), INLINE_PTX and
+    NIBBLE_LOOKUP (``nibble_lookup``). The decode GEMV's packed tiles take the 16-code lookup
+    whatever NIBBLE_LOOKUP says (kernels/lora_linear_decode.py: ``load_decode_tile``)."""
+    return {"SCALE_GROUP": scale_group(nf4, K, block_k), "INLINE_PTX": target.inline_ptx,
+            "NIBBLE_LOOKUP": nibble_lookup(nf4, target)}
+
+
+# Architectures whose tiled GEMMs look NF4 codes up one nibble at a time among the 16 codes
+# (one 128-byte line) instead of one byte at a time in the 2 KB pair table. The pair table's
+# lookups at random bytes touch ~14 lines per warp load and made the NF4 GEMMs L1-bound; the
+# static model (bench.static, estimates) at 4096 x 4096 x 14336 bf16, LoRA forward: RTX 4090
+# 3537 -> 2953 us (the tensor-core limit), H100 2607 -> 1045 us (now issue-bound: twice the
+# loads). sm_80/86 have no device in the model and keep the pair table; AMD and the interpreter
+# take the ``tl.load`` twin of whichever lookup is chosen.
+NIBBLE_LOOKUP_ARCHS = frozenset({89, 90})
+
+
+def nibble_lookup(nf4, target):
+    """Whether ``load_gemm_tile`` decodes NF4 with ``decode_nf4_codes`` on ``target``."""
+    return nf4 is not None and target.arch in NIBBLE_LOOKUP_ARCHS
 
 
 def with_decoding(configs, nf4, K, target):
     """Each of a GEMM's ``configs`` with its ``decoding_flags`` (SCALE_GROUP depends on the
-    config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries."""
-    return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target)} for config in configs]
+    config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries. A
+    config may set NIBBLE_LOOKUP False itself (a tile that the 16-code lookup pushes past a
+    static gate keeps the pair table); that is kept."""
+    return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target),
+             **({"NIBBLE_LOOKUP": False} if config.get("NIBBLE_LOOKUP") is False else {})}
+            for config in configs]
 
 
 def scale_group(nf4, K, block_k):
@@ -124,13 +152,16 @@ def weight_args(w, nf4):
     strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes, ``nf4`` being what decodes
     them, read by name: absmax, code, nested_code (None unless nested), nested_absmax, offset,
     blocksize, nested_blocksize and in_features (``lowrank.ops.FrozenWeight.nf4``). The kernels
-    take the code book as its pair table (``code_pairs``)."""
+    take the code book as its pair table (``code_pairs``, 256-byte aligned for the 16-code
+    lookup: ``check_code_table``)."""
     if nf4 is None:
         return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
     nested = nf4.nested_code is not None
     absmax = nf4.absmax
+    pairs = code_pairs(nf4.code)
+    check_code_table(pairs)
     return ({"NF4": True, "NESTED": nested},
-            (absmax, code_pairs(nf4.code), nf4.nested_code if nested else absmax,
+            (absmax, pairs, nf4.nested_code if nested else absmax,
              nf4.nested_absmax if nested else absmax, nf4.offset if nested else absmax,
              nf4.blocksize.bit_length() - 1, nf4.nested_blocksize.bit_length() - 1),
             (nf4.in_features, 1))

@@ -46,7 +46,8 @@ def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, norm_ptr, absmax_ptr, pairs_ptr, nest
                       nested_absmax_ptr, offset_ptr, block_shift, nested_shift, N, K, R, scaling,
                       stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                       NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                      INLINE_PTX: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                      INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                      RANK_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -58,7 +59,8 @@ def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, norm_ptr, absmax_ptr, pairs_ptr, nest
         mask = row_mask[:, None] & col_mask[None, :]
         w = load_gemm_tile(w_ptr, rows, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         delta = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + ranks

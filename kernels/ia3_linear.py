@@ -50,8 +50,10 @@ def forward_configs(target, dtype, feedforward):
             [] if feedforward else
             [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
               "num_stages": 3}])
+    # sm_80/86/89. On sm_89 (the 16-code lookup, ``_weight.nibble_lookup``) the feed-forward
+    # form's BLOCK_K 64 tile spilled 184 bytes (its x scale in the loop): it keeps the pair table.
     return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
-             "num_stages": 3},
+             "num_stages": 3, **({"NIBBLE_LOOKUP": False} if feedforward else {})},
             {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
              "num_stages": 4}]
 
@@ -70,9 +72,10 @@ def grad_input_configs(target, dtype):
                  "num_warps": 4, "num_stages": 4}]
     # sm_80/86/89: with int64 row offsets, BLOCK_K 128 with 4 warps left 8 bytes of stack on
     # sm_86/89 (3 or 4 stages), and with 8 warps one CTA per SM (registers); this one builds
-    # without stack and at 2 CTAs per SM on all three.
+    # without stack and at 2 CTAs per SM on all three. The pair table, not sm_89's 16-code
+    # lookup: with it the nested output form took 18.4 instructions per NF4 element (ceiling 17).
     return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
-             "num_warps": 4, "num_stages": 3}]
+             "num_warps": 4, "num_stages": 3, "NIBBLE_LOOKUP": False}]
 
 
 def grad_scale_configs(target, dtype):
@@ -90,6 +93,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                         FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                         NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                        NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile, tiles in grouped order
@@ -108,7 +112,8 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
             x = cast_rounded(x.to(tl.float32) * scale[None, :], dtype)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
@@ -125,7 +130,8 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                            FEEDFORWARD: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
                            NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                           INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                           INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                           PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr):
     """dX = (dY * l) W, or (dY W) * l; in the feed-forward form with GRAD_SCALE, also this
@@ -146,7 +152,8 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
             dy = cast_rounded(dy.to(tl.float32) * scale[None, :], dtype)
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     if FEEDFORWARD:
         if GRAD_SCALE:
@@ -165,6 +172,7 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                            HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
                            SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                           NIBBLE_LOOKUP: tl.constexpr,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Output form: this program's token-sum of dY * (x W^T + b) into row ``tile_m`` (its block
@@ -181,7 +189,8 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:

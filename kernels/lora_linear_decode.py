@@ -23,7 +23,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import load_absmax
+from .nf4_dequantize import decode_nf4_codes, load_absmax
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -64,43 +64,6 @@ def epilogue_config(target, dtype):
     return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
 
 
-# The 16-entry lookup in PTX, one call per 4 packed bytes ($8) for their 8 codes: $0-$3 the high
-# nibbles' (the even elements), $4-$7 the low nibbles'. Pair-table row n < 16 holds code[n] at
-# byte 8n + 4 (``_common.code_pairs``), so each nibble is shifted to 8n in its own byte, and its
-# entry's address is the table's with that byte as its lowest (the table is 256-byte aligned:
-# ``check_code_table``): one prmt and one load per code, the high word ($13) shared by all.
-_CODES_PTX = tl.constexpr(
-    "{ .reg .b32 h, l, a; .reg .b64 p;\n"
-    "shr.b32 h, $8, 1; and.b32 h, h, 0x78787878; shl.b32 l, $8, 3; and.b32 l, l, 0x78787878;\n"
-    + "".join(f"prmt.b32 a, {nibbles}, $9, 0x765{byte}; mov.b64 p, {{a, $13}}; "
-              f"ld.global.nc.f32 ${out}, [p+4];\n"
-              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
-                                                    + [("l", b) for b in range(4)]))
-    + "}")
-
-
-@triton.jit
-def decode_nf4_codes(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
-    """The code values of packed bytes ``packed`` (any shape S; Triton hands the PTX 4 bytes a
-    thread holds at a time), fp32 of shape S + [2], each byte's high nibble (its even element) first, as
-    ``nf4_dequantize.decode_nf4_pairs`` gives them, but looked up one nibble at a time in the
-    pair table's first 16 rows: one 128-byte line, where the 2 KB pair table read at random
-    bytes touches ~14 lines per warp load (``bench.static.sass.table_wavefronts``), which would
-    bound the decode GEMV by L1 wavefronts, not DRAM. INLINE_PTX: ``_CODES_PTX`` (no 64-bit add
-    per lookup); else ``tl.load`` (Triton's interpreter, AMD)."""
-    if INLINE_PTX:
-        table = pairs_ptr.to(tl.int64, bitcast=True)
-        low = tl.full(packed.shape, 0, tl.int32) + (table & 0xFFFFFFFF).to(tl.int32)
-        high = tl.full(packed.shape, 0, tl.int32) + (table >> 32).to(tl.int32)
-        even, odd = tl.inline_asm_elementwise(
-            _CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [packed, low, high],
-            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        return tl.join(even, odd)
-    else:
-        byte = packed.to(tl.int32)
-        return tl.load(pairs_ptr + tl.join(byte >> 4, byte & 0xF) * 2 + 1)
-
-
 @triton.jit
 def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
@@ -124,20 +87,13 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_p
                       [BLOCK_N, BLOCK_K])
 
 
-def check_code_table(nf4, pairs, target):
-    """``_CODES_PTX`` writes entry offsets into the table address's lowest byte: an NF4 weight's
-    pair table (``_common.code_pairs``, a fresh allocation) must start on 256 bytes."""
-    if nf4 is not None and target.inline_ptx and pairs.data_ptr() % 256:
-        raise ValueError(f"the NF4 pair table must be 256-byte aligned for the decode kernels' "
-                         f"lookup, got address {pairs.data_ptr():#x}")
-
-
 @triton.jit
 def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                             NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                            INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                            INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                            PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
     partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
@@ -160,7 +116,8 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         else:
             w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                                nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                               nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                               nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                               BLOCK_K)
             w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,
@@ -173,7 +130,8 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar,
                         stride_ak, block_shift, nested_shift, DROPOUT: tl.constexpr,
                         NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                        INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
@@ -207,7 +165,8 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
     store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
-                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                            SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
+                            BLOCK_K)
 
 
 @triton.jit
@@ -261,7 +220,6 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
-    check_code_table(nf4, pairs, target)
     n_tiles = triton.cdiv(N, config["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, config["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)

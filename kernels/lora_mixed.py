@@ -40,7 +40,7 @@ from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, gemm_operand, load_gemm_tile, precision, weight_args
 from .lora_linear import BLOCK_R
-from .lora_linear_decode import check_code_table, decode_tile, split_k, store_partial_base_gemm
+from .lora_linear_decode import decode_tile, split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
@@ -107,6 +107,7 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
                                stride_ba, stride_bn, stride_br, block_shift, nested_shift,
                                HAS_BIAS: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
                                SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                               NIBBLE_LOOKUP: tl.constexpr,
                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                EXPAND_R: tl.constexpr):
@@ -121,7 +122,8 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
@@ -161,14 +163,16 @@ def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr,
                                nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                                stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                                NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                               INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                               INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                               PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N). The single-adapter
     decode kernel's base-GEMM step, without its shrink (each row's is gathered here instead)."""
     store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
-                            SCALE_GROUP, INLINE_PTX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                            SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
+                            BLOCK_K)
 
 
 @triton.jit
@@ -240,7 +244,8 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
                                        stride_bn, stride_br, block_shift, nested_shift,
                                        HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                                        NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                                       INLINE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+                                       INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
+                                       PRECISION: tl.constexpr,
                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Y[rows] = x[rows] W^T + b + s[adapter] S[rows] B[adapter]^T for one segment tile."""
@@ -254,7 +259,8 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
                     mask=valid[:, None] & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
+                           BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -360,7 +366,6 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
             **FORWARD, enable_fp_fusion=False)
         return
     tile = decode_tile(nf4)
-    check_code_table(nf4, pairs, target)
     n_tiles = triton.cdiv(N, tile["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]), x.device)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)

@@ -54,6 +54,54 @@ def decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
     return pair
 
 
+# The 16-entry lookup in PTX, one call per 4 packed bytes ($8) for their 8 codes: $0-$3 the high
+# nibbles' (the even elements), $4-$7 the low nibbles'. Pair-table row n < 16 holds code[n] at
+# byte 8n + 4 (``_common.code_pairs``), so each nibble is shifted to 8n in its own byte, and its
+# entry's address is the table's with that byte as its lowest (the table is 256-byte aligned:
+# ``check_code_table``): one prmt and one load per code, the high word ($13) shared by all.
+_CODES_PTX = tl.constexpr(
+    "{ .reg .b32 h, l, a; .reg .b64 p;\n"
+    "shr.b32 h, $8, 1; and.b32 h, h, 0x78787878; shl.b32 l, $8, 3; and.b32 l, l, 0x78787878;\n"
+    + "".join(f"prmt.b32 a, {nibbles}, $9, 0x765{byte}; mov.b64 p, {{a, $13}}; "
+              f"ld.global.nc.f32 ${out}, [p+4];\n"
+              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
+                                                    + [("l", b) for b in range(4)]))
+    + "}")
+
+
+@triton.jit
+def decode_nf4_codes(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
+    """The code values of packed bytes ``packed`` (any shape S; Triton hands the PTX 4 bytes a
+    thread holds at a time), fp32 of shape S + [2], each byte's high nibble (its even element)
+    first, as ``decode_nf4_pairs`` gives them, but looked up one nibble at a time in the pair
+    table's first 16 rows: one 128-byte line, where the 2 KB pair table read at random bytes
+    touches ~14 lines per warp load (``bench.static.sass.table_wavefronts``): L1 wavefronts
+    bound the decode GEMV (kernels/lora_linear_decode.py) and, where ``_weight.nibble_lookup``
+    selects it, the tiled GEMMs. Twice the lookups of the pair table, so more instructions per
+    element. INLINE_PTX: ``_CODES_PTX`` (no 64-bit add per lookup; the table 256-byte aligned,
+    ``check_code_table``); else ``tl.load`` (Triton's interpreter, AMD)."""
+    if INLINE_PTX:
+        table = pairs_ptr.to(tl.int64, bitcast=True)
+        low = tl.full(packed.shape, 0, tl.int32) + (table & 0xFFFFFFFF).to(tl.int32)
+        high = tl.full(packed.shape, 0, tl.int32) + (table >> 32).to(tl.int32)
+        even, odd = tl.inline_asm_elementwise(
+            _CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [packed, low, high],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        return tl.join(even, odd)
+    else:
+        byte = packed.to(tl.int32)
+        return tl.load(pairs_ptr + tl.join(byte >> 4, byte & 0xF) * 2 + 1)
+
+
+def check_code_table(pairs):
+    """``_CODES_PTX`` writes entry offsets into the table address's lowest byte: an NF4 weight's
+    pair table (``_common.code_pairs``, a fresh allocation) must start on 256 bytes. Checked
+    where every GEMM launcher gets the table (``_weight.weight_args``)."""
+    if pairs.data_ptr() % 256:
+        raise ValueError(f"the NF4 pair table must be 256-byte aligned for the 16-code lookup "
+                         f"(decode_nf4_codes), got address {pairs.data_ptr():#x}")
+
+
 @triton.jit
 def decode_nf4(nibble, scale, pairs_ptr):
     """fp32 value of 4-bit codes ``nibble`` (int32) scaled by ``scale``, one element at a time:

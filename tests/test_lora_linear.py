@@ -18,8 +18,9 @@ from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_em
                      run_lora_linear)
 
 from lowrank import nf4, ops
+from lowrank.kernels import _weight
 from lowrank.kernels import lora_linear as lora_kernels
-from lowrank.kernels._common import grouped_tile, row_offsets, target
+from lowrank.kernels._common import code_pairs, grouped_tile, row_offsets, target
 
 # Rows for the grouped program order: three tile rows of BLOCK_M = 64, so in Triton's interpreter
 # (GROUP_M = 2) two groups of tile rows, the last one ragged; N = 83 and K = 97 give each two
@@ -116,19 +117,25 @@ DECODE_LAYOUTS = [(128, 64, False), (128, 32, False), (256, 128, True), (98, 64,
                   (97, 64, False)]
 
 
+@pytest.mark.parametrize("nibbles", [False, True], ids=["pair-table", "nibble-lookup"])
 @pytest.mark.parametrize("k, blocksize, nested", DECODE_LAYOUTS,
                          ids=[f"K={k}-bs={b}{'-nested' if n else ''}" for k, b, n in DECODE_LAYOUTS])
-def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, device):
+def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, nibbles, device, monkeypatch):
     """Forward and dX against an identity (fp32, IEEE products: 1 x w + 0 x the rest is exact) give
-    W^T and W: the weight decoded inside the GEMMs, bit for bit what the format stands for. On
-    CPU this checks the portable lookup (``tl.load``, as on AMD); on an NVIDIA GPU the inline PTX
-    one (``_common.Target.inline_ptx``)."""
+    W^T and W: the weight decoded inside the GEMMs, bit for bit what the format stands for, with
+    either lookup of the codes (``_weight.nibble_lookup``: the pair table, or the 16 codes that
+    some architectures take). On CPU this checks the portable lookups (``tl.load``, as on AMD);
+    on an NVIDIA GPU the inline PTX ones (``_common.Target.inline_ptx``)."""
     assert target(torch.device(device)).inline_ptx == (torch.device(device).type == "cuda"
                                                         and torch.version.hip is None)
+    monkeypatch.setattr(_weight, "nibble_lookup",
+                        lambda nf4_args, _: nf4_args is not None and nibbles)
     w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
     packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
     expected = decode_nf4(packed, state).reshape(N, k)
     frozen = ops.FrozenWeight.of(packed, state)
+    flags = _weight.decoding_flags(frozen.nf4, k, 64, target(torch.device(device)))
+    assert flags["NIBBLE_LOOKUP"] == nibbles  # the launchers below take this lookup
     zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
     y = poisoned((k, N), torch.float32, device)
     lora_kernels.lora_forward(torch.eye(k, device=device), frozen.tensor, zeros(k, 1), zeros(N, 1),
@@ -138,6 +145,18 @@ def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, device):
     lora_kernels.lora_grad_input(torch.eye(N, device=device), frozen.tensor, zeros(N, 1),
                                  zeros(1, k), grad_x, zeros(1, dtype=torch.int64), 0.0, frozen.nf4)
     assert_same_bits(grad_x, expected)
+
+
+def test_a_misaligned_code_table_is_refused():
+    """The 16-code lookup's PTX puts an entry's offset in the table address's lowest byte: a pair
+    table off 256 bytes is refused by name; ``code_pairs``'s tables pass."""
+    spare = torch.zeros(2 * 256 + 64)
+    start = -spare.data_ptr() % 256 // 4
+    _weight.check_code_table(spare[start:start + 512])
+    with pytest.raises(ValueError, match="256-byte aligned"):
+        _weight.check_code_table(spare[start + 2:start + 514])
+    for _ in range(3):  # fresh code books, wherever the allocator puts them
+        _weight.check_code_table(code_pairs(torch.randn(16)))
 
 
 def test_dropout_mask_is_the_same_in_forward_and_backward(device):

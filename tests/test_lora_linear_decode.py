@@ -74,9 +74,10 @@ def test_decode_tile_is_bit_exact(kind, device):
     tile = decode_kernels.decode_tile(frozen.nf4)
     out = poisoned((N, K_DECODE), torch.float32, device)
     grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
+    decoding_constexprs = decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target)
     _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, K_DECODE, *decoding[5:],
-                              NESTED=flags["NESTED"],
-                              **decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target),
+                              NESTED=flags["NESTED"], SCALE_GROUP=decoding_constexprs["SCALE_GROUP"],
+                              INLINE_PTX=decoding_constexprs["INLINE_PTX"],
                               BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"])
     assert_same_bits(out.cpu(), decode_nf4(frozen.tensor.cpu(), state).float())
 
