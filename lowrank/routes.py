@@ -56,17 +56,17 @@ CACHE_FORMAT = 1
 # from the newest bench/results/static-*.json: first-order crossovers of the LoRA forward at
 # K = 4096, N = 14336, the fused route's time taken per row of M, the cublas route's as one
 # dequantize pass plus its time per row (the shrink writing [x | S], the single GEMM). H100
-# (sm_90): fused 0.64 us per row for NF4 and 0.65 nested (2607 / 2648 us at 4096 rows, bound by
-# the code-table lookups' L1 wavefronts), 0.27 dense; cublas 0.16 per row after a dequantize of
-# 50 us: crossovers at about 106 / 102 rows, and none for dense (cuBLAS always faster). RTX 4090
-# (sm_89): fused 0.86 / 0.87 per row for NF4 and nested (3537 / 3577 us), 0.72 dense; cublas
-# 0.80 after 168 us: about 2835 / 2391 rows, and dense fused always faster.
+# (sm_90): fused 0.255 us per row for NF4 and 0.276 nested (1045 / 1129 us at 4096 rows, bound
+# by issue: the 16-code lookup, kernels/_weight.nibble_lookup), 0.27 dense; cublas 0.16 per row
+# after a dequantize of 50 us: crossovers at about 545 / 438 rows, and none for dense (cuBLAS
+# always faster). RTX 4090 (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the
+# tensor-core limit); cublas 0.80 after 168 us: fused always faster.
 # Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
 # the committed report implies; when it fails, ``python -m bench.static.route_table`` prints
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
 FUSED_MAX_M = {
-    "sm_90": {"dense": 0, "nf4": 64, "nf4-nested": 64},
-    "sm_89": {"dense": None, "nf4": 2048, "nf4-nested": 2048},  # None: no bound
+    "sm_90": {"dense": 0, "nf4": 512, "nf4-nested": 256},
+    "sm_89": {"dense": None, "nf4": None, "nf4-nested": None},  # None: no bound
 }
 
 
