@@ -113,9 +113,10 @@ def decoding_flags(nf4, K, block_k, target):
 # lookups at random bytes touch ~14 lines per warp load and made the NF4 GEMMs L1-bound; the
 # static model (bench.static, estimates) at 4096 x 4096 x 14336 bf16, LoRA forward: RTX 4090
 # 3537 -> 2953 us (the tensor-core limit), H100 2607 -> 1045 us (now issue-bound: twice the
-# loads). sm_80/86 have no device in the model and keep the pair table; AMD and the interpreter
-# take the ``tl.load`` twin of whichever lookup is chosen.
-NIBBLE_LOOKUP_ARCHS = frozenset({89, 90})
+# loads). sm_80/86 run sm_89's tiles (mma.sync) and take it too (no device of theirs in the
+# model; their builds pass the same gates); AMD and the interpreter take the ``tl.load`` twin of
+# whichever lookup is chosen.
+NIBBLE_LOOKUP_ARCHS = frozenset({80, 86, 89, 90})
 
 
 def nibble_lookup(nf4, target):
