@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.report import load_static
 from bench.static import gates, model, sass, table
@@ -210,3 +211,125 @@ def test_committed_static_report_renders():
     text = table.render(report)
     assert "not measurements" in text and "_lora_forward_kernel" in text
     assert {"90", "89"} <= set(report["archs"])
+
+
+# Each of the model's bitsandbytes + PEFT ops (launches.bnb_peft_ops) as the op PEFT's layer
+# dispatches for it: what test_bnb_peft_ops_are_what_peft_and_bitsandbytes_run records.
+BNB_PEFT_DISPATCHED = {
+    "result.clone()": "aten.clone", "lora_A: S = x A^T": "aten.mm", "lora_B: S B^T": "aten.mm",
+    "* scaling": "aten.mul", "result + output": "aten.add", "dY * scaling": "aten.mul",
+    "dS = dP B": "aten.mm", "dB = dP^T S": "aten.mm", "dS A": "aten.mm", "dA = dS^T x": "aten.mm",
+    "dequantize_blockwise absmax": "bitsandbytes.dequantize_blockwise",
+    "absmax + offset": "aten.add_", "dequantize_4bit W": "bitsandbytes.dequantize_4bit",
+    "dY W": "aten.mm", "dX + dS A (autograd's sum)": "aten.add"}
+METADATA_OPS = {"aten.view", "aten.t", "aten.detach"}  # no kernel: views and autograd's detach
+
+
+def peft_linear4bit_dispatches(nested):
+    """The ops (overload packets, views left out) that PEFT's LoRA Linear4bit over a tiny
+    bitsandbytes NF4 layer dispatches on the CPU: bf16 x and adapters, lora_dropout 0, no bias;
+    (forward, backward)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in METADATA_OPS:
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(72, 40, bias=False, compute_dtype=torch.bfloat16,
+                             compress_statistics=nested, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(40, 72, dtype=torch.bfloat16), requires_grad=False,
+                                    compress_statistics=nested, quant_type="nf4",
+                                    module=base)._quantize("cpu")
+    layer = Linear4bit(base, "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8,
+                       lora_dropout=0.0).to(torch.bfloat16)
+    x = torch.randn(5, 72, dtype=torch.bfloat16, requires_grad=True)
+    with Recorder() as forward:
+        y = layer(x)
+    grad_y = torch.randn_like(y)
+    with Recorder() as backward:
+        y.backward(grad_y)
+    assert base.weight.quant_state.nested == nested
+    return forward.ops, backward.ops
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["nf4", "nf4-nested"])
+def test_bnb_peft_ops_are_what_peft_and_bitsandbytes_run(nested):
+    """The model's ops for bitsandbytes + PEFT against what PEFT's Linear4bit dispatches (on the
+    CPU, where bitsandbytes' gemm_4bit is one op): each of ours is one of theirs, in their order,
+    none missing. What gemm_4bit runs on CUDA, which the CPU cannot show, is read from
+    bitsandbytes' dispatch: its fused kernel up to 4 rows (and to 16 for a weight whose 64-column
+    blocks fill the SMs), dequantize + F.linear above 1536 rows, its heuristic between (refused)."""
+    from bench.static import launches
+
+    kind = "nf4-nested" if nested else "nf4"
+    forward, backward = peft_linear4bit_dispatches(nested)
+    absmax_decode = ["dequantize_blockwise absmax", "absmax + offset"] if nested else []
+    for m, gemm in ((4096, [*absmax_decode, "dequantize_4bit W", "F.linear x W^T"]),
+                    (1, ["gemm_4bit x W^T (fused)"]), (16, ["gemm_4bit x W^T (fused)"])):
+        for with_backward, dispatched in ((False, forward), (True, forward + backward)):
+            ops = [op for op, _, _ in launches.bnb_peft_ops(m, 4096, 14336, kind, 132, with_backward)]
+            assert ops[:len(gemm)] == gemm
+            modelled = ["bitsandbytes.gemm_4bit"] + [BNB_PEFT_DISPATCHED[op] for op in ops[len(gemm):]]
+            assert modelled == dispatched
+    with pytest.raises(ValueError, match="heuristic"):
+        launches.bnb_peft_ops(64, 4096, 14336, kind, 132, False)
+    assert not launches.bnb_fused_gemm(2048, 4096, 14336, 132)
+    assert launches.bnb_fused_gemm(16, 4096, 14336, 128) and launches.bnb_fused_gemm(3, 128, 40, 132)
+    assert not launches.bnb_fused_gemm(3, 72, 40, 132)  # K not a multiple of the blocksize
+
+
+def test_a_fresh_report_has_the_bnb_peft_rows_beside_ours(monkeypatch):
+    """``python -m bench.static``'s report (builds replaced by nothing: the rows are modelled
+    ops) holds each bitsandbytes + PEFT row beside its lowrank twin's chosen route, theirs /
+    ours, and the table shows them; the benchmark cases list every such row."""
+    import contextlib
+    import os
+
+    from bench.static import build, launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # popped below
+    from bench.static import __main__ as static_main
+
+    m, k, n = launches.TRAIN_SHAPE
+    theirs = launches.bnb_peft_cases(m, k, n)
+    assert len(theirs) == 8 and set(theirs) <= set(launches.bench_cases())
+
+    def ours(microseconds):
+        device = model.DEVICES["H100 SXM"]
+        return lambda: launches.torch_op(microseconds * 1e-6 * device.cublas_flops, 0, "ours")
+    cases = dict(theirs)
+    for case, (_, ideal) in theirs.items():
+        twin = case.replace("bnb_peft_", "lora_linear_")
+        cases[twin] = (ours(100.0), ideal)
+        if "decode" not in case:  # the cublas twin, cheaper on every device: the chosen route
+            cases[twin + " route=cublas"] = (ours(80.0), ideal)
+    monkeypatch.setattr(launches, "bench_cases", lambda: cases)
+    monkeypatch.setattr(build, "build_all", lambda launched, arch: [])
+    monkeypatch.setattr(build, "locked", lambda arch: contextlib.nullcontext())
+    report = json.loads(json.dumps(static_main.run([90, 89])))
+    text = table.render(report)
+    versus_table = text.split("vs bitsandbytes + PEFT", 1)[1].split("Model constants")[0]
+    for device, estimates in report["model"]["cases"].items():
+        versus = report["model"]["versus"][device]
+        assert set(versus) == set(theirs)
+        h100_us = 1 if device == "H100 SXM" else model.DEVICES["H100 SXM"].cublas_flops / \
+            model.DEVICES[device].cublas_flops
+        for case, row in versus.items():
+            twin = case.replace("bnb_peft_", "lora_linear_")
+            decode = "decode" in case
+            assert row["ours"] == (twin if decode else twin + " route=chosen")
+            assert row["route"] == (None if decode else "cublas")
+            assert row["ours_us"] == pytest.approx((100.0 if decode else 80.0) * h100_us)
+            assert row["theirs_us"] == estimates[case]["model_us"] > 0
+            assert row["ratio"] == pytest.approx(row["theirs_us"] / row["ours_us"])
+            assert sum(line.startswith(f"| {case} |") for line in versus_table.splitlines()) == 1

@@ -46,6 +46,7 @@ def run(archs):
                 case: model.case_estimate([r for r in timed if r["case"] == case], device, ideal)
                 for case, (_, ideal) in cases.items()}
             estimates[device.name].update(model.chosen_routes(estimates[device.name]))
+    versus = {name: model.versus(found) for name, found in estimates.items()}
     everything = [r for found in records.values() for r in found]
     return {"schema": "static-1", "commit": _commit(), "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -53,7 +54,7 @@ def run(archs):
             "modelled": {str(arch): found for arch, found in modelled.items()},
             "model": {"summary": model.__doc__.strip().split("\n\n")[0].replace("\n", " "),
                       "devices": {name: asdict(d) for name, d in model.DEVICES.items()},
-                      "cases": estimates},
+                      "cases": estimates, "versus": versus},
             "gates": {"resources": gates.resources(everything), "spills": gates.spills(everything),
                       "two_ctas_per_sm (sm_89)": gates.two_ctas_per_sm(records.get(89, [])),
                       "wgmma (sm_90)": gates.wgmma(records.get(90, [])),

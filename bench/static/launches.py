@@ -545,6 +545,7 @@ def bench_cases():
             # Backward: dX, and in the output form the recomputed x W^T for dl.
             cases[f"ia3_linear_backward {kind} {mkn} {form}"] = (
                 ia3["backward"], ("gemm", 2 * m * n * k * (1 if feedforward else 2)))
+    cases.update(bnb_peft_cases(m, k, n))  # the baseline of issue 17's ">= 1.4x" (model only)
     wn, wk = WEIGHT_SHAPE
     for kind in WEIGHT_KINDS:  # DoRA's norm: the stored weight read once
         cases[f"dora_norm {kind} {wn}x{wk}"] = (dora_norm_call(wn, wk, kind, bf16),
@@ -728,3 +729,107 @@ def merge_calls(name, kind, dtype, out, unmerge=False, blocksize=BLOCKSIZE):
 
 def coverage_launches(target, every_config=True):
     return run_calls(coverage_calls(), target, every_config)
+
+
+# bitsandbytes + PEFT's formula (issue 17's ">= 1.4x" baseline): PEFT's Linear4bit over
+# bitsandbytes' matmul_4bit, as the torch ops and kernels they launch, modelled like the cublas
+# route's torch ops (``torch_op``: flops at the cuBLAS rate or bytes at copy bandwidth, the slower).
+# Read from bitsandbytes 0.50.2 (autograd/_functions.py: matmul_4bit, MatMul4Bit; functional.py:
+# dequantize_4bit; backends/cuda/ops.py: gemm_4bit's dispatch) and peft 0.21.2
+# (tuners/lora/bnb.py: Linear4bit.forward). Every one of their kernels is taken at the slower of
+# those two rates, as if it reached both: a bound in their favour. That includes bitsandbytes' own
+# kernels (dequantize_4bit, the nested absmax's dequantize_blockwise, the fused gemm_4bit), which
+# no build shows: at copy bandwidth they are as fast as any kernel can be, generous to
+# bitsandbytes. The model has no launch overhead, which favours their many small launches too.
+
+BNB_FUSED_MAX_M = 1536  # gemm_4bit on CUDA: above it, always dequantize + F.linear
+BNB_FUSED_MIN_M = 4  # and at or below it, always its fused kernel (_GEMM_4BIT_CUSTOM_FLOOR_M)
+BNB_NESTED_BLOCKSIZE = 256  # the nested absmax's blocksize (the only one gemm_4bit takes)
+
+
+def bnb_fused_gemm(m, k, n, multiprocessors, blocksize=BLOCKSIZE):
+    """Whether bitsandbytes' gemm_4bit (bf16 x, NF4 weight N x K) runs its fused kernel at ``m``
+    rows on a GPU with ``multiprocessors`` SMs (sm_80 to sm_90), else dequantize + F.linear.
+    Between the two bounds its per-architecture heuristic (``_gemm_4bit_use_custom_cuda``)
+    decides; read here only where it is the same on sm_80, 86, 89 and 90: up to 16 rows with a
+    weight of at least 4 Mi elements whose 64-column blocks fill the SMs (sm_90 keeps the kernel
+    to 32 rows there, the others further). Other shapes in between are refused, not guessed."""
+    if m > BNB_FUSED_MAX_M or k % blocksize:  # a ragged K falls back too (with a warning)
+        return False
+    if m <= BNB_FUSED_MIN_M or (m <= 16 and n * k >= 4 * 1024 * 1024
+                                and -(-n // 64) >= multiprocessors):
+        return True
+    raise ValueError(f"bitsandbytes' gemm_4bit route at {m} x {k} x {n} on {multiprocessors} SMs "
+                     "depends on its per-architecture heuristic, which is not modelled here")
+
+
+def bnb_peft_ops(m, k, n, kind, multiprocessors, backward, rank=RANK):
+    """PEFT's LoRA over a bitsandbytes NF4 ``Linear4bit`` (``kind`` "nf4" or "nf4-nested"), bf16 x
+    and adapters, no bias, lora_dropout 0, no autocast: [(op, flops, bytes)] of one forward, and
+    with ``backward`` of its backward (gradients of x, A and B), in launch order:
+
+    - bitsandbytes' Linear4bit: x is already in its compute dtype (no cast), ``matmul_4bit``'s
+      ``gemm_4bit``: its fused kernel (``bnb_fused_gemm``), or for a nested absmax that kernel's
+      fallback first decodes the absmax (``dequantize_blockwise`` into fp32, then ``+ offset``)
+      and then ``dequantize_4bit`` into a new bf16 W, ``F.linear(x, W)``;
+    - PEFT: ``result.clone()`` ("defensively", its comment says), ``lora_dropout`` is
+      ``nn.Identity`` at p = 0 (nothing runs), ``lora_A(x)`` and ``lora_B(S)`` (F.linear, one GEMM
+      each), ``* scaling``, ``result + output``; x and the output are in the adapters' dtype
+      already, so ``_cast_input_dtype`` and ``.to(expected_dtype)`` copy nothing;
+    - backward (autograd, reverse order): the add and the clone pass dY on; ``* scaling`` again
+      on dY, then lora_B's and lora_A's mm pairs (dS = dP B, dB = dP^T S, dS A, dA = dS^T x);
+      MatMul4Bit.backward dequantizes W again (``F.dequantize_4bit``: for a nested absmax the
+      same absmax decode, its ``+= offset`` in place), then dY W (its ``.to(dY.dtype)``: no copy,
+      W is bf16); autograd sums x's two gradients.
+
+    Bytes count each operand read and each output written once (bf16 tensors, fp32 absmax)."""
+    nested = kind == "nf4-nested"
+    blocks = -(-n * k // BLOCKSIZE)
+    x, y, w, s = 2 * m * k, 2 * m * n, 2 * n * k, 2 * m * rank
+    a, b, packed = 2 * rank * k, 2 * n * rank, (n * k + 1) // 2
+    nested_blocks = -(-blocks // BNB_NESTED_BLOCKSIZE)
+    code_and_absmax = blocks + 4 * nested_blocks + 4 * 256  # uint8 absmax, its code and absmax
+    stored_absmax = code_and_absmax + 4 if nested else 4 * blocks  # (+ the fp32 offset)
+    absmax_decode = [("dequantize_blockwise absmax", 0, code_and_absmax + 4 * blocks),
+                     ("absmax + offset", 0, 8 * blocks + 4)] if nested else []
+    dequantize = [*absmax_decode, ("dequantize_4bit W", 0, packed + 4 * blocks + w)]
+    if bnb_fused_gemm(m, k, n, multiprocessors):
+        ops = [("gemm_4bit x W^T (fused)", 2 * m * n * k, packed + stored_absmax + x + y)]
+    else:
+        ops = [*dequantize, ("F.linear x W^T", 2 * m * n * k, x + w + y)]
+    ops += [("result.clone()", 0, 2 * y), ("lora_A: S = x A^T", 2 * m * rank * k, x + a + s),
+            ("lora_B: S B^T", 2 * m * n * rank, s + b + y), ("* scaling", 0, 2 * y),
+            ("result + output", 0, 3 * y)]
+    if backward:
+        ops += [("dY * scaling", 0, 2 * y), ("dS = dP B", 2 * m * rank * n, y + b + s),
+                ("dB = dP^T S", 2 * n * rank * m, y + s + b), ("dS A", 2 * m * k * rank, s + a + x),
+                ("dA = dS^T x", 2 * rank * k * m, s + x + a), *dequantize,
+                ("dY W", 2 * m * k * n, y + w + x), ("dX + dS A (autograd's sum)", 0, 3 * x)]
+    return ops
+
+
+def bnb_peft_call(m, k, n, kind, backward):
+    """bitsandbytes + PEFT's forward (and backward) as modelled torch ops (``bnb_peft_ops``), for
+    the GPU a ``capture`` configures for (its SM count decides gemm_4bit's route)."""
+    def bnb_peft():
+        multiprocessors = _common.target(torch.device("cpu")).multiprocessors  # the captured GPU's
+        for op, flops, nbytes in bnb_peft_ops(m, k, n, kind, multiprocessors, backward):
+            torch_op(flops, nbytes, op)
+    return bnb_peft
+
+
+def bnb_peft_cases(m, k, n):
+    """{case: (fn, ideal)}: bitsandbytes + PEFT beside the LoRA linear's bench cases, named as
+    them with ``bnb_peft_`` for ``lora_linear_`` (``model.versus`` pairs them), with the same
+    ideals so the ratios compare: forward and forward + backward at M = ``m``, the decode rows."""
+    cases = {}
+    for kind in ("nf4", "nf4-nested"):
+        cases[f"bnb_peft_forward {kind} {m}x{k}x{n}"] = (
+            bnb_peft_call(m, k, n, kind, False), ("gemm", 2 * m * n * k + 2 * m * RANK * (k + n)))
+        cases[f"bnb_peft_train {kind} {m}x{k}x{n}"] = (bnb_peft_call(m, k, n, kind, True),
+                                                       ("gemm", 4 * m * n * k))
+        for rows in DECODE_ROWS:
+            cases[f"bnb_peft_decode {kind} {rows}x{k}x{n}"] = (
+                bnb_peft_call(rows, k, n, kind, False),
+                ("copy", weight_bytes(kind, n, k) + 2 * rows * (k + n)))
+    return cases

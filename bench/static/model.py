@@ -169,3 +169,30 @@ def chosen_routes(estimates):
                               key=lambda pair: pair[1]["model_us"])
             chosen[base + CHOSEN] = {**best, "route": route}
     return chosen
+
+
+BASELINES = {"bnb_peft_": "bitsandbytes + PEFT"}  # case prefix of a baseline row: what it models
+VERSUS_OF = "lora_linear_"  # the prefix of our row a baseline row stands beside
+
+
+def versus(estimates):
+    """{baseline case: comparison} for each baseline row (a case starting with a ``BASELINES``
+    prefix) whose twin, the same name with ``VERSUS_OF`` for its prefix, exists: ours is the
+    twin's " route=chosen" estimate where it has one (``chosen_routes``; add those first), else
+    the twin. ratio = their model time / ours: above 1, ours is faster. ``estimates``: {case:
+    case_estimate} of one device."""
+    comparisons = {}
+    for case, theirs in estimates.items():
+        prefix = next((p for p in BASELINES if case.startswith(p)), None)
+        if prefix is None:
+            continue
+        twin = VERSUS_OF + case.removeprefix(prefix)
+        ours_case = twin + CHOSEN if twin + CHOSEN in estimates else twin
+        if ours_case not in estimates:
+            raise ValueError(f"the baseline row {case!r} has no row of ours to compare with "
+                             f"({twin!r})")
+        ours = estimates[ours_case]
+        comparisons[case] = {"baseline": BASELINES[prefix], "ours": ours_case,
+                             "route": ours.get("route"), "theirs_us": theirs["model_us"],
+                             "ours_us": ours["model_us"], "ratio": theirs["model_us"] / ours["model_us"]}
+    return comparisons

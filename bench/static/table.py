@@ -99,6 +99,7 @@ def render(report):
             case = f"{case} ({e['route']})" if "route" in e else case  # the chosen route
             lines.append(f"| {case} | {device} | {e['model_us']:.0f} | {ideal} | {e['ideal_us']:.0f} | "
                          f"{e['ratio']:.2f} | {worst_us:.0f} | {worst_ratio:.2f} | {e['bound']} |")
+    lines += versus_rows(report["model"].get("versus", {}))
     lines += ["", "Model constants: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in constants.items() if k != "name")
@@ -109,3 +110,28 @@ def render(report):
             f"{gate}: {'pass' if not failures else f'{len(failures)} failing'}"
             for gate, failures in gates.items()), ""]
     return "\n".join(lines)
+
+
+def versus_rows(versus):
+    """The baseline rows against ours (``model.versus``: {device: {case: comparison}}), devices
+    side by side: each one's time, ours (its route) and theirs / ours. None in reports made
+    before these rows existed: no lines."""
+    devices = [device for device, found in versus.items() if found]
+    if not devices:
+        return []
+    lines = ["", "#### vs bitsandbytes + PEFT (model estimates, not measurements)", "",
+             "Their ops (`bench.static.launches.bnb_peft_ops`) each at the slower of its flops at "
+             "the cuBLAS rate and its bytes at copy bandwidth, bitsandbytes' kernels included "
+             "(generous to them); ours: the chosen route's row. Issue 17's target at M = 4096: "
+             "theirs / ours >= 1.4.", "",
+             "| case | " + " | ".join(f"{d}: theirs us | ours us (route) | theirs / ours"
+                                     for d in devices) + " |",
+             "|---|" + "---|---|---|" * len(devices)]
+    for case in versus[devices[0]]:
+        cells = []
+        for device in devices:
+            c = versus[device][case]
+            route = f" ({c['route']})" if c["route"] else ""
+            cells.append(f"{c['theirs_us']:.0f} | {c['ours_us']:.0f}{route} | {c['ratio']:.2f}")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
