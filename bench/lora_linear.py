@@ -5,7 +5,9 @@ Baselines, each checked against ``lowrank.reference`` before it is timed:
 - ``bf16_gemm_floor``: cuBLAS x W^T with a dense bf16 W of the same shape (no LoRA): what QLoRA
   would cost if the 4-bit weight and the adapter were free.
 - ``bnb_peft``: bitsandbytes ``matmul_4bit`` plus PEFT's LoRA formula, what PEFT's Linear4bit runs
-  (for one row without grad, matmul_4bit runs bitsandbytes' ``gemv_4bit`` kernel).
+  (its ``result.clone()`` included). matmul_4bit's ``gemm_4bit`` (bitsandbytes 0.50) runs its own
+  fused kernel up to 4 rows, decides by a per-architecture heuristic up to 1536, and dequantizes
+  + ``F.linear`` above; ``bench.static`` models this baseline (``launches.bnb_peft_ops``).
 - ``dequant_cublas``: NF4 dequantized (by lowrank) into a reused bf16 buffer, cuBLAS GEMM, then the
   LoRA expand accumulated with ``addmm_``, composed by hand (``lowrank_cublas`` is the same inside
   lowrank's op: the gap between them is the op's overhead).
@@ -85,9 +87,10 @@ def forward_fns(base):
         "lowrank": lambda x, packed, state, dense, a, b, buffer: ops.lora_linear(
             x, packed, a, b, SCALING, quant_state=state),
         "bf16_gemm_floor": floor,
-        # PEFT's Linear4bit: bitsandbytes' base layer, then the LoRA branch added.
+        # PEFT's Linear4bit: bitsandbytes' base layer, its output cloned ("defensively", PEFT's
+        # comment says), then the LoRA branch added.
         "bnb_peft": lambda x, packed, state, dense, a, b, buffer: (
-            bnb.matmul_4bit(x, packed.t(), quant_state=state) + lora(x, a, b)),
+            bnb.matmul_4bit(x, packed.t(), quant_state=state).clone() + lora(x, a, b)),
         "dequant_cublas": dequant_cublas,
         "reference": lambda x, packed, state, dense, a, b, buffer: reference.lora_linear(
             x, packed, a, b, SCALING, quant_state=state),
