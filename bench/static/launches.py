@@ -769,9 +769,9 @@ def bnb_peft_ops(m, k, n, kind, multiprocessors, backward, rank=RANK):
     with ``backward`` of its backward (gradients of x, A and B), in launch order:
 
     - bitsandbytes' Linear4bit: x is already in its compute dtype (no cast), ``matmul_4bit``'s
-      ``gemm_4bit``: its fused kernel (``bnb_fused_gemm``), or for a nested absmax that kernel's
-      fallback first decodes the absmax (``dequantize_blockwise`` into fp32, then ``+ offset``)
-      and then ``dequantize_4bit`` into a new bf16 W, ``F.linear(x, W)``;
+      ``gemm_4bit``: its fused kernel (``bnb_fused_gemm``), or its fallback: a nested absmax
+      decoded first (``dequantize_blockwise`` into fp32, then ``+ offset``), ``dequantize_4bit``
+      into a new bf16 W, ``F.linear(x, W)``;
     - PEFT: ``result.clone()`` ("defensively", its comment says), ``lora_dropout`` is
       ``nn.Identity`` at p = 0 (nothing runs), ``lora_A(x)`` and ``lora_B(S)`` (F.linear, one GEMM
       each), ``* scaling``, ``result + output``; x and the output are in the adapters' dtype
