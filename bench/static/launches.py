@@ -752,8 +752,8 @@ def bnb_fused_gemm(m, k, n, multiprocessors, blocksize=BLOCKSIZE):
     rows on a GPU with ``multiprocessors`` SMs (sm_80 to sm_90), else dequantize + F.linear.
     Between the two bounds its per-architecture heuristic (``_gemm_4bit_use_custom_cuda``)
     decides; read here only where it is the same on sm_80, 86, 89 and 90: up to 16 rows with a
-    weight of at least 4 Mi elements whose 64-column blocks fill the SMs (sm_90 keeps the kernel
-    to 32 rows there, the others further). Other shapes in between are refused, not guessed."""
+    weight of at least 4 Mi elements whose 64-row blocks of W fill the SMs (each of them keeps the
+    kernel to 32 rows or more there). Other shapes in between are refused, not guessed."""
     if m > BNB_FUSED_MAX_M or k % blocksize:  # a ragged K falls back too (with a warning)
         return False
     if m <= BNB_FUSED_MIN_M or (m <= 16 and n * k >= 4 * 1024 * 1024
