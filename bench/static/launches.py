@@ -49,7 +49,7 @@ class Launch:
     config: int = 0  # its index in the launcher's config list (autotuned when it has several)
     configs: int = 1  # the list's length
     # Integers the kernel reads from a tensor that the model needs and cannot read from its integer
-    # arguments: the grouped dA / dB reductions loop over an expert's rows, from the offsets.
+    # arguments: the grouped kernels' rows per expert and row tiles, from the offsets.
     model_ints: dict = field(default_factory=dict)
 
     @property
@@ -369,9 +369,8 @@ def quantize_call(n, k, dtype, blocksize):
 def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
-    layout; the calls carry ``model_ints`` (see ``Launch``): each expert's rows,
-    ``rows_per_expert``. With ``top_k`` the kernels gather x's rows from rows / top_k tokens
-    (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
+    layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
+    gather x's rows from rows / top_k tokens (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
     sorted rows, which torch sums into the tokens'."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
@@ -396,8 +395,15 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
                                   (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
-        call.model_ints = {"rows_per_expert": -(-rows // experts)}
+        call.model_ints = grouped_model_ints(rows, experts)
     return {"forward": forward, "backward": backward}
+
+
+def grouped_model_ints(rows, experts):
+    """What the model reads of a grouped launch's offsets (``Launch.model_ints``): the experts
+    and each one's rows (spread evenly), for the reductions' trip counts and the row tiles that
+    have rows (``model.working_ctas``)."""
+    return {"rows_per_expert": -(-rows // experts), "experts": experts}
 
 
 def train_call(calls):
@@ -427,6 +433,7 @@ def grouped_gemm_call(rows, k, n, experts, dtype):
         lora_grouped.grouped_gemm(dy, w, (w.stride(0), w.stride(2), w.stride(1)), s, lora_a,
                                   (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
                                   offsets, 1.0)
+    forward_and_grad_input.model_ints = grouped_model_ints(rows, experts)
     return forward_and_grad_input
 
 
