@@ -370,8 +370,9 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
     layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
-    gather x's rows from rows / top_k tokens (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
-    sorted rows, which torch sums into the tokens'."""
+    gather x's rows from rows / top_k tokens (``row_index``), as the first projection of
+    ``experts_forward`` runs; the dX GEMM writes the sorted rows, which torch sums into the
+    tokens'."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
     row_index = empty(rows, dtype=torch.int64) if top_k else None
@@ -380,17 +381,28 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
     b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
+    grad_b = empty(n, rank * experts)  # B's gradient, as lora_grouped_backward allocates it
     w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     a = lora_a.stride()
 
+    # Torch's work around the launches (lowrank.ops.lora_grouped): B copied into b_rows for the
+    # forward's GEMM (fp32 read, x's dtype written), and the sum of the fp32 dS partials, one per
+    # chunk of dY's columns. The backward's dS / dB pass reads PEFT's B as it is.
+    b_copy = n * rank * experts * (lora_b.element_size() + b_rows.element_size())
+
     def forward():
+        torch_op(0, b_copy, "B as E x N x r (copy)")
         lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
         lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
                                   row_index)
 
     def backward():
-        lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), lora_b,
-                                         (1, rank * experts, experts), s, offsets, SCALING)
+        config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
+        chunks = -(-n // config["BLOCK_N"])
+        torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
+        peft_b = (1, rank * experts, experts)  # B_e's (n, rank) in PEFT's N x (r E)
+        lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
+                                         SCALING)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
                                   (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
