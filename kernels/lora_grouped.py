@@ -12,8 +12,8 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
 - One program tile of rows never spans two experts: each expert's rows are cut into BLOCK_M
   tiles, listed by ``tile_schedule`` (torch ops on the device, no host sync: the grid is the
   upper bound cdiv(S, BLOCK_M) + E and the tiles past the last do no work).
-- The LoRA expand s S B_e^T is added to the output tile before its one store, as in the dense
-  LoRA kernel (``lora_linear.py``); S comes from the grouped shrink. dX is the same kernel over W_e
+- The LoRA expand S (s B_e)^T is accumulated into the output tile's accumulator before its one
+  store (B_e scaled in fp32, then rounded to x's dtype once); S comes from the grouped shrink. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
   rows, written through strides straight into PEFT's layout.
 - dS and dB are one pass over dY (``grouped_output_grad``): each program owns dB_e for a chunk of
@@ -37,13 +37,17 @@ from ._weight import precision
 BLOCK_R = 16  # ranks in chunks of 16 (the smallest tl.dot size): any rank works
 
 
-def gemm_config(target, dtype):
+def gemm_configs(target, dtype):
+    """The grouped GEMM's configs, which ``_common.launch`` autotunes over on a GPU. All share one
+    BLOCK_M: the tile list (``tile_schedule``) is built for it before the launch."""
     if target.arch == 90 and dtype.itemsize == 2:
-        # 128 x 128 wgmma tiles: a GEMM over ~256 rows per expert is bound by the tiles' loads
-        # (the static model: L2), which these halve per flop next to 64 x 128 (gate_up and down
-        # fwd+bwd 19% faster there); 128 x 256, or 4 warps, spill.
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+        # wgmma tiles. A GEMM over ~256 rows per expert is bound by the tiles' loads (the static
+        # model: L2); 128 x 256 reads 3/4 of 128 x 128's bytes per flop, and with one
+        # accumulator it does not spill (Qwen3-30B-A3B's gate_up fwd+bwd 1050 -> 813 us, model).
+        # 128 x 128 keeps small and ragged launches (fewer tiles than SMs) filling the GPU.
+        return [{"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]
+    return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
 
 
 def shrink_config(target, dtype):
@@ -54,7 +58,11 @@ def output_grad_config(target, dtype):
     # 256 columns of dY per chunk in 16-bit dtypes: the fp32 dS partials (one per chunk) stay a
     # small fraction of dY's bytes (rank 16: 1/8 of a bf16 dY's).
     block_n = 256 if dtype.itemsize == 2 else 128
-    return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
+    # 4 warps off sm_90: B_e's chunk, read strided from PEFT's layout, takes 8 warps to 138
+    # registers, one CTA per SM on sm_89 (4 warps: 178, two CTAs); sm_90 keeps 8 (a 600-row
+    # launch issues faster with them).
+    warps = 8 if target is not None and target.arch == 90 else 4
+    return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 3}
 
 
 def weight_grad_config(target, dtype):
@@ -152,15 +160,18 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         w = tl.load(w_base + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The expand accumulates into the GEMM's accumulator, G_e scaled in fp32 before its one
+    # rounding to x's dtype: a second accumulator of the tile's size would double its registers
+    # (128 x 256 tiles spill on sm_90 with two).
     for r0 in range(0, tl.where(used, R, 0), BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
                     mask=row_mask[:, None] & (ranks[None, :] < R), other=0.0)
         g = tl.load(g_base + outs[:, None] * stride_gn + ranks[None, :] * stride_gr,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = tl.dot(s, tl.trans(g.to(dtype)), lora, input_precision=PRECISION)
-    store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc + scaling * lora,
+        g = (g.to(tl.float32) * scaling).to(dtype)
+        acc = tl.dot(s, tl.trans(g), acc, input_precision=PRECISION)
+    store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc,
                   row_mask[:, None] & (outs[None, :] < N))
 
 
@@ -262,14 +273,14 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
     N = y.shape[1]
     R = s.shape[1]
     target = _common.target(x.device)
-    config = gemm_config(target, x.dtype)
-    tile_expert, tile_start = tile_schedule(offsets, rows, config["BLOCK_M"])
-    grid = (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"]))
+    configs = gemm_configs(target, x.dtype)
+    tile_expert, tile_start = tile_schedule(offsets, rows, configs[0]["BLOCK_M"])
     gather = row_index is not None
-    _grouped_gemm_kernel[grid](x, row_index if gather else offsets, w, s, g, y, tile_expert,
-                               tile_start, offsets, N, K, R, scaling, x.stride(0), x.stride(1),
-                               *w_strides, *g_strides, PRECISION=precision(x.dtype),
-                               GATHER=gather, BLOCK_R=BLOCK_R, **config, enable_fp_fusion=False)
+    _common.launch(_grouped_gemm_kernel,
+                   lambda c: (tile_expert.numel(), triton.cdiv(N, c["BLOCK_N"])), configs,
+                   x, row_index if gather else offsets, w, s, g, y, tile_expert, tile_start,
+                   offsets, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides, *g_strides,
+                   bucket=rows, PRECISION=precision(x.dtype), GATHER=gather, BLOCK_R=BLOCK_R)
 
 
 def grouped_output_grad(grad_y, s, g, g_strides, grad_b, grad_b_strides, grad_s, offsets,

@@ -195,6 +195,17 @@ def test_lora_grouped_custom_ops_trace():
     assert_op_close(lora_a.grad, expected[2], torch.float32, "dA")
 
 
+@pytest.mark.parametrize("arch", [None, 80, 86, 89, 90])
+def test_grouped_gemm_configs_share_one_block_m(arch):
+    """The launcher builds its tile list for the first config's BLOCK_M before autotuning picks
+    one: every config of a list must have that BLOCK_M."""
+    from lowrank.kernels._common import Target
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        configs = grouped_kernels.gemm_configs(Target(arch, 132), dtype)
+        assert {config["BLOCK_M"] for config in configs} == {configs[0]["BLOCK_M"]}
+
+
 def test_expert_offsets():
     ids = torch.tensor([1, 1, 2, 4, 4, 4])
     assert ops.expert_offsets(ids, E).tolist() == [0, 0, 2, 3, 3, 6]

@@ -116,6 +116,19 @@ def test_the_grouped_weight_grad_loops_over_its_experts_rows():
     assert model.launch_time(more_rows, h100)["tensor"] > model.launch_time(grad, h100)["tensor"]
 
 
+def test_a_grouped_gemm_counts_only_the_row_tiles_its_experts_fill():
+    """Its grid is cdiv(rows, BLOCK_M) + E row tiles (an upper bound); 4 experts of 300 rows fill
+    3 tiles of 128 each, and the spare ones exit before loading a tile."""
+    ints = {"K": 2048, "N": 1536, "rows_per_expert": 300, "experts": 4}
+    gemm = record(kernel="_grouped_gemm_kernel", grid=[-(-1200 // 128) + 4, 12], ints=ints,
+                  constexprs={"BLOCK_M": 128, "BLOCK_K": 64})
+    assert model.working_ctas(gemm) == 4 * 3 * 12
+    unknown_rows = {**gemm, "ints": {"K": 2048, "N": 1536}}
+    assert model.working_ctas(unknown_rows) == 14 * 12
+    dense = record()
+    assert model.working_ctas(dense) == 64 * 224
+
+
 def test_an_autotuned_launch_counts_at_its_best_config():
     h100 = model.DEVICES["H100 SXM"]
     fast, slow = record(config=0, configs=2), record(config=1, configs=2, instructions=6000,

@@ -49,7 +49,7 @@ class Launch:
     config: int = 0  # its index in the launcher's config list (autotuned when it has several)
     configs: int = 1  # the list's length
     # Integers the kernel reads from a tensor that the model needs and cannot read from its integer
-    # arguments: the grouped dA / dB reductions loop over an expert's rows, from the offsets.
+    # arguments: the grouped kernels' rows per expert and row tiles, from the offsets.
     model_ints: dict = field(default_factory=dict)
 
     @property
@@ -369,10 +369,10 @@ def quantize_call(n, k, dtype, blocksize):
 def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
-    layout; the calls carry ``model_ints`` (see ``Launch``): each expert's rows,
-    ``rows_per_expert``. With ``top_k`` the kernels gather x's rows from rows / top_k tokens
-    (``row_index``), as the first projection of ``experts_forward`` runs; the dX GEMM writes the
-    sorted rows, which torch sums into the tokens'."""
+    layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
+    gather x's rows from rows / top_k tokens (``row_index``), as the first projection of
+    ``experts_forward`` runs; the dX GEMM writes the sorted rows, which torch sums into the
+    tokens'."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
     row_index = empty(rows, dtype=torch.int64) if top_k else None
@@ -381,23 +381,41 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
     b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
+    grad_b = empty(n, rank * experts)  # B's gradient, as lora_grouped_backward allocates it
     w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     a = lora_a.stride()
 
+    # Torch's work around the launches (lowrank.ops.lora_grouped): B copied into b_rows for the
+    # forward's GEMM (fp32 read, x's dtype written), and the sum of the fp32 dS partials, one per
+    # chunk of dY's columns. The backward's dS / dB pass reads PEFT's B as it is.
+    b_copy = n * rank * experts * (lora_b.element_size() + b_rows.element_size())
+
     def forward():
+        torch_op(0, b_copy, "B as E x N x r (copy)")
         lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
         lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
                                   row_index)
 
     def backward():
-        lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), lora_b,
-                                         (1, rank * experts, experts), s, offsets, SCALING)
+        config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
+        chunks = -(-n // config["BLOCK_N"])
+        torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
+        peft_b = (1, rank * experts, experts)  # B_e's (n, rank) in PEFT's N x (r E)
+        lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
+                                         SCALING)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
                                   (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
-        call.model_ints = {"rows_per_expert": -(-rows // experts)}
+        call.model_ints = grouped_model_ints(rows, experts)
     return {"forward": forward, "backward": backward}
+
+
+def grouped_model_ints(rows, experts):
+    """What the model reads of a grouped launch's offsets (``Launch.model_ints``): the experts
+    and each one's rows (spread evenly), for the reductions' trip counts and the row tiles that
+    have rows (``model.working_ctas``)."""
+    return {"rows_per_expert": -(-rows // experts), "experts": experts}
 
 
 def train_call(calls):
@@ -427,6 +445,7 @@ def grouped_gemm_call(rows, k, n, experts, dtype):
         lora_grouped.grouped_gemm(dy, w, (w.stride(0), w.stride(2), w.stride(1)), s, lora_a,
                                   (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
                                   offsets, 1.0)
+    forward_and_grad_input.model_ints = grouped_model_ints(rows, experts)
     return forward_and_grad_input
 
 

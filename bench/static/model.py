@@ -1,7 +1,8 @@
 """A first-order model of kernel time from the static report: ESTIMATES, NOT MEASUREMENTS.
 
 Per launch, every SM runs its share of the CTAs (the most loaded SM sets the time, so a last
-partial wave counts whole), and each CTA is limited by the slowest of six throughputs, assumed to
+partial wave counts whole; a grouped GEMM's spare row tiles, which exit at once, not counted:
+``working_ctas``), and each CTA is limited by the slowest of six throughputs, assumed to
 overlap perfectly:
 
 - issue: static SASS instructions (hot loop x its trip count, plus the rest once) x warps, at
@@ -80,6 +81,26 @@ def trips(record):
             "_lora_merge_kernel": value.get("R", 1)}.get(kernel, 1)
 
 
+# The grouped GEMMs' grids: axis 0 is an upper bound on their row tiles, cdiv(rows, BLOCK_M) + E
+# (``kernels/lora_grouped.tile_schedule``); a tile past the last loads its expert id and exits.
+GROUPED_ROW_TILES = ("_grouped_gemm_kernel", "_grouped_shrink_kernel")
+
+
+def working_ctas(record):
+    """CTAs that do the launch's work: its grid's, but for a grouped GEMM only the row tiles its
+    experts' rows fill (``experts`` x cdiv(``rows_per_expert``, BLOCK_M), from the launch's
+    model_ints), not the spare ones, which exit before any load of a tile (counted as free)."""
+    grid = list(record["grid"])
+    ints = record["ints"]
+    if record["kernel"] in GROUPED_ROW_TILES and "experts" in ints:
+        block_m = record["constexprs"]["BLOCK_M"]
+        grid[0] = min(grid[0], ints["experts"] * -(-ints["rows_per_expert"] // block_m))
+    ctas = 1
+    for extent in grid:
+        ctas *= extent
+    return ctas
+
+
 def launch_time(record, device):
     """{"seconds", "bound", and the six limits in seconds} for one launch on ``device``; for a
     product torch runs (a "modelled" record, ``launches.torch_gemm``: no build to read) the
@@ -89,9 +110,7 @@ def launch_time(record, device):
                   "DRAM": record["modelled"]["bytes"] / device.dram_bytes_per_s}
         bound = max(limits, key=limits.get)
         return {"seconds": limits[bound], "bound": bound, **limits}
-    ctas = 1
-    for extent in record["grid"]:
-        ctas *= extent
+    ctas = working_ctas(record)
     loop = record["loop"]
     n = trips(record) if loop else 0
     loop_instructions = loop["instructions"] if loop else 0
