@@ -25,6 +25,7 @@ from lowrank._lora_args import check_lora_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as lora_decode_kernels
+from lowrank.kernels import lora_output_grad as output_grad_kernels
 from lowrank.ops.gradients import InputGradients
 
 
@@ -171,6 +172,23 @@ def grad_lora_b(grad_y, s, scaling, b_dtype):
     return (lora_shrink(grad_y.t(), s.t(), _unread_seed(grad_y), 0.0) * scaling).to(b_dtype)
 
 
+@torch.library.custom_op("lowrank::lora_output_grad", mutates_args=())
+def lora_output_grad(grad_y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dS, dB) = (s dY B in S's dtype, s dY^T S in fp32) in one pass over dY (M x N): the
+    backward's two products with dY, on every route. S's dtype is the branch's (fp32: B and S
+    split, near-fp32 as in forward)."""
+    grad_s = torch.empty_like(s)
+    grad_b = torch.empty(lora_B.shape, dtype=torch.float32, device=grad_y.device)
+    output_grad_kernels.lora_output_grad(grad_y, s, lora_B.to(s.dtype), scaling, grad_s, grad_b)
+    return grad_s, grad_b
+
+
+@lora_output_grad.register_fake
+def _(grad_y, s, lora_B, scaling):
+    return torch.empty_like(s), lora_B.new_empty(lora_B.shape, dtype=torch.float32)
+
+
 def _unread_seed(x):
     """The seed argument of a launch without dropout (never read)."""
     return torch.empty(1, dtype=torch.int64, device=x.device)
@@ -268,11 +286,12 @@ class LoraLinearFunction(torch.autograd.Function):
         x, lora_A, lora_B, seed, s, *weight_tensors = ctx.saved_tensors
         need = _LORA_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
-        # dS in a pass of its own (dY read once more), not folded into the dX kernel: there each
-        # program would also read a B tile per N step, +8% L2 bytes on sm_90's tiles, +12.5% on
-        # sm_89's (dense; NF4 +17%), more than the dY read saved (static model, 4096 x 4096 x
-        # 14336: about +138 us against -39 us on H100, +376 us against -130 us on RTX 4090).
-        grad_s = grad_lora_s(grad_y, lora_B, ctx.scaling, s.dtype)
+        # dS and dB in one pass over dY (dY is the largest operand either reads), before dX. dS is
+        # not folded into the dX kernel: there each program would also read a B tile per N step,
+        # +8% L2 bytes on sm_90's tiles, +12.5% on sm_89's (dense; NF4 +17%), more than the dY
+        # read saved (static model, 4096 x 4096 x 14336: about +138 us against -39 us on H100,
+        # +376 us against -130 us on RTX 4090).
+        grad_s, grad_b = lora_output_grad(grad_y, s, lora_B, ctx.scaling)
         grads = {}
         if need["x"]:
             grads["x"] = lora_grad_input(grad_y, weight_tensors, ctx.weight_sizes, grad_s, lora_A,
@@ -282,7 +301,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = grad_lora_b(grad_y, s, ctx.scaling, lora_B.dtype)
+            grads["lora_B"] = grad_b.to(lora_B.dtype)
         if need["bias"]:
             grads["bias"] = grad_y.sum(0)
         return _LORA_GRADIENTS.by_position(**grads)
