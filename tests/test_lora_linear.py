@@ -344,7 +344,8 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
     near a rounding tie comes close to 1; bf16 adapters: 8 to 14 times it), dA and dB 1.8e-5 to
     2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3). cublas-joined: the cublas route's single GEMM
     [x | S] [W | sB]^T over an NF4 weight (dequantized to bf16, the dense values the reference
-    takes), the split S and sB as its 3r last columns."""
+    takes), the split S and sB as its 3r last columns, and dX's [dY | dS] [W ; A], the split dS
+    and A as its 3r last columns and rows."""
     from lowrank import routes
     from lowrank.ops import lora as lora_op
 
@@ -353,8 +354,10 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
         torch.bfloat16, "nf4-64" if joined else "dense", 16, device, m=m)
     if joined:
         route, dense = "cublas", nf4.dequantize(weight, state, dtype=torch.bfloat16).float()
-        asked = []
+        asked, asked_grad_input = [], []
         monkeypatch.setattr(lora_op, "joined_forward", lambda *args: asked.append(args) or True)
+        monkeypatch.setattr(lora_op, "joined_grad_input",
+                            lambda *args: asked_grad_input.append(args) or True)
     lora_b = lora_b * 10
     grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
                                                                                torch.bfloat16)
@@ -382,6 +385,7 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
     assert relative_error(rounded[2].double(), expected[2]) > 1e-3
     if joined:
         assert [args[3] for args in asked] == [48, 16]  # the split (3r columns), then bf16's r
+        assert [args[3] for args in asked_grad_input] == [48, 16]
 
 
 @triton.jit
@@ -476,7 +480,8 @@ def test_output_grad_one_pass_matches_fp64(dtype, branch, device):
         assert (chunks, slabs, rank_chunks) == (3, 2, 2)
 
     def one_pass(s, b):
-        grad_s, grad_b = poisoned(s.shape, s.dtype, device), poisoned(b.shape, torch.float32, device)
+        grad_s = poisoned(s.shape, s.dtype, device)
+        grad_b = poisoned(b.shape, torch.float32, device)
         output_grad_kernels.lora_output_grad(grad_y, s, b, 1.5, grad_s, grad_b)
         return grad_s, grad_b
 

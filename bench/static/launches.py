@@ -227,9 +227,11 @@ def lora_cublas_calls(m, k, n, kind, dtype):
     adapters in x's dtype: the bench cases), as lowrank.ops.lora runs it: the Triton launches
     captured, torch's products modelled (``torch_gemm``). Forward: for NF4 where
     ``joined_forward`` says so, the shrink writing [x | S], the dequantize into rows beside s B,
-    one GEMM; else the shrink, the dequantize, x W^T and addmm_(S, B). Backward: dS, dX (NF4 with
-    N < K: [dY | dS] [W ; A] after a copy of dY beside dS; else dY W and addmm_(dS, A)), dA, dB."""
-    from lowrank.ops.lora import joined_forward
+    one GEMM; else the shrink, the dequantize, Y = s S B^T and addmm_(x, W^T) into it. Backward:
+    dS and dB, dX (NF4 where ``joined_grad_input`` says so: [dY | dS] [W ; A] after a copy of dY
+    beside dS; else dX = dS A and addmm_(dY, W) into it), dA. An addmm_ reads its output inside
+    the GEMM (M x N or M x K more bytes), where the flops bound it."""
+    from lowrank.ops.lora import joined_forward, joined_grad_input
 
     w, nf4 = weight(kind, n, k, dtype)
     x, a, s = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(m, RANK, dtype=dtype)
@@ -239,7 +241,7 @@ def lora_cublas_calls(m, k, n, kind, dtype):
         nf4_dequantize.nf4_dequantize(w, nf4.absmax, nf4.code, out, BLOCKSIZE, nested)
 
     def forward():
-        if nf4 is not None and joined_forward(m, k, n, RANK):
+        if nf4 is not None and joined_forward(m, k, n, RANK, False):
             lora_linear.lora_shrink(x, a, s, seed(), 0.0, empty(m, k + RANK, dtype=dtype))
             dequantize(empty(n, k + RANK, dtype=dtype)[:, :k])
             torch_gemm(m, n, k + RANK, (m + n) * (k + RANK), m * n, "[x | S] [W | sB]^T")
@@ -247,20 +249,20 @@ def lora_cublas_calls(m, k, n, kind, dtype):
         lora_linear.lora_shrink(x, a, s, seed(), 0.0)
         if nf4 is not None:
             dequantize(empty(n, k, dtype=dtype))
-        torch_gemm(m, n, k, (m + n) * k, m * n, "x W^T")
-        torch_gemm(m, n, RANK, (m + n) * RANK + m * n, m * n, "addmm_(S, B)")
+        torch_gemm(m, n, RANK, (m + n) * RANK, m * n, "s S B^T")
+        torch_gemm(m, n, k, (m + n) * k + m * n, m * n, "addmm_(x, W^T)")
 
     def backward():
         lora_branch_grads(m, n, dtype)
-        if nf4 is not None and n < k:
+        if nf4 is not None and joined_grad_input(m, k, n, RANK, False):
             dequantize(empty(n + RANK, k, dtype=dtype)[:n])
             torch_gemm(m, n + RANK, 0, m * (n + RANK), m * (n + RANK), "cat(dY, dS)")
             torch_gemm(m, k, n + RANK, (m + k) * (n + RANK), m * k, "[dY | dS] [W ; A]")
         else:
             if nf4 is not None:
                 dequantize(empty(n, k, dtype=dtype))
-            torch_gemm(m, k, n, (m + k) * n, m * k, "dY W")
-            torch_gemm(m, k, RANK, (m + k) * RANK + m * k, m * k, "addmm_(dS, A)")
+            torch_gemm(m, k, RANK, (m + k) * RANK, m * k, "dS A")
+            torch_gemm(m, k, n, (m + k) * n + m * k, m * k, "addmm_(dY, W)")
         lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), 0.0)
     return {"forward": forward, "backward": backward}
 

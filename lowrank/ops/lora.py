@@ -71,16 +71,21 @@ def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
     """W dense in x's dtype (NF4 dequantized into the workspace), then torch's GEMM, in the form
     that moves fewer bytes (``joined_forward``): for an NF4 W, one GEMM [x | S] [W | sB]^T, the
     shrink kernel writing x's copy and S into the joined operand as it reads x, and the dequantize
-    kernel W into rows of the workspace beside s B; otherwise x W^T, then s S B^T accumulated into
-    Y by one addmm_. fp32 S and B (the fp32 branch): ``split_product``'s 3r columns in place of S
-    and B, so the branch stays near-fp32 and Y is rounded once. S comes from the shrink kernel,
+    kernel W into rows of the workspace beside s B; otherwise Y = s S B^T (+ bias) first, then
+    x W^T accumulated into it by one addmm_ (beta = 1: cuBLAS reads Y inside the GEMM, which its
+    flops bound, instead of a pass of its own that reads and writes Y again). fp32 S and B (the
+    fp32 branch): ``split_product``'s 3r columns in place of S and B, so the branch stays
+    near-fp32; outside the joined GEMM it is accumulated into the rounded x W^T (+ bias) by the
+    addmm_, in fp32, and so rounded once, as PEFT adds its fp32 branch (rounded to x's dtype
+    first, for x W^T to accumulate into, it would lose that). S comes from the shrink kernel,
     which applies the dropout mask that backward regenerates (x's copy stays undropped). The
     bias by addmm."""
     m, k = x.shape
     n, rank = b.shape
     s = torch.empty(m, rank, dtype=a.dtype, device=x.device)
-    columns = rank if a.dtype == x.dtype else 3 * rank
-    if w.nf4 is not None and joined_forward(m, k, n, columns):
+    split = a.dtype != x.dtype
+    columns = 3 * rank if split else rank
+    if w.nf4 is not None and joined_forward(m, k, n, columns, split):
         joined = torch.empty(m, k + columns, dtype=x.dtype, device=x.device)
         lora_kernels.lora_shrink(x, a, s, seed, dropout, joined)
         weight = routes.weight_beside(w, x.dtype, columns)
@@ -89,20 +94,40 @@ def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
         return y, s
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     dense = routes.dense_weight(w, x.dtype)
-    y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
-    s_parts, b_parts = split_product(s, b, x.dtype)
-    return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
+    if split:
+        y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
+        s_parts, b_parts = split_product(s, b, x.dtype)
+        return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
+    if bias is None:  # beta = 0: the empty Y is not read
+        y = x.new_empty(m, n).addmm_(s, b.t(), beta=0, alpha=scaling)
+    else:
+        y = torch.addmm(bias, s, b.t(), alpha=scaling)
+    return y.addmm_(x, dense.t()), s
 
 
-def joined_forward(m, k, n, columns):
+def joined_forward(m, k, n, columns, split):
     """Whether the cublas route's forward over an NF4 weight takes the single GEMM
-    [x | S] [W | sB]^T (``columns``: S's columns in it, r or 3r) rather than x W^T then
-    addmm_(S, B): the byte rule. Beyond the plain x W^T both forms read x and write W once; the
-    joined form also writes x's copy (M K), writes the adapter's columns beside x and W and reads
-    them in the GEMM (2 (M + N) columns); the addmm_ reads Y and writes it again (2 M N) and reads
-    S and B ((M + N) columns). Counted in elements of x's dtype (every operand is in it). A dense W
-    never joins: copying it would cost N K more."""
-    return m * k + 2 * (m + n) * columns < 2 * m * n + (m + n) * columns
+    [x | S] [W | sB]^T (``columns``: S's columns in it, r, or 3r for the ``split`` fp32 branch)
+    rather than x W^T and a rank-r GEMM: the byte rule. Beyond the plain x W^T both forms read x
+    and write W once; the joined form also writes x's copy (M K), writes the adapter's columns
+    beside x and W and reads them in the GEMM (2 (M + N) columns); the other form reads S and B
+    ((M + N) columns) and writes Y once more (M N: s S B^T, which the big GEMM's addmm_ then reads
+    inside its flops-bound time, not counted), or for the split branch reads and writes Y again
+    (2 M N: its addmm_ into x W^T). Counted in elements of x's dtype (every operand is in it). A
+    dense W never joins: copying it would cost N K more."""
+    return m * k + 2 * (m + n) * columns < (2 if split else 1) * m * n + (m + n) * columns
+
+
+def joined_grad_input(m, k, n, columns, split):
+    """Whether the cublas route's dX over an NF4 weight (no dropout) takes the single GEMM
+    [dY | dS] [W ; A] (``columns``: dS's columns in it, r, or 3r for the ``split`` fp32 branch)
+    rather than dY W and a rank-r GEMM: the byte rule, as ``joined_forward``'s. Beyond the plain
+    dY W, the joined form reads dY and writes its copy beside dS (2 M N), and writes, reads and
+    copies the adapter's columns (3 (M + K) columns: dS and A copied in, then read by the GEMM);
+    the other form reads dS and A ((M + K) columns) and writes dX once more (M K: dS A, read by
+    the big GEMM's addmm_ inside its flops-bound time, not counted), or for the split branch
+    reads and writes dX again (2 M K). In elements of dY's dtype."""
+    return 2 * m * n + 3 * (m + k) * columns < (2 if split else 1) * m * k + (m + k) * columns
 
 
 def split_product(lhs, rhs_t, dtype):
@@ -215,24 +240,34 @@ def _grad_input_fused(grad_y, w, grad_s, a, seed, dropout):
 
 def _grad_input_cublas(grad_y, w, grad_s, a, seed, dropout):
     """dY W + dS A by torch's GEMMs on the dense (or dequantized) W, in the form that moves fewer
-    bytes. For an NF4 weight with N < K and no dropout, one GEMM [dY | dS] [W ; A]: A is stacked
-    under W in the workspace (r x K, small) and dY copied beside dS (M x (N + r)), fewer bytes than
-    the M x K read and write of an addmm_ into dX. Otherwise dY W, then addmm_(dS, A); with dropout,
-    dS A is masked first (the forward's mask, regenerated from the seed). A dense W is never
-    copied, so it always takes the addmm_. fp32 dS and A (the fp32 branch): ``split_product``'s
-    operands (3r wide) in place of dS and A; with dropout, dS A in fp32."""
-    n, k = w.shape
+    bytes. For an NF4 weight without dropout where ``joined_grad_input`` says so, one GEMM
+    [dY | dS] [W ; A]: A is stacked under W in the workspace (r x K, small) and dY copied beside dS
+    (M x (N + r)). Otherwise dX = dS A first, then dY W accumulated into it by one addmm_ (beta:
+    cuBLAS reads dX inside the GEMM, which its flops bound, instead of a pass of its own that reads
+    and writes dX again); with dropout, dS A is masked first (the forward's mask, regenerated from
+    the seed) and 1 / (1 - p) is the addmm_'s beta. A dense W is never copied, so it always takes
+    the addmm_. fp32 dS and A (the fp32 branch): ``split_product``'s operands (3r wide) in place of
+    dS and A (with dropout, dS A in fp32), accumulated into the rounded dY W in fp32, as in the
+    forward, so that the near-fp32 branch is rounded once."""
+    m, n, k = grad_y.shape[0], *w.shape
+    split = grad_s.dtype != grad_y.dtype
     if dropout == 0:
         ds_parts, a_parts = split_product(grad_s, a.t(), grad_y.dtype)
-        if w.nf4 is not None and n < k:
+        if w.nf4 is not None and joined_grad_input(m, k, n, ds_parts.shape[1], split):
             stacked = routes.stacked_weight(w, grad_y.dtype, ds_parts.shape[1])
             stacked[n:].copy_(a_parts.t())
             return torch.mm(torch.cat((grad_y, ds_parts), dim=1), stacked)
-        return torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype)).addmm_(ds_parts, a_parts.t())
-    grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
-    keep = torch.empty(grad_x.shape, dtype=torch.int8, device=grad_x.device)
+        dense = routes.dense_weight(w, grad_y.dtype)
+        if split:
+            return torch.mm(grad_y, dense).addmm_(ds_parts, a_parts.t())
+        return torch.mm(grad_s, a).addmm_(grad_y, dense)
+    keep = torch.empty(m, k, dtype=torch.int8, device=grad_y.device)
     lora_kernels.dropout_mask(seed, keep, dropout)
-    return grad_x.add_(torch.mm(grad_s, a).mul_(keep), alpha=1 / (1 - dropout))
+    branch = torch.mm(grad_s, a).mul_(keep)
+    dense = routes.dense_weight(w, grad_y.dtype)
+    if split:
+        return torch.mm(grad_y, dense).add_(branch, alpha=1 / (1 - dropout))
+    return branch.addmm_(grad_y, dense, beta=1 / (1 - dropout))
 
 
 @lora_grad_input.register_fake
