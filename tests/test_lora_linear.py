@@ -475,7 +475,7 @@ def test_output_grad_one_pass_matches_fp64(dtype, branch, device):
     b = torch.randn(N, 20, generator=gen).to(device, branch)
     target = output_grad_kernels._common.target(grad_y.device)
     chunks, slabs, rank_chunks, _ = output_grad_kernels.partition(
-        M, N, 20, target, output_grad_kernels.output_grad_config(target, dtype))
+        M, N, 20, target, output_grad_kernels.output_grad_config(target, dtype, branch))
     if target.arch is None:
         assert (chunks, slabs, rank_chunks) == (3, 2, 2)
 

@@ -217,7 +217,7 @@ def lora_branch_grads(m, n, dtype, branch=None):
                                       empty(n, RANK))
     target = _common.target(dy.device)
     chunks, slabs, _, _ = lora_output_grad.partition(
-        m, n, RANK, target, lora_output_grad.output_grad_config(target, dtype))
+        m, n, RANK, target, lora_output_grad.output_grad_config(target, dtype, branch))
     torch_op(0, 4 * chunks * m * RANK + branch.itemsize * m * RANK, "dS = sum of partials")
     torch_op(0, 4 * slabs * n * RANK + 4 * n * RANK, "dB = sum of partials")
 
