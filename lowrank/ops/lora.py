@@ -168,7 +168,7 @@ def _(x, weight, weight_sizes, lora_A, lora_B, scaling, bias, dropout, seed):
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor,
                 dropout: float) -> torch.Tensor:
     """S = dropout(x) A^T (M x r) in the branch's dtype (``reference.branch_dtype`` of x and A),
-    for x (M x K, any strides: backward runs dY B and dY^T S here too)."""
+    for x (M x K, any strides)."""
     a = lora_A.to(reference.branch_dtype(x.dtype, lora_A))
     s = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
@@ -179,22 +179,6 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor,
 def _(x, lora_A, seed, dropout):
     return x.new_empty(x.shape[0], lora_A.shape[0],
                        dtype=reference.branch_dtype(x.dtype, lora_A))
-
-
-def grad_lora_s(grad_y, lora_B, scaling, s_dtype):
-    """dS = s dY B in S's dtype: torch's GEMM where that is dY's; for an fp32 S (the fp32 branch
-    of a 16-bit dY) the shrink kernel over dY with B^T, split (torch has no 16-bit GEMM with an
-    fp32 result on every device, and an fp32 copy of dY would cost M x N x 4 bytes)."""
-    if s_dtype == grad_y.dtype:
-        return torch.matmul(grad_y, lora_B.to(grad_y.dtype)) * scaling
-    return lora_shrink(grad_y, lora_B.t().to(s_dtype), _unread_seed(grad_y), 0.0) * scaling
-
-
-def grad_lora_b(grad_y, s, scaling, b_dtype):
-    """dB = s dY^T S in B's dtype (``b_dtype``), computed as ``grad_lora_s`` computes dS."""
-    if s.dtype == grad_y.dtype:
-        return (torch.matmul(grad_y.t(), s) * scaling).to(b_dtype)
-    return (lora_shrink(grad_y.t(), s.t(), _unread_seed(grad_y), 0.0) * scaling).to(b_dtype)
 
 
 @torch.library.custom_op("lowrank::lora_output_grad", mutates_args=())
@@ -212,11 +196,6 @@ def lora_output_grad(grad_y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor
 @lora_output_grad.register_fake
 def _(grad_y, s, lora_B, scaling):
     return torch.empty_like(s), lora_B.new_empty(lora_B.shape, dtype=torch.float32)
-
-
-def _unread_seed(x):
-    """The seed argument of a launch without dropout (never read)."""
-    return torch.empty(1, dtype=torch.int64, device=x.device)
 
 
 @torch.library.custom_op("lowrank::lora_grad_input", mutates_args=())
