@@ -65,11 +65,11 @@ def _lora_output_grad_kernel(dy_ptr, s_ptr, b_ptr, ds_partial_ptr, db_partial_pt
                              stride_bn, stride_br, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_R: tl.constexpr):
-    """For the columns of chunk c = program 0, the rows of slab l = program 1 and one rank chunk
-    (program 2):
+    """For the columns ``outs`` of chunk c = program 0, the rows ``slab`` of slab l = program 1
+    and one rank chunk (program 2):
 
-        db_partial[l][chunk] = scaling dY[slab, chunk]^T S[slab]    (slabs x N x R, fp32)
-        ds_partial[c][slab]  = scaling dY[slab, chunk] B[chunk]     (chunks x M x R, fp32)
+        db_partial[l][outs] = scaling dY[slab, outs]^T S[slab]    (slabs x N x R, fp32)
+        ds_partial[c][slab] = scaling dY[slab, outs] B[outs]      (chunks x M x R, fp32)
 
     Summed over the slabs (dB) and the chunks (dS), the partials are dB and dS."""
     dtype = dy_ptr.dtype.element_ty
