@@ -507,10 +507,8 @@ def test_output_grad_one_pass_refuses_mixed_operands(device):
 
 
 def test_output_grad_op_passes_torch_library_checks(device):
-    from lowrank.ops import lora as lora_op
-
     gen = torch.Generator().manual_seed(3)
     grad_y = torch.randn(M, N, generator=gen).to(device, torch.bfloat16)
     s = torch.randn(M, 4, generator=gen).to(device)  # fp32 adapters of a bf16 dY: the fp32 branch
-    torch.library.opcheck(lora_op.lora_output_grad,
+    torch.library.opcheck(ops.lora_output_grad,
                           (grad_y, s, torch.randn(N, 4, generator=gen).to(device), 2.0))
