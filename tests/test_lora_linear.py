@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import (EMPTY, K, M, N, assert_op_close, assert_same_bits, check_empty,
+from helpers import (EMPTY, K, M, N, TOLERANCE, assert_op_close, assert_same_bits, check_empty,
                      check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
                      lora_linear_fp64, make_lora_case, poisoned, relative_error,
                      run_lora_linear)
@@ -344,7 +344,8 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
     near a rounding tie comes close to 1; bf16 adapters: 8 to 14 times it), dA and dB 1.8e-5 to
     2.4e-5 (bf16 adapters: 3.3e-3 to 3.9e-3). cublas-joined: the cublas route's single GEMM
     [x | S] [W | sB]^T over an NF4 weight (dequantized to bf16, the dense values the reference
-    takes), the split S and sB as its 3r last columns."""
+    takes), the split S and sB as its 3r last columns, and dX's [dY | dS] [W ; A], the split dS
+    and A as its 3r last columns and rows."""
     from lowrank import routes
     from lowrank.ops import lora as lora_op
 
@@ -353,8 +354,10 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
         torch.bfloat16, "nf4-64" if joined else "dense", 16, device, m=m)
     if joined:
         route, dense = "cublas", nf4.dequantize(weight, state, dtype=torch.bfloat16).float()
-        asked = []
+        asked, asked_grad_input = [], []
         monkeypatch.setattr(lora_op, "joined_forward", lambda *args: asked.append(args) or True)
+        monkeypatch.setattr(lora_op, "joined_grad_input",
+                            lambda *args: asked_grad_input.append(args) or True)
     lora_b = lora_b * 10
     grad_y = torch.randn(m, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
                                                                                torch.bfloat16)
@@ -382,6 +385,7 @@ def test_fp32_adapters_keep_the_branch_near_fp32(route, m, dropout, device, monk
     assert relative_error(rounded[2].double(), expected[2]) > 1e-3
     if joined:
         assert [args[3] for args in asked] == [48, 16]  # the split (3r columns), then bf16's r
+        assert [args[3] for args in asked_grad_input] == [48, 16]
 
 
 @triton.jit
@@ -450,3 +454,61 @@ def test_dropout_mask_is_one_philox_call_per_four_elements(device):
     words = words[:m * groups_per_row * 4].view(m, groups_per_row * 4)[:, :k]
     expected = words >= torch.tensor(p, dtype=torch.float32).item() * 2**32  # p in fp32, as given
     assert torch.equal(ops.lora_dropout_mask(seed, (m, k), p), expected)
+
+
+@pytest.mark.parametrize("dtype, branch", [(torch.float32, torch.float32),
+                                           (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "fp16", "bf16", "bf16-fp32-branch"])
+def test_output_grad_one_pass_matches_fp64(dtype, branch, device):
+    """dS = s dY B and dB = s dY^T S from one pass over dY (kernels/lora_output_grad.py) into
+    NaN-poisoned outputs, against fp64. Rank 20 (two rank chunks, the second ragged); in the
+    interpreter's tiles 83 columns are three chunks and 37 rows two slabs (the last of 5 rows), so
+    both partial sums are taken. dY strided (a column slice). The fp32 branch (fp32 S and B of a
+    bf16 dY) within 1e-4 of fp64, near-fp32: bf16 S and B miss that bound, so the test can fail."""
+    from lowrank.kernels import lora_output_grad as output_grad_kernels
+
+    gen = torch.Generator().manual_seed(11)
+    grad_y = torch.randn(M, N + 5, generator=gen).to(device, dtype)[:, 2:N + 2]
+    s = torch.randn(M, 20, generator=gen).to(device, branch)
+    b = torch.randn(N, 20, generator=gen).to(device, branch)
+    target = output_grad_kernels._common.target(grad_y.device)
+    chunks, slabs, rank_chunks, _ = output_grad_kernels.partition(
+        M, N, 20, target, output_grad_kernels.output_grad_config(target, dtype, branch))
+    if target.arch is None:
+        assert (chunks, slabs, rank_chunks) == (3, 2, 2)
+
+    def one_pass(s, b):
+        grad_s = poisoned(s.shape, s.dtype, device)
+        grad_b = poisoned(b.shape, torch.float32, device)
+        output_grad_kernels.lora_output_grad(grad_y, s, b, 1.5, grad_s, grad_b)
+        return grad_s, grad_b
+
+    grad_s, grad_b = one_pass(s, b)
+    tolerance = 1e-4 if branch != dtype else None
+    assert_op_close(grad_s, 1.5 * grad_y.double() @ b.double(), branch, "dS", tolerance)
+    assert_op_close(grad_b, 1.5 * grad_y.double().t() @ s.double(), torch.float32, "dB",
+                    tolerance or TOLERANCE[dtype])
+    if branch != dtype:
+        rounded_s, rounded_b = one_pass(s.to(dtype), b.to(dtype))
+        assert relative_error(rounded_s, 1.5 * grad_y.double() @ b.double()) > 1e-4
+        assert relative_error(rounded_b, 1.5 * grad_y.double().t() @ s.double()) > 1e-4
+
+
+def test_output_grad_one_pass_refuses_mixed_operands(device):
+    from lowrank.kernels import lora_output_grad as output_grad_kernels
+
+    grad_y, s = torch.zeros(M, N, device=device), torch.zeros(M, 4, device=device)
+    with pytest.raises(ValueError, match="B S's dtype"):
+        output_grad_kernels.lora_output_grad(grad_y, s, torch.zeros(N, 4, dtype=torch.float16,
+                                                                   device=device),
+                                             1.0, s.clone(), torch.zeros(N, 4, device=device))
+
+
+def test_output_grad_op_passes_torch_library_checks(device):
+    gen = torch.Generator().manual_seed(3)
+    grad_y = torch.randn(M, N, generator=gen).to(device, torch.bfloat16)
+    s = torch.randn(M, 4, generator=gen).to(device)  # fp32 adapters of a bf16 dY: the fp32 branch
+    torch.library.opcheck(ops.lora_output_grad,
+                          (grad_y, s, torch.randn(N, 4, generator=gen).to(device), 2.0))

@@ -348,26 +348,32 @@ class GemmCalls(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("k, dropout, kind, gemms", [
-    (97, 0.0, "nf4-64", ["mm"]),  # N = 83 < K: [dY | dS] [W ; A], one GEMM
-    (60, 0.0, "nf4-64", ["mm", "addmm_"]),  # N > K: dY W, then addmm_(dS, A)
-    (97, 0.0, "dense", ["mm", "addmm_"]),  # a dense W is never copied
-    (97, 0.3, "nf4-64", ["mm", "mm"]),  # dropout: dS A masked before it is added
+    # The rule: 2 M N + 3 (M + K) r < M K + (M + K) r (N = 83, M = 37, r = 5).
+    (250, 0.0, "nf4-64", ["mm"]),  # K > 2 N + ...: [dY | dS] [W ; A], one GEMM
+    (97, 0.0, "nf4-64", ["mm", "addmm_"]),  # dS A, then dY W accumulated into it
+    (250, 0.0, "dense", ["mm", "addmm_"]),  # a dense W is never copied
+    (97, 0.3, "nf4-64", ["mm", "addmm_"]),  # dropout: dS A masked, then dY W accumulated
 ])
 def test_cublas_grad_input_takes_the_form_that_moves_fewer_bytes(k, dropout, kind, gemms):
     dtype = torch.float32
-    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 5, "cpu",
-                                                                         m=9, k=k)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 5, "cpu", k=k)
     frozen = ops.FrozenWeight.of(weight, state)
-    grad_y = torch.randn(9, N, generator=torch.Generator().manual_seed(3))
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(3))
     grad_s = grad_y @ lora_b * 1.5
     seed = torch.tensor([7])
+    assert lora_op.joined_grad_input(M, k, N, 5, False) == (gemms == ["mm"] or kind == "dense")
     watched = GemmCalls()
     with watched:
         grad_x = lora_op._grad_input_cublas(grad_y, frozen, grad_s, lora_a, seed, dropout)
     assert watched.calls == gemms
-    keep = ops.lora_dropout_mask(seed, (9, k), dropout).double() / (1 - dropout)
+    keep = ops.lora_dropout_mask(seed, (M, k), dropout).double() / (1 - dropout)
     expected = grad_y.double() @ dense.double() + (grad_s.double() @ lora_a.double()) * keep
     assert_op_close(grad_x, expected, dtype, "dX")
+    # At Llama-3-8B's shapes (4096 tokens, rank 16): the down projection's dX (K = 14336 > 2 N)
+    # joins; the up/gate (N = 14336) and q/o (N = K) projections' take the addmm_.
+    assert lora_op.joined_grad_input(4096, 14336, 4096, 16, False)
+    assert not lora_op.joined_grad_input(4096, 4096, 14336, 16, False)
+    assert not lora_op.joined_grad_input(4096, 4096, 4096, 16, False)
 
 
 # Every route against the fp64 reference, in the interpreter. The fused and decode routes are
@@ -378,18 +384,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def always_joined(monkeypatch):
-    """The cublas forward takes the single-GEMM form for an NF4 weight whatever the shape (the
-    byte rule aside: its own test checks it), counting the calls that asked."""
+    """The cublas forward and dX take their single-GEMM forms for an NF4 weight whatever the
+    shape (the byte rules aside: their own tests check them), counting the calls that asked."""
     asked = []
-    monkeypatch.setattr(lora_op, "joined_forward", lambda *args: asked.append(args) or True)
+    for rule in ("joined_forward", "joined_grad_input"):
+        monkeypatch.setattr(lora_op, rule, lambda *args: asked.append(args) or True)
     return asked
 
 
 @pytest.mark.parametrize("kind, m, k, rank, adapter_dtype", [
-    ("nf4-64", 37, 97, 16, None),  # the rule: M K + 2 (M + N) r < 2 M N + (M + N) r: joined
+    ("nf4-64", 37, 97, 16, None),  # the rule: M K + 2 (M + N) r < M N + (M + N) r: K > N, addmm_
     ("nf4-64", 9, 97, 16, None),  # few rows: the addmm_
     ("nf4-nested-128", 37, 60, 5, None),  # joined
-    ("nf4-nested-128", 37, 60, 5, torch.float32),  # 3r columns (fp32 branch): 3 x 5 still joins
+    # The fp32 branch (3r columns; its addmm_ reads and writes Y again: 2 M N): 3 x 5 joins,
+    ("nf4-nested-128", 37, 60, 5, torch.float32),
     ("nf4-64", 37, 97, 16, torch.float32),  # 3r = 48 columns: the addmm_
     ("dense", 37, 60, 5, None),  # a dense W is never copied
 ])
@@ -400,19 +408,20 @@ def test_cublas_forward_takes_the_single_gemm_form_when_the_byte_rule_says(
         dtype, kind, rank, "cpu", m=m, k=k, adapter_dtype=adapter_dtype or dtype)
     frozen = ops.FrozenWeight.of(weight, state)
     columns = rank if adapter_dtype is None else 3 * rank
-    joined = kind != "dense" and lora_op.joined_forward(m, k, N, columns)
-    assert joined == (m * k + 2 * (m + N) * columns < 2 * m * N + (m + N) * columns
+    split = adapter_dtype is not None
+    joined = kind != "dense" and lora_op.joined_forward(m, k, N, columns, split)
+    assert joined == (m * k + 2 * (m + N) * columns < (1 + split) * m * N + (m + N) * columns
                       and kind != "dense")
     watched = GemmCalls()
     with watched:
         lora_op._forward_cublas(x.reshape(m, k), frozen, lora_a, lora_b, 1.5, bias, 0.0,
                                 torch.tensor([3]))
     assert watched.calls == (["addmm"] if joined else ["addmm", "addmm_"])
-    # The rule at Llama-3-8B's shapes (4096 tokens, rank 16): the MLP's up/gate and q/o
-    # projections join, the down projection (K = 14336 > 2 N) takes the addmm_.
-    assert lora_op.joined_forward(4096, 4096, 14336, 16)
-    assert lora_op.joined_forward(4096, 4096, 4096, 16)
-    assert not lora_op.joined_forward(4096, 14336, 4096, 16)
+    # The rule at Llama-3-8B's shapes (4096 tokens, rank 16): the MLP's up/gate projections join
+    # (K < N), the q/o (K = N) and down (K = 14336 > N) projections take the addmm_.
+    assert lora_op.joined_forward(4096, 4096, 14336, 16, False)
+    assert not lora_op.joined_forward(4096, 4096, 4096, 16, False)
+    assert not lora_op.joined_forward(4096, 14336, 4096, 16, False)
 
 
 @pytest.mark.parametrize("dtype, kind, bias", [

@@ -27,7 +27,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from bench.lora_linear import BLOCKSIZE, RANK, SCALING
 from lowrank.kernels import (_common, dora_grad_scale, dora_norm, gated_activation, ia3_linear,
                              ia3_merge, lora_grouped, lora_linear, lora_linear_decode, lora_merge,
-                             lora_mixed)
+                             lora_mixed, lora_output_grad)
 from lowrank.kernels import nf4_dequantize, nf4_quantize
 from lowrank.kernels._common import NF4_BLOCKSIZES, Target
 from lowrank.ops import FrozenWeight
@@ -201,20 +201,25 @@ def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, branch=None
         "forward": lambda: (lora_linear.lora_shrink(x, a, s, seed(), dropout),
                             lora_linear.lora_forward(x, w, s, b, bias_t, y, SCALING, nf4)),
         "backward": lambda: (
-            lora_branch_grads(m, k, n, "dS"),
+            lora_branch_grads(m, n, dtype, branch),
             lora_linear.lora_grad_input(empty(m, n, dtype=dtype), w, s, a, empty(m, k, dtype=dtype),
                                         seed(), dropout, nf4),
-            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout),
-            lora_branch_grads(m, k, n, "dB"))}
+            lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), dropout))}
 
 
-def lora_branch_grads(m, k, n, which):
-    """The backward's products in torch on every route (lowrank.ops.lora: dS = s dY B before dX,
-    dB = s dY^T S after dA), each reading dY (M x N): modelled only."""
-    if which == "dS":
-        torch_gemm(m, RANK, n, m * n + n * RANK, m * RANK, "dS = dY B")
-    else:
-        torch_gemm(n, RANK, m, m * n + m * RANK, n * RANK, "dB = dY^T S")
+def lora_branch_grads(m, n, dtype, branch=None):
+    """The backward's dS = s dY B and dB = s dY^T S on every route (lowrank.ops.lora_output_grad,
+    before dX): one pass over dY (M x N), then torch's sums of its fp32 partials (modelled: each
+    reads its partials and writes its result, dS in the branch's dtype, dB in fp32)."""
+    branch = branch or dtype
+    dy, s, b = empty(m, n, dtype=dtype), empty(m, RANK, dtype=branch), empty(n, RANK, dtype=branch)
+    lora_output_grad.lora_output_grad(dy, s, b, SCALING, empty(m, RANK, dtype=branch),
+                                      empty(n, RANK))
+    target = _common.target(dy.device)
+    chunks, slabs, _, _ = lora_output_grad.partition(
+        m, n, RANK, target, lora_output_grad.output_grad_config(target, dtype, branch))
+    torch_op(0, 4 * chunks * m * RANK + branch.itemsize * m * RANK, "dS = sum of partials")
+    torch_op(0, 4 * slabs * n * RANK + 4 * n * RANK, "dB = sum of partials")
 
 
 def lora_cublas_calls(m, k, n, kind, dtype):
@@ -222,9 +227,11 @@ def lora_cublas_calls(m, k, n, kind, dtype):
     adapters in x's dtype: the bench cases), as lowrank.ops.lora runs it: the Triton launches
     captured, torch's products modelled (``torch_gemm``). Forward: for NF4 where
     ``joined_forward`` says so, the shrink writing [x | S], the dequantize into rows beside s B,
-    one GEMM; else the shrink, the dequantize, x W^T and addmm_(S, B). Backward: dS, dX (NF4 with
-    N < K: [dY | dS] [W ; A] after a copy of dY beside dS; else dY W and addmm_(dS, A)), dA, dB."""
-    from lowrank.ops.lora import joined_forward
+    one GEMM; else the shrink, the dequantize, Y = s S B^T and addmm_(x, W^T) into it. Backward:
+    dS and dB, dX (NF4 where ``joined_grad_input`` says so: [dY | dS] [W ; A] after a copy of dY
+    beside dS; else dX = dS A and addmm_(dY, W) into it), dA. An addmm_ reads its output inside
+    the GEMM (M x N or M x K more bytes), where the flops bound it."""
+    from lowrank.ops.lora import joined_forward, joined_grad_input
 
     w, nf4 = weight(kind, n, k, dtype)
     x, a, s = empty(m, k, dtype=dtype), empty(RANK, k, dtype=dtype), empty(m, RANK, dtype=dtype)
@@ -234,7 +241,7 @@ def lora_cublas_calls(m, k, n, kind, dtype):
         nf4_dequantize.nf4_dequantize(w, nf4.absmax, nf4.code, out, BLOCKSIZE, nested)
 
     def forward():
-        if nf4 is not None and joined_forward(m, k, n, RANK):
+        if nf4 is not None and joined_forward(m, k, n, RANK, False):
             lora_linear.lora_shrink(x, a, s, seed(), 0.0, empty(m, k + RANK, dtype=dtype))
             dequantize(empty(n, k + RANK, dtype=dtype)[:, :k])
             torch_gemm(m, n, k + RANK, (m + n) * (k + RANK), m * n, "[x | S] [W | sB]^T")
@@ -242,22 +249,21 @@ def lora_cublas_calls(m, k, n, kind, dtype):
         lora_linear.lora_shrink(x, a, s, seed(), 0.0)
         if nf4 is not None:
             dequantize(empty(n, k, dtype=dtype))
-        torch_gemm(m, n, k, (m + n) * k, m * n, "x W^T")
-        torch_gemm(m, n, RANK, (m + n) * RANK + m * n, m * n, "addmm_(S, B)")
+        torch_gemm(m, n, RANK, (m + n) * RANK, m * n, "s S B^T")
+        torch_gemm(m, n, k, (m + n) * k + m * n, m * n, "addmm_(x, W^T)")
 
     def backward():
-        lora_branch_grads(m, k, n, "dS")
-        if nf4 is not None and n < k:
+        lora_branch_grads(m, n, dtype)
+        if nf4 is not None and joined_grad_input(m, k, n, RANK, False):
             dequantize(empty(n + RANK, k, dtype=dtype)[:n])
             torch_gemm(m, n + RANK, 0, m * (n + RANK), m * (n + RANK), "cat(dY, dS)")
             torch_gemm(m, k, n + RANK, (m + k) * (n + RANK), m * k, "[dY | dS] [W ; A]")
         else:
             if nf4 is not None:
                 dequantize(empty(n, k, dtype=dtype))
-            torch_gemm(m, k, n, (m + k) * n, m * k, "dY W")
-            torch_gemm(m, k, RANK, (m + k) * RANK + m * k, m * k, "addmm_(dS, A)")
+            torch_gemm(m, k, RANK, (m + k) * RANK, m * k, "dS A")
+            torch_gemm(m, k, n, (m + k) * n + m * k, m * k, "addmm_(dY, W)")
         lora_linear.lora_grad_a(s, x, empty(RANK, k), seed(), 0.0)
-        lora_branch_grads(m, k, n, "dB")
     return {"forward": forward, "backward": backward}
 
 

@@ -67,6 +67,7 @@ def trips(record):
                    # An expert's rows: the launch's model_ints (its offsets are a tensor).
                    "_grouped_weight_grad_kernel": ("rows_per_expert", "BLOCK_M"),
                    "_grouped_output_grad_kernel": ("rows_per_expert", "BLOCK_M"),
+                   "_lora_output_grad_kernel": ("rows_per_slab", "BLOCK_M"),
                    "_lora_decode_kernel": ("k_per_split", "BLOCK_K"),
                    "_lora_mixed_shrink_kernel": over_k, "_lora_mixed_forward_kernel": over_k,
                    "_lora_mixed_partial_kernel": ("k_per_split", "BLOCK_K"),

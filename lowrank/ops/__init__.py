@@ -29,7 +29,7 @@ from lowrank.ops.ia3 import (IA3LinearFunction, ia3_backward, ia3_forward, ia3_l
                              ia3_linear_checks)
 from lowrank.ops.lora import (LoraLinearFunction, dropout_seed, lora_dropout_mask, lora_forward,
                               lora_grad_a, lora_grad_input, lora_linear,
-                              lora_linear_checks)
+                              lora_linear_checks, lora_output_grad)
 from lowrank.ops.lora_grouped import (LoraGroupedFunction, expert_offsets, lora_grouped,
                                       lora_grouped_checks)
 from lowrank.ops.lora_mixed import lora_mixed, lora_mixed_checks, lora_mixed_forward
@@ -47,6 +47,7 @@ __all__ = ["FrozenWeight", "LoraLinearFunction", "IA3LinearFunction", "lora_line
            "LoraGroupedFunction", "lora_grouped", "lora_grouped_checks", "expert_offsets",
            "merge_lora", "merge_lora_", "unmerge_lora_", "merge_ia3", "merge_ia3_", "unmerge_ia3_",
            "dropout_seed", "lora_dropout_mask", "lora_forward", "lora_grad_input", "lora_grad_a",
+           "lora_output_grad",
            "ia3_forward", "ia3_backward", "LoraMLPFunction", "LoraProjection", "lora_mlp",
            "LoraQKVFunction", "lora_qkv",
            "gated_activation", "gated_activation_backward", "lora_shrink", "lora_expand",

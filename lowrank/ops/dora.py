@@ -44,8 +44,8 @@ from lowrank.kernels.lora_linear_decode import DECODE_MAX_M
 from lowrank.ops import lora
 from lowrank.ops.gradients import InputGradients
 from lowrank.ops.ia3 import ia3_backward
-from lowrank.ops.lora import (dropout_seed, grad_lora_b, grad_lora_s, lora_dropout_mask,
-                              lora_grad_a, lora_grad_input)
+from lowrank.ops.lora import (dropout_seed, lora_dropout_mask, lora_grad_a, lora_grad_input,
+                              lora_output_grad)
 
 
 @torch.library.custom_op("lowrank::dora_norm", mutates_args=())
@@ -221,7 +221,7 @@ class DoraLinearFunction(torch.autograd.Function):
         # g dY: the gradient of x_d's LoRA branch; (g - 1) dY: of x_d W^T with dropout
         grad_scaled, grad_shifted, column_sums = dora_grad_scale(
             grad_y, magnitude.float() / weight_norm, product, ctx.dropout > 0)
-        grad_s = grad_lora_s(grad_scaled, lora_B, ctx.scaling, s.dtype)
+        grad_s, grad_b = lora_output_grad(grad_scaled, s, lora_B, ctx.scaling)
         grad_q = grad_shifted if ctx.dropout > 0 else grad_scaled
         grads = {}
         if need["x"]:
@@ -237,7 +237,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = grad_lora_b(grad_scaled, s, ctx.scaling, lora_B.dtype)
+            grads["lora_B"] = grad_b.to(lora_B.dtype)
         if need["magnitude"]:
             grads["magnitude"] = (column_sums / weight_norm).to(magnitude.dtype)
         if need["bias"]:

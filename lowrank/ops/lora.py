@@ -25,6 +25,7 @@ from lowrank._lora_args import check_lora_args
 from lowrank.frozen_weight import FrozenWeight
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as lora_decode_kernels
+from lowrank.kernels import lora_output_grad as output_grad_kernels
 from lowrank.ops.gradients import InputGradients
 
 
@@ -70,16 +71,21 @@ def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
     """W dense in x's dtype (NF4 dequantized into the workspace), then torch's GEMM, in the form
     that moves fewer bytes (``joined_forward``): for an NF4 W, one GEMM [x | S] [W | sB]^T, the
     shrink kernel writing x's copy and S into the joined operand as it reads x, and the dequantize
-    kernel W into rows of the workspace beside s B; otherwise x W^T, then s S B^T accumulated into
-    Y by one addmm_. fp32 S and B (the fp32 branch): ``split_product``'s 3r columns in place of S
-    and B, so the branch stays near-fp32 and Y is rounded once. S comes from the shrink kernel,
+    kernel W into rows of the workspace beside s B; otherwise Y = s S B^T (+ bias) first, then
+    x W^T accumulated into it by one addmm_ (beta = 1: cuBLAS reads Y inside the GEMM, which its
+    flops bound, instead of a pass of its own that reads and writes Y again). fp32 S and B (the
+    fp32 branch): ``split_product``'s 3r columns in place of S and B, so the branch stays
+    near-fp32; outside the joined GEMM it is accumulated into the rounded x W^T (+ bias) by the
+    addmm_, in fp32, and so rounded once, as PEFT adds its fp32 branch (rounded to x's dtype
+    first, for x W^T to accumulate into, it would lose that). S comes from the shrink kernel,
     which applies the dropout mask that backward regenerates (x's copy stays undropped). The
     bias by addmm."""
     m, k = x.shape
     n, rank = b.shape
     s = torch.empty(m, rank, dtype=a.dtype, device=x.device)
-    columns = rank if a.dtype == x.dtype else 3 * rank
-    if w.nf4 is not None and joined_forward(m, k, n, columns):
+    split = a.dtype != x.dtype
+    columns = 3 * rank if split else rank
+    if w.nf4 is not None and joined_forward(m, k, n, columns, split):
         joined = torch.empty(m, k + columns, dtype=x.dtype, device=x.device)
         lora_kernels.lora_shrink(x, a, s, seed, dropout, joined)
         weight = routes.weight_beside(w, x.dtype, columns)
@@ -88,20 +94,40 @@ def _forward_cublas(x, w, a, b, scaling, bias, dropout, seed):
         return y, s
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
     dense = routes.dense_weight(w, x.dtype)
-    y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
-    s_parts, b_parts = split_product(s, b, x.dtype)
-    return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
+    if split:
+        y = torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
+        s_parts, b_parts = split_product(s, b, x.dtype)
+        return y.addmm_(s_parts, b_parts.t(), alpha=scaling), s
+    if bias is None:  # beta = 0: the empty Y is not read
+        y = x.new_empty(m, n).addmm_(s, b.t(), beta=0, alpha=scaling)
+    else:
+        y = torch.addmm(bias, s, b.t(), alpha=scaling)
+    return y.addmm_(x, dense.t()), s
 
 
-def joined_forward(m, k, n, columns):
+def joined_forward(m, k, n, columns, split):
     """Whether the cublas route's forward over an NF4 weight takes the single GEMM
-    [x | S] [W | sB]^T (``columns``: S's columns in it, r or 3r) rather than x W^T then
-    addmm_(S, B): the byte rule. Beyond the plain x W^T both forms read x and write W once; the
-    joined form also writes x's copy (M K), writes the adapter's columns beside x and W and reads
-    them in the GEMM (2 (M + N) columns); the addmm_ reads Y and writes it again (2 M N) and reads
-    S and B ((M + N) columns). Counted in elements of x's dtype (every operand is in it). A dense W
-    never joins: copying it would cost N K more."""
-    return m * k + 2 * (m + n) * columns < 2 * m * n + (m + n) * columns
+    [x | S] [W | sB]^T (``columns``: S's columns in it, r, or 3r for the ``split`` fp32 branch)
+    rather than x W^T and a rank-r GEMM: the byte rule. Beyond the plain x W^T both forms read x
+    and write W once; the joined form also writes x's copy (M K), writes the adapter's columns
+    beside x and W and reads them in the GEMM (2 (M + N) columns); the other form reads S and B
+    ((M + N) columns) and writes Y once more (M N: s S B^T, which the big GEMM's addmm_ then reads
+    inside its flops-bound time, not counted), or for the split branch reads and writes Y again
+    (2 M N: its addmm_ into x W^T). Counted in elements of x's dtype (every operand is in it). A
+    dense W never joins: copying it would cost N K more."""
+    return m * k + 2 * (m + n) * columns < (2 if split else 1) * m * n + (m + n) * columns
+
+
+def joined_grad_input(m, k, n, columns, split):
+    """Whether the cublas route's dX over an NF4 weight (no dropout) takes the single GEMM
+    [dY | dS] [W ; A] (``columns``: dS's columns in it, r, or 3r for the ``split`` fp32 branch)
+    rather than dY W and a rank-r GEMM: the byte rule, as ``joined_forward``'s. Beyond the plain
+    dY W, the joined form reads dY and writes its copy beside dS (2 M N), and writes, reads and
+    copies the adapter's columns (3 (M + K) columns: dS and A copied in, then read by the GEMM);
+    the other form reads dS and A ((M + K) columns) and writes dX once more (M K: dS A, read by
+    the big GEMM's addmm_ inside its flops-bound time, not counted), or for the split branch
+    reads and writes dX again (2 M K). In elements of dY's dtype."""
+    return 2 * m * n + 3 * (m + k) * columns < (2 if split else 1) * m * k + (m + k) * columns
 
 
 def split_product(lhs, rhs_t, dtype):
@@ -142,7 +168,7 @@ def _(x, weight, weight_sizes, lora_A, lora_B, scaling, bias, dropout, seed):
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor,
                 dropout: float) -> torch.Tensor:
     """S = dropout(x) A^T (M x r) in the branch's dtype (``reference.branch_dtype`` of x and A),
-    for x (M x K, any strides: backward runs dY B and dY^T S here too)."""
+    for x (M x K, any strides)."""
     a = lora_A.to(reference.branch_dtype(x.dtype, lora_A))
     s = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
     lora_kernels.lora_shrink(x, a, s, seed, dropout)
@@ -155,25 +181,21 @@ def _(x, lora_A, seed, dropout):
                        dtype=reference.branch_dtype(x.dtype, lora_A))
 
 
-def grad_lora_s(grad_y, lora_B, scaling, s_dtype):
-    """dS = s dY B in S's dtype: torch's GEMM where that is dY's; for an fp32 S (the fp32 branch
-    of a 16-bit dY) the shrink kernel over dY with B^T, split (torch has no 16-bit GEMM with an
-    fp32 result on every device, and an fp32 copy of dY would cost M x N x 4 bytes)."""
-    if s_dtype == grad_y.dtype:
-        return torch.matmul(grad_y, lora_B.to(grad_y.dtype)) * scaling
-    return lora_shrink(grad_y, lora_B.t().to(s_dtype), _unread_seed(grad_y), 0.0) * scaling
+@torch.library.custom_op("lowrank::lora_output_grad", mutates_args=())
+def lora_output_grad(grad_y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dS, dB) = (s dY B in S's dtype, s dY^T S in fp32) in one pass over dY (M x N): the
+    backward's two products with dY, on every route. S's dtype is the branch's (fp32: B and S
+    split, near-fp32 as in forward)."""
+    grad_s = torch.empty_like(s)
+    grad_b = torch.empty(lora_B.shape, dtype=torch.float32, device=grad_y.device)
+    output_grad_kernels.lora_output_grad(grad_y, s, lora_B.to(s.dtype), scaling, grad_s, grad_b)
+    return grad_s, grad_b
 
 
-def grad_lora_b(grad_y, s, scaling, b_dtype):
-    """dB = s dY^T S in B's dtype (``b_dtype``), computed as ``grad_lora_s`` computes dS."""
-    if s.dtype == grad_y.dtype:
-        return (torch.matmul(grad_y.t(), s) * scaling).to(b_dtype)
-    return (lora_shrink(grad_y.t(), s.t(), _unread_seed(grad_y), 0.0) * scaling).to(b_dtype)
-
-
-def _unread_seed(x):
-    """The seed argument of a launch without dropout (never read)."""
-    return torch.empty(1, dtype=torch.int64, device=x.device)
+@lora_output_grad.register_fake
+def _(grad_y, s, lora_B, scaling):
+    return torch.empty_like(s), lora_B.new_empty(lora_B.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("lowrank::lora_grad_input", mutates_args=())
@@ -197,24 +219,34 @@ def _grad_input_fused(grad_y, w, grad_s, a, seed, dropout):
 
 def _grad_input_cublas(grad_y, w, grad_s, a, seed, dropout):
     """dY W + dS A by torch's GEMMs on the dense (or dequantized) W, in the form that moves fewer
-    bytes. For an NF4 weight with N < K and no dropout, one GEMM [dY | dS] [W ; A]: A is stacked
-    under W in the workspace (r x K, small) and dY copied beside dS (M x (N + r)), fewer bytes than
-    the M x K read and write of an addmm_ into dX. Otherwise dY W, then addmm_(dS, A); with dropout,
-    dS A is masked first (the forward's mask, regenerated from the seed). A dense W is never
-    copied, so it always takes the addmm_. fp32 dS and A (the fp32 branch): ``split_product``'s
-    operands (3r wide) in place of dS and A; with dropout, dS A in fp32."""
-    n, k = w.shape
+    bytes. For an NF4 weight without dropout where ``joined_grad_input`` says so, one GEMM
+    [dY | dS] [W ; A]: A is stacked under W in the workspace (r x K, small) and dY copied beside dS
+    (M x (N + r)). Otherwise dX = dS A first, then dY W accumulated into it by one addmm_ (beta:
+    cuBLAS reads dX inside the GEMM, which its flops bound, instead of a pass of its own that reads
+    and writes dX again); with dropout, dS A is masked first (the forward's mask, regenerated from
+    the seed) and 1 / (1 - p) is the addmm_'s beta. A dense W is never copied, so it always takes
+    the addmm_. fp32 dS and A (the fp32 branch): ``split_product``'s operands (3r wide) in place of
+    dS and A (with dropout, dS A in fp32), accumulated into the rounded dY W in fp32, as in the
+    forward, so that the near-fp32 branch is rounded once."""
+    m, n, k = grad_y.shape[0], *w.shape
+    split = grad_s.dtype != grad_y.dtype
     if dropout == 0:
         ds_parts, a_parts = split_product(grad_s, a.t(), grad_y.dtype)
-        if w.nf4 is not None and n < k:
+        if w.nf4 is not None and joined_grad_input(m, k, n, ds_parts.shape[1], split):
             stacked = routes.stacked_weight(w, grad_y.dtype, ds_parts.shape[1])
             stacked[n:].copy_(a_parts.t())
             return torch.mm(torch.cat((grad_y, ds_parts), dim=1), stacked)
-        return torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype)).addmm_(ds_parts, a_parts.t())
-    grad_x = torch.mm(grad_y, routes.dense_weight(w, grad_y.dtype))
-    keep = torch.empty(grad_x.shape, dtype=torch.int8, device=grad_x.device)
+        dense = routes.dense_weight(w, grad_y.dtype)
+        if split:
+            return torch.mm(grad_y, dense).addmm_(ds_parts, a_parts.t())
+        return torch.mm(grad_s, a).addmm_(grad_y, dense)
+    keep = torch.empty(m, k, dtype=torch.int8, device=grad_y.device)
     lora_kernels.dropout_mask(seed, keep, dropout)
-    return grad_x.add_(torch.mm(grad_s, a).mul_(keep), alpha=1 / (1 - dropout))
+    branch = torch.mm(grad_s, a).mul_(keep)
+    dense = routes.dense_weight(w, grad_y.dtype)
+    if split:
+        return torch.mm(grad_y, dense).add_(branch, alpha=1 / (1 - dropout))
+    return branch.addmm_(grad_y, dense, beta=1 / (1 - dropout))
 
 
 @lora_grad_input.register_fake
@@ -268,11 +300,12 @@ class LoraLinearFunction(torch.autograd.Function):
         x, lora_A, lora_B, seed, s, *weight_tensors = ctx.saved_tensors
         need = _LORA_GRADIENTS.needed(ctx)
         grad_y = grad_y.contiguous()
-        # dS in a pass of its own (dY read once more), not folded into the dX kernel: there each
-        # program would also read a B tile per N step, +8% L2 bytes on sm_90's tiles, +12.5% on
-        # sm_89's (dense; NF4 +17%), more than the dY read saved (static model, 4096 x 4096 x
-        # 14336: about +138 us against -39 us on H100, +376 us against -130 us on RTX 4090).
-        grad_s = grad_lora_s(grad_y, lora_B, ctx.scaling, s.dtype)
+        # dS and dB in one pass over dY (dY is the largest operand either reads), before dX. dS is
+        # not folded into the dX kernel: there each program would also read a B tile per N step,
+        # +8% L2 bytes on sm_90's tiles, +12.5% on sm_89's (dense; NF4 +17%), more than the dY
+        # read saved (static model, 4096 x 4096 x 14336: about +138 us against -39 us on H100,
+        # +376 us against -130 us on RTX 4090).
+        grad_s, grad_b = lora_output_grad(grad_y, s, lora_B, ctx.scaling)
         grads = {}
         if need["x"]:
             grads["x"] = lora_grad_input(grad_y, weight_tensors, ctx.weight_sizes, grad_s, lora_A,
@@ -282,7 +315,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need["lora_A"]:
             grads["lora_A"] = lora_grad_a(grad_s, x, seed, ctx.dropout).to(lora_A.dtype)
         if need["lora_B"]:
-            grads["lora_B"] = grad_lora_b(grad_y, s, ctx.scaling, lora_B.dtype)
+            grads["lora_B"] = grad_b.to(lora_B.dtype)
         if need["bias"]:
             grads["bias"] = grad_y.sum(0)
         return _LORA_GRADIENTS.by_position(**grads)

@@ -16,7 +16,7 @@ from lowrank import reference
 from lowrank.kernels import gated_activation as gated_kernels
 from lowrank.lora_projection import LoraProjection, check_lora_mlp_args
 from lowrank.ops.gradients import InputGradients
-from lowrank.ops.lora import grad_lora_b, grad_lora_s
+from lowrank.ops.lora import lora_output_grad
 from lowrank.ops.lora_steps import (expand, grad_input, grad_lora_As, projection_runs,
                                     runs_to_save, saved_runs, shrinks)
 
@@ -95,28 +95,27 @@ class LoraMLPFunction(torch.autograd.Function):
         grads = {}
 
         # down: dS, dh (through W_down and the LoRA branch), then h recomputed with dg and du.
-        grad_s_down = grad_lora_s(grad_y, down_B, down.scaling, s_down.dtype)
+        grad_s_down, grad_b_down = lora_output_grad(grad_y, s_down, down_B, down.scaling)
         grad_h = grad_input((grad_y,), (grad_s_down,), (down_A,), (down,))
         h, grad_g, grad_u = gated_activation_backward(grad_h, g, u, ctx.activation)
         if need["down_lora_A"]:
             (grads["down_lora_A"],) = grad_lora_As((grad_s_down,), h, (down_A,), (down,), (True,))
         if need["down_lora_B"]:
-            grads["down_lora_B"] = grad_lora_b(grad_y, s_down, down.scaling, down_B.dtype)
+            grads["down_lora_B"] = grad_b_down.to(down_B.dtype)
         del h, grad_h  # not needed below: free them before the gate and up GEMMs
 
         # gate and up: dS of each, then dX summed over both, dA per shrink group, dB.
-        grad_s_gate = grad_lora_s(grad_g, gate_B, gate.scaling, s_gate.dtype)
-        grad_s_up = grad_lora_s(grad_u, up_B, up.scaling, s_up.dtype)
+        grad_s_gate, grad_b_gate = lora_output_grad(grad_g, s_gate, gate_B, gate.scaling)
+        grad_s_up, grad_b_up = lora_output_grad(grad_u, s_up, up_B, up.scaling)
         if need["x"]:
             grads["x"] = grad_input((grad_g, grad_u), (grad_s_gate, grad_s_up), (gate_A, up_A),
                                     (gate, up))
         grads["gate_lora_A"], grads["up_lora_A"] = grad_lora_As(
             (grad_s_gate, grad_s_up), x, (gate_A, up_A), (gate, up),
             (need["gate_lora_A"], need["up_lora_A"]))
-        for name, grad, s, b, run in (("gate", grad_g, s_gate, gate_B, gate),
-                                      ("up", grad_u, s_up, up_B, up)):
+        for name, grad_b, b in (("gate", grad_b_gate, gate_B), ("up", grad_b_up, up_B)):
             if need[f"{name}_lora_B"]:
-                grads[f"{name}_lora_B"] = grad_lora_b(grad, s, run.scaling, b.dtype)
+                grads[f"{name}_lora_B"] = grad_b.to(b.dtype)
         for name, grad, dtype in zip(("gate", "up", "down"), (grad_g, grad_u, grad_y),
                                      ctx.bias_dtypes):
             if need[f"{name}_bias"]:

@@ -13,7 +13,7 @@ import torch
 from lowrank import reference
 from lowrank.lora_projection import check_lora_qkv_args
 from lowrank.ops.gradients import InputGradients
-from lowrank.ops.lora import grad_lora_b, grad_lora_s
+from lowrank.ops.lora import lora_output_grad
 from lowrank.ops.lora_steps import (expand, grad_input, grad_lora_As, projection_runs,
                                     runs_to_save, saved_runs, shrinks)
 
@@ -56,17 +56,17 @@ class LoraQKVFunction(torch.autograd.Function):
         runs = saved_runs(ctx, rest[9:], lora_As, lora_Bs)
         need = _QKV_GRADIENTS.needed(ctx)
         grad_ys = [grad.contiguous() for grad in grad_ys]
-        grad_ss = [grad_lora_s(grad, lora_B, run.scaling, s.dtype)
-                   for grad, lora_B, run, s in zip(grad_ys, lora_Bs, runs, ss)]
+        grad_ss, grad_Bs = zip(*(lora_output_grad(grad, s, lora_B, run.scaling)
+                                 for grad, lora_B, run, s in zip(grad_ys, lora_Bs, runs, ss)))
         grads = {}
         if need["x"]:
             grads["x"] = grad_input(grad_ys, grad_ss, lora_As, runs)
         grad_As = grad_lora_As(grad_ss, x, lora_As, runs, [need[f"{n}_lora_A"] for n in NAMES])
-        for name, grad_A, grad, s, lora_B, run, bias_dtype in zip(
-                NAMES, grad_As, grad_ys, ss, lora_Bs, runs, ctx.bias_dtypes):
+        for name, grad_A, grad_B, grad, lora_B, bias_dtype in zip(
+                NAMES, grad_As, grad_Bs, grad_ys, lora_Bs, ctx.bias_dtypes):
             grads[f"{name}_lora_A"] = grad_A
             if need[f"{name}_lora_B"]:
-                grads[f"{name}_lora_B"] = grad_lora_b(grad, s, run.scaling, lora_B.dtype)
+                grads[f"{name}_lora_B"] = grad_B.to(lora_B.dtype)
             if need[f"{name}_bias"]:
                 grads[f"{name}_bias"] = grad.sum(0).to(bias_dtype)
         return _QKV_GRADIENTS.by_position(**grads)
