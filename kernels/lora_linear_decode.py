@@ -91,6 +91,29 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_p
 
 
 @triton.jit
+def mma_k_order(k):
+    """The physical column of the tile's column ``k`` after ``in_mma_k_order``: k = 16 s + 4 t + e
+    (e < 4, t < 4) is column t BLOCK_K / 4 + 4 s + e."""
+    BLOCK_K: tl.constexpr = k.shape[0]
+    return ((k >> 2) & 3) * (BLOCK_K // 4) + (k >> 4) * 4 + (k & 3)
+
+
+@triton.jit
+def in_mma_k_order(tile):
+    """A [BLOCK_N, BLOCK_K] tile with its columns reordered by ``mma_k_order``: quarter t of the
+    row's columns become columns 4 t to 4 t + 3 of every 16. A K-step of mma.sync (16 x 8 x 16,
+    16-bit operands, 4 consecutive columns per thread as Triton lays them out) gives lane t of a
+    quad columns 4 t to 4 t + 3: each thread's columns are one contiguous quarter of the packed
+    row (BLOCK_K / 8 bytes), loaded whole, where in the physical order they were 2 bytes every 8
+    (byte loads repacked: ~1 instruction per element). A sum over K does not depend on its order;
+    x's columns are read in the same order."""
+    BLOCK_N: tl.constexpr = tile.shape[0]
+    BLOCK_K: tl.constexpr = tile.shape[1]
+    quarters = tl.reshape(tile, [BLOCK_N, 4, BLOCK_K // 16, 4])
+    return tl.reshape(tl.permute(quarters, (0, 2, 1, 3)), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
@@ -113,9 +136,11 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if NF4 and SCALE_GROUP > 0:
+            x = in_mma_k_order(x)
             w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
                                  nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K).to(dtype)
+                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+            w = in_mma_k_order(w).to(dtype)
         else:
             w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                                nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
