@@ -12,8 +12,9 @@ packed byte of W is read exactly once and there are N / BLOCK_N x SPLIT_K progra
 
 Dropout, NF4 decoding, dtype and precision rules are those of the tiled path: the same helpers
 (``dropout_keep`` from kernels/lora_linear.py, the weight readers of kernels/_weight.py), except
-the NF4 code lookup (``load_decode_tile``: the 16 codes, one cache line, instead of the 2 KB pair
-table; the same values bit for bit), which is what bounds a GEMV.
+the NF4 code lookup (``load_decode_tile``: the 16 codes, copied into shared memory on CUDA GPUs,
+instead of the 2 KB pair table; the same values bit for bit), which is what bounds a GEMV, and the
+order of K in the NF4 GEMV's tiles (``in_mma_k_order``).
 """
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import decode_nf4_codes, load_absmax
+from .nf4_dequantize import decode_nf4_shared_codes, load_absmax, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -51,13 +52,17 @@ def decode_tile(nf4):
 
 def decode_configs(target, dtype, nf4):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
-    tiles are the same in every config (``decode_tile``); the list varies warps. Two stages: NF4
-    tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and spill
-    registers on sm_90."""
+    tiles are the same in every config (``decode_tile``); the list varies warps and stages. At
+    most two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on
+    sm_86/sm_89, and spill registers on sm_90. One stage (no cp.async staging of the packed bytes
+    and x: ~125 registers, 4 CTAs per SM) has the fewest instructions and shared-memory bytes per
+    element of the three on sm_89 and sm_90 (static model, estimates: H100 NF4 decode 15.8 ->
+    15.4 us for the kernel); the others stay for the tuner, since the model ignores latency."""
     tile = decode_tile(nf4)
     if target.arch is None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
-    return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
+    return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2},
+            {**tile, "num_warps": 4, "num_stages": 1}]
 
 
 def epilogue_config(target, dtype):
@@ -65,12 +70,13 @@ def epilogue_config(target, dtype):
 
 
 @triton.jit
-def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
                      SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
-    values bit for bit), the codes looked up by ``decode_nf4_codes``: the GEMV's lookup. Not
+    values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
+    ``shared_codes`` returned, before the loop): the GEMV's lookup. Not
     ``load_gemm_tile`` with NIBBLE_LOOKUP: that one loads the absmax as a vector (a layout that
     lets sm_80-89 store a GEMM's decoded tile 16 bytes at a time), which here doubles the shared
     traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model)."""
@@ -80,7 +86,7 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_p
     pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-    values = decode_nf4_codes(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
     group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
     scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
                         nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
@@ -131,13 +137,15 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NF4 and SCALE_GROUP > 0:
+        codes = shared_codes(pairs_ptr, INLINE_PTX)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if NF4 and SCALE_GROUP > 0:
             x = in_mma_k_order(x)
-            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                                  nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
                                  SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
