@@ -43,26 +43,27 @@ PROGRAMS_PER_SM = 4
 # (DECODE_MAX_M). NF4 takes 128 outputs per program, not 64: the decode's fixed cost per loop
 # iteration (x's tile, the operand shuffles, the loop) spreads over twice the weight, and the
 # static model (bench.static, estimates) puts the H100 decode at 22 us instead of 30; the dense
-# decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer).
+# decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer). NF4's
+# BLOCK_K is 128 for the same reason: the absmax of each row (its nested decode, and the staging
+# of both through shared memory) is read once per 128 columns (H100, 16 rows of 4096 x 14336,
+# model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
 def decode_tile(nf4):
     """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's):
     they size the grid and the partial sums, so every config of a list shares them."""
-    return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128, "BLOCK_K": 64}
+    return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128,
+            "BLOCK_K": 64 if nf4 is None else 128}
 
 
 def decode_configs(target, dtype, nf4):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
-    tiles are the same in every config (``decode_tile``); the list varies warps and stages. At
-    most two stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on
-    sm_86/sm_89, and spill registers on sm_90. One stage (no cp.async staging of the packed bytes
-    and x: ~125 registers, 4 CTAs per SM) has the fewest instructions and shared-memory bytes per
-    element of the three on sm_89 and sm_90 (static model, estimates: H100 NF4 decode 15.8 ->
-    15.4 us for the kernel); the others stay for the tuner, since the model ignores latency."""
+    tiles are the same in every config (``decode_tile``); the list varies warps. Two stages: NF4
+    tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and spill
+    registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs per
+    SM)."""
     tile = decode_tile(nf4)
     if target.arch is None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
-    return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2},
-            {**tile, "num_warps": 4, "num_stages": 1}]
+    return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
 
 def epilogue_config(target, dtype):
@@ -97,22 +98,15 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
 
 
 @triton.jit
-def mma_k_order(k):
-    """The physical column of the tile's column ``k`` after ``in_mma_k_order``: k = 16 s + 4 t + e
-    (e < 4, t < 4) is column t BLOCK_K / 4 + 4 s + e."""
-    BLOCK_K: tl.constexpr = k.shape[0]
-    return ((k >> 2) & 3) * (BLOCK_K // 4) + (k >> 4) * 4 + (k & 3)
-
-
-@triton.jit
 def in_mma_k_order(tile):
-    """A [BLOCK_N, BLOCK_K] tile with its columns reordered by ``mma_k_order``: quarter t of the
-    row's columns become columns 4 t to 4 t + 3 of every 16. A K-step of mma.sync (16 x 8 x 16,
-    16-bit operands, 4 consecutive columns per thread as Triton lays them out) gives lane t of a
-    quad columns 4 t to 4 t + 3: each thread's columns are one contiguous quarter of the packed
-    row (BLOCK_K / 8 bytes), loaded whole, where in the physical order they were 2 bytes every 8
-    (byte loads repacked: ~1 instruction per element). A sum over K does not depend on its order;
-    x's columns are read in the same order."""
+    """A [BLOCK_N, BLOCK_K] tile with its columns reordered: quarter t of the row's columns
+    becomes columns 4 t to 4 t + 3 of every 16 (column 16 s + 4 t + e, e < 4, is column
+    t BLOCK_K / 4 + 4 s + e of ``tile``). A K-step of mma.sync (16 x 8 x 16, 16-bit operands, 4
+    consecutive columns per thread as Triton lays them out) gives lane t of a quad columns 4 t
+    to 4 t + 3: each thread's columns are one contiguous quarter of the packed row (BLOCK_K / 8
+    bytes), loaded whole, where in the physical order they were 2 bytes every 8 (byte loads
+    repacked: ~1 instruction per element). A sum over K does not depend on its order; x's
+    columns are read in the same order."""
     BLOCK_N: tl.constexpr = tile.shape[0]
     BLOCK_K: tl.constexpr = tile.shape[1]
     quarters = tl.reshape(tile, [BLOCK_N, 4, BLOCK_K // 16, 4])
