@@ -56,12 +56,13 @@ def decode_tile(nf4):
 
 def decode_configs(target, dtype, nf4):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
-    tiles are the same in every config (``decode_tile``); the list varies warps. Two stages: NF4
-    tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and spill
-    registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs per
-    SM)."""
+    tiles are the same in every config (``decode_tile``); the dense list varies warps. Two
+    stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and
+    spill registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs
+    per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
+    of stack) and was never faster on a modelled GPU (bench.static, estimates)."""
     tile = decode_tile(nf4)
-    if target.arch is None:
+    if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
