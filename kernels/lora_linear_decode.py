@@ -44,14 +44,16 @@ PROGRAMS_PER_SM = 4
 # iteration (x's tile, the operand shuffles, the loop) spreads over twice the weight, and the
 # static model (bench.static, estimates) puts the H100 decode at 22 us instead of 30; the dense
 # decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer). NF4's
-# BLOCK_K is 128 for the same reason: the absmax of each row (its nested decode, and the staging
-# of both through shared memory) is read once per 128 columns (H100, 16 rows of 4096 x 14336,
-# model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
-def decode_tile(nf4):
-    """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's):
-    they size the grid and the partial sums, so every config of a list shares them."""
+# BLOCK_K is 128 (16-bit x) for the same reason: the absmax of each row (its nested decode, and
+# the staging of both through shared memory) is read once per 128 columns (H100, 16 rows of
+# 4096 x 14336, model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
+def decode_tile(nf4, dtype):
+    """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's) for
+    x of ``dtype``: they size the grid and the partial sums, so every config of a list shares
+    them. fp32 x keeps NF4's BLOCK_K at 64: its IEEE tl.dot (FMA units) at 128 took 92 KB of
+    shared memory, one CTA per SM on sm_89."""
     return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128,
-            "BLOCK_K": 64 if nf4 is None else 128}
+            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 else 64}
 
 
 def decode_configs(target, dtype, nf4):
@@ -61,7 +63,7 @@ def decode_configs(target, dtype, nf4):
     spill registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs
     per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
     of stack) and was never faster on a modelled GPU (bench.static, estimates)."""
-    tile = decode_tile(nf4)
+    tile = decode_tile(nf4, dtype)
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
@@ -247,7 +249,7 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     N, R = lora_b.shape
     target = _common.target(x.device)
     configs = with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)
-    config, epilogue = decode_tile(nf4), epilogue_config(target, x.dtype)
+    config, epilogue = decode_tile(nf4, x.dtype), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)

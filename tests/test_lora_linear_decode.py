@@ -42,7 +42,7 @@ def test_the_split_covers_k_with_no_empty_slice():
             splits, steps = decode_kernels.split_k(n_tiles, k_steps, cpu)
             assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_tile(None)["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(None, torch.bfloat16)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), cpu)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 
@@ -73,7 +73,7 @@ def test_decode_tile_is_bit_exact(kind, device):
     frozen = ops.FrozenWeight.of(weight, state)
     flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
     target = _common.target(torch.device(device))
-    tile = decode_kernels.decode_tile(frozen.nf4)
+    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16)
     out = poisoned((N, K_DECODE), torch.float32, device)
     grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
     decoding_constexprs = decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target)
