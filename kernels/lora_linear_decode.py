@@ -12,8 +12,9 @@ packed byte of W is read exactly once and there are N / BLOCK_N x SPLIT_K progra
 
 Dropout, NF4 decoding, dtype and precision rules are those of the tiled path: the same helpers
 (``dropout_keep`` from kernels/lora_linear.py, the weight readers of kernels/_weight.py), except
-the NF4 code lookup (``load_decode_tile``: the 16 codes, one cache line, instead of the 2 KB pair
-table; the same values bit for bit), which is what bounds a GEMV.
+the NF4 code lookup (``load_decode_tile``: the 16 codes, copied into shared memory on CUDA GPUs,
+instead of the 2 KB pair table; the same values bit for bit), which is what bounds a GEMV, and the
+order of K in the NF4 GEMV's tiles (``in_mma_k_order``).
 """
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import decode_nf4_codes, load_absmax
+from .nf4_dequantize import decode_nf4_shared_codes, load_absmax, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -42,20 +43,28 @@ PROGRAMS_PER_SM = 4
 # (DECODE_MAX_M). NF4 takes 128 outputs per program, not 64: the decode's fixed cost per loop
 # iteration (x's tile, the operand shuffles, the loop) spreads over twice the weight, and the
 # static model (bench.static, estimates) puts the H100 decode at 22 us instead of 30; the dense
-# decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer).
-def decode_tile(nf4):
-    """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's):
-    they size the grid and the partial sums, so every config of a list shares them."""
-    return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128, "BLOCK_K": 64}
+# decode stays at 64 (at 128 its fp32 partial sums grow, for a model time 1-3% longer). NF4's
+# BLOCK_K is 128 (16-bit x) for the same reason: the absmax of each row (its nested decode, and
+# the staging of both through shared memory) is read once per 128 columns (H100, 16 rows of
+# 4096 x 14336, model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
+def decode_tile(nf4, dtype):
+    """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's) for
+    x of ``dtype``: they size the grid and the partial sums, so every config of a list shares
+    them. fp32 x keeps NF4's BLOCK_K at 64: its IEEE tl.dot (FMA units) at 128 took 92 KB of
+    shared memory, one CTA per SM on sm_89."""
+    return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128,
+            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 else 64}
 
 
 def decode_configs(target, dtype, nf4):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
-    tiles are the same in every config (``decode_tile``); the list varies warps. Two stages: NF4
-    tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and spill
-    registers on sm_90."""
-    tile = decode_tile(nf4)
-    if target.arch is None:
+    tiles are the same in every config (``decode_tile``); the dense list varies warps. Two
+    stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and
+    spill registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs
+    per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
+    of stack) and was never faster on a modelled GPU (bench.static, estimates)."""
+    tile = decode_tile(nf4, dtype)
+    if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
@@ -65,12 +74,13 @@ def epilogue_config(target, dtype):
 
 
 @triton.jit
-def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
                      SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
-    values bit for bit), the codes looked up by ``decode_nf4_codes``: the GEMV's lookup. Not
+    values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
+    ``shared_codes`` returned, before the loop): the GEMV's lookup. Not
     ``load_gemm_tile`` with NIBBLE_LOOKUP: that one loads the absmax as a vector (a layout that
     lets sm_80-89 store a GEMM's decoded tile 16 bytes at a time), which here doubles the shared
     traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model)."""
@@ -80,7 +90,7 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_p
     pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-    values = decode_nf4_codes(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
     group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
     scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
                         nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
@@ -88,6 +98,22 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_p
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                       [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def in_mma_k_order(tile):
+    """A [BLOCK_N, BLOCK_K] tile with its columns reordered: quarter t of the row's columns
+    becomes columns 4 t to 4 t + 3 of every 16 (column 16 s + 4 t + e, e < 4, is column
+    t BLOCK_K / 4 + 4 s + e of ``tile``). A K-step of mma.sync (16 x 8 x 16, 16-bit operands, 4
+    consecutive columns per thread as Triton lays them out) gives lane t of a quad columns 4 t
+    to 4 t + 3: each thread's columns are one contiguous quarter of the packed row (BLOCK_K / 8
+    bytes), loaded whole, where in the physical order they were 2 bytes every 8 (byte loads
+    repacked: ~1 instruction per element). A sum over K does not depend on its order; x's
+    columns are read in the same order."""
+    BLOCK_N: tl.constexpr = tile.shape[0]
+    BLOCK_K: tl.constexpr = tile.shape[1]
+    quarters = tl.reshape(tile, [BLOCK_N, 4, BLOCK_K // 16, 4])
+    return tl.reshape(tl.permute(quarters, (0, 2, 1, 3)), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
@@ -108,14 +134,18 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NF4 and SCALE_GROUP > 0:
+        codes = shared_codes(pairs_ptr, INLINE_PTX)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if NF4 and SCALE_GROUP > 0:
-            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+            x = in_mma_k_order(x)
+            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                                  nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K).to(dtype)
+                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+            w = in_mma_k_order(w).to(dtype)
         else:
             w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                                nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
@@ -219,7 +249,7 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     N, R = lora_b.shape
     target = _common.target(x.device)
     configs = with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)
-    config, epilogue = decode_tile(nf4), epilogue_config(target, x.dtype)
+    config, epilogue = decode_tile(nf4, x.dtype), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)

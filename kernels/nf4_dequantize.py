@@ -93,6 +93,55 @@ def decode_nf4_codes(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
         return tl.load(pairs_ptr + tl.join(byte >> 4, byte & 0xF) * 2 + 1)
 
 
+# ``decode_nf4_codes`` with the 16 codes in shared memory (``shared_codes``): a nibble's entry is
+# the table's address with 4 x the nibble as its lowest byte (the table is 256-byte aligned), one
+# prmt and one ld.shared per code. Shared addresses are 32-bit: no 64-bit pair to build per
+# lookup (the global table's high word, one move per code in ptxas' output).
+_SHARED_CODES_PTX = tl.constexpr(
+    "{ .reg .b32 h, l, a;\n"
+    "shr.b32 h, $8, 2; and.b32 h, h, 0x3c3c3c3c; shl.b32 l, $8, 2; and.b32 l, l, 0x3c3c3c3c;\n"
+    + "".join(f"prmt.b32 a, {nibbles}, $9, 0x765{byte}; ld.shared.f32 ${out}, [a];\n"
+              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
+                                                    + [("l", b) for b in range(4)]))
+    + "}")
+
+# The 16 codes (pair-table rows 0 to 15, the code at byte 8n + 4) copied into a 64-byte shared
+# array; $0 its 32-bit address. Every thread copies all 16 and reads only after its own copy, so
+# what any thread reads is its own store or another thread's store of the same value: no barrier.
+_FILL_SHARED_CODES_PTX = tl.constexpr(
+    "{ .shared .align 256 .b32 codes[16]; .reg .b32 v;\n"
+    + "".join(f"ld.global.nc.f32 v, [$1+{8 * n + 4}]; st.shared.f32 [codes+{4 * n}], v;\n"
+              for n in range(16))
+    + "mov.u32 $0, codes; }")
+
+
+@triton.jit
+def shared_codes(pairs_ptr, INLINE_PTX: tl.constexpr):
+    """Where ``decode_nf4_codes`` finds the 16 codes: with INLINE_PTX a copy in shared memory made
+    here (call it once, before the loop that decodes: its 32-bit address as a [1] tensor), else
+    the pair table itself."""
+    if INLINE_PTX:
+        return tl.inline_asm_elementwise(_FILL_SHARED_CODES_PTX, "=r,l",
+                                         [pairs_ptr + tl.zeros([1], tl.int32)], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    else:
+        return pairs_ptr
+
+
+@triton.jit
+def decode_nf4_shared_codes(packed, codes, INLINE_PTX: tl.constexpr):
+    """``decode_nf4_codes`` reading the codes where ``shared_codes`` put them (``codes``, its
+    result): the same values, with INLINE_PTX two instructions per code instead of three."""
+    if INLINE_PTX:
+        table = tl.full(packed.shape, 0, tl.int32) + codes
+        even, odd = tl.inline_asm_elementwise(
+            _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [packed, table],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        return tl.join(even, odd)
+    else:
+        return decode_nf4_codes(packed, codes, INLINE_PTX)
+
+
 def check_code_table(pairs):
     """``_CODES_PTX`` writes entry offsets into the table address's lowest byte: an NF4 weight's
     pair table (``_common.code_pairs``, a fresh allocation) must start on 256 bytes. Checked

@@ -16,6 +16,7 @@ from helpers import (N, assert_op_close, assert_same_bits, check_lora_linear_aga
 from lowrank import ops
 from lowrank.kernels import _common
 from lowrank.kernels._weight import decoding_flags, weight_args
+from lowrank.kernels.nf4_dequantize import shared_codes
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
 
@@ -41,7 +42,7 @@ def test_the_split_covers_k_with_no_empty_slice():
             splits, steps = decode_kernels.split_k(n_tiles, k_steps, cpu)
             assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_tile(None)["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(None, torch.bfloat16)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), cpu)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 
@@ -53,8 +54,9 @@ def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, 
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    codes = shared_codes(pairs_ptr, INLINE_PTX)
     tile = decode_kernels.load_decode_tile(
-        w_ptr, outs, tl.program_id(1) * BLOCK_K, N, K, absmax_ptr, pairs_ptr, nested_code_ptr,
+        w_ptr, outs, tl.program_id(1) * BLOCK_K, N, K, absmax_ptr, codes, nested_code_ptr,
         nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP, INLINE_PTX,
         BLOCK_K)
     tl.store(out_ptr + outs[:, None] * K + cols[None, :], tile,
@@ -71,7 +73,7 @@ def test_decode_tile_is_bit_exact(kind, device):
     frozen = ops.FrozenWeight.of(weight, state)
     flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
     target = _common.target(torch.device(device))
-    tile = decode_kernels.decode_tile(frozen.nf4)
+    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16)
     out = poisoned((N, K_DECODE), torch.float32, device)
     grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
     decoding_constexprs = decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target)
