@@ -212,7 +212,23 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
+    # The LoRA branch first, in the accumulator itself: summed apart into a second BLOCK_M x
+    # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
+    # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
+    # fp32 branch) is scaled before its products; a 16-bit S would be rounded again, so its
+    # products are scaled after, before the frozen GEMM's are added.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        if s.dtype == tl.float32:
+            s = s * scaling
+        acc = branch_dot(s, tl.trans(b), acc, dtype, PRECISION)
+    if s_ptr.dtype.element_ty != tl.float32:
+        acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :] * stride_xk,
@@ -223,23 +239,6 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                            BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
-    # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
-    # would be rounded again if scaled first: its products are summed apart and scaled after.
-    S_FP32: tl.constexpr = s_ptr.dtype.element_ty == tl.float32
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        if S_FP32:
-            acc = branch_dot(s * scaling, tl.trans(b), acc, dtype, PRECISION)
-        else:
-            lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
-    if not S_FP32:
-        acc += scaling * lora
     if COLUMN_SCALE:
         acc = _dora_epilogue.column_scale(acc, rows, outs, M, N, scale_ptr, undropped_ptr,
                                           product_ptr, UNDROPPED, STORE_PRODUCT)
