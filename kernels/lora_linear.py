@@ -229,9 +229,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
     # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
     # fp32 branch) is scaled before its products; a 16-bit S would be rounded again, so its
-    # products are scaled after, before the frozen GEMM's are added.
+    # products are scaled after, before the frozen GEMM's are added. Not software-pipelined
+    # (one stage): its prefetched tiles left 16 bytes of stack on sm_80.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
