@@ -42,13 +42,16 @@ def forward_configs(target, dtype, feedforward):
         return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
     if target.arch == 90:
-        # As lora_linear.forward_configs; in the feed-forward form, whose x scale takes registers
-        # in the loop, 128-row tiles spill (BLOCK_K 128) or exceed the NF4 decode's instruction
-        # ceiling (BLOCK_K 64: 12.6 per element, nested).
+        # As lora_linear.forward_configs (the 256-row tile: 1030 -> 805 us at 4096 x 4096 x 14336
+        # NF4 on H100, model); in the feed-forward form, whose x scale takes registers in the
+        # loop, 128-row tiles spill (BLOCK_K 128) or exceed the NF4 decode's instruction ceiling
+        # (BLOCK_K 64: 12.6 per element, nested).
         return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}] + (
             [] if feedforward else
-            [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+            [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+              "num_stages": 3},
+             {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
               "num_stages": 3}])
     # sm_80/86/89. On sm_89 (the 16-code lookup, ``_weight.nibble_lookup``) the feed-forward
     # form's BLOCK_K 64 tile spilled 184 bytes (its x scale in the loop): it keeps the pair table.
@@ -79,11 +82,13 @@ def grad_input_configs(target, dtype):
 
 
 def grad_scale_configs(target, dtype):
-    """The output form's forward tiles (it recomputes x W^T), at the partial sums' BLOCK_M."""
+    """The output form's forward tiles (it recomputes x W^T), at the partial sums' BLOCK_M: each
+    W tile (BLOCK_N x BLOCK_K) once, with the first launch options the forward list gives it (the
+    sm_90 256-row tile's 8 warps would be a slower copy of the 64-row one's 4: model)."""
     unique = {}
     for config in forward_configs(target, dtype, feedforward=False):
-        config = {**config, "BLOCK_M": PARTIAL_BLOCK_M}
-        unique.setdefault(tuple(sorted(config.items())), config)
+        unique.setdefault((config["BLOCK_N"], config["BLOCK_K"]),
+                          {**config, "BLOCK_M": PARTIAL_BLOCK_M})
     return list(unique.values())
 
 

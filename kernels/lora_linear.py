@@ -43,15 +43,26 @@ MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
 # in the interpreter, so the tests' small shapes have several groups and a ragged last one.
 
 
-def forward_configs(target, dtype):
+def forward_configs(target, dtype, undropped=False):
+    # ``undropped``: DoRA's epilogue under dropout, which reads a second output tile (the
+    # undropped product) beside acc.
     if target.arch is None:
         return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
                  "num_stages": 3}]
     if dtype.itemsize == 4:
         return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
-    if target.arch == 90:  # wgmma tiles of 128 x 128; 128 x 256 spills with the NF4 decode
-        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+    if target.arch == 90:
+        # wgmma tiles. Each decoded W element feeds BLOCK_M rows: at 128 rows the NF4 GEMM is
+        # issue-bound by the decode (two warps per scheduler at one CTA per SM), at 256 rows (two
+        # warpgroups of 128) it is bound by shared memory and L1 (wgmma's operand reads, x's
+        # tile, the decoded tile, the code lookups); model, 4096 x 4096 x 14336 NF4 on H100:
+        # 1029 -> 805 us. 128 x 256 spills with the decode, and so does 256 x 128 with DoRA's
+        # undropped tile (160 bytes of stack).
+        return ([] if undropped else
+                [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                  "num_stages": 3}]) + [
+                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
@@ -72,8 +83,10 @@ def grad_input_configs(target, dtype, dropout):
     if dtype.itemsize == 4 or dropout:
         return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
-    if target.arch == 90:
-        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+    if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says
+        return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3},
+                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
@@ -213,7 +226,24 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
+    # The LoRA branch first, in the accumulator itself: summed apart into a second BLOCK_M x
+    # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
+    # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
+    # fp32 branch) is scaled before its products; a 16-bit S would be rounded again, so its
+    # products are scaled after, before the frozen GEMM's are added. Not software-pipelined
+    # (one stage): its prefetched tiles left 16 bytes of stack on sm_80.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        if s.dtype == tl.float32:
+            s = s * scaling
+        acc = branch_dot(s, tl.trans(b), acc, dtype, PRECISION)
+    if s_ptr.dtype.element_ty != tl.float32:
+        acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :] * stride_xk,
@@ -224,23 +254,6 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                            BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    # An fp32 S (fp32 x, or the fp32 branch) is scaled in fp32 and its products go straight into
-    # acc: a second accumulator beside the split's operands spilled registers on sm_89. A 16-bit S
-    # would be rounded again if scaled first: its products are summed apart and scaled after.
-    S_FP32: tl.constexpr = s_ptr.dtype.element_ty == tl.float32
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        if S_FP32:
-            acc = branch_dot(s * scaling, tl.trans(b), acc, dtype, PRECISION)
-        else:
-            lora = branch_dot(s, tl.trans(b), lora, dtype, PRECISION)
-    if not S_FP32:
-        acc += scaling * lora
     if COLUMN_SCALE:
         acc = _dora_epilogue.column_scale(acc, rows, outs, M, N, scale_ptr, undropped_ptr,
                                           product_ptr, UNDROPPED, STORE_PRODUCT)
@@ -362,7 +375,8 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    configs = with_decoding(forward_configs(target, x.dtype), nf4, K, target)
+    configs = with_decoding(forward_configs(target, x.dtype, undropped is not None), nf4, K,
+                            target)
     _common.launch(
         _lora_forward_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,

@@ -11,8 +11,9 @@ from bench.static.limits import ARCHS
 # (13.4-15.2); the LoRA GEMMs 6.9-8.9, the decode 6.3-8.0, the dequantize kernel 6.8-10.0 (the
 # decoded tile's layout, the mma.sync operands' kWidth and the lookup's address: see
 # _weight.gemm_operand, nf4_dequantize.decode_nf4_pairs; before them 18.9 worst, the LoRA GEMMs
-# 11.8-15.4). sm_90: 10.5, the nested dequantize kernel at 1024 bytes per program, the GEMMs at
-# most 8.6 (12.0 and 11.4 before). The target is <= 8: on sm_89 the forward GEMMs reach 6.9
+# 11.8-15.4). sm_90: 10.9, the nested LoRA dX at 256 x 64 x 128 (256-row tiles load twice the x
+# rows per decoded element), the nested dequantize kernel at 1024 bytes per program 10.5, the
+# 128-row GEMMs at most 9.0 (12.0 and 11.4 before). The target is <= 8: on sm_89 the forward GEMMs reach 6.9
 # (7.5 nested) with 64 x 128 x 64 tiles, on sm_90 6.0 (6.6 nested) with 64 x 128 x 64.
 NF4_INSTRUCTIONS_PER_ELEMENT = {89: 17, 90: 12}
 
