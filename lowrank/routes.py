@@ -65,7 +65,7 @@ CACHE_FORMAT = 1
 # the committed report implies; when it fails, ``python -m bench.static.route_table`` prints
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
 FUSED_MAX_M = {
-    "sm_90": {"dense": 0, "nf4": 512, "nf4-nested": 256},
+    "sm_90": {"dense": 0, "nf4": 1024, "nf4-nested": 1024},
     "sm_89": {"dense": None, "nf4": None, "nf4-nested": None},  # None: no bound
 }
 
