@@ -73,6 +73,29 @@ def test_table_lookups_are_l1_wavefronts_not_l2_bytes():
     assert estimate["L1"] == pytest.approx(estimate["shared"] * (1000 + 1))
 
 
+NEVER_EXECUTED = """
+.L_x_4:
+        /*0000*/                   LDS.64 R16, [R5] ;
+        /*0010*/              @!PT LDS RZ, [RZ] ;
+        /*0020*/              @!PT LDS RZ, [RZ] ;
+        /*0030*/              @!PT LDG.E.64.CONSTANT RZ, desc[UR12][R10.64] ;
+        /*0040*/               @P1 LDS R18, [R6] ;
+        /*0050*/                   HMMA.16816.F32.BF16 R24, R16, R18, R24 ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R5, R6, PT ;
+        /*0070*/              @!P0 BRA `(.L_x_4) ;
+"""
+
+
+def test_never_executed_instructions_move_nothing_but_take_their_issue_slot():
+    """``@!PT`` guards padding that never runs: no shared bytes, no lookups, "control" in the mix
+    (a NOP), still one of the loop's instructions. A real predicate (``@P1``) may be true."""
+    loop = sass.hot_loop(NEVER_EXECUTED)
+    assert len(loop) == 8
+    assert sass.memory_bytes(loop, num_warps=4) == (0, (8 + 4) * 32 * 4)
+    assert sass.table_wavefronts(loop, num_warps=4) == 0
+    assert sass.mix(loop) == {"control": 4, "LDS.64": 1, "LDS.32": 1, "tensor": 1, "int": 1}
+
+
 def test_occupancy_names_its_limiter():
     assert occupancy(89, registers=96, num_warps=4, shared=60000) == (1, "shared")
     assert occupancy(90, registers=90, num_warps=4, shared=25600) == (5, "registers")

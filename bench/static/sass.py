@@ -3,12 +3,20 @@
 A loop is a backward branch: its body runs from the branch's target label to the branch. Counts are
 static instructions per warp per iteration, grouped as the report shows them (tensor core, global
 loads by width, cp.async, shared loads and stores, integer, float, conversions, control).
+
+An instruction guarded by ``@!PT`` ("not true") never executes: ptxas emits them as padding (e.g.
+``@!PT LDS RZ, [RZ]`` in sm_90's GEMM loops). We keep them in the instruction counts, so in the
+model's issue limit, as NOPs: we take a guarded-off instruction to be fetched and issued like any
+other (not measured; if the hardware drops this padding before issue, counting it overstates the
+issue limit by these few slots per loop, an upper bound). The mix files them under "control"
+beside the NOPs, and they move no bytes and do no flops (``executed``).
 """
 
 import re
 from collections import Counter
 
-INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)((?:\.[A-Za-z0-9_]+)*)")
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P[T0-9]+)\s+)?([A-Z0-9_]+)((?:\.[A-Za-z0-9_]+)*)")
+NEVER = ("@!PT", "@!UPT")  # guards that are always false
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
 
@@ -54,8 +62,18 @@ def parse(listing):
             continue
         found = INSTRUCTION.search(line)
         if found:
-            instructions.append((found.group(1), found.group(2), line))
+            instructions.append((found.group(2), found.group(3), line))
     return instructions, labels
+
+
+def never_executed(line):
+    """Whether the instruction on ``line`` is guarded by an always-false predicate (padding)."""
+    return INSTRUCTION.search(line).group(1) in NEVER
+
+
+def executed(body):
+    """The instructions of ``body`` that can execute: all but the never-executed ones."""
+    return [instruction for instruction in body if not never_executed(instruction[2])]
 
 
 def loops(listing):
@@ -70,13 +88,15 @@ def loops(listing):
 
 
 def mix(body):
-    """{category: instructions} of a loop body (or a whole kernel), largest first."""
-    return dict(Counter(category(op, mods) for op, mods, _ in body).most_common())
+    """{category: instructions} of a loop body (or a whole kernel), largest first; a
+    never-executed instruction is "control", as the NOP it amounts to."""
+    return dict(Counter("control" if never_executed(line) else category(op, mods)
+                        for op, mods, line in body).most_common())
 
 
 def mma_kind(body):
     """"wgmma", "mma.sync" or None: the tensor-core instructions ``body`` issues."""
-    opcodes = {op for op, _, _ in body}
+    opcodes = {op for op, _, _ in executed(body)}
     if opcodes & WGMMA:
         return "wgmma"
     return "mma.sync" if opcodes & MMA_SYNC else None
@@ -104,7 +124,7 @@ def mma_flops(body, num_warps):
     issued by each of a warpgroup's 4 warps for one M x N x K product, an mma.sync (HMMA.16816,
     HMMA.1688) by one warp for its own."""
     flops = 0
-    for opcode, modifiers, _ in body:
+    for opcode, modifiers, _ in executed(body):
         shape = MMA_SHAPE.match(modifiers) if opcode in WGMMA | MMA_SYNC else None
         if shape:
             m, n, k = (int(g) for g in shape.groups() if g)
@@ -133,7 +153,7 @@ def table_wavefronts(body, num_warps):
     128-byte line its 32 lanes touch, for random codes on average L x (1 - (1 - 1/L)^32) of a
     table of L lines (13.97 of the pair table's 16, 1 for the 16-entry codes)."""
     wavefronts = 0.0
-    for opcode, modifiers, _ in body:
+    for opcode, modifiers, _ in executed(body):
         if is_table_lookup(opcode, modifiers):
             lines = TABLE_LINES[category(opcode, modifiers).split(".")[-1]]
             wavefronts += lines * (1 - (1 - 1 / lines) ** 32) * num_warps
@@ -149,9 +169,9 @@ def memory_bytes(body, num_warps):
     small tables (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4
     code-table lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
     Shared: LDS/STS/LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands
-    from shared memory."""
+    from shared memory. Never-executed instructions (``@!PT LDS RZ, [RZ]``) move nothing."""
     global_bytes = shared_bytes = 0
-    for opcode, modifiers, _ in body:
+    for opcode, modifiers, _ in executed(body):
         group = category(opcode, modifiers)
         width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
         if (opcode in ("LDG", "LDGSTS") and not group.endswith(".32")
