@@ -96,6 +96,41 @@ def test_never_executed_instructions_move_nothing_but_take_their_issue_slot():
     assert sass.mix(loop) == {"control": 4, "LDS.64": 1, "LDS.32": 1, "tensor": 1, "int": 1}
 
 
+TWO_MMA_LOOPS = """
+.L_x_5:
+        /*0000*/                   LDSM.16.M88.4 R16, [R5] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R24, R16, R20, R24 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R28, R16, R22, R28 ;
+        /*0030*/                   IADD3 R5, R5, 0x20, RZ ;
+        /*0040*/                   IADD3 R7, R7, 0x20, RZ ;
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R7, R8, PT ;
+        /*0070*/              @!P0 BRA `(.L_x_5) ;
+.L_x_6:
+        /*0080*/                   LDG.E.128 R12, desc[UR4][R10.64] ;
+        /*0090*/                   FMUL R12, R12, R9 ;
+        /*00a0*/                   FMUL R13, R13, R9 ;
+        /*00b0*/                   FMUL R14, R14, R9 ;
+        /*00c0*/                   FMUL R15, R15, R9 ;
+        /*00d0*/                   F2FP.BF16.F32.PACK_AB R12, R13, R12 ;
+        /*00e0*/                   F2FP.BF16.F32.PACK_AB R13, R15, R14 ;
+        /*00f0*/                   HMMA.16816.F32.BF16 R24, R16, R12, R24 ;
+        /*0100*/                   ISETP.GE.AND P1, PT, R11, R8, PT ;
+        /*0110*/              @!P1 BRA `(.L_x_6) ;
+"""
+
+
+def test_the_hot_loop_is_the_mma_loop_with_the_most_flops_per_iteration():
+    """A GEMM's K loop, not a longer, thinner MMA loop after it (the grouped GEMM's LoRA expand
+    over the rank, its operand scaled first)."""
+    loop = sass.hot_loop(TWO_MMA_LOOPS)
+    assert len(loop) == 8 and sass.mma_flops(loop, num_warps=4) == 2 * 2 * 16 * 8 * 16 * 4
+    assert max(len(body) for body in sass.loops(TWO_MMA_LOOPS)) == 10
+    # Tied flops: the longer loop, as before.
+    tied = TWO_MMA_LOOPS.replace("HMMA.16816.F32.BF16 R28, R16, R22, R28", "IMAD R28, R16, R22, R28")
+    assert len(sass.hot_loop(tied)) == 10
+
+
 def test_occupancy_names_its_limiter():
     assert occupancy(89, registers=96, num_warps=4, shared=60000) == (1, "shared")
     assert occupancy(90, registers=90, num_warps=4, shared=25600) == (5, "registers")

@@ -103,13 +103,21 @@ def mma_kind(body):
 
 
 def hot_loop(listing):
-    """The loop a kernel spends its time in: the longest one that issues MMAs if any does (a GEMM's
-    reduction loop), else the longest; None for straight-line kernels."""
+    """The loop a kernel spends its time in: if any loop issues MMAs, the one whose MMAs do the
+    most flops per iteration (a GEMM's reduction over its tile), the longest of those tied; else
+    the longest; None for straight-line kernels.
+
+    Not simply the longest MMA loop: a GEMM may run a second, thinner MMA loop after its
+    reduction (the grouped GEMM's LoRA expand, BLOCK_M x BLOCK_N x BLOCK_R per iteration, once at
+    rank 16), which the scaling of its operand can make longer in instructions than the K loop."""
     found = [body for body in loops(listing) if len(body) >= 8]  # shorter: trap and spin loops
     if not found:
         return None
     with_mma = [body for body in found if mma_kind(body)]
-    return max(with_mma or found, key=len)
+    if not with_mma:
+        return max(found, key=len)
+    # Any warp count orders the loops alike: every loop's flops scale with it in the same way.
+    return max(with_mma, key=lambda body: (mma_flops(body, num_warps=4), len(body)))
 
 
 def instructions(listing):
