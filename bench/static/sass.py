@@ -109,7 +109,11 @@ def hot_loop(listing):
 
     Not simply the longest MMA loop: a GEMM may run a second, thinner MMA loop after its
     reduction (the grouped GEMM's LoRA expand, BLOCK_M x BLOCK_N x BLOCK_R per iteration, once at
-    rank 16), which the scaling of its operand can make longer in instructions than the K loop."""
+    rank 16), which the scaling of its operand can make longer in instructions than the K loop.
+    Ties are left to length, which can still be wrong: the dense split-K decode at 8 warps reads
+    its loop over rank blocks (its shrink's K loop inside, each warp repeating the 16 x 16
+    product) at its base GEMM loop's flops and picks it, the longer. Taking innermost loops
+    instead would misread the DoRA norm, whose K loop holds a one-trip rank loop."""
     found = [body for body in loops(listing) if len(body) >= 8]  # shorter: trap and spin loops
     if not found:
         return None
