@@ -35,12 +35,9 @@ PARTIAL_BLOCK_M = 64
 
 
 def forward_configs(target, dtype, feedforward):
-    if target.arch is None:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
-                 "num_stages": 3}]
-    if dtype.itemsize == 4:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
-                 "num_stages": 3}]
+    untuned = _common.untuned_forward_configs(target, dtype)
+    if untuned:
+        return untuned
     if target.arch == 90:
         # As lora_linear.forward_configs (the 256-row tile: 1030 -> 805 us at 4096 x 4096 x 14336
         # NF4 on H100, model); in the feed-forward form, whose x scale takes registers in the

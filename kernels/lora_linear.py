@@ -46,12 +46,9 @@ MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
 def forward_configs(target, dtype, undropped=False):
     # ``undropped``: DoRA's epilogue under dropout, which reads a second output tile (the
     # undropped product) beside acc.
-    if target.arch is None:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
-                 "num_stages": 3}]
-    if dtype.itemsize == 4:
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
-                 "num_stages": 3}]
+    untuned = _common.untuned_forward_configs(target, dtype)
+    if untuned:
+        return untuned
     if target.arch == 90:
         # wgmma tiles. Each decoded W element feeds BLOCK_M rows: at 128 rows the NF4 GEMM is
         # issue-bound by the decode (two warps per scheduler at one CTA per SM), at 256 rows (two
