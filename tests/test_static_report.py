@@ -404,3 +404,26 @@ def test_a_fresh_report_has_the_bnb_peft_rows_beside_ours(monkeypatch):
             assert row["theirs_us"] == estimates[case]["model_us"] > 0
             assert row["ratio"] == pytest.approx(row["theirs_us"] / row["ours_us"])
             assert sum(line.startswith(f"| {case} |") for line in versus_table.splitlines()) == 1
+
+
+REGISTER_A = """
+.L_x_7:
+        /*0000*/                   LDSM.16.M88.4 R164, [R207+UR5+0x1a000] ;
+        /*0010*/                   HGMMA.64x256x16.F32.BF16 R24, R164, gdesc[UR12], R24 ;
+        /*0020*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R5, R6, PT ;
+        /*0040*/                   IADD3 R5, R5, 0x40, RZ ;
+        /*0050*/                   IADD3 R7, R7, 0x40, RZ ;
+        /*0060*/                   IADD3 R8, R8, 0x40, RZ ;
+        /*0070*/              @!P0 BRA `(.L_x_7) ;
+"""
+
+
+def test_a_wgmma_with_a_register_a_operand_reads_only_b_from_shared_memory():
+    """``HGMMA... R24, R164, gdesc[...]`` takes A from registers (the transposed LoRA forward's
+    decoded weight): B's 256 x 16 bytes per warpgroup from shared memory; the ``gdesc`` form both
+    operands. The flops are the same."""
+    loop = sass.hot_loop(REGISTER_A)
+    assert sass.mma_flops(loop, num_warps=8) == 2 * 2 * 2 * 64 * 256 * 16
+    ldsm = 128 * 4 * 8
+    assert sass.memory_bytes(loop, num_warps=8) == (0, ldsm + (256 + (64 + 256)) * 16 * 2 * 2)
