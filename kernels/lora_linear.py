@@ -85,9 +85,11 @@ def grad_input_configs(target, dtype, dropout):
     if dtype.itemsize == 4 or dropout:
         return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
-    if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says
+    if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says;
+        # transposed as the forward's (W^T the register operand): 764 -> 736 us (model, H100 NF4
+        # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills)
         return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
-                 "num_stages": 3},
+                 "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
@@ -289,16 +291,21 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                             NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                            TRANSPOSED_TILE: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
-    tiles in grouped order (``grouped_tile``)."""
+    tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
+    as W^T dY^T."""
     dtype = dy_ptr.dtype.element_ty
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
     dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if TRANSPOSED_TILE:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_rows + outs[None, :],
@@ -307,7 +314,13 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
+        if TRANSPOSED_TILE:
+            acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc,
+                         input_precision=PRECISION)
+    if TRANSPOSED_TILE:
+        acc = tl.trans(acc)
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
