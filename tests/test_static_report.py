@@ -244,6 +244,34 @@ def test_route_crossovers_from_per_row_costs():
     assert route_table.bound(route_table.crossover(estimate(2000), estimate(1000), 1000)) == 0
 
 
+def test_one_route_bound_serves_forward_and_dx_so_it_takes_the_smaller_crossover():
+    """``routes.default_route`` takes one bound for both steps: a forward crossing at ~4400 rows
+    and a backward at ~2460 (H100 NF4 after the transposed sm_90 tiles, model) give 2048, not
+    4096 (which would send dX at 4096 rows to the slower fused route); fused at every M only
+    where neither step crosses."""
+    from bench.static import route_table
+
+    m, k, n = route_table.TRAIN_SHAPE
+
+    def estimate(us, dequantize=0.0):
+        return {"model_us": us, "launches": [{"kernel": "_nf4_dequantize_kernel",
+                                              "model_us": dequantize}] if dequantize else []}
+    rows = {"forward": (713.2, estimate(716.7, 50.3)), "backward": (800.1, estimate(766.7, 50.2))}
+    cases = {}
+    for kind in route_table.KINDS:
+        for step, (fused, cublas) in rows.items():
+            case = f"lora_linear_{step} {kind} {m}x{k}x{n}"
+            cases[case], cases[f"{case} route=cublas"] = estimate(fused), cublas
+    always_fused = {case: estimate(1.0) if "route=cublas" not in case else estimate(5.0, 1.0)
+                    for case in cases}
+    report = {"commit": "0" * 10, "model": {"cases": {"H100 SXM": cases, "RTX 4090": always_fused}}}
+    table, crossovers = route_table.fused_max_m(report)
+    assert crossovers["sm_90"]["nf4"]["forward"] == pytest.approx(50.3 * m / (713.2 - 666.4))
+    assert crossovers["sm_90"]["nf4"]["backward"] == pytest.approx(50.2 * m / (800.1 - 716.5))
+    assert table == {"sm_90": dict.fromkeys(route_table.KINDS, 2048),
+                     "sm_89": dict.fromkeys(route_table.KINDS, None)}
+
+
 def latest_report():
     report = load_static(Path(__file__).parents[1] / "bench" / "results")
     assert report, "run python -m bench.static and commit its JSON"
