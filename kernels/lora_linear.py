@@ -55,10 +55,15 @@ def forward_configs(target, dtype, undropped=False):
         # warpgroups of 128) it is bound by shared memory and L1 (wgmma's operand reads, x's
         # tile, the decoded tile, the code lookups); model, 4096 x 4096 x 14336 NF4 on H100:
         # 1029 -> 805 us. 128 x 256 spills with the decode, and so does 256 x 128 with DoRA's
-        # undropped tile (160 bytes of stack).
+        # undropped tile (160 bytes of stack). The 256-row tile is computed transposed
+        # (TRANSPOSED_TILE): the decoded W is wgmma's A operand, which Hopper reads from
+        # registers, so W is not re-read from shared memory for each 64-row slice of x; Triton
+        # still moves the decoded tile into A's register layout through shared memory (STS +
+        # ldmatrix), as the decode's join / reshape / fp32 -> bf16 chain is not one it carries
+        # that layout through. Model: 777 -> 713 us (issue-bound now).
         return ([] if undropped else
                 [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-                  "num_stages": 3}]) + [
+                  "num_stages": 3, "TRANSPOSED_TILE": True}]) + [
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
@@ -80,9 +85,11 @@ def grad_input_configs(target, dtype, dropout):
     if dtype.itemsize == 4 or dropout:
         return [{"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3}]
-    if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says
+    if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says;
+        # transposed as the forward's (W^T the register operand): 764 -> 736 us (model, H100 NF4
+        # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills)
         return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
-                 "num_stages": 3},
+                 "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
@@ -215,9 +222,14 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                          scale_ptr, undropped_ptr, product_ptr, COLUMN_SCALE: tl.constexpr,
-                         UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr):
+                         UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr,
+                         TRANSPOSED_TILE: tl.constexpr = False):
     """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
-    (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``)."""
+    (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``).
+
+    TRANSPOSED_TILE: the tile is summed as Y^T = W x^T + B (s S)^T (the weight the dot's first
+    operand: wgmma takes it from registers, x from shared memory) and transposed back (a layout
+    change in registers) before the epilogue. The same products, in another order."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,7 +241,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     # fp32 branch) is scaled before its products; a 16-bit S would be rounded again, so its
     # products are scaled after, before the frozen GEMM's are added. Not software-pipelined
     # (one stage): its prefetched tiles left 16 bytes of stack on sm_80.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TRANSPOSED_TILE:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         s = tl.load(s_ptr + row_offsets(rows, R)[:, None] + ranks[None, :],
@@ -238,7 +253,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
         if s.dtype == tl.float32:
             s = s * scaling
-        acc = branch_dot(s, tl.trans(b), acc, dtype, PRECISION)
+        if TRANSPOSED_TILE:
+            acc = branch_dot(b, tl.trans(s), acc, dtype, PRECISION)
+        else:
+            acc = branch_dot(s, tl.trans(b), acc, dtype, PRECISION)
     if s_ptr.dtype.element_ty != tl.float32:
         acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
@@ -249,8 +267,13 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if TRANSPOSED_TILE:  # gemm_operand's move is for mma.sync's operand layouts
+            acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if TRANSPOSED_TILE:
+        acc = tl.trans(acc)
     if COLUMN_SCALE:
         acc = _dora_epilogue.column_scale(acc, rows, outs, M, N, scale_ptr, undropped_ptr,
                                           product_ptr, UNDROPPED, STORE_PRODUCT)
@@ -268,16 +291,21 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                             NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                            TRANSPOSED_TILE: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
-    tiles in grouped order (``grouped_tile``)."""
+    tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
+    as W^T dY^T."""
     dtype = dy_ptr.dtype.element_ty
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
     dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if TRANSPOSED_TILE:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_rows + outs[None, :],
@@ -286,7 +314,13 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
+        if TRANSPOSED_TILE:
+            acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc,
+                         input_precision=PRECISION)
+    if TRANSPOSED_TILE:
+        acc = tl.trans(acc)
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)

@@ -53,19 +53,20 @@ CACHE_FORMAT = 1
 # The default rule (``default_route``): up to these M buckets the fused kernels, above them
 # dequantize + cuBLAS, per architecture group and weight kind. ESTIMATES of the static model
 # (BENCHMARKS.md, "Model estimates", not measurements), derived by ``bench.static.route_table``
-# from the newest bench/results/static-*.json: first-order crossovers of the LoRA forward at
-# K = 4096, N = 14336, the fused route's time taken per row of M, the cublas route's as one
-# dequantize pass plus its time per row (the shrink writing [x | S], the single GEMM). H100
-# (sm_90): fused 0.255 us per row for NF4 and 0.276 nested (1045 / 1129 us at 4096 rows, bound
-# by issue: the 16-code lookup, kernels/_weight.nibble_lookup), 0.27 dense; cublas 0.16 per row
-# after a dequantize of 50 us: crossovers at about 545 / 438 rows, and none for dense (cuBLAS
-# always faster). RTX 4090 (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the
+# from the newest bench/results/static-*.json: first-order crossovers of the LoRA forward and
+# backward at K = 4096, N = 14336, the fused route's time taken per row of M, the cublas route's
+# as one dequantize pass plus its time per row; one bound serves both steps, so the smaller
+# crossover sets it. H100 (sm_90), with the transposed 256-row wgmma tiles (the decoded weight
+# wgmma's register operand): fused forward 713 us at 4096 rows for NF4 and 747 nested, fused dX
+# 736 / 767; cublas forward 666 after a dequantize of 50 us, dX 653 after 50: crossovers at
+# about 4398 / 2512 rows (forward) and 2457 / 1762 (backward), none for dense (cuBLAS always
+# faster). RTX 4090 (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the
 # tensor-core limit); cublas 0.80 after 168 us: fused always faster.
 # Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
 # the committed report implies; when it fails, ``python -m bench.static.route_table`` prints
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
 FUSED_MAX_M = {
-    "sm_90": {"dense": 0, "nf4": 1024, "nf4-nested": 1024},
+    "sm_90": {"dense": 0, "nf4": 2048, "nf4-nested": 1024},
     "sm_89": {"dense": None, "nf4": None, "nf4-nested": None},  # None: no bound
 }
 

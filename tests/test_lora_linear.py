@@ -147,6 +147,47 @@ def test_gemms_decode_nf4_bit_for_bit(k, blocksize, nested, nibbles, device, mon
     assert_same_bits(grad_x, expected)
 
 
+def transposed_tiles(monkeypatch):
+    """The forward and dX launchers' configs with TRANSPOSED_TILE (the tile computed as W x^T or
+    W^T dY^T, so the decoded weight is the dot's first operand: sm_90's 256-row configs), which
+    the interpreter's one config leaves off."""
+    for name in ("forward_configs", "grad_input_configs"):
+        configs = getattr(lora_kernels, name)
+        monkeypatch.setattr(lora_kernels, name, functools.partial(
+            lambda configs, *args: [{**config, "TRANSPOSED_TILE": True} for config in configs(*args)],
+            configs))
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_transposed_tiles_match_fp64_reference(dtype, kind, device, monkeypatch):
+    transposed_tiles(monkeypatch)
+    check_lora_linear_against_fp64(dtype, kind, 20, True, device)
+
+
+@pytest.mark.parametrize("branch", [torch.float32, torch.bfloat16], ids=str)
+def test_transposed_tiles_decode_nf4_bit_for_bit(branch, device, monkeypatch):
+    """As test_gemms_decode_nf4_bit_for_bit, through the transposed tiles (the identity x or dY as
+    the dot's second operand, the store transposing back), with the branch's operands in fp32
+    (split products) or bf16: zero adapters add exact zeros."""
+    transposed_tiles(monkeypatch)
+    k = 98
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=64, double_quant=True)
+    frozen = ops.FrozenWeight.of(packed, state)
+    zeros = functools.partial(torch.zeros, device=device)
+    y = poisoned((k, N), torch.float32, device)
+    lora_kernels.lora_forward(torch.eye(k, device=device), frozen.tensor, zeros(k, 3, dtype=branch),
+                              zeros(N, 3, dtype=branch), None, y, 1.0, frozen.nf4)
+    expected = decode_nf4(packed, state).reshape(N, k)
+    assert_same_bits(y, expected.t().contiguous())
+    grad_x = poisoned((N, k), torch.float32, device)
+    lora_kernels.lora_grad_input(torch.eye(N, device=device), frozen.tensor, zeros(N, 3, dtype=branch),
+                                 zeros(3, k, dtype=branch), grad_x, zeros(1, dtype=torch.int64), 0.0,
+                                 frozen.nf4)
+    assert_same_bits(grad_x, expected)
+
+
 def test_a_misaligned_code_table_is_refused():
     """The 16-code lookup's PTX puts an entry's offset in the table address's lowest byte: a pair
     table off 256 bytes is refused by name; ``code_pairs``'s tables pass."""

@@ -158,8 +158,8 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
 @pytest.mark.parametrize("arch, m, kind, candidates, expected", [
     ("sm_90", 16, "nf4-nested", ("fused", "cublas", "decode"), "decode"),
     ("sm_90", 1, "dense", ("fused", "cublas"), "cublas"),  # no decode route: dense is cuBLAS's
-    ("sm_90", 1024, "nf4", ("fused", "cublas"), "fused"),
-    ("sm_90", 1025, "nf4", ("fused", "cublas"), "cublas"),
+    ("sm_90", 2048, "nf4", ("fused", "cublas"), "fused"),
+    ("sm_90", 2049, "nf4", ("fused", "cublas"), "cublas"),
     ("sm_90", 1024, "nf4-nested", ("fused", "cublas"), "fused"),
     ("sm_90", 1025, "nf4-nested", ("fused", "cublas"), "cublas"),
     ("sm_100", 4096, "nf4", ("fused", "cublas"), "cublas"),

@@ -244,6 +244,34 @@ def test_route_crossovers_from_per_row_costs():
     assert route_table.bound(route_table.crossover(estimate(2000), estimate(1000), 1000)) == 0
 
 
+def test_one_route_bound_serves_forward_and_dx_so_it_takes_the_smaller_crossover():
+    """``routes.default_route`` takes one bound for both steps: a forward crossing at ~4400 rows
+    and a backward at ~2460 (H100 NF4 after the transposed sm_90 tiles, model) give 2048, not
+    4096 (which would send dX at 4096 rows to the slower fused route); fused at every M only
+    where neither step crosses."""
+    from bench.static import route_table
+
+    m, k, n = route_table.TRAIN_SHAPE
+
+    def estimate(us, dequantize=0.0):
+        return {"model_us": us, "launches": [{"kernel": "_nf4_dequantize_kernel",
+                                              "model_us": dequantize}] if dequantize else []}
+    rows = {"forward": (713.2, estimate(716.7, 50.3)), "backward": (800.1, estimate(766.7, 50.2))}
+    cases = {}
+    for kind in route_table.KINDS:
+        for step, (fused, cublas) in rows.items():
+            case = f"lora_linear_{step} {kind} {m}x{k}x{n}"
+            cases[case], cases[f"{case} route=cublas"] = estimate(fused), cublas
+    always_fused = {case: estimate(1.0) if "route=cublas" not in case else estimate(5.0, 1.0)
+                    for case in cases}
+    report = {"commit": "0" * 10, "model": {"cases": {"H100 SXM": cases, "RTX 4090": always_fused}}}
+    table, crossovers = route_table.fused_max_m(report)
+    assert crossovers["sm_90"]["nf4"]["forward"] == pytest.approx(50.3 * m / (713.2 - 666.4))
+    assert crossovers["sm_90"]["nf4"]["backward"] == pytest.approx(50.2 * m / (800.1 - 716.5))
+    assert table == {"sm_90": dict.fromkeys(route_table.KINDS, 2048),
+                     "sm_89": dict.fromkeys(route_table.KINDS, None)}
+
+
 def latest_report():
     report = load_static(Path(__file__).parents[1] / "bench" / "results")
     assert report, "run python -m bench.static and commit its JSON"
@@ -404,3 +432,26 @@ def test_a_fresh_report_has_the_bnb_peft_rows_beside_ours(monkeypatch):
             assert row["theirs_us"] == estimates[case]["model_us"] > 0
             assert row["ratio"] == pytest.approx(row["theirs_us"] / row["ours_us"])
             assert sum(line.startswith(f"| {case} |") for line in versus_table.splitlines()) == 1
+
+
+REGISTER_A = """
+.L_x_7:
+        /*0000*/                   LDSM.16.M88.4 R164, [R207+UR5+0x1a000] ;
+        /*0010*/                   HGMMA.64x256x16.F32.BF16 R24, R164, gdesc[UR12], R24 ;
+        /*0020*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R5, R6, PT ;
+        /*0040*/                   IADD3 R5, R5, 0x40, RZ ;
+        /*0050*/                   IADD3 R7, R7, 0x40, RZ ;
+        /*0060*/                   IADD3 R8, R8, 0x40, RZ ;
+        /*0070*/              @!P0 BRA `(.L_x_7) ;
+"""
+
+
+def test_a_wgmma_with_a_register_a_operand_reads_only_b_from_shared_memory():
+    """``HGMMA... R24, R164, gdesc[...]`` takes A from registers (the transposed LoRA forward's
+    decoded weight): B's 256 x 16 bytes per warpgroup from shared memory; the ``gdesc`` form both
+    operands. The flops are the same."""
+    loop = sass.hot_loop(REGISTER_A)
+    assert sass.mma_flops(loop, num_warps=8) == 2 * 2 * 2 * 64 * 256 * 16
+    ldsm = 128 * 4 * 8
+    assert sass.memory_bytes(loop, num_warps=8) == (0, ldsm + (256 + (64 + 256)) * 16 * 2 * 2)

@@ -4,15 +4,19 @@ model change: ``python -m bench.static.route_table`` prints the table the newest
 ``bench/results/static-*.json`` implies (tests/test_routes.py checks the committed table equals
 it).
 
-First order, per architecture group (its model device) and weight kind, from the forward rows at
-the training shape (M0 = 4096 rows): the fused route's time is taken as proportional to M
-(fused_us / M0 per row), the cublas route's as its dequantize launches (a fixed cost per call,
-whatever M) plus the rest proportional to M. They cross at M* = dequantize / (fused per row -
-cublas per row); the fused route wins below it. The bound is the largest power of two at or below
-M* (``routes.default_route`` compares M's power-of-two bucket with it): 0 where the cublas route
-wins at every M (its per-row cost is lower and it has no fixed cost: dense weights), None where
-the fused route's per-row cost is not above cublas's (fused at every M).
+First order, per architecture group (its model device) and weight kind, from the forward and
+the backward rows at the training shape (M0 = 4096 rows): the fused route's time is taken as
+proportional to M (fused_us / M0 per row), the cublas route's as its dequantize launches (a fixed
+cost per call, whatever M) plus the rest proportional to M. They cross at M* = dequantize /
+(fused per row - cublas per row); the fused route wins below it. One bound serves the forward and
+dX (``routes.default_route`` does not tell them apart), so it is the smaller of the two steps'
+M* (the backward's other launches are the same on both routes): the largest power of two at or
+below it (``routes.default_route`` compares M's power-of-two bucket with it), 0 where the cublas
+route wins at every M (its per-row cost is lower and it has no fixed cost: dense weights), None
+where the fused route's per-row cost is not above cublas's in either step (fused at every M).
 """
+
+STEPS = ("forward", "backward")
 
 import sys
 
@@ -44,20 +48,25 @@ def bound(m_star):
 
 def fused_max_m(report):
     """{group: {kind: bound}}, ``routes.FUSED_MAX_M``'s form, from a static report's estimates,
-    plus {group: {kind: M*}} (the unrounded crossovers, for the table's comment)."""
+    plus {group: {kind: {step: M*}}} (the unrounded crossovers of the forward and the backward,
+    for the table's comment)."""
     m, k, n = TRAIN_SHAPE
     table, crossovers = {}, {}
     for group, device in GROUP_DEVICES.items():
         cases = report["model"]["cases"][device]
         table[group], crossovers[group] = {}, {}
         for kind in KINDS:
-            case = f"lora_linear_forward {kind} {m}x{k}x{n}"
-            if f"{case} route=cublas" not in cases:
-                raise ValueError(f"the static report {report['commit'][:10]} has no cublas route "
-                                 f"row for {case} (built before the route rows): run python -m "
-                                 "bench.static")
-            m_star = crossover(cases[case], cases[f"{case} route=cublas"], m)
-            table[group][kind], crossovers[group][kind] = bound(m_star), m_star
+            found = {}
+            for step in STEPS:
+                case = f"lora_linear_{step} {kind} {m}x{k}x{n}"
+                if f"{case} route=cublas" not in cases:
+                    raise ValueError(f"the static report {report['commit'][:10]} has no cublas "
+                                     f"route row for {case} (built before the route rows): run "
+                                     "python -m bench.static")
+                found[step] = crossover(cases[case], cases[f"{case} route=cublas"], m)
+            bounded = [m_star for m_star in found.values() if m_star is not None]
+            table[group][kind] = bound(min(bounded)) if bounded else None
+            crossovers[group][kind] = found
     return table, crossovers
 
 
@@ -70,9 +79,10 @@ def main():
         return 1
     table, crossovers = fused_max_m(report)
     print(f"static report {report['commit'][:10]}: FUSED_MAX_M = {table}")
-    print("crossovers (rows): " + "; ".join(
-        f"{group} " + ", ".join(f"{kind} {'none' if m is None else f'{m:.0f}'}"
-                                for kind, m in kinds.items())
+    print("crossovers (rows, forward / backward): " + "; ".join(
+        f"{group} " + ", ".join(f"{kind} " + " / ".join(
+            "none" if m is None else f"{m:.0f}" for m in steps.values())
+            for kind, steps in kinds.items())
         for group, kinds in crossovers.items()))
     return 0
 

@@ -172,6 +172,10 @@ def table_wavefronts(body, num_warps):
     return wavefronts
 
 
+# A wgmma whose A operand is a register: its destination, then a register (not a ``gdesc``).
+WGMMA_REGISTER_A = re.compile(r"GMMA\S*\s+R\d+,\s*R\d+,")
+
+
 def memory_bytes(body, num_warps):
     """(global bytes streamed, shared-memory bytes moved) per CTA by ``body``'s instructions, as
     if every lane of every warp were active (an upper bound where masks predicate lanes off).
@@ -181,9 +185,11 @@ def memory_bytes(body, num_warps):
     small tables (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4
     code-table lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
     Shared: LDS/STS/LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands
-    from shared memory. Never-executed instructions (``@!PT LDS RZ, [RZ]``) move nothing."""
+    from shared memory: both (``HGMMA... R24, gdesc[UR8], R24``), or only B where A is a register
+    operand (``HGMMA... R24, R164, gdesc[UR12], R24``: Hopper's wgmma takes A from registers).
+    Never-executed instructions (``@!PT LDS RZ, [RZ]``) move nothing."""
     global_bytes = shared_bytes = 0
-    for opcode, modifiers, _ in executed(body):
+    for opcode, modifiers, line in executed(body):
         group = category(opcode, modifiers)
         width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
         if (opcode in ("LDG", "LDGSTS") and not group.endswith(".32")
@@ -195,5 +201,6 @@ def memory_bytes(body, num_warps):
             shared_bytes += 128 * (4 if ".4" in modifiers else 2 if ".2" in modifiers else 1) * num_warps
         elif opcode in WGMMA:
             m, n, k = (int(g) for g in MMA_SHAPE.match(modifiers).groups() if g)
-            shared_bytes += (m + n) * k * 2 * num_warps / 4
+            a_rows = 0 if WGMMA_REGISTER_A.search(line) else m
+            shared_bytes += (a_rows + n) * k * 2 * num_warps / 4
     return global_bytes, shared_bytes
