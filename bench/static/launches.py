@@ -286,15 +286,22 @@ def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
     scale = empty(k if feedforward else n)
     bias_t = empty(n, dtype=dtype) if bias else None
     partials = empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
-    if feedforward:  # dl comes out of the dX kernel
+    if feedforward:  # x * l in a pass of its own before the GEMM; dl comes out of the dX kernel
+        def forward():
+            ia3_linear.scale_columns(x, scale, empty(m, k, dtype=dtype))
+            ia3_linear.ia3_forward(x, w, bias_t, y, nf4=nf4)
+
         def backward():
-            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, partials, True, nf4)
-    else:
+            ia3_linear.ia3_grad_input(dy, w, dx, scale, x, partials, nf4)
+    else:  # dY * l in a pass of its own before the dX GEMM
+        def forward():
+            ia3_linear.ia3_forward(x, w, bias_t, y, scale, nf4)
+
         def backward():
-            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, None, False, nf4)
+            ia3_linear.scale_columns(dy, scale, empty(m, n, dtype=dtype))
+            ia3_linear.ia3_grad_input(dy, w, dx, nf4=nf4)
             ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4)
-    return {"forward": lambda: ia3_linear.ia3_forward(x, w, scale, bias_t, y, feedforward, nf4),
-            "backward": backward}
+    return {"forward": forward, "backward": backward}
 
 
 def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blocksize=BLOCKSIZE):
