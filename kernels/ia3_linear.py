@@ -15,8 +15,9 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
   GEMM's loop streams the scaled operand as it streams an unscaled one. Scaling the tiles
   inside the loop instead took them through registers rather than straight to shared memory:
   the feed-forward forward took 13.4-16.3 instructions per NF4 element on sm_89 (the 16-code
-  lookup spilled) and 8.4-9.0 on sm_90, where the 256-row tile spilled (H100 2198 us at
-  4096 x 4096 x 14336 NF4, issue-bound, against 786 with the pass; model); the output form's
+  lookup spilled) and 8.4-9.0 on sm_90, which kept its 64-row tile (the larger ones spilled or
+  passed the instruction gate; H100 2198 us at 4096 x 4096 x 14336 NF4, issue-bound, against
+  786 with the pass and the 256-row tile; model); the output form's
   dX 15.1-15.7 on sm_89 and 9.2-9.8 on sm_90 (H100 2416 us, issue-bound; 1479 + 78 for the pass).
 - dl is reduced inside the kernels: each program sums its BLOCK_M tokens and writes one row of a
   (cdiv(M, BLOCK_M) x features) fp32 buffer, which the op sums in a fixed order (deterministic).
