@@ -599,30 +599,10 @@ def bench_cases():
         merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
     cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
                                               ("copy", dense + weight_bytes("nf4", wn, wk)))
-    # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
-    # evenly (the backward's dA / dB reductions loop over each expert's rows: the model reads
-    # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
-    rows, experts = MOE_ROWS, MOE_EXPERTS
-    for projection, (k, n) in MOE_PROJECTIONS.items():
-        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
-        # projection); down reads the activations, already in sorted order.
-        grouped = lora_grouped_calls(rows, k, n, experts, bf16,
-                                     top_k=MOE_TOP_K if projection == "gate_up" else None)
-        shape = f"{rows}x{k}x{n} E={experts} {projection}"
-        cases[f"lora_grouped_forward dense {shape}"] = (
-            grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
-        cases[f"lora_grouped_backward dense {shape}"] = (
-            grouped["backward"], ("gemm", 2 * rows * n * k + 4 * rows * k * RANK))
-        # Issue 27's target, fwd+bwd over the same grouped GEMM without LoRA (fwd and dX): both
-        # against the flops without LoRA, so the two rows' ratios compare the two directly.
-        cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
-                                                       ("gemm", 4 * rows * n * k))
-        cases[f"grouped_gemm_train dense {shape} rank=0"] = (
-            grouped_gemm_call(rows, k, n, experts, bf16), ("gemm", 4 * rows * n * k))
-        # PEFT's path (target parameters), against the same ideal: the rows' times compare.
-        cases[f"peft_param_wrapper_train dense {shape}"] = (
-            peft_param_wrapper_call(rows, k, n, experts), ("gemm", 4 * rows * n * k))
-    cases.update(gpt_oss_moe_cases())
+    # The MoE layers of issue 27 (``moe_layer_cases``): Qwen3-30B-A3B's, then gpt-oss-20b's.
+    cases.update(moe_layer_cases(MOE_ROWS, MOE_EXPERTS, MOE_PROJECTIONS, MOE_TOP_K))
+    cases.update(moe_layer_cases(GPT_OSS_ROWS, GPT_OSS_EXPERTS, GPT_OSS_PROJECTIONS, GPT_OSS_TOP_K,
+                                 transposed=True, biases=True))
     return cases
 
 
@@ -902,17 +882,24 @@ def with_expert_bias(call, rows, n):
     return biased
 
 
-def gpt_oss_moe_cases():
-    """{case: (fn, ideal)}: gpt-oss-20b's two expert projections as Qwen3-30B-A3B's rows in
-    ``bench_cases`` (lowrank's grouped LoRA forward, backward and both, the grouped GEMM without
-    LoRA, PEFT's ``ParamWrapper``; the same ideals), the weights transposed and every forward
-    with the expert biases."""
-    bf16 = torch.bfloat16
-    rows, experts, cases = GPT_OSS_ROWS, GPT_OSS_EXPERTS, {}
-    for projection, (k, n) in GPT_OSS_PROJECTIONS.items():
-        grouped = lora_grouped_calls(rows, k, n, experts, bf16, transposed=True,
-                                     top_k=GPT_OSS_TOP_K if projection == "gate_up" else None)
-        grouped["forward"] = with_expert_bias(grouped["forward"], rows, n)
+def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=False):
+    """{case: (fn, ideal)}: one MoE layer's expert projections (``projections``: name -> (K, N)),
+    ``rows`` = tokens x ``top_k`` spread evenly over ``experts`` (the backward's dA / dB
+    reductions loop over each expert's rows: the model reads them from the calls' model_ints).
+    Per projection: lowrank's grouped LoRA forward, backward (dY W_e, dS A_e and dS^T x, as the
+    dense one) and both; the same grouped GEMM without LoRA and PEFT's ``ParamWrapper``, fwd+bwd,
+    each against the flops without LoRA, so the three rows' times and ratios compare (issue 27's
+    targets: <= 1.15x the first, >= 2x faster than the second). ``transposed``: the experts stored
+    E x in x out; ``biases``: every forward adds the expert biases (``with_expert_bias``)."""
+    bf16, cases = torch.bfloat16, {}
+    for projection, (k, n) in projections.items():
+        def biased(call):
+            return with_expert_bias(call, rows, n) if biases else call
+        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
+        # projection); down reads the activations, already in sorted order.
+        grouped = lora_grouped_calls(rows, k, n, experts, bf16, transposed,
+                                     top_k=top_k if projection == "gate_up" else None)
+        grouped["forward"] = biased(grouped["forward"])
         shape = f"{rows}x{k}x{n} E={experts} {projection}"
         cases[f"lora_grouped_forward dense {shape}"] = (
             grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
@@ -920,10 +907,9 @@ def gpt_oss_moe_cases():
             grouped["backward"], ("gemm", 2 * rows * n * k + 4 * rows * k * RANK))
         cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
                                                        ("gemm", 4 * rows * n * k))
-        without_lora = grouped_gemm_call(rows, k, n, experts, bf16, transposed=True)
         cases[f"grouped_gemm_train dense {shape} rank=0"] = (
-            with_expert_bias(without_lora, rows, n), ("gemm", 4 * rows * n * k))
-        cases[f"peft_param_wrapper_train dense {shape}"] = (
-            with_expert_bias(peft_param_wrapper_call(rows, k, n, experts), rows, n),
+            biased(grouped_gemm_call(rows, k, n, experts, bf16, transposed)),
             ("gemm", 4 * rows * n * k))
+        cases[f"peft_param_wrapper_train dense {shape}"] = (
+            biased(peft_param_wrapper_call(rows, k, n, experts)), ("gemm", 4 * rows * n * k))
     return cases
