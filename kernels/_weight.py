@@ -126,12 +126,8 @@ def nibble_lookup(nf4, target):
 
 def with_decoding(configs, nf4, K, target):
     """Each of a GEMM's ``configs`` with its ``decoding_flags`` (SCALE_GROUP depends on the
-    config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries. A
-    config may set NIBBLE_LOOKUP False itself (a tile that the 16-code lookup pushes past a
-    static gate keeps the pair table); that is kept."""
-    return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target),
-             **({"NIBBLE_LOOKUP": False} if config.get("NIBBLE_LOOKUP") is False else {})}
-            for config in configs]
+    config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries."""
+    return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target)} for config in configs]
 
 
 def scale_group(nf4, K, block_k):

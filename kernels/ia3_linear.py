@@ -8,8 +8,17 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
     output form backward:  dX = (dY * l) W         dl = sum over tokens of dY * (x W^T + b)
     feed-forward backward: dX = (dY W) * l         dl = sum over tokens of (dY W) * x
 
-- The scale is applied to the accumulator before the output tile's one store (output form), or to
-  the x tile as it is loaded (feed-forward form): no extra pass over x or Y.
+- A scale on the GEMM's output (Y's columns in the output form, dX's in the feed-forward form)
+  is applied to the accumulator before the tile's one store. A scale on its input (x in the
+  feed-forward forward, dY in the output form's dX) is a pass of its own before the GEMM
+  (``scale_columns``: the operand read and written once, each product rounded once), and the
+  GEMM's loop streams the scaled operand as it streams an unscaled one. Scaling the tiles
+  inside the loop instead took them through registers rather than straight to shared memory:
+  the feed-forward forward took 13.4-16.3 instructions per NF4 element on sm_89 (the 16-code
+  lookup spilled) and 8.4-9.0 on sm_90, which kept its 64-row tile (the larger ones spilled or
+  passed the instruction gate; H100 2198 us at 4096 x 4096 x 14336 NF4, issue-bound, against
+  786 with the pass and the 256-row tile; model); the output form's
+  dX 15.1-15.7 on sm_89 and 9.2-9.8 on sm_90 (H100 2416 us, issue-bound; 1479 + 78 for the pass).
 - dl is reduced inside the kernels: each program sums its BLOCK_M tokens and writes one row of a
   (cdiv(M, BLOCK_M) x features) fp32 buffer, which the op sums in a fixed order (deterministic).
   In the feed-forward form that happens in the dX kernel, which already holds dY W; in the output
@@ -22,8 +31,8 @@ For x (M x K), frozen W (N x K, dense or NF4), bias b and the learned vector l:
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import cast_rounded, grouped_tile, row_offsets, store_rounded
+from . import _common, dora_grad_scale
+from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
@@ -34,26 +43,22 @@ from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_
 PARTIAL_BLOCK_M = 64
 
 
-def forward_configs(target, dtype, feedforward):
+def forward_configs(target, dtype):
     untuned = _common.untuned_forward_configs(target, dtype)
     if untuned:
         return untuned
     if target.arch == 90:
         # As lora_linear.forward_configs (the 256-row tile: 1030 -> 805 us at 4096 x 4096 x 14336
-        # NF4 on H100, model); in the feed-forward form, whose x scale takes registers in the
-        # loop, 128-row tiles spill (BLOCK_K 128) or exceed the NF4 decode's instruction ceiling
-        # (BLOCK_K 64: 12.6 per element, nested).
+        # NF4 on H100, model).
         return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
-                 "num_stages": 3}] + (
-            [] if feedforward else
-            [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-              "num_stages": 3},
-             {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
-              "num_stages": 3}])
-    # sm_80/86/89. On sm_89 (the 16-code lookup, ``_weight.nibble_lookup``) the feed-forward
-    # form's BLOCK_K 64 tile spilled 184 bytes (its x scale in the loop): it keeps the pair table.
+                 "num_stages": 3},
+                {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3},
+                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3}]
+    # sm_80/86/89.
     return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
-             "num_stages": 3, **({"NIBBLE_LOOKUP": False} if feedforward else {})},
+             "num_stages": 3},
             {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
              "num_stages": 4}]
 
@@ -72,10 +77,12 @@ def grad_input_configs(target, dtype):
                  "num_warps": 4, "num_stages": 4}]
     # sm_80/86/89: with int64 row offsets, BLOCK_K 128 with 4 warps left 8 bytes of stack on
     # sm_86/89 (3 or 4 stages), and with 8 warps one CTA per SM (registers); this one builds
-    # without stack and at 2 CTAs per SM on all three. The pair table, not sm_89's 16-code
-    # lookup: with it the nested output form took 18.4 instructions per NF4 element (ceiling 17).
+    # without stack and at 2 CTAs per SM on all three. sm_89's 16-code lookup: 10.8-12.2
+    # instructions per NF4 element against the pair table's 9.0-10.3, but tensor-bound (RTX 4090
+    # 2915 us at 4096 x 4096 x 14336) where the pair table's lookups made it L1-bound (3761-3818
+    # us, model). (With dY's scale in the loop the lookup took 18.4 nested.)
     return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
-             "num_warps": 4, "num_stages": 3, "NIBBLE_LOOKUP": False}]
+             "num_warps": 4, "num_stages": 3}]
 
 
 def grad_scale_configs(target, dtype):
@@ -83,7 +90,7 @@ def grad_scale_configs(target, dtype):
     W tile (BLOCK_N x BLOCK_K) once, with the first launch options the forward list gives it (the
     sm_90 256-row tile's 8 warps would be a slower copy of the 64-row one's 4: model)."""
     unique = {}
-    for config in forward_configs(target, dtype, feedforward=False):
+    for config in forward_configs(target, dtype):
         unique.setdefault((config["BLOCK_N"], config["BLOCK_K"]),
                           {**config, "BLOCK_M": PARTIAL_BLOCK_M})
     return list(unique.values())
@@ -93,12 +100,13 @@ def grad_scale_configs(target, dtype):
 def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_ptr,
                         nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
                         stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
-                        FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
+                        SCALE_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, NF4: tl.constexpr,
                         NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                         NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Y = (x W^T + b) * l, or (x * l) W^T + b: one store per output tile, tiles in grouped order
+    """Y = x W^T + b, times l per output column if SCALE_OUTPUT (the output form; the
+    feed-forward form's x comes scaled): one store per output tile, tiles in grouped order
     (``grouped_tile``)."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -109,9 +117,6 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        if FEEDFORWARD:
-            scale = tl.load(l_ptr + cols, mask=cols < K, other=0.0)
-            x = cast_rounded(x.to(tl.float32) * scale[None, :], dtype)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
@@ -120,7 +125,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
-    if not FEEDFORWARD:
+    if SCALE_OUTPUT:
         acc *= tl.load(l_ptr + outs, mask=outs < N, other=0.0)[None, :]
     store_rounded(y_ptr + row_offsets(rows, N)[:, None] + outs[None, :], acc,
                   (rows[:, None] < M) & (outs[None, :] < N))
@@ -130,15 +135,16 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
 def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, M, N, K, stride_xm,
                            stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
-                           FEEDFORWARD: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
+                           SCALE_OUTPUT: tl.constexpr, GRAD_SCALE: tl.constexpr, NF4: tl.constexpr,
                            NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                            INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                            PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr):
-    """dX = (dY * l) W, or (dY W) * l; in the feed-forward form with GRAD_SCALE, also this
-    program's token-sum of (dY W) * x into row ``tile_m`` (its block of tokens) of ``dl_ptr``
-    (fp32, ? x K). Tiles in grouped order (``grouped_tile``)."""
+    """dX = dY W, times l per column if SCALE_OUTPUT (the feed-forward form; the output form's
+    dY comes scaled); with GRAD_SCALE also this program's token-sum of (dY W) * x into row
+    ``tile_m`` (its block of tokens) of ``dl_ptr`` (fp32, ? x K), the feed-forward form's dl.
+    Tiles in grouped order (``grouped_tile``)."""
     dtype = dy_ptr.dtype.element_ty
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,20 +155,17 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
                      mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-        if not FEEDFORWARD:
-            scale = tl.load(l_ptr + outs, mask=outs < N, other=0.0)
-            dy = cast_rounded(dy.to(tl.float32) * scale[None, :], dtype)
         w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
         acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
-    if FEEDFORWARD:
-        if GRAD_SCALE:
-            x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
-                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-            tl.store(dl_ptr + tile_m * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
-                     mask=cols < K)
+    if GRAD_SCALE:
+        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        tl.store(dl_ptr + tile_m * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
+                 mask=cols < K)
+    if SCALE_OUTPUT:
         acc *= tl.load(l_ptr + cols, mask=cols < K, other=0.0)[None, :]
     store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
                   (rows[:, None] < M) & (cols[None, :] < K))
@@ -208,39 +211,53 @@ def partial_rows(M, feedforward):
     return triton.cdiv(M, PARTIAL_BLOCK_M)
 
 
-def ia3_forward(x, w, scale, bias, y, feedforward, nf4=None):
-    """``scale``: l as flat contiguous fp32. ``nf4``: None for a dense ``w`` (N x K, any strides),
-    else the packed bytes' decoding tensors."""
+def scale_columns(t, scale, scaled):
+    """``scaled`` = t * l per column, each product in fp32 rounded once into t's dtype, as the
+    GEMMs rounded a scaled tile in their loops and as PEFT rounds it: the feed-forward form's x
+    (``ia3_forward``). ``t``: M x C, contiguous; ``scale``: l, C values, flat contiguous fp32.
+    DoRA's backward scale pass without its dropout shift or column sums is exactly that (one
+    read and one write of t), so it runs here."""
+    dora_grad_scale.dora_grad_scale(t, scale, scaled)
+
+
+def ia3_forward(x, w, bias, y, output_scale=None, nf4=None):
+    """Y = x W^T + bias, times ``output_scale`` per column if given (the output form's l, flat
+    contiguous fp32); the feed-forward form passes its x already scaled (``scale_columns``).
+    ``nf4``: None for a dense ``w`` (N x K, any strides), else the packed bytes' decoding
+    tensors."""
     M, K = x.shape
     N = y.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    configs = with_decoding(forward_configs(target, x.dtype, feedforward), nf4, K, target)
+    configs = with_decoding(forward_configs(target, x.dtype), nf4, K, target)
     _common.launch(
         _ia3_forward_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,
-        x, w, scale, y if bias is None else bias, y, *decoding[:5], M, N, K, x.stride(0),
-        x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
-        HAS_BIAS=bias is not None, **flags,
+        x, w, y if output_scale is None else output_scale, y if bias is None else bias, y,
+        *decoding[:5], M, N, K, x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:],
+        bucket=M, SCALE_OUTPUT=output_scale is not None, HAS_BIAS=bias is not None, **flags,
         PRECISION=precision(x.dtype),
         enable_fp_fusion=False)
 
 
-def ia3_grad_input(dy, w, scale, x, dx, grad_scale, feedforward, nf4=None):
-    """dX into ``dx`` (M x K); in the feed-forward form also dl's per-token-block partial sums into
-    ``grad_scale`` (fp32, partial_rows(M, True) x K) unless it is None."""
+def ia3_grad_input(dy, w, dx, output_scale=None, x=None, grad_scale=None, nf4=None):
+    """dX = dY W into ``dx`` (M x K), times ``output_scale`` per column if given (the
+    feed-forward form's l, flat contiguous fp32; the output form passes its dY already scaled,
+    ``scale_columns``). With ``grad_scale`` (fp32, partial_rows(M, True) x K) and ``x``, also the
+    feed-forward form's dl partial sums, from dY W before the scale."""
     M, K = dx.shape
     N = dy.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
-    write_scale = feedforward and grad_scale is not None
+    x = dx if x is None else x  # read only with grad_scale
     target = _common.target(dy.device)
     configs = with_decoding(grad_input_configs(target, dy.dtype), nf4, K, target)
     _common.launch(
         _ia3_grad_input_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),), configs,
-        dy, w, scale, x, dx, grad_scale if write_scale else dx, *decoding[:5], M, N, K,
-        x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M, FEEDFORWARD=feedforward,
-        GRAD_SCALE=write_scale, **flags,
+        dy, w, dx if output_scale is None else output_scale, x, dx,
+        dx if grad_scale is None else grad_scale, *decoding[:5], M, N, K, x.stride(0),
+        x.stride(1), stride_wn, stride_wk, *decoding[5:], bucket=M,
+        SCALE_OUTPUT=output_scale is not None, GRAD_SCALE=grad_scale is not None, **flags,
         PRECISION=precision(dy.dtype),
         enable_fp_fusion=False)
 

@@ -92,7 +92,13 @@ def test_kernels_write_every_output_element(form, tokens, device):
     scale = ia3.reshape(-1).float()
     x64, w64, l64, b64 = x.double(), dense.double(), scale.double(), bias.double()
     y = poisoned((tokens, N), dtype, device)
-    ia3_kernels.ia3_forward(x, weight, scale, bias, y, feedforward, nf4_args)
+    if feedforward:  # as the op runs them: x * l in a pass of its own, then the GEMM
+        scaled_x = poisoned((tokens, K), dtype, device)
+        ia3_kernels.scale_columns(x, scale, scaled_x)
+        assert_op_close(scaled_x, x64 * l64, dtype, "x * l")
+        ia3_kernels.ia3_forward(scaled_x, weight, bias, y, nf4=nf4_args)
+    else:
+        ia3_kernels.ia3_forward(x, weight, bias, y, scale, nf4_args)
     z = x64 @ w64.t() + b64
     expected = (x64 * l64) @ w64.t() + b64 if feedforward else z * l64
     assert_op_close(y, expected, dtype, "Y")
@@ -101,7 +107,12 @@ def test_kernels_write_every_output_element(form, tokens, device):
     grad_x = poisoned((tokens, K), dtype, device)
     partials = poisoned((ia3_kernels.partial_rows(tokens, feedforward), K if feedforward else N),
                         torch.float32, device)
-    ia3_kernels.ia3_grad_input(grad_y, weight, scale, x, grad_x, partials, feedforward, nf4_args)
+    if feedforward:
+        ia3_kernels.ia3_grad_input(grad_y, weight, grad_x, scale, x, partials, nf4_args)
+    else:  # dY * l in a pass of its own, then the dX GEMM
+        scaled_grad_y = poisoned((tokens, N), dtype, device)
+        ia3_kernels.scale_columns(grad_y, scale, scaled_grad_y)
+        ia3_kernels.ia3_grad_input(scaled_grad_y, weight, grad_x, nf4=nf4_args)
     expected = (dy64 @ w64) * l64 if feedforward else (dy64 * l64) @ w64
     assert_op_close(grad_x, expected, dtype, "dX")
     if not feedforward:
@@ -111,6 +122,41 @@ def test_kernels_write_every_output_element(form, tokens, device):
             ia3_kernels.PARTIAL_BLOCK_M))):
         assert_op_close(got, tokens_here.sum(0), torch.float32, f"dl of token block {block}",
                         TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_scaled_operands_are_rounded_once_as_torch_rounds_them(dtype, device):
+    """The feed-forward form's x * l and the output form's dY * l (each a pass before its GEMM,
+    ``scale_columns``) are the fp32 products rounded once into the operand's dtype, bit for bit as
+    torch's ``(t.float() * l).to(dtype)`` (PEFT's rounding), inf and NaN included; so the op with l
+    gives what it gives with l = 1 on the operand torch scaled (Y, and dX of the output form)."""
+    gen = torch.Generator().manual_seed(11)
+    x, weight, state, dense, _, bias = make_ia3_case(dtype, "nf4-nested-128", True, device)
+    x = x.reshape(M, K)
+    special = x.clone()
+    special[3, 5], special[4, 7], special[5, 9] = float("nan"), float("inf"), -float("inf")
+    special[6, :] = 1e-30  # products below the dtype's normal range (subnormal, or 0 in fp16)
+    for features in (K, N):  # x's columns, dY's
+        scale = (1 + 0.5 * torch.randn(features, generator=gen)).to(device)
+        t = special if features == K else torch.randn(M, N, generator=gen).to(device, dtype)
+        scaled = poisoned(t.shape, dtype, device)
+        ia3_kernels.scale_columns(t, scale, scaled)
+        expected = (t.float() * scale).to(dtype)
+        assert torch.equal(scaled.isnan(), expected.isnan())  # NaN's bits differ between them
+        assert torch.equal(scaled.nan_to_num(0.0).view(torch.uint8),
+                           expected.nan_to_num(0.0).view(torch.uint8))
+    ones_k, ones_n = torch.ones(K, device=device), torch.ones(N, device=device)
+    l_k = (1 + 0.5 * torch.randn(K, generator=gen)).to(device)
+    y = ops.ia3_linear(x, weight, l_k, bias, feedforward=True, quant_state=state)
+    y_torch_scaled = ops.ia3_linear((x.float() * l_k).to(dtype), weight, ones_k, bias,
+                                    feedforward=True, quant_state=state)
+    assert torch.equal(y, y_torch_scaled)
+    l_n = (1 + 0.5 * torch.randn(N, generator=gen)).to(device)
+    grad_y = torch.randn(M, N, generator=gen).to(device, dtype)
+    grads = [torch.autograd.grad(ops.ia3_linear(x.requires_grad_(), weight, l, bias,
+                                                quant_state=state), x, g)[0]
+             for l, g in ((l_n, grad_y), (ones_n, (grad_y.float() * l_n).to(dtype)))]
+    assert torch.equal(*grads)
 
 
 PEFT_CASES = {"dense-fp32": (False, torch.float32), "dense-bf16": (False, torch.bfloat16),

@@ -312,6 +312,68 @@ def test_committed_static_report_renders():
     assert {"90", "89"} <= set(report["archs"])
 
 
+# What the MoE cases launch for sm_90, captured in a process of its own (this one runs Triton's
+# interpreter, whose kernels the capture cannot intercept): per case, its modelled torch ops and
+# its grouped GEMMs' K and W_e's n stride.
+MOE_CAPTURE = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+from bench.static import launches
+cases = {case: call for case, (call, _) in launches.bench_cases().items() if "E=" in case}
+modelled = []
+launched = launches.run_calls(cases, launches.gpu(90), every_config=False, modelled=modelled)
+found = {case: {"torch": [], "gemms": []} for case in cases}
+for record in modelled:
+    found[record["case"]]["torch"].append(record["kernel"])
+for launch in launched:
+    if launch.name == "_grouped_gemm_kernel":
+        args = dict(zip(launch.kernel.arg_names, launch.args))
+        found[launch.case]["gemms"].append([args["K"], args["stride_wn"]])
+print(json.dumps(found))
+"""
+
+
+def test_moe_rows_cover_qwen3_and_gpt_oss_with_their_layouts():
+    """Issue 27's MoE rows for both models, Qwen3-30B-A3B (E = 128, top-8) and gpt-oss-20b
+    (E = 32, top-4): per projection lowrank's forward, backward and both, the grouped GEMM
+    without LoRA and PEFT's ParamWrapper, the three forward + backward rows against one ideal
+    (so their times compare). gpt-oss's GEMMs read its experts transposed (E x in x out: W_e's
+    n stride 1) and every forward of it adds the expert biases once; Qwen's have neither.
+    tests/test_compile_gpu.py builds these launches (the benchmark cases) and gates them."""
+    from bench.static import launches
+
+    run = subprocess.run([sys.executable, "-c", MOE_CAPTURE, str(Path(__file__).parents[1])],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    ideals = {case: ideal for case, (_, ideal) in launches.bench_cases().items()}
+    models = {"qwen3": (launches.MOE_ROWS, launches.MOE_EXPERTS, launches.MOE_PROJECTIONS),
+              "gpt-oss": (launches.GPT_OSS_ROWS, launches.GPT_OSS_EXPERTS,
+                          launches.GPT_OSS_PROJECTIONS)}
+    assert (launches.GPT_OSS_ROWS, launches.GPT_OSS_EXPERTS) == (4096 * 4, 32)
+    for name, (rows, experts, projections) in models.items():
+        gpt_oss = name == "gpt-oss"
+        for projection, (k, n) in projections.items():
+            shape = f"{rows}x{k}x{n} E={experts} {projection}"
+            forward, backward, train = (f"lora_grouped_{step} dense {shape}"
+                                        for step in ("forward", "backward", "train"))
+            trains = [train, f"grouped_gemm_train dense {shape} rank=0",
+                      f"peft_param_wrapper_train dense {shape}"]
+            assert {forward, backward, *trains} <= set(found), shape
+            assert len({ideals[case] for case in trains}) == 1
+            for case in (forward, backward, *trains):
+                biases = [op for op in found[case]["torch"] if "bias" in op]
+                with_bias = gpt_oss and case != backward
+                assert biases == (["torch: bias[expert_ids]", "torch: + bias"] if with_bias
+                                  else []), case
+            assert len(found[forward]["gemms"]) == 1
+            forward_k, stride_wn = found[forward]["gemms"][0]
+            assert forward_k == k and (stride_wn == 1) == gpt_oss, shape
+            for case in (train, trains[1]):  # the forward GEMM, then dX's (its K is N)
+                assert [gemm[0] for gemm in found[case]["gemms"]] == [k, n], case
+
+
 # Each of the model's bitsandbytes + PEFT ops (launches.bnb_peft_ops) as the op PEFT's layer
 # dispatches for it: what test_bnb_peft_ops_are_what_peft_and_bitsandbytes_run records.
 BNB_PEFT_DISPATCHED = {

@@ -7,8 +7,10 @@ from bench.static.limits import ARCHS
 # Instructions per decoded NF4 weight element in a GEMM's hot loop (or per element of the
 # dequantize kernel), per arch, read where the SASS is read (sm_89, sm_90), every config of every
 # autotuned list included: today's worst plus ~10% (triton 3.9). sm_89: 15.7, the nested IA3
-# output-form dX at 64 x 64 x 64 (its dY scale in the loop), then the IA3 feed-forward forward
-# (13.4-15.2); the LoRA GEMMs 6.9-8.9, the decode 6.3-8.0, the dequantize kernel 6.8-10.0 (the
+# output-form dX at 64 x 64 x 64 with its dY scale in the loop, and the IA3 feed-forward forward
+# (13.4-16.3), until both moved their scale to a pass of its own (now 12.6, the mixed-adapter
+# segmented forward, then the IA3 dX at 10.8-12.2 with the 16-code lookup); the LoRA GEMMs
+# 6.9-8.9, the decode 6.3-8.0, the dequantize kernel 6.8-10.0 (the
 # decoded tile's layout, the mma.sync operands' kWidth and the lookup's address: see
 # _weight.gemm_operand, nf4_dequantize.decode_nf4_pairs; before them 18.9 worst, the LoRA GEMMs
 # 11.8-15.4). sm_90: 10.9, the nested LoRA dX at 256 x 64 x 128 (256-row tiles load twice the x

@@ -286,15 +286,22 @@ def ia3_linear_calls(m, k, n, kind, dtype, feedforward, bias=False):
     scale = empty(k if feedforward else n)
     bias_t = empty(n, dtype=dtype) if bias else None
     partials = empty(ia3_linear.partial_rows(m, feedforward), scale.numel())
-    if feedforward:  # dl comes out of the dX kernel
+    if feedforward:  # x * l in a pass of its own before the GEMM; dl comes out of the dX kernel
+        def forward():
+            ia3_linear.scale_columns(x, scale, empty(m, k, dtype=dtype))
+            ia3_linear.ia3_forward(x, w, bias_t, y, nf4=nf4)
+
         def backward():
-            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, partials, True, nf4)
-    else:
+            ia3_linear.ia3_grad_input(dy, w, dx, scale, x, partials, nf4)
+    else:  # dY * l in a pass of its own before the dX GEMM
+        def forward():
+            ia3_linear.ia3_forward(x, w, bias_t, y, scale, nf4)
+
         def backward():
-            ia3_linear.ia3_grad_input(dy, w, scale, x, dx, None, False, nf4)
+            ia3_linear.scale_columns(dy, scale, empty(m, n, dtype=dtype))
+            ia3_linear.ia3_grad_input(dy, w, dx, nf4=nf4)
             ia3_linear.ia3_grad_scale(x, w, bias_t, dy, partials, nf4)
-    return {"forward": lambda: ia3_linear.ia3_forward(x, w, scale, bias_t, y, feedforward, nf4),
-            "backward": backward}
+    return {"forward": forward, "backward": backward}
 
 
 def merge_call(op, n, k, kind, dtype, out, unmerge=False, feedforward=False, blocksize=BLOCKSIZE):
@@ -433,22 +440,25 @@ def train_call(calls):
     return train
 
 
-def grouped_gemm_call(rows, k, n, experts, dtype):
+def grouped_gemm_call(rows, k, n, experts, dtype, transposed=False):
     """The same grouped GEMM without LoRA, forward and dX (frozen experts: no weight gradient):
     lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline.
+    ``transposed``: the experts stored E x K x N (gpt-oss), as ``lora_grouped_calls``.
     The empty adapters are rank-0 slices of rank-``RANK`` ones, so they keep LoRA's strides: with
     a 0-wide tensor's own strides (all 1) the JIT makes them constants, the idle rank loop
     compiles to element loads and outgrows the K loop, and the report read it as the hot loop
     (sm_89: half the K loop's flops per trip, so a baseline forward too fast by a third)."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x, dy, y = empty(rows, k, dtype=dtype), empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
-    w, s = empty(experts, n, k, dtype=dtype), empty(rows, 0, dtype=dtype)
+    w = empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
+    s = empty(rows, 0, dtype=dtype)
+    w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     b_rows = empty(experts, n, RANK, dtype=dtype)[:, :, :0]
     lora_a = empty(experts, RANK, k)[:, :0]
 
     def forward_and_grad_input():
-        lora_grouped.grouped_gemm(x, w, w.stride(), s, b_rows, b_rows.stride(), y, offsets, SCALING)
-        lora_grouped.grouped_gemm(dy, w, (w.stride(0), w.stride(2), w.stride(1)), s, lora_a,
+        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
+        lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
                                   (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
                                   offsets, 1.0)
     forward_and_grad_input.model_ints = grouped_model_ints(rows, experts)
@@ -589,29 +599,10 @@ def bench_cases():
         merge_call("lora", wn, wk, "dense", bf16, bf16), ("copy", 2 * dense))
     cases[f"nf4_quantize dense {wn}x{wk}"] = (quantize_call(wn, wk, bf16, BLOCKSIZE),
                                               ("copy", dense + weight_bytes("nf4", wn, wk)))
-    # Qwen3-30B-A3B's MoE layer (issue 27): 4096 tokens x top-8 rows over 128 experts, spread
-    # evenly (the backward's dA / dB reductions loop over each expert's rows: the model reads
-    # them from the calls' model_ints). Backward: dY W_e, dS A_e and dS^T x, as the dense one.
-    rows, experts = MOE_ROWS, MOE_EXPERTS
-    for projection, (k, n) in MOE_PROJECTIONS.items():
-        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
-        # projection); down reads the activations, already in sorted order.
-        grouped = lora_grouped_calls(rows, k, n, experts, bf16,
-                                     top_k=MOE_TOP_K if projection == "gate_up" else None)
-        shape = f"{rows}x{k}x{n} E={experts} {projection}"
-        cases[f"lora_grouped_forward dense {shape}"] = (
-            grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
-        cases[f"lora_grouped_backward dense {shape}"] = (
-            grouped["backward"], ("gemm", 2 * rows * n * k + 4 * rows * k * RANK))
-        # Issue 27's target, fwd+bwd over the same grouped GEMM without LoRA (fwd and dX): both
-        # against the flops without LoRA, so the two rows' ratios compare the two directly.
-        cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
-                                                       ("gemm", 4 * rows * n * k))
-        cases[f"grouped_gemm_train dense {shape} rank=0"] = (
-            grouped_gemm_call(rows, k, n, experts, bf16), ("gemm", 4 * rows * n * k))
-        # PEFT's path (target parameters), against the same ideal: the rows' times compare.
-        cases[f"peft_param_wrapper_train dense {shape}"] = (
-            peft_param_wrapper_call(rows, k, n, experts), ("gemm", 4 * rows * n * k))
+    # The MoE layers of issue 27 (``moe_layer_cases``): Qwen3-30B-A3B's, then gpt-oss-20b's.
+    cases.update(moe_layer_cases(MOE_ROWS, MOE_EXPERTS, MOE_PROJECTIONS, MOE_TOP_K))
+    cases.update(moe_layer_cases(GPT_OSS_ROWS, GPT_OSS_EXPERTS, GPT_OSS_PROJECTIONS, GPT_OSS_TOP_K,
+                                 transposed=True, biases=True))
     return cases
 
 
@@ -857,4 +848,68 @@ def bnb_peft_cases(m, k, n):
             cases[f"bnb_peft_decode {kind} {rows}x{k}x{n}"] = (
                 bnb_peft_call(rows, k, n, kind, False),
                 ("copy", weight_bytes(kind, n, k) + 2 * rows * (k + n)))
+    return cases
+
+
+# gpt-oss-20b's MoE layer (issue 27), beside Qwen3-30B-A3B's in ``bench_cases``: 4096 tokens x
+# top-4 rows over 32 experts, hidden and intermediate sizes 2880. Its experts (transformers'
+# ``GptOssExperts``) are stored transposed, E x in x out, and have biases, which every way of
+# running the layer adds after each projection as torch ops: lowrank's ``experts_forward`` and
+# transformers' grouped_mm forward (the one PEFT's ``ParamWrapper`` runs, and the layer without
+# LoRA) alike gather ``bias[expert_ids]`` (rows x N) and add it. The biases are frozen, so the
+# backward has no bias op. Its own gate (clamped, ``_apply_gate``) lies between the projections,
+# as Qwen's activation does, in no row.
+GPT_OSS_PROJECTIONS = {"gate_up": (2880, 2 * 2880), "down": (2880, 2880)}  # (K, N)
+GPT_OSS_TOP_K, GPT_OSS_EXPERTS = 4, 32
+GPT_OSS_ROWS = 4096 * GPT_OSS_TOP_K
+
+
+def expert_bias_add(rows, n, itemsize=2):
+    """The expert biases after a projection, as torch runs them (modelled, ``torch_op``): the
+    gather ``bias[expert_ids]`` (the rows' int64 expert ids read, rows x N written; the E x N
+    table stays in L2) and the add (the projection's output and the gathered rows read, the sum
+    written)."""
+    torch_op(0, 8 * rows + itemsize * rows * n, "bias[expert_ids]")
+    torch_op(0, 3 * itemsize * rows * n, "+ bias")
+
+
+def with_expert_bias(call, rows, n):
+    """``call``, then ``expert_bias_add``; with ``call``'s model_ints."""
+    def biased():
+        call()
+        expert_bias_add(rows, n)
+    biased.model_ints = getattr(call, "model_ints", None)
+    return biased
+
+
+def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=False):
+    """{case: (fn, ideal)}: one MoE layer's expert projections (``projections``: name -> (K, N)),
+    ``rows`` = tokens x ``top_k`` spread evenly over ``experts`` (the backward's dA / dB
+    reductions loop over each expert's rows: the model reads them from the calls' model_ints).
+    Per projection: lowrank's grouped LoRA forward, backward (dY W_e, dS A_e and dS^T x, as the
+    dense one) and both; the same grouped GEMM without LoRA and PEFT's ``ParamWrapper``, fwd+bwd,
+    each against the flops without LoRA, so the three rows' times and ratios compare (issue 27's
+    targets: <= 1.15x the first, >= 2x faster than the second). ``transposed``: the experts stored
+    E x in x out; ``biases``: every forward adds the expert biases (``with_expert_bias``)."""
+    bf16, cases = torch.bfloat16, {}
+    for projection, (k, n) in projections.items():
+        def biased(call):
+            return with_expert_bias(call, rows, n) if biases else call
+        # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
+        # projection); down reads the activations, already in sorted order.
+        grouped = lora_grouped_calls(rows, k, n, experts, bf16, transposed,
+                                     top_k=top_k if projection == "gate_up" else None)
+        grouped["forward"] = biased(grouped["forward"])
+        shape = f"{rows}x{k}x{n} E={experts} {projection}"
+        cases[f"lora_grouped_forward dense {shape}"] = (
+            grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))
+        cases[f"lora_grouped_backward dense {shape}"] = (
+            grouped["backward"], ("gemm", 2 * rows * n * k + 4 * rows * k * RANK))
+        cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
+                                                       ("gemm", 4 * rows * n * k))
+        cases[f"grouped_gemm_train dense {shape} rank=0"] = (
+            biased(grouped_gemm_call(rows, k, n, experts, bf16, transposed)),
+            ("gemm", 4 * rows * n * k))
+        cases[f"peft_param_wrapper_train dense {shape}"] = (
+            biased(peft_param_wrapper_call(rows, k, n, experts)), ("gemm", 4 * rows * n * k))
     return cases

@@ -44,8 +44,15 @@ def ia3_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_si
 
 
 def _forward_fused(x, w, scale, bias, feedforward):
+    """The fused GEMM; the feed-forward form's x * l rounded once in a pass before it (M x K
+    read and written: the GEMM's loop then streams x as the output form does)."""
     y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
-    ia3_kernels.ia3_forward(x, w.tensor, scale, bias, y, feedforward, w.nf4)
+    if feedforward:
+        x_in = torch.empty_like(x)
+        ia3_kernels.scale_columns(x, scale, x_in)
+        ia3_kernels.ia3_forward(x_in, w.tensor, bias, y, nf4=w.nf4)
+    else:
+        ia3_kernels.ia3_forward(x, w.tensor, bias, y, scale, w.nf4)
     return y
 
 
@@ -116,10 +123,12 @@ def _backward_fused(grad_y, x, w, scale, bias, feedforward, need_grad_x, need_gr
         partials = scale.new_empty(ia3_kernels.partial_rows(M, feedforward), scale.numel())
     if feedforward:  # dl comes from the dX kernel, which holds dY W: it runs either way
         dx = grad_x if need_grad_x else grad_y.new_empty(M, K)
-        ia3_kernels.ia3_grad_input(grad_y, w.tensor, scale, x, dx, partials, True, nf4)
+        ia3_kernels.ia3_grad_input(grad_y, w.tensor, dx, scale, x, partials, nf4)
     else:
-        if need_grad_x:
-            ia3_kernels.ia3_grad_input(grad_y, w.tensor, scale, x, grad_x, None, False, nf4)
+        if need_grad_x:  # dY * l rounded once in a pass before the GEMM, as the forward's x * l
+            scaled_grad_y = torch.empty_like(grad_y)
+            ia3_kernels.scale_columns(grad_y, scale, scaled_grad_y)
+            ia3_kernels.ia3_grad_input(scaled_grad_y, w.tensor, grad_x, nf4=nf4)
         if need_grad_ia3:
             ia3_kernels.ia3_grad_scale(x, w.tensor, bias, grad_y, partials, nf4)
     if need_grad_ia3:
