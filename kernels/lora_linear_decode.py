@@ -236,6 +236,19 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
 
 
+# Tried for the H100 NF4 GEMV (16 x 4096 x 14336, static model: estimates; today 15.2 us issue-
+# and 15.0 us shared-bound plus 2.0 us of epilogue) and not kept. The 16-code lookup alone is 4
+# shared bytes per element (62% of the loop's shared traffic), so fewer instructions alone does
+# not lift it:
+# - K-slices that even out the SMs' shares (112 tiles x 8 slices: 28 BLOCK_K steps on the busiest
+#   SM instead of 32): 1 row 15.0 -> 14.1 us, but the epilogue's 2.0 -> 3.2, 17.0 -> 17.4 in all.
+# - The decoded tile as the MMA's A operand (tl.dot(w, x^T), K in that operand's order): sm_90
+#   makes it a wgmma with W in registers, no copies of x's registers before each mma (767 -> 673
+#   instructions per iteration), but 160 registers (3 CTAs per SM, 17.2 -> 21.7 us); 8 warps: 84
+#   registers, issue 15.3 and shared 15.0 us once wgmma's register operand is not counted as
+#   shared reads; sm_80-89 load the packed bytes one at a time in that order.
+# - BLOCK_N = 256 (x's tile shared by twice the columns: shared 15.0 -> 13.6-13.9 us), 2 warps,
+#   one stage, or x loaded already in the mma's K order: 146-245 registers, 21.7-34.7 us.
 def split_k(n_tiles, k_steps, device):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
     programs = PROGRAMS_PER_SM * _common.target(device).multiprocessors
