@@ -40,7 +40,7 @@ from . import _common
 from ._common import store_rounded
 from ._weight import decoding_flags, gemm_operand, load_gemm_tile, precision, weight_args
 from .lora_linear import BLOCK_R
-from .lora_linear_decode import decode_tile, split_k, store_partial_base_gemm
+from .lora_linear_decode import decode_tile, split_costs, split_k, store_partial_base_gemm
 
 SHRINK = {"BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4}
 # BLOCK_M 16: decode batches are a few rows, and the gathered B tile is BLOCK_M x BLOCK_N x
@@ -367,7 +367,8 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
         return
     tile = decode_tile(nf4, x.dtype)
     n_tiles = triton.cdiv(N, tile["BLOCK_N"])
-    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]), x.device)
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]),
+                                      target.multiprocessors, split_costs(target, nf4, tile, M))
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     _lora_mixed_partial_kernel[(n_tiles, splits)](
         x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
