@@ -236,11 +236,58 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc, tile_mask)
 
 
-def split_k(n_tiles, k_steps, device):
-    """(K-slices, BLOCK_K steps per slice): enough programs to fill the device, no empty slice."""
-    programs = PROGRAMS_PER_SM * _common.target(device).multiprocessors
-    steps_per_split = triton.cdiv(k_steps, max(1, min(k_steps, programs // n_tiles)))
+# Tried for the H100 NF4 GEMV (16 x 4096 x 14336, static model: estimates; 15.2 us issue- and
+# 15.0 us shared-bound, the epilogue 1.1-1.5 us) and not kept. The 16-code lookup alone is 4
+# shared bytes per element (62% of the loop's shared traffic), so fewer instructions alone does
+# not lift it:
+# - The decoded tile as the MMA's A operand (tl.dot(w, x^T), K in that operand's order): sm_90
+#   makes it a wgmma with W in registers, no copies of x's registers before each mma (767 -> 673
+#   instructions per iteration), but 160 registers (3 CTAs per SM, 17.2 -> 21.7 us); 8 warps: 84
+#   registers, issue 15.3 and shared 15.0 us once wgmma's register operand is not counted as
+#   shared reads; sm_80-89 load the packed bytes one at a time in that order.
+# - BLOCK_N = 256 (x's tile shared by twice the columns: shared 15.0 -> 13.6-13.9 us), 2 warps,
+#   one stage, or x loaded already in the mma's K order: 146-245 registers, 21.7-34.7 us.
+def evens_out_sms(target, nf4):
+    """Whether ``split_k`` evens out the SMs' shares of W: where the NF4 decode bounds each SM
+    (sm_90: issue and shared memory, static model), not where DRAM bounds the launch (sm_80-89,
+    AMD, a dense W), where more K-slices only add partial sums to write and read back."""
+    return nf4 is not None and target.arch == 90
+
+
+def split_k(n_tiles, k_steps, multiprocessors, costs=None):
+    """(K-slices, BLOCK_K steps per slice): enough programs to fill the device (PROGRAMS_PER_SM
+    per SM, or one per step), no empty slice. ``costs`` (step_bytes, partial_bytes): also even
+    out the SMs' shares, as ``evens_out_sms`` asks. Programs are dealt to SMs whole, so a count
+    that is not a multiple of the SMs leaves some SMs one more (H100: 112 tiles x 4 slices are 4
+    programs on some SMs, 3.4 on average); more, shorter slices even that out, but each program
+    also writes its fp32 partial sums, which the epilogue reads back. Of the splits from the
+    fewest up, the one whose busiest SM moves the fewest bytes (W's, ``step_bytes`` per BLOCK_K
+    step, and twice its ``partial_bytes``), the fewer slices on a tie."""
+    programs = PROGRAMS_PER_SM * multiprocessors
+    fewest = max(1, min(k_steps, programs // n_tiles))
+    splits = fewest
+    if costs is not None:
+        step_bytes, partial_bytes = costs
+
+        def busiest_sm_bytes(count):
+            steps = triton.cdiv(k_steps, count)
+            programs_there = triton.cdiv(n_tiles * triton.cdiv(k_steps, steps), multiprocessors)
+            return programs_there * (steps * step_bytes + 2 * partial_bytes)
+
+        splits = min(range(fewest, k_steps + 1), key=lambda s: (busiest_sm_bytes(s), s))
+    steps_per_split = triton.cdiv(k_steps, splits)
     return triton.cdiv(k_steps, steps_per_split), steps_per_split
+
+
+def split_costs(target, nf4, tile, rows):
+    """``split_k``'s costs for an M = ``rows`` GEMV in ``tile``s of an ``nf4`` weight, or None
+    where ``evens_out_sms`` says no: W's bytes per program and BLOCK_K step (packed bytes and
+    absmax), and one program's partial sums."""
+    if not evens_out_sms(target, nf4):
+        return None
+    elements = tile["BLOCK_N"] * tile["BLOCK_K"]
+    weight = elements // 2 + elements // nf4.blocksize * nf4.absmax.element_size()
+    return weight, rows * tile["BLOCK_N"] * 4
 
 
 def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=None):
@@ -254,7 +301,9 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     n_tiles = triton.cdiv(N, config["BLOCK_N"])
-    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, config["BLOCK_K"]), x.device)
+    splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, config["BLOCK_K"]),
+                                      target.multiprocessors,
+                                      split_costs(target, nf4, config, M))
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     s_partial = torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
     prec = precision(x.dtype)

@@ -36,15 +36,36 @@ def test_ranks_without_bias(rank, device):
 
 
 def test_the_split_covers_k_with_no_empty_slice():
-    cpu = torch.device("cpu")
+    sms = _common.target(torch.device("cpu")).multiprocessors
     for n_tiles in (1, 2, 3, 7, 16, 40):
         for k_steps in (1, 2, 3, 5, 64, 115):
-            splits, steps = decode_kernels.split_k(n_tiles, k_steps, cpu)
-            assert (splits - 1) * steps < k_steps <= splits * steps
+            for costs in (None, (9216, 512), (9216, 8192)):
+                splits, steps = decode_kernels.split_k(n_tiles, k_steps, sms, costs)
+                assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
     block_k = decode_kernels.decode_tile(None, torch.bfloat16)["BLOCK_K"]
-    splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), cpu)
+    splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), sms)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
+
+
+def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
+    """H100 (132 SMs), 4096 x 14336 in NF4 tiles of 128 x 128 (112 tiles, 32 steps): 4 slices
+    put 4 programs of 8 steps on some SMs (32 steps), 8 slices 7 of 4 (28); at 1 row the
+    partial sums are small and 8 it is, at 16 rows they cost more than they even out; the plain
+    rule (no costs) keeps the fewest."""
+    tile = decode_kernels.decode_tile(object(), torch.bfloat16)
+    assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
+    nf4 = type("NF4", (), {"blocksize": 64, "absmax": torch.zeros(1)})()
+    h100, rtx4090 = _common.Target(90, 132), _common.Target(89, 128)
+    assert decode_kernels.split_k(112, 32, 132) == (4, 8)
+    one_row = decode_kernels.split_costs(h100, nf4, tile, 1)
+    assert one_row == (128 * 64 + 128 * 2 * 4, 512)
+    assert decode_kernels.split_k(112, 32, 132, one_row) == (8, 4)
+    assert decode_kernels.split_k(112, 32, 132, decode_kernels.split_costs(h100, nf4, tile, 16)) \
+        == (4, 8)
+    # DRAM bounds the GEMV on sm_89 and with a dense weight: the plain rule.
+    assert decode_kernels.split_costs(rtx4090, nf4, tile, 1) is None
+    assert decode_kernels.split_costs(h100, None, tile, 1) is None
 
 
 @triton.jit

@@ -174,6 +174,16 @@ def test_the_grouped_weight_grad_loops_over_its_experts_rows():
     assert model.launch_time(more_rows, h100)["tensor"] > model.launch_time(grad, h100)["tensor"]
 
 
+def test_the_decode_epilogue_loops_over_rank_blocks_not_k_slices():
+    """Its hot loop is the LoRA expand's MMA loop over rank blocks (``sass.hot_loop``), which
+    holds S's sum over K-slices: counting that loop once per K-slice read its expand 4 times."""
+    epilogue = record(kernel="_lora_decode_epilogue_kernel", grid=[224],
+                      ints={"M": 16, "N": 14336, "R": 16, "splits": 4},
+                      constexprs={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 16})
+    assert model.trips(epilogue) == 1
+    assert model.trips({**epilogue, "ints": {**epilogue["ints"], "R": 40}}) == 3
+
+
 def test_a_grouped_gemm_counts_only_the_row_tiles_its_experts_fill():
     """Its grid is cdiv(rows, BLOCK_M) + E row tiles (an upper bound); 4 experts of 300 rows fill
     3 tiles of 128 each, and the spare ones exit before loading a tile."""

@@ -74,12 +74,15 @@ def trips(record):
                    # Segment tiles: as if every tile of the table had rows (the spare ones
                    # exit at once), so a little over the truth.
                    "_lora_mixed_segment_shrink_kernel": over_k,
-                   "_lora_mixed_segment_forward_kernel": over_k}
+                   "_lora_mixed_segment_forward_kernel": over_k,
+                   # Its MMA loop, the LoRA expand over rank blocks (one at rank 16), is the hot
+                   # loop; the sums over K-slices (the partials before it, S's inside it) are
+                   # loops of their own that ptxas unrolls 4 times, read once: exact at 4 slices.
+                   "_lora_decode_epilogue_kernel": ("R", "BLOCK_R")}
     if kernel in reduce_over:
         size, block = reduce_over[kernel]
         return -(-value[size] // value[block])
-    return {"_lora_decode_epilogue_kernel": value.get("splits", 1),
-            "_lora_merge_kernel": value.get("R", 1)}.get(kernel, 1)
+    return {"_lora_merge_kernel": value.get("R", 1)}.get(kernel, 1)
 
 
 # The grouped GEMMs' grids: axis 0 is an upper bound on their row tiles, cdiv(rows, BLOCK_M) + E
