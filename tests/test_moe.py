@@ -460,3 +460,71 @@ def test_several_adapter_features_refuse_experts_by_name():
                for attr, w in experts.adapter_weights("default").items()}
     lowrank.hotswap_adapter(model, swapped, "default")
     assert all(w.eq(1).all() for w in experts.adapter_weights("default").values())
+
+
+@pytest.fixture(params=[False, True], ids=["dS-dB-pass", "dS-dB-in-dX"])
+def fused_output_grad(request, monkeypatch):
+    """Both backward routes: dS and dB in their own pass over dY, or inside the dX GEMM
+    (``grouped_grad_input``; on a GPU only where ``fuses_output_grad`` says it pays)."""
+    monkeypatch.setattr(grouped_kernels, "fuses_output_grad", lambda *args: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_backward_routes_against_fp64(dtype, fused_output_grad):
+    """The whole op through each backward route, E x K x N weights (gpt-oss's, read transposed by
+    dX), imbalanced routing: dX, dA and dB against the fp64 reference, zeros for experts without
+    rows."""
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True)
+    for t in (x, lora_a, lora_b):
+        t.requires_grad_()
+    ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True).backward(grad_y)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, True)
+    assert_op_close(x.grad, expected[1], dtype, "dx")
+    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
+    assert lora_b.grad.view(N, RANK, E)[:, :, 0].eq(0).all()
+    assert lora_b.grad.view(N, RANK, E)[:, :, 3].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_grad_input_writes_every_element(dtype):
+    """``grouped_grad_input`` into NaN-filled outputs, PEFT's B read in place (ranks E apart), N =
+    300 columns of dY (several BLOCK_K chunks, dealt over the column tiles for dB) and K = 150
+    (three column tiles: dS from each, stored once), rank 20 (padded to 32), an expert with no
+    rows, one with every row of a 64-row tile and one more (two tiles): every dX row, dS row and
+    dB element written, against fp64."""
+    gen = torch.Generator().manual_seed(4)
+    experts, rank, k, n, counts = 4, 20, 150, 300, (0, 65, 0, 3)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    grad_y = torch.randn(rows, n, generator=gen).to(dtype)
+    s = (torch.randn(rows, rank, generator=gen) * 0.5).to(dtype)
+    weight = (torch.randn(experts, n, k, generator=gen) * 0.2).to(dtype)  # E x N x K: dX reads it
+    lora_a = torch.randn(experts * rank, k, generator=gen) * 0.3
+    lora_b = torch.randn(n, rank * experts, generator=gen) * 0.3
+    grad_x = poisoned((rows, k), dtype, "cpu")
+    grad_s = poisoned((rows, rank), dtype, "cpu")
+    grad_b = poisoned(lora_b.shape, torch.float32, "cpu")
+    a, b, w = lora_a.stride(), lora_b.stride(), weight.stride()
+    grouped_kernels.grouped_grad_input(
+        grad_y, weight, (w[0], w[2], w[1]), s, lora_b, (b[1], b[0], experts * b[1]), lora_a,
+        (rank * a[0], a[1], a[0]), grad_x, grad_s, grad_b, (1, rank * experts, experts), offsets,
+        SCALING)
+    grad_bs = grad_b.view(n, rank, experts)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_bs[:, :, e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        dy_e, s_e = grad_y[first:end].double(), s[first:end].double()
+        b_e = lora_b.view(n, rank, experts)[:, :, e].double()
+        a_e = lora_a.view(experts, rank, k)[e].double()
+        grad_s_e = SCALING * dy_e @ b_e
+        assert_op_close(grad_s[first:end], grad_s_e, dtype, f"dS_{e}")
+        # dX's expand takes dS as stored (rounded to x's dtype), as the separate route does.
+        expected_x = dy_e @ weight[e].double() + grad_s[first:end].double() @ a_e
+        assert_op_close(grad_x[first:end], expected_x, dtype, f"dX_{e}")
+        assert_op_close(grad_bs[:, :, e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}",
+                        TOLERANCE[dtype])

@@ -372,13 +372,16 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
-def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None,
+                       fused_output_grad=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
     layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
     gather x's rows from rows / top_k tokens (``row_index``), as the first projection of
     ``experts_forward`` runs; the dX GEMM writes the sorted rows, which torch sums into the
-    tokens'."""
+    tokens'. The backward computes dS and dB inside the dX GEMM where
+    ``lora_grouped.fuses_output_grad`` says so, as the op does, or as ``fused_output_grad`` says
+    (compile coverage: every GPU builds both)."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
     row_index = empty(rows, dtype=torch.int64) if top_k else None
@@ -403,14 +406,23 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
                                   row_index)
 
     def backward():
-        config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
-        chunks = -(-n // config["BLOCK_N"])
-        torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
         peft_b = (1, rank * experts, experts)  # B_e's (n, rank) in PEFT's N x (r E)
-        lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
-                                         SCALING)
-        lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
-                                  (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
+        w_t = (w_strides[0], w_strides[2], w_strides[1])
+        fused = fused_output_grad
+        if fused is None:  # as lora_grouped_backward chooses
+            fused = lora_grouped.fuses_output_grad(dy.device, dtype, rank, k)
+        if fused:
+            lora_grouped.grouped_grad_input(dy, w, w_t, s, lora_b, peft_b, lora_a,
+                                            (rank * a[0], a[1], a[0]), grad_x, s, grad_b, peft_b,
+                                            offsets, SCALING)
+        else:
+            config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
+            chunks = -(-n // config["BLOCK_N"])
+            torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
+            lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
+                                             SCALING)
+            lora_grouped.grouped_gemm(dy, w, w_t, s, lora_a, (rank * a[0], a[1], a[0]), grad_x,
+                                      offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
         call.model_ints = grouped_model_ints(rows, experts)
@@ -715,6 +727,10 @@ def coverage_calls():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
             calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
+        for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):  # dS, dB inside the dX GEMM
+            for fused in (False, True):
+                calls[f"lora_grouped_backward {t} {shape} fused={fused}"] = lora_grouped_calls(
+                    *shape, 4, dtype, fused_output_grad=fused)["backward"]
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
             for shifted, column_sums in ((False, True), (False, False), (True, True)):
                 calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \

@@ -113,16 +113,22 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
         return torch.zeros_like(x), grad_a, grad_b
     grad_s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
-    if rank:
-        # dS and dB in one pass over dY. B_e read where PEFT keeps it (its (n, rank) at (r E, E)
-        # in N x (r E), as dB_e is written): each program loads its chunk of B_e once, so no
-        # copy as the forward's GEMM tiles need it (RTX 4090, Qwen3-30B-A3B down: 28 us, model).
-        b = lora_B.stride()
-        kernels.grouped_output_grad(grad_y, s, lora_B, (b[1], b[0], experts * b[1]), grad_b,
-                                    (1, rank * experts, experts), grad_s, offsets, scaling)
+    a_t = (rank * a[0], a[1], a[0])  # A_e^T's (expert, k, rank) in PEFT's (E r) x K
+    # B_e read where PEFT keeps it (its (n, rank) at (r E, E) in N x (r E), as dB_e is written):
+    # the backward loads each chunk of B_e once, so no copy as the forward's GEMM tiles need it
+    # (RTX 4090, Qwen3-30B-A3B down: 28 us, model).
+    b = lora_B.stride()
+    peft_b, grad_b_strides = (b[1], b[0], experts * b[1]), (1, rank * experts, experts)
     e, n, k = _weight_strides(weight, transposed)
-    kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
-                         grad_x, offsets, 1.0)
+    if rank and kernels.fuses_output_grad(x.device, x.dtype, rank, in_features):
+        # dS and dB inside the dX GEMM, which streams dY anyway: no pass over dY of their own.
+        kernels.grouped_grad_input(grad_y, weight, (e, k, n), s, lora_B, peft_b, lora_A, a_t,
+                                   grad_x, grad_s, grad_b, grad_b_strides, offsets, scaling)
+    else:
+        if rank:  # dS and dB in one pass over dY
+            kernels.grouped_output_grad(grad_y, s, lora_B, peft_b, grad_b, grad_b_strides, grad_s,
+                                        offsets, scaling)
+        kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, a_t, grad_x, offsets, 1.0)
     if rank:
         kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
                                     offsets, 1.0, row_index)
