@@ -52,6 +52,17 @@ def gemm_configs(target, dtype):
     return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
 
 
+def grad_input_configs(target, dtype):
+    """The configs of the dX GEMM that computes dS and dB too (``grouped_grad_input``): the
+    GEMM's, but 128 x 128 tiles off sm_90 in 16-bit dtypes, where dS's rank-r product costs r /
+    BLOCK_N more MMAs in every column tile (a quarter at the GEMM's 64 wide tiles) and dB's
+    partials are N x r per BLOCK_M rows (half as many with 128). BLOCK_K 16: with 32, 174
+    registers, one CTA per SM on sm_89; with 16, 126 and two (same model time: DRAM-bound)."""
+    if target.arch is not None and target.arch != 90 and dtype.itemsize == 2:
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}]
+    return gemm_configs(target, dtype)
+
+
 def shrink_config(target, dtype):
     return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
@@ -359,23 +370,30 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
                    GATHER=gather, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R, RANK_PAD=BLOCK_R)
 
 
-def fuses_output_grad(device, dtype, rank, in_features):
+def fuses_output_grad(device, dtype, rank, in_features, out_features):
     """Whether the backward computes dS and dB inside the dX GEMM (``grouped_grad_input``) instead
     of in their own pass over dY (``grouped_output_grad``). The fused GEMM saves that pass (dY
     is rows x N, the largest operand) but pays dS's rank-r product in every column tile (r /
-    BLOCK_N more MMAs) and dB's fp32 partials, N x r per row tile (written, then summed), so it
-    pays where the GEMM's column tiles are wide and few (sm_90's 128 x 256 / 128 x 128 wgmma
-    tiles) and dX's width, the GEMM's work per byte of dY, is small: the static model
-    (estimates) on Qwen3-30B-A3B's experts puts the down projection (768 wide) ahead on H100
-    and gate_up (2048) behind; on the RTX 4090's 64 x 64 tiles the rank product costs a quarter
-    more MMAs in a GEMM already near its tensor bound. The rank stays in one padded block."""
-    block_n = min(c["BLOCK_N"] for c in gemm_configs(_common.target(device), dtype))
-    return (rank <= FUSED_MAX_RANK and block_n >= 8 * max(rank, BLOCK_R)
-            and in_features <= FUSED_MAX_IN_FEATURES)
+    BLOCK_N more MMAs and B_e's tile bytes) and dB's fp32 partials, N x r per row tile (written,
+    then summed). It needs column tiles 8 ranks wide or more (``grad_input_configs``: 128 or
+    256; the padded rank up to 32). The static model (estimates), Qwen3-30B-A3B's experts,
+    fwd+bwd: on H100 faster for both projections (gate_up 826 -> 805 us, down 512 -> 489); on
+    RTX 4090 faster for down (1706 -> 1629, its dX DRAM-bound) and not for gate_up (2847 ->
+    2850: dX 2048 wide is tensor-bound there, and the extra MMAs cost what the pass saved), so
+    on sm_80/86/89 only dX up to FUSED_MAX_IN_FEATURES wide, and only for widths of multiples
+    of 16 (ragged widths take 149-156 registers there, one CTA per SM on sm_89, against 126).
+    Other GPUs (AMD's, newer NVIDIA ones) keep the pass: the model has not read them."""
+    target = _common.target(device)
+    block_n = min(c["BLOCK_N"] for c in grad_input_configs(target, dtype))
+    if block_n < 8 * max(rank, BLOCK_R):
+        return False
+    if target.arch == 90:
+        return True
+    return (target.arch in (80, 86, 89) and in_features <= FUSED_MAX_IN_FEATURES
+            and in_features % 16 == 0 and out_features % 16 == 0)
 
 
-FUSED_MAX_RANK = 64  # dS's fp32 accumulator, BLOCK_M x the padded rank, stays beside the tile's
-FUSED_MAX_IN_FEATURES = 1024  # between the two Qwen3-30B-A3B projections the model was read at
+FUSED_MAX_IN_FEATURES = 1024  # off sm_90: between the Qwen3-30B-A3B widths read (768 / 2048)
 
 
 def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad_x, grad_s,
@@ -392,7 +410,7 @@ def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad
     R = s.shape[1]
     experts = offsets.numel() - 1
     target = _common.target(grad_y.device)
-    configs = gemm_configs(target, grad_y.dtype)
+    configs = grad_input_configs(target, grad_y.dtype)
     block_m = configs[0]["BLOCK_M"]
     tile_expert, tile_start = tile_schedule(offsets, rows, block_m)
     counts = (offsets[1:] - offsets[:-1]).to(torch.int64)

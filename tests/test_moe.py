@@ -202,8 +202,31 @@ def test_grouped_gemm_configs_share_one_block_m(arch):
     from lowrank.kernels._common import Target
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        configs = grouped_kernels.gemm_configs(Target(arch, 132), dtype)
-        assert {config["BLOCK_M"] for config in configs} == {configs[0]["BLOCK_M"]}
+        for configs in (grouped_kernels.gemm_configs(Target(arch, 132), dtype),
+                        grouped_kernels.grad_input_configs(Target(arch, 132), dtype)):
+            assert {config["BLOCK_M"] for config in configs} == {configs[0]["BLOCK_M"]}
+
+
+def test_fuses_output_grad_where_the_model_says(monkeypatch):
+    """dS and dB inside the dX GEMM (``fuses_output_grad``): on sm_90 for both Qwen3-30B-A3B
+    widths, on sm_80/86/89 only for down's 768-wide dX and widths of multiples of 16; never on
+    64-wide tiles (fp32, the interpreter), for a rank whose padded block is over an eighth of the
+    tile's width, or on a GPU the model has not read."""
+    from lowrank.kernels._common import Target
+
+    def fuses(arch, dtype, rank, in_features, out_features=2048):
+        monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(arch, 132))
+        return grouped_kernels.fuses_output_grad(torch.device("cpu"), dtype, rank, in_features,
+                                                 out_features)
+
+    bf16 = torch.bfloat16
+    assert fuses(90, bf16, 16, 2048) and fuses(90, bf16, 16, 768) and fuses(89, bf16, 16, 768)
+    assert not fuses(89, bf16, 16, 2048) and not fuses(90, bf16, 32, 768)
+    assert fuses(89, bf16, 8, 768) and fuses(80, torch.float16, 16, 768)
+    assert fuses(90, bf16, 16, 770, 37) and not fuses(89, bf16, 16, 770) and not fuses(
+        86, bf16, 16, 768, 2050)
+    assert not fuses(90, torch.float32, 16, 768) and not fuses(None, bf16, 16, 768)
+    assert not fuses(94, bf16, 16, 768)  # gfx942: not read by the model
 
 
 def test_expert_offsets():

@@ -410,7 +410,7 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
         w_t = (w_strides[0], w_strides[2], w_strides[1])
         fused = fused_output_grad
         if fused is None:  # as lora_grouped_backward chooses
-            fused = lora_grouped.fuses_output_grad(dy.device, dtype, rank, k)
+            fused = lora_grouped.fuses_output_grad(dy.device, dtype, rank, k, n)
         if fused:
             lora_grouped.grouped_grad_input(dy, w, w_t, s, lora_b, peft_b, lora_a,
                                             (rank * a[0], a[1], a[0]), grad_x, s, grad_b, peft_b,
@@ -727,10 +727,9 @@ def coverage_calls():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
             calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
-        for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):  # dS, dB inside the dX GEMM
-            for fused in (False, True):
-                calls[f"lora_grouped_backward {t} {shape} fused={fused}"] = lora_grouped_calls(
-                    *shape, 4, dtype, fused_output_grad=fused)["backward"]
+        for fused in (False, True):  # dS and dB in their own pass or inside the dX GEMM
+            calls[f"lora_grouped_backward {t} {ALIGNED} fused={fused}"] = lora_grouped_calls(
+                *ALIGNED, 4, dtype, fused_output_grad=fused)["backward"]
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
             for shifted, column_sums in ((False, True), (False, False), (True, True)):
                 calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \

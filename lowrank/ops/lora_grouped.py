@@ -120,7 +120,8 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
     b = lora_B.stride()
     peft_b, grad_b_strides = (b[1], b[0], experts * b[1]), (1, rank * experts, experts)
     e, n, k = _weight_strides(weight, transposed)
-    if rank and kernels.fuses_output_grad(x.device, x.dtype, rank, in_features):
+    if rank and kernels.fuses_output_grad(x.device, x.dtype, rank, in_features,
+                                              out_features):
         # dS and dB inside the dX GEMM, which streams dY anyway: no pass over dY of their own.
         kernels.grouped_grad_input(grad_y, weight, (e, k, n), s, lora_B, peft_b, lora_A, a_t,
                                    grad_x, grad_s, grad_b, grad_b_strides, offsets, scaling)
