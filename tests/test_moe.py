@@ -100,7 +100,7 @@ def test_lora_grouped_kernels_write_every_element():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
-def test_lora_grouped_gathers_rows_through_row_index(dtype):
+def test_lora_grouped_gathers_rows_through_row_index(dtype, fused_output_grad):
     """x's rows read through row_index in the shrink, the GEMM and dA (no sorted copy): the same
     as the op over x[row_index], and x's gradient sums the shares of its repeated rows."""
     _, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False)
@@ -495,11 +495,12 @@ def fused_output_grad(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
-def test_lora_grouped_backward_routes_against_fp64(dtype, fused_output_grad):
+@pytest.mark.parametrize("counts", [COUNTS, (0, 0, 11, 0, 0)], ids=["imbalanced", "one-expert"])
+def test_lora_grouped_backward_routes_against_fp64(dtype, counts, fused_output_grad):
     """The whole op through each backward route, E x K x N weights (gpt-oss's, read transposed by
-    dX), imbalanced routing: dX, dA and dB against the fp64 reference, zeros for experts without
-    rows."""
-    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True)
+    dX), imbalanced routing and every row on one expert: dX, dA and dB against the fp64
+    reference, zeros for experts without rows."""
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True, counts)
     for t in (x, lora_a, lora_b):
         t.requires_grad_()
     ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True).backward(grad_y)
