@@ -13,7 +13,8 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
   tiles, listed by ``tile_schedule`` (torch ops on the device, no host sync: the grid is the
   upper bound cdiv(S, BLOCK_M) + E and the tiles past the last do no work).
 - The LoRA expand S (s B_e)^T is accumulated into the output tile's accumulator before its one
-  store (B_e scaled in fp32, then rounded to x's dtype once); S comes from the grouped shrink. dX is the same kernel over W_e
+  store (B_e scaled in fp32, then rounded to x's dtype once); S comes from the grouped shrink,
+  or from the GEMM's own K loop (``grouped_forward``: SHRINK) where ``fuses_shrink`` says. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
   rows, written through strides straight into PEFT's layout.
 - dS and dB are one pass over dY (``grouped_output_grad``): each program owns dB_e for a chunk of
@@ -158,12 +159,18 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
                          R, scaling, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                          stride_ge, stride_gn, stride_gr, stride_be, stride_bk, stride_br,
                          PRECISION: tl.constexpr, GATHER: tl.constexpr,
-                         OUTPUT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RANK_PAD: tl.constexpr):
+                         SHRINK: tl.constexpr, OUTPUT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         RANK_PAD: tl.constexpr):
     """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
     G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); x's rows through index_ptr if
     GATHER; one store per output tile.
     Forward: W_e, G_e = B_e; dX: W_e read transposed, G_e = A_e^T, S = dS, scaling 1.
+
+    SHRINK (forward only): S = x A_e^T comes from this pass over x instead of the grouped
+    shrink's: accumulated in the K loop (A_e^T, K x R, at b_ptr + e stride_be, rank-padded to
+    RANK_PAD) by every column tile for itself, rounded to x's dtype, stored by column tile 0 at
+    grad_s_ptr (for the backward), then expanded with scaling B_e as above.
 
     OUTPUT_GRAD (dX only, x = dY, S = the forward's S, ``scaling`` LoRA's): LoRA's products with dY
     come from this pass over dY instead of one of their own (``grouped_grad_input``):
@@ -185,7 +192,7 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
     used = tl.max(row_mask.to(tl.int32), 0) > 0
     k_len = tl.where(used, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if OUTPUT_GRAD:
+    if SHRINK or OUTPUT_GRAD:
         all_ranks = tl.arange(0, RANK_PAD)
         b_base = b_ptr + expert.to(tl.int64) * stride_be
         grad_s = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
@@ -196,20 +203,25 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         w = tl.load(w_base + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
-        if OUTPUT_GRAD:
+        if SHRINK or OUTPUT_GRAD:
             b = tl.load(b_base + cols[:, None] * stride_bk + all_ranks[None, :] * stride_br,
                         mask=(cols[:, None] < K) & (all_ranks[None, :] < R), other=0.0)
             grad_s = tl.dot(x, b.to(dtype), grad_s, input_precision=PRECISION)
-    if OUTPUT_GRAD:
+    if SHRINK or OUTPUT_GRAD:
         rank_mask = row_mask[:, None] & (all_ranks[None, :] < R)
-        # Rounded once to x's dtype, as dS is stored and as the separate pass's sum is.
-        grad_s = cast_rounded(grad_s * scaling, dtype)
+        # Rounded once to x's dtype, as S and dS are stored and as the separate passes' are.
+        if OUTPUT_GRAD:
+            grad_s = grad_s * scaling
+        grad_s = cast_rounded(grad_s, dtype)
         if tl.program_id(1) == 0:
             tl.store(grad_s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], grad_s,
                      mask=rank_mask)
         g = tl.load(g_base + outs[:, None] * stride_gn + all_ranks[None, :] * stride_gr,
                     mask=(outs[:, None] < N) & (all_ranks[None, :] < R), other=0.0)
+        if SHRINK:
+            g = g.to(tl.float32) * scaling
         acc = tl.dot(grad_s, tl.trans(g.to(dtype)), acc, input_precision=PRECISION)
+    if OUTPUT_GRAD:
         # dB's share of this column tile: its chunks of dY again (this tile's rows, just read:
         # L2 hits), against S's rows; the chunks dealt round-robin over the column tiles.
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], mask=rank_mask,
@@ -222,7 +234,7 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
             part = tl.dot(tl.trans(x), s, input_precision=PRECISION)
             tl.store(partial_base + cols[:, None] * R + all_ranks[None, :], part * scaling,
                      mask=(cols[:, None] < K) & (all_ranks[None, :] < R))
-    else:
+    if not (SHRINK or OUTPUT_GRAD):
         # The expand accumulates into the GEMM's accumulator, G_e scaled in fp32 before its one
         # rounding to x's dtype: a second accumulator of the tile's size would double its
         # registers (128 x 256 tiles spill on sm_90 with two).
@@ -367,7 +379,29 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
                    x, row_index if gather else offsets, w, s, g, y, tile_expert, tile_start,
                    offsets, g, y, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
                    *g_strides, *g_strides, bucket=rows, PRECISION=precision(x.dtype),
-                   GATHER=gather, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R, RANK_PAD=BLOCK_R)
+                   GATHER=gather, SHRINK=False, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
+                   RANK_PAD=BLOCK_R)
+
+
+def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, scaling,
+                    row_index=None):
+    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T with s (S x R, x's dtype)
+    = x A_e^T computed in the same pass over x (``_grouped_gemm_kernel``'s SHRINK);
+    ``a_strides`` = (expert, k, rank) of A_e^T in a, ``b_strides`` = (expert, n, rank) of B_e in
+    b; x's rows through ``row_index`` as in ``grouped_shrink``."""
+    rows, K = y.shape[0], x.shape[1]
+    N = y.shape[1]
+    R = s.shape[1]
+    configs = grad_input_configs(_common.target(x.device), x.dtype)
+    tile_expert, tile_start = tile_schedule(offsets, rows, configs[0]["BLOCK_M"])
+    gather = row_index is not None
+    _common.launch(_grouped_gemm_kernel,
+                   lambda c: (tile_expert.numel(), triton.cdiv(N, c["BLOCK_N"])), configs,
+                   x, row_index if gather else offsets, w, s, b, y, tile_expert, tile_start,
+                   offsets, a, s, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
+                   *b_strides, *a_strides, bucket=rows, PRECISION=precision(x.dtype),
+                   GATHER=gather, SHRINK=True, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
+                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)))
 
 
 def fuses_output_grad(device, dtype, rank, in_features, out_features):
@@ -377,9 +411,9 @@ def fuses_output_grad(device, dtype, rank, in_features, out_features):
     BLOCK_N more MMAs and B_e's tile bytes) and dB's fp32 partials, N x r per row tile (written,
     then summed). It needs column tiles 8 ranks wide or more (``grad_input_configs``: 128 or
     256; the padded rank up to 32). The static model (estimates), Qwen3-30B-A3B's experts,
-    fwd+bwd: on H100 faster for both projections (gate_up 826 -> 805 us, down 512 -> 489); on
-    RTX 4090 faster for down (1706 -> 1629, its dX DRAM-bound) and not for gate_up (2847 ->
-    2850: dX 2048 wide is tensor-bound there, and the extra MMAs cost what the pass saved), so
+    backward with B's E x N x r copy: on H100 faster for both projections (gate_up 434 -> 421
+    us, down 285 -> 268); on RTX 4090 faster for down (951 -> 893, its dX DRAM-bound) and not
+    for gate_up (dX 2048 wide is tensor-bound there: the extra MMAs cost what the pass saves), so
     on sm_80/86/89 only dX up to FUSED_MAX_IN_FEATURES wide, and only for widths of multiples
     of 16 (ragged widths take 149-156 registers there, one CTA per SM on sm_89, against 126).
     Other GPUs (AMD's, newer NVIDIA ones) keep the pass: the model has not read them."""
@@ -394,6 +428,20 @@ def fuses_output_grad(device, dtype, rank, in_features, out_features):
 
 
 FUSED_MAX_IN_FEATURES = 1024  # off sm_90: between the Qwen3-30B-A3B widths read (768 / 2048)
+
+
+def fuses_shrink(device, dtype, rank, in_features, out_features, transposed):
+    """Whether the forward computes S = x A_e^T inside its GEMM (``grouped_forward``) instead of
+    in the grouped shrink's own pass over x. As ``fuses_output_grad`` (the same tiles and the
+    same rank product per column tile), but only for x at most FUSED_MAX_IN_FEATURES wide on
+    every GPU: the static model (estimates), Qwen3-30B-A3B's experts, forward: down (x 768 wide,
+    DRAM-bound) H100 199 + 19 -> 201 us, RTX 4090 663 + 64 -> 703; gate_up (2048 wide) H100
+    356 + 30 -> 386 (no gain), RTX 4090 1289 + 40 -> 1406 (tensor-bound). Off sm_90 only for
+    the E x N x K layout: with E x K x N (``transposed``, gpt-oss's) the tile takes 168
+    registers on sm_89, one CTA per SM."""
+    return (fuses_output_grad(device, dtype, rank, in_features, out_features)
+            and in_features <= FUSED_MAX_IN_FEATURES
+            and (not transposed or _common.target(device).arch == 90))
 
 
 def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad_x, grad_s,
@@ -423,7 +471,8 @@ def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad
                    grad_y, offsets, w, s, a, grad_x, tile_expert, tile_start, offsets, b, grad_s,
                    partials, K, N, R, scaling, grad_y.stride(0), grad_y.stride(1), *w_strides,
                    *a_strides, *b_strides, bucket=rows, PRECISION=precision(grad_y.dtype),
-                   GATHER=False, OUTPUT_GRAD=True, BLOCK_R=BLOCK_R, RANK_PAD=rank_pad)
+                   GATHER=False, SHRINK=False, OUTPUT_GRAD=True, BLOCK_R=BLOCK_R,
+                   RANK_PAD=rank_pad)
     config = grad_b_sum_config(target, grad_y.dtype)
     _grouped_grad_b_sum_kernel[(experts, triton.cdiv(N, config["BLOCK_N"]))](
         partials, tile_offsets, grad_b, N, R, *grad_b_strides, RANK_PAD=rank_pad, **config)

@@ -227,6 +227,14 @@ def test_fuses_output_grad_where_the_model_says(monkeypatch):
         86, bf16, 16, 768, 2050)
     assert not fuses(90, torch.float32, 16, 768) and not fuses(None, bf16, 16, 768)
     assert not fuses(94, bf16, 16, 768)  # gfx942: not read by the model
+    # S inside the forward GEMM: x up to 1024 wide on sm_90 too (gate_up's 2048: no gain there).
+    monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(90, 132))
+    cpu = torch.device("cpu")
+    assert grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, True)
+    assert not grouped_kernels.fuses_shrink(cpu, bf16, 16, 2048, 1536, False)
+    monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(89, 128))
+    assert grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, False)
+    assert not grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, True)
 
 
 def test_expert_offsets():
@@ -485,11 +493,13 @@ def test_several_adapter_features_refuse_experts_by_name():
     assert all(w.eq(1).all() for w in experts.adapter_weights("default").values())
 
 
-@pytest.fixture(params=[False, True], ids=["dS-dB-pass", "dS-dB-in-dX"])
+@pytest.fixture(params=[False, True], ids=["own-passes", "in-the-GEMMs"])
 def fused_output_grad(request, monkeypatch):
-    """Both backward routes: dS and dB in their own pass over dY, or inside the dX GEMM
-    (``grouped_grad_input``; on a GPU only where ``fuses_output_grad`` says it pays)."""
+    """Both routes: S, and dS with dB, in their own passes over x and dY, or inside the forward
+    and dX GEMMs (``grouped_forward``, ``grouped_grad_input``; on a GPU only where
+    ``fuses_shrink`` / ``fuses_output_grad`` say they pay)."""
     monkeypatch.setattr(grouped_kernels, "fuses_output_grad", lambda *args: request.param)
+    monkeypatch.setattr(grouped_kernels, "fuses_shrink", lambda *args: request.param)
     return request.param
 
 
@@ -497,14 +507,16 @@ def fused_output_grad(request, monkeypatch):
                          ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("counts", [COUNTS, (0, 0, 11, 0, 0)], ids=["imbalanced", "one-expert"])
 def test_lora_grouped_backward_routes_against_fp64(dtype, counts, fused_output_grad):
-    """The whole op through each backward route, E x K x N weights (gpt-oss's, read transposed by
-    dX), imbalanced routing and every row on one expert: dX, dA and dB against the fp64
+    """The whole op through each route, E x K x N weights (gpt-oss's, read transposed by dX),
+    imbalanced routing and every row on one expert: Y, dX, dA and dB against the fp64
     reference, zeros for experts without rows."""
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True, counts)
     for t in (x, lora_a, lora_b):
         t.requires_grad_()
-    ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True).backward(grad_y)
+    y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True)
+    y.backward(grad_y)
     expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, True)
+    assert_op_close(y, expected[0], dtype, "y")
     assert_op_close(x.grad, expected[1], dtype, "dx")
     assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
     assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
@@ -515,7 +527,8 @@ def test_lora_grouped_backward_routes_against_fp64(dtype, counts, fused_output_g
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
 def test_grouped_grad_input_writes_every_element(dtype):
-    """``grouped_grad_input`` into NaN-filled outputs, PEFT's B read in place (ranks E apart), N =
+    """``grouped_grad_input`` into NaN-filled outputs, B through PEFT's strides (ranks E apart; the
+    op passes an E x N x r copy, these strides are the general case), N =
     300 columns of dY (several BLOCK_K chunks, dealt over the column tiles for dB) and K = 150
     (three column tiles: dS from each, stored once), rank 20 (padded to 32), an expert with no
     rows, one with every row of a 64-row tile and one more (two tiles): every dX row, dS row and
@@ -552,3 +565,37 @@ def test_grouped_grad_input_writes_every_element(dtype):
         assert_op_close(grad_x[first:end], expected_x, dtype, f"dX_{e}")
         assert_op_close(grad_bs[:, :, e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}",
                         TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_forward_writes_every_element(dtype):
+    """``grouped_forward`` (S inside the forward GEMM) into NaN-filled y and S, N = 150 (three
+    column tiles, each computing S, one storing it), K = 70 (several BLOCK_K chunks of A_e),
+    rank 20 (padded to 32), x's rows gathered through row_index, an expert with no rows and one
+    with two tiles: against fp64, S as stored (rounded to x's dtype) in y's expand."""
+    gen = torch.Generator().manual_seed(5)
+    experts, rank, k, n, counts = 3, 20, 70, 150, (66, 0, 2)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    tokens = torch.randn(31, k, generator=gen).to(dtype)
+    row_index = torch.randint(0, 31, (rows,), generator=gen)
+    weight = (torch.randn(experts, n, k, generator=gen) * 0.2).to(dtype)
+    lora_a = torch.randn(experts * rank, k, generator=gen) * 0.3
+    lora_b = torch.randn(n, rank * experts, generator=gen) * 0.3
+    experts_b = lora_b.view(n, rank, experts).permute(2, 0, 1).to(dtype).contiguous()
+    s = poisoned((rows, rank), dtype, "cpu")
+    y = poisoned((rows, n), dtype, "cpu")
+    a = lora_a.stride()
+    grouped_kernels.grouped_forward(tokens, weight, weight.stride(), lora_a,
+                                    (rank * a[0], a[1], a[0]), experts_b, experts_b.stride(), s,
+                                    y, offsets, SCALING, row_index)
+    x = tokens[row_index].double()
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            continue
+        a_e = lora_a.view(experts, rank, k)[e].double()
+        assert_op_close(s[first:end], x[first:end] @ a_e.T, dtype, f"S_{e}")
+        expected = (x[first:end] @ weight[e].double().T
+                    + SCALING * s[first:end].double() @ experts_b[e].double().T)
+        assert_op_close(y[first:end], expected, dtype, f"y_{e}")
