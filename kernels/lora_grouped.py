@@ -13,13 +13,16 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
   tiles, listed by ``tile_schedule`` (torch ops on the device, no host sync: the grid is the
   upper bound cdiv(S, BLOCK_M) + E and the tiles past the last do no work).
 - The LoRA expand S (s B_e)^T is accumulated into the output tile's accumulator before its one
-  store (B_e scaled in fp32, then rounded to x's dtype once); S comes from the grouped shrink. dX is the same kernel over W_e
+  store (B_e scaled in fp32, then rounded to x's dtype once); S comes from the grouped shrink,
+  or from the GEMM's own K loop (``grouped_forward``: SHRINK) where ``fuses_shrink`` says. dX is the same kernel over W_e
   read transposed, expanding dS with A_e. dA and dB are per-expert reductions over the expert's
   rows, written through strides straight into PEFT's layout.
 - dS and dB are one pass over dY (``grouped_output_grad``): each program owns dB_e for a chunk of
   dY's columns and writes that chunk's share of dS as fp32 partials, which the launcher sums in a
   fixed order (no atomics: the sums do not depend on the order programs run in). Separately they
-  read dY twice; dY (rows x N) is the largest operand either reads.
+  read dY twice; dY (rows x N) is the largest operand either reads. Or both come from the dX
+  GEMM's own pass over dY (``grouped_grad_input``: the GEMM kernel's OUTPUT_GRAD, dB as
+  per-row-tile partials summed in tile order), where ``fuses_output_grad`` says it pays.
 - The gather of x's rows can be the kernels' (``row_index``): sorted row i reads x's row
   row_index[i], so the forward and dA read the tokens' hidden states where they are (no sorted
   copy of x: one row per token, not one per (token, expert) pair).
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import store_rounded
+from ._common import cast_rounded, store_rounded
 from ._weight import precision
 
 BLOCK_R = 16  # ranks in chunks of 16 (the smallest tl.dot size): any rank works
@@ -50,6 +53,17 @@ def gemm_configs(target, dtype):
     return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}]
 
 
+def grad_input_configs(target, dtype):
+    """The configs of the dX GEMM that computes dS and dB too (``grouped_grad_input``): the
+    GEMM's, but 128 x 128 tiles off sm_90 in 16-bit dtypes, where dS's rank-r product costs r /
+    BLOCK_N more MMAs in every column tile (a quarter at the GEMM's 64 wide tiles) and dB's
+    partials are N x r per BLOCK_M rows (half as many with 128). BLOCK_K 16: with 32, 174
+    registers, one CTA per SM on sm_89; with 16, 126 and two (same model time: DRAM-bound)."""
+    if target.arch is not None and target.arch != 90 and dtype.itemsize == 2:
+        return [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}]
+    return gemm_configs(target, dtype)
+
+
 def shrink_config(target, dtype):
     return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
@@ -63,6 +77,10 @@ def output_grad_config(target, dtype):
     # launch issues faster with them).
     warps = 8 if target is not None and target.arch == 90 else 4
     return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 3}
+
+
+def grad_b_sum_config(target, dtype):
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def weight_grad_config(target, dtype):
@@ -137,14 +155,34 @@ def _grouped_shrink_kernel(x_ptr, index_ptr, f_ptr, out_ptr, tile_expert_ptr, ti
 
 @triton.jit
 def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr,
-                         tile_start_ptr, offsets_ptr, N, K, R, scaling, stride_xm, stride_xk,
-                         stride_we, stride_wn, stride_wk, stride_ge, stride_gn, stride_gr,
-                         PRECISION: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                         tile_start_ptr, offsets_ptr, b_ptr, grad_s_ptr, grad_b_partial_ptr, N, K,
+                         R, scaling, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                         stride_ge, stride_gn, stride_gr, stride_be, stride_bk, stride_br,
+                         PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                         SHRINK: tl.constexpr, OUTPUT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         RANK_PAD: tl.constexpr):
     """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
     G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); x's rows through index_ptr if
     GATHER; one store per output tile.
-    Forward: W_e, G_e = B_e; dX: W_e read transposed, G_e = A_e^T, S = dS, scaling 1."""
+    Forward: W_e, G_e = B_e; dX: W_e read transposed, G_e = A_e^T, S = dS, scaling 1.
+
+    SHRINK (forward only): S = x A_e^T comes from this pass over x instead of the grouped
+    shrink's: accumulated in the K loop (A_e^T, K x R, at b_ptr + e stride_be, rank-padded to
+    RANK_PAD) by every column tile for itself, rounded to x's dtype, stored by column tile 0 at
+    grad_s_ptr (for the backward), then expanded with scaling B_e as above.
+
+    OUTPUT_GRAD (dX only, x = dY, S = the forward's S, ``scaling`` LoRA's): LoRA's products with dY
+    come from this pass over dY instead of one of their own (``grouped_grad_input``):
+
+        dS = scaling dY_e B_e     (B_e, K x R, at b_ptr + e stride_be), in the K loop, every
+                                  column tile for itself (the expand needs all of it), rank-padded
+                                  to RANK_PAD; stored (x's dtype) by column tile 0, for dA
+        dX = dY W_e + dS A_e      (G_e = A_e^T, unscaled)
+        grad_b_partial[tile][c] = scaling dY_tile[:, c]^T S_tile   (fp32) for the BLOCK_K column
+                                  chunks c of dY this column tile owns (every num_programs(1)-th),
+                                  summed over an expert's row tiles by ``_grouped_grad_b_sum_kernel``
+    """
     dtype = x_ptr.dtype.element_ty
     expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,27 +190,86 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
     g_base = g_ptr + expert.to(tl.int64) * stride_ge
     x_rows = x_ptr + _source_rows(index_ptr, rows, row_mask, GATHER)[:, None] * stride_xm
     used = tl.max(row_mask.to(tl.int32), 0) > 0
+    k_len = tl.where(used, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.where(used, K, 0), BLOCK_K):
+    if SHRINK or OUTPUT_GRAD:
+        all_ranks = tl.arange(0, RANK_PAD)
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        grad_s = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :] * stride_xk,
                     mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
         w = tl.load(w_base + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
-    # The expand accumulates into the GEMM's accumulator, G_e scaled in fp32 before its one
-    # rounding to x's dtype: a second accumulator of the tile's size would double its registers
-    # (128 x 256 tiles spill on sm_90 with two).
-    for r0 in range(0, tl.where(used, R, 0), BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
-                    mask=row_mask[:, None] & (ranks[None, :] < R), other=0.0)
-        g = tl.load(g_base + outs[:, None] * stride_gn + ranks[None, :] * stride_gr,
-                    mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        g = (g.to(tl.float32) * scaling).to(dtype)
-        acc = tl.dot(s, tl.trans(g), acc, input_precision=PRECISION)
+        if SHRINK or OUTPUT_GRAD:
+            b = tl.load(b_base + cols[:, None] * stride_bk + all_ranks[None, :] * stride_br,
+                        mask=(cols[:, None] < K) & (all_ranks[None, :] < R), other=0.0)
+            grad_s = tl.dot(x, b.to(dtype), grad_s, input_precision=PRECISION)
+    if SHRINK or OUTPUT_GRAD:
+        rank_mask = row_mask[:, None] & (all_ranks[None, :] < R)
+        # Rounded once to x's dtype, as S and dS are stored and as the separate passes' are.
+        if OUTPUT_GRAD:
+            grad_s = grad_s * scaling
+        grad_s = cast_rounded(grad_s, dtype)
+        if tl.program_id(1) == 0:
+            tl.store(grad_s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], grad_s,
+                     mask=rank_mask)
+        g = tl.load(g_base + outs[:, None] * stride_gn + all_ranks[None, :] * stride_gr,
+                    mask=(outs[:, None] < N) & (all_ranks[None, :] < R), other=0.0)
+        if SHRINK:
+            g = g.to(tl.float32) * scaling
+        acc = tl.dot(grad_s, tl.trans(g.to(dtype)), acc, input_precision=PRECISION)
+    if OUTPUT_GRAD:
+        # dB's share of this column tile: its chunks of dY again (this tile's rows, just read:
+        # L2 hits), against S's rows; the chunks dealt round-robin over the column tiles.
+        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], mask=rank_mask,
+                    other=0.0)
+        partial_base = grad_b_partial_ptr + tl.program_id(0).to(tl.int64) * K * R
+        for k0 in range(tl.program_id(1) * BLOCK_K, k_len, tl.num_programs(1) * BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + cols[None, :] * stride_xk,
+                        mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+            part = tl.dot(tl.trans(x), s, input_precision=PRECISION)
+            tl.store(partial_base + cols[:, None] * R + all_ranks[None, :], part * scaling,
+                     mask=(cols[:, None] < K) & (all_ranks[None, :] < R))
+    if not (SHRINK or OUTPUT_GRAD):
+        # The expand accumulates into the GEMM's accumulator, G_e scaled in fp32 before its one
+        # rounding to x's dtype: a second accumulator of the tile's size would double its
+        # registers (128 x 256 tiles spill on sm_90 with two).
+        for r0 in range(0, tl.where(used, R, 0), BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
+                        mask=row_mask[:, None] & (ranks[None, :] < R), other=0.0)
+            g = tl.load(g_base + outs[:, None] * stride_gn + ranks[None, :] * stride_gr,
+                        mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
+            g = (g.to(tl.float32) * scaling).to(dtype)
+            acc = tl.dot(s, tl.trans(g), acc, input_precision=PRECISION)
     store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc,
                   row_mask[:, None] & (outs[None, :] < N))
+
+
+@triton.jit
+def _grouped_grad_b_sum_kernel(partial_ptr, tile_offsets_ptr, grad_b_ptr, N, R, stride_oe,
+                               stride_on, stride_or, BLOCK_N: tl.constexpr,
+                               RANK_PAD: tl.constexpr):
+    """dB_e[chunk] = the sum of grad_b_partial (tiles x N x R, fp32) over expert e's row tiles
+    (tile_offsets[e] .. tile_offsets[e + 1], in that order: the sum does not depend on the order
+    programs run in), stored through strides at grad_b_ptr + e stride_oe; e = program 0, the
+    chunk of N program 1. An expert without rows gets zeros."""
+    expert = tl.program_id(0)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, RANK_PAD)
+    mask = (outs[:, None] < N) & (ranks[None, :] < R)
+    first = tl.load(tile_offsets_ptr + expert)
+    partials = partial_ptr + first.to(tl.int64) * N * R + outs[:, None] * R + ranks[None, :]
+    acc = tl.zeros((BLOCK_N, RANK_PAD), dtype=tl.float32)
+    for _ in range(first, tl.load(tile_offsets_ptr + expert + 1)):
+        acc += tl.load(partials, mask=mask, other=0.0)
+        partials += N * R
+    tl.store(grad_b_ptr + expert.to(tl.int64) * stride_oe + outs[:, None] * stride_on
+             + ranks[None, :] * stride_or, acc, mask=mask)
 
 
 @triton.jit
@@ -276,11 +373,109 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
     configs = gemm_configs(target, x.dtype)
     tile_expert, tile_start = tile_schedule(offsets, rows, configs[0]["BLOCK_M"])
     gather = row_index is not None
+    # Without OUTPUT_GRAD the dS / dB operands are never read: y and g stand in for them.
     _common.launch(_grouped_gemm_kernel,
                    lambda c: (tile_expert.numel(), triton.cdiv(N, c["BLOCK_N"])), configs,
                    x, row_index if gather else offsets, w, s, g, y, tile_expert, tile_start,
-                   offsets, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides, *g_strides,
-                   bucket=rows, PRECISION=precision(x.dtype), GATHER=gather, BLOCK_R=BLOCK_R)
+                   offsets, g, y, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
+                   *g_strides, *g_strides, bucket=rows, PRECISION=precision(x.dtype),
+                   GATHER=gather, SHRINK=False, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
+                   RANK_PAD=BLOCK_R)
+
+
+def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, scaling,
+                    row_index=None):
+    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T with s (S x R, x's dtype)
+    = x A_e^T computed in the same pass over x (``_grouped_gemm_kernel``'s SHRINK);
+    ``a_strides`` = (expert, k, rank) of A_e^T in a, ``b_strides`` = (expert, n, rank) of B_e in
+    b; x's rows through ``row_index`` as in ``grouped_shrink``."""
+    rows, K = y.shape[0], x.shape[1]
+    N = y.shape[1]
+    R = s.shape[1]
+    configs = grad_input_configs(_common.target(x.device), x.dtype)
+    tile_expert, tile_start = tile_schedule(offsets, rows, configs[0]["BLOCK_M"])
+    gather = row_index is not None
+    _common.launch(_grouped_gemm_kernel,
+                   lambda c: (tile_expert.numel(), triton.cdiv(N, c["BLOCK_N"])), configs,
+                   x, row_index if gather else offsets, w, s, b, y, tile_expert, tile_start,
+                   offsets, a, s, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
+                   *b_strides, *a_strides, bucket=rows, PRECISION=precision(x.dtype),
+                   GATHER=gather, SHRINK=True, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
+                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)))
+
+
+def fuses_output_grad(device, dtype, rank, in_features, out_features):
+    """Whether the backward computes dS and dB inside the dX GEMM (``grouped_grad_input``) instead
+    of in their own pass over dY (``grouped_output_grad``). The fused GEMM saves that pass (dY
+    is rows x N, the largest operand) but pays dS's rank-r product in every column tile (r /
+    BLOCK_N more MMAs and B_e's tile bytes) and dB's fp32 partials, N x r per row tile (written,
+    then summed). It needs column tiles 8 ranks wide or more (``grad_input_configs``: 128 or
+    256; the padded rank up to 32). The static model (estimates), Qwen3-30B-A3B's experts,
+    backward with B's E x N x r copy: on H100 faster for both projections (gate_up 434 -> 421
+    us, down 285 -> 268); on RTX 4090 faster for down (951 -> 893, its dX DRAM-bound) and not
+    for gate_up (dX 2048 wide is tensor-bound there: the extra MMAs cost what the pass saves), so
+    on sm_80/86/89 only dX up to FUSED_MAX_IN_FEATURES wide, and only for widths of multiples
+    of 16 (ragged widths take 149-156 registers there, one CTA per SM on sm_89, against 126).
+    Other GPUs (AMD's, newer NVIDIA ones) keep the pass: the model has not read them."""
+    target = _common.target(device)
+    block_n = min(c["BLOCK_N"] for c in grad_input_configs(target, dtype))
+    if block_n < 8 * max(rank, BLOCK_R):
+        return False
+    if target.arch == 90:
+        return True
+    return (target.arch in (80, 86, 89) and in_features <= FUSED_MAX_IN_FEATURES
+            and in_features % 16 == 0 and out_features % 16 == 0)
+
+
+FUSED_MAX_IN_FEATURES = 1024  # off sm_90: between the Qwen3-30B-A3B widths read (768 / 2048)
+
+
+def fuses_shrink(device, dtype, rank, in_features, out_features, transposed):
+    """Whether the forward computes S = x A_e^T inside its GEMM (``grouped_forward``) instead of
+    in the grouped shrink's own pass over x. As ``fuses_output_grad`` (the same tiles and the
+    same rank product per column tile), but only for x at most FUSED_MAX_IN_FEATURES wide on
+    every GPU: the static model (estimates), Qwen3-30B-A3B's experts, forward: down (x 768 wide,
+    DRAM-bound) H100 199 + 19 -> 201 us, RTX 4090 663 + 64 -> 703; gate_up (2048 wide) H100
+    356 + 30 -> 386 (no gain), RTX 4090 1289 + 40 -> 1406 (tensor-bound). Off sm_90 only for
+    the E x N x K layout: with E x K x N (``transposed``, gpt-oss's) the tile takes 168
+    registers on sm_89, one CTA per SM."""
+    return (fuses_output_grad(device, dtype, rank, in_features, out_features)
+            and in_features <= FUSED_MAX_IN_FEATURES
+            and (not transposed or _common.target(device).arch == 90))
+
+
+def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad_x, grad_s,
+                       grad_b, grad_b_strides, offsets, scaling):
+    """The LoRA backward's passes over dY in one: grad_x (S x K) = dY W_e + dS A_e, with grad_s
+    (S x R, x's dtype) = scaling dY B_e and grad_b_e (N x R, fp32) = scaling dY_e^T S_e computed
+    as dY streams through the GEMM (``_grouped_gemm_kernel``'s OUTPUT_GRAD). ``w_strides`` =
+    W's (expert, k, n) strides (W_e read transposed, as ``grouped_gemm`` takes it for dX);
+    ``b_strides`` = (expert, n, rank) of B_e, ``a_strides`` = (expert, k, rank) of A_e^T,
+    ``grad_b_strides`` = (expert, n, rank) of dB in grad_b. dB's fp32 partials (one per row tile)
+    are summed by ``_grouped_grad_b_sum_kernel`` in a fixed order."""
+    rows, N = grad_y.shape
+    K = grad_x.shape[1]
+    R = s.shape[1]
+    experts = offsets.numel() - 1
+    target = _common.target(grad_y.device)
+    configs = grad_input_configs(target, grad_y.dtype)
+    block_m = configs[0]["BLOCK_M"]
+    tile_expert, tile_start = tile_schedule(offsets, rows, block_m)
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    tile_offsets = torch.cat((counts.new_zeros(1), torch.cumsum((counts + block_m - 1) // block_m,
+                                                                0))).to(torch.int32)
+    partials = torch.empty(tile_expert.numel(), N, R, dtype=torch.float32, device=grad_y.device)
+    rank_pad = max(BLOCK_R, triton.next_power_of_2(R))
+    _common.launch(_grouped_gemm_kernel,
+                   lambda c: (tile_expert.numel(), triton.cdiv(K, c["BLOCK_N"])), configs,
+                   grad_y, offsets, w, s, a, grad_x, tile_expert, tile_start, offsets, b, grad_s,
+                   partials, K, N, R, scaling, grad_y.stride(0), grad_y.stride(1), *w_strides,
+                   *a_strides, *b_strides, bucket=rows, PRECISION=precision(grad_y.dtype),
+                   GATHER=False, SHRINK=False, OUTPUT_GRAD=True, BLOCK_R=BLOCK_R,
+                   RANK_PAD=rank_pad)
+    config = grad_b_sum_config(target, grad_y.dtype)
+    _grouped_grad_b_sum_kernel[(experts, triton.cdiv(N, config["BLOCK_N"]))](
+        partials, tile_offsets, grad_b, N, R, *grad_b_strides, RANK_PAD=rank_pad, **config)
 
 
 def grouped_output_grad(grad_y, s, g, g_strides, grad_b, grad_b_strides, grad_s, offsets,

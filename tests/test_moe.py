@@ -100,7 +100,7 @@ def test_lora_grouped_kernels_write_every_element():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
-def test_lora_grouped_gathers_rows_through_row_index(dtype):
+def test_lora_grouped_gathers_rows_through_row_index(dtype, fused_output_grad):
     """x's rows read through row_index in the shrink, the GEMM and dA (no sorted copy): the same
     as the op over x[row_index], and x's gradient sums the shares of its repeated rows."""
     _, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, False)
@@ -202,8 +202,39 @@ def test_grouped_gemm_configs_share_one_block_m(arch):
     from lowrank.kernels._common import Target
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        configs = grouped_kernels.gemm_configs(Target(arch, 132), dtype)
-        assert {config["BLOCK_M"] for config in configs} == {configs[0]["BLOCK_M"]}
+        for configs in (grouped_kernels.gemm_configs(Target(arch, 132), dtype),
+                        grouped_kernels.grad_input_configs(Target(arch, 132), dtype)):
+            assert {config["BLOCK_M"] for config in configs} == {configs[0]["BLOCK_M"]}
+
+
+def test_fuses_output_grad_where_the_model_says(monkeypatch):
+    """dS and dB inside the dX GEMM (``fuses_output_grad``): on sm_90 for both Qwen3-30B-A3B
+    widths, on sm_80/86/89 only for down's 768-wide dX and widths of multiples of 16; never on
+    64-wide tiles (fp32, the interpreter), for a rank whose padded block is over an eighth of the
+    tile's width, or on a GPU the model has not read."""
+    from lowrank.kernels._common import Target
+
+    def fuses(arch, dtype, rank, in_features, out_features=2048):
+        monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(arch, 132))
+        return grouped_kernels.fuses_output_grad(torch.device("cpu"), dtype, rank, in_features,
+                                                 out_features)
+
+    bf16 = torch.bfloat16
+    assert fuses(90, bf16, 16, 2048) and fuses(90, bf16, 16, 768) and fuses(89, bf16, 16, 768)
+    assert not fuses(89, bf16, 16, 2048) and not fuses(90, bf16, 32, 768)
+    assert fuses(89, bf16, 8, 768) and fuses(80, torch.float16, 16, 768)
+    assert fuses(90, bf16, 16, 770, 37) and not fuses(89, bf16, 16, 770) and not fuses(
+        86, bf16, 16, 768, 2050)
+    assert not fuses(90, torch.float32, 16, 768) and not fuses(None, bf16, 16, 768)
+    assert not fuses(94, bf16, 16, 768)  # gfx942: not read by the model
+    # S inside the forward GEMM: x up to 1024 wide on sm_90 too (gate_up's 2048: no gain there).
+    monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(90, 132))
+    cpu = torch.device("cpu")
+    assert grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, True)
+    assert not grouped_kernels.fuses_shrink(cpu, bf16, 16, 2048, 1536, False)
+    monkeypatch.setattr(grouped_kernels._common, "target", lambda device: Target(89, 128))
+    assert grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, False)
+    assert not grouped_kernels.fuses_shrink(cpu, bf16, 16, 768, 2048, True)
 
 
 def test_expert_offsets():
@@ -460,3 +491,111 @@ def test_several_adapter_features_refuse_experts_by_name():
                for attr, w in experts.adapter_weights("default").items()}
     lowrank.hotswap_adapter(model, swapped, "default")
     assert all(w.eq(1).all() for w in experts.adapter_weights("default").values())
+
+
+@pytest.fixture(params=[False, True], ids=["own-passes", "in-the-GEMMs"])
+def fused_output_grad(request, monkeypatch):
+    """Both routes: S, and dS with dB, in their own passes over x and dY, or inside the forward
+    and dX GEMMs (``grouped_forward``, ``grouped_grad_input``; on a GPU only where
+    ``fuses_shrink`` / ``fuses_output_grad`` say they pay)."""
+    monkeypatch.setattr(grouped_kernels, "fuses_output_grad", lambda *args: request.param)
+    monkeypatch.setattr(grouped_kernels, "fuses_shrink", lambda *args: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("counts", [COUNTS, (0, 0, 11, 0, 0)], ids=["imbalanced", "one-expert"])
+def test_lora_grouped_backward_routes_against_fp64(dtype, counts, fused_output_grad):
+    """The whole op through each route, E x K x N weights (gpt-oss's, read transposed by dX),
+    imbalanced routing and every row on one expert: Y, dX, dA and dB against the fp64
+    reference, zeros for experts without rows."""
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True, counts)
+    for t in (x, lora_a, lora_b):
+        t.requires_grad_()
+    y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True)
+    y.backward(grad_y)
+    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, True)
+    assert_op_close(y, expected[0], dtype, "y")
+    assert_op_close(x.grad, expected[1], dtype, "dx")
+    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
+    assert lora_b.grad.view(N, RANK, E)[:, :, 0].eq(0).all()
+    assert lora_b.grad.view(N, RANK, E)[:, :, 3].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_grad_input_writes_every_element(dtype):
+    """``grouped_grad_input`` into NaN-filled outputs, B through PEFT's strides (ranks E apart; the
+    op passes an E x N x r copy, these strides are the general case), N =
+    300 columns of dY (several BLOCK_K chunks, dealt over the column tiles for dB) and K = 150
+    (three column tiles: dS from each, stored once), rank 20 (padded to 32), an expert with no
+    rows, one with every row of a 64-row tile and one more (two tiles): every dX row, dS row and
+    dB element written, against fp64."""
+    gen = torch.Generator().manual_seed(4)
+    experts, rank, k, n, counts = 4, 20, 150, 300, (0, 65, 0, 3)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    grad_y = torch.randn(rows, n, generator=gen).to(dtype)
+    s = (torch.randn(rows, rank, generator=gen) * 0.5).to(dtype)
+    weight = (torch.randn(experts, n, k, generator=gen) * 0.2).to(dtype)  # E x N x K: dX reads it
+    lora_a = torch.randn(experts * rank, k, generator=gen) * 0.3
+    lora_b = torch.randn(n, rank * experts, generator=gen) * 0.3
+    grad_x = poisoned((rows, k), dtype, "cpu")
+    grad_s = poisoned((rows, rank), dtype, "cpu")
+    grad_b = poisoned(lora_b.shape, torch.float32, "cpu")
+    a, b, w = lora_a.stride(), lora_b.stride(), weight.stride()
+    grouped_kernels.grouped_grad_input(
+        grad_y, weight, (w[0], w[2], w[1]), s, lora_b, (b[1], b[0], experts * b[1]), lora_a,
+        (rank * a[0], a[1], a[0]), grad_x, grad_s, grad_b, (1, rank * experts, experts), offsets,
+        SCALING)
+    grad_bs = grad_b.view(n, rank, experts)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_bs[:, :, e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        dy_e, s_e = grad_y[first:end].double(), s[first:end].double()
+        b_e = lora_b.view(n, rank, experts)[:, :, e].double()
+        a_e = lora_a.view(experts, rank, k)[e].double()
+        grad_s_e = SCALING * dy_e @ b_e
+        assert_op_close(grad_s[first:end], grad_s_e, dtype, f"dS_{e}")
+        # dX's expand takes dS as stored (rounded to x's dtype), as the separate route does.
+        expected_x = dy_e @ weight[e].double() + grad_s[first:end].double() @ a_e
+        assert_op_close(grad_x[first:end], expected_x, dtype, f"dX_{e}")
+        assert_op_close(grad_bs[:, :, e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}",
+                        TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_forward_writes_every_element(dtype):
+    """``grouped_forward`` (S inside the forward GEMM) into NaN-filled y and S, N = 150 (three
+    column tiles, each computing S, one storing it), K = 70 (several BLOCK_K chunks of A_e),
+    rank 20 (padded to 32), x's rows gathered through row_index, an expert with no rows and one
+    with two tiles: against fp64, S as stored (rounded to x's dtype) in y's expand."""
+    gen = torch.Generator().manual_seed(5)
+    experts, rank, k, n, counts = 3, 20, 70, 150, (66, 0, 2)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    tokens = torch.randn(31, k, generator=gen).to(dtype)
+    row_index = torch.randint(0, 31, (rows,), generator=gen)
+    weight = (torch.randn(experts, n, k, generator=gen) * 0.2).to(dtype)
+    lora_a = torch.randn(experts * rank, k, generator=gen) * 0.3
+    lora_b = torch.randn(n, rank * experts, generator=gen) * 0.3
+    experts_b = lora_b.view(n, rank, experts).permute(2, 0, 1).to(dtype).contiguous()
+    s = poisoned((rows, rank), dtype, "cpu")
+    y = poisoned((rows, n), dtype, "cpu")
+    a = lora_a.stride()
+    grouped_kernels.grouped_forward(tokens, weight, weight.stride(), lora_a,
+                                    (rank * a[0], a[1], a[0]), experts_b, experts_b.stride(), s,
+                                    y, offsets, SCALING, row_index)
+    x = tokens[row_index].double()
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            continue
+        a_e = lora_a.view(experts, rank, k)[e].double()
+        assert_op_close(s[first:end], x[first:end] @ a_e.T, dtype, f"S_{e}")
+        expected = (x[first:end] @ weight[e].double().T
+                    + SCALING * s[first:end].double() @ experts_b[e].double().T)
+        assert_op_close(y[first:end], expected, dtype, f"y_{e}")

@@ -379,13 +379,16 @@ def quantize_call(n, k, dtype, blocksize):
         empty(-(-n * k // blocksize)), blocksize)
 
 
-def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None):
+def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None,
+                       fused_shrink=None, fused_output_grad=None):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
     layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
     gather x's rows from rows / top_k tokens (``row_index``), as the first projection of
     ``experts_forward`` runs; the dX GEMM writes the sorted rows, which torch sums into the
-    tokens'."""
+    tokens'. The forward computes S inside its GEMM, and the backward dS and dB inside the dX
+    GEMM, where ``lora_grouped.fuses_shrink`` / ``fuses_output_grad`` say so, as the op does, or
+    as ``fused_shrink`` / ``fused_output_grad`` say (compile coverage: every GPU builds both)."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
     row_index = empty(rows, dtype=torch.int64) if top_k else None
@@ -400,24 +403,42 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
 
     # Torch's work around the launches (lowrank.ops.lora_grouped): B copied into b_rows for the
     # forward's GEMM (fp32 read, x's dtype written), and the sum of the fp32 dS partials, one per
-    # chunk of dY's columns. The backward's dS / dB pass reads PEFT's B as it is.
+    # chunk of dY's columns. The dS / dB pass reads PEFT's B as it is; the dX GEMM with dS and dB
+    # inside loads all of B_e in every tile, from its own copy (lora_grouped_backward).
     b_copy = n * rank * experts * (lora_b.element_size() + b_rows.element_size())
 
     def forward():
         torch_op(0, b_copy, "B as E x N x r (copy)")
+        fused = fused_shrink
+        if fused is None:  # as lora_grouped_forward chooses
+            fused = lora_grouped.fuses_shrink(x.device, dtype, rank, k, n, transposed)
+        if fused:
+            lora_grouped.grouped_forward(x, w, w_strides, lora_a, (rank * a[0], a[1], a[0]), b_rows,
+                                         b_rows.stride(), s, y, offsets, SCALING, row_index)
+            return
         lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
         lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
                                   row_index)
 
     def backward():
-        config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
-        chunks = -(-n // config["BLOCK_N"])
-        torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
         peft_b = (1, rank * experts, experts)  # B_e's (n, rank) in PEFT's N x (r E)
-        lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
-                                         SCALING)
-        lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
-                                  (rank * a[0], a[1], a[0]), grad_x, offsets, 1.0)
+        w_t = (w_strides[0], w_strides[2], w_strides[1])
+        fused = fused_output_grad
+        if fused is None:  # as lora_grouped_backward chooses
+            fused = lora_grouped.fuses_output_grad(dy.device, dtype, rank, k, n)
+        if fused:
+            torch_op(0, b_copy, "B as E x N x r (copy)")
+            lora_grouped.grouped_grad_input(dy, w, w_t, s, b_rows, b_rows.stride(), lora_a,
+                                            (rank * a[0], a[1], a[0]), grad_x, s, grad_b, peft_b,
+                                            offsets, SCALING)
+        else:
+            config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
+            chunks = -(-n // config["BLOCK_N"])
+            torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
+            lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
+                                             SCALING)
+            lora_grouped.grouped_gemm(dy, w, w_t, s, lora_a, (rank * a[0], a[1], a[0]), grad_x,
+                                      offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)
     for call in (forward, backward):
         call.model_ints = grouped_model_ints(rows, experts)
@@ -706,6 +727,11 @@ def coverage_calls():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
             calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
+        for fused in (False, True):  # S, dS and dB in their own passes or inside the GEMMs
+            fused_calls = lora_grouped_calls(*ALIGNED, 4, dtype, fused_shrink=fused,
+                                             fused_output_grad=fused)
+            for step, call in fused_calls.items():
+                calls[f"lora_grouped_{step} {t} {ALIGNED} fused={fused}"] = call
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
             for shifted, column_sums in ((False, True), (False, False), (True, True)):
                 calls[f"dora_grad_scale {t} {shape} shifted={shifted} sums={column_sums}"] = \

@@ -6,7 +6,8 @@ whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e 
 are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied
 into an E x N x r tensor for the forward (small: the experts' weights dominate what a launch
 reads), so that the GEMM tiles, which load B_e once per output tile, load its rows whole; the
-backward's dS / dB pass loads each chunk of B_e once and reads PEFT's B as it is. Gradients are
+backward's dS / dB pass loads each chunk of B_e once and reads PEFT's B as it is (a dX GEMM with
+dS and dB inside, ``kernels.fuses_output_grad``, reads a copy as the forward does). Gradients are
 written straight into PEFT's layout.
 
 ``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
@@ -74,12 +75,18 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y, s
-    if rank:
-        a = lora_A.stride()
-        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, row_index)
+    a = lora_A.stride()
     b = _experts_b(lora_B, experts, x.dtype)
-    kernels.grouped_gemm(x, weight, _weight_strides(weight, transposed), s, b, b.stride(), y,
-                         offsets, scaling, row_index)
+    w_strides = _weight_strides(weight, transposed)
+    if rank and kernels.fuses_shrink(x.device, x.dtype, rank, x.shape[1], out_features,
+                                          transposed):
+        # S from the GEMM's own pass over x: no shrink pass.
+        kernels.grouped_forward(x, weight, w_strides, lora_A, (rank * a[0], a[1], a[0]), b,
+                                b.stride(), s, y, offsets, scaling, row_index)
+        return y, s
+    if rank:
+        kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, row_index)
+    kernels.grouped_gemm(x, weight, w_strides, s, b, b.stride(), y, offsets, scaling, row_index)
     return y, s
 
 
@@ -113,16 +120,28 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
         return torch.zeros_like(x), grad_a, grad_b
     grad_s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
-    if rank:
-        # dS and dB in one pass over dY. B_e read where PEFT keeps it (its (n, rank) at (r E, E)
-        # in N x (r E), as dB_e is written): each program loads its chunk of B_e once, so no
-        # copy as the forward's GEMM tiles need it (RTX 4090, Qwen3-30B-A3B down: 28 us, model).
-        b = lora_B.stride()
-        kernels.grouped_output_grad(grad_y, s, lora_B, (b[1], b[0], experts * b[1]), grad_b,
-                                    (1, rank * experts, experts), grad_s, offsets, scaling)
+    a_t = (rank * a[0], a[1], a[0])  # A_e^T's (expert, k, rank) in PEFT's (E r) x K
+    # B_e read where PEFT keeps it (its (n, rank) at (r E, E) in N x (r E), as dB_e is written):
+    # the backward loads each chunk of B_e once, so no copy as the forward's GEMM tiles need it
+    # (RTX 4090, Qwen3-30B-A3B down: 28 us, model).
+    b = lora_B.stride()
+    peft_b, grad_b_strides = (b[1], b[0], experts * b[1]), (1, rank * experts, experts)
     e, n, k = _weight_strides(weight, transposed)
-    kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, (rank * a[0], a[1], a[0]),
-                         grad_x, offsets, 1.0)
+    if rank and kernels.fuses_output_grad(x.device, x.dtype, rank, in_features,
+                                              out_features):
+        # dS and dB inside the dX GEMM, which streams dY anyway: no pass over dY of their own.
+        # Its tiles load all of B_e, a K-step chunk at a time: from the forward's E x N x r copy
+        # (whole 32-byte rows), not PEFT's layout, whose ranks E apart would cost a 32-byte
+        # sector per 4-byte element.
+        experts_b = _experts_b(lora_B, experts, x.dtype)
+        kernels.grouped_grad_input(grad_y, weight, (e, k, n), s, experts_b, experts_b.stride(),
+                                   lora_A, a_t, grad_x, grad_s, grad_b, grad_b_strides, offsets,
+                                   scaling)
+    else:
+        if rank:  # dS and dB in one pass over dY
+            kernels.grouped_output_grad(grad_y, s, lora_B, peft_b, grad_b, grad_b_strides, grad_s,
+                                        offsets, scaling)
+        kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, a_t, grad_x, offsets, 1.0)
     if rank:
         kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
                                     offsets, 1.0, row_index)
