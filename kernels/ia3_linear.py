@@ -49,11 +49,13 @@ def forward_configs(target, dtype):
         return untuned
     if target.arch == 90:
         # As lora_linear.forward_configs (the 256-row tile: 1030 -> 805 us at 4096 x 4096 x 14336
-        # NF4 on H100, model).
+        # NF4 on H100, model), computed transposed as its is (TRANSPOSED_TILE, the decoded W
+        # wgmma's register operand): 764 -> 706 us NF4, 784 -> 737 nested, dense unchanged (830,
+        # L2-bound); model, issue-bound now, 224-226 registers, no spills.
         return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3},
                 {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-                 "num_stages": 3},
+                 "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3}]
     # sm_80/86/89.
@@ -88,11 +90,14 @@ def grad_input_configs(target, dtype):
 def grad_scale_configs(target, dtype):
     """The output form's forward tiles (it recomputes x W^T), at the partial sums' BLOCK_M: each
     W tile (BLOCK_N x BLOCK_K) once, with the first launch options the forward list gives it (the
-    sm_90 256-row tile's 8 warps would be a slower copy of the 64-row one's 4: model)."""
+    sm_90 256-row tile's 8 warps would be a slower copy of the 64-row one's 4: model). Not the
+    forward's TRANSPOSED_TILE, which the kernel does not take: its 64-row tiles computed
+    transposed were slower (model, H100 4096 x 4096 x 14336: NF4 1452 -> 2102 us, nested 1508 ->
+    2169, issue-bound; dense unchanged)."""
     unique = {}
     for config in forward_configs(target, dtype):
-        unique.setdefault((config["BLOCK_N"], config["BLOCK_K"]),
-                          {**config, "BLOCK_M": PARTIAL_BLOCK_M})
+        tile = {key: value for key, value in config.items() if key != "TRANSPOSED_TILE"}
+        unique.setdefault((tile["BLOCK_N"], tile["BLOCK_K"]), {**tile, "BLOCK_M": PARTIAL_BLOCK_M})
     return list(unique.values())
 
 
@@ -104,15 +109,20 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
                         NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        TRANSPOSED_TILE: tl.constexpr = False):
     """Y = x W^T + b, times l per output column if SCALE_OUTPUT (the output form; the
     feed-forward form's x comes scaled): one store per output tile, tiles in grouped order
-    (``grouped_tile``)."""
+    (``grouped_tile``). TRANSPOSED_TILE: as kernels/lora_linear.py's forward, x W^T summed as
+    W x^T (the weight wgmma's register operand) and transposed back before the epilogue."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TRANSPOSED_TILE:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
@@ -121,8 +131,13 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if TRANSPOSED_TILE:  # gemm_operand's move is for mma.sync's operand layouts
+            acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if TRANSPOSED_TILE:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     if SCALE_OUTPUT:

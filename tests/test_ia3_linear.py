@@ -8,12 +8,13 @@ the operands (and, for dl, of the M-term sums).
 
 import pytest
 import torch
-from helpers import (EMPTY, IA3_FORMS, TOLERANCE, K, M, N, assert_op_close, check_empty,
-                     check_ia3_linear_against_fp64, ia3_linear_fp64, load_tiny_4bit_llama,
-                     make_ia3_case, poisoned, run_ia3_linear)
+from helpers import (EMPTY, IA3_FORMS, TOLERANCE, K, M, N, assert_op_close, assert_same_bits,
+                     check_empty, check_ia3_linear_against_fp64, decode_nf4, ia3_linear_fp64,
+                     load_tiny_4bit_llama, make_ia3_case, poisoned, run_ia3_linear)
 
 from lowrank import nf4, ops
 from lowrank.kernels import ia3_linear as ia3_kernels
+from lowrank.kernels._common import target
 
 @pytest.mark.parametrize("form", IA3_FORMS)
 @pytest.mark.parametrize("kind", ["dense", "nf4-64", "nf4-nested-128"])
@@ -122,6 +123,42 @@ def test_kernels_write_every_output_element(form, tokens, device):
             ia3_kernels.PARTIAL_BLOCK_M))):
         assert_op_close(got, tokens_here.sum(0), torch.float32, f"dl of token block {block}",
                         TOLERANCE[dtype])
+
+
+def transposed_forward(monkeypatch):
+    """The forward launcher's configs with TRANSPOSED_TILE (x W^T summed as W x^T, so the decoded
+    weight is the dot's first operand: sm_90's 256-row config), which the interpreter's one config
+    leaves off. The output form's dl kernel takes its configs from these and must drop the flag:
+    it does not take it (a GPU launch raises; the interpreter ignores the keyword)."""
+    configs = ia3_kernels.forward_configs
+    monkeypatch.setattr(ia3_kernels, "forward_configs", lambda *args: [
+        {**config, "TRANSPOSED_TILE": True} for config in configs(*args)])
+    assert all("TRANSPOSED_TILE" not in config for dtype in (torch.float32, torch.bfloat16)
+               for config in ia3_kernels.grad_scale_configs(target(torch.device("cpu")), dtype))
+
+
+@pytest.mark.parametrize("form", IA3_FORMS)
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_transposed_forward_tile_matches_fp64_reference(dtype, kind, form, device, monkeypatch):
+    transposed_forward(monkeypatch)
+    check_ia3_linear_against_fp64(dtype, kind, form, True, device)
+
+
+@pytest.mark.parametrize("form", IA3_FORMS)
+def test_transposed_forward_tile_decodes_nf4_bit_for_bit(form, device, monkeypatch):
+    """Through the transposed tile, an identity x (fp32, IEEE products: 1 x w + 0 x the rest is
+    exact) gives W^T, the weight decoded inside the GEMM bit for bit as the format says; the
+    output form's l of ones scales the transposed-back tile exactly (its columns are W's rows)."""
+    transposed_forward(monkeypatch)
+    k = 98  # rows of W start on any even element
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=64, double_quant=True)
+    frozen = ops.FrozenWeight.of(packed, state)
+    y = poisoned((k, N), torch.float32, device)
+    scale = None if IA3_FORMS[form] else torch.ones(N, device=device)
+    ia3_kernels.ia3_forward(torch.eye(k, device=device), frozen.tensor, None, y, scale, frozen.nf4)
+    assert_same_bits(y, decode_nf4(packed, state).reshape(N, k).t().contiguous())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
