@@ -100,6 +100,22 @@ def gemm_operand(tile, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PTX: tl.co
     return operand
 
 
+@triton.jit
+def frozen_tile_dot(x, w, acc, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PTX: tl.constexpr,
+                    PRECISION: tl.constexpr, TRANSPOSED_TILE: tl.constexpr):
+    """acc + x w^T for a GEMM over the frozen weight (x: BLOCK_M x BLOCK_K, w from
+    ``load_gemm_tile``: BLOCK_N x BLOCK_K); with TRANSPOSED_TILE, acc (BLOCK_N x BLOCK_M) + w x^T:
+    the decoded weight the dot's first operand, which wgmma (sm_90) reads from registers, so it
+    is not re-read from shared memory for each 64-row slice of x. ``gemm_operand``'s move is for
+    mma.sync's operand layouts, so the transposed tile skips it."""
+    if TRANSPOSED_TILE:
+        acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(gemm_operand(w, dtype, NF4, INLINE_PTX)), acc,
+                     input_precision=PRECISION)
+    return acc
+
+
 def decoding_flags(nf4, K, block_k, target):
     """``load_gemm_tile``'s constexprs: SCALE_GROUP (see ``scale_group``), INLINE_PTX and
     NIBBLE_LOOKUP (``nibble_lookup``). The decode GEMV's packed tiles take the 16-code lookup

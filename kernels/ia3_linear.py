@@ -33,7 +33,8 @@ import triton.language as tl
 
 from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
+from ._weight import (frozen_tile_dot, gemm_operand, load_gemm_tile, precision, weight_args,
+                      with_decoding)
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -131,11 +132,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        if TRANSPOSED_TILE:  # gemm_operand's move is for mma.sync's operand layouts
-            acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            w = gemm_operand(w, dtype, NF4, INLINE_PTX)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
     if HAS_BIAS:

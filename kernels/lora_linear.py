@@ -26,7 +26,8 @@ import triton.language as tl
 
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
+from ._weight import (frozen_tile_dot, gemm_operand, load_gemm_tile, precision, weight_args,
+                      with_decoding)
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -267,11 +268,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_K)
-        if TRANSPOSED_TILE:  # gemm_operand's move is for mma.sync's operand layouts
-            acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            w = gemm_operand(w, dtype, NF4, INLINE_PTX)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
     if COLUMN_SCALE:

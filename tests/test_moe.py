@@ -42,14 +42,12 @@ def fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, transposed):
     return y.detach(), *(t.grad for t in leaves)
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["E-N-K", "E-K-N"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
-def test_lora_grouped_against_fp64(dtype, transposed):
-    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, transposed)
-    x.requires_grad_()
-    lora_a.requires_grad_()
-    lora_b.requires_grad_()
+def check_op_against_fp64(dtype, transposed, counts):
+    """``ops.lora_grouped`` forward and backward on a ``make_case`` case: Y, dX, dA and dB
+    against ``fp64_oracle``; returns (lora_a, lora_b) with their gradients."""
+    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, transposed, counts)
+    for t in (x, lora_a, lora_b):
+        t.requires_grad_()
     y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, transposed)
     y.backward(grad_y)
     expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, transposed)
@@ -58,6 +56,14 @@ def test_lora_grouped_against_fp64(dtype, transposed):
     # dA, dB: fp32 adapters, from products of x's dtype accumulated in fp32.
     assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
     assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
+    return lora_a, lora_b
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["E-N-K", "E-K-N"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_against_fp64(dtype, transposed):
+    lora_a, lora_b = check_op_against_fp64(dtype, transposed, COUNTS)
     # An expert without rows gets exactly zero gradient.
     rank_rows = lora_a.grad.view(E, RANK, K)
     assert rank_rows[0].eq(0).all() and rank_rows[3].eq(0).all()
@@ -510,16 +516,7 @@ def test_lora_grouped_backward_routes_against_fp64(dtype, counts, fused_output_g
     """The whole op through each route, E x K x N weights (gpt-oss's, read transposed by dX),
     imbalanced routing and every row on one expert: Y, dX, dA and dB against the fp64
     reference, zeros for experts without rows."""
-    x, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True, counts)
-    for t in (x, lora_a, lora_b):
-        t.requires_grad_()
-    y = ops.lora_grouped(x, weight, lora_a, lora_b, SCALING, offsets, True)
-    y.backward(grad_y)
-    expected = fp64_oracle(x, weight, lora_a, lora_b, offsets, grad_y, True)
-    assert_op_close(y, expected[0], dtype, "y")
-    assert_op_close(x.grad, expected[1], dtype, "dx")
-    assert_op_close(lora_a.grad, expected[2], torch.float32, "dA", TOLERANCE[dtype])
-    assert_op_close(lora_b.grad, expected[3], torch.float32, "dB", TOLERANCE[dtype])
+    lora_a, lora_b = check_op_against_fp64(dtype, True, counts)
     assert lora_b.grad.view(N, RANK, E)[:, :, 0].eq(0).all()
     assert lora_b.grad.view(N, RANK, E)[:, :, 3].eq(0).all()
 
