@@ -247,6 +247,21 @@ def _lora_decode_epilogue_kernel(partial_ptr, s_partial_ptr, s_ptr, b_ptr, bias_
 #   shared reads; sm_80-89 load the packed bytes one at a time in that order.
 # - BLOCK_N = 256 (x's tile shared by twice the columns: shared 15.0 -> 13.6-13.9 us), 2 warps,
 #   one stage, or x loaded already in the mma's K order: 146-245 registers, 21.7-34.7 us.
+# Where the loop's instructions go (H100, 16 rows, bf16 x; per thread and iteration, 64 packed
+# bytes: 767 instructions, 12.0 a byte, nested 803): the 16-code lookup 5.0 a byte (a prmt and a
+# 4-byte shared load per code, 4 shifts and masks per 4 bytes), the absmax multiply 2.0, the bf16
+# packing 1.0, copies of x's registers into each mma's A operand 1.6 (x's rows g and g + 8 come
+# from two 16-byte loads; the A operand needs them in 4 consecutive registers), the mma 0.5, the
+# tile loads 0.4, addresses, masks and the loop ~1.5. Shared memory per iteration: the lookup 64%,
+# x read back by each of the 4 warps 16%, W's packed bytes through cp.async 16%.
+# - The 256-row pair table copied 16 times into shared memory (copy c of row b at 128 b + 8 c, lane
+#   l reading copy l % 16: conflict-free 8-byte loads, both codes of a byte in one; 3 instructions
+#   a byte instead of 5): issue 15.2 -> 12.2 us (nested 16.0 -> 13.3), the loop 767 -> 599, but
+#   shared memory unchanged (the same wavefronts), so 16 rows 16.7 -> 16.6 us, one row 15.2 ->
+#   14.2 (model). Not kept: its 32 KB of static shared memory plus Triton's dynamic shared memory
+#   pass 48 KB with fp32 adapters (20 KB dynamic: the shrink's fp32 tiles) and ragged shapes,
+#   where a launch needs an opt-in that Triton's launcher makes only when the dynamic part alone
+#   is over 48 KB; and those builds fit one CTA per SM on sm_89 (branch dec17-pairs-wip).
 def evens_out_sms(target, nf4):
     """Whether ``split_k`` evens out the SMs' shares of W: where the NF4 decode bounds each SM
     (sm_90: issue and shared memory, static model), not where DRAM bounds the launch (sm_80-89,
