@@ -161,7 +161,8 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
                          PRECISION: tl.constexpr, GATHER: tl.constexpr,
                          SHRINK: tl.constexpr, OUTPUT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                         RANK_PAD: tl.constexpr):
+                         RANK_PAD: tl.constexpr, bias_ptr, stride_bias_e, stride_bias_n,
+                         BIAS: tl.constexpr):
     """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
     G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); x's rows through index_ptr if
     GATHER; one store per output tile.
@@ -182,6 +183,10 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         grad_b_partial[tile][c] = scaling dY_tile[:, c]^T S_tile   (fp32) for the BLOCK_K column
                                   chunks c of dY this column tile owns (every num_programs(1)-th),
                                   summed over an expert's row tiles by ``_grouped_grad_b_sum_kernel``
+
+    BIAS (forward only): Y += bias_e, the expert's bias row (N, at bias_ptr + e stride_bias_e),
+    added to the fp32 accumulator before the one rounding and store (transformers' experts add
+    it right after each projection, before the gate and the routing weights).
     """
     dtype = x_ptr.dtype.element_ty
     expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
@@ -246,6 +251,10 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
                         mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
             g = (g.to(tl.float32) * scaling).to(dtype)
             acc = tl.dot(s, tl.trans(g), acc, input_precision=PRECISION)
+    if BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + outs * stride_bias_n,
+                       mask=outs < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc,
                   row_mask[:, None] & (outs[None, :] < N))
 
@@ -362,10 +371,11 @@ def grouped_shrink(x, f, f_strides, out, offsets, row_index=None):
                                  **config)
 
 
-def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_index=None):
-    """y (S x N) = x W_e^T + scaling S G_e^T; ``w_strides`` = (expert, n, k) of W in w,
-    ``g_strides`` = (expert, n, rank) of G in g; x's rows through ``row_index`` as in
-    ``grouped_shrink``."""
+def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_index=None,
+                 bias=None):
+    """y (S x N) = x W_e^T + scaling S G_e^T (+ bias_e, the expert's row of ``bias``, E x N, if
+    given); ``w_strides`` = (expert, n, k) of W in w, ``g_strides`` = (expert, n, rank) of G in
+    g; x's rows through ``row_index`` as in ``grouped_shrink``."""
     rows, K = y.shape[0], x.shape[1]
     N = y.shape[1]
     R = s.shape[1]
@@ -380,12 +390,13 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
                    offsets, g, y, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
                    *g_strides, *g_strides, bucket=rows, PRECISION=precision(x.dtype),
                    GATHER=gather, SHRINK=False, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
-                   RANK_PAD=BLOCK_R)
+                   RANK_PAD=BLOCK_R, **_bias_arguments(bias, y))
 
 
 def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, scaling,
-                    row_index=None):
-    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T with s (S x R, x's dtype)
+                    row_index=None, bias=None):
+    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T (+ bias_e as in
+    ``grouped_gemm``) with s (S x R, x's dtype)
     = x A_e^T computed in the same pass over x (``_grouped_gemm_kernel``'s SHRINK);
     ``a_strides`` = (expert, k, rank) of A_e^T in a, ``b_strides`` = (expert, n, rank) of B_e in
     b; x's rows through ``row_index`` as in ``grouped_shrink``."""
@@ -401,7 +412,16 @@ def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, 
                    offsets, a, s, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
                    *b_strides, *a_strides, bucket=rows, PRECISION=precision(x.dtype),
                    GATHER=gather, SHRINK=True, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
-                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)))
+                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)), **_bias_arguments(bias, y))
+
+
+def _bias_arguments(bias, y):
+    """The GEMM kernel's bias arguments: ``bias`` (E x N) and its strides, or none (BIAS off:
+    y stands in for the pointer, never read)."""
+    if bias is None:
+        return {"bias_ptr": y, "stride_bias_e": 0, "stride_bias_n": 0, "BIAS": False}
+    return {"bias_ptr": bias, "stride_bias_e": bias.stride(0), "stride_bias_n": bias.stride(1),
+            "BIAS": True}
 
 
 def fuses_output_grad(device, dtype, rank, in_features, out_features):
@@ -472,7 +492,7 @@ def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad
                    partials, K, N, R, scaling, grad_y.stride(0), grad_y.stride(1), *w_strides,
                    *a_strides, *b_strides, bucket=rows, PRECISION=precision(grad_y.dtype),
                    GATHER=False, SHRINK=False, OUTPUT_GRAD=True, BLOCK_R=BLOCK_R,
-                   RANK_PAD=rank_pad)
+                   RANK_PAD=rank_pad, **_bias_arguments(None, grad_x))
     config = grad_b_sum_config(target, grad_y.dtype)
     _grouped_grad_b_sum_kernel[(experts, triton.cdiv(N, config["BLOCK_N"]))](
         partials, tile_offsets, grad_b, N, R, *grad_b_strides, RANK_PAD=rank_pad, **config)
