@@ -693,3 +693,49 @@ def test_gpt_oss_trainable_expert_bias_matches_peft():
     for ours_bias, their_bias in zip(biases["ours"], biases["theirs"]):
         assert ours_bias.grad is not None and ours_bias.grad.abs().sum() > 0
         assert_model_close(ours_bias.grad, their_bias.grad, MODEL_TOLERANCE, "bias grad")
+
+
+@pytest.mark.parametrize("group_tiles", [1, 4, 8])
+def test_grouped_gemm_tile_order_covers_every_tile(group_tiles, monkeypatch):
+    """The GEMM's programs taken in groups of GROUP_TILES row tiles (``_tile_and_column``): with
+    9 row tiles (6 with rows, 3 spare) and 3 column tiles, groups of 1, 4 (the last one short)
+    and 8 each write every output element of the forward (with the bias) and of dX with dS and
+    dB (dB's partials indexed by row tile, dS stored by column tile 0) into NaN-filled outputs,
+    against fp64."""
+    monkeypatch.setattr(grouped_kernels, "GROUP_TILES", group_tiles)
+    gen = torch.Generator().manual_seed(9)
+    counts, k, n = (0, 130, 5, 0, 70), 29, 150
+    target = grouped_kernels._common.target(torch.device("cpu"))
+    rows, block_m = sum(counts), grouped_kernels.gemm_configs(target, torch.float32)[0]["BLOCK_M"]
+    assert (rows + block_m - 1) // block_m + E == 9 and n > 2 * 64
+    offsets = offsets_of(counts)
+    x = torch.randn(rows, k, generator=gen)
+    weight = torch.randn(E, n, k, generator=gen) * 0.2
+    s = torch.randn(rows, RANK, generator=gen) * 0.5
+    lora_a = torch.randn(E * RANK, k, generator=gen) * 0.3
+    experts_b = torch.randn(E, n, RANK, generator=gen) * 0.3
+    bias = expert_biases(torch.float32, E, n)
+    y = poisoned((rows, n), torch.float32, "cpu")
+    grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, experts_b, experts_b.stride(), y,
+                                 offsets, SCALING, bias=bias)
+    grad_y = torch.randn(rows, n, generator=gen)
+    grad_x = poisoned((rows, k), torch.float32, "cpu")
+    grad_s = poisoned((rows, RANK), torch.float32, "cpu")
+    grad_b = poisoned((E, n, RANK), torch.float32, "cpu")
+    a, w = lora_a.stride(), weight.stride()
+    grouped_kernels.grouped_grad_input(grad_y, weight, (w[0], w[2], w[1]), s, experts_b,
+                                       experts_b.stride(), lora_a, (RANK * a[0], a[1], a[0]),
+                                       grad_x, grad_s, grad_b, grad_b.stride(), offsets, SCALING)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_b[e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        x_e, s_e, dy_e = x[first:end].double(), s[first:end].double(), grad_y[first:end].double()
+        w_e, b_e = weight[e].double(), experts_b[e].double()
+        a_e = lora_a.view(E, RANK, k)[e].double()
+        assert_op_close(y[first:end], x_e @ w_e.T + SCALING * s_e @ b_e.T + bias[e].double(),
+                        torch.float32, f"y_{e}")
+        grad_s_e = SCALING * dy_e @ b_e
+        assert_op_close(grad_s[first:end], grad_s_e, torch.float32, f"dS_{e}")
+        assert_op_close(grad_x[first:end], dy_e @ w_e + grad_s_e @ a_e, torch.float32, f"dX_{e}")
+        assert_op_close(grad_b[e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}")
