@@ -26,6 +26,8 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
 - The gather of x's rows can be the kernels' (``row_index``): sorted row i reads x's row
   row_index[i], so the forward and dA read the tokens' hidden states where they are (no sorted
   copy of x: one row per token, not one per (token, expert) pair).
+- The experts' biases (gpt-oss's, frozen) can be the forward GEMM's: bias_e added to the fp32
+  accumulator before the one store (BIAS), instead of a gather and an add over Y in torch.
 - Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
 """
 
