@@ -26,6 +26,8 @@ scaling s (every per-expert operand is read through (expert, row, column) stride
 - The gather of x's rows can be the kernels' (``row_index``): sorted row i reads x's row
   row_index[i], so the forward and dA read the tokens' hidden states where they are (no sorted
   copy of x: one row per token, not one per (token, expert) pair).
+- The experts' biases (gpt-oss's, frozen) can be the forward GEMM's: bias_e added to the fp32
+  accumulator before the one store (BIAS), instead of a gather and an add over Y in torch.
 - Operands in x's dtype, fp32 accumulation; dA and dB in fp32.
 """
 
@@ -38,6 +40,7 @@ from ._common import cast_rounded, store_rounded
 from ._weight import precision
 
 BLOCK_R = 16  # ranks in chunks of 16 (the smallest tl.dot size): any rank works
+GROUP_TILES = 8  # row tiles the GEMM takes over every column tile at once (``_tile_and_column``)
 
 
 def gemm_configs(target, dtype):
@@ -107,10 +110,9 @@ def tile_schedule(offsets, rows, block_m):
 
 
 @triton.jit
-def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constexpr):
-    """(expert, row indices, row mask) of this program's tile (axis 0); an unused tile has no
-    rows and expert 0 (whose pointers are then valid but never dereferenced unmasked)."""
-    tile = tl.program_id(0)
+def _tile_rows(tile, tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constexpr):
+    """(expert, row indices, row mask) of row tile ``tile``; an unused tile has no rows and
+    expert 0 (whose pointers are then valid but never dereferenced unmasked)."""
     expert = tl.load(tile_expert_ptr + tile)
     used = expert >= 0
     expert = tl.where(used, expert, 0)
@@ -136,7 +138,8 @@ def _grouped_shrink_kernel(x_ptr, index_ptr, f_ptr, out_ptr, tile_expert_ptr, ti
     """out = x F_e^T (S x R, contiguous, in out's dtype) for the rows of expert e; F_e
     (R x K) at f_ptr + e stride_fe; x's rows through index_ptr if GATHER. One rank chunk per
     program (axis 1)."""
-    expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
+    expert, rows, row_mask = _tile_rows(tl.program_id(0), tile_expert_ptr, tile_start_ptr,
+                                        offsets_ptr, BLOCK_M)
     x_rows = x_ptr + _source_rows(index_ptr, rows, row_mask, GATHER)[:, None] * stride_xm
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     f_base = f_ptr + expert.to(tl.int64) * stride_fe
@@ -154,6 +157,22 @@ def _grouped_shrink_kernel(x_ptr, index_ptr, f_ptr, out_ptr, tile_expert_ptr, ti
 
 
 @triton.jit
+def _tile_and_column(GROUP_TILES: tl.constexpr):
+    """(row tile, column tile) of this program of a (row tiles, column tiles) grid, taken in
+    groups of GROUP_TILES consecutive row tiles (one expert's or a few experts': the tile list
+    is sorted by expert), each group over every column tile before the next. Programs start
+    roughly in launch order (axis 0 fastest): a group's rows of x and its experts' W_e column
+    strips are read from DRAM once and re-read from L2, where axis 0 as the row tile would sweep
+    all of x once per column tile (gpt-oss-20b's gate_up: x 94 MB against H100's 50 MB L2)."""
+    tiles = tl.num_programs(0)
+    per_group = GROUP_TILES * tl.num_programs(1)
+    pid = tl.program_id(1) * tiles + tl.program_id(0)
+    first = (pid // per_group) * GROUP_TILES
+    group_tiles = tl.minimum(tiles - first, GROUP_TILES)
+    return first + (pid % per_group) % group_tiles, (pid % per_group) // group_tiles
+
+
+@triton.jit
 def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expert_ptr,
                          tile_start_ptr, offsets_ptr, b_ptr, grad_s_ptr, grad_b_partial_ptr, N, K,
                          R, scaling, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
@@ -161,7 +180,8 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
                          PRECISION: tl.constexpr, GATHER: tl.constexpr,
                          SHRINK: tl.constexpr, OUTPUT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                         RANK_PAD: tl.constexpr):
+                         RANK_PAD: tl.constexpr, bias_ptr, stride_bias_e, stride_bias_n,
+                         BIAS: tl.constexpr, GROUP_TILES: tl.constexpr):
     """Y = x W_e^T + scaling S G_e^T for the rows of expert e: W_e (N x K) at w_ptr + e stride_we,
     G_e (N x R) at g_ptr + e stride_ge, S (S x R, contiguous); x's rows through index_ptr if
     GATHER; one store per output tile.
@@ -182,10 +202,15 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         grad_b_partial[tile][c] = scaling dY_tile[:, c]^T S_tile   (fp32) for the BLOCK_K column
                                   chunks c of dY this column tile owns (every num_programs(1)-th),
                                   summed over an expert's row tiles by ``_grouped_grad_b_sum_kernel``
+
+    BIAS (forward only): Y += bias_e, the expert's bias row (N, at bias_ptr + e stride_bias_e),
+    added to the fp32 accumulator before the one rounding and store (transformers' experts add
+    it right after each projection, before the gate and the routing weights).
     """
     dtype = x_ptr.dtype.element_ty
-    expert, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
-    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, column = _tile_and_column(GROUP_TILES)
+    expert, rows, row_mask = _tile_rows(tile, tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
+    outs = column * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     g_base = g_ptr + expert.to(tl.int64) * stride_ge
     x_rows = x_ptr + _source_rows(index_ptr, rows, row_mask, GATHER)[:, None] * stride_xm
@@ -213,7 +238,7 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         if OUTPUT_GRAD:
             grad_s = grad_s * scaling
         grad_s = cast_rounded(grad_s, dtype)
-        if tl.program_id(1) == 0:
+        if column == 0:
             tl.store(grad_s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], grad_s,
                      mask=rank_mask)
         g = tl.load(g_base + outs[:, None] * stride_gn + all_ranks[None, :] * stride_gr,
@@ -226,8 +251,8 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
         # L2 hits), against S's rows; the chunks dealt round-robin over the column tiles.
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + all_ranks[None, :], mask=rank_mask,
                     other=0.0)
-        partial_base = grad_b_partial_ptr + tl.program_id(0).to(tl.int64) * K * R
-        for k0 in range(tl.program_id(1) * BLOCK_K, k_len, tl.num_programs(1) * BLOCK_K):
+        partial_base = grad_b_partial_ptr + tile.to(tl.int64) * K * R
+        for k0 in range(column * BLOCK_K, k_len, tl.num_programs(1) * BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + cols[None, :] * stride_xk,
                         mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
@@ -246,6 +271,10 @@ def _grouped_gemm_kernel(x_ptr, index_ptr, w_ptr, s_ptr, g_ptr, y_ptr, tile_expe
                         mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
             g = (g.to(tl.float32) * scaling).to(dtype)
             acc = tl.dot(s, tl.trans(g), acc, input_precision=PRECISION)
+    if BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + outs * stride_bias_n,
+                       mask=outs < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     store_rounded(y_ptr + rows[:, None].to(tl.int64) * N + outs[None, :], acc,
                   row_mask[:, None] & (outs[None, :] < N))
 
@@ -362,10 +391,11 @@ def grouped_shrink(x, f, f_strides, out, offsets, row_index=None):
                                  **config)
 
 
-def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_index=None):
-    """y (S x N) = x W_e^T + scaling S G_e^T; ``w_strides`` = (expert, n, k) of W in w,
-    ``g_strides`` = (expert, n, rank) of G in g; x's rows through ``row_index`` as in
-    ``grouped_shrink``."""
+def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_index=None,
+                 bias=None):
+    """y (S x N) = x W_e^T + scaling S G_e^T (+ bias_e, the expert's row of ``bias``, E x N, if
+    given); ``w_strides`` = (expert, n, k) of W in w, ``g_strides`` = (expert, n, rank) of G in
+    g; x's rows through ``row_index`` as in ``grouped_shrink``."""
     rows, K = y.shape[0], x.shape[1]
     N = y.shape[1]
     R = s.shape[1]
@@ -380,12 +410,13 @@ def grouped_gemm(x, w, w_strides, s, g, g_strides, y, offsets, scaling, row_inde
                    offsets, g, y, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
                    *g_strides, *g_strides, bucket=rows, PRECISION=precision(x.dtype),
                    GATHER=gather, SHRINK=False, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
-                   RANK_PAD=BLOCK_R)
+                   RANK_PAD=BLOCK_R, GROUP_TILES=GROUP_TILES, **_bias_arguments(bias, y))
 
 
 def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, scaling,
-                    row_index=None):
-    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T with s (S x R, x's dtype)
+                    row_index=None, bias=None):
+    """The forward in one launch: y (S x N) = x W_e^T + scaling S B_e^T (+ bias_e as in
+    ``grouped_gemm``) with s (S x R, x's dtype)
     = x A_e^T computed in the same pass over x (``_grouped_gemm_kernel``'s SHRINK);
     ``a_strides`` = (expert, k, rank) of A_e^T in a, ``b_strides`` = (expert, n, rank) of B_e in
     b; x's rows through ``row_index`` as in ``grouped_shrink``."""
@@ -401,7 +432,17 @@ def grouped_forward(x, w, w_strides, a, a_strides, b, b_strides, s, y, offsets, 
                    offsets, a, s, y, N, K, R, scaling, x.stride(0), x.stride(1), *w_strides,
                    *b_strides, *a_strides, bucket=rows, PRECISION=precision(x.dtype),
                    GATHER=gather, SHRINK=True, OUTPUT_GRAD=False, BLOCK_R=BLOCK_R,
-                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)))
+                   RANK_PAD=max(BLOCK_R, triton.next_power_of_2(R)), GROUP_TILES=GROUP_TILES,
+                   **_bias_arguments(bias, y))
+
+
+def _bias_arguments(bias, y):
+    """The GEMM kernel's bias arguments: ``bias`` (E x N) and its strides, or none (BIAS off:
+    y stands in for the pointer, never read)."""
+    if bias is None:
+        return {"bias_ptr": y, "stride_bias_e": 0, "stride_bias_n": 0, "BIAS": False}
+    return {"bias_ptr": bias, "stride_bias_e": bias.stride(0), "stride_bias_n": bias.stride(1),
+            "BIAS": True}
 
 
 def fuses_output_grad(device, dtype, rank, in_features, out_features):
@@ -472,7 +513,7 @@ def grouped_grad_input(grad_y, w, w_strides, s, b, b_strides, a, a_strides, grad
                    partials, K, N, R, scaling, grad_y.stride(0), grad_y.stride(1), *w_strides,
                    *a_strides, *b_strides, bucket=rows, PRECISION=precision(grad_y.dtype),
                    GATHER=False, SHRINK=False, OUTPUT_GRAD=True, BLOCK_R=BLOCK_R,
-                   RANK_PAD=rank_pad)
+                   RANK_PAD=rank_pad, GROUP_TILES=GROUP_TILES, **_bias_arguments(None, grad_x))
     config = grad_b_sum_config(target, grad_y.dtype)
     _grouped_grad_b_sum_kernel[(experts, triton.cdiv(N, config["BLOCK_N"]))](
         partials, tile_offsets, grad_b, N, R, *grad_b_strides, RANK_PAD=rank_pad, **config)

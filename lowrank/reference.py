@@ -261,9 +261,10 @@ def lora_mixed(x, weight, lora_A, lora_B, scalings, adapter_index, bias=None, qu
     return y
 
 
-def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
+def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False, bias=None):
     """Same contract as ``lowrank.ops.lora_grouped``: for rows sorted by expert (rows offsets[e] ..
-    offsets[e + 1] of expert e), y = x W_e^T + scaling x A_e^T B_e^T in x's dtype; adapters in
+    offsets[e + 1] of expert e), y = x W_e^T + scaling x A_e^T B_e^T (+ bias[e] if given, added
+    after the projection as transformers' experts add it) in x's dtype; adapters in
     PEFT's target_parameters layout (A_e: rows e r .. e r + r of lora_A, B_e: columns e, e + E, ...
     of lora_B). One expert at a time: the plain form, not a fast one."""
     experts = weight.shape[0]
@@ -278,6 +279,8 @@ def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False):
         rows = x[first:end]
         w = weight[e].t() if transposed else weight[e]
         lora = F.linear(F.linear(rows, a[e].to(x.dtype)), b[:, :, e].to(x.dtype))
-        y = y.index_copy(0, torch.arange(first, end, device=x.device),
-                         F.linear(rows, w.to(x.dtype)) + scaling * lora)
+        projected = F.linear(rows, w.to(x.dtype)) + scaling * lora
+        if bias is not None:
+            projected = projected + bias[e]
+        y = y.index_copy(0, torch.arange(first, end, device=x.device), projected)
     return y

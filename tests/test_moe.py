@@ -596,3 +596,146 @@ def test_grouped_forward_writes_every_element(dtype):
         expected = (x[first:end] @ weight[e].double().T
                     + SCALING * s[first:end].double() @ experts_b[e].double().T)
         assert_op_close(y[first:end], expected, dtype, f"y_{e}")
+
+
+def expert_biases(dtype, experts=E, n=N, seed=6):
+    return (torch.randn(experts, n, generator=torch.Generator().manual_seed(seed)) * 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_lora_grouped_bias_in_the_epilogue_against_fp64(dtype, fused_output_grad):
+    """The experts' biases added in the forward GEMM's epilogue (both forward routes), E x K x N
+    weights, x's rows gathered through row_index, experts without rows: Y, dX, dA and dB against
+    the fp64 reference with the bias added after the projection (biases of 0.5: far above the
+    tolerances, so a bias left out or on another expert's rows fails), and a bias that requires
+    grad is refused (it would get no gradient)."""
+    _, weight, lora_a, lora_b, offsets, grad_y = make_case(dtype, True)
+    bias = expert_biases(dtype)
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randn(23, K, generator=gen).to(dtype).requires_grad_()
+    row_index = torch.randint(0, 23, (sum(COUNTS),), generator=gen)
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    y = ops.lora_grouped(tokens, weight, lora_a, lora_b, SCALING, offsets, True, row_index, bias)
+    y.backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (tokens, lora_a, lora_b)]
+    expected = reference.lora_grouped(leaves[0][row_index], weight.double(), leaves[1], leaves[2],
+                                      SCALING, offsets, True, bias.double())
+    expected.backward(grad_y.double())
+    assert_op_close(y, expected.detach(), dtype, "y")
+    assert_op_close(tokens.grad, leaves[0].grad, dtype, "dx")
+    assert_op_close(lora_a.grad, leaves[1].grad, torch.float32, "dA", TOLERANCE[dtype])
+    assert_op_close(lora_b.grad, leaves[2].grad, torch.float32, "dB", TOLERANCE[dtype])
+    with pytest.raises(ValueError, match="expert bias requires grad"):
+        ops.lora_grouped(tokens, weight, lora_a, lora_b, SCALING, offsets, True, row_index,
+                         bias.clone().requires_grad_())
+    with pytest.raises(TypeError, match=r"bias must be the experts' \(5, 37\) biases"):
+        ops.lora_grouped(tokens, weight, lora_a, lora_b, SCALING, offsets, True, row_index,
+                         bias[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_gemm_bias_writes_every_element(dtype):
+    """Both forward launchers with a bias (through strides: a column slice of a wider table) into
+    NaN-filled outputs, N = 150 (three column tiles), an expert with no rows and one with two
+    row tiles: every row written, each with its expert's bias, against fp64."""
+    gen = torch.Generator().manual_seed(8)
+    experts, rank, k, n, counts = 3, 5, 70, 150, (66, 0, 2)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    weight = (torch.randn(experts, n, k, generator=gen) * 0.2).to(dtype)
+    lora_a = torch.randn(experts * rank, k, generator=gen) * 0.3
+    lora_b = torch.randn(n, rank * experts, generator=gen) * 0.3
+    experts_b = lora_b.view(n, rank, experts).permute(2, 0, 1).to(dtype).contiguous()
+    bias = expert_biases(dtype, experts, 2 * n)[:, 1::2]  # strides (2n, 2)
+    a = lora_a.stride()
+    s = poisoned((rows, rank), dtype, "cpu")
+    grouped_kernels.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets)
+    y = poisoned((rows, n), dtype, "cpu")
+    grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, experts_b, experts_b.stride(), y,
+                                 offsets, SCALING, bias=bias)
+    fused_s = poisoned((rows, rank), dtype, "cpu")
+    fused_y = poisoned((rows, n), dtype, "cpu")
+    grouped_kernels.grouped_forward(x, weight, weight.stride(), lora_a, (rank * a[0], a[1], a[0]),
+                                    experts_b, experts_b.stride(), fused_s, fused_y, offsets,
+                                    SCALING, bias=bias)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            continue
+        for name, out, s_e in (("y", y, s), ("fused y", fused_y, fused_s)):
+            expected = (x[first:end].double() @ weight[e].double().T
+                        + SCALING * s_e[first:end].double() @ experts_b[e].double().T
+                        + bias[e].double())
+            assert_op_close(out[first:end], expected, dtype, f"{name}_{e}")
+
+
+def test_gpt_oss_trainable_expert_bias_matches_peft():
+    """gpt-oss's expert biases made trainable (as PEFT's bias="all" does): ``experts_forward``
+    adds them after the op (the epilogue takes only frozen ones), so they get gradients, PEFT's
+    to rounding, and the logits stay PEFT's."""
+    from helpers import assert_model_close
+
+    _, ours, theirs, _ = patched_and_peft("gpt_oss")
+    biases = {}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        biases[name] = [p for n, p in model.named_parameters()
+                        if "experts" in n and n.endswith("_bias")]
+        assert len(biases[name]) == 2
+        for bias in biases[name]:
+            bias.requires_grad_()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    logits, _ = grads_by_peft_key(ours, ids)
+    expected, _ = grads_by_peft_key(theirs, ids)
+    assert_model_close(logits, expected, MODEL_TOLERANCE, "logits")
+    for ours_bias, their_bias in zip(biases["ours"], biases["theirs"]):
+        assert ours_bias.grad is not None and ours_bias.grad.abs().sum() > 0
+        assert_model_close(ours_bias.grad, their_bias.grad, MODEL_TOLERANCE, "bias grad")
+
+
+@pytest.mark.parametrize("group_tiles", [1, 4, 8])
+def test_grouped_gemm_tile_order_covers_every_tile(group_tiles, monkeypatch):
+    """The GEMM's programs taken in groups of GROUP_TILES row tiles (``_tile_and_column``): with
+    9 row tiles (6 with rows, 3 spare) and 3 column tiles, groups of 1, 4 (the last one short)
+    and 8 each write every output element of the forward (with the bias) and of dX with dS and
+    dB (dB's partials indexed by row tile, dS stored by column tile 0) into NaN-filled outputs,
+    against fp64."""
+    monkeypatch.setattr(grouped_kernels, "GROUP_TILES", group_tiles)
+    gen = torch.Generator().manual_seed(9)
+    counts, k, n = (0, 130, 5, 0, 70), 29, 150
+    target = grouped_kernels._common.target(torch.device("cpu"))
+    rows, block_m = sum(counts), grouped_kernels.gemm_configs(target, torch.float32)[0]["BLOCK_M"]
+    assert (rows + block_m - 1) // block_m + E == 9 and n > 2 * 64
+    offsets = offsets_of(counts)
+    x = torch.randn(rows, k, generator=gen)
+    weight = torch.randn(E, n, k, generator=gen) * 0.2
+    s = torch.randn(rows, RANK, generator=gen) * 0.5
+    lora_a = torch.randn(E * RANK, k, generator=gen) * 0.3
+    experts_b = torch.randn(E, n, RANK, generator=gen) * 0.3
+    bias = expert_biases(torch.float32, E, n)
+    y = poisoned((rows, n), torch.float32, "cpu")
+    grouped_kernels.grouped_gemm(x, weight, weight.stride(), s, experts_b, experts_b.stride(), y,
+                                 offsets, SCALING, bias=bias)
+    grad_y = torch.randn(rows, n, generator=gen)
+    grad_x = poisoned((rows, k), torch.float32, "cpu")
+    grad_s = poisoned((rows, RANK), torch.float32, "cpu")
+    grad_b = poisoned((E, n, RANK), torch.float32, "cpu")
+    a, w = lora_a.stride(), weight.stride()
+    grouped_kernels.grouped_grad_input(grad_y, weight, (w[0], w[2], w[1]), s, experts_b,
+                                       experts_b.stride(), lora_a, (RANK * a[0], a[1], a[0]),
+                                       grad_x, grad_s, grad_b, grad_b.stride(), offsets, SCALING)
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if first == end:
+            assert grad_b[e].eq(0).all(), f"dB_{e} of an expert without rows"
+            continue
+        x_e, s_e, dy_e = x[first:end].double(), s[first:end].double(), grad_y[first:end].double()
+        w_e, b_e = weight[e].double(), experts_b[e].double()
+        a_e = lora_a.view(E, RANK, k)[e].double()
+        assert_op_close(y[first:end], x_e @ w_e.T + SCALING * s_e @ b_e.T + bias[e].double(),
+                        torch.float32, f"y_{e}")
+        grad_s_e = SCALING * dy_e @ b_e
+        assert_op_close(grad_s[first:end], grad_s_e, torch.float32, f"dS_{e}")
+        assert_op_close(grad_x[first:end], dy_e @ w_e + grad_s_e @ a_e, torch.float32, f"dX_{e}")
+        assert_op_close(grad_b[e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}")

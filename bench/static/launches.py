@@ -380,7 +380,7 @@ def quantize_call(n, k, dtype, blocksize):
 
 
 def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, top_k=None,
-                       fused_shrink=None, fused_output_grad=None):
+                       fused_shrink=None, fused_output_grad=None, bias=False):
     """The grouped LoRA GEMM over ``experts`` experts (rows spread evenly): forward (shrink and
     GEMM) and backward (dS and dB in one pass over dY, dX GEMM, dA reduction), in PEFT's adapter
     layout; the calls carry ``model_ints`` (``grouped_model_ints``). With ``top_k`` the kernels
@@ -388,7 +388,9 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     ``experts_forward`` runs; the dX GEMM writes the sorted rows, which torch sums into the
     tokens'. The forward computes S inside its GEMM, and the backward dS and dB inside the dX
     GEMM, where ``lora_grouped.fuses_shrink`` / ``fuses_output_grad`` say so, as the op does, or
-    as ``fused_shrink`` / ``fused_output_grad`` say (compile coverage: every GPU builds both)."""
+    as ``fused_shrink`` / ``fused_output_grad`` say (compile coverage: every GPU builds both).
+    ``bias``: the forward adds the experts' biases (E x N) in its GEMM's epilogue, as the op does
+    for gpt-oss's experts."""
     offsets = torch.linspace(0, rows, experts + 1).to(torch.int32)
     x = empty(rows // top_k if top_k else rows, k, dtype=dtype)
     row_index = empty(rows, dtype=torch.int64) if top_k else None
@@ -398,6 +400,7 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
     b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
     grad_b = empty(n, rank * experts)  # B's gradient, as lora_grouped_backward allocates it
+    expert_bias = empty(experts, n, dtype=dtype) if bias else None
     w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     a = lora_a.stride()
 
@@ -414,11 +417,12 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
             fused = lora_grouped.fuses_shrink(x.device, dtype, rank, k, n, transposed)
         if fused:
             lora_grouped.grouped_forward(x, w, w_strides, lora_a, (rank * a[0], a[1], a[0]), b_rows,
-                                         b_rows.stride(), s, y, offsets, SCALING, row_index)
+                                         b_rows.stride(), s, y, offsets, SCALING, row_index,
+                                         expert_bias)
             return
         lora_grouped.grouped_shrink(x, lora_a, (rank * a[0], a[0], a[1]), s, offsets, row_index)
         lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
-                                  row_index)
+                                  row_index, expert_bias)
 
     def backward():
         peft_b = (1, rank * experts, experts)  # B_e's (n, rank) in PEFT's N x (r E)
@@ -722,14 +726,17 @@ def coverage_calls():
             if kind != "dense":
                 calls[f"nf4_dequantize {t} {kind}"] = dequantize_call(96, 128, kind, dtype)
         # The experts' two layouts in bf16; the other dtypes with PEFT's (not transposed).
+        # The expert bias (the forward's epilogue, gpt-oss's) on in gpt-oss's layout and in both
+        # forward forms below, off in the others.
         for shape, transposed in ((ALIGNED, False),) + (((ALIGNED, True), (RAGGED, False)) if bf16 else ()):
-            for step, call in lora_grouped_calls(*shape, 4, dtype, transposed).items():
+            for step, call in lora_grouped_calls(*shape, 4, dtype, transposed,
+                                                 bias=transposed).items():
                 calls[f"lora_grouped_{step} {t} {shape} transposed={transposed}"] = call
         for step, call in lora_grouped_calls(*ALIGNED, 4, dtype, top_k=2).items():  # row_index
             calls[f"lora_grouped_{step} {t} {ALIGNED} gathered"] = call
         for fused in (False, True):  # S, dS and dB in their own passes or inside the GEMMs
             fused_calls = lora_grouped_calls(*ALIGNED, 4, dtype, fused_shrink=fused,
-                                             fused_output_grad=fused)
+                                             fused_output_grad=fused, bias=True)
             for step, call in fused_calls.items():
                 calls[f"lora_grouped_{step} {t} {ALIGNED} fused={fused}"] = call
         for shape in (ALIGNED, RAGGED) if bf16 else (ALIGNED,):
@@ -879,11 +886,11 @@ def bnb_peft_cases(m, k, n):
 
 # gpt-oss-20b's MoE layer (issue 27), beside Qwen3-30B-A3B's in ``bench_cases``: 4096 tokens x
 # top-4 rows over 32 experts, hidden and intermediate sizes 2880. Its experts (transformers'
-# ``GptOssExperts``) are stored transposed, E x in x out, and have biases, which every way of
-# running the layer adds after each projection as torch ops: lowrank's ``experts_forward`` and
-# transformers' grouped_mm forward (the one PEFT's ``ParamWrapper`` runs, and the layer without
-# LoRA) alike gather ``bias[expert_ids]`` (rows x N) and add it. The biases are frozen, so the
-# backward has no bias op. Its own gate (clamped, ``_apply_gate``) lies between the projections,
+# ``GptOssExperts``) are stored transposed, E x in x out, and have biases, added after each
+# projection: lowrank's ``experts_forward`` adds them in the grouped GEMM's epilogue (the E x N
+# table read by each output tile); transformers' grouped_mm forward (the one PEFT's
+# ``ParamWrapper`` runs, and the layer without LoRA) gathers ``bias[expert_ids]`` (rows x N) and
+# adds it as torch ops. The biases are frozen, so the backward has no bias op. Its own gate (clamped, ``_apply_gate``) lies between the projections,
 # as Qwen's activation does, in no row.
 GPT_OSS_PROJECTIONS = {"gate_up": (2880, 2 * 2880), "down": (2880, 2880)}  # (K, N)
 GPT_OSS_TOP_K, GPT_OSS_EXPERTS = 4, 32
@@ -916,7 +923,8 @@ def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=
     dense one) and both; the same grouped GEMM without LoRA and PEFT's ``ParamWrapper``, fwd+bwd,
     each against the flops without LoRA, so the three rows' times and ratios compare (issue 27's
     targets: <= 1.15x the first, >= 2x faster than the second). ``transposed``: the experts stored
-    E x in x out; ``biases``: every forward adds the expert biases (``with_expert_bias``)."""
+    E x in x out; ``biases``: every forward adds the expert biases, lowrank's in its GEMM's
+    epilogue, the others as torch ops (``with_expert_bias``)."""
     bf16, cases = torch.bfloat16, {}
     for projection, (k, n) in projections.items():
         def biased(call):
@@ -924,8 +932,8 @@ def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=
         # gate_up gathers its rows from the tokens in the kernels (experts_forward's first
         # projection); down reads the activations, already in sorted order.
         grouped = lora_grouped_calls(rows, k, n, experts, bf16, transposed,
-                                     top_k=top_k if projection == "gate_up" else None)
-        grouped["forward"] = biased(grouped["forward"])
+                                     top_k=top_k if projection == "gate_up" else None,
+                                     bias=biases)
         shape = f"{rows}x{k}x{n} E={experts} {projection}"
         cases[f"lora_grouped_forward dense {shape}"] = (
             grouped["forward"], ("gemm", 2 * rows * n * k + 2 * rows * RANK * (k + n)))

@@ -183,10 +183,14 @@ def _project(experts, adapters, projection, x, offsets, expert_ids, row_index=No
         lora_A = weight.new_zeros(0, in_features, dtype=torch.float32)
         lora_B = weight.new_zeros(out_features, 0, dtype=torch.float32)
         scaling = 0.0
+    bias = getattr(experts, f"{projection}_bias") if experts.has_bias else None
+    # A frozen bias is added in the GEMM's epilogue (no gather and add over the output); one that
+    # trains (PEFT's bias="all") is added here, where autograd gives it its gradient.
+    trains = bias is not None and bias.requires_grad and torch.is_grad_enabled()
     y = ops.lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, experts.is_transposed,
-                         row_index)
-    if experts.has_bias:
-        y = y + getattr(experts, f"{projection}_bias")[expert_ids]
+                         row_index, None if trains else bias)
+    if trains:
+        y = y + bias[expert_ids]
     return y
 
 

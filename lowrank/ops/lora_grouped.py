@@ -64,10 +64,11 @@ def expert_offsets(expert_ids, experts):
 @torch.library.custom_op("lowrank::lora_grouped_forward", mutates_args=())
 def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool,
                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                         offsets: torch.Tensor, row_index: Optional[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (x's dtype); the sorted
-    rows are x[row_index] if ``row_index`` is given (gathered by the kernels), else x."""
+                         offsets: torch.Tensor, row_index: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (+ bias_e, E x N, added
+    in the GEMM's epilogue) (x's dtype); the sorted rows are x[row_index] if ``row_index`` is
+    given (gathered by the kernels), else x."""
     experts, out_features, _ = _shapes(weight, transposed)
     rank = _rank(lora_A, experts)
     rows = _sorted_rows(x, row_index)
@@ -82,16 +83,17 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
                                           transposed):
         # S from the GEMM's own pass over x: no shrink pass.
         kernels.grouped_forward(x, weight, w_strides, lora_A, (rank * a[0], a[1], a[0]), b,
-                                b.stride(), s, y, offsets, scaling, row_index)
+                                b.stride(), s, y, offsets, scaling, row_index, bias)
         return y, s
     if rank:
         kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, row_index)
-    kernels.grouped_gemm(x, weight, w_strides, s, b, b.stride(), y, offsets, scaling, row_index)
+    kernels.grouped_gemm(x, weight, w_strides, s, b, b.stride(), y, offsets, scaling, row_index,
+                         bias)
     return y, s
 
 
 @lora_grouped_forward.register_fake
-def _(x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
+def _(x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index, bias=None):
     experts, out_features, _ = _shapes(weight, transposed)
     rows = _sorted_rows(x, row_index)
     return x.new_empty(rows, out_features), x.new_empty(rows, _rank(lora_A, experts))
@@ -160,19 +162,21 @@ class LoraGroupedFunction(torch.autograd.Function):
     """The grouped LoRA GEMM as an autograd Function:
 
         y = LoraGroupedFunction.apply(x, weight, transposed, lora_A, lora_B, scaling, offsets,
-                                      row_index)
+                                      row_index, bias)
 
     ``x`` contiguous: (S x K) rows sorted by expert, or with ``row_index`` (S,) any rows, sorted
     row i being x[row_index[i]] (the kernels gather them); ``weight`` the frozen E x N x K expert
     stack (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32.
     Arguments are used as given: ``lora_grouped`` is the checked entry point. Saves x (not a
     sorted copy), row_index, S = x A_e^T (S x r), the adapters, offsets and the weight as stored
-    (no copy). The weight gets no gradient."""
+    (no copy). ``bias``: the experts' frozen biases (E x N, x's dtype) or None, added in the
+    forward's epilogue. The weight and the bias get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
+    def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index,
+                bias=None):
         y, s = lora_grouped_forward(x, weight, transposed, lora_A, lora_B, scaling, offsets,
-                                    row_index)
+                                    row_index, bias)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, offsets, row_index)
         ctx.transposed, ctx.scaling = transposed, scaling
         return y
@@ -196,7 +200,7 @@ _GROUPED_GRADIENTS = InputGradients(LoraGroupedFunction, "x", "lora_A", "lora_B"
 
 
 def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=False,
-                        row_index=None):
+                        row_index=None, bias=None):
     """Everything ``lora_grouped`` checks before it runs: a TypeError or ValueError naming the
     problem. The offsets' and row_index's values are checked by ``check_offsets`` (on the
     device)."""
@@ -234,8 +238,17 @@ def lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed=
                                   or row_index.dtype not in (torch.int32, torch.int64)):
         raise TypeError(f"lowrank.lora_grouped: row_index must be a 1-D int32/int64 tensor (x's "
                         f"row of each sorted row), got {_describe(row_index)}")
+    if bias is not None:
+        if (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype
+                or tuple(bias.shape) != (experts, out_features)):
+            raise TypeError(f"lowrank.lora_grouped: bias must be the experts' ({experts}, "
+                            f"{out_features}) biases in x's dtype {x.dtype}, got "
+                            f"{_describe(bias)}")
+        if bias.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lowrank.lora_grouped: the expert bias requires grad; it is frozen "
+                             "here (added in the forward's epilogue, only the adapters train)")
     use_kernels(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, offsets=offsets,
-                row_index=row_index)
+                row_index=row_index, bias=bias)
 
 
 def check_offsets(offsets, rows, row_index=None, x_rows=None):
@@ -258,7 +271,8 @@ def _describe(value):
     return repr(value)
 
 
-def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False, row_index=None):
+def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False, row_index=None,
+                 bias=None):
     """The grouped LoRA GEMM: ``y[rows of e] = x W_e^T + scaling * x A_e^T B_e^T``, every expert
     in one launch per step.
 
@@ -272,13 +286,16 @@ def lora_grouped(x, weight, lora_A, lora_B, scaling, offsets, transposed=False, 
     - ``row_index``: (S,) int32/int64, optional: the sorted rows are x[row_index] (x any rows,
       e.g. a token's hidden state for each of its top-k experts), gathered inside the kernels
       instead of copied; y has S rows either way, and x's gradient sums its rows' shares.
+    - ``bias``: (E, N) in x's dtype, optional and frozen: each row's expert's bias, added in the
+      GEMM's epilogue before the one rounding to x's dtype (transformers' experts with biases,
+      gpt-oss's, add it right after the projection).
     """
-    lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed, row_index)
+    lora_grouped_checks(x, weight, lora_A, lora_B, scaling, offsets, transposed, row_index, bias)
     rows = x.shape[0] if row_index is None else row_index.shape[0]
     check_offsets(offsets, rows, row_index, x.shape[0])
     if not use_kernels(x=x, weight=weight):
         sorted_x = x if row_index is None else x[row_index]
         return reference.lora_grouped(sorted_x, weight, lora_A, lora_B, scaling, offsets,
-                                      transposed)
+                                      transposed, bias)
     return LoraGroupedFunction.apply(x.contiguous(), weight, transposed, lora_A, lora_B,
-                                     float(scaling), offsets, row_index)
+                                     float(scaling), offsets, row_index, bias)
