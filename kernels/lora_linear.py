@@ -110,8 +110,11 @@ def shrink_config(target, dtype):
     # at one warp per scheduler), and 128 columns per step halve the loop's bookkeeping per byte
     # (bf16: a 16-byte load per thread per row, 8 rows per warp). Model,
     # x 4096 x 4096 bf16: H100 13.0 us issue-bound -> 11.3 DRAM-bound (issue 6.2); RTX 4090 37.6
-    # DRAM-bound either way; the joined [x | S] form 22.5 DRAM-bound either way.
-    return {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    # DRAM-bound either way; the joined [x | S] form 22.5 DRAM-bound either way. An fp32 x takes
+    # 64 columns: 128 held 64 KB of shared memory in 3 stages (with dropout), one CTA per SM on
+    # sm_89. Two stages left a loop of 261 instructions on sm_90 (model 29.7 us, L2-bound).
+    return {"BLOCK_M": 32, "BLOCK_K": 128 if dtype.itemsize <= 2 else 64, "num_warps": 4,
+            "num_stages": 3}
 
 
 def grad_a_config(target, dtype):
