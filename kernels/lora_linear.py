@@ -61,7 +61,10 @@ def forward_configs(target, dtype, undropped=False):
         # registers, so W is not re-read from shared memory for each 64-row slice of x; Triton
         # still moves the decoded tile into A's register layout through shared memory (STS +
         # ldmatrix), as the decode's join / reshape / fp32 -> bf16 chain is not one it carries
-        # that layout through. Model: 777 -> 713 us (issue-bound now).
+        # that layout through. Model: 777 -> 713 us (issue-bound). x's loads without masks in the
+        # K loop (rows past M clamped, EVEN_K): 700 -> 698 us for the kernel, now bound by L1
+        # (issue 700 -> 610; nested 734 -> 711, issue 641). 256 x 128 x 128 in 2 stages would
+        # be 696 us but spills (255 registers).
         return ([] if undropped else
                 [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
                   "num_stages": 3, "TRANSPOSED_TILE": True}]) + [
@@ -102,7 +105,16 @@ def grad_input_configs(target, dtype, dropout):
 
 
 def shrink_config(target, dtype):
-    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    # A pass over x (M x K) at rank 16: it should run at DRAM speed. 32 rows per program fill the
+    # SMs (M = 4096: 128 programs; 64 left half of H100's 132 idle, and the busy ones issue-bound
+    # at one warp per scheduler), and 128 columns per step halve the loop's bookkeeping per byte
+    # (bf16: a 16-byte load per thread per row, 8 rows per warp). Model,
+    # x 4096 x 4096 bf16: H100 13.0 us issue-bound -> 11.3 DRAM-bound (issue 6.2); RTX 4090 37.6
+    # DRAM-bound either way; the joined [x | S] form 22.5 DRAM-bound either way. An fp32 x takes
+    # 64 columns: 128 held 64 KB of shared memory in 3 stages (with dropout), one CTA per SM on
+    # sm_89. Two stages left a loop of 261 instructions on sm_90 (model 29.7 us, L2-bound).
+    return {"BLOCK_M": 32, "BLOCK_K": 128 if dtype.itemsize <= 2 else 64, "num_warps": 4,
+            "num_stages": 3}
 
 
 def grad_a_config(target, dtype):
@@ -224,7 +236,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                          scale_ptr, undropped_ptr, product_ptr, COLUMN_SCALE: tl.constexpr,
                          UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr,
-                         TRANSPOSED_TILE: tl.constexpr = False):
+                         TRANSPOSED_TILE: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
     (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``).
 
@@ -235,7 +247,9 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x_ptr + row_offsets(rows, stride_xm)[:, None]
+    # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
+    # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all.
+    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
     # The LoRA branch first, in the accumulator itself: summed apart into a second BLOCK_M x
     # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
     # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
@@ -262,8 +276,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if EVEN_K:
+            x = tl.load(x_rows + cols[None, :] * stride_xk)
+        else:
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
         w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
@@ -403,8 +419,9 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    configs = with_decoding(forward_configs(target, x.dtype, undropped is not None), nf4, K,
-                            target)
+    configs = [{**config, "EVEN_K": K % config["BLOCK_K"] == 0} for config in
+               with_decoding(forward_configs(target, x.dtype, undropped is not None), nf4, K,
+                             target)]
     _common.launch(
         _lora_forward_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,

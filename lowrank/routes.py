@@ -51,23 +51,27 @@ ROUTE_ENV, CALIBRATE_ENV, CACHE_ENV = "LOWRANK_ROUTE", "LOWRANK_CALIBRATE", "LOW
 CACHE_FORMAT = 1
 
 # The default rule (``default_route``): up to these M buckets the fused kernels, above them
-# dequantize + cuBLAS, per architecture group and weight kind. ESTIMATES of the static model
-# (BENCHMARKS.md, "Model estimates", not measurements), derived by ``bench.static.route_table``
-# from the newest bench/results/static-*.json: first-order crossovers of the LoRA forward and
-# backward at K = 4096, N = 14336, the fused route's time taken per row of M, the cublas route's
-# as one dequantize pass plus its time per row; one bound serves both steps, so the smaller
-# crossover sets it. H100 (sm_90), with the transposed 256-row wgmma tiles (the decoded weight
-# wgmma's register operand): fused forward 713 us at 4096 rows for NF4 and 747 nested, fused dX
-# 736 / 767; cublas forward 666 after a dequantize of 50 us, dX 653 after 50: crossovers at
-# about 4398 / 2512 rows (forward) and 2457 / 1762 (backward), none for dense (cuBLAS always
-# faster). RTX 4090 (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the
-# tensor-core limit); cublas 0.80 after 168 us: fused always faster.
+# dequantize + cuBLAS, per architecture group, step (the forward; the backward's dX) and weight
+# kind. ESTIMATES of the static model (BENCHMARKS.md, "Model estimates", not measurements),
+# derived by ``bench.static.route_table`` from the newest bench/results/static-*.json:
+# first-order crossovers of the LoRA forward and backward at K = 4096, N = 14336, the fused
+# route's time taken per row of M, the cublas route's as one dequantize pass plus its time per
+# row. Each step has its own bound (the ops tell ``default_route`` which step they run), as a
+# calibrated table keys each step apart. H100 (sm_90), with the transposed 256-row wgmma tiles
+# (the decoded weight wgmma's register operand): fused forward 713 us at 4096 rows for NF4 and
+# 747 nested, fused dX 736 / 767; cublas forward 666 after a dequantize of 50 us, dX 653 after
+# 50: crossovers at about 4398 / 2512 rows (forward) and 2457 / 1762 (backward), none for dense
+# (cuBLAS always faster). RTX 4090 (sm_89): fused 0.72 per row for NF4, nested and dense (2953
+# us, the tensor-core limit); cublas 0.80 after 168 us: fused always faster.
 # Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
 # the committed report implies; when it fails, ``python -m bench.static.route_table`` prints
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
+STEPS = ("forward", "backward")
 FUSED_MAX_M = {
-    "sm_90": {"dense": 0, "nf4": 2048, "nf4-nested": 1024},
-    "sm_89": {"dense": None, "nf4": None, "nf4-nested": None},  # None: no bound
+    "sm_90": {"forward": {"dense": 0, "nf4": 4096, "nf4-nested": 2048},
+              "backward": {"dense": 0, "nf4": 2048, "nf4-nested": 1024}},
+    "sm_89": {step: {"dense": None, "nf4": None, "nf4-nested": None}  # None: no bound
+              for step in STEPS},
 }
 
 
@@ -163,16 +167,19 @@ def _architecture_group(arch):
     return "sm_90"
 
 
-def default_route(arch, m, kind, candidates):
-    """The route without calibration, for a call of ``m`` rows whose op offers ``candidates``:
-    decode where the call has it (a forward, M <= DECODE_MAX_M); in the interpreter fused
-    (the kernels are what it checks); on a GPU fused while M's bucket is within
-    ``FUSED_MAX_M`` of its architecture group and weight kind, else cublas."""
+def default_route(arch, m, kind, step, candidates):
+    """The route without calibration, for a call of ``m`` rows of ``step`` ("forward", or
+    "backward": dX) whose op offers ``candidates``: decode where the call has it (a forward,
+    M <= DECODE_MAX_M); in the interpreter fused (the kernels are what it checks); on a GPU
+    fused while M's bucket is within ``FUSED_MAX_M`` of its architecture group, step and weight
+    kind, else cublas."""
+    if step not in STEPS:
+        raise ValueError(f"lowrank.routes: step={step!r}; use one of {', '.join(STEPS)}")
     if "decode" in candidates:
         return "decode"
     if arch == "interpreter":
         return "fused"
-    bound = FUSED_MAX_M[_architecture_group(arch)][kind]
+    bound = FUSED_MAX_M[_architecture_group(arch)][step][kind]
     return "fused" if bound is None or m_bucket(m) <= bound else "cublas"
 
 
@@ -301,23 +308,24 @@ def can_time(device):
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
-def choose(op, device, m, k, n, dtype, kind, candidates):
-    """The route of one call: ``candidates`` maps the call's routes to functions that run it
-    (each one returns the op's outputs and has no other effect)."""
+def choose(op, step, device, m, k, n, dtype, kind, candidates):
+    """The route of one call of ``op``, a ``step`` ("forward" or "backward"): ``candidates`` maps
+    the call's routes to functions that run it (each one returns the op's outputs and has no
+    other effect)."""
     route = forced_route()
     if route is not None:
         return route if route in candidates else "fused"
     if calibration_on() and can_time(device):
         return table(device).route(key(op, device, m, k, n, dtype, kind), candidates)
-    return default_route(architecture(device), m, kind, candidates)
+    return default_route(architecture(device), m, kind, step, candidates)
 
 
-def run(op, x, weight, candidates):
-    """Run the chosen route of ``candidates`` for a call of ``op`` on x (M rows; dY for a
-    backward op) over the ``FrozenWeight`` ``weight``, keyed by the layer's K and N; returns what
-    the route returns."""
-    route = choose(op, x.device, x.shape[0], weight.in_features, weight.out_features, x.dtype,
-                   weight_kind(weight), candidates)
+def run(op, step, x, weight, candidates):
+    """Run the chosen route of ``candidates`` for a call of ``op``, a ``step`` ("forward", or
+    "backward": dX), on x (M rows; dY for a backward op) over the ``FrozenWeight`` ``weight``,
+    keyed by the layer's K and N; returns what the route returns."""
+    route = choose(op, step, x.device, x.shape[0], weight.in_features, weight.out_features,
+                   x.dtype, weight_kind(weight), candidates)
     return candidates[route]()
 
 

@@ -61,14 +61,17 @@ def test_adapters_in_another_dtype(adapter_dtype, device):
     check_lora_linear_against_fp64(torch.float32, "dense", 8, True, device, adapter_dtype=adapter_dtype)
 
 
-@pytest.mark.parametrize("m", [M, GROUPED_M], ids=["one-group", "grouped"])
+@pytest.mark.parametrize("m, k", [(M, K), (GROUPED_M, K), (M, 128)],
+                         ids=["one-group", "grouped", "even-k"])
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested-128"])
-def test_kernels_write_every_output_element(kind, m, device):
+def test_kernels_write_every_output_element(kind, m, k, device):
     """The launchers, called with NaN-poisoned outputs, against the reference's intermediates;
-    with GROUPED_M rows, over several groups of the grouped tile order."""
+    with GROUPED_M rows, over several groups of the grouped tile order; with K a multiple of
+    every BLOCK_K, the forward's x loads without a mask (EVEN_K; rows past M clamped)."""
     dtype = torch.bfloat16
-    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 20, device, m=m)
-    x, a, b = x.reshape(m, K), lora_a.to(dtype), lora_b.to(dtype)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, kind, 20, device, m=m,
+                                                                   k=k)
+    x, a, b = x.reshape(m, k), lora_a.to(dtype), lora_b.to(dtype)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     frozen = ops.FrozenWeight.of(weight, state)  # what lowrank.ops hands the launchers
     weight, nf4_args = frozen.tensor, frozen.nf4
@@ -81,11 +84,11 @@ def test_kernels_write_every_output_element(kind, m, device):
     assert_op_close(y, expected, dtype, "Y")
     grad_y = torch.randn(m, N, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     grad_s = (grad_y.double() @ b.double()).to(dtype)
-    grad_x = poisoned((m, K), dtype, device)
+    grad_x = poisoned((m, k), dtype, device)
     lora_kernels.lora_grad_input(grad_y, weight, grad_s, a, grad_x, seed, 0.0, nf4_args)
     expected = grad_y.double() @ dense.double() + grad_s.double() @ a.double()
     assert_op_close(grad_x, expected, dtype, "dX")
-    grad_a = poisoned((20, K), torch.float32, device)
+    grad_a = poisoned((20, k), torch.float32, device)
     lora_kernels.lora_grad_a(grad_s, x, grad_a, seed, 0.0)
     assert_op_close(grad_a.to(dtype), grad_s.double().t() @ x.double(), dtype, "dA")
 

@@ -155,23 +155,36 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
         (dense, None), (packed, state), (nested, nested_state))] == ["dense", "nf4", "nf4-nested"]
 
 
-@pytest.mark.parametrize("arch, m, kind, candidates, expected", [
-    ("sm_90", 16, "nf4-nested", ("fused", "cublas", "decode"), "decode"),
-    ("sm_90", 1, "dense", ("fused", "cublas"), "cublas"),  # no decode route: dense is cuBLAS's
-    ("sm_90", 2048, "nf4", ("fused", "cublas"), "fused"),
-    ("sm_90", 2049, "nf4", ("fused", "cublas"), "cublas"),
-    ("sm_90", 1024, "nf4-nested", ("fused", "cublas"), "fused"),
-    ("sm_90", 1025, "nf4-nested", ("fused", "cublas"), "cublas"),
-    ("sm_100", 4096, "nf4", ("fused", "cublas"), "cublas"),
-    ("gfx942", 4096, "dense", ("fused", "cublas"), "cublas"),
-    ("sm_89", 16384, "dense", ("fused", "cublas"), "fused"),
-    ("sm_89", 16384, "nf4", ("fused", "cublas"), "fused"),
-    ("sm_86", 16384, "nf4-nested", ("fused", "cublas"), "fused"),
-    ("interpreter", 4096, "nf4", ("fused", "cublas"), "fused"),
-    ("interpreter", 3, "dense", ("fused", "cublas", "decode"), "decode"),
+@pytest.mark.parametrize("arch, m, kind, step, candidates, expected", [
+    ("sm_90", 16, "nf4-nested", "forward", ("fused", "cublas", "decode"), "decode"),
+    # no decode route: dense is cuBLAS's
+    ("sm_90", 1, "dense", "forward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 1, "dense", "backward", ("fused", "cublas"), "cublas"),
+    # Per step: the forward's bound is above dX's (its crossover is at more rows).
+    ("sm_90", 4096, "nf4", "forward", ("fused", "cublas"), "fused"),
+    ("sm_90", 4097, "nf4", "forward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 4096, "nf4", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 2048, "nf4", "backward", ("fused", "cublas"), "fused"),
+    ("sm_90", 2049, "nf4", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 2048, "nf4-nested", "forward", ("fused", "cublas"), "fused"),
+    ("sm_90", 2049, "nf4-nested", "forward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 1024, "nf4-nested", "backward", ("fused", "cublas"), "fused"),
+    ("sm_90", 1025, "nf4-nested", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_100", 8192, "nf4", "forward", ("fused", "cublas"), "cublas"),
+    ("gfx942", 4096, "dense", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_89", 16384, "dense", "forward", ("fused", "cublas"), "fused"),
+    ("sm_89", 16384, "nf4", "backward", ("fused", "cublas"), "fused"),
+    ("sm_86", 16384, "nf4-nested", "forward", ("fused", "cublas"), "fused"),
+    ("interpreter", 4096, "nf4", "backward", ("fused", "cublas"), "fused"),
+    ("interpreter", 3, "dense", "forward", ("fused", "cublas", "decode"), "decode"),
 ])
-def test_default_rule(arch, m, kind, candidates, expected):
-    assert routes.default_route(arch, m, kind, candidates) == expected
+def test_default_rule(arch, m, kind, step, candidates, expected):
+    assert routes.default_route(arch, m, kind, step, candidates) == expected
+
+
+def test_the_default_rule_names_an_unknown_step():
+    with pytest.raises(ValueError, match="step='dx'"):
+        routes.default_route("sm_90", 4096, "nf4", "dx", ("fused", "cublas"))
 
 
 def lora_call(m=M, k=K, dtype=torch.float32, kind="nf4-64"):
@@ -190,6 +203,19 @@ def test_the_interpreter_never_calibrates_and_takes_the_default_rule(no_route_en
     assert ran == ["lora._forward_decode", "lora._grad_input_fused",
                    "lora._forward_fused", "lora._grad_input_fused"]
     assert not no_route_env.exists()
+
+
+def test_the_ops_take_their_own_steps_bound(no_route_env, monkeypatch):
+    """Without calibration on an sm_90, a bucket of M within the forward's bound and above dX's
+    runs the fused forward and the cublas dX (the ops tell the rule their step)."""
+    monkeypatch.setenv(routes.CALIBRATE_ENV, "0")
+    monkeypatch.setattr(routes, "architecture", lambda device: "sm_90")
+    bucket = routes.m_bucket(M)
+    monkeypatch.setitem(routes.FUSED_MAX_M, "sm_90", {"forward": {"nf4": bucket},
+                                                      "backward": {"nf4": bucket // 2}})
+    ran = spy_routes(monkeypatch)
+    lora_call(m=M)
+    assert ran == ["lora._forward_fused", "lora._grad_input_cublas"]
 
 
 def fake_gpu(monkeypatch, cache, timer):

@@ -240,6 +240,33 @@ def test_the_chosen_route_is_the_cheaper_of_each_pair():
                       "g b route=chosen": {**estimate["fused"], "route": "cublas"}}
 
 
+def test_the_chosen_training_step_is_its_chosen_steps_summed():
+    """The ops choose the forward's route and dX's apart (``routes.default_route`` per step, a
+    calibrated table per key): a training step's chosen row is the fused forward (713 < 717)
+    plus the cublas backward (767 < 800), not the cheaper whole step (cublas, 717 + 767)."""
+    def estimate(forward, backward, kernel):
+        return {"model_us": forward + backward, "ideal": "gemm", "ideal_us": 1289.2,
+                "ratio": 1289.2 / (forward + backward), "worst_us": forward + backward,
+                "worst_ratio": 1289.2 / (forward + backward), "bound": f"{kernel}: issue",
+                "launches": [{"kernel": kernel, "model_us": forward + backward}]}
+    shape = "nf4 4096x4096x14336"
+    fused = {"forward": estimate(713.2, 0, "fused_forward"),
+             "backward": estimate(0, 800.1, "fused_dx")}
+    cublas = {"forward": estimate(716.7, 0, "cublas_forward"),
+              "backward": estimate(0, 766.7, "cublas_dx")}
+    estimates = {f"lora_linear_{step} {shape}{route}": found[step]
+                 for route, found in (("", fused), (" route=cublas", cublas))
+                 for step in ("forward", "backward")}
+    estimates[f"lora_linear_train {shape}"] = estimate(713.2, 800.1, "fused_dx")
+    estimates[f"lora_linear_train {shape} route=cublas"] = estimate(716.7, 766.7, "cublas_dx")
+    train = model.chosen_routes(estimates)[f"lora_linear_train {shape} route=chosen"]
+    assert train["route"] == "fused + cublas"
+    assert train["model_us"] == pytest.approx(713.2 + 766.7)
+    assert train["ratio"] == pytest.approx(1289.2 / (713.2 + 766.7))
+    assert [launch["kernel"] for launch in train["launches"]] == ["fused_forward", "cublas_dx"]
+    assert train["bound"] == "cublas_dx: issue"
+
+
 def test_route_crossovers_from_per_row_costs():
     """M* = dequantize / (fused per row - cublas per row), bounded to a power of two."""
     from bench.static import route_table
@@ -254,11 +281,11 @@ def test_route_crossovers_from_per_row_costs():
     assert route_table.bound(route_table.crossover(estimate(2000), estimate(1000), 1000)) == 0
 
 
-def test_one_route_bound_serves_forward_and_dx_so_it_takes_the_smaller_crossover():
-    """``routes.default_route`` takes one bound for both steps: a forward crossing at ~4400 rows
-    and a backward at ~2460 (H100 NF4 after the transposed sm_90 tiles, model) give 2048, not
-    4096 (which would send dX at 4096 rows to the slower fused route); fused at every M only
-    where neither step crosses."""
+def test_each_step_has_its_own_route_bound():
+    """``routes.default_route`` is told the step: a forward crossing at ~4400 rows and a
+    backward at ~2460 (H100 NF4 after the transposed sm_90 tiles, model) give 4096 for the
+    forward (its fused route is the cheaper at 4096 rows) and 2048 for dX, not one bound of 2048
+    for both; fused at every M where a step never crosses."""
     from bench.static import route_table
 
     m, k, n = route_table.TRAIN_SHAPE
@@ -278,8 +305,10 @@ def test_one_route_bound_serves_forward_and_dx_so_it_takes_the_smaller_crossover
     table, crossovers = route_table.fused_max_m(report)
     assert crossovers["sm_90"]["nf4"]["forward"] == pytest.approx(50.3 * m / (713.2 - 666.4))
     assert crossovers["sm_90"]["nf4"]["backward"] == pytest.approx(50.2 * m / (800.1 - 716.5))
-    assert table == {"sm_90": dict.fromkeys(route_table.KINDS, 2048),
-                     "sm_89": dict.fromkeys(route_table.KINDS, None)}
+    assert table == {"sm_90": {"forward": dict.fromkeys(route_table.KINDS, 4096),
+                               "backward": dict.fromkeys(route_table.KINDS, 2048)},
+                     "sm_89": {step: dict.fromkeys(route_table.KINDS, None)
+                               for step in ("forward", "backward")}}
 
 
 def latest_report():

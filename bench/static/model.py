@@ -176,13 +176,18 @@ def case_estimate(records, device, ideal):
 
 
 CHOSEN = " route=chosen"
+# A training step's case (its name's op) and the steps it runs, each chosen apart (the route
+# table keys the forward and dX calls apart): the chosen step rows summed.
+TRAIN_STEPS = {"lora_linear_train": ("lora_linear_forward", "lora_linear_backward")}
 
 
 def chosen_routes(estimates):
     """Per case with a " route=cublas" twin (the fused route's case is the name without it): a
     " route=chosen" estimate, the cheaper of the two by the model (``"route"`` says which), as
-    a calibrated route table would pick if the model were right. ``estimates``: {case:
-    case_estimate}; returns the new ones."""
+    a calibrated route table would pick if the model were right. A training step's case
+    (``TRAIN_STEPS``) whose steps have twins too is their chosen rows summed
+    (``summed_steps``), as the ops choose per step. ``estimates``: {case: case_estimate};
+    returns the new ones."""
     chosen = {}
     for case, cublas in estimates.items():
         if case.endswith(" route=cublas"):
@@ -191,7 +196,29 @@ def chosen_routes(estimates):
             route, best = min((("fused", fused), ("cublas", cublas)),
                               key=lambda pair: pair[1]["model_us"])
             chosen[base + CHOSEN] = {**best, "route": route}
+    for case in list(chosen):
+        op, rest = case.split(" ", 1)
+        steps = [f"{step} {rest}" for step in TRAIN_STEPS.get(op, ())]
+        if steps and all(step in chosen for step in steps):
+            chosen[case] = summed_steps(estimates[case.removesuffix(CHOSEN)],
+                                        [chosen[step] for step in steps])
     return chosen
+
+
+def summed_steps(whole, steps):
+    """One case's estimate (``whole``: its ideal) made of ``steps``' estimates run one after
+    the other: their times and launches summed, its bound the slowest step's; ``"route"``: the
+    steps' routes in order joined by " + " ("fused + cublas": a fused forward, a cublas dX
+    backward), or one name where they agree."""
+    model_us = sum(step["model_us"] for step in steps)
+    worst_us = sum(step["worst_us"] for step in steps)
+    routes = [step["route"] for step in steps]
+    return {"model_us": model_us, "ideal": whole["ideal"], "ideal_us": whole["ideal_us"],
+            "ratio": whole["ideal_us"] / model_us, "worst_us": worst_us,
+            "worst_ratio": whole["ideal_us"] / worst_us,
+            "bound": max(steps, key=lambda step: step["model_us"])["bound"],
+            "launches": [launch for step in steps for launch in step["launches"]],
+            "route": routes[0] if len(set(routes)) == 1 else " + ".join(routes)}
 
 
 BASELINES = {"bnb_peft_": "bitsandbytes + PEFT"}  # case prefix of a baseline row: what it models

@@ -8,19 +8,18 @@ First order, per architecture group (its model device) and weight kind, from the
 the backward rows at the training shape (M0 = 4096 rows): the fused route's time is taken as
 proportional to M (fused_us / M0 per row), the cublas route's as its dequantize launches (a fixed
 cost per call, whatever M) plus the rest proportional to M. They cross at M* = dequantize /
-(fused per row - cublas per row); the fused route wins below it. One bound serves the forward and
-dX (``routes.default_route`` does not tell them apart), so it is the smaller of the two steps'
-M* (the backward's other launches are the same on both routes): the largest power of two at or
-below it (``routes.default_route`` compares M's power-of-two bucket with it), 0 where the cublas
-route wins at every M (its per-row cost is lower and it has no fixed cost: dense weights), None
-where the fused route's per-row cost is not above cublas's in either step (fused at every M).
+(fused per row - cublas per row); the fused route wins below it. Each step has its own bound
+(``routes.default_route`` is told which step a call is; the backward's other launches, dS, dB
+and dA, are the same on both routes, so its crossover is dX's): the largest power of two at or
+below its M* (``routes.default_route`` compares M's power-of-two bucket with it), 0 where the
+cublas route wins at every M (its per-row cost is lower and it has no fixed cost: dense
+weights), None where the fused route's per-row cost is not above cublas's (fused at every M).
 """
-
-STEPS = ("forward", "backward")
 
 import sys
 
 from bench.static.launches import TRAIN_SHAPE
+from lowrank.routes import STEPS
 
 # The model device standing for each architecture group of ``routes.FUSED_MAX_M``.
 GROUP_DEVICES = {"sm_90": "H100 SXM", "sm_89": "RTX 4090"}
@@ -47,26 +46,25 @@ def bound(m_star):
 
 
 def fused_max_m(report):
-    """{group: {kind: bound}}, ``routes.FUSED_MAX_M``'s form, from a static report's estimates,
-    plus {group: {kind: {step: M*}}} (the unrounded crossovers of the forward and the backward,
-    for the table's comment)."""
+    """{group: {step: {kind: bound}}}, ``routes.FUSED_MAX_M``'s form, from a static report's
+    estimates, plus {group: {kind: {step: M*}}} (the unrounded crossovers of the forward and the
+    backward, for the table's comment)."""
     m, k, n = TRAIN_SHAPE
     table, crossovers = {}, {}
     for group, device in GROUP_DEVICES.items():
         cases = report["model"]["cases"][device]
-        table[group], crossovers[group] = {}, {}
+        table[group] = {step: {} for step in STEPS}
+        crossovers[group] = {kind: {} for kind in KINDS}
         for kind in KINDS:
-            found = {}
             for step in STEPS:
                 case = f"lora_linear_{step} {kind} {m}x{k}x{n}"
                 if f"{case} route=cublas" not in cases:
                     raise ValueError(f"the static report {report['commit'][:10]} has no cublas "
                                      f"route row for {case} (built before the route rows): run "
                                      "python -m bench.static")
-                found[step] = crossover(cases[case], cases[f"{case} route=cublas"], m)
-            bounded = [m_star for m_star in found.values() if m_star is not None]
-            table[group][kind] = bound(min(bounded)) if bounded else None
-            crossovers[group][kind] = found
+                m_star = crossover(cases[case], cases[f"{case} route=cublas"], m)
+                table[group][step][kind] = bound(m_star)
+                crossovers[group][kind][step] = m_star
     return table, crossovers
 
 

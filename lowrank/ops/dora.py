@@ -85,7 +85,7 @@ def dora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
                   "cublas": lambda: _forward_then_scale(lora._forward_cublas, *args)}
     if x.shape[0] <= DECODE_MAX_M:
         candidates["decode"] = lambda: _forward_then_scale(lora._forward_decode, *args)
-    return routes.run("dora_forward", x, w, candidates)
+    return routes.run("dora_forward", "forward", x, w, candidates)
 
 
 def _forward_fused(x, w, a, b, scaling, bias, g, dropout, seed, keep_product):

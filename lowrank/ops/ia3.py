@@ -40,7 +40,7 @@ def ia3_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_si
     candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
     if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
         candidates["decode"] = lambda: _forward_decode(*args)
-    return routes.run(f"ia3_forward_{_form(feedforward)}", x, w, candidates)
+    return routes.run(f"ia3_forward_{_form(feedforward)}", "forward", x, w, candidates)
 
 
 def _forward_fused(x, w, scale, bias, feedforward):
@@ -102,7 +102,7 @@ def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: list[Optional[to
         return grad_y.new_empty(0, x.shape[1]), ia3_scale(ia3).new_empty(0)
     args = (grad_y, x, w, ia3_scale(ia3), None if bias is None else bias.to(x.dtype), feedforward,
             need_grad_x, need_grad_ia3)
-    return routes.run(f"ia3_backward_{_form(feedforward)}", grad_y, w,
+    return routes.run(f"ia3_backward_{_form(feedforward)}", "backward", grad_y, w,
                       {"fused": lambda: _backward_fused(*args),
                        "cublas": lambda: _backward_cublas(*args)})
 

@@ -43,7 +43,7 @@ def lora_forward(x: torch.Tensor, weight: list[Optional[torch.Tensor]], weight_s
     candidates = {"fused": lambda: _forward_fused(*args), "cublas": lambda: _forward_cublas(*args)}
     if x.shape[0] <= lora_decode_kernels.DECODE_MAX_M:
         candidates["decode"] = lambda: _forward_decode(*args)
-    return routes.run("lora_forward", x, w, candidates)
+    return routes.run("lora_forward", "forward", x, w, candidates)
 
 
 def _outputs(x, w, a):
@@ -207,8 +207,9 @@ def lora_grad_input(grad_y: torch.Tensor, weight: list[Optional[torch.Tensor]],
     branch's; fp32: near-fp32 as in forward)."""
     w = FrozenWeight.from_flat(weight, weight_sizes)
     args = (grad_y, w, grad_s, lora_A.to(grad_s.dtype), seed, dropout)
-    return routes.run("lora_grad_input", grad_y, w, {"fused": lambda: _grad_input_fused(*args),
-                                                     "cublas": lambda: _grad_input_cublas(*args)})
+    return routes.run("lora_grad_input", "backward", grad_y, w,
+                      {"fused": lambda: _grad_input_fused(*args),
+                       "cublas": lambda: _grad_input_cublas(*args)})
 
 
 def _grad_input_fused(grad_y, w, grad_s, a, seed, dropout):
