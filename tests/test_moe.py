@@ -183,16 +183,17 @@ def test_lora_grouped_custom_ops_trace():
 
     module = importlib.import_module("lowrank.ops.lora_grouped")
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
+    experts_b = module._experts_b(lora_b, E, x.dtype)  # the ops take B's E x N x r copy
     torch.library.opcheck(module.lora_grouped_forward,
-                          (x, weight, False, lora_a, lora_b, SCALING, offsets, None))
+                          (x, weight, False, lora_a, experts_b, SCALING, offsets, None))
     s = torch.randn(x.shape[0], RANK)
     torch.library.opcheck(module.lora_grouped_backward,
-                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets, None))
+                          (grad_y, x, s, weight, False, lora_a, experts_b, SCALING, offsets, None))
     tokens, row_index = x[:4], torch.tensor([3, 0, 1, 3, 2, 0, 1, 2, 0])  # gathered rows
     torch.library.opcheck(module.lora_grouped_forward,
-                          (tokens, weight, False, lora_a, lora_b, SCALING, offsets, row_index))
+                          (tokens, weight, False, lora_a, experts_b, SCALING, offsets, row_index))
     torch.library.opcheck(module.lora_grouped_backward, (grad_y, tokens, s, weight, False, lora_a,
-                                                         lora_b, SCALING, offsets, row_index))
+                                                         experts_b, SCALING, offsets, row_index))
     lora_a.requires_grad_()
     compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
                              fullgraph=True, backend="aot_eager")
