@@ -597,3 +597,30 @@ def test_grouped_forward_writes_every_element(dtype):
         expected = (x[first:end] @ weight[e].double().T
                     + SCALING * s[first:end].double() @ experts_b[e].double().T)
         assert_op_close(y[first:end], expected, dtype, f"y_{e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_weight_grad_writes_every_element(dtype):
+    """``grouped_weight_grad`` (dA) into a NaN-filled gradient, as the op allocates it (no zero
+    fill): experts without rows get zeros, the others dS_e^T x_e (x's rows gathered through
+    row_index), rank 20 (two rank chunks), K = 70 (two column chunks), an expert with two row
+    tiles, against fp64."""
+    gen = torch.Generator().manual_seed(6)
+    experts, rank, k, counts = 4, 20, 70, (0, 70, 0, 3)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    tokens = torch.randn(19, k, generator=gen).to(dtype)
+    row_index = torch.randint(0, 19, (rows,), generator=gen)
+    grad_s = (torch.randn(rows, rank, generator=gen) * 0.5).to(dtype)
+    grad_a = poisoned((experts * rank, k), torch.float32, "cpu")
+    grouped_kernels.grouped_weight_grad(grad_s, tokens, grad_a, (rank * k, k, 1), offsets, 1.0,
+                                        row_index)
+    x = tokens[row_index].double()
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        grad_a_e = grad_a.view(experts, rank, k)[e]
+        if first == end:
+            assert grad_a_e.eq(0).all(), f"dA_{e} of an expert without rows"
+            continue
+        assert_op_close(grad_a_e, grad_s[first:end].double().T @ x[first:end], torch.float32,
+                        f"dA_{e}", TOLERANCE[dtype])

@@ -118,10 +118,12 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
     rank = _rank(lora_A, experts)
     rows = _sorted_rows(x, row_index)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=x.device)
-    grad_a = torch.zeros(lora_A.shape, dtype=torch.float32, device=x.device)
-    grad_b = torch.zeros(_peft_b_shape(experts_b), dtype=torch.float32, device=x.device)
+    grad_a = torch.empty(lora_A.shape, dtype=torch.float32, device=x.device)
+    grad_b = torch.empty(_peft_b_shape(experts_b), dtype=torch.float32, device=x.device)
     if rows == 0:
-        return torch.zeros_like(x), grad_a, grad_b
+        return torch.zeros_like(x), grad_a.zero_(), grad_b.zero_()
+    # No zero fill of dA and dB: the kernels write every element, zeros for experts without rows
+    # (Qwen3-30B-A3B's layer: 52 MB of fills, about 17 us on H100 at copy bandwidth, estimate).
     grad_s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
     a_t = (rank * a[0], a[1], a[0])  # A_e^T's (expert, k, rank) in PEFT's (E r) x K
