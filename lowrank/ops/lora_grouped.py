@@ -6,7 +6,7 @@ whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e 
 are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied once
 per step into an E x N x r tensor in x's dtype (``_experts_b``: small, the experts' weights
 dominate what a launch reads), which the forward makes and saves for the backward, so that every
-kernel loads B_e's rows whole. Gradients are written straight into PEFT's layout.
+kernel loads B_e's rows whole (for a 16-bit x; an fp32 x reads PEFT's fp32 B through strides). Gradients are written straight into PEFT's layout.
 
 ``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
 ``lora_grouped_backward`` are its launch primitives, registered with torch.library with fake
@@ -43,13 +43,15 @@ def _rank(lora_A, experts):
 
 
 def _experts_b(lora_B, experts, dtype):
-    """B as E x N x r, contiguous, in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
+    """B as E x N x r in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
     the kernels would gather element by element, each 4-byte element in a 32-byte sector of its
     own (static report, sm_90, Qwen3-30B-A3B's down: read in place, the dX GEMM's K loop issues 4
     LDGSTS.32 a warp for B where the copy takes one LDGSTS.64, 32 KB of sectors a K step where its
     tiles load 48 KB; the forward's expand, 128 KB of sectors a tile: more than the copy costs).
-    This copy (r N E values, small next to the experts' weights that the same launches read) lets
-    them load whole rows. Made once per step, by the forward, and saved for the backward."""
+    This copy (contiguous, r N E values, small next to the experts' weights that the same launches
+    read) lets them load whole rows. Made once per step, by the forward, and saved for the
+    backward. Where B is in ``dtype`` already (fp32 x, PEFT's fp32 adapters) ``to`` copies
+    nothing: the kernels read PEFT's B through these strides, and nothing more is saved."""
     rank = lora_B.shape[1] // experts
     return lora_B.detach().reshape(lora_B.shape[0], rank, experts).permute(2, 0, 1).to(
         dtype, memory_format=torch.contiguous_format)
@@ -170,8 +172,8 @@ class LoraGroupedFunction(torch.autograd.Function):
     row i being x[row_index[i]] (the kernels gather them); ``weight`` the frozen E x N x K expert
     stack (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32.
     Arguments are used as given: ``lora_grouped`` is the checked entry point. Saves x (not a
-    sorted copy), row_index, S = x A_e^T (S x r), the adapters, B's E x N x r copy in x's dtype
-    (``_experts_b``, made once for both passes), offsets and the weight as stored (no copy). The
+    sorted copy), row_index, S = x A_e^T (S x r), the adapters, B as E x N x r in x's dtype
+    (``_experts_b``: for a 16-bit x a copy, made once for both passes), offsets and the weight as stored (no copy). The
     weight gets no gradient."""
 
     @staticmethod
