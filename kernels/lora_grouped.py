@@ -75,9 +75,9 @@ def output_grad_config(target, dtype):
     # 256 columns of dY per chunk in 16-bit dtypes: the fp32 dS partials (one per chunk) stay a
     # small fraction of dY's bytes (rank 16: 1/8 of a bf16 dY's).
     block_n = 256 if dtype.itemsize == 2 else 128
-    # 4 warps off sm_90: B_e's chunk, read strided from PEFT's layout, takes 8 warps to 138
-    # registers, one CTA per SM on sm_89 (4 warps: 178, two CTAs); sm_90 keeps 8 (a 600-row
-    # launch issues faster with them).
+    # 4 warps off sm_90 (sm_89, Qwen3-30B-A3B's gate_up: 128 registers, three CTAs per SM, B_e's
+    # chunk read from the op's E x N x r copy; from PEFT's layout, strided, 8 warps took 138 and
+    # one CTA); sm_90 keeps 8 (a 600-row launch issues faster with them).
     warps = 8 if target is not None and target.arch == 90 else 4
     return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 3}
 

@@ -183,16 +183,17 @@ def test_lora_grouped_custom_ops_trace():
 
     module = importlib.import_module("lowrank.ops.lora_grouped")
     x, weight, lora_a, lora_b, offsets, grad_y = make_case(torch.float32, False, counts=(3, 0, 4, 1, 1))
+    experts_b = module._experts_b(lora_b, E, x.dtype)  # the ops take B's E x N x r copy
     torch.library.opcheck(module.lora_grouped_forward,
-                          (x, weight, False, lora_a, lora_b, SCALING, offsets, None))
+                          (x, weight, False, lora_a, experts_b, SCALING, offsets, None))
     s = torch.randn(x.shape[0], RANK)
     torch.library.opcheck(module.lora_grouped_backward,
-                          (grad_y, x, s, weight, False, lora_a, lora_b, SCALING, offsets, None))
+                          (grad_y, x, s, weight, False, lora_a, experts_b, SCALING, offsets, None))
     tokens, row_index = x[:4], torch.tensor([3, 0, 1, 3, 2, 0, 1, 2, 0])  # gathered rows
     torch.library.opcheck(module.lora_grouped_forward,
-                          (tokens, weight, False, lora_a, lora_b, SCALING, offsets, row_index))
+                          (tokens, weight, False, lora_a, experts_b, SCALING, offsets, row_index))
     torch.library.opcheck(module.lora_grouped_backward, (grad_y, tokens, s, weight, False, lora_a,
-                                                         lora_b, SCALING, offsets, row_index))
+                                                         experts_b, SCALING, offsets, row_index))
     lora_a.requires_grad_()
     compiled = torch.compile(lambda a: ops.lora_grouped(x, weight, a, lora_b, SCALING, offsets),
                              fullgraph=True, backend="aot_eager")
@@ -739,3 +740,30 @@ def test_grouped_gemm_tile_order_covers_every_tile(group_tiles, monkeypatch):
         assert_op_close(grad_s[first:end], grad_s_e, torch.float32, f"dS_{e}")
         assert_op_close(grad_x[first:end], dy_e @ w_e + grad_s_e @ a_e, torch.float32, f"dX_{e}")
         assert_op_close(grad_b[e], SCALING * dy_e.T @ s_e, torch.float32, f"dB_{e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_weight_grad_writes_every_element(dtype):
+    """``grouped_weight_grad`` (dA) into a NaN-filled gradient, as the op allocates it (no zero
+    fill): experts without rows get zeros, the others dS_e^T x_e (x's rows gathered through
+    row_index), rank 20 (two rank chunks), K = 70 (two column chunks), an expert with two row
+    tiles, against fp64."""
+    gen = torch.Generator().manual_seed(6)
+    experts, rank, k, counts = 4, 20, 70, (0, 70, 0, 3)
+    rows = sum(counts)
+    offsets = offsets_of(counts)
+    tokens = torch.randn(19, k, generator=gen).to(dtype)
+    row_index = torch.randint(0, 19, (rows,), generator=gen)
+    grad_s = (torch.randn(rows, rank, generator=gen) * 0.5).to(dtype)
+    grad_a = poisoned((experts * rank, k), torch.float32, "cpu")
+    grouped_kernels.grouped_weight_grad(grad_s, tokens, grad_a, (rank * k, k, 1), offsets, 1.0,
+                                        row_index)
+    x = tokens[row_index].double()
+    for e, (first, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        grad_a_e = grad_a.view(experts, rank, k)[e]
+        if first == end:
+            assert grad_a_e.eq(0).all(), f"dA_{e} of an expert without rows"
+            continue
+        assert_op_close(grad_a_e, grad_s[first:end].double().T @ x[first:end], torch.float32,
+                        f"dA_{e}", TOLERANCE[dtype])

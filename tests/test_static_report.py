@@ -560,3 +560,35 @@ def test_a_wgmma_with_a_register_a_operand_reads_only_b_from_shared_memory():
     assert sass.mma_flops(loop, num_warps=8) == 2 * 2 * 2 * 64 * 256 * 16
     ldsm = 128 * 4 * 8
     assert sass.memory_bytes(loop, num_warps=8) == (0, ldsm + (256 + (64 + 256)) * 16 * 2 * 2)
+
+
+ROW_TILE_CAPTURE = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import torch
+from bench.static import build, launches
+calls = launches.lora_grouped_calls(1024, 64, 96, 8, torch.bfloat16, fused_output_grad=True)
+launched = launches.run_calls({"backward": calls["backward"]}, launches.gpu(90), every_config=False)
+storages = [sum({t.data_ptr(): t.untyped_storage().nbytes() for t in launch.args
+                 if isinstance(t, torch.Tensor)}.values()) for launch in launched]
+print(json.dumps([[launch.name, launch.kwargs.get("BLOCK_M"), full, touched] for launch, full, touched
+                  in zip(launched, storages, build.tensor_bytes(launched))]))
+"""
+
+
+def test_the_grouped_grad_b_partials_count_only_the_row_tiles_with_rows():
+    """The dX GEMM's dB partials (N x r fp32 a row tile) are allocated for the tile schedule's
+    upper bound, cdiv(rows, BLOCK_M) + E tiles: 1024 rows over 8 experts in 128-row tiles (sm_90)
+    allocate 16 and fill 8. The model charges the GEMM that writes them and the sum that reads
+    them for those 8 only; every other tensor, and the dA launch, whole."""
+    run = subprocess.run([sys.executable, "-c", ROW_TILE_CAPTURE, str(Path(__file__).parents[1])],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [name for name, *_ in found] == ["_grouped_gemm_kernel", "_grouped_grad_b_sum_kernel",
+                                            "_grouped_weight_grad_kernel"]
+    assert found[0][1] == 128
+    allocated = (1024 // 128 + 8) * 96 * 16 * 4
+    spare = allocated // 2
+    assert [full - touched for _, _, full, touched in found] == [spare, spare, 0]

@@ -93,20 +93,49 @@ def build(launch, arch, disassemble=True):
 
 def build_all(launches, arch, disassemble=True):
     """A record per launch (identical builds compiled once), with what the model needs of the
-    launch itself: its case, grid, integer arguments, the bytes of the tensors it touches, and
-    which of its launcher's configs it is (``config`` of ``configs``: autotuned when several)."""
+    launch itself: its case, grid, integer arguments, the bytes of the tensors it touches
+    (``tensor_bytes``), and which of its launcher's configs it is (``config`` of ``configs``:
+    autotuned when several)."""
     records = []
-    for launch in launches:
-        tensors = {t.data_ptr(): t.untyped_storage().nbytes() for t in launch.args
-                   if isinstance(t, torch.Tensor)}
+    for launch, touched in zip(launches, tensor_bytes(launches)):
         ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
                 if isinstance(value, int) and not isinstance(value, bool)}
         ints.update(launch.model_ints)
         records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
                         "config": launch.config, "configs": launch.configs,
-                        "ints": ints, "tensor_bytes": sum(tensors.values()),
+                        "ints": ints, "tensor_bytes": touched,
                         **build(launch, arch, disassemble)})
     return records
+
+
+def tensor_bytes(launches):
+    """Per launch, the bytes of the tensors it touches, each once: their storages, but a grouped
+    dX GEMM's dB partials (``row_tile_fractions``) only for the row tiles with rows, in that
+    launch and in the later ones that read them (the partials' sum). ``launches`` hold their
+    tensors, so no storage is freed and its address reused between two of them."""
+    fractions, found = {}, []
+    for launch in launches:
+        fractions.update(row_tile_fractions(launch))
+        tensors = {t.data_ptr(): t.untyped_storage().nbytes() * fractions.get(t.data_ptr(), 1.0)
+                   for t in launch.args if isinstance(t, torch.Tensor)}
+        found.append(sum(tensors.values()))
+    return found
+
+
+def row_tile_fractions(launch):
+    """{address: fraction} for the per-row-tile buffer a launch writes: the grouped dX GEMM's dB
+    partials (``_grouped_gemm_kernel`` with OUTPUT_GRAD, ``kernels/lora_grouped.grouped_grad_input``),
+    allocated for the tile schedule's cdiv(rows, BLOCK_M) + E row tiles (an upper bound: the count
+    is on the device), of which only the tiles with rows, E x cdiv(rows per expert, BLOCK_M) as
+    ``model.working_ctas`` counts them (the launch's model_ints), write theirs and have them read.
+    Empty for every other launch."""
+    ints = launch.model_ints
+    if (launch.name != "_grouped_gemm_kernel" or not launch.kwargs.get("OUTPUT_GRAD")
+            or "experts" not in ints):
+        return {}
+    partials = dict(zip(launch.kernel.arg_names, launch.args))["grad_b_partial_ptr"]
+    tiles = ints["experts"] * -(-ints["rows_per_expert"] // launch.kwargs["BLOCK_M"])
+    return {partials.data_ptr(): min(1.0, tiles / partials.shape[0])}
 
 
 def read(compiled, arch, spec, arg_names, disassemble):

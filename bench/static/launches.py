@@ -398,16 +398,15 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
     dy, y = empty(rows, n, dtype=dtype), empty(rows, n, dtype=dtype)
     s, w = empty(rows, rank, dtype=dtype), empty(experts, *((k, n) if transposed else (n, k)), dtype=dtype)
     lora_a, lora_b = empty(experts * rank, k), empty(n, rank * experts)
-    b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B
+    b_rows = empty(experts, n, rank, dtype=dtype)  # lora_grouped's E x N x r copy of B (_experts_b)
     grad_b = empty(n, rank * experts)  # B's gradient, as lora_grouped_backward allocates it
     expert_bias = empty(experts, n, dtype=dtype) if bias else None
     w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     a = lora_a.stride()
 
-    # Torch's work around the launches (lowrank.ops.lora_grouped): B copied into b_rows for the
-    # forward's GEMM (fp32 read, x's dtype written), and the sum of the fp32 dS partials, one per
-    # chunk of dY's columns. The dS / dB pass reads PEFT's B as it is; the dX GEMM with dS and dB
-    # inside loads all of B_e in every tile, from its own copy (lora_grouped_backward).
+    # Torch's work around the launches (lowrank.ops.lora_grouped): B copied into b_rows by the
+    # forward (fp32 read, x's dtype written), which the backward's kernels read too (saved, not
+    # copied again), and the sum of the fp32 dS partials, one per chunk of dY's columns.
     b_copy = n * rank * experts * (lora_b.element_size() + b_rows.element_size())
 
     def forward():
@@ -431,7 +430,6 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
         if fused is None:  # as lora_grouped_backward chooses
             fused = lora_grouped.fuses_output_grad(dy.device, dtype, rank, k, n)
         if fused:
-            torch_op(0, b_copy, "B as E x N x r (copy)")
             lora_grouped.grouped_grad_input(dy, w, w_t, s, b_rows, b_rows.stride(), lora_a,
                                             (rank * a[0], a[1], a[0]), grad_x, s, grad_b, peft_b,
                                             offsets, SCALING)
@@ -439,8 +437,8 @@ def lora_grouped_calls(rows, k, n, experts, dtype, transposed=False, rank=RANK, 
             config = lora_grouped.output_grad_config(_common.target(dy.device), dtype)
             chunks = -(-n // config["BLOCK_N"])
             torch_op(0, rows * rank * (4 * chunks + s.element_size()), "sum of the dS partials")
-            lora_grouped.grouped_output_grad(dy, s, lora_b, peft_b, grad_b, peft_b, s, offsets,
-                                             SCALING)
+            lora_grouped.grouped_output_grad(dy, s, b_rows, b_rows.stride(), grad_b, peft_b, s,
+                                             offsets, SCALING)
             lora_grouped.grouped_gemm(dy, w, w_t, s, lora_a, (rank * a[0], a[1], a[0]), grad_x,
                                       offsets, 1.0)
         lora_grouped.grouped_weight_grad(s, x, lora_a, (rank * k, k, 1), offsets, 1.0, row_index)

@@ -19,7 +19,9 @@ overlap perfectly:
   128-byte line a warp's load touches, up to 16 for the 2 KB pair table at random codes, one for
   the 16 codes) plus its shared-memory traffic in 128-byte wavefronts, one wavefront per clock per
   SM: L1 and shared memory are one SRAM with one data path, so the two add;
-- DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth.
+- DRAM (for the whole launch): the bytes of every tensor it touches, once, at copy bandwidth
+  (a grouped dX GEMM's dB partials, allocated for every possible row tile, only for the tiles
+  with rows: ``build.tensor_bytes``).
 
 Not modelled: latency beyond that issue rule, cache hit rates beyond "each tensor read once from
 DRAM" and "32-bit gathers hit L1", clock throttling, launch overhead. The device

@@ -3,12 +3,10 @@
 
 The adapters are in PEFT's ``target_parameters`` layout (``ParamWrapper``): ``lora_A`` (E r x K),
 whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e + E, e + 2E, ...
-are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied
-into an E x N x r tensor for the forward (small: the experts' weights dominate what a launch
-reads), so that the GEMM tiles, which load B_e once per output tile, load its rows whole; the
-backward's dS / dB pass loads each chunk of B_e once and reads PEFT's B as it is (a dX GEMM with
-dS and dB inside, ``kernels.fuses_output_grad``, reads a copy as the forward does). Gradients are
-written straight into PEFT's layout.
+are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied once
+per step into an E x N x r tensor in x's dtype (``_experts_b``: small, the experts' weights
+dominate what a launch reads), which the forward makes and saves for the backward, so that every
+kernel loads B_e's rows whole (for a 16-bit x; an fp32 x reads PEFT's fp32 B through strides). Gradients are written straight into PEFT's layout.
 
 ``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
 ``lora_grouped_backward`` are its launch primitives, registered with torch.library with fake
@@ -45,9 +43,15 @@ def _rank(lora_A, experts):
 
 
 def _experts_b(lora_B, experts, dtype):
-    """B as E x N x r, contiguous, in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
-    the GEMM tiles would gather element by element; this copy (r N E values, small next to the
-    experts' weights that the same launch reads) lets them load whole rows."""
+    """B as E x N x r in ``dtype``: PEFT's N x (r E) has B_e's ranks E apart, which
+    the kernels would gather element by element, each 4-byte element in a 32-byte sector of its
+    own (static report, sm_90, Qwen3-30B-A3B's down: read in place, the dX GEMM's K loop issues 4
+    LDGSTS.32 a warp for B where the copy takes one LDGSTS.64, 32 KB of sectors a K step where its
+    tiles load 48 KB; the forward's expand, 128 KB of sectors a tile: more than the copy costs).
+    This copy (contiguous, r N E values, small next to the experts' weights that the same launches
+    read) lets them load whole rows. Made once per step, by the forward, and saved for the
+    backward. Where B is in ``dtype`` already (fp32 x, PEFT's fp32 adapters) ``to`` copies
+    nothing: the kernels read PEFT's B through these strides, and nothing more is saved."""
     rank = lora_B.shape[1] // experts
     return lora_B.detach().reshape(lora_B.shape[0], rank, experts).permute(2, 0, 1).to(
         dtype, memory_format=torch.contiguous_format)
@@ -63,12 +67,13 @@ def expert_offsets(expert_ids, experts):
 
 @torch.library.custom_op("lowrank::lora_grouped_forward", mutates_args=())
 def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool,
-                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                         lora_A: torch.Tensor, experts_b: torch.Tensor, scaling: float,
                          offsets: torch.Tensor, row_index: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y, S): S = x A_e^T (S x r, x's dtype), Y = x W_e^T + s S B_e^T (+ bias_e, E x N, added
-    in the GEMM's epilogue) (x's dtype); the sorted rows are x[row_index] if ``row_index`` is
-    given (gathered by the kernels), else x."""
+    in the GEMM's epilogue) (x's dtype), B_e = ``experts_b``[e] (``_experts_b``: E x N x r in x's
+    dtype); the sorted rows are x[row_index] if ``row_index`` is given (gathered by the kernels),
+    else x."""
     experts, out_features, _ = _shapes(weight, transposed)
     rank = _rank(lora_A, experts)
     rows = _sorted_rows(x, row_index)
@@ -77,7 +82,7 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     if rows == 0:
         return y, s
     a = lora_A.stride()
-    b = _experts_b(lora_B, experts, x.dtype)
+    b = experts_b
     w_strides = _weight_strides(weight, transposed)
     if rank and kernels.fuses_shrink(x.device, x.dtype, rank, x.shape[1], out_features,
                                           transposed):
@@ -93,7 +98,7 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
 
 
 @lora_grouped_forward.register_fake
-def _(x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index, bias=None):
+def _(x, weight, transposed, lora_A, experts_b, scaling, offsets, row_index, bias=None):
     experts, out_features, _ = _shapes(weight, transposed)
     rows = _sorted_rows(x, row_index)
     return x.new_empty(rows, out_features), x.new_empty(rows, _rank(lora_A, experts))
@@ -106,43 +111,38 @@ def _sorted_rows(x, row_index):
 @torch.library.custom_op("lowrank::lora_grouped_backward", mutates_args=())
 def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                           weight: torch.Tensor, transposed: bool, lora_A: torch.Tensor,
-                          lora_B: torch.Tensor, scaling: float, offsets: torch.Tensor,
+                          experts_b: torch.Tensor, scaling: float, offsets: torch.Tensor,
                           row_index: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX in x's dtype and shape, dA, dB in fp32, in PEFT's layout): dS = s dY B_e, dX = dY W_e
-    + dS A_e, dA_e = dS_e^T x_e, dB_e = s dY_e^T S_e. With ``row_index`` the sorted rows' dX is
-    summed into x's rows (``index_add_``, as autograd takes a gather back)."""
+    + dS A_e, dA_e = dS_e^T x_e, dB_e = s dY_e^T S_e, B_e = ``experts_b``[e] (the forward's
+    ``_experts_b``). With ``row_index`` the sorted rows' dX is summed into x's rows
+    (``index_add_``, as autograd takes a gather back)."""
     experts, out_features, in_features = _shapes(weight, transposed)
     rank = _rank(lora_A, experts)
     rows = _sorted_rows(x, row_index)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=x.device)
-    grad_a = torch.zeros(lora_A.shape, dtype=torch.float32, device=x.device)
-    grad_b = torch.zeros(lora_B.shape, dtype=torch.float32, device=x.device)
+    grad_a = torch.empty(lora_A.shape, dtype=torch.float32, device=x.device)
+    grad_b = torch.empty(_peft_b_shape(experts_b), dtype=torch.float32, device=x.device)
     if rows == 0:
-        return torch.zeros_like(x), grad_a, grad_b
+        return torch.zeros_like(x), grad_a.zero_(), grad_b.zero_()
+    # No zero fill of dA and dB: the kernels write every element, zeros for experts without rows
+    # (Qwen3-30B-A3B's layer: 52 MB of fills, about 17 us on H100 at copy bandwidth, estimate).
     grad_s = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     a = lora_A.stride()
     a_t = (rank * a[0], a[1], a[0])  # A_e^T's (expert, k, rank) in PEFT's (E r) x K
-    # B_e read where PEFT keeps it (its (n, rank) at (r E, E) in N x (r E), as dB_e is written):
-    # the backward loads each chunk of B_e once, so no copy as the forward's GEMM tiles need it
-    # (RTX 4090, Qwen3-30B-A3B down: 28 us, model).
-    b = lora_B.stride()
-    peft_b, grad_b_strides = (b[1], b[0], experts * b[1]), (1, rank * experts, experts)
+    grad_b_strides = (1, rank * experts, experts)  # dB_e's (n, rank) in PEFT's N x (r E)
     e, n, k = _weight_strides(weight, transposed)
     if rank and kernels.fuses_output_grad(x.device, x.dtype, rank, in_features,
                                               out_features):
         # dS and dB inside the dX GEMM, which streams dY anyway: no pass over dY of their own.
-        # Its tiles load all of B_e, a K-step chunk at a time: from the forward's E x N x r copy
-        # (whole 32-byte rows), not PEFT's layout, whose ranks E apart would cost a 32-byte
-        # sector per 4-byte element.
-        experts_b = _experts_b(lora_B, experts, x.dtype)
         kernels.grouped_grad_input(grad_y, weight, (e, k, n), s, experts_b, experts_b.stride(),
                                    lora_A, a_t, grad_x, grad_s, grad_b, grad_b_strides, offsets,
                                    scaling)
     else:
         if rank:  # dS and dB in one pass over dY
-            kernels.grouped_output_grad(grad_y, s, lora_B, peft_b, grad_b, grad_b_strides, grad_s,
-                                        offsets, scaling)
+            kernels.grouped_output_grad(grad_y, s, experts_b, experts_b.stride(), grad_b,
+                                        grad_b_strides, grad_s, offsets, scaling)
         kernels.grouped_gemm(grad_y, weight, (e, k, n), grad_s, lora_A, a_t, grad_x, offsets, 1.0)
     if rank:
         kernels.grouped_weight_grad(grad_s, x, grad_a, (rank * in_features, in_features, 1),
@@ -153,9 +153,15 @@ def lora_grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor
 
 
 @lora_grouped_backward.register_fake
-def _(grad_y, x, s, weight, transposed, lora_A, lora_B, scaling, offsets, row_index):
+def _(grad_y, x, s, weight, transposed, lora_A, experts_b, scaling, offsets, row_index):
     return (torch.empty_like(x), lora_A.new_empty(lora_A.shape, dtype=torch.float32),
-            lora_B.new_empty(lora_B.shape, dtype=torch.float32))
+            lora_A.new_empty(_peft_b_shape(experts_b), dtype=torch.float32))
+
+
+def _peft_b_shape(experts_b):
+    """PEFT's (N, r E) for B's E x N x r copy."""
+    experts, out_features, rank = experts_b.shape
+    return out_features, rank * experts
 
 
 class LoraGroupedFunction(torch.autograd.Function):
@@ -168,25 +174,29 @@ class LoraGroupedFunction(torch.autograd.Function):
     row i being x[row_index[i]] (the kernels gather them); ``weight`` the frozen E x N x K expert
     stack (E x K x N when ``transposed``: gpt-oss's layout); ``offsets`` (E + 1,) int32.
     Arguments are used as given: ``lora_grouped`` is the checked entry point. Saves x (not a
-    sorted copy), row_index, S = x A_e^T (S x r), the adapters, offsets and the weight as stored
-    (no copy). ``bias``: the experts' frozen biases (E x N, x's dtype) or None, added in the
-    forward's epilogue. The weight and the bias get no gradient."""
+    sorted copy), row_index, S = x A_e^T (S x r), the adapters, B as E x N x r in x's dtype
+    (``_experts_b``: for a 16-bit x a copy, made once for both passes), offsets and the weight as
+    stored (no copy). ``bias``: the experts' frozen biases (E x N, x's dtype) or None, added in
+    the forward's epilogue. The weight and the bias get no gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, transposed, lora_A, lora_B, scaling, offsets, row_index,
                 bias=None):
-        y, s = lora_grouped_forward(x, weight, transposed, lora_A, lora_B, scaling, offsets,
+        experts_b = _experts_b(lora_B, weight.shape[0], x.dtype)
+        y, s = lora_grouped_forward(x, weight, transposed, lora_A, experts_b, scaling, offsets,
                                     row_index, bias)
-        ctx.save_for_backward(x, s, weight, lora_A, lora_B, offsets, row_index)
+        # lora_B itself too: autograd then refuses a backward after B changed in place, which
+        # the copy would not see.
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B, experts_b, offsets, row_index)
         ctx.transposed, ctx.scaling = transposed, scaling
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, s, weight, lora_A, lora_B, offsets, row_index = ctx.saved_tensors
+        x, s, weight, lora_A, lora_B, experts_b, offsets, row_index = ctx.saved_tensors
         need = _GROUPED_GRADIENTS.needed(ctx)
         grad_x, grad_a, grad_b = lora_grouped_backward(grad_y.contiguous(), x, s, weight,
-                                                       ctx.transposed, lora_A, lora_B,
+                                                       ctx.transposed, lora_A, experts_b,
                                                        ctx.scaling, offsets, row_index)
         grads = {"x": grad_x if need["x"] else None}
         if need["lora_A"]:
