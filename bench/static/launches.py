@@ -463,10 +463,12 @@ def train_call(calls):
     return train
 
 
-def grouped_gemm_call(rows, k, n, experts, dtype, transposed=False):
+def grouped_gemm_call(rows, k, n, experts, dtype, transposed=False, bias=False):
     """The same grouped GEMM without LoRA, forward and dX (frozen experts: no weight gradient):
     lora_grouped's GEMM at rank 0, whose LoRA loop runs no iteration. Issue 27's baseline.
-    ``transposed``: the experts stored E x K x N (gpt-oss), as ``lora_grouped_calls``.
+    ``transposed``: the experts stored E x K x N (gpt-oss), as ``lora_grouped_calls``; ``bias``:
+    the forward adds the experts' biases in its epilogue, as lowrank's LoRA forward does (the
+    baseline is the same GEMM: a bias added by torch ops would flatter the LoRA rows).
     The empty adapters are rank-0 slices of rank-``RANK`` ones, so they keep LoRA's strides: with
     a 0-wide tensor's own strides (all 1) the JIT makes them constants, the idle rank loop
     compiles to element loads and outgrows the K loop, and the report read it as the hot loop
@@ -478,9 +480,11 @@ def grouped_gemm_call(rows, k, n, experts, dtype, transposed=False):
     w_strides = (w.stride(0), w.stride(2), w.stride(1)) if transposed else w.stride()
     b_rows = empty(experts, n, RANK, dtype=dtype)[:, :, :0]
     lora_a = empty(experts, RANK, k)[:, :0]
+    expert_bias = empty(experts, n, dtype=dtype) if bias else None
 
     def forward_and_grad_input():
-        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING)
+        lora_grouped.grouped_gemm(x, w, w_strides, s, b_rows, b_rows.stride(), y, offsets, SCALING,
+                                  bias=expert_bias)
         lora_grouped.grouped_gemm(dy, w, (w_strides[0], w_strides[2], w_strides[1]), s, lora_a,
                                   (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), x,
                                   offsets, 1.0)
@@ -886,10 +890,11 @@ def bnb_peft_cases(m, k, n):
 # top-4 rows over 32 experts, hidden and intermediate sizes 2880. Its experts (transformers'
 # ``GptOssExperts``) are stored transposed, E x in x out, and have biases, added after each
 # projection: lowrank's ``experts_forward`` adds them in the grouped GEMM's epilogue (the E x N
-# table read by each output tile); transformers' grouped_mm forward (the one PEFT's
-# ``ParamWrapper`` runs, and the layer without LoRA) gathers ``bias[expert_ids]`` (rows x N) and
-# adds it as torch ops. The biases are frozen, so the backward has no bias op. Its own gate (clamped, ``_apply_gate``) lies between the projections,
-# as Qwen's activation does, in no row.
+# table read by each output tile), and so does the baseline, the same grouped GEMM without LoRA;
+# transformers' grouped_mm forward (the one PEFT's ``ParamWrapper`` runs) gathers
+# ``bias[expert_ids]`` (rows x N) and adds it as torch ops. The biases are frozen, so the backward
+# has no bias op. Its own gate (clamped, ``_apply_gate``) lies between the projections, as Qwen's
+# activation does, in no row.
 GPT_OSS_PROJECTIONS = {"gate_up": (2880, 2 * 2880), "down": (2880, 2880)}  # (K, N)
 GPT_OSS_TOP_K, GPT_OSS_EXPERTS = 4, 32
 GPT_OSS_ROWS = 4096 * GPT_OSS_TOP_K
@@ -921,8 +926,8 @@ def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=
     dense one) and both; the same grouped GEMM without LoRA and PEFT's ``ParamWrapper``, fwd+bwd,
     each against the flops without LoRA, so the three rows' times and ratios compare (issue 27's
     targets: <= 1.15x the first, >= 2x faster than the second). ``transposed``: the experts stored
-    E x in x out; ``biases``: every forward adds the expert biases, lowrank's in its GEMM's
-    epilogue, the others as torch ops (``with_expert_bias``)."""
+    E x in x out; ``biases``: every forward adds the expert biases, lowrank's and the grouped
+    GEMM without LoRA in the GEMM's epilogue, PEFT's as torch ops (``with_expert_bias``)."""
     bf16, cases = torch.bfloat16, {}
     for projection, (k, n) in projections.items():
         def biased(call):
@@ -940,7 +945,7 @@ def moe_layer_cases(rows, experts, projections, top_k, transposed=False, biases=
         cases[f"lora_grouped_train dense {shape}"] = (train_call(grouped),
                                                        ("gemm", 4 * rows * n * k))
         cases[f"grouped_gemm_train dense {shape} rank=0"] = (
-            biased(grouped_gemm_call(rows, k, n, experts, bf16, transposed)),
+            grouped_gemm_call(rows, k, n, experts, bf16, transposed, bias=biases),
             ("gemm", 4 * rows * n * k))
         cases[f"peft_param_wrapper_train dense {shape}"] = (
             biased(peft_param_wrapper_call(rows, k, n, experts)), ("gemm", 4 * rows * n * k))
