@@ -168,6 +168,9 @@ def nibble_lookup(nf4, target):
 def with_decoding(configs, nf4, K, target):
     """Each of a GEMM's ``configs`` with its ``decoding_flags`` (SCALE_GROUP depends on the
     config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries."""
+    if nf4 is not None and any(config["BLOCK_N"] > MAX_TILE_ROWS for config in configs):
+        raise ValueError(f"NF4 GEMM configs take BLOCK_N <= {MAX_TILE_ROWS} (MAX_TILE_ROWS: "
+                         f"load_gemm_tile's int32 offsets), got {configs}")
     return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target)} for config in configs]
 
 
@@ -185,8 +188,8 @@ def precision(dtype):
     return "ieee" if dtype.itemsize == 4 else "tf32"  # 16-bit inputs ignore it
 
 
-# load_gemm_tile's offsets from a tile's first element are int32: at most MAX_TILE_ROWS (every
-# config's BLOCK_N, checked in tests/test_lora_linear.py) x K + K elements.
+# load_gemm_tile's offsets from a tile's first element are int32: at most MAX_TILE_ROWS (the
+# widest BLOCK_N of any NF4 GEMM's configs: ``with_decoding`` checks them) x K + K elements.
 MAX_TILE_ROWS = 256
 MAX_NF4_IN_FEATURES = (2**31 - 1) // (MAX_TILE_ROWS + 1)
 
