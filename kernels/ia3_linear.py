@@ -124,13 +124,19 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Rows past M read row M - 1, never stored: one mask for all a thread's rows (as
-    # kernels/lora_linear.py's forward).
-    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
+    # NF4: rows past M read row M - 1, never stored: one mask for all a thread's rows (as
+    # kernels/lora_linear.py's forward). Dense tiles keep the row mask: without it sm_89's
+    # 64 x 128 x 64 tile took 8 bytes of stack.
+    x_rows = tl.minimum(rows, M - 1) if NF4 else rows
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
+        if NF4:
+            x_mask = cols[None, :] < K
+        else:
+            x_mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + row_offsets(x_rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
+                    mask=x_mask, other=0.0)
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
