@@ -5,8 +5,8 @@ import triton
 import triton.language as tl
 
 from ._common import code_pairs, store_rounded
-from .nf4_dequantize import (check_code_table, decode_nf4, decode_nf4_codes, decode_nf4_pairs,
-                             load_absmax)
+from .nf4_dequantize import (check_code_table, decode_nf4, decode_nf4_pairs,
+                             decode_nf4_shared_codes, load_absmax, shared_codes)
 from .nf4_quantize import quantize_and_pack
 
 
@@ -30,34 +30,43 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
 
 
 @triton.jit
-def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr, codes,
                    nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                    NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
-                   INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The GEMM tile W[outs, k0 : k0 + BLOCK_K] in fp32 (``outs``: BLOCK_N row indices, ``k0`` a
-    multiple of BLOCK_K), dense or decoded from packed NF4.
+                   INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """The GEMM tile W[first_out : first_out + BLOCK_N, k0 : k0 + BLOCK_K] in fp32 (``k0`` a
+    multiple of BLOCK_K), dense or decoded from packed NF4. ``codes``: where ``frozen_codes``
+    (called once, before the loop) put the NF4 code book.
 
     NF4 with SCALE_GROUP > 0 (K even, and SCALE_GROUP consecutive elements of a row, starting at a
     multiple of it, always share a quantization block: ``scale_group``): each row's packed bytes
     are loaded once as a [BLOCK_N, BLOCK_K / 2] tile (contiguous, so wide loads), each byte looked
     up in the pair table as both of its values at once (one 8-byte load, interleaved as the
-    elements are) or, with NIBBLE_LOOKUP, each nibble among the 16 codes (``decode_nf4_codes``:
-    twice the loads, one cache line instead of 2 KB; the same values), and one absmax per row
-    and group, nested absmax decoded there too, not per element. The row bases are int64 (N x K
-    may pass 2**31); offsets inside a row are int32.
+    elements are) or, with NIBBLE_LOOKUP, each nibble among the 16 codes
+    (``decode_nf4_shared_codes``: twice the loads, from 64 bytes of shared memory instead of a
+    2 KB global table; the same values), and one absmax per row
+    and group, nested absmax decoded there too, not per element. The tile's first element is an
+    int64 scalar (N x K may pass 2**31); offsets inside the tile are int32 (BLOCK_N x K < 2**31),
+    their row parts the same at every step of a loop, so computed once, not per row and step.
     SCALE_GROUP == 0 (dense, or odd K: rows start mid-byte): element by element,
     ``load_weight_tile``."""
+    outs = first_out + tl.arange(0, BLOCK_N)
     if NF4 and SCALE_GROUP > 0:
-        BLOCK_N: tl.constexpr = outs.shape[0]
         GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
-        row_first = outs.to(tl.int64) * K  # the row's first element
+        # The tile's rows as an int64 scalar (N x K may pass 2**31) plus int32 offsets, the same
+        # at every step of a loop (BLOCK_N x K < 2**31). tl.cast, not .to: a loop counter (the
+        # dX kernels' first_out) is a Python int in the interpreter.
+        row_offsets = tl.arange(0, BLOCK_N) * K
+        first_row = tl.cast(first_out, tl.int64) * K
         pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
+        packed = tl.load(w_ptr + (first_row >> 1) + ((row_offsets >> 1)[:, None] + pair[None, :]),
                          mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
         if NIBBLE_LOOKUP:
-            values = decode_nf4_codes(packed, pairs_ptr, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+            values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
         else:
-            values = decode_nf4_pairs(packed, pairs_ptr, INLINE_PTX)
+            values = decode_nf4_pairs(packed, codes, INLINE_PTX)
+        row_first = first_row + row_offsets  # each row's first element
         if GROUPS == 1:
             # The absmax as a vector, broadcast after the load: loaded as [BLOCK_N, 1], its
             # layout (a row per thread) became the decoded tile's, which sm_80-89 then wrote to
@@ -77,9 +86,25 @@ def load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pair
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = (outs < N)[:, None] & (cols < K)[None, :]
         tile = load_weight_tile(w_ptr, outs[:, None], cols[None, :], mask, K, stride_wn, stride_wk,
-                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                                absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr,
                                 offset_ptr, block_shift, nested_shift, NF4, NESTED)
     return tile
+
+
+@triton.jit
+def frozen_codes(pairs_ptr, NF4: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                 NIBBLE_LOOKUP: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """``load_gemm_tile``'s ``codes``, made once per program before the loop that decodes: where
+    its tiles look NF4 codes up. With NIBBLE_LOOKUP on packed tiles, the 16 codes copied into
+    shared memory (``nf4_dequantize.shared_codes``; with INLINE_PTX a lookup is a prmt and an
+    ld.shared, where the global table took a third instruction per code to build its 64-bit
+    address); else (the interpreter, AMD: ``tl.load`` lookups) the pair table ``pairs_ptr``."""
+    if NF4 and SCALE_GROUP > 0 and NIBBLE_LOOKUP and INLINE_PTX:
+        # A scalar: broadcast from shared_codes' [1] tensor, the address fixed the packed tile's
+        # layout to the decoded tile's (sm_90's transposed tiles: a 1-byte shared load per byte).
+        return tl.max(shared_codes(pairs_ptr, INLINE_PTX), axis=0)
+    else:
+        return pairs_ptr
 
 
 @triton.jit
@@ -136,13 +161,16 @@ NIBBLE_LOOKUP_ARCHS = frozenset({80, 86, 89, 90})
 
 
 def nibble_lookup(nf4, target):
-    """Whether ``load_gemm_tile`` decodes NF4 with ``decode_nf4_codes`` on ``target``."""
+    """Whether ``load_gemm_tile`` decodes NF4 with ``decode_nf4_shared_codes`` on ``target``."""
     return nf4 is not None and target.arch in NIBBLE_LOOKUP_ARCHS
 
 
 def with_decoding(configs, nf4, K, target):
     """Each of a GEMM's ``configs`` with its ``decoding_flags`` (SCALE_GROUP depends on the
     config's BLOCK_K), so an autotuned launch gets the right ones for every config it tries."""
+    if nf4 is not None and any(config["BLOCK_N"] > MAX_TILE_ROWS for config in configs):
+        raise ValueError(f"NF4 GEMM configs take BLOCK_N <= {MAX_TILE_ROWS} (MAX_TILE_ROWS: "
+                         f"load_gemm_tile's int32 offsets), got {configs}")
     return [{**config, **decoding_flags(nf4, K, config["BLOCK_K"], target)} for config in configs]
 
 
@@ -160,6 +188,12 @@ def precision(dtype):
     return "ieee" if dtype.itemsize == 4 else "tf32"  # 16-bit inputs ignore it
 
 
+# load_gemm_tile's offsets from a tile's first element are int32: at most MAX_TILE_ROWS (the
+# widest BLOCK_N of any NF4 GEMM's configs: ``with_decoding`` checks them) x K + K elements.
+MAX_TILE_ROWS = 256
+MAX_NF4_IN_FEATURES = (2**31 - 1) // (MAX_TILE_ROWS + 1)
+
+
 def weight_args(w, nf4):
     """(constexpr flags, NF4 decoding arguments, W strides) for a dense ``w`` (nf4=None, any
     strides; the unused NF4 pointers point at ``w``) or packed NF4 bytes, ``nf4`` being what decodes
@@ -169,6 +203,10 @@ def weight_args(w, nf4):
     lookup: ``check_code_table``)."""
     if nf4 is None:
         return {"NF4": False, "NESTED": False}, (w, w, w, w, w, 0, 0), (w.stride(0), w.stride(1))
+    if nf4.in_features > MAX_NF4_IN_FEATURES:
+        raise ValueError(f"NF4 weights with in_features up to {MAX_NF4_IN_FEATURES} are supported, "
+                         f"got {nf4.in_features}: load_gemm_tile's int32 offsets inside a tile "
+                         f"of {MAX_TILE_ROWS} rows would wrap")
     nested = nf4.nested_code is not None
     absmax = nf4.absmax
     pairs = code_pairs(nf4.code)

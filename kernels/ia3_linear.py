@@ -33,8 +33,8 @@ import triton.language as tl
 
 from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import (frozen_tile_dot, gemm_operand, load_gemm_tile, precision, weight_args,
-                      with_decoding)
+from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
+                      weight_args, with_decoding)
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -124,14 +124,23 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # NF4: rows past M read row M - 1, never stored: one mask for all a thread's rows (as
+    # kernels/lora_linear.py's forward). Dense tiles keep the row mask: without it sm_89's
+    # 64 x 128 x 64 tile took 8 bytes of stack.
+    x_rows = tl.minimum(rows, M - 1) if NF4 else rows
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+        if NF4:
+            x_mask = cols[None, :] < K
+        else:
+            x_mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + row_offsets(x_rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
+                    mask=x_mask, other=0.0)
+        w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
+                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+                           BLOCK_N, BLOCK_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -163,20 +172,22 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
     k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dy_rows = dy_ptr + row_offsets(tl.minimum(rows, M - 1), N)[:, None]  # as the forward's x
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
-                     mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+        dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
+        w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr, codes,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+                           BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
     if GRAD_SCALE:
         x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        tl.store(dl_ptr + tile_m * K + cols, tl.sum(acc * x.to(tl.float32), axis=0),
-                 mask=cols < K)
+        # Rows past M (row M - 1's dY again) add exactly nothing, whatever their values.
+        product = tl.where(rows[:, None] < M, acc * x.to(tl.float32), 0.0)
+        tl.store(dl_ptr + tile_m * K + cols, tl.sum(product, axis=0), mask=cols < K)
     if SCALE_OUTPUT:
         acc *= tl.load(l_ptr + cols, mask=cols < K, other=0.0)[None, :]
     store_rounded(dx_ptr + row_offsets(rows, K)[:, None] + cols[None, :], acc,
@@ -200,22 +211,24 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]  # as the forward's
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row_offsets(rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
+        w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
+                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+                           BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + outs[None, :],
                  mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-    tl.store(dl_ptr + tile_m * N + outs, tl.sum(acc * dy.to(tl.float32), axis=0),
-             mask=outs < N)
+    # Rows past M (row M - 1's x again) add exactly nothing, whatever their values.
+    product = tl.where(rows[:, None] < M, acc * dy.to(tl.float32), 0.0)
+    tl.store(dl_ptr + tile_m * N + outs, tl.sum(product, axis=0), mask=outs < N)
 
 
 def partial_rows(M, feedforward):

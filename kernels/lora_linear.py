@@ -26,8 +26,8 @@ import triton.language as tl
 
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import (frozen_tile_dot, gemm_operand, load_gemm_tile, precision, weight_args,
-                      with_decoding)
+from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
+                      weight_args, with_decoding)
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -274,16 +274,17 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
             acc = branch_dot(s, tl.trans(b), acc, dtype, PRECISION)
     if s_ptr.dtype.element_ty != tl.float32:
         acc = acc * scaling
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(x_rows + cols[None, :] * stride_xk)
         else:
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+        w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
+                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+                           BLOCK_N, BLOCK_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -314,19 +315,19 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tile_k * BLOCK_K
     cols = k_first + tl.arange(0, BLOCK_K)
-    dy_rows = dy_ptr + row_offsets(rows, N)[:, None]
+    dy_rows = dy_ptr + row_offsets(tl.minimum(rows, M - 1), N)[:, None]  # as the forward's x
     if TRANSPOSED_TILE:
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_rows + outs[None, :],
-                     mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k_first, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
+        dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
+        w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr, codes,
                            nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+                           BLOCK_N, BLOCK_K)
         if TRANSPOSED_TILE:
             acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
         else:

@@ -147,10 +147,10 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
                                  SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
-            w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                               nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                               nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                               BLOCK_K)
+            w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
+                               absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
+                               offset_ptr, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
+                               INLINE_PTX, NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
             w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     tl.store(partial_ptr + (split * M + rows[:, None]) * N + outs[None, :], acc,

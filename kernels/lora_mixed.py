@@ -38,7 +38,8 @@ import triton.language as tl
 
 from . import _common
 from ._common import store_rounded
-from ._weight import decoding_flags, gemm_operand, load_gemm_tile, precision, weight_args
+from ._weight import (decoding_flags, frozen_codes, gemm_operand, load_gemm_tile, precision,
+                      weight_args)
 from .lora_linear import BLOCK_R
 from .lora_linear_decode import decode_tile, split_costs, split_k, store_partial_base_gemm
 
@@ -120,14 +121,15 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+        w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
+                           NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     _add_expand_bias_and_store(acc, rows, outs, s_ptr, b_ptr, index_ptr, scaling_ptr, bias_ptr,
@@ -257,14 +259,15 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
     adapter, rows, valid, nonempty = _segment_rows(tiles_ptr, order_ptr, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     for k0 in range(0, tl.where(nonempty, K, 0), BLOCK_K):  # an empty tile reads no weight
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=valid[:, None] & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, outs, k0, N, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_K)
+        w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
+                           NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -105,11 +105,14 @@ _SHARED_CODES_PTX = tl.constexpr(
                                                     + [("l", b) for b in range(4)]))
     + "}")
 
-# The 16 codes (pair-table rows 0 to 15, the code at byte 8n + 4) copied into a 64-byte shared
-# array; $0 its 32-bit address. Every thread copies all 16 and reads only after its own copy, so
-# what any thread reads is its own store or another thread's store of the same value: no barrier.
+# The 16 codes (pair-table rows 0 to 15, the code at byte 8n + 4) copied into a shared array; $0
+# its 32-bit address. Every thread copies all 16 and reads only after its own copy, so what any
+# thread reads is its own store or another thread's store of the same value: no barrier. The
+# array is 1 KB, 1 KB-aligned, though 64 bytes are used: Triton's own shared memory (declared
+# 16-byte aligned) follows it, and lays its wgmma operands out for a 1 KB-aligned start (128-byte
+# swizzle), which a 64-byte array before it would break on sm_90.
 _FILL_SHARED_CODES_PTX = tl.constexpr(
-    "{ .shared .align 256 .b32 codes[16]; .reg .b32 v;\n"
+    "{ .shared .align 1024 .b32 codes[256]; .reg .b32 v;\n"
     + "".join(f"ld.global.nc.f32 v, [$1+{8 * n + 4}]; st.shared.f32 [codes+{4 * n}], v;\n"
               for n in range(16))
     + "mov.u32 $0, codes; }")

@@ -556,3 +556,18 @@ def test_output_grad_op_passes_torch_library_checks(device):
     s = torch.randn(M, 4, generator=gen).to(device)  # fp32 adapters of a bf16 dY: the fp32 branch
     torch.library.opcheck(ops.lora_output_grad,
                           (grad_y, s, torch.randn(N, 4, generator=gen).to(device), 2.0))
+
+
+def test_nf4_tiles_refuse_what_their_int32_offsets_cannot_reach():
+    """``load_gemm_tile`` offsets a tile's elements from its first one in int32 (BLOCK_N x K):
+    a wider K or a wider tile is refused before any launch, never wrapped."""
+    from types import SimpleNamespace
+
+    too_wide = SimpleNamespace(in_features=_weight.MAX_NF4_IN_FEATURES + 2)
+    with pytest.raises(ValueError, match="in_features up to"):
+        _weight.weight_args(torch.zeros(1, dtype=torch.uint8), too_wide)
+    config = {"BLOCK_M": 64, "BLOCK_N": 2 * _weight.MAX_TILE_ROWS, "BLOCK_K": 64}
+    with pytest.raises(ValueError, match="BLOCK_N <="):
+        _weight.with_decoding([config], too_wide, 4096, target(torch.device("cpu")))
+    # (MAX_TILE_ROWS + 1) x MAX_NF4_IN_FEATURES, the farthest offset, stays an int32.
+    assert (_weight.MAX_TILE_ROWS + 1) * _weight.MAX_NF4_IN_FEATURES < 2**31
