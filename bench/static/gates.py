@@ -50,6 +50,26 @@ def resources(records):
     return failures
 
 
+# Shared memory a block gets without opting in. Triton's launcher opts a kernel in (raises its
+# dynamic limit) only when the dynamic part, Triton's own, is over it: a kernel with static shared
+# memory (the NF4 codes' array declared in inline PTX, _weight.frozen_codes; and the 1024 bytes
+# cuobjdump reports for most sm_90 kernels, whether or not they count is for a GPU to say) must
+# then keep static + dynamic within it, or its launch fails.
+SHARED_WITHOUT_OPT_IN = 48 * 1024
+
+
+def launch_without_opt_in(records):
+    """Static + dynamic shared memory within what a launch gets without opting in, wherever
+    Triton's launcher does not opt in (its dynamic part at most 48 KB)."""
+    failures = []
+    for r in records:
+        dynamic = r["shared"] - r["static_shared"]
+        if r["static_shared"] and dynamic <= SHARED_WITHOUT_OPT_IN < r["shared"]:
+            failures.append(f"{name(r)}: {r['static_shared']} bytes of static shared memory + "
+                            f"{dynamic} dynamic > {SHARED_WITHOUT_OPT_IN} (no opt-in)")
+    return failures
+
+
 def spills(records):
     """No local memory: registers spilled by ptxas (or arrays it could not keep in registers)."""
     return [f"{name(r)}: {r['stack']} bytes of stack, {r['local']} of local memory"
