@@ -6,7 +6,8 @@ whose rows e r .. e r + r are A_e, and ``lora_B`` (N x r E), whose columns e, e 
 are B_e. The kernels read A through strides as it is; B, whose ranks are E apart, is copied once
 per step into an E x N x r tensor in x's dtype (``_experts_b``: small, the experts' weights
 dominate what a launch reads), which the forward makes and saves for the backward, so that every
-kernel loads B_e's rows whole (for a 16-bit x; an fp32 x reads PEFT's fp32 B through strides). Gradients are written straight into PEFT's layout.
+kernel loads B_e's rows whole (for a 16-bit x; an fp32 x reads PEFT's fp32 B through strides).
+Gradients are written straight into PEFT's layout.
 
 ``LoraGroupedFunction`` is the op (forward, backward, what it saves); ``lora_grouped_forward`` and
 ``lora_grouped_backward`` are its launch primitives, registered with torch.library with fake
@@ -82,18 +83,18 @@ def lora_grouped_forward(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     if rows == 0:
         return y, s
     a = lora_A.stride()
-    b = experts_b
     w_strides = _weight_strides(weight, transposed)
     if rank and kernels.fuses_shrink(x.device, x.dtype, rank, x.shape[1], out_features,
                                           transposed):
         # S from the GEMM's own pass over x: no shrink pass.
-        kernels.grouped_forward(x, weight, w_strides, lora_A, (rank * a[0], a[1], a[0]), b,
-                                b.stride(), s, y, offsets, scaling, row_index, bias)
+        kernels.grouped_forward(x, weight, w_strides, lora_A, (rank * a[0], a[1], a[0]),
+                                experts_b, experts_b.stride(), s, y, offsets, scaling, row_index,
+                                bias)
         return y, s
     if rank:
         kernels.grouped_shrink(x, lora_A, (rank * a[0], a[0], a[1]), s, offsets, row_index)
-    kernels.grouped_gemm(x, weight, w_strides, s, b, b.stride(), y, offsets, scaling, row_index,
-                         bias)
+    kernels.grouped_gemm(x, weight, w_strides, s, experts_b, experts_b.stride(), y, offsets,
+                         scaling, row_index, bias)
     return y, s
 
 
