@@ -62,11 +62,31 @@ def decode_configs(target, dtype, nf4):
     stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and
     spill registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs
     per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
-    of stack) and was never faster on a modelled GPU (bench.static, estimates)."""
+    of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
+    sets each config's stages for its K (``partial_stages``)."""
     tile = decode_tile(nf4, dtype)
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
+
+
+# The shortest run of a row's elements sharing one absmax (SCALE_GROUP, ``_weight.scale_group``)
+# with which the split-K partial GEMM is software-pipelined. Its tile's absmax loads (BLOCK_N x
+# BLOCK_K / SCALE_GROUP gathers; nested, their codes and scales too) are staged through shared
+# memory, which for shorter runs took Triton's part of it (sm_80, nested bf16, 3 rows) to 48 KB
+# at K = 72 (with the codes' 1 KB, over what a launch gets without Triton's opt-in), 52 KB at
+# K = 80, 64 KB at K = 76, 96 KB at K = 74 and, odd K decoded element by element (SCALE_GROUP 0),
+# 228 KB at K = 73, over every GPU's limit. Unpipelined: 8-36 KB on sm_80, sm_89 and sm_90 (bf16
+# and fp32 x). Real layers' K, multiples of 64, keep two stages.
+MIN_PIPELINED_SCALE_GROUP = 32
+
+
+def partial_stages(nf4, config):
+    """num_stages of a split-K partial GEMM ``config`` (with its ``decoding_flags``): 2, or 1
+    (no software pipelining) for NF4 with runs of one absmax shorter than
+    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32)."""
+    short_runs = nf4 is not None and config["SCALE_GROUP"] < MIN_PIPELINED_SCALE_GROUP
+    return 1 if short_runs else 2
 
 
 def epilogue_config(target, dtype):
@@ -310,7 +330,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)
+    configs = [{**config, "num_stages": partial_stages(nf4, config)}
+               for config in with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)]
     config, epilogue = decode_tile(nf4, x.dtype), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \

@@ -68,6 +68,15 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     assert decode_kernels.split_costs(h100, None, tile, 1) is None
 
 
+def test_short_absmax_runs_are_not_pipelined():
+    """A K not a multiple of 32 (short runs of one absmax, or odd) decodes unpipelined: its
+    staged absmax gathers took the kernel over 48 KB of shared memory (partial_stages)."""
+    nf4 = object()
+    assert [decode_kernels.partial_stages(nf4, {"SCALE_GROUP": group})
+            for group in (0, 2, 16, 32, 64, 128)] == [1, 1, 1, 2, 2, 2]
+    assert decode_kernels.partial_stages(None, {"SCALE_GROUP": 0}) == 2  # dense
+
+
 @triton.jit
 def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                         offset_ptr, N, K, block_shift, nested_shift, NESTED: tl.constexpr,
