@@ -59,7 +59,7 @@ SHARED_WITHOUT_OPT_IN = 48 * 1024
 # Static shared memory cuobjdump reports that is the block's reserved shared memory (CUDA's
 # reservedSharedMemoryPerBlock, 1 KB from sm_80 on), outside the 48 KB and the opt-in limit (sm_90:
 # 227 KB a block of 228 KB an SM). On sm_90 ptxas lays it out in the cubin (triton 3.9, the
-# coverage and benchmark builds at 0edea33): all 390 builds with dynamic shared memory report 1024
+# sm_90 builds of the static cache at cc6acd9): all 390 with dynamic shared memory report 1024
 # static bytes beyond their own declarations, the 96 without report none, and sm_89 reports only
 # the NF4 codes' array; the dense forward at (37, 72, 50) declares no shared variable in its PTX
 # but Triton's extern ``global_smem``, a 1 KB ``.nv.shared.<kernel>`` section in its cubin, and its
