@@ -32,10 +32,17 @@ from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 # fp32, which grows with M. The crossover must be measured on GPUs (bench/lora_linear.py's decode
 # cases time both paths) before this value is trusted.
 DECODE_MAX_M = 16
-# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency (in
-# the interpreter, _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests
-# exercise the split).
+# Programs to aim for per streaming multiprocessor (in the interpreter,
+# _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests exercise the split):
+# where the NF4 decode bounds each SM (``evens_out_sms``), 4, warps enough for its schedulers to
+# keep issuing; where DRAM bounds the launch, 2: each program streams 128 x 128 tiles two stages
+# deep, and half the K-slices write and read back half the fp32 partial sums (static model,
+# estimates, 16 rows of 4096 x 14336: RTX 4090 NF4 46.2 -> 42.1 us, nested 43.1 -> 39.1, dense
+# 135.9 -> 133.8; H100 dense 40.9 -> 40.2; at 2 the H100 NF4 GEMV is 16.7 -> 30.3 us, issue-bound
+# with too few warps). The model has no latency rule for DRAM: a GPU pass should confirm 8 warps
+# an SM keep enough loads in flight.
 PROGRAMS_PER_SM = 4
+STREAMING_PROGRAMS_PER_SM = 2
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``), x's dtype
@@ -62,11 +69,31 @@ def decode_configs(target, dtype, nf4):
     stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and
     spill registers on sm_90; unpipelined, the NF4 tile of 128 x 128 takes ~245 registers (2 CTAs
     per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
-    of stack) and was never faster on a modelled GPU (bench.static, estimates)."""
+    of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
+    sets each config's stages for its K (``partial_stages``)."""
     tile = decode_tile(nf4, dtype)
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
+
+
+# The shortest run of a row's elements sharing one absmax (SCALE_GROUP, ``_weight.scale_group``)
+# with which the split-K partial GEMM is software-pipelined. Its tile's absmax loads (BLOCK_N x
+# BLOCK_K / SCALE_GROUP gathers; nested, their codes and scales too) are staged through shared
+# memory, which for shorter runs took Triton's part of it (sm_80, nested bf16, 3 rows) to 48 KB
+# at K = 72 (with the codes' 1 KB, over what a launch gets without Triton's opt-in), 52 KB at
+# K = 80, 64 KB at K = 76, 96 KB at K = 74 and, odd K decoded element by element (SCALE_GROUP 0),
+# 228 KB at K = 73, over every GPU's limit. Unpipelined: 8-36 KB on sm_80, sm_89 and sm_90 (bf16
+# and fp32 x). Real layers' K, multiples of 64, keep two stages.
+MIN_PIPELINED_SCALE_GROUP = 32
+
+
+def partial_stages(nf4, config):
+    """num_stages of a split-K partial GEMM ``config`` (with its ``decoding_flags``): 2, or 1
+    (no software pipelining) for NF4 with runs of one absmax shorter than
+    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32)."""
+    short_runs = nf4 is not None and config["SCALE_GROUP"] < MIN_PIPELINED_SCALE_GROUP
+    return 1 if short_runs else 2
 
 
 def epilogue_config(target, dtype):
@@ -271,14 +298,16 @@ def evens_out_sms(target, nf4):
 
 def split_k(n_tiles, k_steps, multiprocessors, costs=None):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device (PROGRAMS_PER_SM
-    per SM, or one per step), no empty slice. ``costs`` (step_bytes, partial_bytes): also even
-    out the SMs' shares, as ``evens_out_sms`` asks. Programs are dealt to SMs whole, so a count
+    per SM with ``costs``, else STREAMING_PROGRAMS_PER_SM; or one per step), no empty slice.
+    ``costs`` (step_bytes, partial_bytes): also even out the SMs' shares, as ``evens_out_sms``
+    asks. Programs are dealt to SMs whole, so a count
     that is not a multiple of the SMs leaves some SMs one more (H100: 112 tiles x 4 slices are 4
     programs on some SMs, 3.4 on average); more, shorter slices even that out, but each program
     also writes its fp32 partial sums, which the epilogue reads back. Of the splits from the
     fewest up, the one whose busiest SM moves the fewest bytes (W's, ``step_bytes`` per BLOCK_K
     step, and twice its ``partial_bytes``), the fewer slices on a tie."""
-    programs = PROGRAMS_PER_SM * multiprocessors
+    per_sm = STREAMING_PROGRAMS_PER_SM if costs is None else PROGRAMS_PER_SM
+    programs = per_sm * multiprocessors
     fewest = max(1, min(k_steps, programs // n_tiles))
     splits = fewest
     if costs is not None:
@@ -310,7 +339,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)
+    configs = [{**config, "num_stages": partial_stages(nf4, config)}
+               for config in with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)]
     config, epilogue = decode_tile(nf4, x.dtype), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \

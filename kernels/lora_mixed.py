@@ -41,7 +41,8 @@ from ._common import store_rounded
 from ._weight import (decoding_flags, frozen_codes, gemm_operand, load_gemm_tile, precision,
                       weight_args)
 from .lora_linear import BLOCK_R
-from .lora_linear_decode import decode_tile, split_costs, split_k, store_partial_base_gemm
+from .lora_linear_decode import (decode_tile, partial_stages, split_costs, split_k,
+                                 store_partial_base_gemm)
 
 # One program per row (and rank block): a decode batch is a few programs, one per SM at most, so
 # each takes 16 warps (an SM's schedulers kept issuing while loads are in flight) and a BLOCK_K
@@ -59,7 +60,7 @@ FORWARD = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EXPAND_R": 8, "num_warp
 # path's tile (kernels/lora_linear_decode.py's ``decode_tile``), the epilogue the forward's
 # expand tile.
 DECODE_MAX_M = 16
-PARTIAL_OPTIONS = {"num_warps": 4, "num_stages": 2}
+PARTIAL_WARPS = 4  # its stages: lora_linear_decode.partial_stages
 EPILOGUE = {"BLOCK_M": 16, "BLOCK_N": 32, "EXPAND_R": 8, "num_warps": 4}
 # PROVISIONAL, not yet measured: average rows per stacked adapter from which a batch (of more
 # than DECODE_MAX_M rows) takes the segmented path. A segment fills tiles of BLOCK_M rows (64):
@@ -377,11 +378,13 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]),
                                       target.multiprocessors, split_costs(target, nf4, tile, M))
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    decoding = decoding_flags(nf4, K, tile["BLOCK_K"], target)
     _lora_mixed_partial_kernel[(n_tiles, splits)](
         x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
         steps_per_split * tile["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
-        nested_shift, **flags, **decoding_flags(nf4, K, tile["BLOCK_K"], target),
-        PRECISION=precision(x.dtype), **tile, **PARTIAL_OPTIONS, enable_fp_fusion=False)
+        nested_shift, **flags, **decoding, PRECISION=precision(x.dtype), **tile,
+        num_warps=PARTIAL_WARPS, num_stages=partial_stages(nf4, decoding),
+        enable_fp_fusion=False)
     _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),
         HAS_BIAS=bias is not None, **EPILOGUE, enable_fp_fusion=False)

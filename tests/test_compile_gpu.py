@@ -83,43 +83,25 @@ def test_fp32_and_ragged_gemms_do_not_spill_for(arch):
     assert not failures, "\n".join(failures)
 
 
-def over_the_launch_limit_today(record):
-    """The launches over 48 KB of static + dynamic shared memory without Triton's opt-in, at
-    0edea33 (triton 3.9): the nested decode GEMV and mixed partial kernel on the coverage shape
-    (3, 72, 50) with dropout or fp32 adapters (Triton's part exactly 48 KB, plus the 1 KB codes'
-    array), and on sm_90 the dense forward at (37, 72, 50) (48 KB plus the 1024 bytes cuobjdump
-    reports for most sm_90 kernels, which may be reserved memory that does not count). Unrun on
-    a GPU: issue 21's pass checks them; the strict xfail below fails once they fit."""
-    dynamic = record["shared"] - record["static_shared"]
-    return (record["ints"].get("K") == 72 and dynamic == 48 * 1024
-            and record["kernel"] in ("_lora_decode_kernel", "_lora_mixed_partial_kernel",
-                                     "_lora_forward_kernel"))
-
-
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
 def test_static_shared_memory_launches_without_opt_in_for(arch):
-    failures = gates.launch_without_opt_in([r for r in records(arch)
-                                            if not over_the_launch_limit_today(r)])
-    assert not failures, "\n".join(failures)
-
-
-@pytest.mark.xfail(strict=True, reason="a few ragged launches need Triton's 48 KB plus static "
-                   "shared memory without an opt-in (see over_the_launch_limit_today)")
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
-def test_ragged_launches_fit_without_opt_in_for(arch):
-    failures = gates.launch_without_opt_in([r for r in records(arch)
-                                            if over_the_launch_limit_today(r)])
+    failures = gates.launch_without_opt_in(records(arch))
     assert not failures, "\n".join(failures)
 
 
 def test_the_launch_gate_holds_static_shared_memory_to_48_kb_without_opt_in():
     """Static + dynamic within 48 KB while the dynamic part is at most 48 KB (Triton's launcher
-    opts in only above that); without static shared memory the gate has nothing to hold."""
-    record = {"case": "c", "kernel": "k", "arch": 90, "static_shared": 1024}
+    opts in only above that); without static shared memory the gate has nothing to hold. sm_90's
+    reserved 1 KB (gates.RESERVED_STATIC_SHARED) is not the kernel's: only what is beyond it."""
+    record = {"case": "c", "kernel": "k", "arch": 89, "static_shared": 1024}
     assert gates.launch_without_opt_in([{**record, "shared": 48 * 1024 + 16}])
     assert not gates.launch_without_opt_in([{**record, "shared": 48 * 1024}])
     assert not gates.launch_without_opt_in([{**record, "shared": 49 * 1024 + 16}])  # opted in
     assert not gates.launch_without_opt_in([{**record, "static_shared": 0, "shared": 96 * 1024}])
+    reserve_only = {**record, "arch": 90, "shared": 49 * 1024}
+    assert not gates.launch_without_opt_in([reserve_only])
+    assert gates.launch_without_opt_in([{**reserve_only, "static_shared": 2048,
+                                         "shared": 50 * 1024}])  # the NF4 codes' 1 KB beyond it
 
 
 def test_dense_gemms_fit_two_ctas_per_sm_on_sm89():

@@ -57,7 +57,7 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
     nf4 = type("NF4", (), {"blocksize": 64, "absmax": torch.zeros(1)})()
     h100, rtx4090 = _common.Target(90, 132), _common.Target(89, 128)
-    assert decode_kernels.split_k(112, 32, 132) == (4, 8)
+    assert decode_kernels.split_k(112, 32, 132) == (2, 16)  # DRAM-bound: 2 programs an SM
     one_row = decode_kernels.split_costs(h100, nf4, tile, 1)
     assert one_row == (128 * 64 + 128 * 2 * 4, 512)
     assert decode_kernels.split_k(112, 32, 132, one_row) == (8, 4)
@@ -66,6 +66,15 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     # DRAM bounds the GEMV on sm_89 and with a dense weight: the plain rule.
     assert decode_kernels.split_costs(rtx4090, nf4, tile, 1) is None
     assert decode_kernels.split_costs(h100, None, tile, 1) is None
+
+
+def test_short_absmax_runs_are_not_pipelined():
+    """A K not a multiple of 32 (short runs of one absmax, or odd) decodes unpipelined: its
+    staged absmax gathers took the kernel over 48 KB of shared memory (partial_stages)."""
+    nf4 = object()
+    assert [decode_kernels.partial_stages(nf4, {"SCALE_GROUP": group})
+            for group in (0, 2, 16, 32, 64, 128)] == [1, 1, 1, 2, 2, 2]
+    assert decode_kernels.partial_stages(None, {"SCALE_GROUP": 0}) == 2  # dense
 
 
 @triton.jit

@@ -52,10 +52,25 @@ def resources(records):
 
 # Shared memory a block gets without opting in. Triton's launcher opts a kernel in (raises its
 # dynamic limit) only when the dynamic part, Triton's own, is over it: a kernel with static shared
-# memory (the NF4 codes' array declared in inline PTX, _weight.frozen_codes; and the 1024 bytes
-# cuobjdump reports for most sm_90 kernels, whether or not they count is for a GPU to say) must
-# then keep static + dynamic within it, or its launch fails.
+# memory of its own (the NF4 codes' array declared in inline PTX, _weight.frozen_codes) must then
+# keep static + dynamic within it, or its launch fails.
 SHARED_WITHOUT_OPT_IN = 48 * 1024
+
+# Static shared memory cuobjdump reports that is the block's reserved shared memory (CUDA's
+# reservedSharedMemoryPerBlock, 1 KB from sm_80 on), outside the 48 KB and the opt-in limit (sm_90:
+# 227 KB a block of 228 KB an SM). On sm_90 ptxas lays it out in the cubin (triton 3.9, the
+# sm_90 builds of the static cache at cc6acd9): all 390 with dynamic shared memory report 1024
+# static bytes beyond their own declarations, the 96 without report none, and sm_89 reports only
+# the NF4 codes' array; the dense forward at (37, 72, 50) declares no shared variable in its PTX
+# but Triton's extern ``global_smem``, a 1 KB ``.nv.shared.<kernel>`` section in its cubin, and its
+# SASS addresses global_smem from 0x400 (``UMOV UR5, 0x400`` into SR_CgaCtaId's window): the
+# window's first 1 KB is the reserve. Unconfirmed on a GPU (issue 21's pass).
+RESERVED_STATIC_SHARED = {90: 1024}
+
+
+def own_static_shared(record):
+    """The static shared memory a build declares itself, the reserve left out."""
+    return max(0, record["static_shared"] - RESERVED_STATIC_SHARED.get(record["arch"], 0))
 
 
 def launch_without_opt_in(records):
@@ -64,8 +79,9 @@ def launch_without_opt_in(records):
     failures = []
     for r in records:
         dynamic = r["shared"] - r["static_shared"]
-        if r["static_shared"] and dynamic <= SHARED_WITHOUT_OPT_IN < r["shared"]:
-            failures.append(f"{name(r)}: {r['static_shared']} bytes of static shared memory + "
+        static = own_static_shared(r)
+        if static and dynamic <= SHARED_WITHOUT_OPT_IN < static + dynamic:
+            failures.append(f"{name(r)}: {static} bytes of static shared memory + "
                             f"{dynamic} dynamic > {SHARED_WITHOUT_OPT_IN} (no opt-in)")
     return failures
 
