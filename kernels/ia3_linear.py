@@ -59,11 +59,12 @@ def forward_configs(target, dtype):
                  "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3}]
-    # sm_80/86/89.
+    # sm_80/86/89. BLOCK_K 32 in 2 stages, not 4 (or 3): sm_89 7.2 / 7.8 instructions per NF4 /
+    # nested element against 7.9 / 8.7, 3 CTAs per SM either way (16 KB of shared memory).
     return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
              "num_stages": 3},
             {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
-             "num_stages": 4}]
+             "num_stages": 2}]
 
 
 def grad_input_configs(target, dtype):
@@ -78,13 +79,14 @@ def grad_input_configs(target, dtype):
                  "num_warps": 4, "num_stages": 3},
                 {"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
                  "num_warps": 4, "num_stages": 4}]
-    # sm_80/86/89: with int64 row offsets, BLOCK_K 128 with 4 warps left 8 bytes of stack on
-    # sm_86/89 (3 or 4 stages), and with 8 warps one CTA per SM (registers); this one builds
-    # without stack and at 2 CTAs per SM on all three. sm_89's 16-code lookup: 10.8-12.2
-    # instructions per NF4 element against the pair table's 9.0-10.3, but tensor-bound (RTX 4090
-    # 2915 us at 4096 x 4096 x 14336) where the pair table's lookups made it L1-bound (3761-3818
-    # us, model). (With dY's scale in the loop the lookup took 18.4 nested.)
-    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
+    # sm_80/86/89: kernels/lora_linear.py's dX tile, 64 x 64 x 128: the loop's fixed work over
+    # twice the decoded elements of BLOCK_K 64, on sm_89 7.2 / 7.6 instructions per NF4 / nested
+    # element against 8.3-8.5 / 8.9-9.2; 2 CTAs per SM and no stack on all three (with the int64
+    # row offsets before load_gemm_tile's int32 ones it left 8 bytes of stack on sm_86/89; with
+    # 8 warps, one CTA per SM). Tensor-bound either way: RTX 4090 2915 us at 4096 x 4096 x
+    # 14336 (model; the pair table's lookups had made it L1-bound, 3761-3818 us). (With dY's
+    # scale in the loop the 16-code lookup took 18.4 nested.)
+    return [{"BLOCK_M": PARTIAL_BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
              "num_warps": 4, "num_stages": 3}]
 
 

@@ -77,7 +77,7 @@ def forward_configs(target, dtype, undropped=False):
     return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
              "num_stages": 3},
             {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
-             "num_stages": 4}]
+             "num_stages": 2}]  # 4 stages: 7.8 / 8.7 instructions per NF4 / nested element (sm_89)
 
 
 def grad_input_configs(target, dtype, dropout):
@@ -101,7 +101,7 @@ def grad_input_configs(target, dtype, dropout):
     return [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
              "num_stages": 3},
             {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
-             "num_stages": 4}]
+             "num_stages": 2}]  # 4 stages: 8.0 / 8.7 instructions per NF4 / nested element (sm_89)
 
 
 def shrink_config(target, dtype):

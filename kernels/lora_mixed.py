@@ -71,12 +71,13 @@ SEGMENT_MIN_ROWS = 16
 
 # The segmented path's tiles, per target and x's dtype: one config (the tile table is built for
 # its BLOCK_M, so it is not autotuned). The forward is the single-adapter forward's GEMM with its
-# rows gathered by segment (with 64 x 64 tiles on sm_90 the nested-NF4 decode took 12.3
-# instructions per element, over the gate's 12; the 128-wide tile there amortizes it). The shrink
-# takes the same BLOCK_M.
+# rows gathered by segment, on its 64 x 128 x 64 tile (each step's fixed work amortized over
+# more decoded elements; instructions per NF4 / nested element: sm_90 at 64 x 64 12.3 nested;
+# sm_89 at 64 x 64 x 32 9.7 / 11.1, at 64 x 128 x 64 6.9 / 7.4; both tensor-bound on RTX 4090,
+# 3696 us at 4096 x 4096 x 14336, model). The shrink takes the same BLOCK_M.
 
 def segment_forward_config(target, dtype):
-    if target.arch == 90 and dtype.itemsize == 2:
+    if target.arch in (80, 86, 89, 90) and dtype.itemsize == 2:
         return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
@@ -206,16 +207,18 @@ def _lora_mixed_epilogue_kernel(partial_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
 # tl.dot tiles of that adapter's weights, read once per tile instead of once per row.
 
 @triton.jit
-def _segment_rows(tiles_ptr, order_ptr, BLOCK_M: tl.constexpr):
+def _segment_rows(tiles_ptr, order_ptr, BLOCK_M: tl.constexpr, REREAD: tl.constexpr = False):
     """(adapter, row ids, row mask, whether the tile has rows) of this program's tile
-    (program_id(0)); an empty tile (a spare row of the table) masks every row out."""
+    (program_id(0)); an empty tile (a spare row of the table) masks every row out. REREAD: read
+    again after a first call, the row ids loaded as volatile so that the compiler does not merge
+    the two loads (and hold the ids in registers from the first to where these are used)."""
     tile = tl.program_id(0)
     adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     first = tl.load(tiles_ptr + tile * 3 + 1)
     end = tl.load(tiles_ptr + tile * 3 + 2)
     positions = first + tl.arange(0, BLOCK_M)
     valid = positions < end
-    rows = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
+    rows = tl.load(order_ptr + positions, mask=valid, other=0, volatile=REREAD).to(tl.int64)
     return adapter, rows, valid, first < end
 
 
@@ -259,19 +262,9 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
     dtype = x_ptr.dtype.element_ty
     adapter, rows, valid, nonempty = _segment_rows(tiles_ptr, order_ptr, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The expand first, in the accumulator itself, as kernels/lora_linear.py's forward: summed
+    # apart into a second accumulator after the base GEMM, sm_89's 64 x 128 tiles spilled.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
-    for k0 in range(0, tl.where(nonempty, K, 0), BLOCK_K):  # an empty tile reads no weight
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=valid[:, None] & (cols[None, :] < K), other=0.0)
-        w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
-                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                           block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
-                           NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
-        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     used = nonempty & (adapter >= 0)
     adapter = tl.maximum(adapter, 0)
     for r0 in range(0, tl.where(used, R, 0), BLOCK_R):  # base rows: no expand
@@ -280,10 +273,26 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
                     mask=valid[:, None] & (ranks[None, :] < R), other=0.0)
         b = tl.load(b_ptr + adapter * stride_ba + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=(outs[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        lora = tl.dot(s, tl.trans(b), lora, input_precision=PRECISION)
-    acc += tl.load(scaling_ptr + adapter, mask=used, other=0.0) * lora
+        acc = tl.dot(s, tl.trans(b), acc, input_precision=PRECISION)
+    acc *= tl.load(scaling_ptr + adapter, mask=used, other=0.0)
+    # Positions past the segment's end read row 0 (``_segment_rows``' other) and are never
+    # stored, so x's loads need no row mask; the rows' bases are computed once, not per step.
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    for k0 in range(0, tl.where(nonempty, K, 0), BLOCK_K):  # an empty tile reads no weight
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
+        w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
+                           NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
+        w = gemm_operand(w, dtype, NF4, INLINE_PTX)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    # The row ids read again for the store: held from the first read across the K loop, they
+    # took registers its decode needed (sm_89, nested NF4: 8 bytes of stack).
+    _, rows, valid, _ = _segment_rows(tiles_ptr, order_ptr, BLOCK_M, REREAD=True)
     store_rounded(y_ptr + rows[:, None] * N + outs[None, :], acc,
                   valid[:, None] & (outs[None, :] < N))
 
