@@ -250,9 +250,6 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
-    # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all.
-    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
     # The LoRA branch first, in the accumulator itself: summed apart into a second BLOCK_M x
     # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
     # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
@@ -278,6 +275,11 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     if s_ptr.dtype.element_ty != tl.float32:
         acc = acc * scaling
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
+    # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all. Made after
+    # the LoRA branch: live across it, these row addresses spilled the fp32 branch's sm_90
+    # REGISTER_ORDER builds (8 bytes of stack at 255 registers).
+    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
     # A transposed packed NF4 tile is decoded straight into wgmma's register operand layout, its
     # columns (so x's, read in the same order) permuted as that takes (``_weight.register_order``).
     REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP > 0
