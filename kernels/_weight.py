@@ -34,7 +34,7 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                    nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                    NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                    INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, REGISTER_ORDER: tl.constexpr = False):
     """The GEMM tile W[first_out : first_out + BLOCK_N, k0 : k0 + BLOCK_K] in fp32 (``k0`` a
     multiple of BLOCK_K), dense or decoded from packed NF4. ``codes``: where ``frozen_codes``
     (called once, before the loop) put the NF4 code book.
@@ -50,14 +50,22 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
     int64 scalar (N x K may pass 2**31); offsets inside the tile are int32 (BLOCK_N x K < 2**31),
     their row parts the same at every step of a loop, so computed once, not per row and step.
     SCALE_GROUP == 0 (dense, or odd K: rows start mid-byte): element by element,
-    ``load_weight_tile``."""
+    ``load_weight_tile``.
+
+    REGISTER_ORDER (packed NF4 only): the tile's columns are W's columns k0 + ``register_columns``
+    (the caller reads x's in the same order: the dot's sum is the same), laid out as wgmma's
+    register operand needs them without a pass through shared memory (``register_order``)."""
     outs = first_out + tl.arange(0, BLOCK_N)
     if NF4 and SCALE_GROUP > 0:
         GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
+        tile_rows = tl.arange(0, BLOCK_N)
+        if REGISTER_ORDER:
+            tile_rows = register_rows(BLOCK_N)
+            outs = first_out + tile_rows
         # The tile's rows as an int64 scalar (N x K may pass 2**31) plus int32 offsets, the same
         # at every step of a loop (BLOCK_N x K < 2**31). tl.cast, not .to: a loop counter (the
         # dX kernels' first_out) is a Python int in the interpreter.
-        row_offsets = tl.arange(0, BLOCK_N) * K
+        row_offsets = tile_rows * K
         first_row = tl.cast(first_out, tl.int64) * K
         pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + (first_row >> 1) + ((row_offsets >> 1)[:, None] + pair[None, :]),
@@ -82,6 +90,8 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                                 NESTED)
             tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                               [BLOCK_N, BLOCK_K])
+        if REGISTER_ORDER:
+            tile = register_order(tile)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = (outs < N)[:, None] & (cols < K)[None, :]
@@ -89,6 +99,49 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                                 absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr,
                                 offset_ptr, block_shift, nested_shift, NF4, NESTED)
     return tile
+
+
+# wgmma's register operand (sm_90's TRANSPOSED_TILE: the decoded W first) is laid out per warp
+# as 16 rows (lanes: rows 0-7, a register: row 8), each lane holding 2 consecutive columns of every
+# 8 (lane % 4 picks which) in registers, warps 16 rows apart. The packed tile's loads give a lane
+# 8 consecutive bytes (16 columns) of one row, 4 lanes a row, warps 8 rows apart: Triton moved the
+# decoded tile from one layout to the other through shared memory (4 STS.128, 4 LDSM and 3
+# barriers per step at 128 x 64 with 8 warps). Relabeling the tile's rows and columns (a reshape
+# and a permute, no data moved) turns the decoded layout into the operand's up to the order of a
+# lane's registers, where a layout change is free. The rows are W's own once the loads take
+# ``register_rows``'s order; the columns are W's in ``register_columns``'s order, which the
+# caller reads x's in too. Any BLOCK_N (a multiple of 64) and BLOCK_K (of 8) give a correct
+# product; the layouts meet at the sm_90 forward's 128 x 64 tile with 8 warps.
+
+
+@triton.jit
+def register_rows(BLOCK_N: tl.constexpr):
+    """W's row (from the tile's first) that row i of a REGISTER_ORDER tile loads, so that
+    ``register_order`` makes the tile's rows W's own: bits 3-5 of i (its warp in the packed
+    loads) move to bits 4-6 (the operand's warps) and bit 6 (a register) to bit 3."""
+    tl.static_assert(BLOCK_N % 64 == 0)
+    rows = tl.arange(0, BLOCK_N)
+    return (rows & 7) + (rows >> 6) * 8 + ((rows >> 3) & 7) * (BLOCK_N // 8)
+
+
+@triton.jit
+def register_columns(BLOCK_K: tl.constexpr):
+    """The column (from the tile's first) of W and x at each column of a REGISTER_ORDER tile:
+    pairs of consecutive columns (a packed byte), 2-aligned (x's loads: 4 bytes wide)."""
+    tl.static_assert(BLOCK_K % 8 == 0)
+    cols = tl.arange(0, BLOCK_K)
+    order = (cols & 1) + (cols >> 3) * 2 + ((cols >> 1) & 3) * (BLOCK_K // 4)
+    return tl.max_contiguous(tl.multiple_of(order, 2), 2)
+
+
+@triton.jit
+def register_order(tile):
+    """A decoded tile (rows in ``register_rows``'s order) relabeled: rows i to
+    ``register_rows(BLOCK_N)[i]``, columns ``register_columns(BLOCK_K)[j]`` to j."""
+    BLOCK_N: tl.constexpr = tile.shape[0]
+    BLOCK_K: tl.constexpr = tile.shape[1]
+    bits = tl.reshape(tile, [BLOCK_N // 64, 8, 8, 4, BLOCK_K // 8, 2])
+    return tl.reshape(tl.permute(bits, (1, 0, 2, 4, 3, 5)), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
-                      weight_args, with_decoding)
+                      register_columns, weight_args, with_decoding)
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -64,10 +64,13 @@ def forward_configs(target, dtype, undropped=False):
         # that layout through. Model: 777 -> 713 us (issue-bound). x's loads without masks in the
         # K loop (rows past M clamped, EVEN_K): 700 -> 698 us for the kernel, now bound by L1
         # (issue 700 -> 610; nested 734 -> 711, issue 641). 256 x 128 x 128 in 2 stages would
-        # be 696 us but spills (255 registers).
+        # be 696 us but spills (255 registers). Packed NF4 tiles decoded straight into A's
+        # layout (``_weight.register_order``: no STS, ldmatrix or barriers; x read 4 bytes wide
+        # in the order that takes): shared 698 -> 568 us, issue 619 in 2 stages (3 spilled: x's
+        # 32 addresses per thread), now bound by L2 at 640 us (nested 711 -> 662).
         return ([] if undropped else
                 [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-                  "num_stages": 3, "TRANSPOSED_TILE": True}]) + [
+                  "num_stages": 2, "TRANSPOSED_TILE": True}]) + [
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3},
                 {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
@@ -247,9 +250,6 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
-    # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all.
-    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
     # The LoRA branch first, in the accumulator itself: summed apart into a second BLOCK_M x
     # BLOCK_N accumulator it spilled registers (sm_89 beside the split's operands; sm_90 at
     # 256-row tiles, where acc alone takes 128 registers per thread). An fp32 S (fp32 x, or the
@@ -275,8 +275,20 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     if s_ptr.dtype.element_ty != tl.float32:
         acc = acc * scaling
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
+    # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all. Made after
+    # the LoRA branch: live across it, these row addresses spilled the fp32 branch's sm_90
+    # REGISTER_ORDER builds (8 bytes of stack at 255 registers).
+    x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
+    # A transposed packed NF4 tile is decoded straight into wgmma's register operand layout, its
+    # columns (so x's, read in the same order) permuted as that takes (``_weight.register_order``).
+    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP > 0
+    if REGISTER_ORDER:
+        tile_cols = register_columns(BLOCK_K)
+    else:
+        tile_cols = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = k0 + tile_cols
         if EVEN_K:
             x = tl.load(x_rows + cols[None, :] * stride_xk)
         else:
@@ -284,7 +296,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)

@@ -191,6 +191,34 @@ def test_transposed_tiles_decode_nf4_bit_for_bit(branch, device, monkeypatch):
     assert_same_bits(grad_x, expected)
 
 
+@triton.jit
+def _register_order_kernel(ordered_ptr, rows_ptr, cols_ptr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    offsets = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(ordered_ptr + offsets, _weight.register_order(offsets))
+    tl.store(rows_ptr + tl.arange(0, BLOCK_N), _weight.register_rows(BLOCK_N))
+    tl.store(cols_ptr + tl.arange(0, BLOCK_K), _weight.register_columns(BLOCK_K))
+
+
+@pytest.mark.parametrize("block_n, block_k", [(64, 32), (128, 64)])
+def test_register_order_relabels_rows_and_columns_as_its_loads_and_x_read_them(block_n, block_k,
+                                                                              device):
+    """The forward's REGISTER_ORDER tile (the interpreter's 64 x 32, sm_90's 128 x 64): row i of
+    the loaded tile (W's row ``register_rows[i]``) becomes row ``register_rows[i]``, so the tile's
+    rows are W's; its column j is the loaded tile's ``register_columns[j]``, the column x is read
+    at too. Both are permutations; the columns come as 2-aligned pairs (x's 4-byte loads)."""
+    ordered = torch.empty(block_n, block_k, dtype=torch.int32, device=device)
+    rows = torch.empty(block_n, dtype=torch.int32, device=device)
+    cols = torch.empty(block_k, dtype=torch.int32, device=device)
+    _register_order_kernel[(1,)](ordered, rows, cols, BLOCK_N=block_n, BLOCK_K=block_k)
+    ordered, rows, cols = ordered.cpu().long(), rows.cpu().long(), cols.cpu().long()
+    assert sorted(rows.tolist()) == list(range(block_n))
+    assert sorted(cols.tolist()) == list(range(block_k))
+    assert (cols[0::2] % 2 == 0).all() and (cols[1::2] == cols[0::2] + 1).all()
+    loaded = torch.arange(block_n * block_k).reshape(block_n, block_k)
+    assert torch.equal(ordered[rows], loaded[:, cols])
+
+
 def test_a_misaligned_code_table_is_refused():
     """The 16-code lookup's PTX puts an entry's offset in the table address's lowest byte: a pair
     table off 256 bytes is refused by name; ``code_pairs``'s tables pass."""

@@ -73,6 +73,28 @@ def test_table_lookups_are_l1_wavefronts_not_l2_bytes():
     assert estimate["L1"] == pytest.approx(estimate["shared"] * (1000 + 1))
 
 
+CP_ASYNC_PAIRS = """
+.L_x_8:
+        /*0000*/                   LDGSTS.E [R231], desc[UR14][R228.64], !P6 ;
+        /*0010*/                   LDGSTS.E [R231+0x400], desc[UR14][R176.64], !P6 ;
+        /*0020*/                   LDGSTS.E.64 [R183+0x18000], desc[UR14][R178.64], P4 ;
+        /*0030*/                   LDG.E R12, desc[UR14][R12.64] ;
+        /*0040*/                   HGMMA.64x256x16.F32.BF16 R24, R176, gdesc[UR20], R24 ;
+        /*0050*/                   ISETP.GE.AND P0, PT, R5, R6, PT ;
+        /*0060*/                   IADD3 R5, R5, 0x40, RZ ;
+        /*0070*/              @!P0 BRA `(.L_x_8) ;
+"""
+
+
+def test_cp_async_copies_of_any_width_stream_from_l2():
+    """A 4-byte cp.async (LDGSTS.E: x's column pairs in the forward's REGISTER_ORDER) stages a
+    tile as the wide ones do: L2 bytes, and shared bytes on its way in; a 32-bit load into
+    registers (a gather from a small table) stays an L1 hit."""
+    loop = sass.hot_loop(CP_ASYNC_PAIRS)
+    copies = (4 + 4 + 8) * 32 * 8
+    assert sass.memory_bytes(loop, num_warps=8) == (copies, copies + 256 * 16 * 2 * 2)
+
+
 NEVER_EXECUTED = """
 .L_x_4:
         /*0000*/                   LDS.64 R16, [R5] ;

@@ -31,7 +31,7 @@ CACHE = Path(os.environ.get("LOWRANK_STATIC_CACHE",
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Triton reads its cache folder when it compiles, so this holds for every build below.
 os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
-RECORD_VERSION = 6  # bumped when a record gains or changes a field: older ones are read again
+RECORD_VERSION = 7  # bumped when a record gains or changes a field: older ones are read again
 
 
 def jsonable(value):

@@ -180,10 +180,12 @@ def memory_bytes(body, num_warps):
     """(global bytes streamed, shared-memory bytes moved) per CTA by ``body``'s instructions, as
     if every lane of every warp were active (an upper bound where masks predicate lanes off).
 
-    Global: vector loads (64/128-bit: the operand tiles) and sub-word loads (packed NF4 bytes).
-    32-bit loads are counted as L1 hits, not L2 traffic: in these kernels they are gathers from
-    small tables (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4
-    code-table lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
+    Global: vector loads (64/128-bit: the operand tiles), sub-word loads (packed NF4 bytes) and
+    cp.async copies of any width (LDGSTS: tiles staged in shared memory, 4 bytes wide where their
+    columns come in pairs, e.g. x's in the forward's REGISTER_ORDER). 32-bit loads into registers
+    are counted as L1 hits, not L2 traffic: in these kernels they are gathers from small tables
+    (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4 code-table
+    lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
     Shared: LDS/STS/LDSM, the shared-memory side of cp.async, and wgmma reading 16-bit operands
     from shared memory: both (``HGMMA... R24, gdesc[UR8], R24``), or only B where A is a register
     operand (``HGMMA... R24, R164, gdesc[UR12], R24``: Hopper's wgmma takes A from registers).
@@ -192,7 +194,7 @@ def memory_bytes(body, num_warps):
     for opcode, modifiers, line in executed(body):
         group = category(opcode, modifiers)
         width = WIDTH_BYTES.get(group.split(".")[-1], 0) * 32 * num_warps
-        if (opcode in ("LDG", "LDGSTS") and not group.endswith(".32")
+        if (opcode == "LDGSTS" or opcode == "LDG" and not group.endswith(".32")
                 and not is_table_lookup(opcode, modifiers)):
             global_bytes += width
         if opcode in ("LDS", "STS", "LDGSTS"):
