@@ -58,10 +58,12 @@ CACHE_FORMAT = 1
 # route's time taken per row of M, the cublas route's as one dequantize pass plus its time per
 # row. Each step has its own bound (the ops tell ``default_route`` which step they run), as a
 # calibrated table keys each step apart. H100 (sm_90), with the transposed 256-row wgmma tiles
-# (the decoded weight wgmma's register operand), the codes in shared memory and x's loads without
-# row masks: fused forward 710 us at 4096 rows for NF4 and 722 nested, fused dX 698 / 711;
-# cublas forward 666 after a dequantize of 50 us, dX 653 after 50: crossovers at about 4759 /
-# 3642 rows (forward) and 4489 / 3477 (backward), none for dense (cuBLAS always faster). RTX 4090
+# (the decoded weight wgmma's register operand, decoded straight into its register layout in the
+# forward), the codes in shared memory and x's loads without row masks: fused forward 651 us at
+# 4096 rows for NF4 and 673 nested, fused dX 698 / 711; cublas forward 666 after a dequantize of
+# 50 us, dX 653 after 50: the NF4 forward fused at every M (its time per row under cublas's), the
+# nested one up to about 30349 rows; backward crossovers at about 4489 / 3477 rows; none for dense
+# (cuBLAS always faster). RTX 4090
 # (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the tensor-core limit); cublas
 # 0.80 after 168 us: fused always faster.
 # Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
@@ -69,7 +71,7 @@ CACHE_FORMAT = 1
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
 STEPS = ("forward", "backward")
 FUSED_MAX_M = {
-    "sm_90": {"forward": {"dense": 0, "nf4": 4096, "nf4-nested": 2048},
+    "sm_90": {"forward": {"dense": 0, "nf4": None, "nf4-nested": 16384},
               "backward": {"dense": 0, "nf4": 4096, "nf4-nested": 2048}},
     "sm_89": {step: {"dense": None, "nf4": None, "nf4-nested": None}  # None: no bound
               for step in STEPS},
