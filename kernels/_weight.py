@@ -84,8 +84,12 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                                 NESTED)
             tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
         else:
-            group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
-            scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+            group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+            group_first = row_first[:, None] + group_cols[None, :]
+            # Groups past K (a ragged last tile) are masked: the last row's lie past the absmax
+            # array, where NaN times x's masked zeros would poison the sum.
+            scale = load_absmax(group_first >> block_shift,
+                                (outs < N)[:, None] & (group_cols < K)[None, :], absmax_ptr,
                                 nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
                                 NESTED)
             tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],

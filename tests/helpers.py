@@ -116,6 +116,15 @@ def token_ids(batch=2, length=7, vocab_size=64, seed=1):
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def with_nan_after(tensor, spare=256):
+    """``tensor`` (contiguous) copied into the start of a buffer whose rest is NaN (255 for
+    integer dtypes: packed bytes): a kernel that reads past its end reads those."""
+    fill = float("nan") if tensor.is_floating_point() else 255
+    buffer = torch.full((tensor.numel() + spare,), fill, dtype=tensor.dtype, device=tensor.device)
+    buffer[:tensor.numel()] = tensor.reshape(-1)
+    return buffer[:tensor.numel()].view(tensor.shape)
+
+
 def assert_same_bits(actual, expected):
     """Equal bit for bit (compared as bytes)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape

@@ -15,7 +15,7 @@ import triton.language as tl
 from helpers import (EMPTY, K, M, N, TOLERANCE, assert_op_close, assert_same_bits, check_empty,
                      check_lora_linear_against_fp64, decode_nf4, load_tiny_4bit_llama,
                      lora_linear_fp64, make_lora_case, poisoned, relative_error,
-                     run_lora_linear)
+                     run_lora_linear, with_nan_after)
 
 from lowrank import nf4, ops
 from lowrank.kernels import _weight
@@ -33,6 +33,25 @@ GROUPED_M = 150
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_forward_and_backward_match_fp64_reference(dtype, kind, with_bias, device):
     check_lora_linear_against_fp64(dtype, kind, 16, with_bias, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ragged_last_tile_reads_no_absmax_past_the_state(dtype, device):
+    """K = 40 (rows start 8 elements into a 64-element block: a scale group of 8) ends inside
+    the forward's and dX's last K tile; that tile's groups past K, of the last row, lie past the
+    absmax array (N x K = 51.9 blocks). Memory there may hold NaN (here it does), and NaN times
+    x's (or dY's) masked zeros poisoned the row's outputs. Nested NF4 reads its absmax codes
+    through the same mask (a code past the array is a finite value, so only NF4 shows it)."""
+    k = 40
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", 16, device,
+                                                              k=k)
+    state.absmax = with_nan_after(state.absmax)
+    weight = with_nan_after(weight)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    ours = run_lora_linear(x, weight, state, lora_a, lora_b, 1.5, bias, grad_y)
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
+    for name, got, want in zip(("y", "dx"), ours, expected):
+        assert_op_close(got, want, dtype, name)
 
 
 @pytest.mark.parametrize("rank", [1, 8, 64])
