@@ -32,10 +32,17 @@ from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 # fp32, which grows with M. The crossover must be measured on GPUs (bench/lora_linear.py's decode
 # cases time both paths) before this value is trusted.
 DECODE_MAX_M = 16
-# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency (in
-# the interpreter, _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests
-# exercise the split).
+# Programs to aim for per streaming multiprocessor (in the interpreter,
+# _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests exercise the split):
+# where the NF4 decode bounds each SM (``evens_out_sms``), 4, warps enough for its schedulers to
+# keep issuing; where DRAM bounds the launch, 2: each program streams 128 x 128 tiles two stages
+# deep, and half the K-slices write and read back half the fp32 partial sums (static model,
+# estimates, 16 rows of 4096 x 14336: RTX 4090 NF4 46.2 -> 42.1 us, nested 43.1 -> 39.1, dense
+# 135.9 -> 133.8; H100 dense 40.9 -> 40.2; at 2 the H100 NF4 GEMV is 16.7 -> 30.3 us, issue-bound
+# with too few warps). The model has no latency rule for DRAM: a GPU pass should confirm 8 warps
+# an SM keep enough loads in flight.
 PROGRAMS_PER_SM = 4
+STREAMING_PROGRAMS_PER_SM = 2
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``), x's dtype
@@ -291,14 +298,16 @@ def evens_out_sms(target, nf4):
 
 def split_k(n_tiles, k_steps, multiprocessors, costs=None):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device (PROGRAMS_PER_SM
-    per SM, or one per step), no empty slice. ``costs`` (step_bytes, partial_bytes): also even
-    out the SMs' shares, as ``evens_out_sms`` asks. Programs are dealt to SMs whole, so a count
+    per SM with ``costs``, else STREAMING_PROGRAMS_PER_SM; or one per step), no empty slice.
+    ``costs`` (step_bytes, partial_bytes): also even out the SMs' shares, as ``evens_out_sms``
+    asks. Programs are dealt to SMs whole, so a count
     that is not a multiple of the SMs leaves some SMs one more (H100: 112 tiles x 4 slices are 4
     programs on some SMs, 3.4 on average); more, shorter slices even that out, but each program
     also writes its fp32 partial sums, which the epilogue reads back. Of the splits from the
     fewest up, the one whose busiest SM moves the fewest bytes (W's, ``step_bytes`` per BLOCK_K
     step, and twice its ``partial_bytes``), the fewer slices on a tie."""
-    programs = PROGRAMS_PER_SM * multiprocessors
+    per_sm = STREAMING_PROGRAMS_PER_SM if costs is None else PROGRAMS_PER_SM
+    programs = per_sm * multiprocessors
     fewest = max(1, min(k_steps, programs // n_tiles))
     splits = fewest
     if costs is not None:
