@@ -118,9 +118,14 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
     packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
     values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
-    group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
-    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
-                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+    group_first = row_first[:, None] + group_cols[None, :]
+    # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
+    # row's would be read past the end of the absmax array, whose garbage (NaN, inf) times the
+    # masked x's zeros is NaN.
+    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None] & (group_cols < K)[None, :],
+                        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
+                        NESTED)
     if GROUPS == 1:
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],

@@ -5,6 +5,8 @@ last one ragged), so the partial sums and their reduction are exercised; N = 83 
 N block. Shapes, tolerances and helpers are those of test_lora_linear.py.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -126,6 +128,35 @@ def test_kernels_write_every_output_element(kind, device):
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     decode_kernels.lora_decode_forward(x, weight, a, b, bias, y, s, seed, 0.0, 1.5, nf4_args)
     assert_op_close(s, x.double() @ a.double().t(), dtype, "S")
+    expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
+    assert_op_close(y, expected, dtype, "Y")
+
+
+def _with_nan_after(tensor, spare=256):
+    """``tensor`` (contiguous) copied into the start of a buffer whose rest is NaN (255 for
+    integer dtypes: the packed bytes): a kernel that reads past its end reads those."""
+    fill = float("nan") if tensor.is_floating_point() else 255
+    buffer = torch.full((tensor.numel() + spare,), fill, dtype=tensor.dtype, device=tensor.device)
+    buffer[:tensor.numel()] = tensor.reshape(-1)
+    return buffer[:tensor.numel()].view(tensor.shape)
+
+
+def test_reads_nothing_past_the_quantization_state(device):
+    """K = 300 ends mid-tile (BLOCK_K 128): the last tile's absmax groups past K, of the last row,
+    would lie past the absmax array, where memory may hold NaN (here it does; in a long test
+    session, another test's NaN-poisoned buffer did), and NaN x 0 poisoned its outputs. Nested
+    NF4 reads its absmax through the same mask."""
+    dtype, rank, m = torch.float16, 16, decode_kernels.DECODE_MAX_M
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", rank, device,
+                                                              m=m, k=K_DECODE)
+    x, a, b = x.reshape(m, K_DECODE), lora_a.to(dtype), lora_b.to(dtype)
+    frozen = ops.FrozenWeight.of(weight, state)
+    frozen = dataclasses.replace(frozen, tensor=_with_nan_after(frozen.tensor),
+                                 absmax=_with_nan_after(frozen.absmax))
+    y, s = poisoned((m, N), dtype, device), poisoned((m, rank), dtype, device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    decode_kernels.lora_decode_forward(x, frozen.tensor, a, b, bias, y, s, seed, 0.0, 1.5,
+                                       frozen.nf4)
     expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
     assert_op_close(y, expected, dtype, "Y")
 
