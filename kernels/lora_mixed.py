@@ -382,7 +382,7 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
             **decoding_flags(nf4, K, FORWARD["BLOCK_K"], target), PRECISION=precision(x.dtype),
             **FORWARD, enable_fp_fusion=False)
         return
-    tile = decode_tile(nf4, x.dtype)
+    tile = decode_tile(nf4, x.dtype, K)
     n_tiles = triton.cdiv(N, tile["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]),
                                       target.multiprocessors, split_costs(target, nf4, tile, M))

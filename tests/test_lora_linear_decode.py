@@ -1,8 +1,10 @@
 """The small-M (decode) forward of lowrank.ops.lora_linear: split-K kernels against the fp64 reference.
 
-K = 300 is not a multiple of the decode BLOCK_K, and on CPU it is cut into several K-slices (the
-last one ragged), so the partial sums and their reduction are exercised; N = 83 leaves a partial
-N block. Shapes, tolerances and helpers are those of test_lora_linear.py.
+K = 320 is not a multiple of the decode BLOCK_K (NF4: 128), and on CPU it is cut into several
+K-slices (the last one ragged), so the partial sums and their reduction are exercised; a multiple
+of 64, it keeps the tiles real layers take, and K = 300 and 301 (runs of one absmax shorter than
+32 elements, odd K) take the others. N = 83 leaves a partial N block. Shapes, tolerances and
+helpers are those of test_lora_linear.py.
 """
 
 import dataclasses
@@ -22,7 +24,7 @@ from lowrank.kernels.nf4_dequantize import shared_codes
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
 
-K_DECODE = 300
+K_DECODE = 320
 
 
 @pytest.mark.parametrize("m", [1, decode_kernels.DECODE_MAX_M])
@@ -37,6 +39,13 @@ def test_ranks_without_bias(rank, device):
     check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", rank, False, device, m=5, k=K_DECODE)
 
 
+@pytest.mark.parametrize("k", [300, 301])
+def test_short_absmax_runs_and_odd_k_match_fp64_reference(k, device):
+    """The NF4 tile of K not a multiple of 32 (``decode_tile``): runs of 4 elements, odd K."""
+    check_lora_linear_against_fp64(torch.float16, "nf4-64", 16, True, device,
+                                   m=decode_kernels.DECODE_MAX_M, k=k)
+
+
 def test_the_split_covers_k_with_no_empty_slice():
     sms = _common.target(torch.device("cpu")).multiprocessors
     for n_tiles in (1, 2, 3, 7, 16, 40):
@@ -45,7 +54,7 @@ def test_the_split_covers_k_with_no_empty_slice():
                 splits, steps = decode_kernels.split_k(n_tiles, k_steps, sms, costs)
                 assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_tile(None, torch.bfloat16)["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(None, torch.bfloat16, K_DECODE)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), sms)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 
@@ -55,7 +64,7 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     put 4 programs of 8 steps on some SMs (32 steps), 8 slices 7 of 4 (28); at 1 row the
     partial sums are small and 8 it is, at 16 rows they cost more than they even out; the plain
     rule (no costs) keeps the fewest."""
-    tile = decode_kernels.decode_tile(object(), torch.bfloat16)
+    tile = decode_kernels.decode_tile(object(), torch.bfloat16, 4096)
     assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
     nf4 = type("NF4", (), {"blocksize": 64, "absmax": torch.zeros(1)})()
     h100, rtx4090 = _common.Target(90, 132), _common.Target(89, 128)
@@ -79,6 +88,15 @@ def test_short_absmax_runs_are_not_pipelined():
     assert decode_kernels.partial_stages(None, {"SCALE_GROUP": 0}) == 2  # dense
 
 
+def test_short_absmax_runs_take_a_smaller_tile():
+    """128 x 128 NF4 tiles of K not a multiple of 32 spilled registers (``decode_tile``)."""
+    tiles = [decode_kernels.decode_tile(object(), torch.bfloat16, k)
+             for k in (4096, 4160, 4112, 4097)]
+    assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] \
+        == [(128, 128)] * 2 + [(64, 32)] * 2
+    assert decode_kernels.decode_tile(None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense: as ever
+
+
 @triton.jit
 def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                         offset_ptr, N, K, block_shift, nested_shift, NESTED: tl.constexpr,
@@ -95,21 +113,22 @@ def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, 
              mask=(outs[:, None] < N) & (cols[None, :] < K))
 
 
+@pytest.mark.parametrize("k", [K_DECODE, 300])
 @pytest.mark.parametrize("kind", ["nf4-64", "nf4-nested-128"])
-def test_decode_tile_is_bit_exact(kind, device):
+def test_decode_tile_is_bit_exact(kind, k, device):
     """The GEMV's lookup (the 16 codes) gives the fp32 weight the format stands for, bit for bit
-    (so its bf16 rounding is bitsandbytes'): 83 rows (a partial N tile), K = 300 (a partial K
-    tile), every tile of the launch config's size."""
+    (so its bf16 rounding is bitsandbytes'): 83 rows (a partial N tile), K = 320 and 300 (a
+    partial K tile; runs of 4 elements), every tile of the launch config's size."""
     gen = torch.Generator().manual_seed(7)
-    weight, state, _ = make_weight(kind, torch.bfloat16, device, gen, k=K_DECODE)
+    weight, state, _ = make_weight(kind, torch.bfloat16, device, gen, k=k)
     frozen = ops.FrozenWeight.of(weight, state)
     flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
     target = _common.target(torch.device(device))
-    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16)
-    out = poisoned((N, K_DECODE), torch.float32, device)
-    grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
-    decoding_constexprs = decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target)
-    _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, K_DECODE, *decoding[5:],
+    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16, k)
+    out = poisoned((N, k), torch.float32, device)
+    grid = (-(-N // tile["BLOCK_N"]), -(-k // tile["BLOCK_K"]))
+    decoding_constexprs = decoding_flags(frozen.nf4, k, tile["BLOCK_K"], target)
+    _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, k, *decoding[5:],
                               NESTED=flags["NESTED"], SCALE_GROUP=decoding_constexprs["SCALE_GROUP"],
                               INLINE_PTX=decoding_constexprs["INLINE_PTX"],
                               BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"])
@@ -142,7 +161,7 @@ def _with_nan_after(tensor, spare=256):
 
 
 def test_reads_nothing_past_the_quantization_state(device):
-    """K = 300 ends mid-tile (BLOCK_K 128): the last tile's absmax groups past K, of the last row,
+    """K = 320 ends mid-tile (BLOCK_K 128): the last tile's absmax groups past K, of the last row,
     would lie past the absmax array, where memory may hold NaN (here it does; in a long test
     session, another test's NaN-poisoned buffer did), and NaN x 0 poisoned its outputs. Nested
     NF4 reads its absmax through the same mask."""
