@@ -54,19 +54,27 @@ STREAMING_PROGRAMS_PER_SM = 2
 # BLOCK_K is 128 (16-bit x) for the same reason: the absmax of each row (its nested decode, and
 # the staging of both through shared memory) is read once per 128 columns (H100, 16 rows of
 # 4096 x 14336, model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
-def decode_tile(nf4, dtype, K):
+def decode_tile(target, nf4, dtype, K):
     """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's) for
     x of ``dtype`` and ``K`` columns: they size the grid and the partial sums, so every config of
     a list shares them. fp32 x keeps NF4's BLOCK_K at 64: its IEEE tl.dot (FMA units) at 128 took
-    92 KB of shared memory, one CTA per SM on sm_89. NF4 with runs of one absmax shorter than
+    92 KB of shared memory, one CTA per SM on sm_89; so does AMD's (``amd``): built for gfx942
+    (bf16, NF4 and nested, 16 rows, two stages), 128 x 128 took 132 KB of LDS, over the 64 KB a
+    workgroup gets (Triton's launch raises OutOfResources), 128 x 64 34-67 KB (one stage: 32 KB,
+    ``partial_stages``). NF4 with runs of one absmax shorter than
     MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32) takes 64 x 32: at 128 x 128 its absmax
     gathers (one per 2 to 16 elements; odd K, one per element, nested three loads each) spilled
     72 to 4304 bytes of stack on sm_89 and sm_90 (bf16, K = 73 and 74, the mixed partial GEMM's
-    worst); at 64 x 32, 56 to 121 registers and none."""
+    worst); at 64 x 32, 56 to 128 registers on sm_80 to sm_90 and none."""
     if nf4 is not None and K % MIN_PIPELINED_SCALE_GROUP:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}
     return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128,
-            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 else 64}
+            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 and not amd(target) else 64}
+
+
+def amd(target):
+    """Whether ``target`` is an AMD GPU: a GPU without inline PTX (``_common.Target``)."""
+    return target.arch is not None and not target.inline_ptx
 
 
 def decode_configs(target, dtype, nf4, K):
@@ -77,7 +85,7 @@ def decode_configs(target, dtype, nf4, K):
     per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
     of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
     sets each config's stages for its K (``partial_stages``)."""
-    tile = decode_tile(nf4, dtype, K)
+    tile = decode_tile(target, nf4, dtype, K)
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
@@ -94,12 +102,14 @@ def decode_configs(target, dtype, nf4, K):
 MIN_PIPELINED_SCALE_GROUP = 32
 
 
-def partial_stages(nf4, config):
+def partial_stages(target, nf4, config):
     """num_stages of a split-K partial GEMM ``config`` (with its ``decoding_flags``): 2, or 1
     (no software pipelining) for NF4 with runs of one absmax shorter than
-    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32)."""
+    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32), and for NF4 on AMD: built for gfx942
+    (bf16, 16 rows), two stages of the 128 x 64 tile took 67 KB of LDS with the plain weight or
+    runs of 32 (34 KB nested, runs of 64), over the 64 KB a workgroup gets; one stage 32 KB."""
     short_runs = nf4 is not None and config["SCALE_GROUP"] < MIN_PIPELINED_SCALE_GROUP
-    return 1 if short_runs else 2
+    return 1 if short_runs or (nf4 is not None and amd(target)) else 2
 
 
 def epilogue_config(target, dtype):
@@ -350,9 +360,9 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = [{**config, "num_stages": partial_stages(nf4, config)}
+    configs = [{**config, "num_stages": partial_stages(target, nf4, config)}
                for config in with_decoding(decode_configs(target, x.dtype, nf4, K), nf4, K, target)]
-    config, epilogue = decode_tile(nf4, x.dtype, K), epilogue_config(target, x.dtype)
+    config, epilogue = decode_tile(target, nf4, x.dtype, K), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)

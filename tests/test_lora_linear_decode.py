@@ -54,7 +54,8 @@ def test_the_split_covers_k_with_no_empty_slice():
                 splits, steps = decode_kernels.split_k(n_tiles, k_steps, sms, costs)
                 assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_tile(None, torch.bfloat16, K_DECODE)["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(_common.target(torch.device("cpu")), None,
+                                          torch.bfloat16, K_DECODE)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), sms)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 
@@ -64,10 +65,10 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     put 4 programs of 8 steps on some SMs (32 steps), 8 slices 7 of 4 (28); at 1 row the
     partial sums are small and 8 it is, at 16 rows they cost more than they even out; the plain
     rule (no costs) keeps the fewest."""
-    tile = decode_kernels.decode_tile(object(), torch.bfloat16, 4096)
-    assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
     nf4 = type("NF4", (), {"blocksize": 64, "absmax": torch.zeros(1)})()
-    h100, rtx4090 = _common.Target(90, 132), _common.Target(89, 128)
+    h100, rtx4090 = _common.Target(90, 132, inline_ptx=True), _common.Target(89, 128)
+    tile = decode_kernels.decode_tile(h100, nf4, torch.bfloat16, 4096)
+    assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
     assert decode_kernels.split_k(112, 32, 132) == (2, 16)  # DRAM-bound: 2 programs an SM
     one_row = decode_kernels.split_costs(h100, nf4, tile, 1)
     assert one_row == (128 * 64 + 128 * 2 * 4, 512)
@@ -82,19 +83,28 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
 def test_short_absmax_runs_are_not_pipelined():
     """A K not a multiple of 32 (short runs of one absmax, or odd) decodes unpipelined: its
     staged absmax gathers took the kernel over 48 KB of shared memory (partial_stages)."""
-    nf4 = object()
-    assert [decode_kernels.partial_stages(nf4, {"SCALE_GROUP": group})
+    nf4, sm90 = object(), _common.Target(90, 132, inline_ptx=True)
+    assert [decode_kernels.partial_stages(sm90, nf4, {"SCALE_GROUP": group})
             for group in (0, 2, 16, 32, 64, 128)] == [1, 1, 1, 2, 2, 2]
-    assert decode_kernels.partial_stages(None, {"SCALE_GROUP": 0}) == 2  # dense
+    assert decode_kernels.partial_stages(sm90, None, {"SCALE_GROUP": 0}) == 2  # dense
+    # AMD: one stage (LDS), the dense weight two.
+    mi300x = _common.Target(94, 304)
+    assert decode_kernels.partial_stages(mi300x, nf4, {"SCALE_GROUP": 64}) == 1
+    assert decode_kernels.partial_stages(mi300x, None, {"SCALE_GROUP": 0}) == 2
 
 
-def test_short_absmax_runs_take_a_smaller_tile():
-    """128 x 128 NF4 tiles of K not a multiple of 32 spilled registers (``decode_tile``)."""
-    tiles = [decode_kernels.decode_tile(object(), torch.bfloat16, k)
+def test_short_absmax_runs_and_amd_take_smaller_tiles():
+    """128 x 128 NF4 tiles of K not a multiple of 32 spilled registers, and on AMD took 132 KB of
+    LDS (``decode_tile``)."""
+    sm90, mi300x = _common.Target(90, 132, inline_ptx=True), _common.Target(94, 304)
+    nf4 = object()
+    tiles = [decode_kernels.decode_tile(sm90, nf4, torch.bfloat16, k)
              for k in (4096, 4160, 4112, 4097)]
     assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] \
         == [(128, 128)] * 2 + [(64, 32)] * 2
-    assert decode_kernels.decode_tile(None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense: as ever
+    tiles = [decode_kernels.decode_tile(mi300x, nf4, torch.bfloat16, k) for k in (4096, 4097)]
+    assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] == [(128, 64), (64, 32)]
+    assert decode_kernels.decode_tile(sm90, None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense
 
 
 @triton.jit
@@ -124,7 +134,7 @@ def test_decode_tile_is_bit_exact(kind, k, device):
     frozen = ops.FrozenWeight.of(weight, state)
     flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
     target = _common.target(torch.device(device))
-    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16, k)
+    tile = decode_kernels.decode_tile(target, frozen.nf4, torch.bfloat16, k)
     out = poisoned((N, k), torch.float32, device)
     grid = (-(-N // tile["BLOCK_N"]), -(-k // tile["BLOCK_K"]))
     decoding_constexprs = decoding_flags(frozen.nf4, k, tile["BLOCK_K"], target)
