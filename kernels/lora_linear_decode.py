@@ -32,10 +32,17 @@ from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 # fp32, which grows with M. The crossover must be measured on GPUs (bench/lora_linear.py's decode
 # cases time both paths) before this value is trusted.
 DECODE_MAX_M = 16
-# Programs to aim for per streaming multiprocessor: enough in flight to hide memory latency (in
-# the interpreter, _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests
-# exercise the split).
+# Programs to aim for per streaming multiprocessor (in the interpreter,
+# _common.INTERPRETER_MULTIPROCESSORS makes a few K-slices, so the tests exercise the split):
+# where the NF4 decode bounds each SM (``evens_out_sms``), 4, warps enough for its schedulers to
+# keep issuing; where DRAM bounds the launch, 2: each program streams 128 x 128 tiles two stages
+# deep, and half the K-slices write and read back half the fp32 partial sums (static model,
+# estimates, 16 rows of 4096 x 14336: RTX 4090 NF4 46.2 -> 42.1 us, nested 43.1 -> 39.1, dense
+# 135.9 -> 133.8; H100 dense 40.9 -> 40.2; at 2 the H100 NF4 GEMV is 16.7 -> 30.3 us, issue-bound
+# with too few warps). The model has no latency rule for DRAM: a GPU pass should confirm 8 warps
+# an SM keep enough loads in flight.
 PROGRAMS_PER_SM = 4
+STREAMING_PROGRAMS_PER_SM = 2
 
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``), x's dtype
@@ -47,16 +54,30 @@ PROGRAMS_PER_SM = 4
 # BLOCK_K is 128 (16-bit x) for the same reason: the absmax of each row (its nested decode, and
 # the staging of both through shared memory) is read once per 128 columns (H100, 16 rows of
 # 4096 x 14336, model: nested 21.6 -> 18.0 us, NF4 17.4 -> 17.3).
-def decode_tile(nf4, dtype):
+def decode_tile(target, nf4, dtype, K):
     """BLOCK_M / BLOCK_N / BLOCK_K of the split-K partial GEMM (also kernels/lora_mixed.py's) for
-    x of ``dtype``: they size the grid and the partial sums, so every config of a list shares
-    them. fp32 x keeps NF4's BLOCK_K at 64: its IEEE tl.dot (FMA units) at 128 took 92 KB of
-    shared memory, one CTA per SM on sm_89."""
+    x of ``dtype`` and ``K`` columns: they size the grid and the partial sums, so every config of
+    a list shares them. fp32 x keeps NF4's BLOCK_K at 64: its IEEE tl.dot (FMA units) at 128 took
+    92 KB of shared memory, one CTA per SM on sm_89; so does AMD's (``amd``): built for gfx942
+    (bf16, NF4 and nested, 16 rows, two stages), 128 x 128 took 132 KB of LDS, over the 64 KB a
+    workgroup gets (Triton's launch raises OutOfResources), 128 x 64 34-67 KB (one stage: 32 KB,
+    ``partial_stages``). NF4 with runs of one absmax shorter than
+    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32) takes 64 x 32: at 128 x 128 its absmax
+    gathers (one per 2 to 16 elements; odd K, one per element, nested three loads each) spilled
+    72 to 4304 bytes of stack on sm_89 and sm_90 (bf16, K = 73 and 74, the mixed partial GEMM's
+    worst); at 64 x 32, 56 to 128 registers on sm_80 to sm_90 and none."""
+    if nf4 is not None and K % MIN_PIPELINED_SCALE_GROUP:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}
     return {"BLOCK_M": 16, "BLOCK_N": 64 if nf4 is None else 128,
-            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 else 64}
+            "BLOCK_K": 128 if nf4 is not None and dtype.itemsize == 2 and not amd(target) else 64}
 
 
-def decode_configs(target, dtype, nf4):
+def amd(target):
+    """Whether ``target`` is an AMD GPU: a GPU without inline PTX (``_common.Target``)."""
+    return target.arch is not None and not target.inline_ptx
+
+
+def decode_configs(target, dtype, nf4, K):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
     tiles are the same in every config (``decode_tile``); the dense list varies warps. Two
     stages: NF4 tiles pipelined three deep need over 99 KB of shared memory on sm_86/sm_89, and
@@ -64,7 +85,7 @@ def decode_configs(target, dtype, nf4):
     per SM). NF4 takes 4 warps only: with 8 its 128-column tile spilled (nested, sm_80: 8 bytes
     of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
     sets each config's stages for its K (``partial_stages``)."""
-    tile = decode_tile(nf4, dtype)
+    tile = decode_tile(target, nf4, dtype, K)
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
@@ -81,12 +102,14 @@ def decode_configs(target, dtype, nf4):
 MIN_PIPELINED_SCALE_GROUP = 32
 
 
-def partial_stages(nf4, config):
+def partial_stages(target, nf4, config):
     """num_stages of a split-K partial GEMM ``config`` (with its ``decoding_flags``): 2, or 1
     (no software pipelining) for NF4 with runs of one absmax shorter than
-    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32)."""
+    MIN_PIPELINED_SCALE_GROUP (a K not a multiple of 32), and for NF4 on AMD: built for gfx942
+    (bf16, 16 rows), two stages of the 128 x 64 tile took 67 KB of LDS with the plain weight or
+    runs of 32 (34 KB nested, runs of 64), over the 64 KB a workgroup gets; one stage 32 KB."""
     short_runs = nf4 is not None and config["SCALE_GROUP"] < MIN_PIPELINED_SCALE_GROUP
-    return 1 if short_runs else 2
+    return 1 if short_runs or (nf4 is not None and amd(target)) else 2
 
 
 def epilogue_config(target, dtype):
@@ -111,9 +134,14 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
     packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
     values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
-    group_first = row_first[:, None] + k0 + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP
-    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
-                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+    group_first = row_first[:, None] + group_cols[None, :]
+    # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
+    # row's would be read past the end of the absmax array, whose garbage (NaN, inf) times the
+    # masked x's zeros is NaN.
+    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None] & (group_cols < K)[None, :],
+                        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
+                        NESTED)
     if GROUPS == 1:
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
@@ -291,14 +319,16 @@ def evens_out_sms(target, nf4):
 
 def split_k(n_tiles, k_steps, multiprocessors, costs=None):
     """(K-slices, BLOCK_K steps per slice): enough programs to fill the device (PROGRAMS_PER_SM
-    per SM, or one per step), no empty slice. ``costs`` (step_bytes, partial_bytes): also even
-    out the SMs' shares, as ``evens_out_sms`` asks. Programs are dealt to SMs whole, so a count
+    per SM with ``costs``, else STREAMING_PROGRAMS_PER_SM; or one per step), no empty slice.
+    ``costs`` (step_bytes, partial_bytes): also even out the SMs' shares, as ``evens_out_sms``
+    asks. Programs are dealt to SMs whole, so a count
     that is not a multiple of the SMs leaves some SMs one more (H100: 112 tiles x 4 slices are 4
     programs on some SMs, 3.4 on average); more, shorter slices even that out, but each program
     also writes its fp32 partial sums, which the epilogue reads back. Of the splits from the
     fewest up, the one whose busiest SM moves the fewest bytes (W's, ``step_bytes`` per BLOCK_K
     step, and twice its ``partial_bytes``), the fewer slices on a tie."""
-    programs = PROGRAMS_PER_SM * multiprocessors
+    per_sm = STREAMING_PROGRAMS_PER_SM if costs is None else PROGRAMS_PER_SM
+    programs = per_sm * multiprocessors
     fewest = max(1, min(k_steps, programs // n_tiles))
     splits = fewest
     if costs is not None:
@@ -330,9 +360,9 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = [{**config, "num_stages": partial_stages(nf4, config)}
-               for config in with_decoding(decode_configs(target, x.dtype, nf4), nf4, K, target)]
-    config, epilogue = decode_tile(nf4, x.dtype), epilogue_config(target, x.dtype)
+    configs = [{**config, "num_stages": partial_stages(target, nf4, config)}
+               for config in with_decoding(decode_configs(target, x.dtype, nf4, K), nf4, K, target)]
+    config, epilogue = decode_tile(target, nf4, x.dtype, K), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)

@@ -382,7 +382,7 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
             **decoding_flags(nf4, K, FORWARD["BLOCK_K"], target), PRECISION=precision(x.dtype),
             **FORWARD, enable_fp_fusion=False)
         return
-    tile = decode_tile(nf4, x.dtype)
+    tile = decode_tile(target, nf4, x.dtype, K)
     n_tiles = triton.cdiv(N, tile["BLOCK_N"])
     splits, steps_per_split = split_k(n_tiles, triton.cdiv(K, tile["BLOCK_K"]),
                                       target.multiprocessors, split_costs(target, nf4, tile, M))
@@ -392,7 +392,7 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
         x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
         steps_per_split * tile["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
         nested_shift, **flags, **decoding, PRECISION=precision(x.dtype), **tile,
-        num_warps=PARTIAL_WARPS, num_stages=partial_stages(nf4, decoding),
+        num_warps=PARTIAL_WARPS, num_stages=partial_stages(target, nf4, decoding),
         enable_fp_fusion=False)
     _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),

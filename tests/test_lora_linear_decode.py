@@ -1,9 +1,13 @@
 """The small-M (decode) forward of lowrank.ops.lora_linear: split-K kernels against the fp64 reference.
 
-K = 300 is not a multiple of the decode BLOCK_K, and on CPU it is cut into several K-slices (the
-last one ragged), so the partial sums and their reduction are exercised; N = 83 leaves a partial
-N block. Shapes, tolerances and helpers are those of test_lora_linear.py.
+K = 320 is not a multiple of the decode BLOCK_K (NF4: 128), and on CPU it is cut into several
+K-slices (the last one ragged), so the partial sums and their reduction are exercised; a multiple
+of 64, it keeps the tiles real layers take, and K = 300 and 301 (runs of one absmax shorter than
+32 elements, odd K) take the others. N = 83 leaves a partial N block. Shapes, tolerances and
+helpers are those of test_lora_linear.py.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ from lowrank.kernels.nf4_dequantize import shared_codes
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
 
-K_DECODE = 300
+K_DECODE = 320
 
 
 @pytest.mark.parametrize("m", [1, decode_kernels.DECODE_MAX_M])
@@ -35,6 +39,13 @@ def test_ranks_without_bias(rank, device):
     check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", rank, False, device, m=5, k=K_DECODE)
 
 
+@pytest.mark.parametrize("k", [300, 301])
+def test_short_absmax_runs_and_odd_k_match_fp64_reference(k, device):
+    """The NF4 tile of K not a multiple of 32 (``decode_tile``): runs of 4 elements, odd K."""
+    check_lora_linear_against_fp64(torch.float16, "nf4-64", 16, True, device,
+                                   m=decode_kernels.DECODE_MAX_M, k=k)
+
+
 def test_the_split_covers_k_with_no_empty_slice():
     sms = _common.target(torch.device("cpu")).multiprocessors
     for n_tiles in (1, 2, 3, 7, 16, 40):
@@ -43,7 +54,8 @@ def test_the_split_covers_k_with_no_empty_slice():
                 splits, steps = decode_kernels.split_k(n_tiles, k_steps, sms, costs)
                 assert (splits - 1) * steps < k_steps <= splits * steps
     # What the other tests here rely on: their K is cut into several slices, the last one ragged.
-    block_k = decode_kernels.decode_tile(None, torch.bfloat16)["BLOCK_K"]
+    block_k = decode_kernels.decode_tile(_common.target(torch.device("cpu")), None,
+                                          torch.bfloat16, K_DECODE)["BLOCK_K"]
     splits, steps = decode_kernels.split_k(2, -(-K_DECODE // block_k), sms)
     assert splits > 1 and K_DECODE % (steps * block_k) != 0
 
@@ -53,11 +65,11 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
     put 4 programs of 8 steps on some SMs (32 steps), 8 slices 7 of 4 (28); at 1 row the
     partial sums are small and 8 it is, at 16 rows they cost more than they even out; the plain
     rule (no costs) keeps the fewest."""
-    tile = decode_kernels.decode_tile(object(), torch.bfloat16)
-    assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
     nf4 = type("NF4", (), {"blocksize": 64, "absmax": torch.zeros(1)})()
-    h100, rtx4090 = _common.Target(90, 132), _common.Target(89, 128)
-    assert decode_kernels.split_k(112, 32, 132) == (4, 8)
+    h100, rtx4090 = _common.Target(90, 132, inline_ptx=True), _common.Target(89, 128)
+    tile = decode_kernels.decode_tile(h100, nf4, torch.bfloat16, 4096)
+    assert (tile["BLOCK_N"], tile["BLOCK_K"]) == (128, 128)
+    assert decode_kernels.split_k(112, 32, 132) == (2, 16)  # DRAM-bound: 2 programs an SM
     one_row = decode_kernels.split_costs(h100, nf4, tile, 1)
     assert one_row == (128 * 64 + 128 * 2 * 4, 512)
     assert decode_kernels.split_k(112, 32, 132, one_row) == (8, 4)
@@ -71,10 +83,28 @@ def test_the_split_evens_out_the_sms_where_the_partials_are_cheap():
 def test_short_absmax_runs_are_not_pipelined():
     """A K not a multiple of 32 (short runs of one absmax, or odd) decodes unpipelined: its
     staged absmax gathers took the kernel over 48 KB of shared memory (partial_stages)."""
-    nf4 = object()
-    assert [decode_kernels.partial_stages(nf4, {"SCALE_GROUP": group})
+    nf4, sm90 = object(), _common.Target(90, 132, inline_ptx=True)
+    assert [decode_kernels.partial_stages(sm90, nf4, {"SCALE_GROUP": group})
             for group in (0, 2, 16, 32, 64, 128)] == [1, 1, 1, 2, 2, 2]
-    assert decode_kernels.partial_stages(None, {"SCALE_GROUP": 0}) == 2  # dense
+    assert decode_kernels.partial_stages(sm90, None, {"SCALE_GROUP": 0}) == 2  # dense
+    # AMD: one stage (LDS), the dense weight two.
+    mi300x = _common.Target(94, 304)
+    assert decode_kernels.partial_stages(mi300x, nf4, {"SCALE_GROUP": 64}) == 1
+    assert decode_kernels.partial_stages(mi300x, None, {"SCALE_GROUP": 0}) == 2
+
+
+def test_short_absmax_runs_and_amd_take_smaller_tiles():
+    """128 x 128 NF4 tiles of K not a multiple of 32 spilled registers, and on AMD took 132 KB of
+    LDS (``decode_tile``)."""
+    sm90, mi300x = _common.Target(90, 132, inline_ptx=True), _common.Target(94, 304)
+    nf4 = object()
+    tiles = [decode_kernels.decode_tile(sm90, nf4, torch.bfloat16, k)
+             for k in (4096, 4160, 4112, 4097)]
+    assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] \
+        == [(128, 128)] * 2 + [(64, 32)] * 2
+    tiles = [decode_kernels.decode_tile(mi300x, nf4, torch.bfloat16, k) for k in (4096, 4097)]
+    assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] == [(128, 64), (64, 32)]
+    assert decode_kernels.decode_tile(sm90, None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense
 
 
 @triton.jit
@@ -93,21 +123,22 @@ def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, 
              mask=(outs[:, None] < N) & (cols[None, :] < K))
 
 
+@pytest.mark.parametrize("k", [K_DECODE, 300])
 @pytest.mark.parametrize("kind", ["nf4-64", "nf4-nested-128"])
-def test_decode_tile_is_bit_exact(kind, device):
+def test_decode_tile_is_bit_exact(kind, k, device):
     """The GEMV's lookup (the 16 codes) gives the fp32 weight the format stands for, bit for bit
-    (so its bf16 rounding is bitsandbytes'): 83 rows (a partial N tile), K = 300 (a partial K
-    tile), every tile of the launch config's size."""
+    (so its bf16 rounding is bitsandbytes'): 83 rows (a partial N tile), K = 320 and 300 (a
+    partial K tile; runs of 4 elements), every tile of the launch config's size."""
     gen = torch.Generator().manual_seed(7)
-    weight, state, _ = make_weight(kind, torch.bfloat16, device, gen, k=K_DECODE)
+    weight, state, _ = make_weight(kind, torch.bfloat16, device, gen, k=k)
     frozen = ops.FrozenWeight.of(weight, state)
     flags, decoding, _ = weight_args(frozen.tensor, frozen.nf4)
     target = _common.target(torch.device(device))
-    tile = decode_kernels.decode_tile(frozen.nf4, torch.bfloat16)
-    out = poisoned((N, K_DECODE), torch.float32, device)
-    grid = (-(-N // tile["BLOCK_N"]), -(-K_DECODE // tile["BLOCK_K"]))
-    decoding_constexprs = decoding_flags(frozen.nf4, K_DECODE, tile["BLOCK_K"], target)
-    _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, K_DECODE, *decoding[5:],
+    tile = decode_kernels.decode_tile(target, frozen.nf4, torch.bfloat16, k)
+    out = poisoned((N, k), torch.float32, device)
+    grid = (-(-N // tile["BLOCK_N"]), -(-k // tile["BLOCK_K"]))
+    decoding_constexprs = decoding_flags(frozen.nf4, k, tile["BLOCK_K"], target)
+    _decode_tile_kernel[grid](frozen.tensor, out, *decoding[:5], N, k, *decoding[5:],
                               NESTED=flags["NESTED"], SCALE_GROUP=decoding_constexprs["SCALE_GROUP"],
                               INLINE_PTX=decoding_constexprs["INLINE_PTX"],
                               BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"])
@@ -126,6 +157,35 @@ def test_kernels_write_every_output_element(kind, device):
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     decode_kernels.lora_decode_forward(x, weight, a, b, bias, y, s, seed, 0.0, 1.5, nf4_args)
     assert_op_close(s, x.double() @ a.double().t(), dtype, "S")
+    expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
+    assert_op_close(y, expected, dtype, "Y")
+
+
+def _with_nan_after(tensor, spare=256):
+    """``tensor`` (contiguous) copied into the start of a buffer whose rest is NaN (255 for
+    integer dtypes: the packed bytes): a kernel that reads past its end reads those."""
+    fill = float("nan") if tensor.is_floating_point() else 255
+    buffer = torch.full((tensor.numel() + spare,), fill, dtype=tensor.dtype, device=tensor.device)
+    buffer[:tensor.numel()] = tensor.reshape(-1)
+    return buffer[:tensor.numel()].view(tensor.shape)
+
+
+def test_reads_nothing_past_the_quantization_state(device):
+    """K = 320 ends mid-tile (BLOCK_K 128): the last tile's absmax groups past K, of the last row,
+    would lie past the absmax array, where memory may hold NaN (here it does; in a long test
+    session, another test's NaN-poisoned buffer did), and NaN x 0 poisoned its outputs. Nested
+    NF4 reads its absmax through the same mask."""
+    dtype, rank, m = torch.float16, 16, decode_kernels.DECODE_MAX_M
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", rank, device,
+                                                              m=m, k=K_DECODE)
+    x, a, b = x.reshape(m, K_DECODE), lora_a.to(dtype), lora_b.to(dtype)
+    frozen = ops.FrozenWeight.of(weight, state)
+    frozen = dataclasses.replace(frozen, tensor=_with_nan_after(frozen.tensor),
+                                 absmax=_with_nan_after(frozen.absmax))
+    y, s = poisoned((m, N), dtype, device), poisoned((m, rank), dtype, device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    decode_kernels.lora_decode_forward(x, frozen.tensor, a, b, bias, y, s, seed, 0.0, 1.5,
+                                       frozen.nf4)
     expected = x.double() @ dense.double().t() + bias.double() + 1.5 * s.double() @ b.double().t()
     assert_op_close(y, expected, dtype, "Y")
 

@@ -185,12 +185,13 @@ def empty(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype)
 
 
-def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, branch=None):
+def lora_linear_calls(m, k, n, kind, dtype, dropout=0.0, bias=False, branch=None,
+                      blocksize=BLOCKSIZE):
     """{step: fn} for one LoRA linear forward and backward, as lowrank.ops runs them (a decode
     forward alone when M is small enough for the split-K path). ``branch``: the LoRA branch's
     dtype (A, B, S, dS) if not x's (fp32 adapters of a 16-bit x: the split products)."""
     branch = branch or dtype
-    w, nf4 = weight(kind, n, k, dtype)
+    w, nf4 = weight(kind, n, k, dtype, blocksize)
     x, a, b = empty(m, k, dtype=dtype), empty(RANK, k, dtype=branch), empty(n, RANK, dtype=branch)
     y, s = empty(m, n, dtype=dtype), empty(m, RANK, dtype=branch)
     bias_t = empty(n, dtype=dtype) if bias else None
@@ -267,9 +268,9 @@ def lora_cublas_calls(m, k, n, kind, dtype):
     return {"forward": forward, "backward": backward}
 
 
-def lora_mixed_call(m, k, n, kind, dtype, adapters, bias=False):
+def lora_mixed_call(m, k, n, kind, dtype, adapters, bias=False, blocksize=BLOCKSIZE):
     """One mixed-adapter forward (one adapter per row, ``adapters`` stacked), as lowrank.ops runs it."""
-    w, nf4 = weight(kind, n, k, dtype)
+    w, nf4 = weight(kind, n, k, dtype, blocksize)
     index = torch.empty(m, dtype=torch.int64)
     return lambda: lora_mixed.lora_mixed_forward(
         empty(m, k, dtype=dtype), w, empty(adapters, RANK, k, dtype=dtype),
@@ -667,6 +668,14 @@ ALIGNED = (64, 128, 96)
 RAGGED = (37, 72, 50)
 DECODE = ((1, 128, 96), (16, 128, 96))  # one row (the JIT makes M a constant), a full M block
 DECODE_RAGGED = (3, 72, 50)
+# The NF4 split-K partial GEMMs' forms by K (the decode GEMV's, the mixed decode's: tile, stages
+# and SCALE_GROUP follow K, kernels/lora_linear_decode.py's ``decode_tile`` and
+# ``partial_stages``), beyond K = 128 (runs of one absmax of 64, pipelined) and K = 72 (runs of
+# 8, unpipelined) above: odd K (decoded element by element), runs of 2 (the most absmax gathers
+# of a tile) and of 32 (the shortest pipelined runs), and runs of 128 (blocksize 128: one absmax
+# per row of a tile). Runs of 4 and 16 are between these. Nested, in bf16, with every feature of
+# the decode kernel on (its heaviest build); the plain weight at odd K.
+DECODE_K_FORMS = ((73, BLOCKSIZE), (74, BLOCKSIZE), (96, BLOCKSIZE), (128, 128))
 
 
 def weight_kinds(dtype):
@@ -761,6 +770,14 @@ def coverage_calls():
         for blocksize in NF4_BLOCKSIZES if kind == "nf4-nested" else (BLOCKSIZE,):
             calls.update(merge_calls(f"{kind} to nf4 blocksize={blocksize}", kind, None, "nf4",
                                      blocksize=blocksize))
+    for k, blocksize in DECODE_K_FORMS:
+        shape = (DECODE_RAGGED[0], k, DECODE_RAGGED[2])
+        for kind in ("nf4-nested", "nf4") if k % 2 else ("nf4-nested",):
+            name = f"bfloat16 {kind} {shape} blocksize={blocksize}"
+            calls[f"lora_linear_forward {name} p=0.1 bias=True branch=float32"] = lora_linear_calls(
+                *shape, kind, torch.bfloat16, 0.1, True, torch.float32, blocksize)["forward"]
+        calls[f"lora_mixed bfloat16 nf4-nested {shape} blocksize={blocksize} bias=True"] = \
+            lora_mixed_call(*shape, "nf4-nested", torch.bfloat16, 8, True, blocksize)
     calls["lora_dropout_mask"] = lambda: lora_linear.dropout_mask(
         seed(), empty(64, 128, dtype=torch.int8), 0.1)
     return calls
