@@ -34,7 +34,7 @@ import triton.language as tl
 from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
-                      weight_args, with_decoding)
+                      register_columns, weight_args, with_decoding)
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -52,11 +52,15 @@ def forward_configs(target, dtype):
         # As lora_linear.forward_configs (the 256-row tile: 1030 -> 805 us at 4096 x 4096 x 14336
         # NF4 on H100, model), computed transposed as its is (TRANSPOSED_TILE, the decoded W
         # wgmma's register operand): 764 -> 706 us NF4, 784 -> 737 nested, dense unchanged (830,
-        # L2-bound); model, issue-bound now, 224-226 registers, no spills.
+        # L2-bound); model, issue-bound now, 224-226 registers, no spills. Its packed NF4 tile
+        # decoded straight into that operand's layout (REGISTER_ORDER, as the LoRA forward's), in
+        # 2 stages (3 left it issue-bound at 255 registers, 9.5 / 10.3 instructions per NF4 /
+        # nested element), x unmasked where K is a multiple of BLOCK_K (EVEN_K): 698 -> 640 us
+        # NF4 (L2-bound; 9.0 -> 9.1 instructions per element), 711 -> 662 nested (9.5 -> 9.5).
         return [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                  "num_stages": 3},
                 {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-                 "num_stages": 3, "TRANSPOSED_TILE": True},
+                 "num_stages": 2, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3}]
     # sm_80/86/89. BLOCK_K 32 in 2 stages, not 4 (or 3): sm_89 7.2 / 7.8 instructions per NF4 /
@@ -113,7 +117,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        TRANSPOSED_TILE: tl.constexpr = False):
+                        TRANSPOSED_TILE: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """Y = x W^T + b, times l per output column if SCALE_OUTPUT (the output form; the
     feed-forward form's x comes scaled): one store per output tile, tiles in grouped order
     (``grouped_tile``). TRANSPOSED_TILE: as kernels/lora_linear.py's forward, x W^T summed as
@@ -131,18 +135,28 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
     # 64 x 128 x 64 tile took 8 bytes of stack.
     x_rows = tl.minimum(rows, M - 1) if NF4 else rows
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    # As kernels/lora_linear.py's forward: a transposed packed NF4 tile decoded straight into
+    # wgmma's register operand layout, x's columns read in the order that takes.
+    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP > 0
+    if REGISTER_ORDER:
+        tile_cols = register_columns(BLOCK_K)
+    else:
+        tile_cols = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if NF4:
-            x_mask = cols[None, :] < K
+        cols = k0 + tile_cols
+        x_tile = x_ptr + row_offsets(x_rows, stride_xm)[:, None] + cols[None, :] * stride_xk
+        if NF4 and EVEN_K:  # K a multiple of BLOCK_K: no mask at all
+            x = tl.load(x_tile)
         else:
-            x_mask = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + row_offsets(x_rows, stride_xm)[:, None] + cols[None, :] * stride_xk,
-                    mask=x_mask, other=0.0)
+            if NF4:
+                x_mask = cols[None, :] < K
+            else:
+                x_mask = (rows[:, None] < M) & (cols[None, :] < K)
+            x = tl.load(x_tile, mask=x_mask, other=0.0)
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -256,7 +270,8 @@ def ia3_forward(x, w, bias, y, output_scale=None, nf4=None):
     N = y.shape[1]
     flags, decoding, (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(x.device)
-    configs = with_decoding(forward_configs(target, x.dtype), nf4, K, target)
+    configs = [{**config, "EVEN_K": K % config["BLOCK_K"] == 0} for config in
+               with_decoding(forward_configs(target, x.dtype), nf4, K, target)]
     _common.launch(
         _ia3_forward_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), configs,

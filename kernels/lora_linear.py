@@ -67,7 +67,14 @@ def forward_configs(target, dtype, undropped=False):
         # be 696 us but spills (255 registers). Packed NF4 tiles decoded straight into A's
         # layout (``_weight.register_order``: no STS, ldmatrix or barriers; x read 4 bytes wide
         # in the order that takes): shared 698 -> 568 us, issue 619 in 2 stages (3 spilled: x's
-        # 32 addresses per thread), now bound by L2 at 640 us (nested 711 -> 662).
+        # 32 addresses per thread), now bound by L2 at 640 us (nested 711 -> 662). 8.97 / 9.44
+        # instructions per NF4 / nested element, 2.0 of them x's 4-byte copies and their
+        # addresses (32 + 32 per thread per step; wider copies need a lane to hold every fourth
+        # packed byte, which the loads' layouts do not give). Tried (model, same shape): BLOCK_K
+        # 128 decodes through shared memory (the packed rows, 8-byte aligned at K % 16, load 8
+        # lanes to a row where A takes 4): 9.1 / 9.5, 696 us; as two 64-column halves joined
+        # into A (one x load, one dot) 8.64 / 9.11 but 32 bytes of stack at 255 registers; the
+        # loop unrolled by two, 200 bytes; x's row offsets in int32, 10.1 (a 64-bit add each).
         return ([] if undropped else
                 [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
                   "num_stages": 2, "TRANSPOSED_TILE": True}]) + [

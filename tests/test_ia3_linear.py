@@ -145,13 +145,11 @@ def test_transposed_forward_tile_matches_fp64_reference(dtype, kind, form, devic
     check_ia3_linear_against_fp64(dtype, kind, form, True, device)
 
 
-@pytest.mark.parametrize("form", IA3_FORMS)
-def test_transposed_forward_tile_decodes_nf4_bit_for_bit(form, device, monkeypatch):
-    """Through the transposed tile, an identity x (fp32, IEEE products: 1 x w + 0 x the rest is
-    exact) gives W^T, the weight decoded inside the GEMM bit for bit as the format says; the
-    output form's l of ones scales the transposed-back tile exactly (its columns are W's rows)."""
-    transposed_forward(monkeypatch)
-    k = 98  # rows of W start on any even element
+def check_forward_decodes_nf4_bit_for_bit(form, k, device):
+    """An identity x (fp32, IEEE products: 1 x w + 0 x the rest is exact) gives W^T, the weight
+    decoded inside the GEMM bit for bit as the format says; the output form's l of ones scales
+    the tile exactly (its columns are W's rows). k = 98: rows of W start on any even element;
+    128: a multiple of every BLOCK_K, x loaded without a mask (EVEN_K)."""
     w = torch.randn(N, k, generator=torch.Generator().manual_seed(5)) * 0.05
     packed, state = nf4.quantize(w.to(device), blocksize=64, double_quant=True)
     frozen = ops.FrozenWeight.of(packed, state)
@@ -159,6 +157,20 @@ def test_transposed_forward_tile_decodes_nf4_bit_for_bit(form, device, monkeypat
     scale = None if IA3_FORMS[form] else torch.ones(N, device=device)
     ia3_kernels.ia3_forward(torch.eye(k, device=device), frozen.tensor, None, y, scale, frozen.nf4)
     assert_same_bits(y, decode_nf4(packed, state).reshape(N, k).t().contiguous())
+
+
+@pytest.mark.parametrize("k", [98, 128], ids=["odd-tiles", "even-k"])
+@pytest.mark.parametrize("form", IA3_FORMS)
+def test_transposed_forward_tile_decodes_nf4_bit_for_bit(form, k, device, monkeypatch):
+    """Through the transposed tile (sm_90's, its packed tile decoded in wgmma's register
+    operand layout, x's columns read in that order), transposed back."""
+    transposed_forward(monkeypatch)
+    check_forward_decodes_nf4_bit_for_bit(form, k, device)
+
+
+@pytest.mark.parametrize("form", IA3_FORMS)
+def test_forward_decodes_nf4_bit_for_bit_at_even_k(form, device):
+    check_forward_decodes_nf4_bit_for_bit(form, 128, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
