@@ -3,6 +3,8 @@ a GPU, and print one JSON object of what the compiler made of each.
 
     python tests/compile_kernels.py 90      # every launch (bench.static.launches), an
         # autotuned launch with the first config of its list only (its representative: CI time)
+    python tests/compile_kernels.py 90 --shard 0 4
+        # a quarter of those builds (the first of 4 parts), so that test workers share them
     python tests/compile_kernels.py 80 86 89 90 --list-configs
         # builds nothing: the configs the benchmark launches take, every config of every list
         # (tests/test_static_report.py checks the committed static report built them all)
@@ -17,8 +19,9 @@ are captured from the real launchers (``bench.static.launches``) and specialized
 binder, so what is built is what runs. A ``*_kernel`` that no launch reaches is reported as
 unlaunched, so a new kernel cannot skip this check. Each build is
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` in ``bench.static.build``, for sm_80,
-sm_86, sm_89 and sm_90 (``tests/test_compile_gpu.py``). Builds are cached, one process per
-architecture at a time, so parallel test workers share them.
+sm_86, sm_89 and sm_90 (``tests/test_compile_gpu.py``). Builds are cached and locked one by one
+(``bench.static.build``), so parallel test workers share them: a process leaves the builds another
+is compiling for last, then reads them from the cache.
 """
 
 import argparse
@@ -73,6 +76,37 @@ def variant_launches(variants, target):
     return found
 
 
+def shard(jobs, arch, part, parts):
+    """The ``part``-th of ``parts`` shares of ``jobs`` ((kind, launch, read SASS)): the distinct
+    compilations dealt out in turn, each with every launch that compiles the same kernel, so that
+    no compilation is in two shares."""
+    keys = [build.compile_key(launch, arch) for _, launch, _ in jobs]
+    turn = {key: i % parts for i, key in enumerate(dict.fromkeys(keys))}
+    return [job for job, key in zip(jobs, keys) if turn[key] == part]
+
+
+def build_jobs(jobs, arch):
+    """{kind: records} of ``jobs`` ((kind, launch, read SASS)) in order, and the launches that
+    failed to build with the compiler's message. A build another process is compiling is left for
+    a second pass, which waits for it: by then it is usually in the cache."""
+    built, failed = {}, []
+    for wait in (False, True):
+        for index, (kind, launch, read_sass) in enumerate(jobs):
+            if index in built:
+                continue
+            try:
+                built[index] = build.build_all([launch], arch, read_sass, wait)
+            except build.Busy:
+                continue
+            except Exception as error:  # reported per launch, with the compiler's message
+                built[index] = []
+                failed.append(f"{launch.case} {launch.name}: {type(error).__name__}: {error}")
+    records = {"coverage": [], "bench": []}
+    for index, (kind, _, _) in enumerate(jobs):
+        records[kind] += built[index]
+    return records, failed
+
+
 def config_of(launch):
     """What identifies a launch's config in a build record: case, kernel, its index in the list,
     the list's length, the BLOCK_* constexprs and the launch options."""
@@ -87,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--variant", nargs=3, action="append",
                         metavar=("MODULE.FUNCTION", "JSON", "CASES"))
     parser.add_argument("--list-configs", action="store_true")
+    parser.add_argument("--shard", nargs=2, type=int, metavar=("PART", "PARTS"))
     args = parser.parse_args(argv)
     if args.list_configs:
         print(json.dumps({arch: [config_of(launch) for launch in launches.bench_launches(
@@ -102,14 +137,11 @@ def main(argv=None):
     else:
         coverage = launches.coverage_launches(target, every_config=False)
         bench = launches.bench_launches(target, every_config=False)
-    failed, records = [], {"coverage": [], "bench": []}
-    with build.locked(args.arch):
-        for kind, found, read_sass in (("coverage", coverage, False), ("bench", bench, disassemble)):
-            for launch in found:
-                try:
-                    records[kind] += build.build_all([launch], args.arch, read_sass)
-                except Exception as error:  # reported per launch, with the compiler's message
-                    failed.append(f"{launch.case} {launch.name}: {type(error).__name__}: {error}")
+    jobs = [("coverage", launch, False) for launch in coverage]
+    jobs += [("bench", launch, disassemble) for launch in bench]
+    if args.shard:
+        jobs = shard(jobs, args.arch, *args.shard)
+    records, failed = build_jobs(jobs, args.arch)
     launched = {launch.name for launch in coverage + bench}
     print(json.dumps({"arch": args.arch, "failed": failed, **records,
                       "unlaunched": [] if args.variant else sorted(all_kernels() - launched)}))

@@ -8,7 +8,10 @@ with the tools Triton bundles. Each gate is also shown to fail on a deliberately
 An autotuned launch is built here with the first config of its list only: building every config
 of every list for every launch covered would add minutes of CI. ``python -m bench.static`` builds
 them all on the benchmark shapes, and tests/test_static_report.py holds its committed report to
-the same gates."""
+the same gates.
+
+Each architecture's builds are checked in ``PARTS`` test items (minutes of CPU each otherwise), so
+that parallel test workers share them to the end; the other tests read them from the cache."""
 
 import functools
 import json
@@ -22,6 +25,7 @@ from bench.static import gates
 from bench.static.limits import ARCHS
 
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
+PARTS = 4
 
 
 def compile_report(arch, *options):
@@ -31,24 +35,70 @@ def compile_report(arch, *options):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+# The parts of the builds this process checked: {(arch, part): their report}.
+PART_REPORTS = {}
+
+
 @functools.cache
 def report(arch):
-    """Every launch built for ``arch`` (cached on disk: a second worker reads the first's builds)."""
-    return compile_report(arch)
+    """Every launch built for ``arch``: the parts this process checked, if it checked them all,
+    else read by a new process (from the cache on disk, built by whichever worker built them)."""
+    parts = [PART_REPORTS.get((arch, part)) for part in range(PARTS)]
+    if None in parts:
+        return compile_report(arch)
+    return {kind: [r for found in parts for r in found[kind]] for kind in ("coverage", "bench")}
 
 
 def records(arch):
     return report(arch)["coverage"] + report(arch)["bench"]
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda cc: f"sm_{cc}")
-def test_every_kernel_compiles_within_limits_for(arch):
-    found = report(arch)
+@pytest.mark.parametrize("arch,part", [
+    pytest.param(arch, part, id=f"sm_{arch}-part{part + 1}of{PARTS}")
+    for arch in ARCHS for part in range(PARTS)])
+def test_every_kernel_compiles_within_limits_for(arch, part):
+    found = PART_REPORTS[arch, part] = compile_report(arch, "--shard", str(part), str(PARTS))
     assert found["unlaunched"] == [], \
         "kernels no launch reaches: add their launcher's calls to bench.static.launches"
     assert not found["failed"], "\n".join(found["failed"])
     assert len(found["coverage"]) > 0 and len(found["bench"]) > 0
-    assert not gates.resources(records(arch)), "\n".join(gates.resources(records(arch)))
+    built = found["coverage"] + found["bench"]
+    assert not gates.resources(built), "\n".join(gates.resources(built))
+
+
+def test_a_build_compiling_elsewhere_is_busy_until_done(tmp_path):
+    """The lock a build holds while it compiles: another holder is told ``Busy`` (and builds
+    something else first) unless it waits."""
+    from bench.static import build
+
+    lock = tmp_path / "kernel.lock"
+    with build.building(lock, wait=True):
+        with pytest.raises(build.Busy), build.building(lock, wait=False):
+            pass
+    with build.building(lock, wait=False):
+        pass
+
+
+def test_the_parts_deal_out_every_build_once(monkeypatch):
+    """Every launch is in exactly one part, with every other launch of the same compilation."""
+    import os
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # popped below
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compile_kernels
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from bench.static import build
+
+    monkeypatch.setattr(build, "compile_key", lambda launch, arch: launch.split(":")[0])
+    jobs = [("coverage", f"k{i % 7}:{i}", False) for i in range(30)]
+    jobs += [("bench", f"k{i % 5}:bench{i}", True) for i in range(12)]
+    parts = [compile_kernels.shard(jobs, 90, part, PARTS) for part in range(PARTS)]
+    assert sorted(job for found in parts for job in found) == sorted(jobs)
+    assert all(found for found in parts)
+    for found in parts:
+        assert all(job in found for job in jobs if job[1].split(":")[0] == found[0][1].split(":")[0])
 
 
 def spilling_today(record):

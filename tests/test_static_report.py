@@ -518,7 +518,6 @@ def test_a_fresh_report_has_the_bnb_peft_rows_beside_ours(monkeypatch):
     """``python -m bench.static``'s report (builds replaced by nothing: the rows are modelled
     ops) holds each bitsandbytes + PEFT row beside its lowrank twin's chosen route, theirs /
     ours, and the table shows them; the benchmark cases list every such row."""
-    import contextlib
     import os
 
     from bench.static import build, launches
@@ -541,7 +540,6 @@ def test_a_fresh_report_has_the_bnb_peft_rows_beside_ours(monkeypatch):
             cases[twin + " route=cublas"] = (ours(80.0), ideal)
     monkeypatch.setattr(launches, "bench_cases", lambda: cases)
     monkeypatch.setattr(build, "build_all", lambda launched, arch: [])
-    monkeypatch.setattr(build, "locked", lambda arch: contextlib.nullcontext())
     report = json.loads(json.dumps(static_main.run([90, 89])))
     text = table.render(report)
     versus_table = text.split("vs bitsandbytes + PEFT", 1)[1].split("Model constants")[0]

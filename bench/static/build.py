@@ -4,7 +4,9 @@ registers, local memory (spills), shared memory, occupancy, and the hot loop's S
 Builds go to Triton's cache under ``CACHE`` (keyed by Triton on the kernel's source, its
 specialization and options), and each build's reading to ``CACHE/records`` keyed the same way, so
 a second run compiles and disassembles nothing that has not changed. ``LOWRANK_STATIC_CACHE``
-moves the cache (default: .cache/static in the repository, git-ignored).
+moves the cache (default: .cache/static in the repository, git-ignored). Processes building at
+once share the work: each build is locked while it compiles (``building``), so no two compile the
+same kernel, and one that finds a build locked can build others first (``Busy``).
 """
 
 import contextlib
@@ -42,14 +44,22 @@ def tool(name, *args):
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, check=True).stdout
 
 
+class Busy(Exception):
+    """Another process is compiling this build (``build`` without ``wait``)."""
+
+
 @contextlib.contextmanager
-def locked(arch):
-    """One process at a time builds for ``arch``; the others wait, then find its builds cached
-    (parallel test workers, or a report run beside the tests)."""
-    path = CACHE / f"sm{arch}.lock"
+def building(path, wait):
+    """The lock file ``path`` held while a kernel compiles: parallel test workers, or a report run
+    beside the tests, then compile each kernel once and read the other's build from the cache.
+    One lock per compilation (``build``), so processes building the same launches in parallel
+    split them. Raises ``Busy`` when the lock is taken and not ``wait``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(path.name) from None
         yield
 
 
@@ -60,6 +70,11 @@ def build_key(launch, arch, spec, disassemble):
                        sorted((str(k), v) for k, v in spec.attrs.items()),
                        sorted((k, jsonable(v)) for k, v in spec.options.items())])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def compile_key(launch, arch):
+    """What one compilation of ``launch`` for ``arch`` is keyed by, its SASS read or not."""
+    return build_key(launch, arch, specialize(launch, arch), None)
 
 
 def weight_elements(constexprs, nf4):
@@ -74,28 +89,37 @@ def weight_elements(constexprs, nf4):
     return None  # the merges: their per-element work is mostly requantization
 
 
-def build(launch, arch, disassemble=True):
+def build(launch, arch, disassemble=True, wait=True):
     """The reading of ``launch`` compiled for sm_``arch`` (a dict, see ``read``). Without
-    ``disassemble`` only resources are read (no SASS, so no hot loop or MMA kind)."""
+    ``disassemble`` only resources are read (no SASS, so no hot loop or MMA kind). Without
+    ``wait``, raises ``Busy`` instead of waiting for another process compiling the same kernel."""
     spec = specialize(launch, arch)
     key = build_key(launch, arch, spec, disassemble)
     path = CACHE / "records" / f"{launch.name}-sm{arch}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    source = ASTSource(fn=launch.kernel, signature=spec.signature, constexprs=spec.constexprs,
-                       attrs=spec.attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
-    record = read(compiled, arch, spec, launch.kernel.arg_names, disassemble)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    # One lock per compilation: its record with or without SASS alike, as Triton caches it.
+    lock = CACHE / "locks" / f"{launch.name}-sm{arch}-{build_key(launch, arch, spec, None)}.lock"
+    with building(lock, wait):
+        if path.exists():  # built by the process that held the lock
+            return json.loads(path.read_text())
+        source = ASTSource(fn=launch.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                           attrs=spec.attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
+        record = read(compiled, arch, spec, launch.kernel.arg_names, disassemble)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Renamed into place whole: a process that finds the record never reads half of it.
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(json.dumps(record))
+        os.replace(out.name, path)
     return record
 
 
-def build_all(launches, arch, disassemble=True):
+def build_all(launches, arch, disassemble=True, wait=True):
     """A record per launch (identical builds compiled once), with what the model needs of the
     launch itself: its case, grid, integer arguments, the bytes of the tensors it touches
     (``tensor_bytes``), and which of its launcher's configs it is (``config`` of ``configs``:
-    autotuned when several)."""
+    autotuned when several). ``wait``: as for ``build``."""
     records = []
     for launch, touched in zip(launches, tensor_bytes(launches)):
         ints = {name: value for name, value in zip(launch.kernel.arg_names, launch.args)
@@ -104,7 +128,7 @@ def build_all(launches, arch, disassemble=True):
         records.append({"case": launch.case, "kernel": launch.name, "grid": list(launch.grid),
                         "config": launch.config, "configs": launch.configs,
                         "ints": ints, "tensor_bytes": touched,
-                        **build(launch, arch, disassemble)})
+                        **build(launch, arch, disassemble, wait)})
     return records
 
 
