@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from helpers import (N, assert_op_close, assert_same_bits, check_lora_linear_against_fp64,
                      decode_nf4, lora_linear_fp64, make_lora_case, make_weight, poisoned,
-                     run_lora_linear)
+                     run_lora_linear, with_nan_after)
 
 from lowrank import ops
 from lowrank.kernels import _common
@@ -161,15 +161,6 @@ def test_kernels_write_every_output_element(kind, device):
     assert_op_close(y, expected, dtype, "Y")
 
 
-def _with_nan_after(tensor, spare=256):
-    """``tensor`` (contiguous) copied into the start of a buffer whose rest is NaN (255 for
-    integer dtypes: the packed bytes): a kernel that reads past its end reads those."""
-    fill = float("nan") if tensor.is_floating_point() else 255
-    buffer = torch.full((tensor.numel() + spare,), fill, dtype=tensor.dtype, device=tensor.device)
-    buffer[:tensor.numel()] = tensor.reshape(-1)
-    return buffer[:tensor.numel()].view(tensor.shape)
-
-
 def test_reads_nothing_past_the_quantization_state(device):
     """K = 320 ends mid-tile (BLOCK_K 128): the last tile's absmax groups past K, of the last row,
     would lie past the absmax array, where memory may hold NaN (here it does; in a long test
@@ -180,8 +171,8 @@ def test_reads_nothing_past_the_quantization_state(device):
                                                               m=m, k=K_DECODE)
     x, a, b = x.reshape(m, K_DECODE), lora_a.to(dtype), lora_b.to(dtype)
     frozen = ops.FrozenWeight.of(weight, state)
-    frozen = dataclasses.replace(frozen, tensor=_with_nan_after(frozen.tensor),
-                                 absmax=_with_nan_after(frozen.absmax))
+    frozen = dataclasses.replace(frozen, tensor=with_nan_after(frozen.tensor),
+                                 absmax=with_nan_after(frozen.absmax))
     y, s = poisoned((m, N), dtype, device), poisoned((m, rank), dtype, device)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     decode_kernels.lora_decode_forward(x, frozen.tensor, a, b, bias, y, s, seed, 0.0, 1.5,
