@@ -194,7 +194,6 @@ def frozen_tile_dot(x, w, acc, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PT
     return acc
 
 
-
 @triton.jit
 def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
                       nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
