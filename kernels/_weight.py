@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from ._common import code_pairs, store_rounded
-from .nf4_dequantize import (check_code_table, decode_nf4, decode_nf4_pairs,
+from .nf4_dequantize import (_SHARED_CODES_PTX, check_code_table, decode_nf4, decode_nf4_pairs,
                              decode_nf4_shared_codes, load_absmax, shared_codes)
 from .nf4_quantize import quantize_and_pack
 
@@ -196,6 +196,74 @@ def frozen_tile_dot(x, w, acc, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PT
         acc = tl.dot(x, tl.trans(gemm_operand(w, dtype, NF4, INLINE_PTX)), acc,
                      input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
+                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                      NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The packed NF4 tile of ``load_gemm_tile`` (rows first_out + i, columns k0 + j), loaded
+    but not decoded, for a loop to fetch a step ahead (``decode_packed_words`` decodes it): its
+    bytes as int32 words, 4 a word in memory order ([BLOCK_N, BLOCK_K / 8]: K % 8 == 0, so
+    SCALE_GROUP >= 8, and ``w_ptr`` 4-byte aligned), and the absmax of each row and group of
+    SCALE_GROUP columns ([BLOCK_N, BLOCK_K / SCALE_GROUP], nested absmax decoded). Words, not
+    bytes: Triton keeps a loaded byte tile across a loop iteration as one register per byte
+    and packs them again for the lookup (about 60 instructions per step of sm_90's dX)."""
+    GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
+    outs = first_out + tl.arange(0, BLOCK_N)
+    row_offsets = tl.arange(0, BLOCK_N) * K  # int32 inside the tile, as load_gemm_tile's
+    first_row = tl.cast(first_out, tl.int64) * K
+    word = (k0 >> 3) + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (first_row >> 3)
+                    + ((row_offsets >> 3)[:, None] + word[None, :]),
+                    mask=(outs < N)[:, None] & (word < (K >> 3))[None, :], other=0)
+    group_first = ((first_row + row_offsets)[:, None] + k0
+                   + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP)
+    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    return words, scale
+
+
+@triton.jit
+def decode_packed_words(words, scale, codes, INLINE_PTX: tl.constexpr,
+                        NIBBLE_LOOKUP: tl.constexpr):
+    """``load_packed_words``' tile decoded: fp32 [BLOCK_N, BLOCK_K], the values
+    ``load_gemm_tile`` gives for it. ``codes``: ``frozen_codes``' result. With NIBBLE_LOOKUP and
+    INLINE_PTX a word is the 16-code lookup's operand as it is (4 bytes, 8 codes); else each
+    byte is looked up apart (the ``tl.load`` lookups of the interpreter and AMD, or the pair
+    table), its two codes then taken apart so both paths join the same eight values."""
+    BLOCK_N: tl.constexpr = words.shape[0]
+    BLOCK_K: tl.constexpr = 8 * words.shape[1]
+    GROUPS: tl.constexpr = scale.shape[1]
+    if NIBBLE_LOOKUP and INLINE_PTX:
+        table = tl.full(words.shape, 0, tl.int32) + codes
+        high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
+            _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, table],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        high0, low0 = tl.split(word_byte_codes(words, 0, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high1, low1 = tl.split(word_byte_codes(words, 8, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high2, low2 = tl.split(word_byte_codes(words, 16, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high3, low3 = tl.split(word_byte_codes(words, 24, codes, INLINE_PTX, NIBBLE_LOOKUP))
+    # join(join(v0, v2), join(v1, v3))[..., i, j] is v_(2i + j): byte 2i + j of each word, then
+    # its high nibble (the even element) and low nibble.
+    values = tl.join(tl.join(tl.join(high0, high2), tl.join(high1, high3)),
+                     tl.join(tl.join(low0, low2), tl.join(low1, low3)))
+    tile = tl.reshape(values, [BLOCK_N, GROUPS, BLOCK_K // GROUPS]) * scale[:, :, None]
+    return tl.reshape(tile, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def word_byte_codes(words, shift: tl.constexpr, codes, INLINE_PTX: tl.constexpr,
+                    NIBBLE_LOOKUP: tl.constexpr):
+    """The two codes of the byte ``shift`` bits up in each of ``words`` (shape S + [2], the high
+    nibble's first), by ``load_gemm_tile``'s lookup for the flags."""
+    byte = (words >> shift) & 0xFF
+    if NIBBLE_LOOKUP:
+        return decode_nf4_shared_codes(byte, codes, INLINE_PTX)
+    else:
+        return decode_nf4_pairs(byte, codes, INLINE_PTX)
 
 
 def decoding_flags(nf4, K, block_k, target):

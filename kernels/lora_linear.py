@@ -26,8 +26,9 @@ import triton.language as tl
 
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
-from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
-                      register_columns, weight_args, with_decoding)
+from ._weight import (decode_packed_words, frozen_codes, frozen_tile_dot, gemm_operand,
+                      load_gemm_tile, load_packed_words, precision, register_columns,
+                      weight_args, with_decoding)
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -101,7 +102,16 @@ def grad_input_configs(target, dtype, dropout):
                  "num_stages": 3}]
     if target.arch == 90:  # 256 x 64 x 128: 1072 -> 805 us (model), as forward_configs says;
         # transposed as the forward's (W^T the register operand): 764 -> 736 us (model, H100 NF4
-        # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills)
+        # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills). Bound by shared memory
+        # since (698 us): the decoded tile crosses it into wgmma's register layout (STS +
+        # ldmatrix, 32 KB a step). The forward's relabeling (``_weight.register_order``) cannot
+        # avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
+        # (LDG.U8, a 64-bit address each; cp.async takes 4 bytes at least) made the loop 302 ->
+        # 333 instructions (model 699 us, issue-bound), and each warp's byte load touches 4
+        # lines of L1 the model does not count. The packed words and absmax loaded a step ahead
+        # into registers instead of through shared memory (PACKED_WORDS): shared 698 -> 654 us,
+        # loop 302 -> 269 instructions (9.44 -> 8.41 per element; nested 9.91 -> 9.16, 711 ->
+        # 654 us), 254 registers, no spills.
         return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
@@ -325,10 +335,13 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                            TRANSPOSED_TILE: tl.constexpr = False):
+                            TRANSPOSED_TILE: tl.constexpr = False,
+                            PACKED_WORDS: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
     tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
-    as W^T dY^T."""
+    as W^T dY^T. PACKED_WORDS: packed NF4 bytes 4-byte aligned, so where K % 8 == 0
+    (SCALE_GROUP >= 8) the transposed tile's bytes are loaded as words
+    (``_weight.load_packed_words``)."""
     dtype = dy_ptr.dtype.element_ty
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -340,13 +353,30 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    # The transposed NF4 tile's packed words and absmax loaded into registers a step ahead,
+    # not software-pipelined through shared memory (cp.async, then a read back): sm_90's loop
+    # is bound by shared memory, which the tile's decoded copy for wgmma's register operand
+    # already crosses (see grad_input_configs).
+    PREFETCH: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP >= 8 and PACKED_WORDS
+    if PREFETCH:
+        words_next, scale_next = load_packed_words(
+            w_ptr, 0, k_first, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+            block_shift, nested_shift, NESTED, SCALE_GROUP, BLOCK_N, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
-        w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr, codes,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
-                           nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K)
+        if PREFETCH:
+            words, scale = words_next, scale_next
+            words_next, scale_next = load_packed_words(  # past the last row: masked off
+                w_ptr, n0 + BLOCK_N, k_first, N, K, absmax_ptr, nested_code_ptr,
+                nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP,
+                BLOCK_N, BLOCK_K)
+            w = decode_packed_words(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
+        else:
+            w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr,
+                               codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                               block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
+                               NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         if TRANSPOSED_TILE:
             acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
         else:
@@ -465,7 +495,7 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
         dy, w, ds, lora_a, dx, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
         nested_shift, bucket=M, DROPOUT=p > 0, **flags,
-        PRECISION=precision(dy.dtype),
+        PRECISION=precision(dy.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
         BLOCK_R=BLOCK_R, enable_fp_fusion=False)
 
 

@@ -210,6 +210,48 @@ def test_transposed_tiles_decode_nf4_bit_for_bit(branch, device, monkeypatch):
     assert_same_bits(grad_x, expected)
 
 
+
+# (K, blocksize, nested), K % 8 == 0: the transposed dX loads its packed tiles as words a step
+# ahead (the kernel's PACKED_WORDS), one absmax per row and tile (K = 128), per group of 32
+# (blocksize 32 < BLOCK_K), or per 8 columns (K = 200: SCALE_GROUP 8, the last tile ragged).
+WORD_LAYOUTS = [(128, 64, False), (128, 32, True), (200, 64, True)]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("nibbles", [False, True], ids=["pair-table", "nibble-lookup"])
+@pytest.mark.parametrize("k, blocksize, nested", WORD_LAYOUTS,
+                         ids=[f"K={k}-bs={b}{'-nested' if n else ''}" for k, b, n in WORD_LAYOUTS])
+def test_transposed_grad_input_decodes_packed_words_bit_for_bit(k, blocksize, nested, nibbles,
+                                                                aligned, device, monkeypatch):
+    """dX through the transposed tiles against an identity dY gives W bit for bit where the
+    packed bytes are read as 4-byte words (``_weight.load_packed_words``), with either lookup;
+    packed bytes that do not start on 4 bytes (a view one byte in) take the byte loads."""
+    transposed_tiles(monkeypatch)
+    monkeypatch.setattr(_weight, "nibble_lookup",
+                        lambda nf4_args, _: nf4_args is not None and nibbles)
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(6)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
+    if not aligned:
+        spare = torch.empty(packed.numel() + 4, dtype=packed.dtype, device=device)
+        start = -spare.data_ptr() % 4 + 1  # one byte past a 4-byte boundary
+        packed = spare[start:start + packed.numel()].view(packed.shape).copy_(packed)
+    frozen = ops.FrozenWeight.of(packed, state)
+    assert (frozen.tensor.data_ptr() % 4 == 0) == aligned
+    grad_x = poisoned((N, k), torch.float32, device)
+    zeros = functools.partial(torch.zeros, device=device)
+    lora_kernels.lora_grad_input(torch.eye(N, device=device), frozen.tensor, zeros(N, 3),
+                                 zeros(3, k), grad_x, zeros(1, dtype=torch.int64), 0.0, frozen.nf4)
+    assert_same_bits(grad_x, decode_nf4(packed, state).reshape(N, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_transposed_grad_input_from_packed_words_matches_fp64_reference(dtype, device,
+                                                                        monkeypatch):
+    """The transposed tiles' training step with K = 128 (dX from packed words)."""
+    transposed_tiles(monkeypatch)
+    check_lora_linear_against_fp64(dtype, "nf4-nested-128", 20, True, device, k=128)
+
+
 @triton.jit
 def _register_order_kernel(ordered_ptr, rows_ptr, cols_ptr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
