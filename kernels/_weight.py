@@ -218,9 +218,11 @@ def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (first_row >> 3)
                     + ((row_offsets >> 3)[:, None] + word[None, :]),
                     mask=(outs < N)[:, None] & (word < (K >> 3))[None, :], other=0)
-    group_first = ((first_row + row_offsets)[:, None] + k0
-                   + tl.arange(0, GROUPS)[None, :] * SCALE_GROUP)
-    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None], absmax_ptr,
+    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+    group_first = (first_row + row_offsets)[:, None] + group_cols[None, :]
+    # Groups past K masked, as load_gemm_tile's: the last row's lie past the absmax array.
+    scale = load_absmax(group_first >> block_shift,
+                        (outs < N)[:, None] & (group_cols < K)[None, :], absmax_ptr,
                         nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
     return words, scale
 

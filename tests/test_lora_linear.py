@@ -35,13 +35,18 @@ def test_forward_and_backward_match_fp64_reference(dtype, kind, with_bias, devic
     check_lora_linear_against_fp64(dtype, kind, 16, with_bias, device)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["tiles", "transposed-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_ragged_last_tile_reads_no_absmax_past_the_state(dtype, device):
+def test_ragged_last_tile_reads_no_absmax_past_the_state(dtype, transposed, device, monkeypatch):
     """K = 40 (rows start 8 elements into a 64-element block: a scale group of 8) ends inside
-    the forward's and dX's last K tile; that tile's groups past K, of the last row, lie past the
-    absmax array (N x K = 51.9 blocks). Memory there may hold NaN (here it does), and NaN times
-    x's (or dY's) masked zeros poisoned the row's outputs. Nested NF4 reads its absmax codes
-    through the same mask (a code past the array is a finite value, so only NF4 shows it)."""
+    the forward's last K tile; that tile's groups past K, of the last row, lie past the absmax
+    array (N x K = 51.9 blocks). Memory there may hold NaN (here it does), and NaN times x's
+    masked zeros poisoned the row's outputs. Transposed: the register-order forward. The dX
+    tiles (``load_gemm_tile``, or ``_weight.load_packed_words`` transposed) mask the same groups,
+    though there they are output columns past K, never stored, so this cannot show it; nested NF4
+    reads its absmax codes through the same masks (a code past the array is a finite value)."""
+    if transposed:
+        transposed_tiles(monkeypatch)
     k = 40
     x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(dtype, "nf4-64", 16, device,
                                                               k=k)
@@ -208,7 +213,6 @@ def test_transposed_tiles_decode_nf4_bit_for_bit(branch, device, monkeypatch):
                                  zeros(3, k, dtype=branch), grad_x, zeros(1, dtype=torch.int64), 0.0,
                                  frozen.nf4)
     assert_same_bits(grad_x, expected)
-
 
 
 # (K, blocksize, nested), K % 8 == 0: the transposed dX loads its packed tiles as words a step
