@@ -156,7 +156,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K, REGISTER_ORDER)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)

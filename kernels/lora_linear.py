@@ -313,7 +313,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K, REGISTER_ORDER)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -336,12 +336,12 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                             TRANSPOSED_TILE: tl.constexpr = False,
-                            PACKED_WORDS: tl.constexpr = False):
+                            PACKED_WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
     tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
     as W^T dY^T. PACKED_WORDS: packed NF4 bytes 4-byte aligned, so where K % 8 == 0
     (SCALE_GROUP >= 8) the transposed tile's bytes are loaded as words
-    (``_weight.load_packed_words``)."""
+    (``_weight.load_packed_words``). EVEN_K: K a multiple of BLOCK_K (``load_gemm_tile``)."""
     dtype = dy_ptr.dtype.element_ty
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -376,7 +376,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
             w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr,
                                codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
-                               NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
+                               NIBBLE_LOOKUP, BLOCK_N, BLOCK_K, False, EVEN_K)
         if TRANSPOSED_TILE:
             acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
         else:
@@ -488,7 +488,8 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(dy.device)
-    configs = with_decoding(grad_input_configs(target, dy.dtype, p > 0), nf4, K, target)
+    configs = [{**config, "EVEN_K": K % config["BLOCK_K"] == 0} for config in
+               with_decoding(grad_input_configs(target, dy.dtype, p > 0), nf4, K, target)]
     _common.launch(
         _lora_grad_input_kernel,
         lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),), configs,
