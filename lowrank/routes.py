@@ -60,10 +60,11 @@ CACHE_FORMAT = 1
 # calibrated table keys each step apart. H100 (sm_90), with the transposed 256-row wgmma tiles
 # (the decoded weight wgmma's register operand, decoded straight into its register layout in the
 # forward), the codes in shared memory and x's loads without row masks: fused forward 651 us at
-# 4096 rows for NF4 and 673 nested, fused dX 698 / 711; cublas forward 666 after a dequantize of
-# 50 us, dX 653 after 50: the NF4 forward fused at every M (its time per row under cublas's), the
-# nested one up to about 30349 rows; backward crossovers at about 4489 / 3477 rows; none for dense
-# (cuBLAS always faster). RTX 4090
+# 4096 rows for NF4 and 673 nested, fused dX 653 / 653 (the packed words and absmax loaded a step
+# ahead into registers); cublas forward 666 after a dequantize of 50 us, dX 653 after 50: the NF4
+# forward fused at every M (its time per row under cublas's), the nested one up to about 30349
+# rows; backward crossovers at about 244898 / 240443 rows; none for dense (cuBLAS always
+# faster). RTX 4090
 # (sm_89): fused 0.72 per row for NF4, nested and dense (2953 us, the tensor-core limit); cublas
 # 0.80 after 168 us: fused always faster.
 # Rounded down to the power-of-two buckets. tests/test_routes.py checks the table equals what
@@ -72,7 +73,7 @@ CACHE_FORMAT = 1
 STEPS = ("forward", "backward")
 FUSED_MAX_M = {
     "sm_90": {"forward": {"dense": 0, "nf4": None, "nf4-nested": 16384},
-              "backward": {"dense": 0, "nf4": 4096, "nf4-nested": 2048}},
+              "backward": {"dense": 0, "nf4": 131072, "nf4-nested": 131072}},
     "sm_89": {step: {"dense": None, "nf4": None, "nf4-nested": None}  # None: no bound
               for step in STEPS},
 }

@@ -163,12 +163,12 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
     # Each step at its own bound: the NF4 forward fused at every M (its time per row under the
     # cublas route's), the nested one up to about 30349 rows; the dX crossovers at 4489 / 3477.
     ("sm_90", 65536, "nf4", "forward", ("fused", "cublas"), "fused"),
-    ("sm_90", 4096, "nf4", "backward", ("fused", "cublas"), "fused"),
-    ("sm_90", 4097, "nf4", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 131072, "nf4", "backward", ("fused", "cublas"), "fused"),
+    ("sm_90", 131073, "nf4", "backward", ("fused", "cublas"), "cublas"),
     ("sm_90", 16384, "nf4-nested", "forward", ("fused", "cublas"), "fused"),
     ("sm_90", 16385, "nf4-nested", "forward", ("fused", "cublas"), "cublas"),
-    ("sm_90", 2048, "nf4-nested", "backward", ("fused", "cublas"), "fused"),
-    ("sm_90", 2049, "nf4-nested", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 131072, "nf4-nested", "backward", ("fused", "cublas"), "fused"),
+    ("sm_90", 131073, "nf4-nested", "backward", ("fused", "cublas"), "cublas"),
     ("sm_100", 8192, "nf4", "backward", ("fused", "cublas"), "cublas"),
     ("gfx942", 4096, "dense", "backward", ("fused", "cublas"), "cublas"),
     ("sm_89", 16384, "dense", "forward", ("fused", "cublas"), "fused"),
