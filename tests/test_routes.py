@@ -169,7 +169,7 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
     ("sm_90", 16385, "nf4-nested", "forward", ("fused", "cublas"), "cublas"),
     ("sm_90", 131072, "nf4-nested", "backward", ("fused", "cublas"), "fused"),
     ("sm_90", 131073, "nf4-nested", "backward", ("fused", "cublas"), "cublas"),
-    ("sm_100", 8192, "nf4", "backward", ("fused", "cublas"), "cublas"),
+    ("sm_100", 262144, "nf4", "backward", ("fused", "cublas"), "cublas"),
     ("gfx942", 4096, "dense", "backward", ("fused", "cublas"), "cublas"),
     ("sm_89", 16384, "dense", "forward", ("fused", "cublas"), "fused"),
     ("sm_89", 16384, "nf4", "backward", ("fused", "cublas"), "fused"),
