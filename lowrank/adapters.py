@@ -177,7 +177,9 @@ def _write_adapter_files(path, peft_config, tensors):
     step); in an existing one (a Trainer checkpoint, the user's own folder) only our two files
     are replaced, the old config removed first, so that an interruption between the two renames
     leaves weights without a config (a load error) rather than a config beside other weights
-    (which would load with the wrong scaling)."""
+    (which would load with the wrong scaling). Processes saving to the same new ``path`` at once
+    each leave a whole adapter: the first rename makes the directory, the others replace its
+    files."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"lowrank.save_adapter: {path} exists and is not a directory")
@@ -192,8 +194,14 @@ def _write_adapter_files(path, peft_config, tensors):
         for file in (CONFIG_NAME, WEIGHTS_NAME):  # on disk before any rename makes them visible
             _fsync(os.path.join(staging, file))
         if not os.path.isdir(path):
-            os.rename(staging, path)
-            return
+            try:
+                os.rename(staging, path)
+                return
+            except OSError:
+                # Another process made ``path`` since the check (every rank saving the same
+                # unsharded adapter, as the DeepSpeed example does): replace the files in it.
+                if not os.path.isdir(path):
+                    raise
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(path, CONFIG_NAME))
         os.replace(os.path.join(staging, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME))

@@ -91,6 +91,33 @@ def test_save_interrupted_between_the_renames_fails_loudly_on_load(tmp_path, mon
         lowrank.load_adapter(tiny_model("llama", blocks=1), target)
 
 
+def test_saves_racing_to_a_new_directory_both_succeed(tmp_path, monkeypatch):
+    """Every rank saving the same unsharded adapter (README's DeepSpeed example): another process
+    makes the directory between this one's check and its rename, which then fails (the directory
+    is not empty); this save then replaces the files in it, as in an existing directory."""
+    target = tmp_path / "adapter"
+    first = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=4)
+    second = lowrank.patch_model(tiny_model("llama", blocks=1), rank=2, alpha=16)
+    randomize_adapters(second)
+    rename = os.rename
+
+    def another_process_first(src, dst):
+        monkeypatch.setattr(os, "rename", rename)
+        lowrank.save_adapter(first, target)  # the other rank's save lands first
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", another_process_first)
+    lowrank.save_adapter(second, target)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no staging directory left behind
+    saved = load_file(target / adapters.WEIGHTS_NAME)
+    assert json.loads((target / adapters.CONFIG_NAME).read_text())["lora_alpha"] == 16
+    fresh = tmp_path / "fresh"
+    lowrank.save_adapter(second, fresh)
+    expected = load_file(fresh / adapters.WEIGHTS_NAME)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
 # pickling
 
 def peft_key(name):
