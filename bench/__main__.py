@@ -1,17 +1,19 @@
 """Run lowrank's benchmarks on this machine's GPU:
 ``python -m bench [--quick] [--ops OP ...] [--shapes SHAPE ...]``.
 
-Writes one JSON result to bench/results/ and prints a summary table; ``python -m bench.report``
+Writes one JSON result to bench/results/ (``--output DIR``: there) and prints a summary table; ``python -m bench.report``
 then regenerates BENCHMARKS.md from every stored result.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from bench import (dora_linear, ia3_linear, lora_grouped, lora_linear, lora_mixed, merge,
                    nf4_dequantize, train_step)
+from bench.harness import RESULTS_DIR
 
 # op name -> the module holding its cases: run(runner, floors, shapes), SHAPES and QUICK_SHAPES.
 OPS = {"nf4_dequantize": nf4_dequantize, "lora_linear": lora_linear, "ia3_linear": ia3_linear,
@@ -58,6 +60,8 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS))
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help="only these shapes, written as the summary prints them (4096x4096x14336)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR,
+                        help="the folder the JSON result is written to (default bench/results)")
     args = parser.parse_args(argv)
     pairs = plan(args.ops, args.quick, args.shapes)
     if not torch.cuda.is_available():
@@ -77,7 +81,7 @@ def main(argv=None):
     for op, shape in progress:
         progress.set_postfix_str(f"{op} {shape_name(shape)}")
         result["cases"] += OPS[op].run(GpuRunner(), result["floors"], [shape])
-    path = write_result(result)
+    path = write_result(result, args.output)
     print(summary(result))
     print(f"wrote {path}")
     return 0

@@ -9,6 +9,7 @@ as ratios that compare across GPUs.
 import datetime
 import itertools
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -130,11 +131,13 @@ def _version(module):
 
 
 def _commit():
+    """HEAD's hash; LOWRANK_COMMIT where the tree has no .git (a copy of a checkout, as a lent GPU
+    machine gets), else None."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("LOWRANK_COMMIT")
 
 
 def environment():

@@ -30,8 +30,8 @@ Mixture-of-experts blocks (``--moe``, ``MOE_MODELS``): a tiny Qwen3-MoE (real te
 Qwen3-30B-A3B decoder layer (fake tensors), LoRA on the experts only, as PEFT's
 ``target_parameters``; three ways (no unfused one: the experts are one op either way).
 
-Writes bench/results/memory-<commit>.json (``--moe``: memory-moe-<commit>.json); ``python -m
-bench.report`` puts it in BENCHMARKS.md.
+Writes bench/results/memory-<commit>.json (``--moe``: memory-moe-<commit>.json; ``--output DIR``:
+in DIR); ``python -m bench.report`` puts it in BENCHMARKS.md.
 """
 
 import os
@@ -48,6 +48,7 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from bench.harness import RESULTS_DIR, _commit, _version  # noqa: E402
 
@@ -571,6 +572,8 @@ def main(argv=None):
                              f"to {MOE_PREFIX}<commit>.json")
     parser.add_argument("--dora", action="store_true",
                         help=f"only {', '.join(DORA_MODELS)}, into memory-dora-<commit>.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR,
+                        help="the folder the JSON result is written to (default bench/results)")
     args = parser.parse_args(argv)
     from lowrank import _dispatch
 
@@ -581,14 +584,14 @@ def main(argv=None):
     if args.moe:
         result = {"schema": SCHEMA_VERSION, **environment(),
                   "cases": run_moe(QUICK_MOE_MODELS if args.quick else MOE_MODELS)}
-        path = write_result(result, prefix=MOE_PREFIX)
+        path = write_result(result, args.output, prefix=MOE_PREFIX)
         print(moe_table(result["cases"]))
         print(f"wrote {path}")
         return 0
     models = (QUICK_MODELS if args.quick else DORA_MODELS if args.dora
               else [name for name in MODELS if name not in DORA_MODELS])
     result = {"schema": SCHEMA_VERSION, **environment(), "cases": run(models)}
-    path = write_result(result, prefix=DORA_PREFIX if args.dora else PREFIX)
+    path = write_result(result, args.output, prefix=DORA_PREFIX if args.dora else PREFIX)
     print(table(result["cases"]))
     print(f"wrote {path}")
     return 0
