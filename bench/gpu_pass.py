@@ -4,7 +4,7 @@
     ./run gpu-pass OUTDIR [...]          # the same, with this machine's python3 (no virtualenv)
 
 For a machine without network that has torch, triton, transformers, peft and pytest (bitsandbytes
-and pytest-xdist as carried wheels): no virtualenv is made, nothing is downloaded. Each step runs
+as a carried wheel; pytest-xdist used where present): no virtualenv is made, nothing is downloaded. Each step runs
 in its own process with a time limit cut from the budget, so a step that hangs or crashes costs
 only itself; its log lands in OUTDIR as it runs, and the summary is printed last whatever happened.
 
