@@ -107,8 +107,8 @@ def grad_input_configs(target, dtype, dropout):
         # transposed as the forward's (W^T the register operand): 764 -> 736 us (model, H100 NF4
         # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills). Bound by shared memory
         # since (698 us): the decoded tile crosses it into wgmma's register layout (STS +
-        # ldmatrix, 32 KB a step). The forward's relabeling (``_weight.register_order``) cannot
-        # avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
+        # ldmatrix, 32 KB a step). The forward's first relabeling (columns permuted in pairs,
+        # before ``_weight.decode_register_order``) cannot avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
         # (LDG.U8, a 64-bit address each; cp.async takes 4 bytes at least) made the loop 302 ->
         # 333 instructions (model 699 us, issue-bound), and each warp's byte load touches 4
         # lines of L1 the model does not count. The packed words and absmax loaded a step ahead
