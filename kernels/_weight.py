@@ -53,9 +53,9 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
     SCALE_GROUP == 0 (dense, or odd K: rows start mid-byte): element by element,
     ``load_weight_tile``.
 
-    REGISTER_ORDER (packed NF4 only): the tile's columns are W's columns k0 + ``register_columns``
-    (the caller reads x's in the same order: the dot's sum is the same), laid out as wgmma's
-    register operand needs them without a pass through shared memory (``register_order``).
+    REGISTER_ORDER (packed NF4 with SCALE_GROUP >= 8, ``w_ptr`` 4-byte aligned, BLOCK_K a
+    multiple of 32): the packed tile loaded as words and decoded in wgmma's register operand
+    layout (``decode_register_order``), not moved there through shared memory afterwards.
 
     EVEN_K: the launcher knows K is a multiple of BLOCK_K, so no tile reaches past K and the
     absmax of a tile's groups needs no column mask (about 0.3 instructions per element in
@@ -63,22 +63,24 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
     outs = first_out + tl.arange(0, BLOCK_N)
     if NF4 and SCALE_GROUP > 0:
         GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
-        tile_rows = tl.arange(0, BLOCK_N)
-        if REGISTER_ORDER:
-            tile_rows = register_rows(BLOCK_N)
-            outs = first_out + tile_rows
         # The tile's rows as an int64 scalar (N x K may pass 2**31) plus int32 offsets, the same
         # at every step of a loop (BLOCK_N x K < 2**31). tl.cast, not .to: a loop counter (the
         # dX kernels' first_out) is a Python int in the interpreter.
-        row_offsets = tile_rows * K
+        row_offsets = tl.arange(0, BLOCK_N) * K
         first_row = tl.cast(first_out, tl.int64) * K
-        pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + (first_row >> 1) + ((row_offsets >> 1)[:, None] + pair[None, :]),
-                         mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-        if NIBBLE_LOOKUP:
-            values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+        if REGISTER_ORDER:
+            word = (k0 >> 3) + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (first_row >> 3)
+                            + ((row_offsets >> 3)[:, None] + word[None, :]),
+                            mask=(outs < N)[:, None] & (word < (K >> 3))[None, :], other=0)
         else:
-            values = decode_nf4_pairs(packed, codes, INLINE_PTX)
+            pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + (first_row >> 1) + ((row_offsets >> 1)[:, None] + pair[None, :]),
+                             mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
+            if NIBBLE_LOOKUP:
+                values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+            else:
+                values = decode_nf4_pairs(packed, codes, INLINE_PTX)
         row_first = first_row + row_offsets  # each row's first element
         if GROUPS == 1:
             # The absmax as a vector, broadcast after the load: loaded as [BLOCK_N, 1], its
@@ -87,7 +89,10 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
             scale = load_absmax((row_first + k0) >> block_shift, outs < N, absmax_ptr,
                                 nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
                                 NESTED)
-            tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
+            if REGISTER_ORDER:
+                tile = decode_register_order(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
+            else:
+                tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
         else:
             group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
             group_first = row_first[:, None] + group_cols[None, :]
@@ -99,10 +104,11 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
             scale = load_absmax(group_first >> block_shift, group_mask, absmax_ptr,
                                 nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
                                 NESTED)
-            tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
-                              [BLOCK_N, BLOCK_K])
-        if REGISTER_ORDER:
-            tile = register_order(tile)
+            if REGISTER_ORDER:
+                tile = decode_register_order(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
+            else:
+                tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP])
+                                  * scale[:, :, None], [BLOCK_N, BLOCK_K])
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = (outs < N)[:, None] & (cols < K)[None, :]
@@ -114,45 +120,101 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
 
 # wgmma's register operand (sm_90's TRANSPOSED_TILE: the decoded W first) is laid out per warp
 # as 16 rows (lanes: rows 0-7, a register: row 8), each lane holding 2 consecutive columns of every
-# 8 (lane % 4 picks which) in registers, warps 16 rows apart. The packed tile's loads give a lane
-# 8 consecutive bytes (16 columns) of one row, 4 lanes a row, warps 8 rows apart: Triton moved the
-# decoded tile from one layout to the other through shared memory (4 STS.128, 4 LDSM and 3
-# barriers per step at 128 x 64 with 8 warps). Relabeling the tile's rows and columns (a reshape
-# and a permute, no data moved) turns the decoded layout into the operand's up to the order of a
-# lane's registers, where a layout change is free. The rows are W's own once the loads take
-# ``register_rows``'s order; the columns are W's in ``register_columns``'s order, which the
-# caller reads x's in too. Any BLOCK_N (a multiple of 64) and BLOCK_K (of 8) give a correct
-# product; the layouts meet at the sm_90 forward's 128 x 64 tile with 8 warps.
+# 8 (lane % 4 picks which) in registers, warps 16 rows apart. A packed byte holds 2 consecutive
+# columns, so lane q of each 4 needs byte q of every 4-byte word of its rows: byte loads, or a
+# lane's 8 consecutive bytes relabeled as every fourth byte (the columns permuted in pairs, and x
+# read in that order 4 bytes wide: 32 copies and 32 64-bit addresses per thread a step at 256 x
+# 128 x 64). Instead each lane reads whole words (the tile passes through shared memory anyway,
+# Triton's cp.async pipeline: 2 LDS.128 a row where it read 1 LDS.64) and gathers byte q of 4
+# words with 3 prmt before the lookup: the tile keeps W's column order, so x's copies are 16
+# bytes wide.
+
+# _SHARED_CODES_PTX on byte q of 4 words ($8-$11): $12 the prmt selector (q + 16 (q + 4): byte q
+# of the first word, then of the second) gathers 2 bytes of each pair into one half of a word.
+_REGISTER_ORDER_PTX = tl.constexpr(
+    "{ .reg .b32 g, g2, h, l, a;\n"
+    "prmt.b32 g, $8, $9, $12; prmt.b32 g2, $10, $11, $12; prmt.b32 g, g, g2, 0x5410;\n"
+    "shr.b32 h, g, 2; and.b32 h, h, 0x3c3c3c3c; shl.b32 l, g, 2; and.b32 l, l, 0x3c3c3c3c;\n"
+    + "".join(f"prmt.b32 a, {nibbles}, $13, 0x765{byte}; ld.shared.f32 ${out}, [a];\n"
+              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
+                                                    + [("l", b) for b in range(4)]))
+    + "}")
 
 
 @triton.jit
-def register_rows(BLOCK_N: tl.constexpr):
-    """W's row (from the tile's first) that row i of a REGISTER_ORDER tile loads, so that
-    ``register_order`` makes the tile's rows W's own: bits 3-5 of i (its warp in the packed
-    loads) move to bits 4-6 (the operand's warps) and bit 6 (a register) to bit 3."""
-    tl.static_assert(BLOCK_N % 64 == 0)
-    rows = tl.arange(0, BLOCK_N)
-    return (rows & 7) + (rows >> 6) * 8 + ((rows >> 3) & 7) * (BLOCK_N // 8)
+def decode_register_order(words, scale, codes, INLINE_PTX: tl.constexpr,
+                          NIBBLE_LOOKUP: tl.constexpr):
+    """A packed tile loaded as int32 words ([BLOCK_N, BLOCK_K / 8], 4 bytes a word in memory
+    order) decoded and scaled: fp32 [BLOCK_N, BLOCK_K], ``load_gemm_tile``'s values in W's
+    column order, computed as [BLOCK_N, BLOCK_K / 32, 4 (i), 4 (q), 2] where element
+    (n, h, i, q, b) is nibble b of byte q of word 4 h + i: each value where wgmma's register
+    operand wants it, lane q (of 4) reading byte q of each word (see above). ``scale``: the
+    absmax per row ([BLOCK_N]) or per row and group of columns ([BLOCK_N, groups]), applied to
+    each word's values before they are joined: applied to the joined tile, the nested absmax's
+    loads set its layout, and Triton moved it into the operand's through shared memory (sm_90's
+    nested forward at 256 x 128 x 64: 18.5 instructions per element, not 8.3)."""
+    BLOCK_N: tl.constexpr = words.shape[0]
+    BLOCK_K: tl.constexpr = 8 * words.shape[1]
+    HALVES: tl.constexpr = BLOCK_K // 32
+    tl.static_assert(BLOCK_K % 32 == 0)
+    word0, word1, word2, word3 = quarters(words, HALVES)  # word 4 h + i as [n, h], i = 0-3
+    # Each word's scale as [n, h]: the tile's groups span 32 columns or more, 16 (words 0-1 and
+    # 2-3 of each 4) or 8 (a word each).
+    if len(scale.shape) == 1:
+        scale0 = scale[:, None] + tl.zeros([BLOCK_N, HALVES], tl.float32)
+        scale1, scale2, scale3 = scale0, scale0, scale0
+    elif scale.shape[1] <= HALVES:
+        GROUPS: tl.constexpr = scale.shape[1]
+        scale0 = tl.reshape(scale[:, :, None] + tl.zeros([BLOCK_N, GROUPS, HALVES // GROUPS],
+                                                         tl.float32), [BLOCK_N, HALVES])
+        scale1, scale2, scale3 = scale0, scale0, scale0
+    elif scale.shape[1] == 2 * HALVES:
+        scale0, scale2 = tl.split(tl.reshape(scale, [BLOCK_N, HALVES, 2]))
+        scale1, scale3 = scale0, scale2
+    else:
+        scale0, scale1, scale2, scale3 = quarters(scale, HALVES)
+    byte = tl.arange(0, 4)[None, None, :]
+    spread = tl.zeros([BLOCK_N, HALVES, 4], tl.int32)  # [n, h, q]
+    word0, word1, word2, word3 = (word0[:, :, None] + spread, word1[:, :, None] + spread,
+                                  word2[:, :, None] + spread, word3[:, :, None] + spread)
+    if NIBBLE_LOOKUP and INLINE_PTX:
+        high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
+            _REGISTER_ORDER_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
+            [word0, word1, word2, word3, spread + (byte * 17 + 64), spread + codes],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        high0, low0 = tl.split(word_byte(word0, byte, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high1, low1 = tl.split(word_byte(word1, byte, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high2, low2 = tl.split(word_byte(word2, byte, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high3, low3 = tl.split(word_byte(word3, byte, codes, INLINE_PTX, NIBBLE_LOOKUP))
+    value0 = tl.join(high0, low0) * scale0[:, :, None, None]
+    value1 = tl.join(high1, low1) * scale1[:, :, None, None]
+    value2 = tl.join(high2, low2) * scale2[:, :, None, None]
+    value3 = tl.join(high3, low3) * scale3[:, :, None, None]
+    # join(join(v0, v2), join(v1, v3))[..., i1, i0] is v_(2 i1 + i0): [n, h, q, b, i1, i0].
+    values = tl.join(tl.join(value0, value2), tl.join(value1, value3))
+    return tl.reshape(tl.permute(values, (0, 1, 4, 5, 2, 3)), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
-def register_columns(BLOCK_K: tl.constexpr):
-    """The column (from the tile's first) of W and x at each column of a REGISTER_ORDER tile:
-    pairs of consecutive columns (a packed byte), 2-aligned (x's loads: 4 bytes wide)."""
-    tl.static_assert(BLOCK_K % 8 == 0)
-    cols = tl.arange(0, BLOCK_K)
-    order = (cols & 1) + (cols >> 3) * 2 + ((cols >> 1) & 3) * (BLOCK_K // 4)
-    return tl.max_contiguous(tl.multiple_of(order, 2), 2)
+def quarters(t, HALVES: tl.constexpr):
+    """``t`` ([n, 4 h + i]) as four [n, h] tensors, i = 0, 1, 2, 3."""
+    even, odd = tl.split(tl.reshape(t, [t.shape[0], HALVES, 2, 2]))
+    first, third = tl.split(even)
+    second, fourth = tl.split(odd)
+    return first, second, third, fourth
 
 
 @triton.jit
-def register_order(tile):
-    """A decoded tile (rows in ``register_rows``'s order) relabeled: rows i to
-    ``register_rows(BLOCK_N)[i]``, columns ``register_columns(BLOCK_K)[j]`` to j."""
-    BLOCK_N: tl.constexpr = tile.shape[0]
-    BLOCK_K: tl.constexpr = tile.shape[1]
-    bits = tl.reshape(tile, [BLOCK_N // 64, 8, 8, 4, BLOCK_K // 8, 2])
-    return tl.reshape(tl.permute(bits, (1, 0, 2, 4, 3, 5)), [BLOCK_N, BLOCK_K])
+def word_byte(words, byte, codes, INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr):
+    """The two codes of byte ``byte`` (a tensor) of each of ``words`` (shape S + [2], the high
+    nibble's first), by ``load_gemm_tile``'s lookup for the flags: the portable twin of
+    _REGISTER_ORDER_PTX (the interpreter, AMD)."""
+    packed = (words >> (byte * 8)) & 0xFF
+    if NIBBLE_LOOKUP:
+        return decode_nf4_shared_codes(packed, codes, INLINE_PTX)
+    else:
+        return decode_nf4_pairs(packed, codes, INLINE_PTX)
 
 
 @triton.jit

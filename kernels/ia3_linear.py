@@ -34,7 +34,7 @@ import triton.language as tl
 from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
-                      register_columns, weight_args, with_decoding)
+                      weight_args, with_decoding)
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -117,11 +117,13 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        TRANSPOSED_TILE: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+                        TRANSPOSED_TILE: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False,
+                        EVEN_K: tl.constexpr = False):
     """Y = x W^T + b, times l per output column if SCALE_OUTPUT (the output form; the
     feed-forward form's x comes scaled): one store per output tile, tiles in grouped order
-    (``grouped_tile``). TRANSPOSED_TILE: as kernels/lora_linear.py's forward, x W^T summed as
-    W x^T (the weight wgmma's register operand) and transposed back before the epilogue."""
+    (``grouped_tile``). TRANSPOSED_TILE and PACKED_WORDS: as kernels/lora_linear.py's forward,
+    x W^T summed as W x^T (the weight wgmma's register operand) and transposed back before the
+    epilogue."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,14 +138,10 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
     x_rows = tl.minimum(rows, M - 1) if NF4 else rows
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
     # As kernels/lora_linear.py's forward: a transposed packed NF4 tile decoded straight into
-    # wgmma's register operand layout, x's columns read in the order that takes.
-    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP > 0
-    if REGISTER_ORDER:
-        tile_cols = register_columns(BLOCK_K)
-    else:
-        tile_cols = tl.arange(0, BLOCK_K)
+    # wgmma's register operand layout.
+    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP >= 8 and PACKED_WORDS
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tile_cols
+        cols = k0 + tl.arange(0, BLOCK_K)
         x_tile = x_ptr + row_offsets(x_rows, stride_xm)[:, None] + cols[None, :] * stride_xk
         if NF4 and EVEN_K:  # K a multiple of BLOCK_K: no mask at all
             x = tl.load(x_tile)
@@ -278,7 +276,7 @@ def ia3_forward(x, w, bias, y, output_scale=None, nf4=None):
         x, w, y if output_scale is None else output_scale, y if bias is None else bias, y,
         *decoding[:5], M, N, K, x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:],
         bucket=M, SCALE_OUTPUT=output_scale is not None, HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype),
+        PRECISION=precision(x.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
         enable_fp_fusion=False)
 
 

@@ -27,8 +27,8 @@ import triton.language as tl
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (decode_packed_words, frozen_codes, frozen_tile_dot, gemm_operand,
-                      load_gemm_tile, load_packed_words, precision, register_columns,
-                      weight_args, with_decoding)
+                      load_gemm_tile, load_packed_words, precision, weight_args,
+                      with_decoding)
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -66,16 +66,19 @@ def forward_configs(target, dtype, undropped=False):
         # K loop (rows past M clamped, EVEN_K): 700 -> 698 us for the kernel, now bound by L1
         # (issue 700 -> 610; nested 734 -> 711, issue 641). 256 x 128 x 128 in 2 stages would
         # be 696 us but spills (255 registers). Packed NF4 tiles decoded straight into A's
-        # layout (``_weight.register_order``: no STS, ldmatrix or barriers; x read 4 bytes wide
-        # in the order that takes): shared 698 -> 568 us, issue 619 in 2 stages (3 spilled: x's
-        # 32 addresses per thread), now bound by L2 at 640 us (nested 711 -> 662). 8.97 / 9.44
-        # instructions per NF4 / nested element, 2.0 of them x's 4-byte copies and their
-        # addresses (32 + 32 per thread per step; wider copies need a lane to hold every fourth
-        # packed byte, which the loads' layouts do not give). Tried (model, same shape): BLOCK_K
-        # 128 decodes through shared memory (the packed rows, 8-byte aligned at K % 16, load 8
-        # lanes to a row where A takes 4): 9.1 / 9.5, 696 us; as two 64-column halves joined
-        # into A (one x load, one dot) 8.64 / 9.11 but 32 bytes of stack at 255 registers; the
-        # loop unrolled by two, 200 bytes; x's row offsets in int32, 10.1 (a 64-bit add each).
+        # layout (no STS, ldmatrix or barriers): shared 698 -> 568 us, issue 619 in 2 stages,
+        # now bound by L2 at 640 us (nested 711 -> 662). First by relabeling the columns of a
+        # lane's 8 packed bytes, x read in that order 4 bytes wide: 8.97 / 9.44 instructions per
+        # NF4 / nested element, 2.0 of them x's copies and their addresses (32 + 32 per thread
+        # per step). Now each lane reads its rows' whole words and takes byte q of each
+        # (``_weight.decode_register_order``), x in W's order 16 bytes wide: 7.94 / 8.34 (loop
+        # 287 -> 254 / 302 -> 267 instructions, registers 254 -> 216 / 254 -> 237; shared 568 ->
+        # 617 us with the whole-row reads, still under L2's 640 us, the bound). Tried (model,
+        # same shape): BLOCK_K 128 decodes through shared memory (the packed rows, 8-byte
+        # aligned at K % 16, load 8 lanes to a row where A takes 4): 9.1 / 9.5, 696 us; as two
+        # 64-column halves joined into A (one x load, one dot) 8.64 / 9.11 but 32 bytes of
+        # stack at 255 registers; the loop unrolled by two, 200 bytes; x's row offsets in
+        # int32, 10.1 (a 64-bit add each).
         return ([] if undropped else
                 [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
                   "num_stages": 2, "TRANSPOSED_TILE": True}]) + [
@@ -104,8 +107,8 @@ def grad_input_configs(target, dtype, dropout):
         # transposed as the forward's (W^T the register operand): 764 -> 736 us (model, H100 NF4
         # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills). Bound by shared memory
         # since (698 us): the decoded tile crosses it into wgmma's register layout (STS +
-        # ldmatrix, 32 KB a step). The forward's relabeling (``_weight.register_order``) cannot
-        # avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
+        # ldmatrix, 32 KB a step). The forward's first relabeling (columns permuted in pairs,
+        # before ``_weight.decode_register_order``) cannot avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
         # (LDG.U8, a 64-bit address each; cp.async takes 4 bytes at least) made the loop 302 ->
         # 333 instructions (model 699 us, issue-bound), and each warp's byte load touches 4
         # lines of L1 the model does not count. The packed words and absmax loaded a step ahead
@@ -256,13 +259,16 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                          scale_ptr, undropped_ptr, product_ptr, COLUMN_SCALE: tl.constexpr,
                          UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr,
-                         TRANSPOSED_TILE: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+                         TRANSPOSED_TILE: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False,
+                         EVEN_K: tl.constexpr = False):
     """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
     (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``).
 
     TRANSPOSED_TILE: the tile is summed as Y^T = W x^T + B (s S)^T (the weight the dot's first
     operand: wgmma takes it from registers, x from shared memory) and transposed back (a layout
-    change in registers) before the epilogue. The same products, in another order."""
+    change in registers) before the epilogue. The same products, in another order. PACKED_WORDS:
+    packed NF4 bytes 4-byte aligned, so where K % 8 == 0 a transposed tile loads them as words
+    and decodes them in the dot's register layout (``_weight.decode_register_order``)."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -297,15 +303,10 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     # the LoRA branch: live across it, these row addresses spilled the fp32 branch's sm_90
     # REGISTER_ORDER builds (8 bytes of stack at 255 registers).
     x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]
-    # A transposed packed NF4 tile is decoded straight into wgmma's register operand layout, its
-    # columns (so x's, read in the same order) permuted as that takes (``_weight.register_order``).
-    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP > 0
-    if REGISTER_ORDER:
-        tile_cols = register_columns(BLOCK_K)
-    else:
-        tile_cols = tl.arange(0, BLOCK_K)
+    # A transposed packed NF4 tile decoded straight into wgmma's register operand layout.
+    REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP >= 8 and PACKED_WORDS
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tile_cols
+        cols = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(x_rows + cols[None, :] * stride_xk)
         else:
@@ -478,7 +479,8 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
         x, w, s, lora_b, y if bias is None else bias, y, absmax, pairs, nested_code, nested_absmax,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, bucket=M, HAS_BIAS=bias is not None, **flags,
-        PRECISION=precision(x.dtype), BLOCK_R=BLOCK_R, enable_fp_fusion=False,
+        PRECISION=precision(x.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
+        BLOCK_R=BLOCK_R, enable_fp_fusion=False,
         **_dora_epilogue.launch_args(y, column_scale, undropped, product))
 
 

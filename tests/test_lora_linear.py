@@ -256,32 +256,44 @@ def test_transposed_grad_input_from_packed_words_matches_fp64_reference(dtype, d
     check_lora_linear_against_fp64(dtype, "nf4-nested-128", 20, True, device, k=128)
 
 
-@triton.jit
-def _register_order_kernel(ordered_ptr, rows_ptr, cols_ptr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    offsets = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    tl.store(ordered_ptr + offsets, _weight.register_order(offsets))
-    tl.store(rows_ptr + tl.arange(0, BLOCK_N), _weight.register_rows(BLOCK_N))
-    tl.store(cols_ptr + tl.arange(0, BLOCK_K), _weight.register_columns(BLOCK_K))
+# (K, blocksize, nested, BLOCK_K): the forward's register-order tiles (K % 8 == 0: packed bytes
+# loaded as words, ``_weight.decode_register_order``) with each absmax layout: one per row and
+# tile (K = 128: blocksize 64 at BLOCK_K 32 and 64), two groups of 32 a tile (blocksize 32 at
+# BLOCK_K 64), groups of 16 (K = 48) and of 8 (K = 200, its last tile ragged).
+REGISTER_ORDER_LAYOUTS = [(128, 64, False, 32), (128, 64, True, 64), (128, 32, True, 64),
+                          (48, 64, False, 32), (200, 64, True, 64)]
 
 
-@pytest.mark.parametrize("block_n, block_k", [(64, 32), (128, 64)])
-def test_register_order_relabels_rows_and_columns_as_its_loads_and_x_read_them(block_n, block_k,
-                                                                              device):
-    """The forward's REGISTER_ORDER tile (the interpreter's 64 x 32, sm_90's 128 x 64): row i of
-    the loaded tile (W's row ``register_rows[i]``) becomes row ``register_rows[i]``, so the tile's
-    rows are W's; its column j is the loaded tile's ``register_columns[j]``, the column x is read
-    at too. Both are permutations; the columns come as 2-aligned pairs (x's 4-byte loads)."""
-    ordered = torch.empty(block_n, block_k, dtype=torch.int32, device=device)
-    rows = torch.empty(block_n, dtype=torch.int32, device=device)
-    cols = torch.empty(block_k, dtype=torch.int32, device=device)
-    _register_order_kernel[(1,)](ordered, rows, cols, BLOCK_N=block_n, BLOCK_K=block_k)
-    ordered, rows, cols = ordered.cpu().long(), rows.cpu().long(), cols.cpu().long()
-    assert sorted(rows.tolist()) == list(range(block_n))
-    assert sorted(cols.tolist()) == list(range(block_k))
-    assert (cols[0::2] % 2 == 0).all() and (cols[1::2] == cols[0::2] + 1).all()
-    loaded = torch.arange(block_n * block_k).reshape(block_n, block_k)
-    assert torch.equal(ordered[rows], loaded[:, cols])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("nibbles", [False, True], ids=["pair-table", "nibble-lookup"])
+@pytest.mark.parametrize("k, blocksize, nested, block_k", REGISTER_ORDER_LAYOUTS,
+                         ids=[f"K={k}-bs={b}{'-nested' if n else ''}-BLOCK_K={bk}"
+                              for k, b, n, bk in REGISTER_ORDER_LAYOUTS])
+def test_transposed_forward_decodes_packed_words_bit_for_bit(k, blocksize, nested, block_k,
+                                                            nibbles, aligned, device,
+                                                            monkeypatch):
+    """The forward through the transposed tiles against an identity x gives W^T bit for bit
+    where the packed bytes are read as 4-byte words and decoded in the register operand's order
+    (``_weight.decode_register_order``), with either lookup; packed bytes that do not start on
+    4 bytes (a view one byte in) take the byte loads."""
+    configs = lora_kernels.forward_configs
+    monkeypatch.setattr(lora_kernels, "forward_configs", lambda *args, **kwargs: [
+        {**config, "TRANSPOSED_TILE": True, "BLOCK_K": block_k} for config in configs(*args, **kwargs)])
+    monkeypatch.setattr(_weight, "nibble_lookup",
+                        lambda nf4_args, _: nf4_args is not None and nibbles)
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
+    if not aligned:
+        spare = torch.empty(packed.numel() + 4, dtype=packed.dtype, device=device)
+        start = -spare.data_ptr() % 4 + 1  # one byte past a 4-byte boundary
+        packed = spare[start:start + packed.numel()].view(packed.shape).copy_(packed)
+    frozen = ops.FrozenWeight.of(packed, state)
+    assert (frozen.tensor.data_ptr() % 4 == 0) == aligned
+    y = poisoned((k, N), torch.float32, device)
+    zeros = functools.partial(torch.zeros, device=device)
+    lora_kernels.lora_forward(torch.eye(k, device=device), frozen.tensor, zeros(k, 3),
+                              zeros(N, 3), None, y, 1.0, frozen.nf4)
+    assert_same_bits(y, decode_nf4(packed, state).reshape(N, k).t().contiguous())
 
 
 def test_a_misaligned_code_table_is_refused():
