@@ -114,9 +114,9 @@ def grad_input_configs(target, dtype, dropout):
         # 654 us), 254 registers, no spills. Then (model, same shape): ptxas no longer
         # serializes the wgmmas (tl.assume(N > 0) in the kernel) 269 -> 262; the words decoded
         # before the next ones load 258; dY and the words unmasked where N and K are multiples
-        # of the tile (EVEN_N, EVEN_K) 255: 7.97 per element, nested 9.12 -> 8.72; still 654 us,
-        # bound by shared memory (dY's wgmma reads and copy, the code lookups, the decoded
-        # tile's crossing).
+        # of the tile (EVEN_N, EVEN_K) 255; the words 16 bytes a thread (one absmax each) 250:
+        # 7.81 per element, nested 9.12 -> 8.19; still 654 us, bound by shared memory (dY's
+        # wgmma reads and copy, the code lookups, the decoded tile's crossing).
         return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
