@@ -108,13 +108,19 @@ def grad_input_configs(target, dtype, dropout):
         # 4096 x 4096 x 14336; issue-bound, 250 registers, no spills). Bound by shared memory
         # since (698 us): the decoded tile crosses it into wgmma's register layout (STS +
         # ldmatrix, 32 KB a step). The forward's first relabeling (columns permuted in pairs,
-        # before ``_weight.decode_register_order``) cannot avoid that here: in A = W^T a lane holds one byte of each of 16 W rows, so byte loads
+        # before ``_weight.decode_register_order``) cannot avoid that here: in A = W^T a lane
+        # holds one byte of each of 16 W rows, so byte loads
         # (LDG.U8, a 64-bit address each; cp.async takes 4 bytes at least) made the loop 302 ->
         # 333 instructions (model 699 us, issue-bound), and each warp's byte load touches 4
         # lines of L1 the model does not count. The packed words and absmax loaded a step ahead
         # into registers instead of through shared memory (PACKED_WORDS): shared 698 -> 654 us,
         # loop 302 -> 269 instructions (9.44 -> 8.41 per element; nested 9.91 -> 9.16, 711 ->
-        # 654 us), 254 registers, no spills.
+        # 654 us), 254 registers, no spills. Then (model, same shape): ptxas no longer
+        # serializes the wgmmas (tl.assume(N > 0) in the kernel) 269 -> 262; the words decoded
+        # before the next ones load 258; dY and the words unmasked where N and K are multiples
+        # of the tile (EVEN_N, EVEN_K) 255; the words 16 bytes a thread (one absmax each) 250:
+        # 7.81 per element, nested 9.12 -> 8.19; still 654 us, bound by shared memory (dY's
+        # wgmma reads and copy, the code lookups, the decoded tile's crossing).
         return [{"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
                  "num_stages": 3, "TRANSPOSED_TILE": True},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
@@ -337,13 +343,18 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                             TRANSPOSED_TILE: tl.constexpr = False,
-                            PACKED_WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+                            PACKED_WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+                            EVEN_N: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
     tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
     as W^T dY^T. PACKED_WORDS: packed NF4 bytes 4-byte aligned, so where K % 8 == 0
     (SCALE_GROUP >= 8) the transposed tile's bytes are loaded as words
-    (``_weight.load_packed_words``). EVEN_K: K a multiple of BLOCK_K (``load_gemm_tile``)."""
+    (``_weight.load_packed_words``). EVEN_K: K a multiple of BLOCK_K (``load_gemm_tile``);
+    EVEN_N: N a multiple of BLOCK_N, so dY's loads need no mask."""
     dtype = dy_ptr.dtype.element_ty
+    # The launchers never launch an empty product. Without it the loop's zero-trip path sets
+    # acc with moves, and ptxas then serializes every wgmma of the loop (sm_90).
+    tl.assume(N > 0)
     tile_m, tile_k = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_first = tile_k * BLOCK_K
@@ -365,14 +376,23 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
             block_shift, nested_shift, NESTED, SCALE_GROUP, BLOCK_N, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
+        if EVEN_N:
+            dy = tl.load(dy_rows + outs[None, :])
+        else:
+            dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
         if PREFETCH:
-            words, scale = words_next, scale_next
-            words_next, scale_next = load_packed_words(  # past the last row: masked off
-                w_ptr, n0 + BLOCK_N, k_first, N, K, absmax_ptr, nested_code_ptr,
+            # Decoded before the next tile's loads, which then reuse its registers (no copies
+            # of the loop-carried words and absmax: 4 instructions per step).
+            w = decode_packed_words(words_next, scale_next, codes, INLINE_PTX, NIBBLE_LOOKUP)
+            if EVEN_N and EVEN_K:
+                # The last step loads the last tile again (unused), not past W: no masks.
+                next_first = tl.minimum(n0 + BLOCK_N, N - BLOCK_N)
+            else:
+                next_first = n0 + BLOCK_N  # past the last row: masked off
+            words_next, scale_next = load_packed_words(
+                w_ptr, next_first, k_first, N, K, absmax_ptr, nested_code_ptr,
                 nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP,
-                BLOCK_N, BLOCK_K)
-            w = decode_packed_words(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
+                BLOCK_N, BLOCK_K, EVEN_N and EVEN_K)
         else:
             w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr,
                                codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
@@ -490,7 +510,8 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
     flags, (absmax, pairs, nested_code, nested_absmax, offset, shift, nested_shift), \
         (stride_wn, stride_wk) = weight_args(w, nf4)
     target = _common.target(dy.device)
-    configs = [{**config, "EVEN_K": K % config["BLOCK_K"] == 0} for config in
+    configs = [{**config, "EVEN_K": K % config["BLOCK_K"] == 0,
+                "EVEN_N": N % config["BLOCK_N"] == 0} for config in
                with_decoding(grad_input_configs(target, dy.dtype, p > 0), nf4, K, target)]
     _common.launch(
         _lora_grad_input_kernel,

@@ -256,6 +256,38 @@ def test_transposed_grad_input_from_packed_words_matches_fp64_reference(dtype, d
     check_lora_linear_against_fp64(dtype, "nf4-nested-128", 20, True, device, k=128)
 
 
+# (K, nested) with N = 96, a multiple of dX's BLOCK_N (the interpreter's 32, sm_90's 64): dY loaded
+# without a mask (EVEN_N); with K a multiple of BLOCK_K too (128) the transposed tile's packed
+# words as well, its last step loading the last tile again instead of past W.
+EVEN_N_LAYOUTS = [(128, True), (200, False)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["tiles", "transposed-tiles"])
+@pytest.mark.parametrize("k, nested", EVEN_N_LAYOUTS,
+                         ids=[f"K={k}{'-nested' if n else ''}" for k, n in EVEN_N_LAYOUTS])
+def test_grad_input_with_n_a_multiple_of_block_n_decodes_nf4_bit_for_bit(k, nested, transposed,
+                                                                         device, monkeypatch):
+    """dX against an identity dY (N = 96: every tile's rows inside W) gives W bit for bit; the
+    memory past W and its absmax holds NaN (255 bytes), which must not reach dX."""
+    if transposed:
+        transposed_tiles(monkeypatch)
+    n = 96
+    configs = lora_kernels.grad_input_configs(target(torch.device(device)), torch.float32, False)
+    assert all(n % config["BLOCK_N"] == 0 for config in configs)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=64, double_quant=nested)
+    expected = decode_nf4(packed, state).reshape(n, k)
+    packed = with_nan_after(packed)
+    state.absmax = with_nan_after(state.absmax)
+    frozen = ops.FrozenWeight.of(packed, state)
+    grad_x = poisoned((n, k), torch.float32, device)
+    zeros = functools.partial(torch.zeros, device=device)
+    lora_kernels.lora_grad_input(torch.eye(n, device=device), frozen.tensor, zeros(n, 3),
+                                 zeros(3, k), grad_x, zeros(1, dtype=torch.int64), 0.0, frozen.nf4)
+    assert_same_bits(grad_x, expected)
+
+
+
 # (K, blocksize, nested, BLOCK_K): the forward's register-order tiles (K % 8 == 0: packed bytes
 # loaded as words, ``_weight.decode_register_order``) with each absmax layout: one per row and
 # tile (K = 128: blocksize 64 at BLOCK_K 32 and 64), two groups of 32 a tile (blocksize 32 at
