@@ -165,16 +165,49 @@ def in_mma_k_order(tile):
 
 
 @triton.jit
+def load_x_in_mma_k_order(x_ptr, k0, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """in_mma_k_order(x[:, k0 : k0 + BLOCK_K]) for BLOCK_M = 16, loaded in the order of
+    mma.sync's A operand registers, so that each mma's operand is one 16-byte shared load. The
+    A operand of kWidth 4 (Triton's, with the decoded tile as the other operand) gives a thread
+    4 columns (2 jh + jl) of each 16-column K-step in rows g and g + 8, and takes each mma's 4
+    registers from two consecutive K-steps 2 q + u, in the order jl, row, u. Loaded in x's
+    order, rows g and g + 8 came from two 16-byte loads of 8 columns each, which ptxas copied
+    into each mma's operand registers (3 moves per mma: 96 per iteration of the H100 NF4 GEMV's
+    loop). The tile is loaded as column pairs (t, q, jh, u, h), x's rows i < 8, and the pair's
+    two columns jl: the shared copy Triton makes of it holds each pair's 8 rows in turn, and a
+    thread's operand registers lie together. Rows past M read row M - 1 again (their sums are
+    never stored); EVEN_K: K a multiple of BLOCK_K, no column mask."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    QUARTER: tl.constexpr = BLOCK_K // 4  # columns of x per lane t of a quad
+    pairs = tl.arange(0, BLOCK_K)
+    h, u, jh = pairs & 1, (pairs >> 1) & 1, (pairs >> 2) & 1
+    q, t = (pairs % QUARTER) >> 3, pairs // QUARTER
+    pair_cols = k0 + t * QUARTER + 8 * q + 4 * u + 2 * jh
+    cols = pair_cols[:, None, None] + tl.arange(0, 2)[None, None, :]
+    rows = tl.minimum(tl.arange(0, HALF)[None, :, None] + (h * HALF)[:, None, None], M - 1)
+    if EVEN_K:
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk)
+    else:
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=cols < K, other=0.0)
+    # (t, q, jh, u, h, i, jl) -> x's row h HALF + i, mma column 16 (2 q + u) + 4 t + 2 jh + jl
+    x = tl.reshape(x, [4, QUARTER // 8, 2, 2, 2, HALF, 2])
+    return tl.reshape(tl.permute(x, (4, 5, 1, 3, 0, 2, 6)), [BLOCK_M, BLOCK_K])
+
+
+@triton.jit
 def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                             NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                             INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EVEN_K: tl.constexpr = False):
     """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
     partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
-    Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here."""
+    Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here.
+    EVEN_K: K a multiple of BLOCK_K."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -185,16 +218,17 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
     for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if NF4 and SCALE_GROUP > 0:
-            x = in_mma_k_order(x)
+            x = load_x_in_mma_k_order(x_ptr, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K,
+                                      EVEN_K)
             w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                                  nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
                                  SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
             w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                                offset_ptr, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
@@ -213,7 +247,8 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                         INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        EVEN_K: tl.constexpr = False):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
@@ -247,7 +282,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
                             SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
-                            BLOCK_K)
+                            BLOCK_K, EVEN_K)
 
 
 @triton.jit
@@ -360,7 +395,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = [{**config, "num_stages": partial_stages(target, nf4, config)}
+    configs = [{**config, "num_stages": partial_stages(target, nf4, config),
+                "EVEN_K": K % config["BLOCK_K"] == 0}
                for config in with_decoding(decode_configs(target, x.dtype, nf4, K), nf4, K, target)]
     config, epilogue = decode_tile(target, nf4, x.dtype, K), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"

@@ -39,6 +39,13 @@ def test_ranks_without_bias(rank, device):
     check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", rank, False, device, m=5, k=K_DECODE)
 
 
+@pytest.mark.parametrize("kind", ["nf4-64", "nf4-nested-128"])
+def test_k_a_multiple_of_the_tile_matches_fp64_reference(kind, device):
+    """K = 384, three NF4 tiles of 128: the partial GEMM's x loads without a column mask
+    (EVEN_K), each K-slice whole; 11 rows, so rows past M read row M - 1 again."""
+    check_lora_linear_against_fp64(torch.bfloat16, kind, 16, True, device, m=11, k=384)
+
+
 @pytest.mark.parametrize("k", [300, 301])
 def test_short_absmax_runs_and_odd_k_match_fp64_reference(k, device):
     """The NF4 tile of K not a multiple of 32 (``decode_tile``): runs of 4 elements, odd K."""
