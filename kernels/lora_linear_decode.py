@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import decode_nf4_shared_codes, load_absmax, shared_codes
+from .nf4_dequantize import _SHARED_CODES_PTX, decode_nf4_shared_codes, load_absmax, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -119,21 +119,26 @@ def epilogue_config(target, dtype):
 @triton.jit
 def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
-                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr,
+                     words=None):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
     values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
     ``shared_codes`` returned, before the loop): the GEMV's lookup. Not
     ``load_gemm_tile`` with NIBBLE_LOOKUP: that one loads the absmax as a vector (a layout that
     lets sm_80-89 store a GEMM's decoded tile 16 bytes at a time), which here doubles the shared
-    traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model)."""
+    traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model).
+    ``words``: the tile's packed bytes already loaded (``load_tile_words``), else loaded here."""
     BLOCK_N: tl.constexpr = outs.shape[0]
     GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
     row_first = outs.to(tl.int64) * K  # the row's first element
-    pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
-                     mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-    values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    if words is None:
+        pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
+                         mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
+        values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    else:
+        values = decode_tile_words(words, codes, INLINE_PTX)
     group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
     group_first = row_first[:, None] + group_cols[None, :]
     # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
@@ -146,6 +151,45 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                       [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def load_tile_words(w_ptr, outs, k0, N, K, k_end, BLOCK_K: tl.constexpr):
+    """The packed bytes of the NF4 tile W[outs, k0 : k0 + BLOCK_K] as int32 words (4 bytes, 8
+    elements each, in memory order; [BLOCK_N, BLOCK_K / 8]), none at or past column ``k_end``:
+    for a loop to load a step ahead (``decode_tile_words``). ``w_ptr`` 4-byte aligned, K a
+    multiple of 32 (SCALE_GROUP >= 32): a row's words start on a multiple of 4 words, so where
+    ``w_ptr`` is 16-byte aligned a thread's 4 words of a row (its quarter of the row's bytes in
+    ``in_mma_k_order``) can be one load, in the layout the decode takes them in. Words, not bytes: Triton keeps a byte tile across a loop
+    iteration as one register per byte, packed again for the lookup."""
+    row_words = tl.multiple_of((outs.to(tl.int64) * K) >> 3, 4)
+    word = tl.multiple_of(k0 >> 3, 4) + tl.arange(0, BLOCK_K // 8)
+    return tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_words[:, None]
+                   + word[None, :], mask=(outs < N)[:, None] & (word < (k_end >> 3))[None, :],
+                   other=0)
+
+
+@triton.jit
+def decode_tile_words(words, codes, INLINE_PTX: tl.constexpr):
+    """The code values of ``load_tile_words``' words, fp32 [BLOCK_N, BLOCK_K / 2, 2] as
+    ``decode_nf4_shared_codes`` gives them for the same bytes. INLINE_PTX: a word is the
+    16-code lookup's operand as it is (its 8 codes in one call); else each byte is looked up
+    apart (``tl.load``: Triton's interpreter, AMD)."""
+    if INLINE_PTX:
+        table = tl.full(words.shape, 0, tl.int32) + codes
+        high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
+            _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, table],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        high0, low0 = tl.split(decode_nf4_shared_codes(words & 0xFF, codes, INLINE_PTX))
+        high1, low1 = tl.split(decode_nf4_shared_codes((words >> 8) & 0xFF, codes, INLINE_PTX))
+        high2, low2 = tl.split(decode_nf4_shared_codes((words >> 16) & 0xFF, codes, INLINE_PTX))
+        high3, low3 = tl.split(decode_nf4_shared_codes((words >> 24) & 0xFF, codes, INLINE_PTX))
+    # join(join(v0, v2), join(v1, v3))[..., i, j] is v_(2i + j): byte 2i + j of each word, then
+    # its high nibble (the even element) and low nibble.
+    values = tl.join(tl.join(tl.join(high0, high2), tl.join(high1, high3)),
+                     tl.join(tl.join(low0, low2), tl.join(low1, low3)))
+    return tl.reshape(values, [words.shape[0], 4 * words.shape[1], 2])
 
 
 @triton.jit
@@ -203,11 +247,12 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
                             INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr = False):
+                            EVEN_K: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False):
     """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
     partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
     Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here.
-    EVEN_K: K a multiple of BLOCK_K."""
+    EVEN_K: K a multiple of BLOCK_K. PACKED_WORDS: W's packed bytes 4-byte aligned
+    (``load_tile_words``)."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -217,13 +262,27 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
+    # The plain NF4 tile's packed bytes loaded a step ahead into registers, not software-
+    # pipelined through shared memory (cp.async, then a read back: a third of the loop's shared
+    # traffic besides the lookup). Not nested: its absmax decode beside the words took 168
+    # registers on sm_90 (3 CTAs per SM; H100, 16 rows, model 17.0 -> 21.1 us).
+    PREFETCH: tl.constexpr = NF4 and not NESTED and SCALE_GROUP >= 32 and PACKED_WORDS
+    if PREFETCH:
+        words_next = load_tile_words(w_ptr, outs, k_start, N, K, k_end, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         if NF4 and SCALE_GROUP > 0:
             x = load_x_in_mma_k_order(x_ptr, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K,
                                       EVEN_K)
-            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                                 nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+            if PREFETCH:
+                words = words_next
+                words_next = load_tile_words(w_ptr, outs, k0 + BLOCK_K, N, K, k_end, BLOCK_K)
+                w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
+                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K, words)
+            else:
+                w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
+                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -248,7 +307,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        EVEN_K: tl.constexpr = False):
+                        EVEN_K: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
@@ -282,7 +341,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
                             SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
-                            BLOCK_K, EVEN_K)
+                            BLOCK_K, EVEN_K, PACKED_WORDS)
 
 
 @triton.jit
@@ -414,7 +473,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
         x, w, lora_a, partial, s_partial, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, steps_per_split * config["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, bucket=M,
-        DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R, enable_fp_fusion=False)
+        DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R,
+        PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0, enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, epilogue["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,
