@@ -77,6 +77,14 @@ def amd(target):
     return target.arch is not None and not target.inline_ptx
 
 
+# Registers per thread of the nested NF4 GEMV on sm_90 (ptxas' maxrregcount, ``decode_configs``),
+# so that 4 CTAs of 4 warps fit an SM (PROGRAMS_PER_SM): with its packed words loaded a step
+# ahead (``prefetch_words``) ptxas took 168 (3 CTAs per SM, issue-bound with fewer warps: H100,
+# 16 rows, model 17.0 -> 21.1 us); held to 128 it takes 127, no spills (16.4 us). The plain
+# weight's took 120-125 unheld, and held to 128 more instructions (model 15.6 -> 15.9 us).
+NESTED_MAX_REGISTERS = 128
+
+
 def decode_configs(target, dtype, nf4, K):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
     tiles are the same in every config (``decode_tile``); the dense list varies warps. Two
@@ -86,6 +94,8 @@ def decode_configs(target, dtype, nf4, K):
     of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
     sets each config's stages for its K (``partial_stages``)."""
     tile = decode_tile(target, nf4, dtype, K)
+    if target.arch == 90 and nf4 is not None and nf4.nested_code is not None:
+        return [{**tile, "num_warps": 4, "num_stages": 2, "maxnreg": NESTED_MAX_REGISTERS}]
     if target.arch is None or nf4 is not None:
         return [{**tile, "num_warps": 4, "num_stages": 2}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
@@ -247,12 +257,12 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
                             INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False):
+                            EVEN_K: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = False):
     """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
     partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
     Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here.
-    EVEN_K: K a multiple of BLOCK_K. PACKED_WORDS: W's packed bytes 4-byte aligned
-    (``load_tile_words``)."""
+    EVEN_K: K a multiple of BLOCK_K. PREFETCH_WORDS: W's packed bytes 4-byte aligned, to be
+    loaded a step ahead where K is a multiple of 32 (``load_tile_words``, ``prefetch_words``)."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -262,11 +272,10 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
-    # The plain NF4 tile's packed bytes loaded a step ahead into registers, not software-
-    # pipelined through shared memory (cp.async, then a read back: a third of the loop's shared
-    # traffic besides the lookup). Not nested: its absmax decode beside the words took 168
-    # registers on sm_90 (3 CTAs per SM; H100, 16 rows, model 17.0 -> 21.1 us).
-    PREFETCH: tl.constexpr = NF4 and not NESTED and SCALE_GROUP >= 32 and PACKED_WORDS
+    # The NF4 tile's packed bytes loaded a step ahead into registers, not software-pipelined
+    # through shared memory (cp.async, then a read back: a third of the loop's shared traffic
+    # besides the lookup).
+    PREFETCH: tl.constexpr = NF4 and SCALE_GROUP >= 32 and PREFETCH_WORDS
     if PREFETCH:
         words_next = load_tile_words(w_ptr, outs, k_start, N, K, k_end, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -307,7 +316,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        EVEN_K: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False):
+                        EVEN_K: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = False):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
@@ -341,7 +350,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
                             SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
-                            BLOCK_K, EVEN_K, PACKED_WORDS)
+                            BLOCK_K, EVEN_K, PREFETCH_WORDS)
 
 
 @triton.jit
@@ -449,6 +458,16 @@ def split_costs(target, nf4, tile, rows):
     return weight, rows * tile["BLOCK_N"] * 4
 
 
+def prefetch_words(target, nf4, w):
+    """Whether the NF4 GEMV loads its packed words a step ahead (``store_partial_base_gemm``):
+    ``w`` 4-byte aligned (``load_tile_words``), and for the nested weight on sm_90 only (and in
+    Triton's interpreter), where NESTED_MAX_REGISTERS keeps it at 4 CTAs per SM; on sm_80-89
+    it took 168 registers (3 CTAs per SM instead of 5, RTX 4090 DRAM-bound either way)."""
+    nested = nf4 is not None and nf4.nested_code is not None
+    return (nf4 is not None and w.data_ptr() % 4 == 0
+            and (not nested or target.arch in (None, 90)))
+
+
 def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=None):
     """Y (M x N) and S (M x R) for M <= DECODE_MAX_M; arguments as the tiled path's launchers."""
     M, K = x.shape
@@ -474,7 +493,7 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
         M, N, K, R, p, steps_per_split * config["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, bucket=M,
         DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R,
-        PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0, enable_fp_fusion=False)
+        PREFETCH_WORDS=prefetch_words(target, nf4, w), enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, epilogue["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,

@@ -114,6 +114,23 @@ def test_short_absmax_runs_and_amd_take_smaller_tiles():
     assert decode_kernels.decode_tile(sm90, None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense
 
 
+def test_packed_words_are_loaded_ahead_where_aligned_and_nested_on_sm90_only():
+    """``prefetch_words``: a W 4-byte aligned; nested only where NESTED_MAX_REGISTERS holds it to
+    4 CTAs per SM (sm_90) and in the interpreter (which runs the path the tests check)."""
+    plain = type("NF4", (), {"nested_code": None})()
+    nested = type("NF4", (), {"nested_code": torch.zeros(1)})()
+    packed = torch.zeros(64, dtype=torch.uint8)
+    sm90, sm89 = _common.Target(90, 132, inline_ptx=True), _common.Target(89, 128)
+    cpu = _common.target(torch.device("cpu"))
+    assert [decode_kernels.prefetch_words(t, nf4, packed) for t, nf4 in
+            ((sm90, plain), (sm89, plain), (sm90, nested), (sm89, nested), (cpu, nested))] \
+        == [True, True, True, False, True]
+    assert not decode_kernels.prefetch_words(sm90, plain, packed[1:])  # not 4-byte aligned
+    assert not decode_kernels.prefetch_words(sm90, None, packed)  # dense
+    assert decode_kernels.decode_configs(sm90, torch.bfloat16, nested, 4096)[0]["maxnreg"] \
+        == decode_kernels.NESTED_MAX_REGISTERS
+
+
 @triton.jit
 def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                         offset_ptr, N, K, block_shift, nested_shift, NESTED: tl.constexpr,
