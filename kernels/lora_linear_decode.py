@@ -77,12 +77,20 @@ def amd(target):
     return target.arch is not None and not target.inline_ptx
 
 
-# Registers per thread of the nested NF4 GEMV on sm_90 (ptxas' maxrregcount, ``decode_configs``),
+# Registers per thread of the nested NF4 GEMV on sm_90 (ptxas' maxrregcount, ``partial_options``),
 # so that 4 CTAs of 4 warps fit an SM (PROGRAMS_PER_SM): with its packed words loaded a step
 # ahead (``prefetch_words``) ptxas took 168 (3 CTAs per SM, issue-bound with fewer warps: H100,
 # 16 rows, model 17.0 -> 21.1 us); held to 128 it takes 127, no spills (16.4 us). The plain
 # weight's took 120-125 unheld, and held to 128 more instructions (model 15.6 -> 15.9 us).
 NESTED_MAX_REGISTERS = 128
+
+
+def partial_options(target, nf4):
+    """Launch options of the NF4 split-K partial GEMM beyond warps and stages (also
+    kernels/lora_mixed.py's): the nested weight's NESTED_MAX_REGISTERS on sm_90."""
+    if target.arch == 90 and nf4 is not None and nf4.nested_code is not None:
+        return {"maxnreg": NESTED_MAX_REGISTERS}
+    return {}
 
 
 def decode_configs(target, dtype, nf4, K):
@@ -94,10 +102,8 @@ def decode_configs(target, dtype, nf4, K):
     of stack) and was never faster on a modelled GPU (bench.static, estimates). The launcher
     sets each config's stages for its K (``partial_stages``)."""
     tile = decode_tile(target, nf4, dtype, K)
-    if target.arch == 90 and nf4 is not None and nf4.nested_code is not None:
-        return [{**tile, "num_warps": 4, "num_stages": 2, "maxnreg": NESTED_MAX_REGISTERS}]
     if target.arch is None or nf4 is not None:
-        return [{**tile, "num_warps": 4, "num_stages": 2}]
+        return [{**tile, "num_warps": 4, "num_stages": 2, **partial_options(target, nf4)}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
 
