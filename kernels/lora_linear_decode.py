@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import decode_nf4_shared_codes, load_absmax, shared_codes
+from .nf4_dequantize import _SHARED_CODES_PTX, decode_nf4_shared_codes, load_absmax, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -77,6 +77,22 @@ def amd(target):
     return target.arch is not None and not target.inline_ptx
 
 
+# Registers per thread of the nested NF4 GEMV on sm_90 (ptxas' maxrregcount, ``partial_options``),
+# so that 4 CTAs of 4 warps fit an SM (PROGRAMS_PER_SM): with its packed words loaded a step
+# ahead (``prefetch_words``) ptxas took 168 (3 CTAs per SM, issue-bound with fewer warps: H100,
+# 16 rows, model 17.0 -> 21.1 us); held to 128 it takes 127, no spills (16.4 us). The plain
+# weight's took 120-125 unheld, and held to 128 more instructions (model 15.6 -> 15.9 us).
+NESTED_MAX_REGISTERS = 128
+
+
+def partial_options(target, nf4):
+    """Launch options of the NF4 split-K partial GEMM beyond warps and stages (also
+    kernels/lora_mixed.py's): the nested weight's NESTED_MAX_REGISTERS on sm_90."""
+    if target.arch == 90 and nf4 is not None and nf4.nested_code is not None:
+        return {"maxnreg": NESTED_MAX_REGISTERS}
+    return {}
+
+
 def decode_configs(target, dtype, nf4, K):
     """One config in Triton's interpreter, a list autotuned on GPUs (``_common.launch``). The
     tiles are the same in every config (``decode_tile``); the dense list varies warps. Two
@@ -87,7 +103,7 @@ def decode_configs(target, dtype, nf4, K):
     sets each config's stages for its K (``partial_stages``)."""
     tile = decode_tile(target, nf4, dtype, K)
     if target.arch is None or nf4 is not None:
-        return [{**tile, "num_warps": 4, "num_stages": 2}]
+        return [{**tile, "num_warps": 4, "num_stages": 2, **partial_options(target, nf4)}]
     return [{**tile, "num_warps": 4, "num_stages": 2}, {**tile, "num_warps": 8, "num_stages": 2}]
 
 
@@ -119,21 +135,26 @@ def epilogue_config(target, dtype):
 @triton.jit
 def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
-                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr,
+                     words=None):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
     values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
     ``shared_codes`` returned, before the loop): the GEMV's lookup. Not
     ``load_gemm_tile`` with NIBBLE_LOOKUP: that one loads the absmax as a vector (a layout that
     lets sm_80-89 store a GEMM's decoded tile 16 bytes at a time), which here doubles the shared
-    traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model)."""
+    traffic of the M <= 16 tile (H100, 16 rows: 20.9 -> 25.1 us for the kernel, model).
+    ``words``: the tile's packed bytes already loaded (``load_tile_words``), else loaded here."""
     BLOCK_N: tl.constexpr = outs.shape[0]
     GROUPS: tl.constexpr = BLOCK_K // SCALE_GROUP
     row_first = outs.to(tl.int64) * K  # the row's first element
-    pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
-                     mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
-    values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    if words is None:
+        pair = (k0 >> 1) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
+                         mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
+        values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
+    else:
+        values = decode_tile_words(words, codes, INLINE_PTX)
     group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
     group_first = row_first[:, None] + group_cols[None, :]
     # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
@@ -146,6 +167,45 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                       [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def load_tile_words(w_ptr, outs, k0, N, K, k_end, BLOCK_K: tl.constexpr):
+    """The packed bytes of the NF4 tile W[outs, k0 : k0 + BLOCK_K] as int32 words (4 bytes, 8
+    elements each, in memory order; [BLOCK_N, BLOCK_K / 8]), none at or past column ``k_end``:
+    for a loop to load a step ahead (``decode_tile_words``). ``w_ptr`` 4-byte aligned, K a
+    multiple of 32 (SCALE_GROUP >= 32): a row's words start on a multiple of 4 words, so where
+    ``w_ptr`` is 16-byte aligned a thread's 4 words of a row (its quarter of the row's bytes in
+    ``in_mma_k_order``) can be one load, in the layout the decode takes them in. Words, not bytes: Triton keeps a byte tile across a loop
+    iteration as one register per byte, packed again for the lookup."""
+    row_words = tl.multiple_of((outs.to(tl.int64) * K) >> 3, 4)
+    word = tl.multiple_of(k0 >> 3, 4) + tl.arange(0, BLOCK_K // 8)
+    return tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_words[:, None]
+                   + word[None, :], mask=(outs < N)[:, None] & (word < (k_end >> 3))[None, :],
+                   other=0)
+
+
+@triton.jit
+def decode_tile_words(words, codes, INLINE_PTX: tl.constexpr):
+    """The code values of ``load_tile_words``' words, fp32 [BLOCK_N, BLOCK_K / 2, 2] as
+    ``decode_nf4_shared_codes`` gives them for the same bytes. INLINE_PTX: a word is the
+    16-code lookup's operand as it is (its 8 codes in one call); else each byte is looked up
+    apart (``tl.load``: Triton's interpreter, AMD)."""
+    if INLINE_PTX:
+        table = tl.full(words.shape, 0, tl.int32) + codes
+        high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
+            _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, table],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        high0, low0 = tl.split(decode_nf4_shared_codes(words & 0xFF, codes, INLINE_PTX))
+        high1, low1 = tl.split(decode_nf4_shared_codes((words >> 8) & 0xFF, codes, INLINE_PTX))
+        high2, low2 = tl.split(decode_nf4_shared_codes((words >> 16) & 0xFF, codes, INLINE_PTX))
+        high3, low3 = tl.split(decode_nf4_shared_codes((words >> 24) & 0xFF, codes, INLINE_PTX))
+    # join(join(v0, v2), join(v1, v3))[..., i, j] is v_(2i + j): byte 2i + j of each word, then
+    # its high nibble (the even element) and low nibble.
+    values = tl.join(tl.join(tl.join(high0, high2), tl.join(high1, high3)),
+                     tl.join(tl.join(low0, low2), tl.join(low1, low3)))
+    return tl.reshape(values, [words.shape[0], 4 * words.shape[1], 2])
 
 
 @triton.jit
@@ -165,16 +225,50 @@ def in_mma_k_order(tile):
 
 
 @triton.jit
+def load_x_in_mma_k_order(x_ptr, k0, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """in_mma_k_order(x[:, k0 : k0 + BLOCK_K]) for BLOCK_M = 16, loaded in the order of
+    mma.sync's A operand registers, so that each mma's operand is one 16-byte shared load. The
+    A operand of kWidth 4 (Triton's, with the decoded tile as the other operand) gives a thread
+    4 columns (2 jh + jl) of each 16-column K-step in rows g and g + 8, and takes each mma's 4
+    registers from two consecutive K-steps 2 q + u, in the order jl, row, u. Loaded in x's
+    order, rows g and g + 8 came from two 16-byte loads of 8 columns each, which ptxas copied
+    into each mma's operand registers (3 moves per mma: 96 per iteration of the H100 NF4 GEMV's
+    loop). The tile is loaded as column pairs (t, q, jh, u, h), x's rows i < 8, and the pair's
+    two columns jl: the shared copy Triton makes of it holds each pair's 8 rows in turn, and a
+    thread's operand registers lie together. Rows past M read row M - 1 again (their sums are
+    never stored); EVEN_K: K a multiple of BLOCK_K, no column mask."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    QUARTER: tl.constexpr = BLOCK_K // 4  # columns of x per lane t of a quad
+    pairs = tl.arange(0, BLOCK_K)
+    h, u, jh = pairs & 1, (pairs >> 1) & 1, (pairs >> 2) & 1
+    q, t = (pairs % QUARTER) >> 3, pairs // QUARTER
+    pair_cols = k0 + t * QUARTER + 8 * q + 4 * u + 2 * jh
+    cols = pair_cols[:, None, None] + tl.arange(0, 2)[None, None, :]
+    rows = tl.minimum(tl.arange(0, HALF)[None, :, None] + (h * HALF)[:, None, None], M - 1)
+    if EVEN_K:
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk)
+    else:
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=cols < K, other=0.0)
+    # (t, q, jh, u, h, i, jl) -> x's row h HALF + i, mma column 16 (2 q + u) + 4 t + 2 jh + jl
+    x = tl.reshape(x, [4, QUARTER // 8, 2, 2, 2, HALF, 2])
+    return tl.reshape(tl.permute(x, (4, 5, 1, 3, 0, 2, 6)), [BLOCK_M, BLOCK_K])
+
+
+@triton.jit
 def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift,
                             NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                             INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                             PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EVEN_K: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = False):
     """The split-K base GEMM step, for a grid of (N / BLOCK_N, K-slices): this program's fp32
     partial x W^T of every row (all M in one block) over its K-slice, stored in (splits, M, N).
-    Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here."""
+    Shared with the mixed-adapter decode path (kernels/lora_mixed.py), which has no shrink here.
+    EVEN_K: K a multiple of BLOCK_K. PREFETCH_WORDS: W's packed bytes 4-byte aligned, to be
+    loaded a step ahead where K is a multiple of 32 (``load_tile_words``, ``prefetch_words``)."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -184,17 +278,31 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
+    # The NF4 tile's packed bytes loaded a step ahead into registers, not software-pipelined
+    # through shared memory (cp.async, then a read back: a third of the loop's shared traffic
+    # besides the lookup).
+    PREFETCH: tl.constexpr = NF4 and SCALE_GROUP >= 32 and PREFETCH_WORDS
+    if PREFETCH:
+        words_next = load_tile_words(w_ptr, outs, k_start, N, K, k_end, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if NF4 and SCALE_GROUP > 0:
-            x = in_mma_k_order(x)
-            w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                                 nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+            x = load_x_in_mma_k_order(x_ptr, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K,
+                                      EVEN_K)
+            if PREFETCH:
+                words = words_next
+                words_next = load_tile_words(w_ptr, outs, k0 + BLOCK_K, N, K, k_end, BLOCK_K)
+                w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
+                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K, words)
+            else:
+                w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
+                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
             w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
                                offset_ptr, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
@@ -213,7 +321,8 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                         NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                         INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        EVEN_K: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = False):
     """Partial x W^T (and, for the first N slice, partial dropout(x) A^T) over one K-slice."""
     dtype = x_ptr.dtype.element_ty
     split = tl.program_id(1)
@@ -247,7 +356,7 @@ def _lora_decode_kernel(x_ptr, w_ptr, a_ptr, partial_ptr, s_partial_ptr, seed_pt
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
                             SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
-                            BLOCK_K)
+                            BLOCK_K, EVEN_K, PREFETCH_WORDS)
 
 
 @triton.jit
@@ -355,12 +464,23 @@ def split_costs(target, nf4, tile, rows):
     return weight, rows * tile["BLOCK_N"] * 4
 
 
+def prefetch_words(target, nf4, w):
+    """Whether the NF4 GEMV loads its packed words a step ahead (``store_partial_base_gemm``):
+    ``w`` 4-byte aligned (``load_tile_words``), and for the nested weight on sm_90 only (and in
+    Triton's interpreter), where NESTED_MAX_REGISTERS keeps it at 4 CTAs per SM; on sm_80-89
+    it took 168 registers (3 CTAs per SM instead of 5, RTX 4090 DRAM-bound either way)."""
+    nested = nf4 is not None and nf4.nested_code is not None
+    return (nf4 is not None and w.data_ptr() % 4 == 0
+            and (not nested or target.arch in (None, 90)))
+
+
 def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=None):
     """Y (M x N) and S (M x R) for M <= DECODE_MAX_M; arguments as the tiled path's launchers."""
     M, K = x.shape
     N, R = lora_b.shape
     target = _common.target(x.device)
-    configs = [{**config, "num_stages": partial_stages(target, nf4, config)}
+    configs = [{**config, "num_stages": partial_stages(target, nf4, config),
+                "EVEN_K": K % config["BLOCK_K"] == 0}
                for config in with_decoding(decode_configs(target, x.dtype, nf4, K), nf4, K, target)]
     config, epilogue = decode_tile(target, nf4, x.dtype, K), epilogue_config(target, x.dtype)
     assert M <= config["BLOCK_M"], "the decode path holds all rows in one M block"
@@ -378,7 +498,8 @@ def lora_decode_forward(x, w, lora_a, lora_b, bias, y, s, seed, p, scaling, nf4=
         x, w, lora_a, partial, s_partial, seed, absmax, pairs, nested_code, nested_absmax, offset,
         M, N, K, R, p, steps_per_split * config["BLOCK_K"], x.stride(0), x.stride(1), stride_wn,
         stride_wk, lora_a.stride(0), lora_a.stride(1), shift, nested_shift, bucket=M,
-        DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R, enable_fp_fusion=False)
+        DROPOUT=p > 0, **flags, PRECISION=prec, BLOCK_R=BLOCK_R,
+        PREFETCH_WORDS=prefetch_words(target, nf4, w), enable_fp_fusion=False)
     _lora_decode_epilogue_kernel[(triton.cdiv(N, epilogue["BLOCK_N"]),)](
         partial, s_partial, s, lora_b, y if bias is None else bias, y, M, N, R, splits, scaling,
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, PRECISION=prec,

@@ -41,8 +41,8 @@ from ._common import store_rounded
 from ._weight import (decoding_flags, frozen_codes, gemm_operand, load_gemm_tile, precision,
                       weight_args)
 from .lora_linear import BLOCK_R
-from .lora_linear_decode import (decode_tile, partial_stages, split_costs, split_k,
-                                 store_partial_base_gemm)
+from .lora_linear_decode import (decode_tile, partial_options, partial_stages, prefetch_words,
+                                 split_costs, split_k, store_partial_base_gemm)
 
 # One program per row (and rank block): a decode batch is a few programs, one per SM at most, so
 # each takes 16 warps (an SM's schedulers kept issuing while loads are in flight) and a BLOCK_K
@@ -173,14 +173,15 @@ def _lora_mixed_partial_kernel(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr,
                                NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                                INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr,
                                PRECISION: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               EVEN_K: tl.constexpr, PREFETCH_WORDS: tl.constexpr):
     """Partial x W^T (fp32) of every row over one K-slice: (splits, M, N). The single-adapter
     decode kernel's base-GEMM step, without its shrink (each row's is gathered here instead)."""
     store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, nested_code_ptr,
                             nested_absmax_ptr, offset_ptr, M, N, K, k_per_split, stride_xm,
                             stride_xk, stride_wn, stride_wk, block_shift, nested_shift, NF4, NESTED,
                             SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP, PRECISION, BLOCK_M, BLOCK_N,
-                            BLOCK_K)
+                            BLOCK_K, EVEN_K, PREFETCH_WORDS)
 
 
 @triton.jit
@@ -392,8 +393,9 @@ def gathered_forward(x, w, lora_a, lora_b, scalings, index, bias, s, y, nf4=None
         x, w, partial, absmax, pairs, nested_code, nested_absmax, offset, M, N, K,
         steps_per_split * tile["BLOCK_K"], x.stride(0), x.stride(1), stride_wn, stride_wk, shift,
         nested_shift, **flags, **decoding, PRECISION=precision(x.dtype), **tile,
+        EVEN_K=K % tile["BLOCK_K"] == 0, PREFETCH_WORDS=prefetch_words(target, nf4, w),
         num_warps=PARTIAL_WARPS, num_stages=partial_stages(target, nf4, decoding),
-        enable_fp_fusion=False)
+        **partial_options(target, nf4), enable_fp_fusion=False)
     _lora_mixed_epilogue_kernel[(triton.cdiv(N, EPILOGUE["BLOCK_N"]),)](
         partial, s, lora_b, index, scalings, bias_arg, y, M, N, R, splits, *lora_b.stride(),
         HAS_BIAS=bias is not None, **EPILOGUE, enable_fp_fusion=False)

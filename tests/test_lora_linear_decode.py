@@ -39,6 +39,13 @@ def test_ranks_without_bias(rank, device):
     check_lora_linear_against_fp64(torch.bfloat16, "nf4-nested-128", rank, False, device, m=5, k=K_DECODE)
 
 
+@pytest.mark.parametrize("kind", ["nf4-64", "nf4-nested-128"])
+def test_k_a_multiple_of_the_tile_matches_fp64_reference(kind, device):
+    """K = 384, three NF4 tiles of 128: the partial GEMM's x loads without a column mask
+    (EVEN_K), each K-slice whole; 11 rows, so rows past M read row M - 1 again."""
+    check_lora_linear_against_fp64(torch.bfloat16, kind, 16, True, device, m=11, k=384)
+
+
 @pytest.mark.parametrize("k", [300, 301])
 def test_short_absmax_runs_and_odd_k_match_fp64_reference(k, device):
     """The NF4 tile of K not a multiple of 32 (``decode_tile``): runs of 4 elements, odd K."""
@@ -105,6 +112,23 @@ def test_short_absmax_runs_and_amd_take_smaller_tiles():
     tiles = [decode_kernels.decode_tile(mi300x, nf4, torch.bfloat16, k) for k in (4096, 4097)]
     assert [(tile["BLOCK_N"], tile["BLOCK_K"]) for tile in tiles] == [(128, 64), (64, 32)]
     assert decode_kernels.decode_tile(sm90, None, torch.bfloat16, 4097)["BLOCK_N"] == 64  # dense
+
+
+def test_packed_words_are_loaded_ahead_where_aligned_and_nested_on_sm90_only():
+    """``prefetch_words``: a W 4-byte aligned; nested only where NESTED_MAX_REGISTERS holds it to
+    4 CTAs per SM (sm_90) and in the interpreter (which runs the path the tests check)."""
+    plain = type("NF4", (), {"nested_code": None})()
+    nested = type("NF4", (), {"nested_code": torch.zeros(1)})()
+    packed = torch.zeros(64, dtype=torch.uint8)
+    sm90, sm89 = _common.Target(90, 132, inline_ptx=True), _common.Target(89, 128)
+    cpu = _common.target(torch.device("cpu"))
+    assert [decode_kernels.prefetch_words(t, nf4, packed) for t, nf4 in
+            ((sm90, plain), (sm89, plain), (sm90, nested), (sm89, nested), (cpu, nested))] \
+        == [True, True, True, False, True]
+    assert not decode_kernels.prefetch_words(sm90, plain, packed[1:])  # not 4-byte aligned
+    assert not decode_kernels.prefetch_words(sm90, None, packed)  # dense
+    assert decode_kernels.decode_configs(sm90, torch.bfloat16, nested, 4096)[0]["maxnreg"] \
+        == decode_kernels.NESTED_MAX_REGISTERS
 
 
 @triton.jit
