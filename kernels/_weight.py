@@ -30,6 +30,24 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
 
 
 @triton.jit
+def load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                      offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
+                      GROUPS: tl.constexpr, SCALE_GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """The fp32 absmax of a packed tile's groups, [rows, GROUPS]: one per row (``row_first``: its
+    first element, int64; ``outs``: its output index) and group of SCALE_GROUP columns from
+    ``k0``, nested absmax decoded. Rows past N and, unless EVEN_K (K a multiple of the tile's
+    width), groups past K (a ragged last tile) are masked: the last row's lie past the absmax
+    array, where NaN times x's masked zeros would poison the sum."""
+    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+    group_first = row_first[:, None] + group_cols[None, :]
+    mask = (outs < N)[:, None]
+    if not EVEN_K:
+        mask = mask & (group_cols < K)[None, :]
+    return load_absmax(group_first >> block_shift, mask, absmax_ptr, nested_code_ptr,
+                       nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+
+
+@triton.jit
 def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr, codes,
                    nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
                    NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
@@ -89,16 +107,9 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                                 NESTED)
             tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
         else:
-            group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-            group_first = row_first[:, None] + group_cols[None, :]
-            # Groups past K (a ragged last tile) are masked: the last row's lie past the absmax
-            # array, where NaN times x's masked zeros would poison the sum.
-            group_mask = (outs < N)[:, None]
-            if not EVEN_K:
-                group_mask = group_mask & (group_cols < K)[None, :]
-            scale = load_absmax(group_first >> block_shift, group_mask, absmax_ptr,
-                                nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
-                                NESTED)
+            scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
+                                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                      NESTED, GROUPS, SCALE_GROUP, EVEN_K)
             tile = tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
                               [BLOCK_N, BLOCK_K])
         if REGISTER_ORDER:
@@ -225,12 +236,9 @@ def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (first_row >> 3)
                     + ((row_offsets >> 3)[:, None] + word[None, :]),
                     mask=(outs < N)[:, None] & (word < (K >> 3))[None, :], other=0)
-    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-    group_first = (first_row + row_offsets)[:, None] + group_cols[None, :]
-    # Groups past K masked, as load_gemm_tile's: the last row's lie past the absmax array.
-    scale = load_absmax(group_first >> block_shift,
-                        (outs < N)[:, None] & (group_cols < K)[None, :], absmax_ptr,
-                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    scale = load_group_absmax(first_row + row_offsets, outs, k0, N, K, absmax_ptr,
+                              nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                              nested_shift, NESTED, GROUPS, SCALE_GROUP, EVEN_K=False)
     return words, scale
 
 

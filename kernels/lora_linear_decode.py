@@ -23,8 +23,9 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import decode_nf4_shared_codes, load_absmax, shared_codes
+from ._weight import (gemm_operand, load_gemm_tile, load_group_absmax, precision, weight_args,
+                      with_decoding)
+from .nf4_dequantize import decode_nf4_shared_codes, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -134,14 +135,9 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
     packed = tl.load(w_ptr + (row_first >> 1)[:, None] + pair[None, :],
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
     values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
-    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-    group_first = row_first[:, None] + group_cols[None, :]
-    # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
-    # row's would be read past the end of the absmax array, whose garbage (NaN, inf) times the
-    # masked x's zeros is NaN.
-    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None] & (group_cols < K)[None, :],
-                        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
-                        NESTED)
+    scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
+                              nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
+                              GROUPS, SCALE_GROUP, EVEN_K=False)
     if GROUPS == 1:
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
