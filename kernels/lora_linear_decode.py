@@ -25,7 +25,7 @@ from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import (gemm_operand, load_gemm_tile, load_group_absmax, precision, weight_args,
                       with_decoding)
-from .nf4_dequantize import decode_nf4_shared_codes, shared_codes
+from .nf4_dequantize import decode_nf4_shared_codes, load_nested_offset, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -119,8 +119,9 @@ def epilogue_config(target, dtype):
 
 @triton.jit
 def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
-                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr):
+                     nested_absmax_ptr, nested_offset, block_shift, nested_shift,
+                     NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
     values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
@@ -136,7 +137,7 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                      mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
     values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
     scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
-                              nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
+                              nested_absmax_ptr, nested_offset, block_shift, nested_shift, NESTED,
                               GROUPS, SCALE_GROUP, EVEN_K=False)
     if GROUPS == 1:
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
@@ -180,6 +181,7 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
@@ -187,13 +189,13 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
         if NF4 and SCALE_GROUP > 0:
             x = in_mma_k_order(x)
             w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                                 nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED,
-                                 SCALE_GROUP, INLINE_PTX, BLOCK_K)
+                                 nested_absmax_ptr, nested_offset, block_shift, nested_shift,
+                                 NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
             w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
-                               offset_ptr, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
+                               nested_offset, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
                                INLINE_PTX, NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
             w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
