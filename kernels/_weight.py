@@ -12,7 +12,7 @@ from .nf4_quantize import quantize_and_pack
 
 @triton.jit
 def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                     nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                     nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift, nested_shift,
                      NF4: tl.constexpr, NESTED: tl.constexpr):
     """W[rows, cols] in fp32, element by element: loaded (dense, any strides) or decoded from
     packed NF4 (row-major). ``rows`` and ``cols`` may have any (broadcastable) shape: the flat
@@ -22,7 +22,7 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
         byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> ((1 - (index & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
         scale = load_absmax(index >> block_shift, mask, absmax_ptr, nested_code_ptr,
-                            nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+                            nested_absmax_ptr, nested_offset, nested_shift, NESTED)
         return decode_nf4(nibble, scale, pairs_ptr)
     else:
         return tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols * stride_wk, mask=mask,
@@ -30,15 +30,34 @@ def load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_pt
 
 
 @triton.jit
+def load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                      nested_offset, block_shift, nested_shift, NESTED: tl.constexpr,
+                      GROUPS: tl.constexpr, SCALE_GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """The fp32 absmax of a packed tile's groups, [rows, GROUPS]: one per row (``row_first``: its
+    first element, int64; ``outs``: its output index) and group of SCALE_GROUP columns from
+    ``k0``, nested absmax decoded. Rows past N and, unless EVEN_K (K a multiple of the tile's
+    width), groups past K (a ragged last tile) are masked: the last row's lie past the absmax
+    array, where NaN times x's masked zeros would poison the sum."""
+    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
+    group_first = row_first[:, None] + group_cols[None, :]
+    mask = (outs < N)[:, None]
+    if not EVEN_K:
+        mask = mask & (group_cols < K)[None, :]
+    return load_absmax(group_first >> block_shift, mask, absmax_ptr, nested_code_ptr,
+                       nested_absmax_ptr, nested_offset, nested_shift, NESTED)
+
+
+@triton.jit
 def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr, codes,
-                   nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                   nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift, nested_shift,
                    NF4: tl.constexpr, NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr,
                    INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, REGISTER_ORDER: tl.constexpr = False,
                    EVEN_K: tl.constexpr = False):
     """The GEMM tile W[first_out : first_out + BLOCK_N, k0 : k0 + BLOCK_K] in fp32 (``k0`` a
     multiple of BLOCK_K), dense or decoded from packed NF4. ``codes``: where ``frozen_codes``
-    (called once, before the loop) put the NF4 code book.
+    (called once, before the loop) put the NF4 code book; ``nested_offset``: the value
+    ``nf4_dequantize.load_nested_offset`` loaded, also before the loop.
 
     NF4 with SCALE_GROUP > 0 (K even, and SCALE_GROUP consecutive elements of a row, starting at a
     multiple of it, always share a quantization block: ``scale_group``): each row's packed bytes
@@ -87,23 +106,16 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
             # layout (a row per thread) became the decoded tile's, which sm_80-89 then wrote to
             # shared memory (for mma.sync) 2 bytes at a time instead of 16.
             scale = load_absmax((row_first + k0) >> block_shift, outs < N, absmax_ptr,
-                                nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
+                                nested_code_ptr, nested_absmax_ptr, nested_offset, nested_shift,
                                 NESTED)
             if REGISTER_ORDER:
                 tile = decode_register_order(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
             else:
                 tile = tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale[:, None]
         else:
-            group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-            group_first = row_first[:, None] + group_cols[None, :]
-            # Groups past K (a ragged last tile) are masked: the last row's lie past the absmax
-            # array, where NaN times x's masked zeros would poison the sum.
-            group_mask = (outs < N)[:, None]
-            if not EVEN_K:
-                group_mask = group_mask & (group_cols < K)[None, :]
-            scale = load_absmax(group_first >> block_shift, group_mask, absmax_ptr,
-                                nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
-                                NESTED)
+            scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
+                                      nested_absmax_ptr, nested_offset, block_shift, nested_shift,
+                                      NESTED, GROUPS, SCALE_GROUP, EVEN_K)
             if REGISTER_ORDER:
                 tile = decode_register_order(words, scale, codes, INLINE_PTX, NIBBLE_LOOKUP)
             else:
@@ -114,7 +126,7 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
         mask = (outs < N)[:, None] & (cols < K)[None, :]
         tile = load_weight_tile(w_ptr, outs[:, None], cols[None, :], mask, K, stride_wn, stride_wk,
                                 absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr,
-                                offset_ptr, block_shift, nested_shift, NF4, NESTED)
+                                nested_offset, block_shift, nested_shift, NF4, NESTED)
     return tile
 
 
@@ -269,7 +281,7 @@ def frozen_tile_dot(x, w, acc, dtype: tl.constexpr, NF4: tl.constexpr, INLINE_PT
 
 @triton.jit
 def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
-                      nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                      nested_absmax_ptr, nested_offset, block_shift, nested_shift,
                       NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, IN_BOUNDS: tl.constexpr = False):
     """The packed NF4 tile of ``load_gemm_tile`` (rows first_out + i, columns k0 + j), loaded
@@ -301,12 +313,9 @@ def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
         words = tl.load(word_ptrs)
     else:
         words = tl.load(word_ptrs, mask=(outs < N)[:, None] & (word < (K >> 3))[None, :], other=0)
-    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-    group_first = (first_row + row_offsets)[:, None] + group_cols[None, :]
-    # Groups past K masked, as load_gemm_tile's: the last row's lie past the absmax array.
-    scale = load_absmax(group_first >> block_shift,
-                        (outs < N)[:, None] & (group_cols < K)[None, :], absmax_ptr,
-                        nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+    scale = load_group_absmax(first_row + row_offsets, outs, k0, N, K, absmax_ptr,
+                              nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
+                              nested_shift, NESTED, GROUPS, SCALE_GROUP, EVEN_K=False)
     return words, scale
 
 

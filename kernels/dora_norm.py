@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import _common
 from ._weight import decoding_flags, frozen_codes, load_gemm_tile, weight_args
+from .nf4_dequantize import load_nested_offset
 
 # BLOCK_R: the rank is covered in chunks of 16 (tl.dot's smallest inner dimension); a rank that is
 # not a multiple of 16 is padded with zeros by the masks.
@@ -54,12 +55,13 @@ def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, norm_ptr, absmax_ptr, pairs_ptr, nest
     ranks = tl.arange(0, BLOCK_R)
     sum_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         mask = row_mask[:, None] & col_mask[None, :]
         w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
-                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, nested_offset,
                            block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
                            NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         delta = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)

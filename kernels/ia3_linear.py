@@ -35,6 +35,7 @@ from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
                       weight_args, with_decoding)
+from .nf4_dequantize import load_nested_offset
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
 # operands' dtype: the one place each launcher's configs come from, a list autotuned on a GPU, as
@@ -137,6 +138,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
     # 64 x 128 x 64 tile took 8 bytes of stack.
     x_rows = tl.minimum(rows, M - 1) if NF4 else rows
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     # As kernels/lora_linear.py's forward: a transposed packed NF4 tile decoded straight into
     # wgmma's register operand layout.
     REGISTER_ORDER: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP >= 8 and PACKED_WORDS
@@ -152,7 +154,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                 x_mask = (rows[:, None] < M) & (cols[None, :] < K)
             x = tl.load(x_tile, mask=x_mask, other=0.0)
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
-                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           codes, nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
@@ -188,11 +190,12 @@ def _ia3_grad_input_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, dx_ptr, dl_ptr, absmax_p
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     dy_rows = dy_ptr + row_offsets(tl.minimum(rows, M - 1), N)[:, None]  # as the forward's x
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_rows + outs[None, :], mask=outs[None, :] < N, other=0.0)
         w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr, codes,
-                           nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, gemm_operand(w, dtype, NF4, INLINE_PTX), acc, input_precision=PRECISION)
@@ -227,11 +230,12 @@ def _ia3_grad_scale_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dl_ptr, absmax_ptr, p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + row_offsets(tl.minimum(rows, M - 1), stride_xm)[:, None]  # as the forward's
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
-                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           codes, nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ._weight import load_weight_tile, merge_args, store_weight_block
+from .nf4_dequantize import load_nested_offset
 
 
 @triton.jit
@@ -26,9 +27,10 @@ def _ia3_merge_kernel(w_ptr, l_ptr, out_ptr, out_absmax_ptr, bounds_ptr, absmax_
     mask = index < n_elements
     rows = index // K
     cols = index % K
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                         nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
-                         NF4, NESTED)
+                         nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
+                         nested_shift, NF4, NESTED)
     scale = tl.load(l_ptr + rows * stride_ln + cols * stride_lk, mask=mask, other=1.0)
     if UNMERGE:
         merged = tl.math.div_rn(w, scale)

@@ -29,6 +29,7 @@ from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (decode_packed_words, frozen_codes, frozen_tile_dot, gemm_operand,
                       load_gemm_tile, load_packed_words, precision, weight_args,
                       with_decoding)
+from .nf4_dequantize import load_nested_offset
 
 BLOCK_R = 16  # ranks are handled in chunks of 16 (the smallest tl.dot size): any rank works
 MASK_BLOCK_M, MASK_BLOCK_K = 16, 64  # the dropout mask kernel's tile
@@ -304,6 +305,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     if s_ptr.dtype.element_ty != tl.float32:
         acc = acc * scaling
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     # Rows past M read row M - 1 again (their outputs are never stored), so x's loads in the K
     # loop need no row mask; with EVEN_K (K a multiple of BLOCK_K) no mask at all. Made after
     # the LoRA branch: live across it, these row addresses spilled the fp32 branch's sm_90
@@ -318,7 +320,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         else:
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
-                           codes, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift,
+                           codes, nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
                            BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
@@ -365,6 +367,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     # The transposed NF4 tile's packed words and absmax loaded into registers a step ahead,
     # not software-pipelined through shared memory (cp.async, then a read back): sm_90's loop
     # is bound by shared memory, which the tile's decoded copy for wgmma's register operand
@@ -372,7 +375,7 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     PREFETCH: tl.constexpr = TRANSPOSED_TILE and NF4 and SCALE_GROUP >= 8 and PACKED_WORDS
     if PREFETCH:
         words_next, scale_next = load_packed_words(
-            w_ptr, 0, k_first, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+            w_ptr, 0, k_first, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
             block_shift, nested_shift, NESTED, SCALE_GROUP, BLOCK_N, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
@@ -391,11 +394,11 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                 next_first = n0 + BLOCK_N  # past the last row: masked off
             words_next, scale_next = load_packed_words(
                 w_ptr, next_first, k_first, N, K, absmax_ptr, nested_code_ptr,
-                nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP,
+                nested_absmax_ptr, nested_offset, block_shift, nested_shift, NESTED, SCALE_GROUP,
                 BLOCK_N, BLOCK_K, EVEN_N and EVEN_K)
         else:
             w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr,
-                               codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                               codes, nested_code_ptr, nested_absmax_ptr, nested_offset,
                                block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
                                NIBBLE_LOOKUP, BLOCK_N, BLOCK_K, False, EVEN_K)
         if TRANSPOSED_TILE:

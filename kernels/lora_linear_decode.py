@@ -23,8 +23,10 @@ import triton.language as tl
 
 from . import _common
 from ._common import cast_rounded, store_rounded
-from ._weight import gemm_operand, load_gemm_tile, precision, weight_args, with_decoding
-from .nf4_dequantize import _SHARED_CODES_PTX, decode_nf4_shared_codes, load_absmax, shared_codes
+from ._weight import (gemm_operand, load_gemm_tile, load_group_absmax, precision, weight_args,
+                      with_decoding)
+from .nf4_dequantize import (_SHARED_CODES_PTX, decode_nf4_shared_codes, load_nested_offset,
+                             shared_codes)
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -134,9 +136,9 @@ def epilogue_config(target, dtype):
 
 @triton.jit
 def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED: tl.constexpr,
-                     SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr, BLOCK_K: tl.constexpr,
-                     words=None):
+                     nested_absmax_ptr, nested_offset, block_shift, nested_shift,
+                     NESTED: tl.constexpr, SCALE_GROUP: tl.constexpr, INLINE_PTX: tl.constexpr,
+                     BLOCK_K: tl.constexpr, words=None):
     """The NF4 tile W[outs, k0 : k0 + BLOCK_K] in fp32, as ``_weight.load_gemm_tile`` decodes it
     with SCALE_GROUP > 0 (the packed bytes loaded once, one absmax per row and group, the same
     values bit for bit), the codes looked up by ``decode_nf4_shared_codes`` in ``codes`` (what
@@ -155,14 +157,9 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
         values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
     else:
         values = decode_tile_words(words, codes, INLINE_PTX)
-    group_cols = k0 + tl.arange(0, GROUPS) * SCALE_GROUP
-    group_first = row_first[:, None] + group_cols[None, :]
-    # Groups past K (a last tile beyond a K not a multiple of BLOCK_K) load no absmax: the last
-    # row's would be read past the end of the absmax array, whose garbage (NaN, inf) times the
-    # masked x's zeros is NaN.
-    scale = load_absmax(group_first >> block_shift, (outs < N)[:, None] & (group_cols < K)[None, :],
-                        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, nested_shift,
-                        NESTED)
+    scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
+                              nested_absmax_ptr, nested_offset, block_shift, nested_shift, NESTED,
+                              GROUPS, SCALE_GROUP, EVEN_K=False)
     if GROUPS == 1:
         return tl.reshape(values, [BLOCK_N, BLOCK_K]) * scale
     return tl.reshape(tl.reshape(values, [BLOCK_N, GROUPS, SCALE_GROUP]) * scale[:, :, None],
@@ -278,6 +275,7 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NF4 and SCALE_GROUP > 0:
         codes = shared_codes(pairs_ptr, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     # The NF4 tile's packed bytes loaded a step ahead into registers, not software-pipelined
     # through shared memory (cp.async, then a read back: a third of the loop's shared traffic
     # besides the lookup).
@@ -292,11 +290,11 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
                 words = words_next
                 words_next = load_tile_words(w_ptr, outs, k0 + BLOCK_K, N, K, k_end, BLOCK_K)
                 w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     nested_absmax_ptr, nested_offset, block_shift, nested_shift,
                                      NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K, words)
             else:
                 w = load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
-                                     nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
+                                     nested_absmax_ptr, nested_offset, block_shift, nested_shift,
                                      NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
             w = in_mma_k_order(w).to(dtype)
         else:
@@ -305,7 +303,7 @@ def store_partial_base_gemm(x_ptr, w_ptr, partial_ptr, absmax_ptr, pairs_ptr, ne
                         mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
             w = load_gemm_tile(w_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
                                absmax_ptr, pairs_ptr, nested_code_ptr, nested_absmax_ptr,
-                               offset_ptr, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
+                               nested_offset, block_shift, nested_shift, NF4, NESTED, SCALE_GROUP,
                                INLINE_PTX, NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
             w = gemm_operand(w, dtype, NF4, INLINE_PTX)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._weight import load_weight_tile, merge_args, store_weight_block
+from .nf4_dequantize import load_nested_offset
 
 
 @triton.jit
@@ -29,9 +30,10 @@ def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, out_ptr, out_absmax_ptr, bounds_ptr,
     mask = index < n_elements
     rows = index // K
     cols = index % K
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     w = load_weight_tile(w_ptr, rows, cols, mask, K, stride_wn, stride_wk, absmax_ptr, pairs_ptr,
-                         nested_code_ptr, nested_absmax_ptr, offset_ptr, block_shift, nested_shift,
-                         NF4, NESTED)
+                         nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
+                         nested_shift, NF4, NESTED)
     delta = tl.zeros([BLOCK], dtype=tl.float32)
     for r in range(R):  # B and A are small and stay in cache: one rank-1 update per rank
         b = tl.load(b_ptr + rows * stride_bn + r * stride_br, mask=mask, other=0.0)

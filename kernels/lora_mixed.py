@@ -40,6 +40,7 @@ from . import _common
 from ._common import store_rounded
 from ._weight import (decoding_flags, frozen_codes, gemm_operand, load_gemm_tile, precision,
                       weight_args)
+from .nf4_dequantize import load_nested_offset
 from .lora_linear import BLOCK_R
 from .lora_linear_decode import (decode_tile, partial_options, partial_stages, prefetch_words,
                                  split_costs, split_k, store_partial_base_gemm)
@@ -124,12 +125,13 @@ def _lora_mixed_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, index_ptr, scaling_pt
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
-                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, nested_offset,
                            block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
                            NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)
@@ -280,11 +282,12 @@ def _lora_mixed_segment_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, order_ptr, ti
     # stored, so x's loads need no row mask; the rows' bases are computed once, not per step.
     x_rows = x_ptr + rows[:, None] * stride_xm
     codes = frozen_codes(pairs_ptr, NF4, SCALE_GROUP, NIBBLE_LOOKUP, INLINE_PTX)
+    nested_offset = load_nested_offset(offset_ptr, NESTED)
     for k0 in range(0, tl.where(nonempty, K, 0), BLOCK_K):  # an empty tile reads no weight
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=cols[None, :] < K, other=0.0)
         w = load_gemm_tile(w_ptr, tl.program_id(1) * BLOCK_N, k0, N, K, stride_wn, stride_wk,
-                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           absmax_ptr, codes, nested_code_ptr, nested_absmax_ptr, nested_offset,
                            block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
                            NIBBLE_LOOKUP, BLOCK_N, BLOCK_K)
         w = gemm_operand(w, dtype, NF4, INLINE_PTX)

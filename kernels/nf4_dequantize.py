@@ -18,13 +18,26 @@ from ._common import code_pairs, store_rounded
 
 
 @triton.jit
-def load_absmax(block, mask, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+def load_nested_offset(offset_ptr, NESTED: tl.constexpr):
+    """``load_absmax``'s ``nested_offset``: with NESTED the fp32 offset of double quantization,
+    to load once, before a kernel's loop (a ``tl.load`` of it inside stayed there, each step one
+    more pipelined copy and its shared-memory read: 5 instructions of sm_89's nested dX loop);
+    else 0, unread."""
+    if NESTED:
+        return tl.load(offset_ptr)
+    else:
+        return 0.0
+
+
+@triton.jit
+def load_absmax(block, mask, absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
                 nested_shift, NESTED: tl.constexpr):
-    """fp32 absmax of quantization block(s) ``block``; decodes double quantization if NESTED."""
+    """fp32 absmax of quantization block(s) ``block``; decodes double quantization if NESTED
+    (``nested_offset``: ``load_nested_offset``'s)."""
     if NESTED:
         code_index = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested_scale = tl.load(nested_absmax_ptr + (block >> nested_shift), mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + code_index) * nested_scale + tl.load(offset_ptr)
+        return tl.load(nested_code_ptr + code_index) * nested_scale + nested_offset
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
@@ -188,7 +201,8 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, n
     values = tl.reshape(decode_nf4_pairs(byte, pairs_ptr, INLINE_PTX), [GROUPS, SCALE_GROUP])
     group = pid * BLOCK + tl.arange(0, GROUPS) * SCALE_GROUP
     scale = load_absmax(group >> block_shift, group < n_elements, absmax_ptr, nested_code_ptr,
-                        nested_absmax_ptr, offset_ptr, nested_shift, NESTED)
+                        nested_absmax_ptr, load_nested_offset(offset_ptr, NESTED), nested_shift,
+                        NESTED)
     element = pid * BLOCK + tl.arange(0, BLOCK)
     if ROW_GROUP == 0:  # contiguous
         offset = element

@@ -20,7 +20,7 @@ from helpers import (N, assert_op_close, assert_same_bits, check_lora_linear_aga
 from lowrank import ops
 from lowrank.kernels import _common
 from lowrank.kernels._weight import decoding_flags, weight_args
-from lowrank.kernels.nf4_dequantize import shared_codes
+from lowrank.kernels.nf4_dequantize import load_nested_offset, shared_codes
 from lowrank.kernels import lora_linear as lora_kernels
 from lowrank.kernels import lora_linear_decode as decode_kernels
 
@@ -141,8 +141,8 @@ def _decode_tile_kernel(w_ptr, out_ptr, absmax_ptr, pairs_ptr, nested_code_ptr, 
     codes = shared_codes(pairs_ptr, INLINE_PTX)
     tile = decode_kernels.load_decode_tile(
         w_ptr, outs, tl.program_id(1) * BLOCK_K, N, K, absmax_ptr, codes, nested_code_ptr,
-        nested_absmax_ptr, offset_ptr, block_shift, nested_shift, NESTED, SCALE_GROUP, INLINE_PTX,
-        BLOCK_K)
+        nested_absmax_ptr, load_nested_offset(offset_ptr, NESTED), block_shift, nested_shift,
+        NESTED, SCALE_GROUP, INLINE_PTX, BLOCK_K)
     tl.store(out_ptr + outs[:, None] * K + cols[None, :], tile,
              mask=(outs[:, None] < N) & (cols[None, :] < K))
 
