@@ -87,7 +87,7 @@ CP_ASYNC_PAIRS = """
 
 
 def test_cp_async_copies_of_any_width_stream_from_l2():
-    """A 4-byte cp.async (LDGSTS.E: x's column pairs in the forward's REGISTER_ORDER) stages a
+    """A 4-byte cp.async (LDGSTS.E, e.g. a tile whose columns come in pairs) stages a
     tile as the wide ones do: L2 bytes, and shared bytes on its way in; a 32-bit load into
     registers (a gather from a small table) stays an L1 hit."""
     loop = sass.hot_loop(CP_ASYNC_PAIRS)

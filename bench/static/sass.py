@@ -182,7 +182,7 @@ def memory_bytes(body, num_warps):
 
     Global: vector loads (64/128-bit: the operand tiles), sub-word loads (packed NF4 bytes) and
     cp.async copies of any width (LDGSTS: tiles staged in shared memory, 4 bytes wide where their
-    columns come in pairs, e.g. x's in the forward's REGISTER_ORDER). 32-bit loads into registers
+    columns come in pairs). 32-bit loads into registers
     are counted as L1 hits, not L2 traffic: in these kernels they are gathers from small tables
     (NF4 code values, absmax, IA3 scales), which many lanes share; so are the NF4 code-table
     lookups of any width (``is_table_lookup``: their cost is ``table_wavefronts``).
