@@ -64,7 +64,8 @@ def row_block(outs, K, block_shift):
     """With ROW_ALIGNED (``row_aligned``: the blocksize divides K, the indices fit in int32), the
     absmax index of rows ``outs``' first elements, int32: a block of (row * K + col) is then
     row * (K >> block_shift) + (col >> block_shift), this row part the same at every step of a
-    forward's loop, where the int64 element's shift took about 12 instructions a step (sm_90)."""
+    forward's loop, not a 64-bit shift of the int64 element per step (model, sm_90's 256-row
+    nested tiles: forward 8.34 -> 8.28 instructions per element, dX 8.19 -> 8.09)."""
     return outs * (K >> block_shift)
 
 

@@ -57,9 +57,9 @@ def nested_code(code_index, nested_code_ptr, INLINE_PTX: tl.constexpr):
     """Entry ``code_index`` (int32) of the 256-entry fp32 code book of double quantization.
     INLINE_PTX: one ``ld.global.nc.f32`` at ``mad.wide.u32`` of the index and the book's base.
     As ``tl.load`` inside a GEMM's loop, Triton software-pipelined the lookup: a cp.async behind
-    a branch and its barrier's padding, then a shared-memory read per row, about 12 instructions
-    a step of sm_90's 256-row forward. The ``tl.load`` form is the portable path (Triton's
-    interpreter, AMD)."""
+    a branch and its barrier's padding, then a shared-memory read per row (sm_90's 256-row
+    forward: 8.19 -> 8.13 instructions per element with this, model). The ``tl.load`` form is
+    the portable path (Triton's interpreter, AMD)."""
     if INLINE_PTX:
         return tl.inline_asm_elementwise(
             "{ .reg .b64 %entry; mad.wide.u32 %entry, $1, 4, $2; ld.global.nc.f32 $0, [%entry]; }",
