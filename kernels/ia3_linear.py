@@ -34,7 +34,7 @@ import triton.language as tl
 from . import _common, dora_grad_scale
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (frozen_codes, frozen_tile_dot, gemm_operand, load_gemm_tile, precision,
-                      weight_args, with_decoding)
+                      row_aligned, weight_args, with_decoding)
 from .nf4_dequantize import load_nested_offset
 
 # Tiles and launch options per kernel, a function of the target (``_common.Target``) and the
@@ -119,12 +119,13 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         TRANSPOSED_TILE: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False,
-                        EVEN_K: tl.constexpr = False):
+                        EVEN_K: tl.constexpr = False, ROW_ALIGNED: tl.constexpr = False):
     """Y = x W^T + b, times l per output column if SCALE_OUTPUT (the output form; the
     feed-forward form's x comes scaled): one store per output tile, tiles in grouped order
     (``grouped_tile``). TRANSPOSED_TILE and PACKED_WORDS: as kernels/lora_linear.py's forward,
     x W^T summed as W x^T (the weight wgmma's register operand) and transposed back before the
-    epilogue."""
+    epilogue. ROW_ALIGNED: the absmax indexed in int32 by row and column
+    (``_weight.row_aligned``)."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +157,7 @@ def _ia3_forward_kernel(x_ptr, w_ptr, l_ptr, bias_ptr, y_ptr, absmax_ptr, pairs_
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K, ROW_ALIGNED)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -281,7 +282,7 @@ def ia3_forward(x, w, bias, y, output_scale=None, nf4=None):
         *decoding[:5], M, N, K, x.stride(0), x.stride(1), stride_wn, stride_wk, *decoding[5:],
         bucket=M, SCALE_OUTPUT=output_scale is not None, HAS_BIAS=bias is not None, **flags,
         PRECISION=precision(x.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
-        enable_fp_fusion=False)
+        ROW_ALIGNED=row_aligned(nf4, N, K), enable_fp_fusion=False)
 
 
 def ia3_grad_input(dy, w, dx, output_scale=None, x=None, grad_scale=None, nf4=None):

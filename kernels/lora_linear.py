@@ -27,7 +27,7 @@ import triton.language as tl
 from . import _common, _dora_epilogue
 from ._common import grouped_tile, row_offsets, store_rounded
 from ._weight import (decode_packed_words, frozen_codes, frozen_tile_dot, gemm_operand,
-                      load_gemm_tile, load_packed_words, precision, weight_args,
+                      load_gemm_tile, load_packed_words, precision, row_aligned, weight_args,
                       with_decoding)
 from .nf4_dequantize import load_nested_offset
 
@@ -267,7 +267,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
                          scale_ptr, undropped_ptr, product_ptr, COLUMN_SCALE: tl.constexpr,
                          UNDROPPED: tl.constexpr, STORE_PRODUCT: tl.constexpr,
                          TRANSPOSED_TILE: tl.constexpr = False, PACKED_WORDS: tl.constexpr = False,
-                         EVEN_K: tl.constexpr = False):
+                         EVEN_K: tl.constexpr = False, ROW_ALIGNED: tl.constexpr = False):
     """Y = x W^T + b + s S B^T, one store per output tile; with COLUMN_SCALE, DoRA's output
     (kernels/_dora_epilogue.py). Output tiles in grouped order (``grouped_tile``).
 
@@ -275,7 +275,8 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
     operand: wgmma takes it from registers, x from shared memory) and transposed back (a layout
     change in registers) before the epilogue. The same products, in another order. PACKED_WORDS:
     packed NF4 bytes 4-byte aligned, so where K % 8 == 0 a transposed tile loads them as words
-    and decodes them in the dot's register layout (``_weight.decode_register_order``)."""
+    and decodes them in the dot's register layout (``_weight.decode_register_order``).
+    ROW_ALIGNED: the absmax indexed in int32 by row and column (``_weight.row_aligned``)."""
     dtype = x_ptr.dtype.element_ty
     tile_m, tile_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,7 +323,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, absmax_ptr
         w = load_gemm_tile(w_ptr, tile_n * BLOCK_N, k0, N, K, stride_wn, stride_wk, absmax_ptr,
                            codes, nested_code_ptr, nested_absmax_ptr, nested_offset, block_shift,
                            nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX, NIBBLE_LOOKUP,
-                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K)
+                           BLOCK_N, BLOCK_K, REGISTER_ORDER, EVEN_K, ROW_ALIGNED)
         acc = frozen_tile_dot(x, w, acc, dtype, NF4, INLINE_PTX, PRECISION, TRANSPOSED_TILE)
     if TRANSPOSED_TILE:
         acc = tl.trans(acc)
@@ -346,13 +347,14 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                             TRANSPOSED_TILE: tl.constexpr = False,
                             PACKED_WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False,
-                            EVEN_N: tl.constexpr = False):
+                            EVEN_N: tl.constexpr = False, ROW_ALIGNED: tl.constexpr = False):
     """dX = dY W + dropout'(dS A): W is read as stored (N x K), NF4 decoded in registers. Output
     tiles in grouped order (``grouped_tile``). TRANSPOSED_TILE: as the forward's, dY W summed
     as W^T dY^T. PACKED_WORDS: packed NF4 bytes 4-byte aligned, so where K % 8 == 0
     (SCALE_GROUP >= 8) the transposed tile's bytes are loaded as words
     (``_weight.load_packed_words``). EVEN_K: K a multiple of BLOCK_K (``load_gemm_tile``);
-    EVEN_N: N a multiple of BLOCK_N, so dY's loads need no mask."""
+    EVEN_N: N a multiple of BLOCK_N, so dY's loads need no mask. ROW_ALIGNED: as the
+    forward's."""
     dtype = dy_ptr.dtype.element_ty
     # The launchers never launch an empty product. Without it the loop's zero-trip path sets
     # acc with moves, and ptxas then serializes every wgmma of the loop (sm_90).
@@ -376,7 +378,8 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
     if PREFETCH:
         words_next, scale_next = load_packed_words(
             w_ptr, 0, k_first, N, K, absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
-            block_shift, nested_shift, NESTED, SCALE_GROUP, BLOCK_N, BLOCK_K)
+            block_shift, nested_shift, NESTED, SCALE_GROUP, BLOCK_N, BLOCK_K,
+            ROW_ALIGNED=ROW_ALIGNED)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         if EVEN_N:
@@ -395,12 +398,12 @@ def _lora_grad_input_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, absm
             words_next, scale_next = load_packed_words(
                 w_ptr, next_first, k_first, N, K, absmax_ptr, nested_code_ptr,
                 nested_absmax_ptr, nested_offset, block_shift, nested_shift, NESTED, SCALE_GROUP,
-                BLOCK_N, BLOCK_K, EVEN_N and EVEN_K)
+                BLOCK_N, BLOCK_K, EVEN_N and EVEN_K, ROW_ALIGNED)
         else:
             w = load_gemm_tile(w_ptr, n0, k_first, N, K, stride_wn, stride_wk, absmax_ptr,
                                codes, nested_code_ptr, nested_absmax_ptr, nested_offset,
                                block_shift, nested_shift, NF4, NESTED, SCALE_GROUP, INLINE_PTX,
-                               NIBBLE_LOOKUP, BLOCK_N, BLOCK_K, False, EVEN_K)
+                               NIBBLE_LOOKUP, BLOCK_N, BLOCK_K, False, EVEN_K, ROW_ALIGNED)
         if TRANSPOSED_TILE:
             acc = tl.dot(tl.trans(w.to(dtype)), tl.trans(dy), acc, input_precision=PRECISION)
         else:
@@ -503,7 +506,7 @@ def lora_forward(x, w, s, lora_b, bias, y, scaling, nf4=None, column_scale=None,
         offset, M, N, K, R, scaling, x.stride(0), x.stride(1), stride_wn, stride_wk, lora_b.stride(0),
         lora_b.stride(1), shift, nested_shift, bucket=M, HAS_BIAS=bias is not None, **flags,
         PRECISION=precision(x.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
-        BLOCK_R=BLOCK_R, enable_fp_fusion=False,
+        ROW_ALIGNED=row_aligned(nf4, N, K), BLOCK_R=BLOCK_R, enable_fp_fusion=False,
         **_dora_epilogue.launch_args(y, column_scale, undropped, product))
 
 
@@ -523,7 +526,7 @@ def lora_grad_input(dy, w, ds, lora_a, dx, seed, p, nf4=None):
         M, N, K, R, p, stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), shift,
         nested_shift, bucket=M, DROPOUT=p > 0, **flags,
         PRECISION=precision(dy.dtype), PACKED_WORDS=nf4 is not None and w.data_ptr() % 4 == 0,
-        BLOCK_R=BLOCK_R, enable_fp_fusion=False)
+        ROW_ALIGNED=row_aligned(nf4, N, K), BLOCK_R=BLOCK_R, enable_fp_fusion=False)
 
 
 def lora_grad_a(ds, x, da, seed, p):

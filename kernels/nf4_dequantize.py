@@ -31,15 +31,42 @@ def load_nested_offset(offset_ptr, NESTED: tl.constexpr):
 
 @triton.jit
 def load_absmax(block, mask, absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
-                nested_shift, NESTED: tl.constexpr):
+                nested_shift, NESTED: tl.constexpr, PTX_CODE_LOOKUP: tl.constexpr = False):
     """fp32 absmax of quantization block(s) ``block``; decodes double quantization if NESTED
-    (``nested_offset``: ``load_nested_offset``'s)."""
+    (``nested_offset``: ``load_nested_offset``'s). ``mask``: None where the caller keeps every
+    block in bounds, so the loads need no predicate and no default. PTX_CODE_LOOKUP: the nested
+    code-book lookup in PTX (``nested_code``)."""
     if NESTED:
-        code_index = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + (block >> nested_shift), mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + code_index) * nested_scale + nested_offset
+        if mask is None:
+            code_index = tl.load(absmax_ptr + block).to(tl.int32)
+            nested_scale = tl.load(nested_absmax_ptr + (block >> nested_shift))
+        else:
+            code_index = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            nested_scale = tl.load(nested_absmax_ptr + (block >> nested_shift), mask=mask,
+                                   other=0.0)
+        return (nested_code(code_index, nested_code_ptr, PTX_CODE_LOOKUP) * nested_scale
+                + nested_offset)
+    elif mask is None:
+        return tl.load(absmax_ptr + block)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def nested_code(code_index, nested_code_ptr, INLINE_PTX: tl.constexpr):
+    """Entry ``code_index`` (int32) of the 256-entry fp32 code book of double quantization.
+    INLINE_PTX: one ``ld.global.nc.f32`` at ``mad.wide.u32`` of the index and the book's base.
+    As ``tl.load`` inside a GEMM's loop, Triton software-pipelined the lookup: a cp.async behind
+    a branch and its barrier's padding, then a shared-memory read per row (sm_90's 256-row
+    forward: 8.19 -> 8.13 instructions per element with this, model). The ``tl.load`` form is
+    the portable path (Triton's interpreter, AMD)."""
+    if INLINE_PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 %entry; mad.wide.u32 %entry, $1, 4, $2; ld.global.nc.f32 $0, [%entry]; }",
+            "=r,r,l", [code_index, nested_code_ptr + tl.zeros(code_index.shape, tl.int32)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(nested_code_ptr + code_index)
 
 
 @triton.jit

@@ -7,6 +7,7 @@ run in x's dtype with fp32 accumulation, so the error is the dtype's rounding of
 
 import functools
 import math
+import types
 
 import pytest
 import torch
@@ -57,6 +58,44 @@ def test_ragged_last_tile_reads_no_absmax_past_the_state(dtype, transposed, devi
     expected = lora_linear_fp64(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
     for name, got, want in zip(("y", "dx"), ours, expected):
         assert_op_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["tiles", "transposed-tiles"])
+@pytest.mark.parametrize("kind, k", [("nf4-64", 128), ("nf4-nested-128", 256)],
+                         ids=["nf4", "nested"])
+def test_row_aligned_tiles_read_no_absmax_past_the_state(kind, k, transposed, device,
+                                                          monkeypatch):
+    """K a multiple of the blocksize: the GEMMs index the absmax by row and column in int32
+    (``_weight.row_aligned``), without masks; the last tile's rows past N (N = 83) would index
+    past the absmax array, which holds NaN here (the nested scales too), so they read row N - 1's
+    instead. Transposed: the register-order forward and the word-loading dX."""
+    if transposed:
+        transposed_tiles(monkeypatch)
+    x, weight, state, dense, lora_a, lora_b, bias = make_lora_case(torch.float16, kind, 16,
+                                                                   device, k=k)
+    assert _weight.row_aligned(ops.FrozenWeight.of(weight, state).nf4, N, k)
+    state.absmax = with_nan_after(state.absmax)
+    if state.state2 is not None:
+        state.state2.absmax = with_nan_after(state.state2.absmax)
+    grad_y = torch.randn(M, 1, N, generator=torch.Generator().manual_seed(9)).to(device,
+                                                                                torch.float16)
+    ours = run_lora_linear(x, weight, state, lora_a, lora_b, 1.5, bias, grad_y)
+    expected = lora_linear_fp64(x, dense, lora_a, lora_b, 1.5, bias, grad_y)
+    for name, got, want in zip(("y", "dx"), ours, expected):
+        assert_op_close(got, want, torch.float16, name)
+
+
+def test_row_aligned_only_where_blocks_stay_in_rows_and_indices_fit_int32():
+    """ROW_ALIGNED (the absmax index as row * (K / blocksize) + column / blocksize, int32) only
+    for NF4 whose blocksize divides K, and while every row a tile reaches (up to N + 2 x 256,
+    the dX's prefetch past the last row) keeps it below 2**31; else the int64 element's index."""
+    blocks = types.SimpleNamespace(blocksize=64)
+    assert _weight.row_aligned(blocks, 14336, 4096)
+    assert not _weight.row_aligned(blocks, 14336, 4096 + 32)  # a block spans two rows
+    assert not _weight.row_aligned(None, 14336, 4096)  # dense
+    widest = 2**31 // (4096 // 64) - 2 * _weight.MAX_TILE_ROWS - 1  # rows up to 2**31 - 1
+    assert _weight.row_aligned(blocks, widest - 1, 4096)
+    assert not _weight.row_aligned(blocks, widest, 4096)
 
 
 @pytest.mark.parametrize("rank", [1, 8, 64])
