@@ -14,21 +14,21 @@ from bench.static.limits import ARCHS
 # 11.4.
 NF4_INSTRUCTIONS_PER_ELEMENT = {89: 12, 90: 12}
 
-# The fused LoRA and IA3 GEMMs (kernels/lora_linear.py, ia3_linear.py), held closer. sm_89: 8.2,
-# the nested LoRA dX at 64 x 32 x 128 in 2 stages (8.7 in 4); the others 6.9-7.8 (the IA3 dX
-# 9.2 at 64 x 64 x 64, 7.6 at 64 x 64 x 128; the BLOCK_K 32 forwards 8.7 nested in 4 stages,
-# 7.8 in 2): held to 8.5, not today's worst plus ~10%, on the way to 8. sm_90: 9.9,
-# the nested LoRA dX at 256 x 64 x 128 (256-row tiles load and lay out twice the x rows per
-# decoded element; the 64- and 128-row tiles 6.3-7.4). Before the codes moved to shared memory
-# (one instruction less per element), the tile rows' int64 bases out of the dX loops and x's mask
-# per column only (kernels/_weight.py: frozen_codes, load_gemm_tile): 12.2 and 11.5.
-# The target is <= 8 everywhere. The mixed-adapter segmented forward (kernels/lora_mixed.py: the
-# LoRA forward's GEMM on rows gathered per adapter) at 64 x 128 x 64: sm_89 6.9 / 7.4 (NF4 /
-# nested), sm_90 6.2 / 6.7 (4096 x 4096 x 14336, 16 adapters).
+# The fused LoRA and IA3 GEMMs (kernels/lora_linear.py, ia3_linear.py), held closer: the target
+# is <= 8 everywhere. sm_89: 7.8 at worst (the nested LoRA dX at 64 x 32 x 128; 8.2 before the
+# nested absmax offset was loaded once per program, 8.7 in 4 stages): held to 8. sm_90: 8.2 at
+# worst, the nested forwards' 256-row tiles (LoRA 8.1, IA3 8.2; their plain NF4 7.7-7.8, the
+# 256-row dX 7.5 / 7.9, the 64- and 128-row tiles 6.2-7.1): held to 8.5. The 256-row tiles were
+# 9.0-9.5 before the forward decoded whole packed words in wgmma's register layout (x then read
+# 16 bytes wide, not 4), the dX's wgmmas ran unserialized and the absmax was indexed in int32
+# (kernels/_weight.py: decode_register_order, load_packed_words, load_group_absmax); 12.2 and
+# 11.5 before the codes moved to shared memory. The mixed-adapter segmented forward
+# (kernels/lora_mixed.py: the LoRA forward's GEMM on rows gathered per adapter) at 64 x 128 x 64:
+# sm_89 6.9 / 7.2 (NF4 / nested), sm_90 6.2 / 6.5 (4096 x 4096 x 14336, 16 adapters).
 FUSED_GEMMS = {"_lora_forward_kernel", "_lora_grad_input_kernel", "_ia3_forward_kernel",
                "_ia3_grad_input_kernel", "_ia3_grad_scale_kernel",
                "_lora_mixed_segment_forward_kernel"}
-FUSED_GEMM_INSTRUCTIONS_PER_ELEMENT = {89: 8.5, 90: 11}
+FUSED_GEMM_INSTRUCTIONS_PER_ELEMENT = {89: 8, 90: 8.5}
 
 
 def name(record):
