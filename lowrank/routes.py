@@ -72,7 +72,7 @@ CACHE_FORMAT = 1
 # the new table and crossovers for here. Calibration replaces them on the user's GPU.
 STEPS = ("forward", "backward")
 FUSED_MAX_M = {
-    "sm_90": {"forward": {"dense": 0, "nf4": None, "nf4-nested": 16384},
+    "sm_90": {"forward": {"dense": 0, "nf4": None, "nf4-nested": None},
               "backward": {"dense": 0, "nf4": 131072, "nf4-nested": 131072}},
     "sm_89": {step: {"dense": None, "nf4": None, "nf4-nested": None}  # None: no bound
               for step in STEPS},

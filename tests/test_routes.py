@@ -160,13 +160,12 @@ def test_key_names_op_architecture_m_bucket_shape_dtype_and_weight_kind():
     # no decode route: dense is cuBLAS's
     ("sm_90", 1, "dense", "forward", ("fused", "cublas"), "cublas"),
     ("sm_90", 1, "dense", "backward", ("fused", "cublas"), "cublas"),
-    # Each step at its own bound: the NF4 forward fused at every M (its time per row under the
-    # cublas route's), the nested one up to about 30349 rows; the dX crossovers at 4489 / 3477.
+    # Each step at its own bound: the NF4 and nested forwards fused at every M (their time per row
+    # under the cublas route's); the dX crossovers at 244898 / 240443 rows.
     ("sm_90", 65536, "nf4", "forward", ("fused", "cublas"), "fused"),
     ("sm_90", 131072, "nf4", "backward", ("fused", "cublas"), "fused"),
     ("sm_90", 131073, "nf4", "backward", ("fused", "cublas"), "cublas"),
-    ("sm_90", 16384, "nf4-nested", "forward", ("fused", "cublas"), "fused"),
-    ("sm_90", 16385, "nf4-nested", "forward", ("fused", "cublas"), "cublas"),
+    ("sm_90", 262144, "nf4-nested", "forward", ("fused", "cublas"), "fused"),
     ("sm_90", 131072, "nf4-nested", "backward", ("fused", "cublas"), "fused"),
     ("sm_90", 131073, "nf4-nested", "backward", ("fused", "cublas"), "cublas"),
     ("sm_100", 262144, "nf4", "backward", ("fused", "cublas"), "cublas"),
