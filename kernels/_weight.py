@@ -6,7 +6,8 @@ import triton.language as tl
 
 from ._common import code_pairs, store_rounded
 from .nf4_dequantize import (_SHARED_CODES_PTX, check_code_table, decode_nf4, decode_nf4_pairs,
-                             decode_nf4_shared_codes, load_absmax, shared_codes)
+                             decode_nf4_shared_codes, load_absmax, shared_code_lookups_ptx,
+                             shared_codes)
 from .nf4_quantize import quantize_and_pack
 
 
@@ -181,11 +182,7 @@ def load_gemm_tile(w_ptr, first_out, k0, N, K, stride_wn, stride_wk, absmax_ptr,
 _REGISTER_ORDER_PTX = tl.constexpr(
     "{ .reg .b32 g, g2, h, l, a;\n"
     "prmt.b32 g, $8, $9, $12; prmt.b32 g2, $10, $11, $12; prmt.b32 g, g, g2, 0x5410;\n"
-    "shr.b32 h, g, 2; and.b32 h, h, 0x3c3c3c3c; shl.b32 l, g, 2; and.b32 l, l, 0x3c3c3c3c;\n"
-    + "".join(f"prmt.b32 a, {nibbles}, $13, 0x765{byte}; ld.shared.f32 ${out}, [a];\n"
-              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
-                                                    + [("l", b) for b in range(4)]))
-    + "}")
+    + shared_code_lookups_ptx("g", "$13") + "}")
 
 
 @triton.jit

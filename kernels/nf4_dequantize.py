@@ -133,17 +133,22 @@ def decode_nf4_codes(packed, pairs_ptr, INLINE_PTX: tl.constexpr):
         return tl.load(pairs_ptr + tl.join(byte >> 4, byte & 0xF) * 2 + 1)
 
 
+def shared_code_lookups_ptx(word, table):
+    """PTX: the codes of the 4 bytes in register ``word`` looked up in the shared table at
+    ``table``, high nibbles into $0-$3 and low into $4-$7 (scratch registers h, l, a declared by
+    the caller)."""
+    return ("shr.b32 h, {0}, 2; and.b32 h, h, 0x3c3c3c3c; shl.b32 l, {0}, 2; "
+            "and.b32 l, l, 0x3c3c3c3c;\n".format(word)
+            + "".join(f"prmt.b32 a, {nibbles}, {table}, 0x765{byte}; ld.shared.f32 ${out}, [a];\n"
+                      for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
+                                                            + [("l", b) for b in range(4)])))
+
+
 # ``decode_nf4_codes`` with the 16 codes in shared memory (``shared_codes``): a nibble's entry is
 # the table's address with 4 x the nibble as its lowest byte (the table is 256-byte aligned), one
 # prmt and one ld.shared per code. Shared addresses are 32-bit: no 64-bit pair to build per
 # lookup (the global table's high word, one move per code in ptxas' output).
-_SHARED_CODES_PTX = tl.constexpr(
-    "{ .reg .b32 h, l, a;\n"
-    "shr.b32 h, $8, 2; and.b32 h, h, 0x3c3c3c3c; shl.b32 l, $8, 2; and.b32 l, l, 0x3c3c3c3c;\n"
-    + "".join(f"prmt.b32 a, {nibbles}, $9, 0x765{byte}; ld.shared.f32 ${out}, [a];\n"
-              for out, (nibbles, byte) in enumerate([("h", b) for b in range(4)]
-                                                    + [("l", b) for b in range(4)]))
-    + "}")
+_SHARED_CODES_PTX = tl.constexpr("{ .reg .b32 h, l, a;\n" + shared_code_lookups_ptx("$8", "$9") + "}")
 
 # The 16 codes (pair-table rows 0 to 15, the code at byte 8n + 4) copied into a shared array; $0
 # its 32-bit address. Every thread copies all 16 and reads only after its own copy, so what any

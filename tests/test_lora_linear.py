@@ -260,6 +260,20 @@ def test_transposed_tiles_decode_nf4_bit_for_bit(branch, device, monkeypatch):
 WORD_LAYOUTS = [(128, 64, False), (128, 32, True), (200, 64, True)]
 
 
+def packed_words_weight(k, blocksize, nested, aligned, device, seed):
+    """A random N x k weight's packed NF4 bytes, its state and their FrozenWeight: the packed
+    bytes 4-byte aligned (read as words) or a view one byte past a 4-byte boundary (byte loads)."""
+    w = torch.randn(N, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
+    if not aligned:
+        spare = torch.empty(packed.numel() + 4, dtype=packed.dtype, device=device)
+        start = -spare.data_ptr() % 4 + 1  # one byte past a 4-byte boundary
+        packed = spare[start:start + packed.numel()].view(packed.shape).copy_(packed)
+    frozen = ops.FrozenWeight.of(packed, state)
+    assert (frozen.tensor.data_ptr() % 4 == 0) == aligned
+    return packed, state, frozen
+
+
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("nibbles", [False, True], ids=["pair-table", "nibble-lookup"])
 @pytest.mark.parametrize("k, blocksize, nested", WORD_LAYOUTS,
@@ -272,14 +286,7 @@ def test_transposed_grad_input_decodes_packed_words_bit_for_bit(k, blocksize, ne
     transposed_tiles(monkeypatch)
     monkeypatch.setattr(_weight, "nibble_lookup",
                         lambda nf4_args, _: nf4_args is not None and nibbles)
-    w = torch.randn(N, k, generator=torch.Generator().manual_seed(6)) * 0.05
-    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
-    if not aligned:
-        spare = torch.empty(packed.numel() + 4, dtype=packed.dtype, device=device)
-        start = -spare.data_ptr() % 4 + 1  # one byte past a 4-byte boundary
-        packed = spare[start:start + packed.numel()].view(packed.shape).copy_(packed)
-    frozen = ops.FrozenWeight.of(packed, state)
-    assert (frozen.tensor.data_ptr() % 4 == 0) == aligned
+    packed, state, frozen = packed_words_weight(k, blocksize, nested, aligned, device, seed=6)
     grad_x = poisoned((N, k), torch.float32, device)
     zeros = functools.partial(torch.zeros, device=device)
     lora_kernels.lora_grad_input(torch.eye(N, device=device), frozen.tensor, zeros(N, 3),
@@ -349,17 +356,11 @@ def test_transposed_forward_decodes_packed_words_bit_for_bit(k, blocksize, neste
     4 bytes (a view one byte in) take the byte loads."""
     configs = lora_kernels.forward_configs
     monkeypatch.setattr(lora_kernels, "forward_configs", lambda *args, **kwargs: [
-        {**config, "TRANSPOSED_TILE": True, "BLOCK_K": block_k} for config in configs(*args, **kwargs)])
+        {**config, "TRANSPOSED_TILE": True, "BLOCK_K": block_k}
+        for config in configs(*args, **kwargs)])
     monkeypatch.setattr(_weight, "nibble_lookup",
                         lambda nf4_args, _: nf4_args is not None and nibbles)
-    w = torch.randn(N, k, generator=torch.Generator().manual_seed(7)) * 0.05
-    packed, state = nf4.quantize(w.to(device), blocksize=blocksize, double_quant=nested)
-    if not aligned:
-        spare = torch.empty(packed.numel() + 4, dtype=packed.dtype, device=device)
-        start = -spare.data_ptr() % 4 + 1  # one byte past a 4-byte boundary
-        packed = spare[start:start + packed.numel()].view(packed.shape).copy_(packed)
-    frozen = ops.FrozenWeight.of(packed, state)
-    assert (frozen.tensor.data_ptr() % 4 == 0) == aligned
+    packed, state, frozen = packed_words_weight(k, blocksize, nested, aligned, device, seed=7)
     y = poisoned((k, N), torch.float32, device)
     zeros = functools.partial(torch.zeros, device=device)
     lora_kernels.lora_forward(torch.eye(k, device=device), frozen.tensor, zeros(k, 3),
