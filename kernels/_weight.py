@@ -252,9 +252,9 @@ def quarters(t, HALVES: tl.constexpr):
 
 @triton.jit
 def word_byte(words, byte, codes, INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr):
-    """The two codes of byte ``byte`` (a tensor) of each of ``words`` (shape S + [2], the high
-    nibble's first), by ``load_gemm_tile``'s lookup for the flags: the portable twin of
-    _REGISTER_ORDER_PTX (the interpreter, AMD)."""
+    """The two codes of byte ``byte`` (0-3, or a tensor of them) of each of ``words`` (shape
+    S + [2], the high nibble's first), by ``load_gemm_tile``'s lookup for the flags: the
+    portable twin of _REGISTER_ORDER_PTX and of ``word_codes``' (the interpreter, AMD)."""
     packed = (words >> (byte * 8)) & 0xFF
     if NIBBLE_LOOKUP:
         return decode_nf4_shared_codes(packed, codes, INLINE_PTX)
@@ -358,41 +358,38 @@ def load_packed_words(w_ptr, first_out, k0, N, K, absmax_ptr, nested_code_ptr,
 def decode_packed_words(words, scale, codes, INLINE_PTX: tl.constexpr,
                         NIBBLE_LOOKUP: tl.constexpr):
     """``load_packed_words``' tile decoded: fp32 [BLOCK_N, BLOCK_K], the values
-    ``load_gemm_tile`` gives for it. ``codes``: ``frozen_codes``' result. With NIBBLE_LOOKUP and
-    INLINE_PTX a word is the 16-code lookup's operand as it is (4 bytes, 8 codes); else each
-    byte is looked up apart (the ``tl.load`` lookups of the interpreter and AMD, or the pair
-    table), its two codes then taken apart so both paths join the same eight values."""
+    ``load_gemm_tile`` gives for it. ``codes``: ``frozen_codes``' result."""
     BLOCK_N: tl.constexpr = words.shape[0]
     BLOCK_K: tl.constexpr = 8 * words.shape[1]
     GROUPS: tl.constexpr = scale.shape[1]
+    values = word_codes(words, codes, INLINE_PTX, NIBBLE_LOOKUP)
+    tile = tl.reshape(values, [BLOCK_N, GROUPS, BLOCK_K // GROUPS]) * scale[:, :, None]
+    return tl.reshape(tile, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def word_codes(words, codes, INLINE_PTX: tl.constexpr, NIBBLE_LOOKUP: tl.constexpr):
+    """The code values of packed bytes loaded as int32 words (4 bytes, 8 elements each, in
+    memory order): fp32 [BLOCK_N, 4 x words.shape[1], 2], as ``decode_nf4_shared_codes`` /
+    ``decode_nf4_pairs`` give them for the same bytes. With NIBBLE_LOOKUP and INLINE_PTX a word
+    is the 16-code lookup's operand as it is (4 bytes, 8 codes); else each byte is looked up
+    apart (the ``tl.load`` lookups of the interpreter and AMD, or the pair table), its two codes
+    then taken apart so both paths join the same eight values."""
     if NIBBLE_LOOKUP and INLINE_PTX:
         table = tl.full(words.shape, 0, tl.int32) + codes
         high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
             _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, table],
             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
-        high0, low0 = tl.split(word_byte_codes(words, 0, codes, INLINE_PTX, NIBBLE_LOOKUP))
-        high1, low1 = tl.split(word_byte_codes(words, 8, codes, INLINE_PTX, NIBBLE_LOOKUP))
-        high2, low2 = tl.split(word_byte_codes(words, 16, codes, INLINE_PTX, NIBBLE_LOOKUP))
-        high3, low3 = tl.split(word_byte_codes(words, 24, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high0, low0 = tl.split(word_byte(words, 0, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high1, low1 = tl.split(word_byte(words, 1, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high2, low2 = tl.split(word_byte(words, 2, codes, INLINE_PTX, NIBBLE_LOOKUP))
+        high3, low3 = tl.split(word_byte(words, 3, codes, INLINE_PTX, NIBBLE_LOOKUP))
     # join(join(v0, v2), join(v1, v3))[..., i, j] is v_(2i + j): byte 2i + j of each word, then
     # its high nibble (the even element) and low nibble.
     values = tl.join(tl.join(tl.join(high0, high2), tl.join(high1, high3)),
                      tl.join(tl.join(low0, low2), tl.join(low1, low3)))
-    tile = tl.reshape(values, [BLOCK_N, GROUPS, BLOCK_K // GROUPS]) * scale[:, :, None]
-    return tl.reshape(tile, [BLOCK_N, BLOCK_K])
-
-
-@triton.jit
-def word_byte_codes(words, shift: tl.constexpr, codes, INLINE_PTX: tl.constexpr,
-                    NIBBLE_LOOKUP: tl.constexpr):
-    """The two codes of the byte ``shift`` bits up in each of ``words`` (shape S + [2], the high
-    nibble's first), by ``load_gemm_tile``'s lookup for the flags."""
-    byte = (words >> shift) & 0xFF
-    if NIBBLE_LOOKUP:
-        return decode_nf4_shared_codes(byte, codes, INLINE_PTX)
-    else:
-        return decode_nf4_pairs(byte, codes, INLINE_PTX)
+    return tl.reshape(values, [words.shape[0], 4 * words.shape[1], 2])
 
 
 def decoding_flags(nf4, K, block_k, target):

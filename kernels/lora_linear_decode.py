@@ -24,9 +24,8 @@ import triton.language as tl
 from . import _common
 from ._common import cast_rounded, store_rounded
 from ._weight import (gemm_operand, load_gemm_tile, load_group_absmax, precision, weight_args,
-                      with_decoding)
-from .nf4_dequantize import (_SHARED_CODES_PTX, decode_nf4_shared_codes, load_nested_offset,
-                             shared_codes)
+                      with_decoding, word_codes)
+from .nf4_dequantize import decode_nf4_shared_codes, load_nested_offset, shared_codes
 from .lora_linear import BLOCK_R, branch_dot, dropout_keep
 
 # PROVISIONAL, not yet measured: rows up to which lowrank.ops takes this path instead of the tiled
@@ -156,7 +155,7 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
                          mask=(outs < N)[:, None] & (pair < (K >> 1))[None, :], other=0)
         values = decode_nf4_shared_codes(packed, codes, INLINE_PTX)  # [BLOCK_N, BLOCK_K / 2, 2]
     else:
-        values = decode_tile_words(words, codes, INLINE_PTX)
+        values = word_codes(words, codes, INLINE_PTX, True)  # the 16-code lookup, as above
     scale = load_group_absmax(row_first, outs, k0, N, K, absmax_ptr, nested_code_ptr,
                               nested_absmax_ptr, nested_offset, block_shift, nested_shift, NESTED,
                               GROUPS, SCALE_GROUP, EVEN_K=False)
@@ -170,7 +169,7 @@ def load_decode_tile(w_ptr, outs, k0, N, K, absmax_ptr, codes, nested_code_ptr,
 def load_tile_words(w_ptr, outs, k0, N, K, k_end, BLOCK_K: tl.constexpr):
     """The packed bytes of the NF4 tile W[outs, k0 : k0 + BLOCK_K] as int32 words (4 bytes, 8
     elements each, in memory order; [BLOCK_N, BLOCK_K / 8]), none at or past column ``k_end``:
-    for a loop to load a step ahead (``decode_tile_words``). ``w_ptr`` 4-byte aligned, K a
+    for a loop to load a step ahead (``_weight.word_codes``). ``w_ptr`` 4-byte aligned, K a
     multiple of 32 (SCALE_GROUP >= 32): a row's words start on a multiple of 4 words, so where
     ``w_ptr`` is 16-byte aligned a thread's 4 words of a row (its quarter of the row's bytes in
     ``in_mma_k_order``) can be one load, in the layout the decode takes them in. Words, not bytes: Triton keeps a byte tile across a loop
@@ -180,29 +179,6 @@ def load_tile_words(w_ptr, outs, k0, N, K, k_end, BLOCK_K: tl.constexpr):
     return tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_words[:, None]
                    + word[None, :], mask=(outs < N)[:, None] & (word < (k_end >> 3))[None, :],
                    other=0)
-
-
-@triton.jit
-def decode_tile_words(words, codes, INLINE_PTX: tl.constexpr):
-    """The code values of ``load_tile_words``' words, fp32 [BLOCK_N, BLOCK_K / 2, 2] as
-    ``decode_nf4_shared_codes`` gives them for the same bytes. INLINE_PTX: a word is the
-    16-code lookup's operand as it is (its 8 codes in one call); else each byte is looked up
-    apart (``tl.load``: Triton's interpreter, AMD)."""
-    if INLINE_PTX:
-        table = tl.full(words.shape, 0, tl.int32) + codes
-        high0, high1, high2, high3, low0, low1, low2, low3 = tl.inline_asm_elementwise(
-            _SHARED_CODES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, table],
-            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    else:
-        high0, low0 = tl.split(decode_nf4_shared_codes(words & 0xFF, codes, INLINE_PTX))
-        high1, low1 = tl.split(decode_nf4_shared_codes((words >> 8) & 0xFF, codes, INLINE_PTX))
-        high2, low2 = tl.split(decode_nf4_shared_codes((words >> 16) & 0xFF, codes, INLINE_PTX))
-        high3, low3 = tl.split(decode_nf4_shared_codes((words >> 24) & 0xFF, codes, INLINE_PTX))
-    # join(join(v0, v2), join(v1, v3))[..., i, j] is v_(2i + j): byte 2i + j of each word, then
-    # its high nibble (the even element) and low nibble.
-    values = tl.join(tl.join(tl.join(high0, high2), tl.join(high1, high3)),
-                     tl.join(tl.join(low0, low2), tl.join(low1, low3)))
-    return tl.reshape(values, [words.shape[0], 4 * words.shape[1], 2])
 
 
 @triton.jit
